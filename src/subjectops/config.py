@@ -1,0 +1,235 @@
+"""Pydantic models of params.yaml, the single source of hyperparameters.
+
+`load_params(path, overrides)` reads the file, applies `key.path=value` overrides (values parsed as YAML,
+so `1e-5`, `true` and `[a, b]` work) and validates. Any problem raises `ConfigError` naming the key,
+the value and what is allowed, before a stage does any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from subjectops.errors import SubjectopsError
+
+DEFAULT_PARAMS = Path("params.yaml")
+METHOD_NAMES = ("dreambooth", "lora", "textual-inversion", "two-stage", "hypnos")
+
+
+class ConfigError(SubjectopsError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Strict):
+    base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: Optional[str] = None
+    cache_dir: Optional[str] = None
+
+
+class SubjectCfg(_Strict):
+    resolution: Optional[int] = Field(None, ge=32, le=2048, multiple_of=8)
+    fit: Literal["center-crop", "pad"] = "center-crop"
+    min_images: int = Field(3, ge=1)
+    max_images: int = Field(20, ge=1)
+    token: str = Field("sks", min_length=1, pattern=r"^\S+$")
+    max_pixels: int = Field(89_478_485, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_images > self.max_images:
+            raise ValueError(f"min_images ({self.min_images}) must not exceed max_images ({self.max_images})")
+        return self
+
+
+class RefineCfg(_Strict):
+    mask_backend: Literal["grabcut", "sam"] = "grabcut"
+    sam_checkpoint: Optional[str] = None
+    sam_model_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
+    grabcut_iterations: int = Field(5, ge=1, le=50)
+    grabcut_margin: float = Field(0.06, gt=0, lt=0.5)
+
+
+class PriorsCfg(_Strict):
+    num_images: int = Field(100, ge=0)
+    prompt: str = "a photo of a {class_word}"
+    steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    scheduler: Literal["ddim", "pndm", "euler"] = "ddim"
+    seed: int = 0
+    batch_size: int = Field(4, ge=1)
+    cache_dir: str = "cache/priors"
+
+
+class DreamBoothCfg(_Strict):
+    steps: int = Field(800, ge=1)
+    lr: float = Field(5e-6, gt=0)
+    train_text_encoder: bool = False
+    prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    instance_prompt: str = "a photo of {token} {class_word}"
+
+
+class LoraCfg(_Strict):
+    steps: int = Field(800, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4, gt=0)
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    instance_prompt: str = "a photo of {token} {class_word}"
+
+
+class TextualInversionCfg(_Strict):
+    steps: int = Field(3000, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    placeholder: str = Field("<subject>", pattern=r"^\S+$")
+    initializer: str = "{class_word}"
+    num_vectors: int = Field(1, ge=1, le=16)
+    instance_prompt: str = "a photo of {placeholder}"
+
+
+class TwoStageCfg(_Strict):
+    embedding_steps: int = Field(100, ge=1)
+    embedding_lr: float = Field(5e-4, gt=0)
+    unet_steps: int = Field(400, ge=1)
+    unet_lr: float = Field(5e-6, gt=0)
+    placeholder: str = Field("<rare>", pattern=r"^\S+$")
+    initializer: str = "rare"
+    instance_prompt: str = "a photo of {placeholder} {class_word}"
+
+
+class FinetuneCfg(_Strict):
+    method: Literal[METHOD_NAMES] = "dreambooth"  # type: ignore[valid-type]
+    seed: int = 42
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    snr_gamma: Optional[float] = Field(None, gt=0)
+    offset_noise: float = Field(0.0, ge=0)
+    center_flip: bool = False
+    checkpoint_every: int = Field(200, ge=0)
+    validation_every: int = Field(0, ge=0)
+    validation_prompt: str = "a photo of {token} {class_word}"
+    dreambooth: DreamBoothCfg = DreamBoothCfg()
+    lora: LoraCfg = LoraCfg()
+    textual_inversion: TextualInversionCfg = TextualInversionCfg()
+    two_stage: TwoStageCfg = TwoStageCfg()
+
+
+class PromptInvariantCfg(_Strict):
+    template: str = "a photo of {token} {class_word}"
+    num_images: int = Field(50, ge=1)
+
+
+class DreamBenchCfg(_Strict):
+    images_per_prompt: int = Field(4, ge=1)
+
+
+class InferCfg(_Strict):
+    prompt_sets: list[Literal["prompt-invariant", "prompt-varying", "dreambench"]] = ["prompt-invariant"]
+    scheduler: Literal["ddim", "pndm", "euler"] = "ddim"
+    steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int = 0
+    batch_size: int = Field(4, ge=1)
+    prompt_invariant: PromptInvariantCfg = PromptInvariantCfg()
+    dreambench: DreamBenchCfg = DreamBenchCfg()
+
+
+class Params(_Strict):
+    model: ModelCfg = ModelCfg()
+    subject: SubjectCfg = SubjectCfg()
+    refine: RefineCfg = RefineCfg()
+    priors: PriorsCfg = PriorsCfg()
+    finetune: FinetuneCfg = FinetuneCfg()
+    infer: InferCfg = InferCfg()
+
+    def digest(self) -> str:
+        """Stable hash of the whole config (used to tie checkpoints to the config that made them)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        allowed = e.get("ctx", {}).get("expected")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml)"
+        line = f"  {key} = {value!r}: {msg}" if key else f"  {msg}"
+        if allowed and "expected" not in msg.lower():
+            line += f" (allowed: {allowed})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value, e.g. finetune.lora.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; write key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def validate_params(data: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source), fix="correct the value in params.yaml or --set") from None
+
+
+def load_params(path: Path | str | None = None, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (or the built-in defaults when it does not exist) and apply overrides."""
+    path = Path(path) if path else DEFAULT_PARAMS
+    data: dict = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, found {type(data).__name__}")
+    elif path != DEFAULT_PARAMS:
+        raise ConfigError(f"params file {path} does not exist", fix="pass --params PATH to an existing file")
+    data = apply_overrides(data, overrides or [])
+    return validate_params(data, source=f"{path}" + (" with --set overrides" if overrides else ""))
