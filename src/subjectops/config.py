@@ -141,6 +141,15 @@ class PromptInvariantCfg(_Strict):
 
 class DreamBenchCfg(_Strict):
     images_per_prompt: int = Field(4, ge=1)
+    # auto: the benchmark's live-subject prompts for its live classes (cat, dog), object prompts otherwise
+    subject_type: Literal["auto", "object", "live"] = "auto"
+
+
+class PromptVaryingCfg(_Strict):
+    # Hypnos sec. 3.5 / fig. 4: image type, background-or-composition clause, style chosen by image type
+    template: str = "a {image_type} of {token} {class_word}, {background}, {style}"
+    num_images: int = Field(50, ge=1)
+    sampler_seed: int = 0
 
 
 class InferCfg(_Strict):
@@ -151,6 +160,7 @@ class InferCfg(_Strict):
     seed: int = 0
     batch_size: int = Field(4, ge=1)
     prompt_invariant: PromptInvariantCfg = PromptInvariantCfg()
+    prompt_varying: PromptVaryingCfg = PromptVaryingCfg()
     dreambench: DreamBenchCfg = DreamBenchCfg()
 
 
