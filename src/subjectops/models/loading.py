@@ -1,0 +1,113 @@
+"""Load a base diffusion pipeline from a hub id, a local diffusers directory, or a tiny preset.
+
+The same `from_pretrained` call serves all three: tiny presets are directories the project builds.
+Offline and missing, loading fails at once with a message that says how to provide the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from subjectops.config import ModelCfg
+from subjectops.errors import ModelNotFoundError
+from subjectops.models.tiny import TINY_PRESETS, tiny_dir
+
+# A real CLIP tokenizer has ~49k entries; offline, transformers may hand back a 2-entry stub silently.
+MIN_TOKENIZER_SIZE = 100
+
+
+def is_tiny(model: ModelCfg | str) -> bool:
+    base = model.base if isinstance(model, ModelCfg) else model
+    return base in TINY_PRESETS
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def how_to_provide(model_id: str) -> str:
+    return (
+        f"download '{model_id}' on a machine with network access (e.g. `hf download {model_id}`), then either "
+        f"copy the folder here and pass --model /path/to/folder, or copy the hub cache and set HF_HOME "
+        f"(or model.cache_dir); for a smoke test without weights use --model tiny-sd15"
+    )
+
+
+def resolve(model: ModelCfg) -> str:
+    """The path or hub id `from_pretrained` will receive."""
+    if is_tiny(model):
+        return str(tiny_dir(model.base))
+    path = Path(model.base).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").exists():
+            raise ModelNotFoundError(
+                f"{path} is not a diffusers pipeline directory (no model_index.json)",
+                fix="point --model at the folder that holds model_index.json, unet/, vae/, text_encoder/",
+            )
+        return str(path)
+    if model.base.startswith((".", "/", "~")) or model.base.count("/") > 1:
+        raise ModelNotFoundError(f"model directory {model.base} does not exist", fix="check the path given to --model")
+    return model.base
+
+
+def load_pipeline(model: ModelCfg, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    source = resolve(model)
+    kwargs = dict(dtype=dtype, revision=model.revision, cache_dir=model.cache_dir)
+    if offline() and not Path(source).exists():
+        kwargs["local_files_only"] = True
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        if Path(source).exists():
+            raise ModelNotFoundError(f"cannot load the pipeline in {source}: {exc}", fix="check the folder is complete") from None
+        raise ModelNotFoundError(
+            f"base model '{source}' is not available on this machine"
+            + (" (HF_HUB_OFFLINE=1: no download is attempted)" if offline() else f": {exc}"),
+            fix=how_to_provide(source),
+        ) from None
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, name, None)
+        if tok is not None and len(tok) < MIN_TOKENIZER_SIZE:
+            raise ModelNotFoundError(
+                f"the {name} of '{source}' has only {len(tok)} entries: its vocabulary files are missing",
+                fix=how_to_provide(source),
+            )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def fingerprint(model: ModelCfg) -> str:
+    """Identity of the base weights, for cache keys: configs plus weight file names and sizes.
+
+    Reading 4 GB of weights per run to hash them would dominate a small job; configs, names, sizes
+    and the safetensors headers change whenever the weights do in practice.
+    """
+    if not is_tiny(model) and not Path(model.base).expanduser().exists():
+        return hashlib.sha256(f"{model.base}@{model.revision}".encode()).hexdigest()[:16]
+    root = Path(resolve(model))
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(root).as_posix()
+        h.update(rel.encode())
+        if f.suffix in (".json", ".txt"):
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+def describe(model: ModelCfg) -> dict:
+    info = {"base": model.base, "revision": model.revision, "tiny": is_tiny(model)}
+    if is_tiny(model):
+        info.update(json.loads((Path(resolve(model)) / "subjectops_tiny.json").read_text()))
+    return info

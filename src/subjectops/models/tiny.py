@@ -1,0 +1,160 @@
+"""`tiny` presets: SD-1.x- and SDXL-shaped pipelines with random, seeded weights, built offline.
+
+They are saved in diffusers format and loaded back through the same `from_pretrained` path as real
+models, so every test exercises the real loading code. Their outputs are noise: they test plumbing,
+never quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from subjectops.models.tokenizer import train_clip_bpe
+
+TINY_PRESETS = ("tiny-sd15", "tiny-sdxl")
+# Bump when a preset's architecture changes, so cached builds are not reused.
+TINY_VERSION = "1"
+TINY_SEED = 0
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SUBJECTOPS_HOME", Path.home() / ".cache" / "subjectops"))
+
+
+def tiny_dir(preset: str) -> Path:
+    """Build the preset once (atomically) and return its diffusers directory."""
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}; choose one of {', '.join(TINY_PRESETS)}")
+    target = cache_root() / "tiny" / f"{preset}-v{TINY_VERSION}"
+    if (target / "model_index.json").exists():
+        return target
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    build_tiny(preset, partial)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first: theirs is identical (same seed)
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _scheduler() -> DDIMScheduler:
+    # Stable Diffusion's noise schedule (scaled_linear 0.00085..0.012, 1000 steps).
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    # Four blocks 32/32/64/64: an 8x downsampling VAE, like SD's.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+
+
+def _text_config(vocab_size: int, projection_dim: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection_dim or 32,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def build_tiny(preset: str, out: Path) -> Path:
+    torch.manual_seed(TINY_SEED)
+    tok_dir = train_clip_bpe(out / "_tokenizer_src")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    vocab = len(tokenizer)
+    if preset == "tiny-sd15":
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=32,
+        )
+        pipe = StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=CLIPTextModel(_text_config(vocab)),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        # SDXL shape: two text encoders (hidden 32 each, concatenated to 64 for cross-attention) and
+        # "text_time" added conditions: 6 time ids x 8 dims + the pooled projection (32) = 80.
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 1),
+            projection_class_embeddings_input_dim=80,
+            norm_num_groups=32,
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(),
+            text_encoder=CLIPTextModel(_text_config(vocab)),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, projection_dim=32)),
+            tokenizer=tokenizer,
+            tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77),
+            unet=unet,
+            scheduler=_scheduler(),
+            force_zeros_for_empty_prompt=True,
+        )
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(tok_dir)
+    (out / "subjectops_tiny.json").write_text(
+        json.dumps({"preset": preset, "version": TINY_VERSION, "seed": TINY_SEED, "random_weights": True})
+    )
+    return out
