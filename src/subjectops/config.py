@@ -164,6 +164,34 @@ class InferCfg(_Strict):
     dreambench: DreamBenchCfg = DreamBenchCfg()
 
 
+class GateCfg(_Strict):
+    """One promotion gate: the challenger's `metric` must not fall below the champion's by more than
+    `tolerance` (absolute), on every prompt set and backbone both were evaluated with."""
+
+    metric: str = Field(..., min_length=1)
+    higher_is_better: bool = True
+    tolerance: float = Field(0.0, ge=0)
+    # Absolute floor (ceiling when lower is better), also used when there is no champion yet.
+    min_value: Optional[float] = None
+
+
+class RegistryCfg(_Strict):
+    # Registered model name; {subject} and {method} are filled from the run.
+    model_name: str = Field("subjectops-{subject}", min_length=1)
+    auto_register: bool = True
+    # Prompt sets the gates compare; null = every prompt set the challenger was evaluated on.
+    prompt_sets: Optional[list[str]] = None
+    gates: list[GateCfg] = [GateCfg(metric="dino", tolerance=0.02), GateCfg(metric="clip_t", tolerance=0.01)]
+
+
+class TrackingCfg(_Strict):
+    experiment: str = Field("subjectops", min_length=1)
+    # Tries per MLflow call before the run continues locally (then `subjectops sync RUN_DIR`).
+    retries: int = Field(3, ge=1, le=20)
+    backoff_seconds: float = Field(1.0, ge=0)
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
 class Params(_Strict):
     model: ModelCfg = ModelCfg()
     subject: SubjectCfg = SubjectCfg()
@@ -171,6 +199,8 @@ class Params(_Strict):
     priors: PriorsCfg = PriorsCfg()
     finetune: FinetuneCfg = FinetuneCfg()
     infer: InferCfg = InferCfg()
+    registry: RegistryCfg = RegistryCfg()
+    tracking: TrackingCfg = TrackingCfg()
 
     def digest(self) -> str:
         """Stable hash of the whole config (used to tie checkpoints to the config that made them)."""
