@@ -192,6 +192,29 @@ class TrackingCfg(_Strict):
     timeout_seconds: float = Field(10.0, gt=0)
 
 
+METRIC_NAMES = ("dino", "clip-i", "clip-t", "fid", "lpips", "ssim", "psnr")
+
+
+class EvaluateBackbonesCfg(_Strict):
+    # Hub id or local directory (from_pretrained), or `tiny` for a small seeded random encoder.
+    dino: str = "facebook/dino-vits16"
+    clip: str = "openai/clip-vit-base-patch32"
+    # auto: torch hub cache's pt_inception-2015-12-05-6726825d.pth when present; a path to that file; or none
+    inception: str = "auto"
+    lpips: str = "alex"  # alex | vgg | squeeze (torchvision ImageNet weights in the torch hub cache) | tiny
+
+
+class EvaluateCfg(_Strict):
+    # auto: tiny random encoders when model.base is a tiny preset (tiny-sd15, tiny-sdxl); true: always; false: never
+    tiny: Literal["auto", True, False] = "auto"
+    backbones: EvaluateBackbonesCfg = EvaluateBackbonesCfg()
+    metrics: list[Literal[METRIC_NAMES]] = list(METRIC_NAMES)  # type: ignore[valid-type]
+    # Features FID's Frechet distance is taken on: auto = Inception when its weights are present, else DINO
+    fid_features: Literal["auto", "inception", "dino", "clip"] = "auto"
+    batch_size: int = Field(16, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class Params(_Strict):
     model: ModelCfg = ModelCfg()
     subject: SubjectCfg = SubjectCfg()
@@ -199,6 +222,7 @@ class Params(_Strict):
     priors: PriorsCfg = PriorsCfg()
     finetune: FinetuneCfg = FinetuneCfg()
     infer: InferCfg = InferCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
     registry: RegistryCfg = RegistryCfg()
     tracking: TrackingCfg = TrackingCfg()
 
