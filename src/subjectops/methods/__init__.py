@@ -1,0 +1,41 @@
+"""Fine-tuning methods as strategies over the shared trainer. Add a method by registering its class here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from subjectops.errors import SubjectopsError
+from subjectops.methods.base import Method
+from subjectops.methods.dreambooth import DreamBoothMethod
+from subjectops.methods.lora import LoraMethod
+from subjectops.methods.textual_inversion import TextualInversionMethod
+from subjectops.methods.two_stage import TwoStageMethod
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (DreamBoothMethod, LoraMethod, TextualInversionMethod, TwoStageMethod)
+}
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise SubjectopsError(f"unknown method {name!r}", fix=f"choose one of: {', '.join(sorted(METHODS))}") from None
+
+
+def needs_discriminator(name: str) -> bool:
+    """Whether the method needs the `pretrain-disc` stage before `finetune`."""
+    return get_method(name).needs_discriminator
+
+
+def load_finetuned(pipe, finetune_dir: Path) -> dict:
+    """Apply a finetune output directory to a freshly loaded base pipeline; returns its method.json."""
+    finetune_dir = Path(finetune_dir)
+    info_path = finetune_dir / "method.json"
+    if not info_path.exists():
+        raise SubjectopsError(f"{finetune_dir} is not a finetune output (no method.json)",
+                              fix="run `subjectops finetune` first, or pass the right --finetune directory")
+    info = json.loads(info_path.read_text())
+    get_method(info["method"]).apply(pipe, finetune_dir, info)
+    return info

@@ -1,0 +1,79 @@
+"""DreamBooth (Ruiz et al. 2023): fine-tune the UNet (and optionally the text encoder) on the subject with
+a rare identifier, plus the class-prior preservation loss weighted by lambda:
+
+    L = E[ w_t ||eps - eps_theta(z_t, t, c_inst)||^2 ] + lambda * E[ ||eps - eps_theta(z'_t, t', c_class)||^2 ]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from subjectops.methods.base import Batch, Method, Phase
+
+
+class DreamBoothMethod(Method):
+    name = "dreambooth"
+
+    @property
+    def cfg(self):
+        return self.params.finetune.dreambooth
+
+    def instance_prompt(self) -> str:
+        return self.format_prompt(self.cfg.instance_prompt)
+
+    def _train_text(self) -> bool:
+        return getattr(self.cfg, "train_text_encoder", False)
+
+    def _named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        named = [(f"unet.{n}", p) for n, p in self.models.unet.named_parameters()]
+        if self._train_text():
+            for i, enc in enumerate(self.models.text_encoders):
+                named += [(f"text_encoder_{i}.{n}", p) for n, p in enc.named_parameters()]
+        return named
+
+    def phases(self) -> list[Phase]:
+        return [Phase("dreambooth", self.cfg.steps, self.cfg.lr, self._named, text_changes=self._train_text(),
+                      uses_priors=self.cfg.prior_preservation)]
+
+    def loss(self, batch: Batch, step: int, phase: Phase):
+        return prior_preservation_loss(self.trainer, batch, self.cfg.prior_loss_weight)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._named())
+
+    def save(self, out_dir: Path) -> list[str]:
+        self.models.unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+        written = ["unet"]
+        if self._train_text():
+            for i, enc in enumerate(self.models.text_encoders):
+                sub = "text_encoder" if i == 0 else "text_encoder_2"
+                enc.save_pretrained(out_dir / sub, safe_serialization=True)
+                written.append(sub)
+        return written
+
+    @classmethod
+    def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
+        pipe.unet = UNet2DConditionModel.from_pretrained(finetune_dir / "unet", dtype=pipe.unet.dtype)
+        if (finetune_dir / "text_encoder").exists():
+            pipe.text_encoder = CLIPTextModel.from_pretrained(finetune_dir / "text_encoder", dtype=pipe.text_encoder.dtype)
+        if (finetune_dir / "text_encoder_2").exists():
+            pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                finetune_dir / "text_encoder_2", dtype=pipe.text_encoder_2.dtype)
+
+
+def prior_preservation_loss(trainer, batch: Batch, prior_weight: float):
+    """Instance loss (Min-SNR weighted when configured) + lambda * class-prior loss, as DreamBooth defines it."""
+    d = trainer.denoise(batch.latents, batch.cond, batch.generator)
+    per_sample = trainer.per_sample_mse(d.pred, d.target)
+    inst = ~batch.is_prior
+    loss = trainer.weighted_mean(per_sample[inst], d.timesteps[inst])
+    terms = {"loss_instance": float(loss.detach())}
+    if batch.is_prior.any():
+        prior = per_sample[batch.is_prior].mean()
+        loss = loss + prior_weight * prior
+        terms["loss_prior"] = float(prior.detach())
+    return loss, terms

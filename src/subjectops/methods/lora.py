@@ -1,0 +1,42 @@
+"""LoRA DreamBooth: the DreamBooth objective, training only low-rank adapters on the UNet attention
+projections (to_q, to_k, to_v, to_out.0), as Image-Alchemy (seed 002) does on SDXL. Saved in diffusers'
+format, so `pipe.load_lora_weights(dir)` loads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from subjectops.methods.dreambooth import DreamBoothMethod
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class LoraMethod(DreamBoothMethod):
+    name = "lora"
+
+    @property
+    def cfg(self):
+        return self.params.finetune.lora
+
+    def setup(self) -> None:
+        self.models.unet.add_adapter(
+            LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, init_lora_weights="gaussian",
+                       target_modules=list(self.cfg.target_modules))
+        )
+
+    def _named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(f"unet.{n}", p) for n, p in self.models.unet.named_parameters() if "lora_" in n]
+
+    def save(self, out_dir: Path) -> list[str]:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.models.unet))
+        type(self.models.pipe).save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+        return [LORA_FILE]
+
+    @classmethod
+    def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
+        pipe.load_lora_weights(str(finetune_dir), weight_name=LORA_FILE)

@@ -1,0 +1,107 @@
+"""Textual Inversion (Gal et al. 2022): learn the embedding of a new token (one or several vectors),
+initialised from a word, with everything else frozen:
+
+    v* = argmin_v E[ ||eps - eps_theta(z_t, t, c_theta(y))||^2 ]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from subjectops.errors import SubjectopsError
+from subjectops.methods.base import Batch, Method, Phase
+
+EMBEDS_FILE = "learned_embeds.safetensors"
+# diffusers' SDXL textual-inversion convention: one tensor per text encoder.
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+class TextualInversionMethod(Method):
+    name = "textual-inversion"
+
+    @property
+    def cfg(self):
+        return self.params.finetune.textual_inversion
+
+    @property
+    def num_vectors(self) -> int:
+        return getattr(self.cfg, "num_vectors", 1)
+
+    def identifier(self) -> str:
+        return self.cfg.placeholder
+
+    def tokens(self) -> list[str]:
+        # Multi-vector tokens as diffusers names them, so load_textual_inversion expands prompts the same way.
+        return [self.cfg.placeholder] + [f"{self.cfg.placeholder}_{i}" for i in range(1, self.num_vectors)]
+
+    def instance_prompt(self) -> str:
+        return self.cfg.instance_prompt.format(placeholder=" ".join(self.tokens()), token=" ".join(self.tokens()),
+                                               class_word=self.class_word)
+
+    def setup(self) -> None:
+        initializer = self.cfg.initializer.format(class_word=self.class_word)
+        self._new_ids, self._frozen_rows = [], []
+        for tok, enc in zip(self.models.tokenizers, self.models.text_encoders):
+            if tok.add_tokens(self.tokens()) != len(self.tokens()):
+                raise SubjectopsError(f"placeholder {self.cfg.placeholder!r} is already a word of the tokenizer",
+                                      fix="choose a placeholder that is not a word, e.g. <my-subject>")
+            init_ids = tok.encode(initializer, add_special_tokens=False)
+            if not init_ids:
+                raise SubjectopsError(f"initializer word {initializer!r} has no tokens", fix="set a real word")
+            enc.resize_token_embeddings(len(tok))
+            new_ids = tok.convert_tokens_to_ids(self.tokens())
+            weight = enc.get_input_embeddings().weight
+            with torch.no_grad():
+                # A multi-token initializer starts from the mean of its token embeddings.
+                weight[new_ids] = weight[init_ids].mean(0)
+            self._new_ids.append(new_ids)
+            self._frozen_rows.append(weight.detach().clone())
+
+    def _embeddings(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(f"text_encoder_{i}.embeddings", enc.get_input_embeddings().weight)
+                for i, enc in enumerate(self.models.text_encoders)]
+
+    def phases(self) -> list[Phase]:
+        return [Phase("embedding", self.cfg.steps, self.cfg.lr, self._embeddings, text_changes=True)]
+
+    def loss(self, batch: Batch, step: int, phase: Phase):
+        d = self.trainer.denoise(batch.latents, batch.cond, batch.generator)
+        loss = self.trainer.weighted_mean(self.trainer.per_sample_mse(d.pred, d.target), d.timesteps)
+        return loss, {}
+
+    def after_optimizer_step(self, phase: Phase) -> None:
+        if phase.name != "embedding":
+            return
+        # Only the new rows learn: AdamW's update (and weight decay) touched every row, so restore the rest.
+        with torch.no_grad():
+            for (_, weight), new_ids, original in zip(self._embeddings(), self._new_ids, self._frozen_rows):
+                keep = torch.ones(weight.shape[0], dtype=torch.bool)
+                keep[new_ids] = False
+                weight[keep] = original[keep]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._embeddings())
+
+    def learned(self) -> dict[str, torch.Tensor]:
+        rows = [w.detach()[ids].clone().contiguous() for (_, w), ids in zip(self._embeddings(), self._new_ids)]
+        if len(rows) == 1:
+            return {self.cfg.placeholder: rows[0]}
+        return dict(zip(SDXL_KEYS, rows))
+
+    def save(self, out_dir: Path) -> list[str]:
+        save_file(self.learned(), out_dir / EMBEDS_FILE)
+        return [EMBEDS_FILE]
+
+    @classmethod
+    def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
+        path = finetune_dir / EMBEDS_FILE
+        token = info["identifier"]
+        if getattr(pipe, "text_encoder_2", None) is None:
+            pipe.load_textual_inversion(str(path), token=token)
+            return
+        state = load_file(path)
+        for key, enc, tok in zip(SDXL_KEYS, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)):
+            pipe.load_textual_inversion(state[key], token=token, text_encoder=enc, tokenizer=tok)

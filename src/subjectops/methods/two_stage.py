@@ -1,0 +1,48 @@
+"""Two-stage personalization (seed 004, section 3):
+
+Stage 1 optimises only the embedding of a new adjective token "(rare)", initialised from the word "rare",
+for about 100 steps (lr 5e-4, section 4.1), so that it coarsely describes the subject:
+    v_rare* = argmin_v E[ ||eps - eps_theta(z_t, t, tau(y))||^2 ]          (eq. 1)
+Stage 2 fine-tunes the UNet for 200-400 steps (lr 5e-6) with v_rare and the text encoder frozen, and
+without prior preservation:
+    theta* = argmin_theta E[ ||eps - eps_theta(z_t, t, tau(y))||^2 ]      (eq. 2)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from subjectops.methods.base import Phase
+from subjectops.methods.dreambooth import DreamBoothMethod
+from subjectops.methods.textual_inversion import TextualInversionMethod
+
+
+class TwoStageMethod(TextualInversionMethod):
+    name = "two-stage"
+
+    @property
+    def cfg(self):
+        return self.params.finetune.two_stage
+
+    def _unet(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(f"unet.{n}", p) for n, p in self.models.unet.named_parameters()]
+
+    def phases(self) -> list[Phase]:
+        return [
+            Phase("embedding", self.cfg.embedding_steps, self.cfg.embedding_lr, self._embeddings, text_changes=True),
+            Phase("unet", self.cfg.unet_steps, self.cfg.unet_lr, self._unet, text_changes=False),
+        ]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**dict(self._embeddings()), **dict(self._unet())}
+
+    def save(self, out_dir: Path) -> list[str]:
+        self.models.unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+        return super().save(out_dir) + ["unet"]
+
+    @classmethod
+    def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
+        DreamBoothMethod.apply(pipe, finetune_dir, info)
+        TextualInversionMethod.apply(pipe, finetune_dir, info)
