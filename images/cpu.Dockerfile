@@ -1,0 +1,52 @@
+# syntax=docker/dockerfile:1
+# CPU image: the CPU stages (configure, fetch-subject, refine, register, benchmark aggregation), the
+# MLflow server of the Helm chart and the model-cache fill Job run here.
+#
+#   docker build -f images/cpu.Dockerfile -t REGISTRY/subjectops-cpu:0.1.0 .
+#
+# torch comes from the CPU-only wheel index (a tenth of the CUDA build's size). BASE_IMAGE lets an
+# air-gapped build use a local base (for instance one made with debootstrap and buildah).
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md* ./
+COPY src/ ./src/
+RUN pip install --no-cache-dir "./[kube]" && pip check
+
+FROM ${BASE_IMAGE}
+ARG HF_HUB_OFFLINE=1
+LABEL org.opencontainers.image.title="subjectops-cpu" \
+      org.opencontainers.image.description="subjectops CPU stages, MLflow server and model-cache tools" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 subjectops \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/subjectops --create-home \
+        --shell /usr/sbin/nologin subjectops \
+ && mkdir -p /models /work \
+ && chown 10001:10001 /models /work
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/subjectops \
+    HF_HOME=/models/huggingface \
+    HF_HUB_CACHE=/models/huggingface/hub \
+    TORCH_HOME=/models/torch \
+    HF_HUB_OFFLINE=${HF_HUB_OFFLINE} \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=1 \
+    DVC_NO_ANALYTICS=1
+WORKDIR /work
+USER 10001:10001
+ENTRYPOINT ["subjectops"]
+CMD ["--help"]

@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+# CUDA trainer image: every GPU stage (priors, pretrain-disc, finetune, infer, evaluate) runs here.
+#
+#   docker build -f images/trainer.Dockerfile -t REGISTRY/subjectops-trainer:0.1.0 .
+#
+# CUDA comes from torch's own nvidia-* wheels (PyPI's Linux torch wheels are CUDA builds), the driver
+# from the node through the NVIDIA container toolkit, so any glibc Python base works. BASE_IMAGE lets
+# an air-gapped build use a local base (for instance one made with debootstrap and buildah).
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, from the index that carries the wanted CUDA build; the rest are pinned in pyproject.toml.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md* ./
+COPY src/ ./src/
+RUN pip install --no-cache-dir "./[kube]" && pip check
+
+FROM ${BASE_IMAGE}
+ARG HF_HUB_OFFLINE=1
+LABEL org.opencontainers.image.title="subjectops-trainer" \
+      org.opencontainers.image.description="subjectops GPU stages: priors, pretrain-disc, finetune, infer, evaluate" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# A fixed, unprivileged uid/gid: the chart's securityContext and the model-cache PVC permissions use it.
+RUN groupadd --system --gid 10001 subjectops \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/subjectops --create-home \
+        --shell /usr/sbin/nologin subjectops \
+ && mkdir -p /models /work \
+ && chown 10001:10001 /models /work
+COPY --from=build /opt/venv /opt/venv
+# /models is where the chart mounts the model-cache PVC: the hub cache, priors cache and metric
+# encoders live there, so pods never download weights at run time (HF_HUB_OFFLINE=1 by default;
+# set HF_HUB_OFFLINE=0 at build or run time where a hub is reachable).
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/subjectops \
+    HF_HOME=/models/huggingface \
+    HF_HUB_CACHE=/models/huggingface/hub \
+    TORCH_HOME=/models/torch \
+    HF_HUB_OFFLINE=${HF_HUB_OFFLINE} \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=1 \
+    DVC_NO_ANALYTICS=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /work
+USER 10001:10001
+ENTRYPOINT ["subjectops"]
+CMD ["--help"]
