@@ -1,0 +1,386 @@
+"""Metric computations on tensors, and the evaluator that computes all of them in one pass over the images.
+
+What each number means (the papers' definitions):
+
+- DINO, CLIP-I (seed 001 sec. 4; seed 000 app. B.3): cosine similarity between the embedding of every
+  generated image and every reference image; mean and std over all N x M pairs (Hypnos: 50 x 4 = 200).
+- CLIP-T (seed 001 sec. 4; seed 003 sec. 5): cosine similarity between each generated image and its own
+  prompt, the rare identifier removed from the prompt first; N pairs.
+- FID (seed 000 tables 1-2): Frechet distance between Gaussians fitted to reference and generated
+  features, through torchmetrics' FrechetInceptionDistance. Features: Inception-v3 pool3 when its weights
+  are present, otherwise the configured DINO or CLIP encoder (recorded). One value per set, no std.
+- LPIPS, SSIM, PSNR (seed 000 tables 1-2): between every generated and every reference image, at the
+  references' resolution (torchmetrics; LPIPS from per-image features, see backbones.LpipsNet).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from subjectops.config import ConfigError, Params
+from subjectops.data.prompts import strip_identifier
+from subjectops.errors import ModelNotFoundError, SubjectopsError
+from subjectops.metrics import backbones as B
+
+DISPLAY = {"dino": "DINO", "clip-i": "CLIP-I", "clip-t": "CLIP-T", "fid": "FID", "lpips": "LPIPS",
+           "ssim": "SSIM", "psnr": "PSNR"}
+HIGHER_IS_BETTER = {"dino": True, "clip-i": True, "clip-t": True, "fid": False, "lpips": False, "ssim": True,
+                    "psnr": True}
+PAIRWISE_WITH_REFERENCES = ("dino", "clip-i", "lpips", "ssim", "psnr")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------
+def load_image(path: Path) -> Tensor:
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise SubjectopsError(f"cannot read image {path}: {exc}", fix="re-run the stage that wrote it") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def load_images(paths: Sequence[Path], size: Optional[tuple[int, int]] = None) -> Tensor:
+    """(N, 3, H, W) float in [0, 1]; resized (bilinear, antialiased) to ``size`` when given."""
+    out = []
+    for p in paths:
+        x = load_image(Path(p))
+        if size is not None and tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        out.append(x.clamp(0, 1))
+    if not out:
+        return torch.zeros(0, 3, *(size or (1, 1)))
+    shapes = {tuple(t.shape) for t in out}
+    if len(shapes) > 1:
+        raise SubjectopsError(f"images have different sizes {sorted(shapes)}", fix="pass a common size")
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metric primitives
+# ---------------------------------------------------------------------------------------------------
+def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """(N, M) cosine similarity between rows of a and rows of b."""
+    return F.normalize(a.double(), dim=-1) @ F.normalize(b.double(), dim=-1).T
+
+
+def clip_t(clip: B.ClipEncoder, image_emb: Tensor, prompts: Sequence[str], identifiers: Sequence[str]) -> Tensor:
+    """(N,) CLIP-T: each image against its own prompt with the identifier removed (seed 003 sec. 5)."""
+    texts = [strip_identifier(p, i) for p, i in zip(prompts, identifiers)]
+    unique = sorted(set(texts))
+    emb = clip.embed_text(unique)
+    idx = torch.tensor([unique.index(t) for t in texts], device=emb.device)
+    return (F.normalize(image_emb.double().to(emb.device), dim=-1) * F.normalize(emb.double(), dim=-1)[idx]).sum(-1)
+
+
+class _Precomputed(torch.nn.Module):
+    """Feature 'extractor' for torchmetrics' FID that receives features already computed by the evaluator
+    (DINO or CLIP embeddings), so the encoder runs once per image for all metrics."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1)
+
+
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets, through torchmetrics' FID
+    (d^2 = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)))."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if real.shape[0] < 2 or fake.shape[0] < 2:
+        raise SubjectopsError(f"FID needs at least 2 reference and 2 generated images (got {real.shape[0]} and "
+                              f"{fake.shape[0]})", fix="generate more images or drop fid from evaluate.metrics")
+    fid = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    fid.update(real.double().cpu(), real=True)
+    fid.update(fake.double().cpu(), real=False)
+    return float(fid.compute())
+
+
+class InceptionFID:
+    """torchmetrics FID with torch-fidelity's Inception-v3 (2048-d pool3), weights from a local file."""
+
+    def __init__(self, weights: Path, device: torch.device):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.metric = FrechetInceptionDistance(feature=2048, normalize=True,
+                                               feature_extractor_weights_path=str(weights)).to(device)
+        self.device = device
+        self.info = B.BackboneInfo("inception", "inception-v3-compat", True, str(weights),
+                                   "FID Inception-v3 pool3 (torch-fidelity weights)")
+
+    def update(self, images: Tensor, real: bool) -> None:
+        self.metric.update(images.to(self.device), real=real)
+
+    def compute(self) -> float:
+        value = float(self.metric.compute())
+        self.metric.reset()
+        return value
+
+
+def ssim_pairs(gen: Tensor, refs: Tensor) -> Tensor:
+    """(N, M) SSIM (torchmetrics, gaussian 11x11, sigma 1.5, data range 1) of every gen/ref pair."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    n, m = gen.shape[0], refs.shape[0]
+    a = gen.repeat_interleave(m, 0)
+    b = refs.repeat(n, 1, 1, 1)
+    return ssim(a, b, data_range=1.0, reduction="none").double().view(n, m)
+
+
+def psnr_pairs(gen: Tensor, refs: Tensor) -> Tensor:
+    """(N, M) PSNR in dB (torchmetrics, data range 1) of every gen/ref pair; identical images give +inf."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio as psnr
+
+    n, m = gen.shape[0], refs.shape[0]
+    a = gen.repeat_interleave(m, 0)
+    b = refs.repeat(n, 1, 1, 1)
+    return psnr(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)).double().view(n, m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------------
+def _finite(x: float) -> float | str:
+    return x if math.isfinite(x) else ("inf" if x > 0 else ("-inf" if x < 0 else "nan"))
+
+
+@dataclass
+class MetricRecord:
+    """One number of metrics.json, with everything needed to know what it means."""
+
+    metric: str
+    prompt_set: str
+    prompt_set_version: str
+    backbone: Optional[str]
+    pretrained: Optional[bool]  # None: no learned weights involved (SSIM, PSNR)
+    n_generated: int
+    n_reference: int
+    n_pairs: Optional[int]  # None for FID (one distance between two distributions)
+    mean: float
+    std: Optional[float]  # sample std (ddof=1) over the pairs; None for FID
+    pairing: str
+    higher_is_better: bool
+    note: str = ""
+    per_image: list[float] = field(default_factory=list)  # mean over references (or the pair) per image
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": DISPLAY[self.metric], "key": self.metric, "prompt_set": self.prompt_set,
+            "prompt_set_version": self.prompt_set_version, "backbone": self.backbone, "pretrained": self.pretrained,
+            "n_generated": self.n_generated, "n_reference": self.n_reference, "n_pairs": self.n_pairs,
+            "mean": _finite(self.mean), "std": None if self.std is None else _finite(self.std),
+            "pairing": self.pairing, "higher_is_better": self.higher_is_better, "note": self.note,
+        }
+
+
+def _summary(values: Tensor) -> tuple[float, Optional[float]]:
+    v = values.double().flatten()
+    finite = v[torch.isfinite(v)]
+    mean = float(v.mean())
+    if v.numel() < 2:
+        return mean, None
+    std = float(v.std(unbiased=True)) if finite.numel() == v.numel() else float("nan")
+    if not math.isfinite(mean):  # PSNR of identical images: +inf; std of the finite part would mislead
+        std = 0.0 if finite.numel() == 0 else float("nan")
+    return mean, std
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluator
+# ---------------------------------------------------------------------------------------------------
+def tiny_mode(params: Params) -> bool:
+    """evaluate.tiny: true/false, or auto = the base model is a tiny preset (tiny-sd15, tiny-sdxl)."""
+    t = params.evaluate.tiny
+    if t == "auto":
+        return params.model.base in ("tiny-sd15", "tiny-sdxl")
+    return bool(t)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("evaluate.device = cuda but no CUDA device is visible", fix="set evaluate.device=auto or cpu")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+class Encoders:
+    """The encoders one evaluation needs, loaded once (and shareable between evaluators)."""
+
+    def __init__(self, params: Params, metrics: Iterable[str]):
+        cfg = params.evaluate
+        self.tiny = tiny_mode(params)
+        self.device = pick_device(cfg.device)
+        metrics = list(metrics)
+        bb = cfg.backbones
+        ids = {role: ("tiny" if self.tiny else getattr(bb, role)) for role in ("dino", "clip", "lpips")}
+        self.fid_features = self._fid_features(cfg.fid_features, bb.inception) if "fid" in metrics else None
+        need_dino = "dino" in metrics or self.fid_features == "dino"
+        need_clip = bool({"clip-i", "clip-t"} & set(metrics)) or self.fid_features == "clip"
+        cache = params.model.cache_dir
+        self.dino = B.load_dino(ids["dino"], self.device, cache) if need_dino else None
+        self.clip = B.load_clip(ids["clip"], self.device, cache) if need_clip else None
+        self.lpips = B.load_lpips(ids["lpips"], self.device) if "lpips" in metrics else None
+        self.inception = None
+        if self.fid_features == "inception":
+            self.inception = InceptionFID(B.find_inception(bb.inception), self.device)
+
+    def _fid_features(self, setting: str, inception_setting: str) -> str:
+        if setting in ("dino", "clip"):
+            return setting
+        weights = None if self.tiny else B.find_inception(inception_setting)
+        if setting == "inception":
+            if self.tiny:
+                return "dino"  # tiny mode never uses real weights; recorded as random DINO features
+            if weights is None:
+                raise ModelNotFoundError(
+                    "evaluate.fid_features = inception but the Inception weights are not present "
+                    f"({B.hub_checkpoint(B.INCEPTION_FILE)} missing, evaluate.backbones.inception = {inception_setting})",
+                    fix=f"copy torch-fidelity's {B.INCEPTION_FILE} into that folder or point "
+                        "evaluate.backbones.inception at it; or set evaluate.fid_features=auto to use DINO features")
+            return "inception"
+        return "inception" if weights is not None else "dino"
+
+    def infos(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name in ("dino", "clip", "lpips", "inception"):
+            enc = getattr(self, name)
+            if enc is not None:
+                out[name] = enc.info.to_dict()
+        return out
+
+    @property
+    def any_random(self) -> bool:
+        return any(not i["pretrained"] for i in self.infos().values())
+
+
+@dataclass
+class References:
+    pixels: Tensor  # (M, 3, H, W) in [0, 1]
+    dino: Optional[Tensor] = None
+    clip: Optional[Tensor] = None
+    lpips: Optional[list[Tensor]] = None
+
+
+class Evaluator:
+    """Computes every requested metric in one pass over the generated images: each batch is read and
+    decoded once, each encoder runs once per image, and the embeddings serve every metric that needs them
+    (DINO -> DINO and FID; CLIP -> CLIP-I and CLIP-T; LPIPS features -> all reference pairs)."""
+
+    def __init__(self, params: Params, metrics: Optional[Sequence[str]] = None, encoders: Optional[Encoders] = None):
+        self.params = params
+        self.metrics = list(metrics if metrics is not None else params.evaluate.metrics)
+        if not self.metrics:
+            raise ConfigError("evaluate.metrics is empty", fix=f"list some of {list(DISPLAY)}")
+        self.enc = encoders or Encoders(params, self.metrics)
+        self.batch_size = params.evaluate.batch_size
+
+    # -- references ---------------------------------------------------------------------------------
+    def references(self, paths: Sequence[Path]) -> References:
+        if not paths:
+            raise SubjectopsError("no reference images", fix="refine/subject.json must list the subject's images")
+        first = load_image(Path(paths[0]))
+        pixels = load_images(paths, size=tuple(first.shape[-2:]))
+        return self.references_from_tensor(pixels)
+
+    def references_from_tensor(self, pixels: Tensor) -> References:
+        refs = References(pixels=pixels)
+        e = self.enc
+        if e.dino is not None:
+            refs.dino = torch.cat([e.dino.embed(b) for b in pixels.split(self.batch_size)])
+        if e.clip is not None:
+            refs.clip = torch.cat([e.clip.embed(b) for b in pixels.split(self.batch_size)])
+        if e.lpips is not None:
+            parts = [e.lpips.features(b) for b in pixels.split(self.batch_size)]
+            refs.lpips = [torch.cat(layer) for layer in zip(*parts)]
+        return refs
+
+    # -- one prompt set -----------------------------------------------------------------------------
+    def score_paths(self, prompt_set: str, version: str, paths: Sequence[Path], prompts: Sequence[str],
+                    identifiers: Sequence[str], refs: References) -> list[MetricRecord]:
+        size = tuple(refs.pixels.shape[-2:])
+
+        def batches():
+            for i in range(0, len(paths), self.batch_size):
+                yield load_images(paths[i:i + self.batch_size], size=size)
+
+        return self.score_batches(prompt_set, version, batches(), prompts, identifiers, refs)
+
+    def score_batches(self, prompt_set: str, version: str, batches: Iterable[Tensor], prompts: Sequence[str],
+                      identifiers: Sequence[str], refs: References) -> list[MetricRecord]:
+        e, want = self.enc, set(self.metrics)
+        acc: dict[str, list[Tensor]] = {k: [] for k in ("dino", "clip", "lpips", "ssim", "psnr")}
+        if e.inception is not None and "fid" in want:
+            e.inception.update(refs.pixels, real=True)
+        n = 0
+        for gen in batches:
+            n += gen.shape[0]
+            if e.dino is not None:
+                acc["dino"].append(e.dino.embed(gen))
+            if e.clip is not None:
+                acc["clip"].append(e.clip.embed(gen))
+            if "lpips" in want:
+                acc["lpips"].append(e.lpips.pairwise(e.lpips.features(gen), refs.lpips).cpu())
+            if "ssim" in want:
+                acc["ssim"].append(ssim_pairs(gen.to(e.device), refs.pixels.to(e.device)).cpu())
+            if "psnr" in want:
+                acc["psnr"].append(psnr_pairs(gen.to(e.device), refs.pixels.to(e.device)).cpu())
+            if e.inception is not None and "fid" in want:
+                e.inception.update(gen, real=False)
+        if n != len(prompts) or n != len(identifiers):
+            raise SubjectopsError(f"prompt set {prompt_set}: {n} images but {len(prompts)} prompts",
+                                  fix="samples.json must list one prompt per image")
+        if n == 0:
+            raise SubjectopsError(f"prompt set {prompt_set} has no images", fix="re-run infer")
+        m = refs.pixels.shape[0]
+        out: list[MetricRecord] = []
+
+        def rec(metric: str, values: Tensor, info: Optional[B.BackboneInfo], pairing: str, note: str = "") -> None:
+            mean, std = _summary(values)
+            per_image = values.mean(1) if values.dim() == 2 else values
+            out.append(MetricRecord(
+                metric, prompt_set, version, info.id if info else None, info.pretrained if info else None,
+                n, m, values.numel(), mean, std, pairing, HIGHER_IS_BETTER[metric], note,
+                [float(v) for v in per_image.double()]))
+
+        cross = f"{n} generated x {m} references"
+        if "dino" in want:
+            rec("dino", cosine_matrix(torch.cat(acc["dino"]), refs.dino).cpu(), e.dino.info, cross)
+        if "clip-i" in want:
+            rec("clip-i", cosine_matrix(torch.cat(acc["clip"]), refs.clip).cpu(), e.clip.info, cross)
+        if "clip-t" in want:
+            rec("clip-t", clip_t(e.clip, torch.cat(acc["clip"]), prompts, identifiers).cpu(), e.clip.info,
+                f"{n} images x own prompt", "identifier removed from each prompt before text encoding")
+        if "fid" in want:
+            if e.fid_features == "inception":
+                value, info = e.inception.compute(), e.inception.info
+            else:
+                feats = torch.cat(acc[e.fid_features])
+                value = frechet_distance(getattr(refs, e.fid_features), feats)
+                info = getattr(e, e.fid_features).info
+            note = f"Frechet distance on {info.role} features ({info.id})"
+            if m < 10:
+                note += f"; only {m} reference images: the reference covariance has rank <= {m - 1}"
+            out.append(MetricRecord("fid", prompt_set, version, info.id, info.pretrained, n, m, None, value, None,
+                                    f"{n} generated vs {m} references (distributions)", False, note, []))
+        for metric in ("lpips", "ssim", "psnr"):
+            if metric in want:
+                info = e.lpips.info if metric == "lpips" else None
+                note = "resized to the references' resolution" if metric != "lpips" else \
+                    "LPIPS features computed once per image; all pairs scored from them"
+                rec(metric, torch.cat(acc[metric]), info, cross, note)
+        order = {k: i for i, k in enumerate(DISPLAY)}
+        return sorted(out, key=lambda r: order[r.metric])
