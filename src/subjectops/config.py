@@ -108,6 +108,80 @@ class TwoStageCfg(_Strict):
     instance_prompt: str = "a photo of {placeholder} {class_word}"
 
 
+# Hypnos (seed 000): monotone background colours for the content-centric refinement (sec. 3.3).
+HYPNOS_COLORS = {
+    "white": [255, 255, 255], "black": [0, 0, 0], "gray": [128, 128, 128], "red": [220, 30, 30],
+    "green": [40, 170, 60], "blue": [30, 70, 210], "yellow": [245, 215, 40], "orange": [245, 140, 30],
+    "purple": [130, 50, 170], "pink": [240, 130, 180], "brown": [120, 75, 40], "cyan": [40, 200, 220],
+}
+
+
+class HypnosAugmentCfg(_Strict):
+    """Seed 000 sec. 3.3: background replaced by a monotone colour with probability 0.66; a small portion
+    of those also resized (Table 3: 2% of the 20% coloured-background reals = 10%)."""
+
+    replace_background: float = Field(0.66, ge=0, le=1)
+    resize: float = Field(0.1, ge=0, le=1)  # fraction of replaced-background samples whose subject is rescaled
+    resize_scale: tuple[float, float] = (0.5, 0.85)  # subject scale range of a resized sample
+    variants_per_image: int = Field(10, ge=1, le=200)  # pre-augmented pool per image (latents are cached)
+    colors: dict[str, tuple[int, int, int]] = HYPNOS_COLORS
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.resize_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"resize_scale {self.resize_scale} must satisfy 0 < low <= high <= 1")
+        if len(self.colors) < 2:
+            raise ValueError("colors needs at least two entries (masked foregrounds use a second colour)")
+        for name, rgb in self.colors.items():
+            if not name.strip() or any(not 0 <= c <= 255 for c in rgb):
+                raise ValueError(f"color {name!r}: {rgb} must be a non-empty name with RGB values in 0-255")
+        return self
+
+
+class HypnosCfg(_Strict):
+    """Seed 000 (Hypnos): L = l_r L_r + l_pp L_pp + l_p L_p + l_ld L_ld (eq. 1); app. B: 800 steps, seed 42."""
+
+    steps: int = Field(800, ge=1)
+    lr: float = Field(2e-6, gt=0)  # not stated by the paper; its DreamBooth baselines use 1e-6 and 2e-6
+    train_text_encoder: bool = True  # sec. 3.2: the denoiser and the text encoder are optimised, the VAE frozen
+    use_8bit_adam: Literal["auto", True, False] = "auto"  # app. B; auto = when bitsandbytes and CUDA are present
+    # sec. 3.3: two clauses, foreground then background; {background} = a colour name or background_token
+    instance_prompt: str = "a photo of {token} {class_word}, {background} background"
+    background_token: str = Field("zwx", pattern=r"^\S+$")  # the second rare word: "original background"
+    lambda_r: float = Field(1.0, ge=0)
+    lambda_pp: float = Field(1.0, ge=0)
+    lambda_p: float = Field(0.003, ge=0)
+    lambda_ld: float = Field(0.5, ge=0)
+    reconstruction_loss: Literal["inverse-gaussian", "mse"] = "inverse-gaussian"  # eq. 2 (mse: DreamBooth's)
+    sigma: float = Field(1.382, gt=0)  # eq. 2/3: the L2-closest sigma on [0, 1]
+    perceptual_steps: int = Field(500, ge=0)  # s_p (eq. 6)
+    perceptual_blocks: list[int] = [2, 3, 4]  # EfficientNet-B1 MBConv stages (torchvision features[i])
+    perceptual_block_weights: list[float] = [0.35, 0.45, 0.2]  # app. B.1
+    # auto: a small random EfficientNet when model.base is a tiny preset, else torchvision's B1 weight file in
+    # the torch hub cache; a path to a .pth/.safetensors file (or a directory holding one); or tiny
+    efficientnet: str = "auto"
+    disc_lr: float = Field(1e-5, gt=0)  # the discriminator keeps training against the generator (sec. 3.4)
+    train_discriminator: bool = True
+    # Ablations (fig. 12): each switches one loss term of eq. 1 off.
+    reconstruction: bool = True
+    prior_preservation: bool = True
+    perceptual: bool = True
+    latent_discriminator: bool = True
+    augment: HypnosAugmentCfg = HypnosAugmentCfg()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.perceptual_blocks) != len(self.perceptual_block_weights):
+            raise ValueError(f"perceptual_blocks {self.perceptual_blocks} and perceptual_block_weights "
+                             f"{self.perceptual_block_weights} must have the same length")
+        if any(not 1 <= b <= 8 for b in self.perceptual_blocks):
+            raise ValueError(f"perceptual_blocks {self.perceptual_blocks}: EfficientNet blocks are 1-8")
+        if "{background}" not in self.instance_prompt:
+            raise ValueError("instance_prompt needs a {background} clause (sec. 3.3)")
+        return self
+
+
 class FinetuneCfg(_Strict):
     method: Literal[METHOD_NAMES] = "dreambooth"  # type: ignore[valid-type]
     seed: int = 42
@@ -132,6 +206,7 @@ class FinetuneCfg(_Strict):
     lora: LoraCfg = LoraCfg()
     textual_inversion: TextualInversionCfg = TextualInversionCfg()
     two_stage: TwoStageCfg = TwoStageCfg()
+    hypnos: HypnosCfg = HypnosCfg()
 
 
 class PromptInvariantCfg(_Strict):
@@ -215,20 +290,77 @@ class EvaluateCfg(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class DiscProportionsCfg(_Strict):
+    """Seed 000 Table 3: the latent discriminator's pretraining set (real: first three; fake: the rest)."""
+
+    instance: float = Field(0.30, ge=0)
+    colored_background: float = Field(0.18, ge=0)
+    colored_background_resize: float = Field(0.02, ge=0)
+    class_image: float = Field(0.175, ge=0)
+    negative_foreground: float = Field(0.0975, ge=0)
+    masked_foreground: float = Field(0.0325, ge=0)
+    colored_background_negative_foreground: float = Field(0.0488, ge=0)
+    colored_background_masked_foreground: float = Field(0.1463, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        real = self.instance + self.colored_background + self.colored_background_resize
+        fake = sum(self.model_dump().values()) - real
+        if real <= 0 or fake <= 0:
+            raise ValueError(f"proportions need at least one real and one fake type above 0 (real {real}, fake {fake})")
+        return self
+
+
+class LatentDiscCfg(_Strict):
+    """Seed 000 app. B.2 / fig. 3a: inverted-bottleneck conv, concat with the latent, patches + positional
+    embeddings, 3 transformer blocks, 3 MLP heads on [CLS]. Widths are not given by the paper."""
+
+    patch_size: int = Field(8, ge=1)
+    dim: int = Field(256, ge=8)
+    depth: int = Field(3, ge=1)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    expansion: int = Field(6, ge=1)  # inverted bottleneck: 1x1 expand, 3x3 depthwise, 1x1 project
+    conv_channels: int = Field(16, ge=1)
+    mlp_heads: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class PretrainDiscCfg(_Strict):
+    steps: int = Field(600, ge=1)  # app. B.2
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 42  # app. B: all seeds 42
+    weight_decay: float = Field(0.01, ge=0)
+    heldout_class_fraction: float = Field(0.2, ge=0, lt=1)  # class images kept out of training, for the accuracy
+    eval_samples: int = Field(256, ge=0)  # held-out draws (other seed) scored after training
+    proportions: DiscProportionsCfg = DiscProportionsCfg()
+    model: LatentDiscCfg = LatentDiscCfg()
+
+
 class Params(_Strict):
     model: ModelCfg = ModelCfg()
     subject: SubjectCfg = SubjectCfg()
     refine: RefineCfg = RefineCfg()
     priors: PriorsCfg = PriorsCfg()
+    pretrain_disc: PretrainDiscCfg = PretrainDiscCfg()
     finetune: FinetuneCfg = FinetuneCfg()
     infer: InferCfg = InferCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     registry: RegistryCfg = RegistryCfg()
     tracking: TrackingCfg = TrackingCfg()
 
-    def digest(self) -> str:
-        """Stable hash of the whole config (used to tie checkpoints to the config that made them)."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    def digest(self, sections: tuple[str, ...] | None = None) -> str:
+        """Stable hash of the config, or of some sections (a checkpoint is tied to what training reads)."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {k: data[k] for k in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

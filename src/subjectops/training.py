@@ -31,6 +31,8 @@ from subjectops.errors import SubjectopsError
 from subjectops.methods.base import Batch, Conditioning, Method, Phase, TrainExample
 
 console = Console(stderr=True)
+# The config sections a finetune reads: a checkpoint resumes only under the same values.
+TRAINING_SECTIONS = ("model", "subject", "priors", "finetune")
 
 
 @dataclass
@@ -270,7 +272,7 @@ class Trainer:
         state = {
             "global_step": global_step,
             "phase": phase_idx,
-            "config": self.params.digest(),
+            "config": self.params.digest(TRAINING_SECTIONS),
             "tensors": {k: v.detach().cpu().clone() for k, v in self.method.state_tensors().items()},
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_sched.state_dict(),
@@ -289,7 +291,7 @@ class Trainer:
         files = sorted(self.ckpt_dir.glob("step_*.pt")) if self.ckpt_dir.exists() else []
         for f in reversed(files):
             state = torch.load(f, map_location="cpu", weights_only=False)
-            if state["config"] == self.params.digest():
+            if state["config"] == self.params.digest(TRAINING_SECTIONS):
                 return state
             console.print(f"[yellow]ignoring checkpoint {f.name}: it was made with different parameters")
             return None

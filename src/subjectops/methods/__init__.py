@@ -39,3 +39,9 @@ def load_finetuned(pipe, finetune_dir: Path) -> dict:
     info = json.loads(info_path.read_text())
     get_method(info["method"]).apply(pipe, finetune_dir, info)
     return info
+
+
+def uses_priors(params) -> bool:
+    """Whether the configured method trains with class-prior images (so `priors` must run first)."""
+    method = get_method(params.finetune.method)(params, "", models=None)
+    return any(phase.uses_priors for phase in method.phases())

@@ -111,3 +111,28 @@ def describe(model: ModelCfg) -> dict:
     if is_tiny(model):
         info.update(json.loads((Path(resolve(model)) / "subjectops_tiny.json").read_text()))
     return info
+
+
+def native_resolution(model: ModelCfg) -> int:
+    """The resolution the model was trained at (diffusers' default height): unet sample size x VAE scale."""
+    source = resolve(model)
+    try:
+        if Path(source).exists():
+            unet = json.loads((Path(source) / "unet" / "config.json").read_text())
+            vae = json.loads((Path(source) / "vae" / "config.json").read_text())
+        else:
+            from huggingface_hub import hf_hub_download
+
+            get = lambda sub: json.loads(Path(hf_hub_download(source, f"{sub}/config.json", revision=model.revision,
+                                                              cache_dir=model.cache_dir, local_files_only=offline())).read_text())
+            unet, vae = get("unet"), get("vae")
+    except Exception as exc:  # noqa: BLE001 - every failure here means "the configs are not available"
+        raise ModelNotFoundError(
+            f"cannot read the configs of '{source}' to find its resolution ({exc.__class__.__name__})",
+            fix=how_to_provide(source) + "; or set subject.resolution explicitly",
+        ) from None
+    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def training_resolution(params) -> int:
+    return params.subject.resolution or native_resolution(params.model)

@@ -1,0 +1,164 @@
+"""`subjectops`: the command line. Every stage command is a thin adapter over one stage function;
+DVC and Kubeflow call these same commands."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from subjectops.config import Params, load_params
+from subjectops.errors import SubjectopsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Personalize text-to-image diffusion models from a few photos of one subject.")
+models_app = typer.Typer(no_args_is_help=True, help="Base models and metric encoders.")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml (built-in defaults if absent)")
+SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")
+ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, tiny-sd15 or tiny-sdxl (= model.base)")
+MethodOpt = typer.Option(None, "--method", help="dreambooth | lora | textual-inversion | two-stage | hypnos")
+RunOpt = typer.Option(None, "--run", help="run directory: RUN/<stage> for every path not given")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Print a SubjectopsError as its message and fix, without a traceback, and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SubjectopsError as exc:
+            console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            if exc.fix:
+                console.print(f"[bold]fix:[/] {exc.fix}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def build_params(params_path: Path, sets: Optional[List[str]], model: Optional[str] = None,
+                 method: Optional[str] = None) -> Params:
+    overrides = list(sets or [])
+    if model:
+        overrides.append(f"model.base={model}")
+    if method:
+        overrides.append(f"finetune.method={method}")
+    return load_params(params_path, overrides)
+
+
+def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, required: bool = True) -> Optional[Path]:
+    if explicit is not None:
+        return explicit
+    if run is not None and (required or (run / stage).exists()):
+        return run / stage
+    if required:
+        raise SubjectopsError(f"no directory given for {stage}", fix=f"pass --{stage.replace('_', '-')} DIR or --run RUN_DIR")
+    return None
+
+
+def done(what: str, path: Path) -> None:
+    console.print(f"[green]{what}:[/] {path}", highlight=False)
+
+
+@app.command()
+@user_errors
+def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of one subject"),
+        class_word: str = typer.Option(..., "--class", help="the subject's class, e.g. teapot"),
+        method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt,
+        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run-id>)"),
+        params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer, evaluate."""
+    from subjectops.pipeline import default_run_dir, run as run_pipeline
+    from subjectops.tracking import NullTracker
+
+    params = build_params(params_path, sets, model, method)
+    out = out or default_run_dir(subject_dir, params)
+    dirs = run_pipeline(params, subject_dir, class_word, out, tracker=NullTracker())
+    for stage, path in dirs.items():
+        done(stage, path)
+    done("report", dirs["evaluate"] / "report.html")
+
+
+@app.command()
+@user_errors
+def refine(subject_dir: Path = typer.Argument(...), class_word: str = typer.Option(..., "--class"),
+           out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
+           model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Validate and normalize the photos, segment the subject, write prompts."""
+    from subjectops.stages.refine import refine as stage
+
+    params = build_params(params_path, sets, model)
+    done("refine", stage(params, subject_dir, class_word, stage_path(out, run, "refine")))
+
+
+@app.command()
+@user_errors
+def priors(refine_dir: Optional[Path] = typer.Option(None, "--refine"), out: Optional[Path] = typer.Option(None, "--out"),
+           run: Optional[Path] = RunOpt, model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt,
+           sets: Optional[List[str]] = SetOpt):
+    """Class-prior images from the base model (content-addressed cache)."""
+    from subjectops.stages.priors import priors as stage
+
+    params = build_params(params_path, sets, model)
+    done("priors", stage(params, stage_path(refine_dir, run, "refine"), stage_path(out, run, "priors")))
+
+
+@app.command()
+@user_errors
+def finetune(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
+             priors_dir: Optional[Path] = typer.Option(None, "--priors"),
+             disc_dir: Optional[Path] = typer.Option(None, "--disc", help="pretrain-disc output (Hypnos)"),
+             out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
+             method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt,
+             sets: Optional[List[str]] = SetOpt):
+    """Train the method; resumes from the latest checkpoint of an interrupted run with the same params."""
+    from subjectops.methods import needs_discriminator, uses_priors
+    from subjectops.stages.finetune import finetune as stage
+
+    params = build_params(params_path, sets, model, method)
+    pri = stage_path(priors_dir, run, "priors", required=uses_priors(params))
+    disc = stage_path(disc_dir, run, "pretrain_disc", required=needs_discriminator(params.finetune.method))
+    done("finetune", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "finetune"), disc))
+
+
+@app.command()
+@user_errors
+def infer(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
+          finetune_dir: Optional[Path] = typer.Option(None, "--finetune"),
+          out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
+          model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Generate the prompt sets with the fine-tuned model."""
+    from subjectops.stages.infer import infer as stage
+
+    params = build_params(params_path, sets, model)
+    done("infer", stage(params, stage_path(refine_dir, run, "refine"), stage_path(finetune_dir, run, "finetune"),
+                        stage_path(out, run, "infer")))
+
+
+@models_app.command("check")
+@user_errors
+def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt, model: Optional[str] = ModelOpt):
+    """Say which real weights are present and how to provide the missing ones."""
+    from rich.table import Table
+
+    from subjectops.models.check import check_weights
+
+    params = build_params(params_path, sets, model)
+    table = Table(title="weights")
+    for col in ("purpose", "id or path", "status", "how to provide"):
+        table.add_column(col)
+    rows = check_weights(params)
+    for row in rows:
+        table.add_row(row.purpose, row.ident, "[green]present" if row.present else "[red]missing", row.how)
+    Console().print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

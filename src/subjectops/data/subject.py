@@ -1,0 +1,168 @@
+"""Subject loading and validation: a directory of 3-20 photos of one subject plus a class word.
+
+Every problem is found before anything is written: the error names the file, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from subjectops.config import SubjectCfg
+from subjectops.errors import SubjectError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CLASS_WORD = re.compile(r"^[A-Za-z][A-Za-z \-']{0,63}$")
+
+
+@dataclass
+class LoadedSubject:
+    name: str
+    images: list[Image.Image]  # RGB, resolution x resolution
+    originals: list[Image.Image]  # RGB, EXIF-oriented, full size
+    sources: list[dict]  # {file, sha256}
+    warnings: list[str]
+
+
+def check_subject_name(name: str) -> str:
+    if not SAFE_NAME.match(name) or name in (".", ".."):
+        raise SubjectError(
+            f"subject name {name!r} is not a safe path component",
+            fix="rename the folder to letters, digits, '.', '_' or '-' (at most 64 characters, no spaces or slashes)",
+        )
+    return name
+
+
+def check_class_word(word: str | None) -> str:
+    word = (word or "").strip()
+    if not word:
+        raise SubjectError("the class word is empty", fix="pass --class with the subject's category, e.g. --class teapot")
+    if not CLASS_WORD.match(word):
+        raise SubjectError(f"class word {word!r} must be plain words (letters, spaces, hyphens)",
+                           fix="pass a category such as 'teapot', 'dog' or 'stuffed animal'")
+    return word
+
+
+def _open_image(path: Path, cfg: SubjectCfg) -> Image.Image:
+    if path.stat().st_size == 0:
+        raise SubjectError(f"{path} is an empty (zero-byte) file", fix="remove it or replace it with the real photo")
+    try:
+        with Image.open(path) as probe:
+            w, h = probe.size
+            if w * h > cfg.max_pixels:
+                raise SubjectError(
+                    f"{path} declares {w}x{h} = {w * h:,} pixels, above the limit of {cfg.max_pixels:,} "
+                    "(a decompression bomb or an unreasonably large photo)",
+                    fix="downscale the photo, or raise subject.max_pixels if it is genuine",
+                )
+            probe.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+    except SubjectError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise SubjectError(f"{path} is not a readable image ({exc.__class__.__name__}: {exc})",
+                           fix="re-export the photo as JPEG or PNG, or remove it") from None
+    return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def fit(img: Image.Image, resolution: int, mode: str) -> Image.Image:
+    w, h = img.size
+    if mode == "center-crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
+    scale = resolution / max(w, h)
+    small = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+    border = np.concatenate([np.asarray(small)[[0, -1]].reshape(-1, 3), np.asarray(small)[:, [0, -1]].reshape(-1, 3)])
+    canvas = Image.new("RGB", (resolution, resolution), tuple(int(c) for c in border.mean(0)))
+    canvas.paste(small, ((resolution - small.width) // 2, (resolution - small.height) // 2))
+    return canvas
+
+
+def load_subject(subject_dir: Path, cfg: SubjectCfg, resolution: int) -> LoadedSubject:
+    subject_dir = Path(subject_dir)
+    if not subject_dir.is_dir():
+        raise SubjectError(f"subject directory {subject_dir} does not exist", fix="pass a folder of 3-20 photos")
+    name = check_subject_name(subject_dir.resolve().name)
+    files = sorted(f for f in subject_dir.iterdir() if not f.name.startswith("."))
+    others = [f.name for f in files if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES and f.name not in ("README.md", "LICENSE")]
+    if others:
+        raise SubjectError(f"{subject_dir} holds files that are not images: {', '.join(others)}",
+                           fix=f"keep only photos ({', '.join(sorted(IMAGE_SUFFIXES))}) in the subject folder")
+    paths = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if len(paths) < cfg.min_images:
+        raise SubjectError(f"{subject_dir} has {len(paths)} image(s); at least {cfg.min_images} are needed",
+                           fix=f"add photos of the subject until there are {cfg.min_images}-{cfg.max_images}")
+    if len(paths) > cfg.max_images:
+        raise SubjectError(f"{subject_dir} has {len(paths)} images; at most {cfg.max_images} are used",
+                           fix=f"keep the best {cfg.max_images} photos")
+    images, originals, sources, notes, seen = [], [], [], [], {}
+    for path in paths:
+        img = _open_image(path, cfg)
+        short, long = min(img.size), max(img.size)
+        if (short if cfg.fit == "center-crop" else long) < resolution:
+            raise SubjectError(
+                f"{path} is {img.width}x{img.height}, below the training resolution {resolution} px"
+                + (" on its short side" if cfg.fit == "center-crop" else ""),
+                fix=f"use photos of at least {resolution} px, or set subject.resolution lower",
+            )
+        digest = hashlib.sha256(img.tobytes()).hexdigest()
+        if digest in seen:
+            note = f"{path.name} is a duplicate of {seen[digest]}: it adds nothing and weighs that view twice"
+            warnings.warn(note)
+            notes.append(note)
+        seen.setdefault(digest, path.name)
+        originals.append(img)
+        images.append(fit(img, resolution, cfg.fit))
+        sources.append({"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    return LoadedSubject(name, images, originals, sources, notes)
+
+
+@dataclass
+class RefinedSubject:
+    """A refine output directory, read back for training and evaluation."""
+
+    root: Path
+    info: dict
+
+    @classmethod
+    def load(cls, refine_dir: Path) -> "RefinedSubject":
+        path = Path(refine_dir) / "subject.json"
+        if not path.exists():
+            raise SubjectError(f"{refine_dir} is not a refine output (no subject.json)", fix="run `subjectops refine` first")
+        return cls(Path(refine_dir), json.loads(path.read_text()))
+
+    @property
+    def class_word(self) -> str:
+        return self.info["class_word"]
+
+    @property
+    def resolution(self) -> int:
+        return self.info["resolution"]
+
+    def images(self) -> list[Image.Image]:
+        return [Image.open(self.root / p).convert("RGB") for p in self.info["images"]]
+
+    def masks(self) -> list[Image.Image]:
+        return [Image.open(self.root / p).convert("L") for p in self.info["masks"]]
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) in [-1, 1]; PIL L -> (1, H, W) in [0, 1]."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    if arr.ndim == 2:
+        return arr[None]
+    return arr.permute(2, 0, 1) * 2 - 1

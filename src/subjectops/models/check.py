@@ -1,0 +1,48 @@
+"""`subjectops models check`: which real weights the configured run needs, and which are on this machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from subjectops.config import Params
+from subjectops.models.loading import how_to_provide, is_tiny
+
+
+@dataclass
+class WeightStatus:
+    purpose: str
+    ident: str
+    present: bool
+    how: str
+
+
+def hub_present(ident: str, cache_dir: str | None = None) -> bool:
+    """A local directory, or a hub id whose snapshot is in the local cache (no network is used)."""
+    if Path(ident).expanduser().exists():
+        return True
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(ident, local_files_only=True, cache_dir=cache_dir)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+        return False
+
+
+def check_weights(params: Params) -> list[WeightStatus]:
+    rows = []
+    base = params.model.base
+    if is_tiny(params.model):
+        rows.append(WeightStatus("base model", base, True, "built offline with random weights (plumbing only)"))
+    else:
+        rows.append(WeightStatus("base model", base, hub_present(base, params.model.cache_dir), how_to_provide(base)))
+    for purpose, ident in (("DINO metric encoder", params.evaluate.backbones.dino),
+                           ("CLIP metric encoder", params.evaluate.backbones.clip)):
+        if ident != "tiny":
+            rows.append(WeightStatus(purpose, ident, hub_present(ident), how_to_provide(ident)))
+    if params.refine.mask_backend == "sam":
+        ckpt = params.refine.sam_checkpoint or "(unset)"
+        rows.append(WeightStatus("SAM masks", ckpt, bool(params.refine.sam_checkpoint) and Path(ckpt).is_file(),
+                                 "set refine.sam_checkpoint to a segment-anything .pth file"))
+    return rows

@@ -1,0 +1,21 @@
+"""Plain text-to-image sampling, shared by priors, validation images and infer: one seed per image, so an
+image does not depend on the batch it was drawn in."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from PIL import Image
+
+SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}
+
+
+def use_scheduler(pipe, name: str) -> None:
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, resolution: int) -> list[Image.Image]:
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+                height=resolution, width=resolution).images

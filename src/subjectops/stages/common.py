@@ -1,0 +1,99 @@
+"""What every stage shares: atomic output directories, content hashes and the manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+from subjectops import __version__
+from subjectops.config import Params
+from subjectops.errors import SubjectopsError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    root = Path(root)
+    return {f.relative_to(root).as_posix(): sha256_file(f)
+            for f in sorted(root.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def hash_dir(root: Path) -> str:
+    """One hash for a directory's content (relative paths and file hashes; the manifest excluded)."""
+    return hashlib.sha256(json.dumps(file_hashes(root), sort_keys=True).encode()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "subjectops": __version__}
+
+
+def partial_dir(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+@contextlib.contextmanager
+def stage_output(out: Path, keep_on_error: bool = False) -> Iterator[Path]:
+    """Yield a work directory `<out>.partial`; on success it replaces `<out>` in one rename.
+
+    A failed run never destroys an earlier complete output. `keep_on_error` keeps the work directory
+    (finetune's checkpoints) so the next attempt resumes instead of starting over.
+    """
+    out = Path(out)
+    work = partial_dir(out)
+    if work.exists() and not keep_on_error:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    except BaseException:
+        if not keep_on_error:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+
+
+def write_manifest(work: Path, stage: str, params: Params, inputs: dict[str, Path | None], **extra) -> dict:
+    manifest = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "params": params.model_dump(mode="json"),
+        "inputs": {name: {"path": str(path), "sha256": hash_dir(path) if Path(path).is_dir() else sha256_file(path)}
+                   for name, path in inputs.items() if path is not None},
+        "outputs": file_hashes(work),
+        "versions": versions(),
+        **extra,
+    }
+    (Path(work) / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def require_stage_dir(path: Path | None, stage: str, needed_by: str) -> Path:
+    """An input stage directory must exist and be complete (have its manifest)."""
+    if path is None or not (Path(path) / MANIFEST).exists():
+        raise SubjectopsError(
+            f"{needed_by} needs the output of `{stage}`, but {path} is not a complete {stage} output (no {MANIFEST})",
+            fix=f"run `subjectops {stage}` first, or pass the right --{stage.replace('_', '-')} directory",
+        )
+    return Path(path)

@@ -1,0 +1,83 @@
+"""finetune: train the chosen method on the refined subject (and class priors), then save its weights.
+
+Checkpoints live in `<out>.partial/checkpoints`; a killed run started again with the same parameters
+resumes from the latest one and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from subjectops.config import Params
+from subjectops.data.subject import RefinedSubject, to_tensor
+from subjectops.errors import SubjectopsError
+from subjectops.methods import get_method
+from subjectops.models.loading import load_pipeline
+from subjectops.models.sampling import generate, use_scheduler
+from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
+from subjectops.training import DiffusionModels, Trainer, default_resolution
+
+
+def load_priors(priors_dir: Path | None) -> list:
+    if priors_dir is None:
+        return []
+    info = json.loads((Path(priors_dir) / "priors.json").read_text())
+    return [to_tensor(Image.open(Path(priors_dir) / p).convert("RGB")) for p in info["images"]]
+
+
+def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path, disc_dir: Path | None = None,
+             on_step: Callable[[int, dict], None] | None = None) -> Path:
+    subject = RefinedSubject.load(require_stage_dir(refine_dir, "refine", "finetune"))
+    method_cls = get_method(params.finetune.method)
+    # Only a method that uses the discriminator reads (and records) it.
+    disc_dir = require_stage_dir(disc_dir, "pretrain_disc", f"method {method_cls.name}") if method_cls.needs_discriminator else None
+    if priors_dir is not None:
+        priors_dir = require_stage_dir(priors_dir, "priors", "finetune")
+
+    pipe = load_pipeline(params.model)
+    models = DiffusionModels.from_pipeline(pipe)
+    if subject.resolution % (2 ** (len(models.vae.config.block_out_channels) - 1)):
+        raise SubjectopsError(f"subject resolution {subject.resolution} is not a multiple of the VAE's scale factor",
+                              fix="set subject.resolution to a multiple of 8 and run refine again")
+    method = method_cls(params, subject.class_word, models)
+    method.disc_dir = disc_dir
+    method.setup()
+    phases = method.phases()
+    priors = load_priors(priors_dir) if any(p.uses_priors for p in phases) else []
+    if any(p.uses_priors for p in phases) and not priors:
+        raise SubjectopsError(
+            f"method {method.name} uses prior preservation but no class images were given",
+            fix="run `subjectops priors` and pass --priors, or --set finetune.<method>.prior_preservation=false",
+        )
+
+    with stage_output(out, keep_on_error=True) as work:
+        trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step)
+
+        def validate(step: int) -> None:
+            (work / "validation").mkdir(exist_ok=True)
+            use_scheduler(pipe, "ddim")
+            prompt = method.format_prompt(params.finetune.validation_prompt)
+            models.unet.eval()
+            image = generate(pipe, [prompt], [params.finetune.seed], 25, 7.5, subject.resolution)[0]
+            models.unet.train()
+            image.save(work / "validation" / f"step_{step:06d}.png")
+
+        images = [to_tensor(i) for i in subject.images()]
+        masks = [to_tensor(m) for m in subject.masks()]
+        steps = trainer.train(images, masks, priors, validate=validate)
+        written = method.save(work)
+        shutil.rmtree(trainer.ckpt_dir, ignore_errors=True)  # the saved weights supersede them
+        info = {"method": method.name, "base_model": params.model.base, "identifier": method.identifier(),
+                "instance_prompt": method.instance_prompt(), "class_word": subject.class_word, "steps": steps,
+                "resolution": subject.resolution, "weights": written,
+                "native_resolution": default_resolution(models)}
+        (work / "method.json").write_text(json.dumps(info, indent=2))
+        write_manifest(work, "finetune", params, {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir},
+                       method=method.name)
+    return Path(out)
+

@@ -1,0 +1,78 @@
+"""priors: class-prior images for DreamBooth's prior preservation, from the base model, in a
+content-addressed cache keyed by everything that determines them, so a second subject of the same
+class reuses them instead of generating again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from rich.progress import Progress
+
+from subjectops.config import Params
+from subjectops.data.subject import RefinedSubject
+from subjectops.models.loading import fingerprint, load_pipeline
+from subjectops.models.sampling import generate, use_scheduler
+from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
+
+
+def cache_key(params: Params, class_prompt: str, resolution: int) -> tuple[str, dict]:
+    p = params.priors
+    fields = {"model": fingerprint(params.model), "prompt": class_prompt, "count": p.num_images,
+              "resolution": resolution, "scheduler": p.scheduler, "steps": p.steps,
+              "guidance_scale": p.guidance_scale, "seed": p.seed}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20], fields
+
+
+def generate_priors(params: Params, prompt: str, resolution: int, target: Path) -> None:
+    """Generate the class images into target/images (image i always from seed + i)."""
+    p = params.priors
+    pipe = load_pipeline(params.model)
+    use_scheduler(pipe, p.scheduler)
+    (target / "images").mkdir(parents=True)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"priors: {prompt!r}", total=p.num_images)
+        for start in range(0, p.num_images, p.batch_size):
+            idx = list(range(start, min(start + p.batch_size, p.num_images)))
+            images = generate(pipe, [prompt] * len(idx), [p.seed + i for i in idx], p.steps, p.guidance_scale, resolution)
+            for i, img in zip(idx, images):
+                img.save(target / "images" / f"{i:04d}.png")
+            progress.advance(task, len(idx))
+
+
+def priors(params: Params, refine_dir: Path, out: Path) -> Path:
+    subject = RefinedSubject.load(require_stage_dir(refine_dir, "refine", "priors"))
+    prompt = params.priors.prompt.format(class_word=subject.class_word)
+    key, fields = cache_key(params, prompt, subject.resolution)
+    entry = Path(params.priors.cache_dir) / key
+    generated = False
+    if params.priors.num_images and not (entry / "cache.json").exists():
+        tmp = entry.with_name(f"{key}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate_priors(params, prompt, subject.resolution, tmp)
+        (tmp / "cache.json").write_text(json.dumps(fields, indent=2))
+        try:
+            tmp.rename(entry)
+        except OSError:  # a concurrent run filled the same entry: identical content
+            shutil.rmtree(tmp)
+        generated = True
+    with stage_output(out) as work:
+        (work / "images").mkdir()
+        names = sorted(p.name for p in (entry / "images").glob("*.png")) if params.priors.num_images else []
+        for name in names:
+            _link_or_copy(entry / "images" / name, work / "images" / name)
+        info = {"class_word": subject.class_word, "prompt": prompt, "cache_key": key, "cache_dir": str(entry),
+                "count": len(names), "images": [f"images/{n}" for n in names], "generated": generated}
+        (work / "priors.json").write_text(json.dumps(info, indent=2))
+        write_manifest(work, "priors", params, {"refine": Path(refine_dir)}, cache_key=key, generated=generated)
+    return Path(out)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
