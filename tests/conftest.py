@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Offline always: no test may reach a model hub."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
+# Tiny presets are built once per test session into this folder (subprocesses inherit it).
+os.environ.setdefault("SUBJECTOPS_HOME", tempfile.mkdtemp(prefix="subjectops-home-"))
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_SUBJECT = REPO / "examples" / "subjects" / "teapot"
@@ -22,3 +25,33 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def example_subject() -> Path:
     return EXAMPLE_SUBJECT
+
+
+# Small enough to run every stage in seconds on 2 CPU cores with the tiny preset.
+TINY_OVERRIDES = [
+    "model.base=tiny-sd15",
+    "priors.num_images=2",
+    "priors.steps=2",
+    "priors.batch_size=2",
+    "finetune.dreambooth.steps=4",
+    "finetune.lora.steps=4",
+    "finetune.textual_inversion.steps=4",
+    "finetune.two_stage.embedding_steps=2",
+    "finetune.two_stage.unet_steps=2",
+    "finetune.checkpoint_every=0",
+    "infer.steps=2",
+    "infer.prompt_invariant.num_images=2",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path) -> list[str]:
+    """--set overrides for a fast tiny run, with a private class-prior cache."""
+    return TINY_OVERRIDES + [f"priors.cache_dir={tmp_path / 'prior-cache'}"]
+
+
+@pytest.fixture
+def tiny_params(tiny_overrides):
+    from subjectops.config import load_params
+
+    return load_params(REPO / "params.yaml", tiny_overrides)
