@@ -16,6 +16,9 @@ os.environ.setdefault("SUBJECTOPS_HOME", tempfile.mkdtemp(prefix="subjectops-hom
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_SUBJECT = REPO / "examples" / "subjects" / "teapot"
 
+# Real servers on 127.0.0.1 (SeaweedFS S3, MLflow), started on demand, stopped by process group.
+from servers import mlflow_factory, mlflow_server, s3_server, tracking_uri  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
