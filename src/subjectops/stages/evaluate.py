@@ -1,0 +1,118 @@
+"""evaluate: score the infer stage's images against the subject's reference images, per prompt set, and
+write metrics.json, report.html and manifest.json into RUN/evaluate/.
+
+Definitions follow the papers (see metrics/core.py): DINO and CLIP-I over every generated x reference
+pair, mean and std (Hypnos app. B.3: 4 references x 50 images = 200 pairs); CLIP-T against each image's
+own prompt with the identifier removed (DreamBlend sec. 5); FID, LPIPS, SSIM, PSNR against the references
+(Hypnos tables 1-2). Every number records its backbone and whether that backbone was pretrained.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from subjectops.config import Params
+from subjectops.data.prompts import prompt_sets_from_json
+from subjectops.errors import SubjectopsError
+from subjectops.metrics.core import DISPLAY, Evaluator
+from subjectops.report.html import RANDOM_WARNING, render_report
+from subjectops.stages.common import require_stage_dir, stage_output, versions, write_manifest
+
+SAMPLE_KEYS = ("prompt_set", "prompt", "identifier", "class_word", "seed", "path")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.exists():
+        raise SubjectopsError(f"{path} is missing ({what})", fix="re-run `subjectops infer` for this run")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SubjectopsError(f"{path} is not valid JSON: {exc}", fix="re-run the stage that wrote it") from None
+
+
+def load_inputs(refine_dir: Path, infer_dir: Path) -> tuple[dict, list[Path], list[dict], list]:
+    """Read and check everything before any work: subject + references, samples, prompt sets."""
+    refine_dir = require_stage_dir(refine_dir, "refine", "evaluate")
+    infer_dir = require_stage_dir(infer_dir, "infer", "evaluate")
+    subject = _read_json(refine_dir / "subject.json", "the refine stage's subject description")
+    refs = [refine_dir / p for p in subject.get("images", [])]
+    if not refs:
+        raise SubjectopsError(f"{refine_dir}/subject.json lists no reference images", fix="re-run `subjectops refine`")
+    missing = [str(p) for p in refs if not p.is_file()]
+    if missing:
+        raise SubjectopsError(f"reference images are missing: {missing[:3]}", fix="re-run `subjectops refine`")
+    samples = _read_json(infer_dir / "samples.json", "the generated images and their prompts")
+    if not isinstance(samples, list) or not samples:
+        raise SubjectopsError(f"{infer_dir}/samples.json must be a non-empty list of samples",
+                              fix="re-run `subjectops infer`")
+    for i, s in enumerate(samples):
+        lacking = [k for k in SAMPLE_KEYS if not isinstance(s, dict) or k not in s]
+        if lacking:
+            raise SubjectopsError(f"{infer_dir}/samples.json entry {i} lacks {lacking}",
+                                  fix=f"each sample needs {list(SAMPLE_KEYS)}; re-run `subjectops infer`")
+        p = (infer_dir / s["path"]).resolve()
+        if not p.is_relative_to(infer_dir.resolve()) or not p.is_file():
+            raise SubjectopsError(f"{infer_dir}/samples.json entry {i}: image {s['path']} is not a file inside {infer_dir}",
+                                  fix="re-run `subjectops infer`")
+    sets = prompt_sets_from_json(_read_json(infer_dir / "prompt_sets.json", "the prompt sets"))
+    names = [s.name for s in sets]
+    unknown = sorted({s["prompt_set"] for s in samples} - set(names))
+    if unknown:
+        raise SubjectopsError(f"samples.json uses prompt sets {unknown} that prompt_sets.json does not define",
+                              fix="re-run `subjectops infer` so both files come from the same run")
+    for pset in sets:
+        n = sum(1 for s in samples if s["prompt_set"] == pset.name)
+        if n != len(pset.items):
+            raise SubjectopsError(f"prompt set {pset.name}: prompt_sets.json has {len(pset.items)} items but "
+                                  f"samples.json has {n} images", fix="re-run `subjectops infer`")
+    return subject, refs, samples, sets
+
+
+def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path) -> Path:
+    refine_dir, infer_dir, out = Path(refine_dir), Path(infer_dir), Path(out)
+    subject, refs, samples, sets = load_inputs(refine_dir, infer_dir)
+    evaluator = Evaluator(params)  # loads the encoders: a missing one fails here, before any output
+    references = evaluator.references(refs)
+
+    records, per_image = [], []
+    for pset in sets:
+        rows = [s for s in samples if s["prompt_set"] == pset.name]
+        recs = evaluator.score_paths(pset.name, pset.version, [infer_dir / s["path"] for s in rows],
+                                     [s["prompt"] for s in rows], [s["identifier"] for s in rows], references)
+        records.extend(recs)
+        for i, s in enumerate(rows):
+            row = OrderedDict(prompt_set=pset.name, path=s["path"], prompt=s["prompt"], seed=s["seed"])
+            for r in recs:
+                row[r.metric] = r.per_image[i] if r.per_image else None
+            per_image.append(row)
+
+    backbones = evaluator.enc.infos()
+    random_roles = [r for r, i in backbones.items() if not i["pretrained"]]
+    metrics = {
+        "schema": 1,
+        "random_backbones": bool(random_roles),
+        "warning": RANDOM_WARNING.format(roles=", ".join(random_roles)) if random_roles else None,
+        "backbones": backbones,
+        "fid_features": evaluator.enc.fid_features,
+        "definitions": {
+            "pairs": "DINO, CLIP-I, LPIPS, SSIM and PSNR pair every generated image with every reference image "
+                     "(Hypnos app. B.3); CLIP-T pairs each image with its own prompt, identifier removed "
+                     "(DreamBlend sec. 5); FID compares the two image sets as distributions.",
+            "std": "std is the sample standard deviation (ddof=1) over the pairs.",
+        },
+        "prompt_sets": [{"name": s.name, "version": s.version, "digest": s.digest, "n_images": len(s.items),
+                         "config": s.config} for s in sets],
+        "metrics": [r.to_dict() for r in records],
+        "summary": {f"{r.prompt_set}/{DISPLAY[r.metric]}": r.to_dict()["mean"] for r in records},
+        "per_image": per_image,
+    }
+    with stage_output(out) as work:
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        render_report(work / "report.html", metrics, refs, samples, infer_dir, params.model_dump(mode="json"),
+                      versions(), subject)
+        write_manifest(work, "evaluate", params, {"refine": refine_dir, "infer": infer_dir},
+                       random_backbones=bool(random_roles), backbones=backbones)
+    return out

@@ -1,0 +1,134 @@
+"""The evaluate stage: inputs checked before work, metrics.json records what every number means."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from subjectops.config import Params
+from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
+from subjectops.errors import ModelNotFoundError, SubjectopsError
+from subjectops.stages.evaluate import evaluate
+
+RES = 64
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SUBJECTOPS_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+def _img(path: Path, seed: int, size: int = RES) -> None:
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(low).resize((size, size), Image.BICUBIC).save(path)
+
+
+def make_run(root: Path, params: Params, n_refs: int = 3, gen_size: int = RES) -> tuple[Path, Path]:
+    refine, infer = root / "refine", root / "infer"
+    names = [f"images/{i:02d}.png" for i in range(n_refs)]
+    for i, n in enumerate(names):
+        _img(refine / n, i)
+    (refine / "subject.json").write_text(json.dumps({
+        "name": "teapot", "class_word": "teapot", "token": "sks", "resolution": RES, "images": names,
+        "masks": [], "sources": []}))
+    (refine / "manifest.json").write_text("{}")
+    sets = build_prompt_sets(params, "sks", "teapot")
+    samples = []
+    for pset in sets:
+        for i, item in enumerate(pset.items):
+            rel = f"images/{pset.name}/{i:04d}.png"
+            _img(infer / rel, 1000 + item.seed + 7 * i, gen_size)
+            samples.append({"prompt_set": pset.name, "prompt": item.prompt, "identifier": "sks",
+                            "class_word": "teapot", "seed": item.seed, "path": rel})
+    (infer / "samples.json").write_text(json.dumps(samples))
+    (infer / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json(sets)))
+    (infer / "manifest.json").write_text("{}")
+    return refine, infer
+
+
+def tiny_params(**infer) -> Params:
+    base = {"prompt_sets": ["prompt-invariant", "prompt-varying"], "prompt_invariant": {"num_images": 4},
+            "prompt_varying": {"num_images": 6}}
+    base.update(infer)
+    return Params.model_validate({"model": {"base": "tiny-sd15"}, "infer": base, "evaluate": {"batch_size": 4}})
+
+
+def test_evaluate_writes_metrics_report_and_manifest(tmp_path):
+    params = tiny_params()
+    refine, infer = make_run(tmp_path, params, gen_size=96)  # generated larger than references: resized
+    out = evaluate(params, refine, infer, tmp_path / "evaluate")
+    assert out == tmp_path / "evaluate" and not (tmp_path / "evaluate.partial").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["random_backbones"] is True and "measure nothing" in m["warning"]
+    assert [s["name"] for s in m["prompt_sets"]] == ["prompt-invariant", "prompt-varying"]
+    keys = {(r["prompt_set"], r["metric"]) for r in m["metrics"]}
+    for s in ("prompt-invariant", "prompt-varying"):
+        for metric in ("DINO", "CLIP-I", "CLIP-T", "FID", "LPIPS", "SSIM", "PSNR"):
+            assert (s, metric) in keys
+    for r in m["metrics"]:
+        assert {"metric", "prompt_set", "backbone", "pretrained", "n_pairs", "mean", "std"} <= set(r)
+        if r["metric"] in ("DINO", "CLIP-I", "LPIPS", "SSIM", "PSNR"):
+            assert r["n_pairs"] == r["n_generated"] * 3
+        if r["backbone"] is not None:
+            assert r["pretrained"] is False
+    inv = {r["metric"]: r for r in m["metrics"] if r["prompt_set"] == "prompt-invariant"}
+    assert inv["DINO"]["n_pairs"] == 4 * 3 and inv["CLIP-T"]["n_pairs"] == 4
+    assert len(m["per_image"]) == 10 and m["summary"]["prompt-invariant/DINO"] == inv["DINO"]["mean"]
+    assert m["fid_features"] == "dino"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "evaluate" and {"metrics.json", "report.html"} <= set(manifest["outputs"])
+    assert manifest["random_backbones"] is True
+    page = (out / "report.html").read_text()
+    first = page.split("<body>", 1)[1].strip().splitlines()[0]
+    assert "measure nothing about image quality" in first
+
+
+def test_bad_inputs_fail_before_any_output(tmp_path):
+    params = tiny_params()
+    refine, infer = make_run(tmp_path, params)
+    out = tmp_path / "evaluate"
+    with pytest.raises(SubjectopsError, match="no manifest.json"):
+        evaluate(params, tmp_path / "nope", infer, out)
+    samples = json.loads((infer / "samples.json").read_text())
+    (infer / "samples.json").write_text(json.dumps(samples[:-1]))
+    with pytest.raises(SubjectopsError, match="prompt-varying: prompt_sets.json has 6 items but samples.json has 5"):
+        evaluate(params, refine, infer, out)
+    bad = [dict(samples[0], path="../../etc/passwd")] + samples[1:]
+    (infer / "samples.json").write_text(json.dumps(bad))
+    with pytest.raises(SubjectopsError, match="not a file inside"):
+        evaluate(params, refine, infer, out)
+    (infer / "samples.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "identifier"} for s in samples]))
+    with pytest.raises(SubjectopsError, match=r"lacks \['identifier'\]"):
+        evaluate(params, refine, infer, out)
+    (infer / "samples.json").write_text(json.dumps(samples))
+    real = Params.model_validate({**tiny_params().model_dump(), "model": {"base": "some/real-model"}})
+    with pytest.raises(ModelNotFoundError, match="evaluate.tiny=true"):
+        evaluate(real, refine, infer, out)
+    assert not out.exists() and not (tmp_path / "evaluate.partial").exists()
+
+
+def test_a_failed_rerun_keeps_the_earlier_complete_output(tmp_path):
+    params = tiny_params(prompt_sets=["prompt-invariant"])
+    refine, infer = make_run(tmp_path, params)
+    out = evaluate(params, refine, infer, tmp_path / "evaluate")
+    before = (out / "metrics.json").read_text()
+    shutil.rmtree(refine / "images")
+    with pytest.raises(SubjectopsError, match="reference images are missing"):
+        evaluate(params, refine, infer, out)
+    assert (out / "metrics.json").read_text() == before
+
+
+def test_metrics_subset_and_clip_fid_features(tmp_path):
+    params = tiny_params(prompt_sets=["prompt-invariant"])
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(
+        update={"metrics": ["clip-t", "fid"], "fid_features": "clip"})})
+    refine, infer = make_run(tmp_path, params)
+    m = json.loads((evaluate(params, refine, infer, tmp_path / "ev") / "metrics.json").read_text())
+    assert sorted(r["metric"] for r in m["metrics"]) == ["CLIP-T", "FID"]
+    assert set(m["backbones"]) == {"clip"} and m["fid_features"] == "clip"
+    assert "clip features" in [r for r in m["metrics"] if r["metric"] == "FID"][0]["note"]
