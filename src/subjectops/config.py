@@ -110,9 +110,9 @@ class TwoStageCfg(_Strict):
 
 # Hypnos (seed 000): monotone background colours for the content-centric refinement (sec. 3.3).
 HYPNOS_COLORS = {
-    "white": [255, 255, 255], "black": [0, 0, 0], "gray": [128, 128, 128], "red": [220, 30, 30],
-    "green": [40, 170, 60], "blue": [30, 70, 210], "yellow": [245, 215, 40], "orange": [245, 140, 30],
-    "purple": [130, 50, 170], "pink": [240, 130, 180], "brown": [120, 75, 40], "cyan": [40, 200, 220],
+    "white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "red": (220, 30, 30),
+    "green": (40, 170, 60), "blue": (30, 70, 210), "yellow": (245, 215, 40), "orange": (245, 140, 30),
+    "purple": (130, 50, 170), "pink": (240, 130, 180), "brown": (120, 75, 40), "cyan": (40, 200, 220),
 }
 
 
@@ -249,6 +249,12 @@ class GateCfg(_Strict):
     # Absolute floor (ceiling when lower is better), also used when there is no champion yet.
     min_value: Optional[float] = None
 
+    @model_validator(mode="after")
+    def _known_metric(self):
+        if self.metric not in METRIC_NAMES:
+            raise ValueError(f"unknown metric {self.metric!r}; gates can use {', '.join(METRIC_NAMES)}")
+        return self
+
 
 class RegistryCfg(_Strict):
     # Registered model name; {subject} and {method} are filled from the run.
@@ -256,7 +262,9 @@ class RegistryCfg(_Strict):
     auto_register: bool = True
     # Prompt sets the gates compare; null = every prompt set the challenger was evaluated on.
     prompt_sets: Optional[list[str]] = None
-    gates: list[GateCfg] = [GateCfg(metric="dino", tolerance=0.02), GateCfg(metric="clip_t", tolerance=0.01)]
+    gates: list[GateCfg] = Field(
+        default_factory=lambda: [GateCfg(metric="dino", tolerance=0.02), GateCfg(metric="clip-t", tolerance=0.01)]
+    )
 
 
 class TrackingCfg(_Strict):

@@ -1,0 +1,243 @@
+"""Promotion gates as a pure function: no MLflow, no I/O.
+
+`evaluate_gates(challenger, champion, gates_cfg)` compares two evaluations and returns a
+`GateDecision`. It is used by `subjectops promote` and by the Kubeflow benchmark pipeline to fail a
+regression run.
+
+An evaluation is either the records of `RUN/evaluate/metrics.json`
+(`[{metric, prompt_set, backbone, pretrained, n_pairs, mean, std}]`) or a summary
+`{"records": [...], "seeds": {prompt_set: [...] or digest}, "prompt_sets": {name: version}}` as the
+register stage stores it with each model version.
+
+Decision status:
+- "passed": every gate held on every compared (prompt set, backbone);
+- "failed": the comparison is valid and at least one gate did not hold;
+- "refused": the numbers cannot be compared (different backbones, prompt sets, prompt set versions,
+  seeds or sample counts; a random backbone; a gated metric missing). A refused comparison never
+  promotes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+
+from subjectops.config import GateCfg, RegistryCfg
+
+REQUIRED_FIELDS = ("metric", "prompt_set", "backbone", "mean")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    records: tuple[dict, ...]
+    seeds: Mapping[str, Any] = field(default_factory=dict)
+    prompt_sets: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def of(obj: "Evaluation | Mapping | Sequence[Mapping] | None") -> "Evaluation | None":
+        if obj is None or isinstance(obj, Evaluation):
+            return obj
+        if isinstance(obj, Mapping):
+            if "records" not in obj:
+                raise ValueError("an evaluation mapping needs a 'records' list (the rows of metrics.json)")
+            return Evaluation(tuple(dict(r) for r in obj["records"]), dict(obj.get("seeds") or {}), dict(obj.get("prompt_sets") or {}))
+        return Evaluation(tuple(dict(r) for r in obj))
+
+    def problems(self, who: str) -> list[str]:
+        out = []
+        for i, r in enumerate(self.records):
+            missing = [k for k in REQUIRED_FIELDS if k not in r]
+            if missing:
+                out.append(f"{who} metrics record {i} lacks {', '.join(missing)}")
+            elif not isinstance(r["mean"], (int, float)) or isinstance(r["mean"], bool) or not math.isfinite(r["mean"]):
+                out.append(f"{who} {r['metric']} on {r['prompt_set']} ({r['backbone']}) is not a finite number: {r['mean']!r}")
+        return out
+
+    def select(self, metric: str, prompt_set: str) -> dict[str, dict]:
+        """Records of one metric on one prompt set, by backbone."""
+        return {str(r["backbone"]): r for r in self.records if r.get("metric") == metric and r.get("prompt_set") == prompt_set}
+
+    def prompt_set_names(self) -> list[str]:
+        return sorted({str(r["prompt_set"]) for r in self.records if "prompt_set" in r})
+
+
+@dataclass
+class GateResult:
+    metric: str
+    prompt_set: str
+    backbone: str
+    higher_is_better: bool
+    tolerance: float
+    min_value: Optional[float]
+    challenger: Optional[float]
+    champion: Optional[float]
+    # challenger - champion, signed so that positive is better (None without a champion)
+    improvement: Optional[float]
+    passed: bool
+    reason: str
+
+
+@dataclass
+class GateDecision:
+    status: Literal["passed", "failed", "refused"]
+    reasons: list[str]
+    gates: list[GateResult]
+    compared_with_champion: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+    def to_dict(self) -> dict:
+        return {
+            "status": self.status,
+            "passed": self.passed,
+            "compared_with_champion": self.compared_with_champion,
+            "reasons": list(self.reasons),
+            "gates": [asdict(g) for g in self.gates],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def summary(self) -> str:
+        head = {"passed": "all gates passed", "failed": "gates failed", "refused": "comparison refused"}[self.status]
+        return head + (": " + "; ".join(self.reasons) if self.reasons else "")
+
+
+def _gate_list(gates_cfg: RegistryCfg | Iterable[GateCfg | Mapping]) -> tuple[list[GateCfg], Optional[list[str]]]:
+    if isinstance(gates_cfg, RegistryCfg):
+        return list(gates_cfg.gates), gates_cfg.prompt_sets
+    return [g if isinstance(g, GateCfg) else GateCfg.model_validate(g) for g in gates_cfg], None
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "none" if x is None else f"{x:.6g}"
+
+
+def evaluate_gates(
+    challenger: Evaluation | Mapping | Sequence[Mapping],
+    champion: Evaluation | Mapping | Sequence[Mapping] | None,
+    gates_cfg: RegistryCfg | Iterable[GateCfg | Mapping],
+    prompt_sets: Optional[Sequence[str]] = None,
+) -> GateDecision:
+    """Judge `challenger` against `champion` (None: no champion yet, only absolute floors apply).
+
+    `gates_cfg` is the `registry` section of params.yaml (its `gates` and `prompt_sets`) or a list of
+    gates; `prompt_sets` overrides which prompt sets are compared.
+    """
+    gates, cfg_sets = _gate_list(gates_cfg)
+    ch = Evaluation.of(challenger)
+    cp = Evaluation.of(champion)
+    refusals: list[str] = []
+    refusals += ch.problems("challenger")
+    if cp is not None:
+        refusals += cp.problems("champion")
+    if refusals:
+        return GateDecision("refused", refusals, [], cp is not None)
+    if not gates:
+        return GateDecision("refused", ["no gates are configured (registry.gates is empty): nothing justifies a promotion"], [], cp is not None)
+
+    sets = list(prompt_sets or cfg_sets or ch.prompt_set_names())
+    if not sets:
+        return GateDecision("refused", ["the challenger has no evaluation metrics"], [], cp is not None)
+
+    if cp is not None:
+        # Every prompt set compared must be the same prompt set: same name, same version, same seeds.
+        cp_sets = set(cp.prompt_set_names())
+        for ps in sets:
+            if ps not in cp_sets:
+                refusals.append(
+                    f"different prompt sets: the challenger was evaluated on {ps!r}, the champion only on "
+                    f"{', '.join(sorted(cp_sets)) or 'nothing'}"
+                )
+                continue
+            v1, v2 = ch.prompt_sets.get(ps), cp.prompt_sets.get(ps)
+            if v1 is not None and v2 is not None and v1 != v2:
+                refusals.append(f"prompt set {ps!r} differs: challenger version {v1!r}, champion version {v2!r}")
+            s1, s2 = ch.seeds.get(ps), cp.seeds.get(ps)
+            if s1 is not None and s2 is not None and s1 != s2:
+                refusals.append(f"different seeds on prompt set {ps!r}: challenger {s1!r}, champion {s2!r}")
+        extra = sorted(set(cp_sets) - set(sets)) if not (prompt_sets or cfg_sets) else []
+        if extra:
+            refusals.append(
+                f"different prompt sets: the champion was evaluated on {', '.join(extra)} and the challenger was not"
+            )
+
+    results: list[GateResult] = []
+    for gate in gates:
+        for ps in sets:
+            mine = ch.select(gate.metric, ps)
+            if not mine:
+                refusals.append(f"the challenger has no {gate.metric!r} on prompt set {ps!r}: the gate cannot be judged")
+                continue
+            random_bb = sorted(b for b, r in mine.items() if r.get("pretrained") is not True)
+            if random_bb:
+                refusals.append(
+                    f"{gate.metric} on {ps!r} comes from random (not pretrained) backbone(s) {', '.join(random_bb)}: "
+                    "such numbers are not quality and are never used for promotion"
+                )
+                continue
+            theirs = cp.select(gate.metric, ps) if cp is not None else {}
+            if cp is not None:
+                if not theirs:
+                    if ps in cp.prompt_set_names():
+                        refusals.append(f"the champion has no {gate.metric!r} on prompt set {ps!r}")
+                    continue
+                if set(mine) != set(theirs):
+                    refusals.append(
+                        f"different backbones for {gate.metric} on {ps!r}: challenger {', '.join(sorted(mine))}, "
+                        f"champion {', '.join(sorted(theirs))}"
+                    )
+                    continue
+            for bb, rec in sorted(mine.items()):
+                c_val = float(rec["mean"])
+                p_val = float(theirs[bb]["mean"]) if bb in theirs else None
+                if p_val is not None:
+                    n1, n2 = rec.get("n_pairs"), theirs[bb].get("n_pairs")
+                    if n1 is not None and n2 is not None and n1 != n2:
+                        refusals.append(
+                            f"{gate.metric} on {ps!r} ({bb}) was computed over {n1} pairs for the challenger and "
+                            f"{n2} for the champion: not the same samples"
+                        )
+                        continue
+                sign = 1.0 if gate.higher_is_better else -1.0
+                improvement = None if p_val is None else sign * (c_val - p_val)
+                ok, why = True, []
+                if improvement is not None and improvement < -gate.tolerance - 1e-12:
+                    ok = False
+                    why.append(
+                        f"{gate.metric} {_fmt(c_val)} is {_fmt(-improvement)} {'below' if gate.higher_is_better else 'above'} "
+                        f"the champion's {_fmt(p_val)} (tolerance {_fmt(gate.tolerance)})"
+                    )
+                if gate.min_value is not None:
+                    bad = c_val < gate.min_value if gate.higher_is_better else c_val > gate.min_value
+                    if bad:
+                        ok = False
+                        why.append(
+                            f"{gate.metric} {_fmt(c_val)} is {'below the floor' if gate.higher_is_better else 'above the ceiling'} "
+                            f"{_fmt(gate.min_value)}"
+                        )
+                if ok:
+                    if improvement is None:
+                        why.append(f"{gate.metric} {_fmt(c_val)}, no champion to compare with")
+                    else:
+                        why.append(
+                            f"{gate.metric} {_fmt(c_val)} vs champion {_fmt(p_val)} (change {improvement:+.6g}, tolerance {_fmt(gate.tolerance)})"
+                        )
+                results.append(
+                    GateResult(gate.metric, ps, bb, gate.higher_is_better, gate.tolerance, gate.min_value, c_val, p_val, improvement, ok, "; ".join(why))
+                )
+
+    if refusals:
+        return GateDecision("refused", refusals, results, cp is not None)
+    failed = [f"{g.prompt_set}/{g.backbone}: {g.reason}" for g in results if not g.passed]
+    if failed:
+        return GateDecision("failed", failed, results, cp is not None)
+    return GateDecision("passed", [], results, cp is not None)

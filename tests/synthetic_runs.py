@@ -1,0 +1,131 @@
+"""Run directories written the way the stages write them (docs/architecture.md), without running them.
+
+The finetune output holds a real LoRA adapter for the tiny-sd15 preset (random weights in diffusers
+format), so the registered pyfunc can load it and generate. Tracking, registry and promotion tests
+use these to check exactly what reaches MLflow from known files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from subjectops.config import Params, validate_params
+
+STEPS = 12
+
+
+def synthetic_params(**overrides) -> Params:
+    data = {
+        "model": {"base": "tiny-sd15"},
+        "finetune": {"method": "lora", "lora": {"steps": STEPS, "rank": 2}},
+        "infer": {"steps": 2, "prompt_invariant": {"num_images": 4}},
+        "tracking": {"retries": 2, "backoff_seconds": 0.2},
+    }
+    for k, v in overrides.items():
+        node = data
+        *path, last = k.split("__")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return validate_params(data)
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _img(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "L":
+        Image.fromarray((rng.random((size, size)) > 0.5).astype(np.uint8) * 255, "L").save(path)
+    else:
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "RGB").save(path)
+
+
+def _manifest(d: Path, stage: str, params: Params) -> None:
+    outputs = {p.relative_to(d).as_posix(): _sha(p) for p in sorted(d.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    (d / "manifest.json").write_text(json.dumps({"stage": stage, "created": "2026-01-01T00:00:00Z",
+                                                 "params": params.model_dump(mode="json"), "inputs": {}, "outputs": outputs,
+                                                 "versions": {}}))
+
+
+def metrics_records(dino=0.6, clip_t=0.3, clip_i=0.7, prompt_set="prompt-invariant", backbone_dino="facebook/dino-vits16",
+                    backbone_clip="openai/clip-vit-base-patch32", pretrained=True, n_pairs=4) -> list[dict]:
+    return [
+        {"metric": "dino", "prompt_set": prompt_set, "backbone": backbone_dino, "pretrained": pretrained, "n_pairs": n_pairs, "mean": dino, "std": 0.05},
+        {"metric": "clip-i", "prompt_set": prompt_set, "backbone": backbone_clip, "pretrained": pretrained, "n_pairs": n_pairs, "mean": clip_i, "std": 0.04},
+        {"metric": "clip-t", "prompt_set": prompt_set, "backbone": backbone_clip, "pretrained": pretrained, "n_pairs": n_pairs, "mean": clip_t, "std": 0.02},
+    ]
+
+
+def write_stage(run: Path, stage: str, params: Params, records: list[dict] | None = None, seed: int = 0) -> Path:
+    """Write one stage's output directory; returns it."""
+    d = run / stage
+    d.mkdir(parents=True, exist_ok=True)
+    if stage == "refine":
+        srcs = []
+        for i in range(3):
+            _img(d / "images" / f"{i:02d}.png", seed + i)
+            _img(d / "masks" / f"{i:02d}.png", seed + 10 + i, mode="L")
+            srcs.append({"file": f"teapot{i}.jpg", "sha256": hashlib.sha256(f"src{seed}{i}".encode()).hexdigest()})
+        (d / "subject.json").write_text(json.dumps({
+            "name": "teapot", "class_word": "teapot", "token": "sks", "resolution": 32,
+            "images": [f"images/{i:02d}.png" for i in range(3)], "masks": [f"masks/{i:02d}.png" for i in range(3)],
+            "sources": srcs}))
+    elif stage == "priors":
+        for i in range(4):
+            _img(d / "images" / f"{i:04d}.png", 100 + i)
+        (d / "priors.json").write_text(json.dumps({"class_word": "teapot", "prompt": "a photo of a teapot", "cache_key": "abc123",
+                                                   "count": 4, "images": [f"images/{i:04d}.png" for i in range(4)], "generated": True}))
+    elif stage == "finetune":
+        write_lora(d, params, seed)
+        with (d / "train_log.jsonl").open("w") as fh:
+            for step in range(1, STEPS + 1):
+                fh.write(json.dumps({"step": step, "loss": 1.0 / step, "terms": {"instance": 0.8 / step, "prior": 0.2 / step}}) + "\n")
+        _img(d / "validation" / "step_00010.png", 7)
+        (d / "checkpoints").mkdir(exist_ok=True)
+        (d / "checkpoints" / "state.pt").write_bytes(b"resume state, not uploaded")
+    elif stage == "infer":
+        samples = []
+        for i in range(4):
+            rel = f"images/prompt-invariant/{i:04d}.png"
+            _img(d / rel, 200 + i)
+            samples.append({"prompt_set": "prompt-invariant", "prompt": "a photo of sks teapot", "identifier": "sks",
+                            "class_word": "teapot", "seed": i, "path": rel})
+        (d / "samples.json").write_text(json.dumps(samples))
+        (d / "prompt_sets.json").write_text(json.dumps([{"name": "prompt-invariant", "version": "1", "items": ["a photo of sks teapot"]}]))
+    elif stage == "evaluate":
+        (d / "metrics.json").write_text(json.dumps(records if records is not None else metrics_records()))
+        (d / "report.html").write_text("<html><body><h1>subjectops report</h1></body></html>")
+    _manifest(d, stage, params)
+    return d
+
+
+def write_lora(d: Path, params: Params, seed: int = 0) -> None:
+    """A real (random) LoRA adapter for tiny-sd15 in diffusers format, plus method.json."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from subjectops.models.loading import load_pipeline
+
+    torch.manual_seed(seed)
+    pipe = load_pipeline(params.model)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(d, unet_lora_layers=layers, safe_serialization=True)
+    (d / "method.json").write_text(json.dumps({"method": "lora", "base_model": params.model.base, "identifier": "sks",
+                                               "instance_prompt": "a photo of sks teapot", "class_word": "teapot", "steps": STEPS}))
+
+
+def write_run(run: Path, params: Params, records: list[dict] | None = None, seed: int = 0) -> Path:
+    for stage in ("refine", "priors", "finetune", "infer", "evaluate"):
+        write_stage(run, stage, params, records, seed)
+    return run
