@@ -132,3 +132,27 @@ def test_metrics_subset_and_clip_fid_features(tmp_path):
     assert sorted(r["metric"] for r in m["metrics"]) == ["CLIP-T", "FID"]
     assert set(m["backbones"]) == {"clip"} and m["fid_features"] == "clip"
     assert "clip features" in [r for r in m["metrics"] if r["metric"] == "FID"][0]["note"]
+
+
+def test_cli_evaluate_run_dir_ends_with_the_report_path(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from subjectops.cli import app
+
+    params = tiny_params(prompt_sets=["prompt-invariant"])
+    refine, infer = make_run(tmp_path / "run", params)
+    # infer's manifest records the tiny base model: evaluate.tiny=auto follows it even without --model
+    (infer / "manifest.json").write_text(json.dumps({"params": {"model": {"base": "tiny-sd15"}}}))
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run"), "--set", "infer.prompt_invariant.num_images=4",
+                                   "--set", "evaluate.metrics=[dino, ssim]"])
+    assert res.exit_code == 0, res.output
+    report = tmp_path / "run" / "evaluate" / "report.html"
+    assert report.is_file()
+    assert res.output.replace("\n", "").strip().endswith(str(report))  # rich wraps long lines
+    m = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())
+    assert sorted({r["metric"] for r in m["metrics"]}) == ["DINO", "SSIM"]
+    # without the tiny record, the default real encoders are missing: a clear error, exit 2
+    (infer / "manifest.json").write_text("{}")
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "evaluate.tiny=true" in res.output.replace("\n", " ")

@@ -142,6 +142,24 @@ def infer(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
                         stage_path(out, run, "infer")))
 
 
+@app.command()
+@user_errors
+def evaluate(run_dir: Optional[Path] = typer.Argument(None, help="run directory: uses RUN/refine, RUN/infer, RUN/evaluate"),
+             refine_dir: Optional[Path] = typer.Option(None, "--refine"),
+             infer_dir: Optional[Path] = typer.Option(None, "--infer"),
+             out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
+             model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Score the generated images (DINO, CLIP-I, CLIP-T, FID, LPIPS, SSIM, PSNR) and write report.html."""
+    from subjectops.stages.evaluate import evaluate as stage
+
+    params = build_params(params_path, sets, model)
+    run = run_dir or run
+    result = stage(params, stage_path(refine_dir, run, "refine"), stage_path(infer_dir, run, "infer"),
+                   stage_path(out, run, "evaluate"))
+    done("evaluate", result)
+    done("report", result / "report.html")
+
+
 @models_app.command("check")
 @user_errors
 def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt, model: Optional[str] = ModelOpt):

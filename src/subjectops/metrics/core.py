@@ -201,11 +201,12 @@ def _summary(values: Tensor) -> tuple[float, Optional[float]]:
 # ---------------------------------------------------------------------------------------------------
 # The evaluator
 # ---------------------------------------------------------------------------------------------------
-def tiny_mode(params: Params) -> bool:
-    """evaluate.tiny: true/false, or auto = the base model is a tiny preset (tiny-sd15, tiny-sdxl)."""
+def tiny_mode(params: Params, generated_by: Optional[str] = None) -> bool:
+    """evaluate.tiny: true/false, or auto = the images come from a tiny preset (tiny-sd15, tiny-sdxl):
+    ``generated_by`` (the base model recorded by infer) when known, else model.base."""
     t = params.evaluate.tiny
     if t == "auto":
-        return params.model.base in ("tiny-sd15", "tiny-sdxl")
+        return (generated_by or params.model.base) in ("tiny-sd15", "tiny-sdxl")
     return bool(t)
 
 
@@ -220,9 +221,9 @@ def pick_device(setting: str) -> torch.device:
 class Encoders:
     """The encoders one evaluation needs, loaded once (and shareable between evaluators)."""
 
-    def __init__(self, params: Params, metrics: Iterable[str]):
+    def __init__(self, params: Params, metrics: Iterable[str], generated_by: Optional[str] = None):
         cfg = params.evaluate
-        self.tiny = tiny_mode(params)
+        self.tiny = tiny_mode(params, generated_by)
         self.device = pick_device(cfg.device)
         metrics = list(metrics)
         bb = cfg.backbones
@@ -280,12 +281,13 @@ class Evaluator:
     decoded once, each encoder runs once per image, and the embeddings serve every metric that needs them
     (DINO -> DINO and FID; CLIP -> CLIP-I and CLIP-T; LPIPS features -> all reference pairs)."""
 
-    def __init__(self, params: Params, metrics: Optional[Sequence[str]] = None, encoders: Optional[Encoders] = None):
+    def __init__(self, params: Params, metrics: Optional[Sequence[str]] = None, encoders: Optional[Encoders] = None,
+                 generated_by: Optional[str] = None):
         self.params = params
         self.metrics = list(metrics if metrics is not None else params.evaluate.metrics)
         if not self.metrics:
             raise ConfigError("evaluate.metrics is empty", fix=f"list some of {list(DISPLAY)}")
-        self.enc = encoders or Encoders(params, self.metrics)
+        self.enc = encoders or Encoders(params, self.metrics, generated_by)
         self.batch_size = params.evaluate.batch_size
 
     # -- references ---------------------------------------------------------------------------------

@@ -74,7 +74,12 @@ def load_inputs(refine_dir: Path, infer_dir: Path) -> tuple[dict, list[Path], li
 def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path) -> Path:
     refine_dir, infer_dir, out = Path(refine_dir), Path(infer_dir), Path(out)
     subject, refs, samples, sets = load_inputs(refine_dir, infer_dir)
-    evaluator = Evaluator(params)  # loads the encoders: a missing one fails here, before any output
+    # evaluate.tiny=auto follows the model that generated the images (infer's manifest), else model.base
+    try:
+        generated_by = json.loads((infer_dir / "manifest.json").read_text())["params"]["model"]["base"]
+    except (OSError, ValueError, KeyError, TypeError):
+        generated_by = None
+    evaluator = Evaluator(params, generated_by=generated_by)  # loads the encoders: a missing one fails here
     references = evaluator.references(refs)
 
     records, per_image = [], []
