@@ -34,7 +34,7 @@ h3{font-size:15px;margin:16px 0 6px}
 .warning{background:#ffebe9;border:2px solid #cf222e;color:#82071e;padding:10px 14px;font-weight:600;font-size:16px}
 .ok{background:#dafbe1;border:1px solid #1a7f37;padding:8px 12px}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px} th,td{border:1px solid #d0d7de;padding:4px 8px}
-th{background:#f6f8fa;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f6f8fa;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .grid{display:flex;flex-wrap:wrap;gap:6px} .grid figure{margin:0;text-align:center;font-size:11px;color:#57606a}
 .grid img{display:block;width:""" + str(THUMB) + """px;height:auto;border:1px solid #d0d7de}
 .prompt{font-family:ui-monospace,monospace;font-size:12px;background:#f6f8fa;padding:2px 6px}
