@@ -35,9 +35,9 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except SubjectopsError as exc:
-            console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
             if exc.fix:
-                console.print(f"[bold]fix:[/] {exc.fix}", highlight=False)
+                console.print(f"[bold]fix:[/] {exc.fix}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

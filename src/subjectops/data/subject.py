@@ -56,14 +56,20 @@ def _open_image(path: Path, cfg: SubjectCfg) -> Image.Image:
     if path.stat().st_size == 0:
         raise SubjectError(f"{path} is an empty (zero-byte) file", fix="remove it or replace it with the real photo")
     try:
+        # Read only the header first (Pillow's own bomb check would hide the size): nothing is decoded.
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path) as probe:
+                w, h = probe.size
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+        if w * h > cfg.max_pixels:
+            raise SubjectError(
+                f"{path} declares {w}x{h} = {w * h:,} pixels, above the limit of {cfg.max_pixels:,} "
+                "(a decompression bomb or an unreasonably large photo)",
+                fix="downscale the photo, or raise subject.max_pixels if it is genuine",
+            )
         with Image.open(path) as probe:
-            w, h = probe.size
-            if w * h > cfg.max_pixels:
-                raise SubjectError(
-                    f"{path} declares {w}x{h} = {w * h:,} pixels, above the limit of {cfg.max_pixels:,} "
-                    "(a decompression bomb or an unreasonably large photo)",
-                    fix="downscale the photo, or raise subject.max_pixels if it is genuine",
-                )
             probe.verify()
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -26,7 +26,7 @@ from subjectops.models.tokenizer import train_clip_bpe
 
 TINY_PRESETS = ("tiny-sd15", "tiny-sdxl")
 # Bump when a preset's architecture changes, so cached builds are not reused.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 TINY_SEED = 0
 
 
@@ -153,6 +153,13 @@ def build_tiny(preset: str, out: Path) -> Path:
             force_zeros_for_empty_prompt=True,
         )
     pipe.save_pretrained(out, safe_serialization=True)
+    # Store tokenizers as the real SD repositories do (CLIP's vocab.json + merges.txt, no tokenizer.json),
+    # so loading exercises the same files a downloaded model has.
+    for sub in ("tokenizer", "tokenizer_2"):
+        if (out / sub).exists():
+            (out / sub / "tokenizer.json").unlink(missing_ok=True)
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy(tok_dir / name, out / sub / name)
     shutil.rmtree(tok_dir)
     (out / "subjectops_tiny.json").write_text(
         json.dumps({"preset": preset, "version": TINY_VERSION, "seed": TINY_SEED, "random_weights": True})

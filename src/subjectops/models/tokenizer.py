@@ -1,21 +1,23 @@
 """A small byte-level BPE tokenizer in CLIP's format, trained offline by the project.
 
 Real CLIP tokenizers cannot be downloaded here; tiny models need one that `CLIPTokenizer.from_pretrained`
-loads through the same code path. We train a BPE with CLIP's normalizer and pre-tokenizer and an
-end-of-word suffix `</w>`, then write `vocab.json` in CLIP's order (256 byte symbols, the same with
-`</w>`, one entry per merge, then the two special tokens) and `merges.txt`.
+loads through the same code path. We learn BPE merges over CLIP's pre-tokenization (lower-cased words,
+bytes mapped to printable symbols, `</w>` on each word's last symbol), then write `vocab.json` in CLIP's
+order (256 byte symbols, the same with `</w>`, one entry per merge, then the two special tokens) and
+`merges.txt`. The trainer is a plain, deterministic loop (ties broken by the pair's text): the `tokenizers`
+trainer breaks ties by hash order, which made two builds of the "same" preset differ.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from tokenizers.pre_tokenizers import ByteLevel
+import regex
 
 # CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py).
-CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_PATTERN = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 
 # Words our prompts use, so that common words are single tokens, as in the real CLIP vocabulary.
 CORPUS = """
@@ -33,40 +35,47 @@ room window garden park desert lake river sky clouds space under next behind fro
 
 
 def train_clip_bpe(out_dir: Path, vocab_size: int = 1000, extra_text: str = "") -> Path:
-    """Train the tokenizer and save it in CLIP's slow-tokenizer format; returns out_dir."""
+    """Learn merges until the vocabulary has `vocab_size` entries; save in CLIP's format; returns out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
-            ByteLevel(add_prefix_space=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        end_of_word_suffix="</w>",
-        initial_alphabet=ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    lines = (CORPUS + "\n" + extra_text).split("\n") * 4
-    tok.train_from_iterator(lines, trainer=trainer)
-
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    byte_symbols = sorted(ByteLevel.alphabet(), key=_byte_order)
-    vocab_list = byte_symbols + [s + "</w>" for s in byte_symbols] + [m.replace(" ", "") for m in merges]
+    byte_map = _bytes_to_unicode()
+    words = Counter()
+    for word in CLIP_PATTERN.findall(" ".join((CORPUS + " " + extra_text).lower().split())):
+        symbols = [byte_map[b] for b in word.encode("utf-8")]
+        words[tuple(symbols[:-1] + [symbols[-1] + "</w>"])] += 1
+    merges: list[tuple[str, str]] = []
+    budget = vocab_size - 2 * 256 - 2
+    while len(merges) < budget:
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        words = Counter({_merge(word, best): count for word, count in words.items()})
+    byte_symbols = [byte_map[b] for b in sorted(byte_map)]
+    vocab_list = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab: dict[str, int] = {}
     for token in vocab_list:
         vocab.setdefault(token, len(vocab))
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return out_dir
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -81,11 +90,3 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
-
-
-def _byte_order(symbol: str) -> int:
-    """Order byte symbols by the byte they stand for, as CLIP's vocabulary does."""
-    return _SYMBOL_TO_BYTE[symbol]
-
-
-_SYMBOL_TO_BYTE = {v: k for k, v in _bytes_to_unicode().items()}

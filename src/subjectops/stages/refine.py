@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from rich.progress import track
 
@@ -35,7 +36,7 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
             mask.save(work / "masks" / f"{i:02d}.png")
             images.append(f"images/{i:02d}.png")
             masks.append(f"masks/{i:02d}.png")
-            coverage.append(round(sum(mask.getdata()) / 255 / (mask.width * mask.height), 4))
+            coverage.append(round(float(np.asarray(mask).mean()) / 255, 4))
         info = {
             "name": subject.name,
             "class_word": class_word,
