@@ -1,0 +1,109 @@
+"""register stage: the run's finetune becomes a version of a registered MLflow model, alias `challenger`.
+
+`register(params, run_dir, out)` reads `RUN/finetune` (required), `RUN/evaluate/metrics.json` and
+`RUN/infer/` (optional: what promotion compares), logs an MLflow pyfunc model and the evaluation
+summary to an MLflow run (`run_id`, or a new run in `tracking.experiment`), creates a model version,
+sets the alias `challenger`, and writes `RUN/register/registration.json` and `manifest.json`.
+Promotion to `champion` is a separate, gated step: `subjectops promote`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from subjectops.config import Params
+from subjectops.errors import SubjectopsError
+
+
+def _sha256(path: Path) -> str:
+    from subjectops.tracking.record import sha256_file
+
+    return sha256_file(path)
+
+
+def register(
+    params: Params,
+    run_dir: Path,
+    out: Path,
+    *,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    model_name: str | None = None,
+    client=None,
+) -> dict:
+    from subjectops.tracking.mlflow_tracker import TrackingError, describe_error, resolve_tracking_uri, setup_environment
+    from subjectops.tracking.registry import register_version
+
+    run_dir, out = Path(run_dir), Path(out)
+    method_json = run_dir / "finetune" / "method.json"
+    if not method_json.is_file():
+        raise SubjectopsError(f"{run_dir}/finetune has no method.json: nothing to register", fix="run the finetune stage first")
+    setup_environment()
+    uri = resolve_tracking_uri(tracking_uri)
+    if client is None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+    try:
+        if run_id is None:
+            exp = client.get_experiment_by_name(params.tracking.experiment)
+            exp_id = exp.experiment_id if exp is not None else client.create_experiment(params.tracking.experiment)
+            run = client.create_run(exp_id, run_name=f"register {run_dir.name}",
+                                    tags={"subjectops.stage": "register", "subjectops.run_dir": str(run_dir.resolve())})
+            run_id = run.info.run_id
+            own_run = True
+        else:
+            own_run = False
+        info = register_version(client, params, run_dir, run_id, model_name)
+        if own_run:
+            client.set_terminated(run_id, "FINISHED")
+    except SubjectopsError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if type(exc).__name__ in ("MlflowException", "RestException", "ConnectionError"):
+            raise TrackingError(
+                f"cannot register {run_dir} in MLflow at {uri}: {describe_error(exc, uri)}",
+                fix="check that the tracking server is up (MLFLOW_TRACKING_URI) and run `subjectops register` again",
+            ) from None
+        raise
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    info = dict(info, tracking_uri=uri, registered_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (partial / "registration.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+    inputs = {"method.json": {"path": str(method_json), "sha256": _sha256(method_json)}}
+    metrics = run_dir / "evaluate" / "metrics.json"
+    if metrics.is_file():
+        inputs["metrics.json"] = {"path": str(metrics), "sha256": _sha256(metrics)}
+    manifest = {
+        "stage": "register",
+        "created": info["registered_at"],
+        "params": params.model_dump(mode="json"),
+        "inputs": inputs,
+        "outputs": {"registration.json": _sha256(partial / "registration.json")},
+        "versions": _versions(),
+        "model_name": info["model_name"],
+        "version": info["version"],
+    }
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return info
+
+
+def _versions() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "mlflow", "subjectops"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

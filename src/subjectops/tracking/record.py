@@ -1,0 +1,333 @@
+"""What a run directory says, as MLflow would record it: params, tags, metrics and artifacts.
+
+Everything here is read from the files the stages wrote (docs/architecture.md), so the live tracker
+and `subjectops sync` (which uploads a run recorded while the server was down) log exactly the same.
+No MLflow calls in this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+# The order stages run in; `sync` uploads them in this order.
+STAGE_ORDER = ("refine", "priors", "pretrain_disc", "finetune", "infer", "evaluate", "register")
+# Folders in a stage output that are resume state, not results (not uploaded).
+SKIP_DIRS = {"checkpoints", "cache", "__pycache__"}
+GRID_MAX = 16
+GRID_CELL = 128
+
+_METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def metric_key(*parts: Any) -> str:
+    """An MLflow-safe metric name (alphanumerics, `_ - . / space`)."""
+    return "/".join(_METRIC_KEY_BAD.sub("_", str(p)) for p in parts if p is not None and str(p) != "")
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists stay values."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.update(flatten(v, key))
+            else:
+                out[key] = v
+    else:
+        out[prefix] = d
+    return out
+
+
+def param_value(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, sort_keys=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_of(pairs: Iterable[tuple[str, str]]) -> str:
+    """One hash for a set of (name, sha256) pairs, independent of order."""
+    h = hashlib.sha256()
+    for name, sha in sorted(pairs):
+        h.update(f"{name}\0{sha}\n".encode())
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def dir_digest(root: Path, sub: str = "images") -> Optional[str]:
+    """Hash of the files under root/sub, using manifest.json's output hashes when present."""
+    manifest = _read_json(root / "manifest.json") or {}
+    outputs = manifest.get("outputs") or {}
+    pairs = [(k, v) for k, v in outputs.items() if k.startswith(sub + "/")]
+    if not pairs and (root / sub).is_dir():
+        pairs = [(p.relative_to(root).as_posix(), sha256_file(p)) for p in sorted((root / sub).rglob("*")) if p.is_file()]
+    return digest_of(pairs) if pairs else None
+
+
+def image_grid(paths: list[Path], out: Path, cols: int = 4) -> Optional[Path]:
+    """A contact sheet of up to GRID_MAX images (PNG)."""
+    from PIL import Image
+
+    paths = [p for p in paths if p.is_file()][:GRID_MAX]
+    if not paths:
+        return None
+    cols = min(cols, len(paths))
+    rows = math.ceil(len(paths) / cols)
+    sheet = Image.new("RGB", (cols * GRID_CELL, rows * GRID_CELL), "white")
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            im.thumbnail((GRID_CELL, GRID_CELL))
+            sheet.paste(im, ((i % cols) * GRID_CELL, (i // cols) * GRID_CELL))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+@dataclass
+class MetricPoint:
+    key: str
+    value: float
+    step: int = 0
+    timestamp: Optional[int] = None  # ms
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: list[MetricPoint] = field(default_factory=list)
+    # (local path, artifact directory) pairs; a local directory is uploaded with its contents.
+    artifacts: list[tuple[Path, str]] = field(default_factory=list)
+    # tags that also belong on the parent run (data hashes, evaluation summary)
+    parent_tags: dict[str, str] = field(default_factory=dict)
+    # metrics that also belong on the parent run
+    parent_metrics: list[MetricPoint] = field(default_factory=list)
+
+
+def read_train_log(path: Path) -> list[MetricPoint]:
+    """`train_log.jsonl` -> per-step metrics `train/loss`, `train/<term>`."""
+    points: list[MetricPoint] = []
+    if not path.is_file():
+        return points
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        step = row.get("step")
+        if not isinstance(step, int):
+            continue
+        for k, v in flatten({k: v for k, v in row.items() if k not in ("step", "time", "timestamp")}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                points.append(MetricPoint(metric_key("train", *k.split(".")), float(v), step))
+    return points
+
+
+def read_eval_records(path: Path) -> list[dict]:
+    data = _read_json(path)
+    if data is None:
+        return []
+    if isinstance(data, dict):
+        data = data.get("records", data.get("metrics", []))
+    return [r for r in data if isinstance(r, dict)]
+
+
+def eval_metric_points(records: list[dict]) -> list[MetricPoint]:
+    """Every number of metrics.json, named metric/prompt_set/backbone/field."""
+    points = []
+    for r in records:
+        for fld in ("mean", "std", "n_pairs"):
+            v = r.get(fld)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), fld), float(v)))
+        for k, v in r.items():  # any further numbers the evaluator adds
+            if k in ("mean", "std", "n_pairs", "pretrained") or isinstance(v, bool):
+                continue
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), k), float(v)))
+    return points
+
+
+def eval_tags(records: list[dict]) -> dict[str, str]:
+    backbones = sorted({f"{r.get('metric')}={r.get('backbone')}" for r in records})
+    random = sorted({str(r.get("backbone")) for r in records if r.get("pretrained") is not True})
+    return {
+        "eval.prompt_sets": ",".join(sorted({str(r.get("prompt_set")) for r in records})),
+        "eval.backbones": ",".join(backbones),
+        "eval.random_backbones": ",".join(random) if random else "none",
+        "eval.quality": "not meaningful: random backbones" if random else "pretrained backbones",
+    }
+
+
+def eval_seeds(infer_dir: Path) -> dict[str, dict]:
+    """Per prompt set: the seeds and the number of samples, from infer/samples.json."""
+    samples = _read_json(infer_dir / "samples.json") or []
+    by_set: dict[str, list] = {}
+    for s in samples if isinstance(samples, list) else []:
+        if isinstance(s, dict) and "prompt_set" in s:
+            by_set.setdefault(str(s["prompt_set"]), []).append(s.get("seed"))
+    out = {}
+    for ps, seeds in by_set.items():
+        out[ps] = {"n": len(seeds), "sha256": hashlib.sha256(json.dumps(sorted(seeds, key=str)).encode()).hexdigest()[:16]}
+    return out
+
+
+def prompt_set_versions(infer_dir: Path) -> dict[str, str]:
+    data = _read_json(infer_dir / "prompt_sets.json")
+    out = {}
+    items = data if isinstance(data, list) else (list(data.values()) if isinstance(data, dict) else [])
+    if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+        items = [dict(v, name=v.get("name", k)) for k, v in data.items()]
+    for it in items:
+        if isinstance(it, dict) and "name" in it:
+            content = hashlib.sha256(json.dumps(it.get("items", []), sort_keys=True).encode()).hexdigest()[:12]
+            out[str(it["name"])] = f"{it.get('version', '?')}:{content}"
+    return out
+
+
+def evaluation_summary(run_dir: Path) -> dict:
+    """What promotion compares: metric records, seeds and prompt set versions of one run."""
+    return {
+        "records": read_eval_records(run_dir / "evaluate" / "metrics.json"),
+        "seeds": eval_seeds(run_dir / "infer"),
+        "prompt_sets": prompt_set_versions(run_dir / "infer"),
+    }
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in sorted(root.iterdir())] if root.is_dir() else []
+
+
+def _images(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file()) if d.is_dir() else []
+
+
+def stage_record(stage: str, out_dir: Path, scratch: Path) -> StageRecord:
+    """What to log for one stage's output directory. `scratch` receives generated grids."""
+    rec = StageRecord(stage, tags={"subjectops.stage": stage, "subjectops.stage_dir": str(out_dir.resolve())})
+    if not out_dir.is_dir():
+        rec.tags["subjectops.stage_output"] = "missing"
+        return rec
+    if (out_dir / "manifest.json").is_file():
+        rec.artifacts.append((out_dir / "manifest.json", stage))
+    grids = scratch / "grids"
+
+    if stage == "refine":
+        subj = _read_json(out_dir / "subject.json") or {}
+        for k in ("name", "class_word", "token", "resolution"):
+            if k in subj:
+                rec.tags[f"subject.{k}"] = str(subj[k])
+        sources = [(str(s.get("file")), str(s.get("sha256"))) for s in subj.get("sources", []) if isinstance(s, dict)]
+        if sources:
+            rec.tags["data.subject.sha256"] = digest_of(sources)
+            rec.tags["data.subject.files"] = str(len(sources))
+        refined = dir_digest(out_dir, "images")
+        if refined:
+            rec.tags["data.refined.sha256"] = refined
+        rec.parent_tags.update({k: v for k, v in rec.tags.items() if k.startswith(("data.", "subject."))})
+        for name in ("subject.json",):
+            if (out_dir / name).is_file():
+                rec.artifacts.append((out_dir / name, stage))
+        g = image_grid(_images(out_dir / "images"), grids / "refine_images.png")
+        if g:
+            rec.artifacts.append((g, "grids"))
+        g = image_grid(_images(out_dir / "masks"), grids / "refine_masks.png")
+        if g:
+            rec.artifacts.append((g, "grids"))
+
+    elif stage == "priors":
+        pri = _read_json(out_dir / "priors.json") or {}
+        for k in ("class_word", "prompt", "cache_key", "count", "generated"):
+            if k in pri:
+                rec.tags[f"priors.{k}"] = str(pri[k])
+        d = dir_digest(out_dir, "images")
+        if d:
+            rec.tags["data.priors.sha256"] = d
+        if "cache_key" in pri:
+            rec.tags["data.priors.cache_key"] = str(pri["cache_key"])
+        rec.parent_tags.update({k: v for k, v in rec.tags.items() if k.startswith("data.")})
+        if (out_dir / "priors.json").is_file():
+            rec.artifacts.append((out_dir / "priors.json", stage))
+        g = image_grid(_images(out_dir / "images"), grids / "priors.png")
+        if g:
+            rec.artifacts.append((g, "grids"))
+
+    elif stage == "finetune":
+        meth = _read_json(out_dir / "method.json") or {}
+        for k, v in meth.items():
+            if isinstance(v, (str, int, float, bool)):
+                rec.tags[f"method.{k}"] = str(v)
+        rec.parent_tags.update({k: v for k, v in rec.tags.items() if k in ("method.method", "method.base_model", "method.identifier")})
+        rec.metrics += read_train_log(out_dir / "train_log.jsonl")
+        # The trained adapter / checkpoint and its description, as the stage wrote them.
+        for p in _files(out_dir):
+            if p.name in SKIP_DIRS or p.name == "manifest.json" or p.name == "validation":
+                continue
+            rec.artifacts.append((p, "finetune" if p.is_file() else f"finetune/{p.name}"))
+        g = image_grid(_images(out_dir / "validation"), grids / "finetune_validation.png")
+        if g:
+            rec.artifacts.append((g, "grids"))
+
+    elif stage == "infer":
+        for name in ("samples.json", "prompt_sets.json"):
+            if (out_dir / name).is_file():
+                rec.artifacts.append((out_dir / name, stage))
+        img_root = out_dir / "images"
+        if img_root.is_dir():
+            for ps in sorted(p for p in img_root.iterdir() if p.is_dir()):
+                g = image_grid(_images(ps), grids / f"infer_{ps.name}.png")
+                if g:
+                    rec.artifacts.append((g, "grids"))
+        for ps, info in eval_seeds(out_dir).items():
+            rec.tags[f"infer.{ps}.samples"] = str(info["n"])
+            rec.tags[f"infer.{ps}.seeds_sha256"] = info["sha256"]
+
+    elif stage == "evaluate":
+        records = read_eval_records(out_dir / "metrics.json")
+        pts = eval_metric_points(records)
+        rec.metrics += pts
+        rec.parent_metrics += pts
+        if records:
+            t = eval_tags(records)
+            rec.tags.update(t)
+            rec.parent_tags.update(t)
+        for p in _files(out_dir):
+            if p.name == "manifest.json" or p.name in SKIP_DIRS:
+                continue
+            rec.artifacts.append((p, stage if p.is_file() else f"{stage}/{p.name}"))
+
+    else:  # pretrain_disc, register, anything new: small files as they are
+        for p in _files(out_dir):
+            if p.name == "manifest.json" or p.name in SKIP_DIRS:
+                continue
+            rec.artifacts.append((p, stage if p.is_file() else f"{stage}/{p.name}"))
+    return rec
+
+
+def new_scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="subjectops-track-"))
