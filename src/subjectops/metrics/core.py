@@ -135,9 +135,13 @@ def ssim_pairs(gen: Tensor, refs: Tensor) -> Tensor:
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     n, m = gen.shape[0], refs.shape[0]
-    a = gen.repeat_interleave(m, 0)
-    b = refs.repeat(n, 1, 1, 1)
-    return ssim(a, b, data_range=1.0, reduction="none").double().view(n, m)
+    step = max(1, 16 // m)  # at most ~16 pairs per call: SSIM holds 5 filtered maps per pair in memory
+    out = []
+    for g in gen.split(step):
+        a = g.repeat_interleave(m, 0)
+        b = refs.repeat(g.shape[0], 1, 1, 1)
+        out.append(ssim(a, b, data_range=1.0, reduction="none").double().view(g.shape[0], m))
+    return torch.cat(out)
 
 
 def psnr_pairs(gen: Tensor, refs: Tensor) -> Tensor:
@@ -239,6 +243,16 @@ class Encoders:
         if self.fid_features == "inception":
             self.inception = InceptionFID(B.find_inception(bb.inception), self.device)
 
+    @classmethod
+    def from_parts(cls, *, dino=None, clip=None, lpips=None, inception=None, fid_features: Optional[str] = "dino",
+                   device: Optional[torch.device] = None, tiny: bool = False) -> "Encoders":
+        """Encoders built elsewhere (benchmarks, notebooks): same evaluator, no loading."""
+        self = cls.__new__(cls)
+        self.dino, self.clip, self.lpips, self.inception = dino, clip, lpips, inception
+        self.fid_features, self.tiny = fid_features, tiny
+        self.device = device or torch.device("cpu")
+        return self
+
     def _fid_features(self, setting: str, inception_setting: str) -> str:
         if setting in ("dino", "clip"):
             return setting
@@ -289,6 +303,15 @@ class Evaluator:
             raise ConfigError("evaluate.metrics is empty", fix=f"list some of {list(DISPLAY)}")
         self.enc = encoders or Encoders(params, self.metrics, generated_by)
         self.batch_size = params.evaluate.batch_size
+        want, fidf = set(self.metrics), self.enc.fid_features
+        # which encoders this evaluator runs (an Encoders object may hold more, when shared)
+        self.need = {"dino": "dino" in want or ("fid" in want and fidf == "dino"),
+                     "clip": bool({"clip-i", "clip-t"} & want) or ("fid" in want and fidf == "clip"),
+                     "lpips": "lpips" in want}
+        for role, needed in self.need.items():
+            if needed and getattr(self.enc, role) is None:
+                raise ConfigError(f"the {role} encoder is needed for {sorted(want)} but was not loaded",
+                                  fix="build the Encoders with every metric the evaluators will compute")
 
     # -- references ---------------------------------------------------------------------------------
     def references(self, paths: Sequence[Path]) -> References:
@@ -300,12 +323,12 @@ class Evaluator:
 
     def references_from_tensor(self, pixels: Tensor) -> References:
         refs = References(pixels=pixels)
-        e = self.enc
-        if e.dino is not None:
+        e, need = self.enc, self.need
+        if need["dino"]:
             refs.dino = torch.cat([e.dino.embed(b) for b in pixels.split(self.batch_size)])
-        if e.clip is not None:
+        if need["clip"]:
             refs.clip = torch.cat([e.clip.embed(b) for b in pixels.split(self.batch_size)])
-        if e.lpips is not None:
+        if need["lpips"]:
             parts = [e.lpips.features(b) for b in pixels.split(self.batch_size)]
             refs.lpips = [torch.cat(layer) for layer in zip(*parts)]
         return refs
@@ -330,9 +353,9 @@ class Evaluator:
         n = 0
         for gen in batches:
             n += gen.shape[0]
-            if e.dino is not None:
+            if self.need["dino"]:
                 acc["dino"].append(e.dino.embed(gen))
-            if e.clip is not None:
+            if self.need["clip"]:
                 acc["clip"].append(e.clip.embed(gen))
             if "lpips" in want:
                 acc["lpips"].append(e.lpips.pairwise(e.lpips.features(gen), refs.lpips).cpu())
