@@ -66,7 +66,7 @@ class Server:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout: float = 15) -> None:
+    def stop(self, timeout: float = 5) -> None:
         """Stop the whole process group this server started (it ran in its own session)."""
         if self.proc.poll() is not None:
             return

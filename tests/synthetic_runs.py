@@ -107,8 +107,21 @@ def write_stage(run: Path, stage: str, params: Params, records: list[dict] | Non
     return d
 
 
+_LORA_CACHE: dict[tuple, bytes] = {}
+
+
 def write_lora(d: Path, params: Params, seed: int = 0) -> None:
-    """A real (random) LoRA adapter for tiny-sd15 in diffusers format, plus method.json."""
+    """A real (random) LoRA adapter for tiny-sd15 in diffusers format, plus method.json (built once per seed)."""
+    key = (params.model.base, seed)
+    if key not in _LORA_CACHE:
+        _build_lora(d, params, seed)
+        _LORA_CACHE[key] = (d / "pytorch_lora_weights.safetensors").read_bytes()
+    (d / "pytorch_lora_weights.safetensors").write_bytes(_LORA_CACHE[key])
+    (d / "method.json").write_text(json.dumps({"method": "lora", "base_model": params.model.base, "identifier": "sks",
+                                               "instance_prompt": "a photo of sks teapot", "class_word": "teapot", "steps": STEPS}))
+
+
+def _build_lora(d: Path, params: Params, seed: int) -> None:
     import torch
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
@@ -121,8 +134,6 @@ def write_lora(d: Path, params: Params, seed: int = 0) -> None:
     pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     type(pipe).save_lora_weights(d, unet_lora_layers=layers, safe_serialization=True)
-    (d / "method.json").write_text(json.dumps({"method": "lora", "base_model": params.model.base, "identifier": "sks",
-                                               "instance_prompt": "a photo of sks teapot", "class_word": "teapot", "steps": STEPS}))
 
 
 def write_run(run: Path, params: Params, records: list[dict] | None = None, seed: int = 0) -> Path:

@@ -73,14 +73,16 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         class_word: str = typer.Option(..., "--class", help="the subject's class, e.g. teapot"),
         method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt,
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run-id>)"),
-        params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+        params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
+        track: bool = typer.Option(True, "--track/--no-track", help="log to MLflow and register the model (MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")):
     """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer, evaluate."""
     from subjectops.pipeline import default_run_dir, run as run_pipeline
     from subjectops.tracking import NullTracker
+    from subjectops.tracking.cli import make_tracker
 
     params = build_params(params_path, sets, model, method)
     out = out or default_run_dir(subject_dir, params)
-    dirs = run_pipeline(params, subject_dir, class_word, out, tracker=NullTracker())
+    dirs = run_pipeline(params, subject_dir, class_word, out, tracker=make_tracker(params) if track else NullTracker())
     for stage, path in dirs.items():
         done(stage, path)
     done("report", dirs["evaluate"] / "report.html")
@@ -176,6 +178,12 @@ def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetO
     for row in rows:
         table.add_row(row.purpose, row.ident, "[green]present" if row.present else "[red]missing", row.how)
     Console().print(table)
+
+
+# register / promote / sync (MLflow registry and tracking)
+from subjectops.tracking.cli import add_tracking_commands  # noqa: E402
+
+add_tracking_commands(app)
 
 
 if __name__ == "__main__":  # pragma: no cover
