@@ -1,0 +1,72 @@
+"""`benchmark`: many subjects (DreamBench by default) through `personalize`, in parallel, then one
+aggregation step that compares the aggregate with the registry's champions and fails the run, with the
+numbers in its message, when a promotion gate regresses.
+"""
+
+import json
+from importlib import resources
+from typing import List
+
+from kfp import dsl
+
+from components import Components, build_components
+from pipelines import placement as P
+from pipelines.personalize import DEFAULT_PRIORS_CACHE, build_personalize
+
+DREAMBENCH_ROOT = "s3://subjectops-data/dreambench"
+DEFAULT_PARALLELISM = 4
+
+
+def dreambench_subjects(root: str = DREAMBENCH_ROOT) -> list[dict]:
+    """The 30 DreamBench subjects as loop items: `{"uri": ROOT/<name>, "class_word": ...}`."""
+    data = json.loads(resources.files("subjectops").joinpath("data/dreambench_prompts.json").read_text())
+    root = root.rstrip("/")
+    return [{"uri": f"{root}/{name}", "class_word": cls} for name, cls in sorted(data["classes"].items())]
+
+
+def build_benchmark(c: Components, parallelism: int = DEFAULT_PARALLELISM):
+    personalize = build_personalize(c)
+
+    @dsl.pipeline(
+        name="subjectops-benchmark",
+        description="Personalize every subject of a benchmark (DreamBench by default), aggregate the evaluations "
+                    "and fail when the aggregate regresses against the registry's champions.",
+    )
+    def benchmark(
+        subjects: List[dict] = dreambench_subjects(),
+        method: str = "dreambooth",
+        model: str = "",
+        overrides: List[str] = [],
+        params_yaml: str = "",
+        fail_on_refused: bool = False,
+        dvc_repo: str = "",
+        dvc_rev: str = "",
+        priors_cache_dir: str = DEFAULT_PRIORS_CACHE,
+        accelerator_type: str = P.DEFAULT_ACCELERATOR,
+        gpu_count: int = 1,
+        gpu_node_selector: dict = P.DEFAULT_NODE_SELECTOR,
+        gpu_tolerations: list = P.DEFAULT_TOLERATIONS,
+        model_cache_pvc: str = P.DEFAULT_MODEL_CACHE_PVC,
+        mlflow_secret: str = P.DEFAULT_MLFLOW_SECRET,
+        s3_secret: str = P.DEFAULT_S3_SECRET,
+    ):
+        # Validated once before any subject starts; the aggregation step reads the gates from it.
+        cfg = c.configure(params_yaml=params_yaml, overrides=overrides, method=method, model=model,
+                          priors_cache_dir=priors_cache_dir).set_display_name("configure")
+        with dsl.ParallelFor(subjects, parallelism=parallelism, name="subjects") as subject:
+            run = personalize(
+                subject_uri=subject.uri, class_word=subject.class_word, method=method, model=model,
+                overrides=overrides, params_yaml=params_yaml, dvc_repo=dvc_repo, dvc_rev=dvc_rev,
+                priors_cache_dir=priors_cache_dir, accelerator_type=accelerator_type, gpu_count=gpu_count,
+                gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
+                model_cache_pvc=model_cache_pvc, mlflow_secret=mlflow_secret, s3_secret=s3_secret,
+            ).after(cfg)
+        agg = c.benchmark_aggregate(registrations=dsl.Collected(run.output), params=cfg.outputs["params"],
+                                    fail_on_refused=fail_on_refused)
+        agg.set_display_name("aggregate-and-gate").set_caching_options(False)
+        P.with_mlflow(agg, mlflow_secret)
+
+    return benchmark
+
+
+benchmark = build_benchmark(build_components())

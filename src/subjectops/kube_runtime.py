@@ -1,0 +1,359 @@
+"""What the Kubeflow components do around the stage functions, and nothing the stages already do.
+
+The components in `components/` are lightweight KFP components: their bodies import a stage function
+from `subjectops.stages` and call it, exactly as the CLI does. The glue they share lives here, in the
+installed package, so that the bodies stay a few lines long:
+
+- `resolve_params`: params.yaml text + `--set` overrides -> validated `Params`, written once by the
+  `configure` step and read by every later step (a bad value fails before any GPU is requested);
+- `fetch_subject`: an S3 prefix, a DVC path or a local directory -> a directory of the subject's photos;
+- `assemble_run_dir`: the steps' artifact directories -> a `RUN/<stage>/` tree for `tracking.sync`;
+- `finetune_argv`: the `accelerate launch` command for multi-GPU fine-tuning;
+- `aggregate_summaries` / `benchmark_decision`: the benchmark's aggregate and its gate against the champion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import yaml
+
+from subjectops.config import ConfigError, Params, apply_overrides, validate_params
+from subjectops.errors import SubjectError, SubjectopsError
+
+PARAMS_FILE = "params.yaml"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# --------------------------------------------------------------------------------------------- params
+def resolve_params(
+    params_yaml: str = "",
+    overrides: Sequence[str] = (),
+    *,
+    method: str = "",
+    model: str = "",
+    priors_cache_dir: str = "",
+) -> Params:
+    """The validated config of one pipeline run.
+
+    `params_yaml` is the text of a params.yaml (empty: the built-in defaults), `overrides` are
+    `key.path=value` strings; `method`, `model` and `priors_cache_dir` are shortcuts applied before the
+    overrides (empty: unchanged), like `--method` and `--model` on the CLI.
+    """
+    data: Any = {}
+    if params_yaml.strip():
+        try:
+            data = yaml.safe_load(params_yaml) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"the params_yaml pipeline parameter is not valid YAML: {exc}",
+                              fix="pass the content of a params.yaml file") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"the params_yaml pipeline parameter must hold a mapping of sections, found {type(data).__name__}")
+    shortcuts = []
+    if method:
+        shortcuts.append(f"finetune.method={method}")
+    if model:
+        shortcuts.append(f"model.base={model}")
+    if priors_cache_dir:
+        shortcuts.append(f"priors.cache_dir={priors_cache_dir}")
+    # Shortcut values are plain strings: quote them so YAML does not reinterpret them.
+    shortcuts = [f"{k}={json.dumps(v)}" for k, v in (s.split("=", 1) for s in shortcuts)]
+    data = apply_overrides(data, [*shortcuts, *overrides])
+    return validate_params(data, source="pipeline parameters (params_yaml, method, model, overrides)")
+
+
+def write_params(params: Params, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PARAMS_FILE
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def read_params(params_dir: Path) -> Params:
+    path = Path(params_dir) / PARAMS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{params_dir} holds no {PARAMS_FILE}", fix="wire the `configure` step's `params` output to this step")
+    return validate_params(yaml.safe_load(path.read_text()) or {}, source=str(path))
+
+
+# -------------------------------------------------------------------------------------------- subject
+def subject_name_from_uri(uri: str) -> str:
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if ":" in name and uri.startswith("dvc://"):
+        name = name.split(":")[-1]
+    return name.split("@", 1)[0]
+
+
+def parse_subject_uri(uri: str) -> dict:
+    """`s3://bucket/prefix`, `dvc://path/in/repo[@rev]` or a local directory (`file://` optional)."""
+    uri = (uri or "").strip()
+    if not uri:
+        raise SubjectError("no subject given", fix="pass the subject's S3 URI (s3://bucket/prefix), DVC path (dvc://path) or directory")
+    if uri.startswith("s3://"):
+        rest = uri[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise SubjectError(f"subject URI {uri!r} names no bucket", fix="write s3://BUCKET/PREFIX")
+        prefix = prefix.strip("/")
+        return {"kind": "s3", "bucket": bucket, "prefix": prefix, "name": subject_name_from_uri(prefix or bucket)}
+    if uri.startswith("dvc://"):
+        path = uri[len("dvc://"):]
+        rev = None
+        if "@" in path:
+            path, rev = path.rsplit("@", 1)
+        path = path.strip("/")
+        if not path:
+            raise SubjectError(f"subject URI {uri!r} names no path", fix="write dvc://path/in/repo[@rev], e.g. dvc://data/subjects/teapot")
+        return {"kind": "dvc", "path": path, "rev": rev, "name": subject_name_from_uri(path)}
+    if "://" in uri and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise SubjectError(f"subject URI scheme {scheme!r} is not supported",
+                           fix="use s3://bucket/prefix, dvc://path/in/repo[@rev] or a directory path")
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return {"kind": "local", "path": str(path), "name": subject_name_from_uri(str(path))}
+
+
+def _s3_client():
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def fetch_subject(uri: str, dest: Path, *, dvc_repo: str = "", dvc_rev: str = "") -> Path:
+    """Materialize the subject's photos into `dest/<name>/`; returns that directory.
+
+    The directory's name is the subject's name (refine names the subject after its folder).
+    """
+    spec = parse_subject_uri(uri)
+    target = Path(dest) / spec["name"]
+    target.mkdir(parents=True, exist_ok=True)
+    if spec["kind"] == "local":
+        src = Path(spec["path"])
+        if not src.is_dir():
+            raise SubjectError(f"subject directory {src} does not exist", fix="pass an existing directory of photos, an s3:// URI or a dvc:// path")
+        for f in sorted(src.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, target / f.name)
+    elif spec["kind"] == "s3":
+        client = _s3_client()
+        prefix = spec["prefix"] + "/" if spec["prefix"] else ""
+        n = 0
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=spec["bucket"], Prefix=prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix):]
+                if not rel or "/" in rel or rel.startswith("."):
+                    continue  # only the files directly under the prefix: the subject's photos
+                client.download_file(spec["bucket"], obj["Key"], str(target / rel))
+                n += 1
+        if n == 0:
+            raise SubjectError(f"no files under {uri}", fix="upload the subject's photos there (aws s3 cp --recursive DIR s3://...)")
+    else:
+        if not dvc_repo:
+            raise SubjectError(f"subject {uri} is a DVC path but no DVC repository was given",
+                               fix="set the dvc_repo pipeline parameter (--dvc-repo) to the git URL of the repository")
+        cmd = [sys.executable, "-m", "dvc", "get", dvc_repo, spec["path"], "-o", str(target), "--force"]
+        rev = spec["rev"] or dvc_rev
+        if rev:
+            cmd += ["--rev", rev]
+        shutil.rmtree(target)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SubjectError(f"`dvc get {dvc_repo} {spec['path']}` failed: {proc.stderr.strip() or proc.stdout.strip()}",
+                               fix="check the path, the revision and the DVC remote's credentials (the object-store Secret)")
+    images = [f for f in target.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise SubjectError(f"{uri} holds no photos ({', '.join(IMAGE_SUFFIXES)})", fix="point the subject at a folder of 3-20 photos")
+    return target
+
+
+def single_subdir(root: Path) -> Path:
+    subdirs = [d for d in Path(root).iterdir() if d.is_dir()]
+    if len(subdirs) != 1:
+        raise SubjectopsError(f"{root} should hold exactly one subject folder, found {len(subdirs)}",
+                              fix="wire the fetch-subject step's output to refine")
+    return subdirs[0]
+
+
+# ------------------------------------------------------------------------------------------- run dirs
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def assemble_run_dir(root: Path, stages: Mapping[str, Optional[Path]]) -> Path:
+    """A `RUN/` directory whose `<stage>` folders hold the steps' artifact directories.
+
+    Files are hard-linked where the filesystem allows (no copy of model weights), else copied. Not
+    symlinked: MLflow refuses to log a model whose artifact folder resolves outside its directory, and
+    symlinks inside a stage's output (priors cached elsewhere) are followed into real files.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, path in stages.items():
+        if path is None:
+            continue
+        target = root / name
+        if target.exists():
+            continue
+        shutil.copytree(Path(path), target, symlinks=False, copy_function=_link_or_copy)
+    return root
+
+
+# ------------------------------------------------------------------------------------------- finetune
+def finetune_argv(gpu_count: int, params_file: Path, refine_dir: Path, priors_dir: Optional[Path],
+                  disc_dir: Optional[Path], out: Path) -> list[str]:
+    """`accelerate launch` over `gpu_count` GPUs of the `subjectops finetune` CLI (same stage function)."""
+    if gpu_count < 2:
+        raise ValueError("finetune_argv is for two or more GPUs; one GPU calls the stage function in-process")
+    exe = shutil.which("subjectops")
+    if exe is None:
+        raise SubjectopsError("the `subjectops` command is not on PATH", fix="install the package in the image (pip install .)")
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(int(gpu_count)),
+            "--num_machines", "1", exe, "finetune", "--params", str(params_file), "--refine", str(refine_dir), "--out", str(out)]
+    if priors_dir is not None:
+        argv += ["--priors", str(priors_dir)]
+    if disc_dir is not None:
+        argv += ["--disc", str(disc_dir)]
+    return argv
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+def aggregate_summaries(summaries: Sequence[Mapping]) -> dict:
+    """The benchmark's aggregate: per (metric, prompt set, backbone), the mean over subjects.
+
+    Each summary is what the register stage stores (`{"records", "seeds", "prompt_sets"}`) or a bare
+    list of metrics.json records. `n_pairs` adds up, `pretrained` holds only if it holds for every
+    subject, prompt set versions must agree, and seeds are combined into one digest per prompt set.
+    """
+    import hashlib
+
+    groups: dict[tuple, list[dict]] = {}
+    seeds: dict[str, list] = {}
+    versions: dict[str, set] = {}
+    for s in summaries:
+        records = s if isinstance(s, list) else s.get("records", [])
+        for r in records:
+            groups.setdefault((r["metric"], r["prompt_set"], str(r["backbone"])), []).append(r)
+        if isinstance(s, Mapping):
+            for ps, v in (s.get("seeds") or {}).items():
+                seeds.setdefault(ps, []).append(v)
+            for ps, v in (s.get("prompt_sets") or {}).items():
+                versions.setdefault(ps, set()).add(json.dumps(v, sort_keys=True))
+    records = []
+    for (metric, ps, bb), rows in sorted(groups.items()):
+        means = [float(r["mean"]) for r in rows]
+        n_pairs = [r.get("n_pairs") for r in rows]
+        records.append({
+            "metric": metric, "prompt_set": ps, "backbone": bb,
+            "pretrained": all(r.get("pretrained") is True for r in rows),
+            "n_subjects": len(rows),
+            "n_pairs": sum(n_pairs) if all(isinstance(n, int) for n in n_pairs) else None,
+            "mean": sum(means) / len(means) if all(math.isfinite(m) for m in means) else float("nan"),
+            "min": min(means), "max": max(means),
+        })
+    return {
+        "records": records,
+        "seeds": {ps: hashlib.sha256(json.dumps(sorted(v, key=lambda x: json.dumps(x, sort_keys=True)), sort_keys=True).encode()).hexdigest()[:16]
+                  for ps, v in seeds.items()},
+        "prompt_sets": {ps: (json.loads(next(iter(v))) if len(v) == 1 else "mixed:" + ",".join(sorted(v)))
+                        for ps, v in versions.items()},
+        "n_subjects": len(summaries),
+    }
+
+
+class BenchmarkRegression(SubjectopsError):
+    """The benchmark's aggregate is worse than the champions' on a promotion gate."""
+
+
+def check_benchmark(decision, *, fail_on_refused: bool = False) -> None:
+    """Raise `BenchmarkRegression`, with every compared number in the message, when a gate regressed
+    (and, with `fail_on_refused`, when the numbers could not be compared)."""
+    if decision.status == "passed" or (decision.status == "refused" and not fail_on_refused):
+        return
+    what = "regressed against the champion" if decision.status == "failed" else "cannot be compared with the champion"
+    lines = [f"  {g.metric} on {g.prompt_set} ({g.backbone}): {'ok' if g.passed else 'REGRESSED'}: {g.reason}" for g in decision.gates]
+    reasons = [f"  {r}" for r in decision.reasons]
+    raise BenchmarkRegression(
+        "\n".join([f"benchmark {what}: {decision.status}", *reasons, *(["gates:", *lines] if lines else [])]),
+        fix="inspect the per-subject reports in MLflow; promote nothing from this run",
+    )
+
+
+def registry_summaries(registrations: Sequence[Mapping], tracking_uri: Optional[str] = None) -> list[dict]:
+    """For each registered version of a benchmark: its evaluation summary and its model's champion's.
+
+    Reads the summaries the register stage stored with each version (`tracking.registry.version_summary`);
+    `champion` is None where the model has no `champion` alias yet.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from subjectops.tracking.mlflow_tracker import resolve_tracking_uri, setup_environment
+    from subjectops.tracking.registry import CHAMPION, version_summary
+
+    setup_environment()
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    out = []
+    for reg in registrations:
+        name, version = reg["model_name"], str(reg["version"])
+        try:
+            champion_version: Optional[str] = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises one exception type for every error
+            if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                raise
+            champion_version = None
+        out.append({
+            "model_name": name, "version": version, "champion_version": champion_version,
+            "challenger": version_summary(client, name, version),
+            "champion": version_summary(client, name, champion_version) if champion_version and champion_version != version else None,
+        })
+    return out
+
+
+def benchmark_aggregate(rows: Sequence[Mapping], registry_cfg) -> tuple[dict, Any]:
+    """Aggregate a benchmark's subjects and judge the aggregate against their champions' aggregate.
+
+    The comparison is paired: both aggregates are taken over the subjects that have a champion (all
+    subjects when none has one; then only the gates' absolute floors apply). Returns the result to
+    record and the `GateDecision`; `check_benchmark` turns a regression into an error.
+    """
+    from subjectops.tracking.gates import evaluate_gates
+
+    paired = [r for r in rows if r.get("champion") is not None]
+    challenger = aggregate_summaries([r["challenger"] for r in (paired or rows)])
+    champion = aggregate_summaries([r["champion"] for r in paired]) if paired else None
+    decision = evaluate_gates(challenger, champion, registry_cfg)
+    result = {
+        "subjects": [f"{r['model_name']}/{r['version']}" for r in rows],
+        "compared_with_champions": [f"{r['model_name']}/{r['champion_version']}" for r in paired],
+        "challenger": challenger,
+        "champion": champion,
+        "decision": decision.to_dict(),
+    }
+    return result, decision
+
+
+def load_registration(register_dir: Path) -> dict:
+    path = Path(register_dir) / "registration.json"
+    if not path.is_file():
+        raise SubjectopsError(f"{register_dir} holds no registration.json", fix="wire the register step's output here")
+    return json.loads(path.read_text())
+
+
+def parse_registration(text: str) -> dict:
+    """`name/version` (the register step's output) -> `{"model_name", "version"}`."""
+    name, sep, version = str(text).rpartition("/")
+    if not sep or not name or not version:
+        raise SubjectopsError(f"registration {text!r} is not of the form MODEL_NAME/VERSION",
+                              fix="wire the personalize pipeline's output (the register step's) to the aggregation")
+    return {"model_name": name, "version": version}
