@@ -250,10 +250,16 @@ class Trainer:
                      masks.to(self.device) if masks is not None else None, self.generator)
 
     # --- optimizer ----------------------------------------------------------------------------------
-    def _optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    def _optimizer(self, params: list[torch.nn.Parameter], lr: float,
+                   use_8bit_adam: bool | str | None = None) -> torch.optim.Optimizer:
         kwargs = dict(lr=lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), weight_decay=self.cfg.adam_weight_decay,
                       eps=self.cfg.adam_epsilon)
-        if self.cfg.use_8bit_adam:
+        eight_bit = self.cfg.use_8bit_adam if use_8bit_adam is None else use_8bit_adam
+        if eight_bit == "auto":  # a method's choice (Phase.use_8bit_adam): only where it can run
+            import importlib.util
+
+            eight_bit = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+        if eight_bit:
             try:
                 import bitsandbytes as bnb
             except ImportError:
@@ -301,6 +307,7 @@ class Trainer:
     def train(self, images: list[torch.Tensor], masks: list[torch.Tensor], priors: list[torch.Tensor],
               validate: Callable[[int], None] | None = None) -> int:
         method = self.method
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         phases = method.phases()
         inst_examples, prior_examples = method.examples(images, masks, priors)
         inst = self._prepare_examples(inst_examples)
@@ -341,7 +348,7 @@ class Trainer:
         params = [p for _, p in named]
         for p in params:
             p.requires_grad_(True)
-        optimizer = self._optimizer(params, phase.lr)
+        optimizer = self._optimizer(params, phase.lr, phase.use_8bit_adam)
         lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=self.cfg.lr_warmup_steps,
                                  num_training_steps=phase.steps)
         if resume and resume["phase"] == phase_idx:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 
 from subjectops.config import ModelCfg
 from subjectops.errors import ModelNotFoundError
@@ -58,6 +59,7 @@ def resolve(model: ModelCfg) -> str:
 
 def load_pipeline(model: ModelCfg, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
     source = resolve(model)
+    diffusers_logging.disable_progress_bar()  # per-component bars; our stages show their own progress
     kwargs = dict(dtype=dtype, revision=model.revision, cache_dir=model.cache_dir)
     if offline() and not Path(source).exists():
         kwargs["local_files_only"] = True
