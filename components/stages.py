@@ -82,12 +82,14 @@ def register(
     finetune_dir: Input[Model],
     infer_dir: Input[Dataset],
     evaluate_dir: Input[Artifact],
+    run_name: str,
     out: Output[Artifact],
 ) -> str:
     """Record the run in MLflow (parent run, one run per stage) and register the model (alias challenger).
 
     Same code as `subjectops sync RUN_DIR` after a local run: the step's inputs are linked into a run
-    directory and synced. Returns the registered model version as `name/version`.
+    directory named `run_name` (the KFP run's name) and synced. Returns the registered model version as
+    `name/version`.
     """
     import json
     import shutil
@@ -97,7 +99,7 @@ def register(
     from subjectops.kube_runtime import assemble_run_dir, load_registration
     from subjectops.tracking.mlflow_tracker import sync
 
-    run_dir = Path(tempfile.mkdtemp(prefix="subjectops-run-")) / Path(out.path).parent.name
+    run_dir = Path(tempfile.mkdtemp(prefix="subjectops-run-")) / (run_name or "kfp-run")
     assemble_run_dir(run_dir, {"refine": Path(refine_dir.path), "priors": Path(priors_dir.path),
                                "finetune": Path(finetune_dir.path), "infer": Path(infer_dir.path),
                                "evaluate": Path(evaluate_dir.path)})

@@ -73,7 +73,8 @@ def build_personalize(c: Components):
             ev = gpu(c.evaluate(params=params, refine_dir=refined, infer_dir=inf.outputs["out"])
                      .set_display_name("evaluate"), **placement)
             reg = c.register(params=params, refine_dir=refined, priors_dir=priors_dir, finetune_dir=finetuned,
-                             infer_dir=inf.outputs["out"], evaluate_dir=ev.outputs["out"])
+                             infer_dir=inf.outputs["out"], evaluate_dir=ev.outputs["out"],
+                             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
             reg.set_display_name("register").set_caching_options(False)
             P.with_mlflow(reg, mlflow_secret)
             return reg

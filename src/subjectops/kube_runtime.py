@@ -56,16 +56,14 @@ def resolve_params(
                               fix="pass the content of a params.yaml file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"the params_yaml pipeline parameter must hold a mapping of sections, found {type(data).__name__}")
-    shortcuts = []
+    # Like the CLI: --method and --model win over --set; the priors cache is a default that --set may change.
+    shortcuts_before = [f"priors.cache_dir={json.dumps(priors_cache_dir)}"] if priors_cache_dir else []
+    shortcuts_after = []
     if method:
-        shortcuts.append(f"finetune.method={method}")
+        shortcuts_after.append(f"finetune.method={json.dumps(method)}")
     if model:
-        shortcuts.append(f"model.base={model}")
-    if priors_cache_dir:
-        shortcuts.append(f"priors.cache_dir={priors_cache_dir}")
-    # Shortcut values are plain strings: quote them so YAML does not reinterpret them.
-    shortcuts = [f"{k}={json.dumps(v)}" for k, v in (s.split("=", 1) for s in shortcuts)]
-    data = apply_overrides(data, [*shortcuts, *overrides])
+        shortcuts_after.append(f"model.base={json.dumps(model)}")
+    data = apply_overrides(data, [*shortcuts_before, *overrides, *shortcuts_after])
     return validate_params(data, source="pipeline parameters (params_yaml, method, model, overrides)")
 
 
