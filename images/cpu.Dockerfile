@@ -35,7 +35,11 @@ RUN groupadd --system --gid 10001 subjectops \
  && mkdir -p /models /work \
  && chown 10001:10001 /models /work
 COPY --from=build /opt/venv /opt/venv
+# `subjectops submit` and `benchmark submit|schedule` (the chart's CronJob) compile the pipelines from these.
+COPY components/ /opt/subjectops/components/
+COPY pipelines/ /opt/subjectops/pipelines/
 ENV PATH=/opt/venv/bin:$PATH \
+    SUBJECTOPS_KFP_HOME=/opt/subjectops \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/subjectops \

