@@ -1,0 +1,155 @@
+"""The compiled pipelines: fresh, strictly valid KFP IR, and GPU placement exactly on the GPU stages."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+COMPILED = REPO / "pipelines" / "compiled"
+sys.path.insert(0, str(REPO))
+
+from components import GPU_STAGES  # noqa: E402
+from pipelines import compile as pc  # noqa: E402
+
+GPU = set(GPU_STAGES)
+CPU = {"configure", "fetch-subject", "refine", "register", "benchmark-aggregate"}
+MLFLOW_KEYS = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+S3_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+
+
+def load(name):
+    return list(yaml.safe_load_all((COMPILED / f"{name}.yaml").read_text()))
+
+
+def stage_of(executor: str) -> str:
+    return re.match(r"^exec-(.*?)(-\d+)?$", executor).group(1)
+
+
+@pytest.mark.parametrize("name", pc.PIPELINES)
+def test_checked_in_yaml_is_fresh(name, tmp_path):
+    fresh = pc.compile_pipeline(name, tmp_path / f"{name}.yaml").read_text()
+    assert pc.same_spec(fresh, (COMPILED / f"{name}.yaml").read_text()), (
+        f"pipelines/compiled/{name}.yaml is stale: run `python -m pipelines.compile` and commit it")
+
+
+def test_staleness_check_notices_a_change(tmp_path):
+    """Negative control for the test above: an edited spec is not 'the same'."""
+    text = (COMPILED / "personalize.yaml").read_text()
+    assert not pc.same_spec(text, text.replace("mountPath: /models", "mountPath: /mnt/models", 1))
+    (tmp_path / "personalize.yaml").write_text(text.replace("subjectops-model-cache", "other-cache"))
+    (tmp_path / "benchmark.yaml").write_text((COMPILED / "benchmark.yaml").read_text())
+    assert pc.main(["--check", "--out", str(tmp_path)]) == 1
+    assert pc.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("name", pc.PIPELINES)
+def test_parses_strictly_into_kfp_protobufs(name):
+    docs = load(name)
+    assert len(docs) == 2, "pipeline spec, then the Kubernetes platform spec"
+    spec = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec())  # ignore_unknown_fields=False
+    platform = json_format.ParseDict(docs[1], pipeline_spec_pb2.PlatformSpec())
+    assert spec.pipeline_info.name == f"subjectops-{name}"
+    assert spec.sdk_version.startswith("kfp-2.17")
+    assert "kubernetes" in platform.platforms
+    with pytest.raises(json_format.ParseError):  # strict: an unknown field is an error
+        json_format.ParseDict({**docs[0], "notAField": 1}, pipeline_spec_pb2.PipelineSpec())
+
+
+@pytest.mark.parametrize("name", pc.PIPELINES)
+def test_gpu_settings_only_on_gpu_stages(name):
+    spec, platform = load(name)
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    stages = {stage_of(e) for e in executors}
+    assert GPU <= stages or name == "benchmark" and GPU <= stages
+    for ex, body in executors.items():
+        stage = stage_of(ex)
+        container = body["container"]
+        conf = k8s.get(ex, {})
+        secrets = {s["secretNameParameter"]["componentInputParameter"].replace("pipelinechannel--", ""): {k["secretKey"] for k in s["keyToEnv"]}
+                   for s in conf.get("secretAsEnv", [])}
+        if stage in GPU:
+            acc = container["resources"]["accelerator"]
+            assert acc["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpu_count']}}", ex
+            assert acc["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}", ex
+            assert conf["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"].endswith("gpu_node_selector"), ex
+            assert [t["tolerationJson"]["componentInputParameter"].replace("pipelinechannel--", "") for t in conf["tolerations"]] == ["gpu_tolerations"]
+            [pvc] = conf["pvcMount"]
+            assert pvc["mountPath"] == "/models" and pvc["pvcNameParameter"]["componentInputParameter"].endswith("model_cache_pvc")
+            assert secrets == {"mlflow_secret": MLFLOW_KEYS, "s3_secret": S3_KEYS}, ex
+            assert container["image"].endswith("/subjectops-trainer:0.1.0")
+        else:
+            assert stage in CPU, ex
+            assert "resources" not in container or "accelerator" not in container["resources"], ex
+            assert not {"nodeSelector", "tolerations", "pvcMount"} & set(conf), ex
+            # credentials only where the step talks to a service
+            expected = {"fetch-subject": {"s3_secret": S3_KEYS}, "register": {"mlflow_secret": MLFLOW_KEYS},
+                        "benchmark-aggregate": {"mlflow_secret": MLFLOW_KEYS}}.get(stage, {})
+            assert secrets == expected, ex
+            assert container["image"].endswith("/subjectops-cpu:0.1.0")
+        # the package is preinstalled in the image: nothing is pip-installed at run time
+        assert "pip install" not in " ".join(container.get("command", []) + container.get("args", [])), ex
+
+
+@pytest.mark.parametrize("name", pc.PIPELINES)
+def test_placement_is_parameterised_with_the_charts_defaults(name):
+    spec, _ = load(name)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    values = yaml.safe_load((REPO / "charts" / "subjectops" / "values.yaml").read_text())
+    assert params["gpu_node_selector"]["defaultValue"] == values["gpuNodePool"]["nodeSelector"]
+    assert params["gpu_tolerations"]["defaultValue"] == values["gpuNodePool"]["tolerations"]
+    assert params["accelerator_type"]["defaultValue"] == values["gpuNodePool"]["acceleratorType"]
+    assert params["gpu_count"]["defaultValue"] == values["gpuNodePool"]["gpuCount"]
+    assert params["model_cache_pvc"]["defaultValue"] == values["modelCache"]["pvcName"]
+    assert params["mlflow_secret"]["defaultValue"] == values["tracking"]["secretName"]
+    assert params["s3_secret"]["defaultValue"] == values["objectStore"]["secretName"]
+
+
+def test_personalize_runs_pretrain_disc_only_when_needed():
+    spec, _ = load("personalize")
+    comps = spec["components"]
+    branches = {}
+    for name, comp in comps.items():
+        for tname, task in comp.get("dag", {}).get("tasks", {}).items():
+            cond = task.get("triggerPolicy", {}).get("condition")
+            if cond:
+                inner = comps[task["componentRef"]["name"]]["dag"]["tasks"]
+                branches[cond] = {stage_of("exec-" + t) for t in inner}
+    assert len(branches) == 2
+    (if_cond, if_tasks), (else_cond, else_tasks) = sorted(branches.items(), key=lambda kv: "!" in kv[0])
+    assert "configure-needs_discriminator" in if_cond and "== true" in if_cond
+    assert "!(" in else_cond
+    assert if_tasks == {"pretrain-disc", "finetune", "infer", "evaluate", "register"}
+    assert else_tasks == {"finetune", "infer", "evaluate", "register"}
+    # the finetune in the discriminator branch consumes the discriminator
+    [ft] = [t for n, t in comps.items() if "condition" in n and "pretrain-disc" in t["dag"]["tasks"] for t in [t["dag"]["tasks"]["finetune"]]]
+    assert ft["inputs"]["artifacts"]["disc_dir"]["taskOutputArtifact"]["producerTask"] == "pretrain-disc"
+    # the pipeline returns the registered version from whichever branch ran
+    out = spec["root"]["dag"]["outputs"]["parameters"]["Output"]["valueFromParameter"]
+    assert out["producerSubtask"].startswith("condition-branches") and "oneof" in out["outputParameterKey"]
+
+
+def test_benchmark_fans_out_with_a_limit_and_gates_the_aggregate():
+    spec, _ = load("benchmark")
+    root = spec["root"]
+    loop_name, loop = next((n, t) for n, t in root["dag"]["tasks"].items() if "parameterIterator" in t)
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 4
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("subjects")
+    subjects = root["inputDefinitions"]["parameters"]["subjects"]["defaultValue"]
+    assert len(subjects) == 30 and {"uri": "s3://subjectops-data/dreambench/teapot", "class_word": "teapot"} in subjects
+    agg = root["dag"]["tasks"]["benchmark-aggregate"]
+    assert agg["inputs"]["parameters"]["registrations"]["taskOutputParameter"]["producerTask"] == loop_name
+    assert agg["cachingOptions"] == {} or agg["cachingOptions"].get("enableCache") is not True
+
+
+def test_other_images_and_parallelism_compile(tmp_path):
+    path = pc.compile_pipeline("benchmark", tmp_path / "b.yaml", cpu_image="reg.example/cpu:1", trainer_image="reg.example/gpu:1", parallelism=2)
+    spec, _ = yaml.safe_load_all(path.read_text())
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"reg.example/cpu:1", "reg.example/gpu:1"}
+    assert next(t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t)["iteratorPolicy"]["parallelismLimit"] == 2
