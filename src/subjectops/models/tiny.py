@@ -1,4 +1,7 @@
-"""`tiny` presets: SD-1.x- and SDXL-shaped pipelines with random, seeded weights, built offline.
+"""Random-weight presets: SD-1.x- and SDXL-shaped pipelines with seeded weights, built offline.
+
+`tiny-sd15` and `tiny-sdxl` make tests fast; `small-sd15` (128 px, a deeper UNet and VAE, roughly 10x the
+compute) gives benchmarks a second, larger point.
 
 They are saved in diffusers format and loaded back through the same `from_pretrained` path as real
 models, so every test exercises the real loading code. Their outputs are noise: they test plumbing,
@@ -24,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from subjectops.models.tokenizer import train_clip_bpe
 
-TINY_PRESETS = ("tiny-sd15", "tiny-sdxl")
+TINY_PRESETS = ("tiny-sd15", "tiny-sdxl", "small-sd15")
 # Bump when a preset's architecture changes, so cached builds are not reused.
 TINY_VERSION = "2"
 TINY_SEED = 0
@@ -64,27 +67,27 @@ def _scheduler() -> DDIMScheduler:
     )
 
 
-def _vae() -> AutoencoderKL:
-    # Four blocks 32/32/64/64: an 8x downsampling VAE, like SD's.
+def _vae(channels=(32, 32, 64, 64), layers: int = 1, sample_size: int = 64) -> AutoencoderKL:
+    # Four blocks: an 8x downsampling VAE, like SD's.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
+        block_out_channels=channels,
+        layers_per_block=layers,
         latent_channels=4,
         norm_num_groups=32,
-        sample_size=64,
+        sample_size=sample_size,
     )
 
 
-def _text_config(vocab_size: int, projection_dim: int | None = None) -> CLIPTextConfig:
+def _text_config(vocab_size: int, projection_dim: int | None = None, hidden: int = 32, layers: int = 2) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=37 if hidden == 32 else 4 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=77,
         projection_dim=projection_dim or 32,
@@ -99,22 +102,25 @@ def build_tiny(preset: str, out: Path) -> Path:
     tok_dir = train_clip_bpe(out / "_tokenizer_src")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
     vocab = len(tokenizer)
-    if preset == "tiny-sd15":
+    if preset in ("tiny-sd15", "small-sd15"):
+        small = preset == "small-sd15"
         unet = UNet2DConditionModel(
-            sample_size=8,
+            sample_size=16 if small else 8,
             in_channels=4,
             out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
+            block_out_channels=(64, 128, 256) if small else (32, 64),
+            layers_per_block=2 if small else 1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D") if small
+            else ("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D") if small
+            else ("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64 if small else 32,
+            attention_head_dim=8 if small else 4,
             norm_num_groups=32,
         )
         pipe = StableDiffusionPipeline(
-            vae=_vae(),
-            text_encoder=CLIPTextModel(_text_config(vocab)),
+            vae=_vae((64, 128, 128, 128), 2, 128) if small else _vae(),
+            text_encoder=CLIPTextModel(_text_config(vocab, hidden=64, layers=4) if small else _text_config(vocab)),
             tokenizer=tokenizer,
             unet=unet,
             scheduler=_scheduler(),

@@ -1,0 +1,42 @@
+# subjectops: `make demo` (set up + run the example subject on the tiny model), `make test` (the test suite).
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Real weights cannot be downloaded here, and an unreachable hub hangs for minutes: stay offline.
+export HF_HUB_OFFLINE ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= 1
+export DVC_NO_ANALYTICS ?= 1
+
+.PHONY: install system-deps demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, exactly pinned: pip takes it from this machine's wheel cache.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test,kube]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Tools the tests drive as a user would: Debian's Chromium (report rendering), unzip (helm from PyPI).
+system-deps:
+	@missing=""; for p in chromium unzip git; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; exit 1; fi; fi
+	scripts/get_helm.sh
+
+demo: install
+	$(BIN)/subjectops run examples/subjects/teapot --class teapot --model tiny-sd15 --out runs/demo
+
+test: install system-deps
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/eval_throughput.py
+
+clean:
+	rm -rf runs cache mlruns mlruns.db
