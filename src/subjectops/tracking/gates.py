@@ -29,6 +29,43 @@ from subjectops.config import GateCfg, RegistryCfg
 REQUIRED_FIELDS = ("metric", "prompt_set", "backbone", "mean")
 
 
+def normalize_records(records) -> list[dict]:
+    """Rows of metrics.json with `metric` as the machine name (`dino`, `clip-t`; the evaluator also
+    writes a display name and the name as `key`)."""
+    out = []
+    for r in records or []:
+        if not isinstance(r, Mapping):
+            continue
+        r = dict(r)
+        if "key" in r:
+            r["display"], r["metric"] = r.get("metric"), r["key"]
+        out.append(r)
+    return out
+
+
+def _digest(values) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(values, key=str)).encode()).hexdigest()[:16]
+
+
+def summary_from_metrics_json(data: Mapping) -> dict:
+    """An evaluation summary from the evaluator's metrics.json document (records, prompt sets, seeds)."""
+    sets = {}
+    for ps in data.get("prompt_sets") or []:
+        if isinstance(ps, Mapping) and "name" in ps:
+            sets[str(ps["name"])] = f"{ps.get('version', '?')}:{ps.get('digest', '')}"
+    seeds: dict[str, list] = {}
+    for row in data.get("per_image") or []:
+        if isinstance(row, Mapping) and "prompt_set" in row:
+            seeds.setdefault(str(row["prompt_set"]), []).append(row.get("seed"))
+    return {
+        "records": normalize_records(data.get("metrics") or data.get("records") or []),
+        "prompt_sets": sets,
+        "seeds": {ps: {"n": len(v), "sha256": _digest(v)} for ps, v in seeds.items()},
+    }
+
+
 @dataclass(frozen=True)
 class Evaluation:
     records: tuple[dict, ...]
@@ -41,13 +78,17 @@ class Evaluation:
             return obj
         if isinstance(obj, Mapping):
             if "records" not in obj:
-                raise ValueError("an evaluation mapping needs a 'records' list (the rows of metrics.json)")
-            return Evaluation(tuple(dict(r) for r in obj["records"]), dict(obj.get("seeds") or {}), dict(obj.get("prompt_sets") or {}))
-        return Evaluation(tuple(dict(r) for r in obj))
+                if "metrics" not in obj:
+                    raise ValueError("an evaluation needs 'records' (a summary) or 'metrics' (a metrics.json document)")
+                obj = summary_from_metrics_json(obj)
+            return Evaluation(tuple(normalize_records(obj["records"])), dict(obj.get("seeds") or {}), dict(obj.get("prompt_sets") or {}))
+        return Evaluation(tuple(normalize_records(obj)))
 
-    def problems(self, who: str) -> list[str]:
+    def problems(self, who: str, metrics: set[str] | None = None) -> list[str]:
         out = []
         for i, r in enumerate(self.records):
+            if metrics is not None and r.get("metric") not in metrics:
+                continue
             missing = [k for k in REQUIRED_FIELDS if k not in r]
             if missing:
                 out.append(f"{who} metrics record {i} lacks {', '.join(missing)}")
@@ -136,9 +177,10 @@ def evaluate_gates(
     ch = Evaluation.of(challenger)
     cp = Evaluation.of(champion)
     refusals: list[str] = []
-    refusals += ch.problems("challenger")
+    gated = {g.metric for g in gates}
+    refusals += ch.problems("challenger", gated)
     if cp is not None:
-        refusals += cp.problems("champion")
+        refusals += cp.problems("champion", gated)
     if refusals:
         return GateDecision("refused", refusals, [], cp is not None)
     if not gates:

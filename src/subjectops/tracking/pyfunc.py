@@ -124,12 +124,17 @@ def save_pyfunc(path: Path, finetune_dir: Path, model_config: dict, base_dir: Pa
     artifacts = {"finetune": str(finetune_dir)}
     if base_dir is not None:
         artifacts["base"] = str(base_dir)
-    mlflow.pyfunc.save_model(
-        path=str(path),
-        python_model=PersonalizedDiffusion(),
-        artifacts=artifacts,
-        model_config=json.loads(json.dumps(model_config)),
-        signature=signature(),
-        pip_requirements=pip_requirements,
-    )
+    import warnings
+
+    with warnings.catch_warnings():
+        # mlflow suggests type hints and an input example; the explicit signature covers both here
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # model from code: nothing pickled
+            artifacts=artifacts,
+            model_config=json.loads(json.dumps(model_config)),
+            signature=signature(),
+            pip_requirements=pip_requirements,
+        )
     return path

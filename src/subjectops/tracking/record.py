@@ -149,24 +149,28 @@ def read_train_log(path: Path) -> list[MetricPoint]:
 
 
 def read_eval_records(path: Path) -> list[dict]:
+    """metrics.json rows, `metric` being the machine name (dino, clip-t)."""
+    from subjectops.tracking.gates import normalize_records
+
     data = _read_json(path)
     if data is None:
         return []
     if isinstance(data, dict):
         data = data.get("records", data.get("metrics", []))
-    return [r for r in data if isinstance(r, dict)]
+    return normalize_records(data if isinstance(data, list) else [])
 
 
 def eval_metric_points(records: list[dict]) -> list[MetricPoint]:
     """Every number of metrics.json, named metric/prompt_set/backbone/field."""
     points = []
     for r in records:
+        r = dict(r, backbone=r.get("backbone") or "none")  # pixel metrics (SSIM, PSNR) have no backbone
         for fld in ("mean", "std", "n_pairs"):
             v = r.get(fld)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), fld), float(v)))
         for k, v in r.items():  # any further numbers the evaluator adds
-            if k in ("mean", "std", "n_pairs", "pretrained") or isinstance(v, bool):
+            if k in ("mean", "std", "n_pairs", "pretrained", "higher_is_better") or isinstance(v, bool):
                 continue
             if isinstance(v, (int, float)) and math.isfinite(v):
                 points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), k), float(v)))
@@ -212,6 +216,14 @@ def prompt_set_versions(infer_dir: Path) -> dict[str, str]:
 
 def evaluation_summary(run_dir: Path) -> dict:
     """What promotion compares: metric records, seeds and prompt set versions of one run."""
+    from subjectops.tracking.gates import summary_from_metrics_json
+
+    data = _read_json(run_dir / "evaluate" / "metrics.json")
+    if isinstance(data, dict) and "metrics" in data:
+        summary = summary_from_metrics_json(data)
+        summary["seeds"] = summary["seeds"] or eval_seeds(run_dir / "infer")
+        summary["prompt_sets"] = summary["prompt_sets"] or prompt_set_versions(run_dir / "infer")
+        return summary
     return {
         "records": read_eval_records(run_dir / "evaluate" / "metrics.json"),
         "seeds": eval_seeds(run_dir / "infer"),
