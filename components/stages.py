@@ -40,19 +40,26 @@ def configure(
     model: str,
     priors_cache_dir: str,
     params: Output[Artifact],
-) -> NamedTuple("Configured", [("needs_discriminator", bool), ("method", str)]):
-    """Validate the run's params once (a bad value fails before any GPU is requested)."""
+) -> NamedTuple("Configured", [("plan", str), ("needs_discriminator", bool), ("uses_priors", bool), ("method", str)]):
+    """Validate the run's params once (a bad value fails before any GPU is requested) and plan the stages.
+
+    `plan` says which optional stages run, decided by the same functions as `subjectops run`
+    (`subjectops.methods.uses_priors` and `needs_discriminator`): `priors+pretrain_disc`, `priors`,
+    `pretrain_disc` or `none`.
+    """
     from collections import namedtuple
     from pathlib import Path
 
-    from subjectops.kube_runtime import resolve_params, write_params
-    from subjectops.methods import needs_discriminator
+    from subjectops.kube_runtime import plan_name, resolve_params, write_params
+    from subjectops.methods import needs_discriminator, uses_priors
 
     p = resolve_params(params_yaml, overrides, method=method, model=model, priors_cache_dir=priors_cache_dir)
     write_params(p, Path(params.path))
-    params.metadata.update({"method": p.finetune.method, "model": p.model.base, "digest": p.digest()})
-    out = namedtuple("Configured", ["needs_discriminator", "method"])
-    return out(needs_discriminator(p.finetune.method), p.finetune.method)
+    with_priors, with_disc = uses_priors(p), needs_discriminator(p.finetune.method)
+    params.metadata.update({"method": p.finetune.method, "model": p.model.base, "digest": p.digest(),
+                            "plan": plan_name(with_priors, with_disc)})
+    out = namedtuple("Configured", ["plan", "needs_discriminator", "uses_priors", "method"])
+    return out(plan_name(with_priors, with_disc), with_disc, with_priors, p.finetune.method)
 
 
 def fetch_subject(subject_uri: str, dvc_repo: str, dvc_rev: str, images: Output[Dataset]) -> str:
@@ -78,12 +85,13 @@ def refine(params: Input[Artifact], images: Input[Dataset], class_word: str, out
 def register(
     params: Input[Artifact],
     refine_dir: Input[Dataset],
-    priors_dir: Input[Dataset],
     finetune_dir: Input[Model],
     infer_dir: Input[Dataset],
     evaluate_dir: Input[Artifact],
     run_name: str,
     out: Output[Artifact],
+    priors_dir: Input[Dataset] = None,
+    disc_dir: Input[Model] = None,
 ) -> str:
     """Record the run in MLflow (parent run, one run per stage) and register the model (alias challenger).
 
@@ -99,15 +107,21 @@ def register(
     from subjectops.kube_runtime import assemble_run_dir, load_registration
     from subjectops.tracking.mlflow_tracker import sync
 
-    run_dir = Path(tempfile.mkdtemp(prefix="subjectops-run-")) / (run_name or "kfp-run")
-    assemble_run_dir(run_dir, {"refine": Path(refine_dir.path), "priors": Path(priors_dir.path),
-                               "finetune": Path(finetune_dir.path), "infer": Path(infer_dir.path),
-                               "evaluate": Path(evaluate_dir.path)})
-    summary = sync(run_dir, echo=print)
-    print(json.dumps(summary, indent=2, default=str))
-    if not (run_dir / "register").is_dir():
-        raise RuntimeError(f"MLflow sync recorded the run but registered no model: {summary}")
-    shutil.copytree(run_dir / "register", out.path)
+    tmp = Path(tempfile.mkdtemp(prefix="subjectops-run-"))
+    run_dir = tmp / (run_name or "kfp-run")
+    try:
+        assemble_run_dir(run_dir, {
+            "refine": Path(refine_dir.path),
+            "priors": Path(priors_dir.path) if priors_dir is not None else None,
+            "pretrain_disc": Path(disc_dir.path) if disc_dir is not None else None,
+            "finetune": Path(finetune_dir.path), "infer": Path(infer_dir.path), "evaluate": Path(evaluate_dir.path)})
+        summary = sync(run_dir, echo=print)
+        print(json.dumps(summary, indent=2, default=str))
+        if not (run_dir / "register").is_dir():
+            raise RuntimeError(f"MLflow sync recorded the run but registered no model: {summary}")
+        shutil.copytree(run_dir / "register", out.path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     info = load_registration(Path(out.path))
     out.metadata.update({"model_name": info.get("model_name"), "version": str(info.get("version"))})
     return f"{info.get('model_name')}/{info.get('version')}"
@@ -149,22 +163,23 @@ def priors(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Data
     priors_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(out.path))
 
 
-def pretrain_disc(params: Input[Artifact], refine_dir: Input[Dataset], priors_dir: Input[Dataset], out: Output[Model]):
+def pretrain_disc(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Model], priors_dir: Input[Dataset] = None):
     from pathlib import Path
 
     from subjectops.kube_runtime import read_params
     from subjectops.stages.pretrain_disc import pretrain_disc as pretrain_disc_stage
 
-    pretrain_disc_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(priors_dir.path), Path(out.path))
+    pretrain_disc_stage(read_params(Path(params.path)), Path(refine_dir.path),
+                        Path(priors_dir.path) if priors_dir is not None else None, Path(out.path))
 
 
 def finetune(
     params: Input[Artifact],
     refine_dir: Input[Dataset],
-    priors_dir: Input[Dataset],
     gpu_count: int,
     accelerator_type: str,
     out: Output[Model],
+    priors_dir: Input[Dataset] = None,
     disc_dir: Input[Model] = None,
 ):
     """One GPU: the stage function in-process. Several: `accelerate launch` of the same CLI stage.
@@ -180,13 +195,14 @@ def finetune(
     from subjectops.stages.finetune import finetune as finetune_stage
 
     p = read_params(Path(params.path))
+    priors = Path(priors_dir.path) if priors_dir is not None else None
     disc = Path(disc_dir.path) if disc_dir is not None else None
     if gpu_count > 1:
-        argv = finetune_argv(gpu_count, Path(params.path) / PARAMS_FILE, Path(refine_dir.path), Path(priors_dir.path), disc, Path(out.path))
+        argv = finetune_argv(gpu_count, Path(params.path) / PARAMS_FILE, Path(refine_dir.path), priors, disc, Path(out.path))
         print("running:", " ".join(argv), flush=True)
         subprocess.run(argv, check=True)
     else:
-        finetune_stage(p, Path(refine_dir.path), Path(priors_dir.path), Path(out.path), disc_dir=disc)
+        finetune_stage(p, Path(refine_dir.path), priors, Path(out.path), disc_dir=disc)
     out.metadata.update({"method": p.finetune.method, "base_model": p.model.base,
                          "gpu_count": gpu_count, "accelerator_type": accelerator_type})
 

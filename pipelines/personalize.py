@@ -1,9 +1,10 @@
-"""`personalize`: one subject through refine, priors, [pretrain-disc], finetune, infer, evaluate, register.
+"""`personalize`: one subject through refine, [priors], [pretrain-disc], finetune, infer, evaluate, register.
 
-The discriminator pretraining runs only when the method needs it (`dsl.If` on the `configure` step's
-answer from `subjectops.methods.needs_discriminator`); each branch then runs its finetune, infer,
-evaluate and register, and the pipeline returns the registered version (`name/version`) of whichever
-branch ran (`dsl.OneOf`).
+The `configure` step validates the params and plans the optional stages with the functions
+`subjectops run` uses (`subjectops.methods.uses_priors`, `needs_discriminator`): the discriminator
+pretraining runs only when the method needs it, the class priors only when it trains with them.
+`dsl.If`/`Elif`/`Else` on that plan select one branch, which runs its stages through register; the
+pipeline returns the registered version (`name/version`) of whichever branch ran (`dsl.OneOf`).
 """
 
 from typing import List
@@ -12,6 +13,7 @@ from kfp import dsl
 
 from components import Components, build_components
 from pipelines import placement as P
+from subjectops.kube_runtime import PLANS, plan_name
 
 DEFAULT_PRIORS_CACHE = f"{P.MODEL_CACHE_MOUNT}/cache/priors"
 
@@ -59,10 +61,7 @@ def build_personalize(c: Components):
         ref = c.refine(params=params, images=fetch.outputs["images"], class_word=class_word).set_display_name("refine")
         refined = ref.outputs["out"]
 
-        pri = gpu(c.priors(params=params, refine_dir=refined).set_display_name("priors"), **placement)
-        priors_dir = pri.outputs["out"]
-
-        def tail(finetuned, branch: str):
+        def tail(finetuned, priors_dir, disc_dir):
             """infer, evaluate and register one finetune output.
 
             They run inside each branch: kfp.local joins branches with `dsl.OneOf` for parameters only, so
@@ -72,26 +71,38 @@ def build_personalize(c: Components):
                       **placement)
             ev = gpu(c.evaluate(params=params, refine_dir=refined, infer_dir=inf.outputs["out"])
                      .set_display_name("evaluate"), **placement)
-            reg = c.register(params=params, refine_dir=refined, priors_dir=priors_dir, finetune_dir=finetuned,
-                             infer_dir=inf.outputs["out"], evaluate_dir=ev.outputs["out"],
-                             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            optional = {k: v for k, v in (("priors_dir", priors_dir), ("disc_dir", disc_dir)) if v is not None}
+            reg = c.register(params=params, refine_dir=refined, finetune_dir=finetuned, infer_dir=inf.outputs["out"],
+                             evaluate_dir=ev.outputs["out"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **optional)
             reg.set_display_name("register").set_caching_options(False)
             P.with_mlflow(reg, mlflow_secret)
             return reg
 
-        with dsl.If(cfg.outputs["needs_discriminator"] == True, name="needs-discriminator"):  # noqa: E712
-            disc = gpu(c.pretrain_disc(params=params, refine_dir=refined, priors_dir=priors_dir)
-                       .set_display_name("pretrain-disc"), **placement)
-            ft_disc = gpu(c.finetune(params=params, refine_dir=refined, priors_dir=priors_dir, gpu_count=gpu_count,
-                                     accelerator_type=accelerator_type, disc_dir=disc.outputs["out"])
-                          .set_display_name("finetune"), **placement)
-            reg_disc = tail(ft_disc.outputs["out"], "disc")
-        with dsl.Else(name="no-discriminator"):
-            ft_plain = gpu(c.finetune(params=params, refine_dir=refined, priors_dir=priors_dir, gpu_count=gpu_count,
-                                      accelerator_type=accelerator_type).set_display_name("finetune"), **placement)
-            reg_plain = tail(ft_plain.outputs["out"], "plain")
+        # One branch per plan; `configure` picks it with the same functions `subjectops run` uses.
+        registered = []
+        for i, (with_priors, with_disc) in enumerate(PLANS):
+            plan = plan_name(with_priors, with_disc)
+            if i == 0:
+                branch = dsl.If(cfg.outputs["plan"] == plan, name=f"plan-{plan}")
+            elif i < len(PLANS) - 1:
+                branch = dsl.Elif(cfg.outputs["plan"] == plan, name=f"plan-{plan}")
+            else:
+                branch = dsl.Else(name=f"plan-{plan}")
+            with branch:
+                priors_dir = disc_dir = None
+                if with_priors:
+                    priors_dir = gpu(c.priors(params=params, refine_dir=refined).set_display_name("priors"),
+                                     **placement).outputs["out"]
+                if with_disc:
+                    extra = {"priors_dir": priors_dir} if priors_dir is not None else {}
+                    disc_dir = gpu(c.pretrain_disc(params=params, refine_dir=refined, **extra)
+                                   .set_display_name("pretrain-disc"), **placement).outputs["out"]
+                inputs = {k: v for k, v in (("priors_dir", priors_dir), ("disc_dir", disc_dir)) if v is not None}
+                ft = gpu(c.finetune(params=params, refine_dir=refined, gpu_count=gpu_count,
+                                    accelerator_type=accelerator_type, **inputs).set_display_name("finetune"), **placement)
+                registered.append(tail(ft.outputs["out"], priors_dir, disc_dir).outputs["Output"])
         # The registered model version, "name/version", from whichever branch ran.
-        return dsl.OneOf(reg_disc.outputs["Output"], reg_plain.outputs["Output"])
+        return dsl.OneOf(*registered)
 
     return personalize
 

@@ -67,6 +67,14 @@ def resolve_params(
     return validate_params(data, source="pipeline parameters (params_yaml, method, model, overrides)")
 
 
+PLANS = ((True, True), (True, False), (False, True), (False, False))  # (priors, pretrain_disc)
+
+
+def plan_name(with_priors: bool, with_disc: bool) -> str:
+    """Which optional stages a run has: `priors+pretrain_disc`, `priors`, `pretrain_disc` or `none`."""
+    return "+".join([s for s, on in (("priors", with_priors), ("pretrain_disc", with_disc)) if on]) or "none"
+
+
 def write_params(params: Params, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,10 +191,11 @@ def single_subdir(root: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- run dirs
 def _link_or_copy(src: str, dst: str) -> None:
+    real = os.path.realpath(src)  # a symlink's target, never the symlink itself
     try:
-        os.link(src, dst)
+        os.link(real, dst)
     except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
+        shutil.copy2(real, dst)
 
 
 def assemble_run_dir(root: Path, stages: Mapping[str, Optional[Path]]) -> Path:
@@ -214,7 +223,8 @@ def finetune_argv(gpu_count: int, params_file: Path, refine_dir: Path, priors_di
     """`accelerate launch` over `gpu_count` GPUs of the `subjectops finetune` CLI (same stage function)."""
     if gpu_count < 2:
         raise ValueError("finetune_argv is for two or more GPUs; one GPU calls the stage function in-process")
-    exe = shutil.which("subjectops")
+    beside = Path(sys.executable).with_name("subjectops")
+    exe = str(beside) if beside.is_file() else shutil.which("subjectops")
     if exe is None:
         raise SubjectopsError("the `subjectops` command is not on PATH", fix="install the package in the image (pip install .)")
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(int(gpu_count)),
@@ -236,11 +246,13 @@ def aggregate_summaries(summaries: Sequence[Mapping]) -> dict:
     """
     import hashlib
 
+    from subjectops.tracking.gates import normalize_records
+
     groups: dict[tuple, list[dict]] = {}
     seeds: dict[str, list] = {}
     versions: dict[str, set] = {}
     for s in summaries:
-        records = s if isinstance(s, list) else s.get("records", [])
+        records = normalize_records(s if isinstance(s, list) else s.get("records", []))
         for r in records:
             groups.setdefault((r["metric"], r["prompt_set"], str(r["backbone"])), []).append(r)
         if isinstance(s, Mapping):

@@ -1,0 +1,187 @@
+"""The glue the Kubeflow components share (subjectops.kube_runtime): params, subjects, run directories,
+multi-GPU finetune command, and the benchmark's aggregate and regression gate."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from subjectops import kube_runtime as kr
+from subjectops.config import ConfigError, GateCfg, RegistryCfg, load_params
+from subjectops.errors import SubjectError, SubjectopsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_resolve_params_like_the_cli():
+    text = (REPO / "params.yaml").read_text()
+    p = kr.resolve_params(text, ["finetune.method=lora", "finetune.lora.rank=8", "priors.cache_dir=/x"],
+                          method="dreambooth", model="tiny-sd15", priors_cache_dir="/models/cache/priors")
+    # --method/--model win over --set (as in `subjectops run`); --set wins over the priors-cache default
+    assert p.finetune.method == "dreambooth" and p.model.base == "tiny-sd15"
+    assert p.finetune.lora.rank == 8 and p.priors.cache_dir == "/x"
+    assert p == load_params(REPO / "params.yaml", ["finetune.lora.rank=8", "priors.cache_dir=/x", "model.base=tiny-sd15",
+                                                   "finetune.method=dreambooth"])
+    with pytest.raises(ConfigError, match="finetune.method"):
+        kr.resolve_params("", [], method="dreamboot")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        kr.resolve_params("finetune: [", [])
+    with pytest.raises(ConfigError, match="unknown key"):
+        kr.resolve_params("", ["infer.stepz=2"])
+
+
+def test_params_round_trip(tmp_path):
+    p = kr.resolve_params("", ["finetune.lora.lr=3e-4"], method="lora")
+    kr.write_params(p, tmp_path)
+    assert kr.read_params(tmp_path) == p
+    with pytest.raises(ConfigError, match="configure"):
+        kr.read_params(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "lora", "textual-inversion", "two-stage", "hypnos"])
+def test_plan_matches_subjectops_run(method):
+    """The pipeline's branch is the stage list `subjectops run` would run."""
+    from subjectops.methods import needs_discriminator, uses_priors
+    from subjectops.pipeline import planned_stages
+
+    p = kr.resolve_params("", [], method=method)
+    plan = kr.plan_name(uses_priors(p), needs_discriminator(method))
+    stages = planned_stages(p)
+    assert ("priors" in plan.split("+")) == ("priors" in stages)
+    assert ("pretrain_disc" in plan.split("+")) == ("pretrain_disc" in stages)
+    assert plan in {kr.plan_name(*x) for x in kr.PLANS}
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("s3://bucket/dreambench/teapot", {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
+    ("s3://bucket/dreambench/teapot/", {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
+    ("dvc://data/subjects/dog@v2", {"kind": "dvc", "path": "data/subjects/dog", "rev": "v2", "name": "dog"}),
+    ("file:///tmp/cat", {"kind": "local", "path": "/tmp/cat", "name": "cat"}),
+])
+def test_parse_subject_uri(uri, expected):
+    assert kr.parse_subject_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri, message", [("", "no subject"), ("gs://b/x", "not supported"), ("s3:///x", "no bucket"),
+                                          ("dvc://", "no path")])
+def test_parse_subject_uri_errors(uri, message):
+    with pytest.raises(SubjectError, match=message):
+        kr.parse_subject_uri(uri)
+
+
+def test_fetch_subject_from_a_directory(tmp_path, example_subject):
+    target = kr.fetch_subject(str(example_subject), tmp_path)
+    assert target == tmp_path / "teapot"
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in example_subject.iterdir())
+    assert kr.single_subdir(tmp_path) == target
+    with pytest.raises(SubjectError, match="does not exist"):
+        kr.fetch_subject(str(tmp_path / "missing"), tmp_path / "x")
+    with pytest.raises(SubjectError, match="--dvc-repo|dvc_repo"):
+        kr.fetch_subject("dvc://data/teapot", tmp_path / "y")
+
+
+def test_fetch_subject_from_s3(tmp_path, example_subject, s3_server, monkeypatch):
+    from servers import s3_client
+
+    client = s3_client(s3_server)
+    client.create_bucket(Bucket="subjects")
+    for f in example_subject.glob("*.jpg"):
+        client.upload_file(str(f), "subjects", f"dreambench/teapot/{f.name}")
+    client.put_object(Bucket="subjects", Key="dreambench/teapot/nested/ignored.jpg", Body=b"x")
+    client.put_object(Bucket="subjects", Key="dreambench/teapot2/other.jpg", Body=b"x")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.extra["access_key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.extra["secret_key"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
+    target = kr.fetch_subject("s3://subjects/dreambench/teapot", tmp_path)
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in example_subject.glob("*.jpg"))
+    assert (target / "00.jpg").read_bytes() == (example_subject / "00.jpg").read_bytes()
+    with pytest.raises(SubjectError, match="no files under"):
+        kr.fetch_subject("s3://subjects/nothing-here", tmp_path / "empty")
+
+
+def test_assemble_run_dir_links_files_not_directories(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "0000.png").write_bytes(b"png")
+    priors = tmp_path / "a" / "priors-out"
+    (priors / "images").mkdir(parents=True)
+    (priors / "images" / "0000.png").symlink_to(cache / "0000.png")
+    (priors / "priors.json").write_text("{}")
+    run = kr.assemble_run_dir(tmp_path / "run", {"priors": priors, "pretrain_disc": None})
+    f = run / "priors" / "images" / "0000.png"
+    assert not (run / "priors").is_symlink() and not f.is_symlink() and f.read_bytes() == b"png"
+    assert os.stat(f).st_ino == os.stat(cache / "0000.png").st_ino  # hard link: no copy of weights
+    assert not (run / "pretrain_disc").exists()
+
+
+def test_multi_gpu_finetune_goes_through_accelerate(tmp_path):
+    argv = kr.finetune_argv(4, tmp_path / "params.yaml", tmp_path / "refine", tmp_path / "priors", None, tmp_path / "out")
+    i = argv.index("accelerate.commands.launch")
+    assert argv[i + 1:i + 6] == ["--multi_gpu", "--num_processes", "4", "--num_machines", "1"]
+    assert Path(argv[i + 6]).name == "subjectops" and argv[i + 7] == "finetune"
+    assert argv[argv.index("--priors") + 1] == str(tmp_path / "priors") and "--disc" not in argv
+    with pytest.raises(ValueError):
+        kr.finetune_argv(1, tmp_path, tmp_path, None, None, tmp_path)
+
+
+def _rec(metric, mean, n=10, pretrained=True, ps="prompt-invariant", bb="dino-vits16"):
+    return {"metric": metric, "prompt_set": ps, "backbone": bb, "pretrained": pretrained, "n_pairs": n, "mean": mean}
+
+
+GATES = RegistryCfg(gates=[GateCfg(metric="dino", tolerance=0.01), GateCfg(metric="clip-t", tolerance=0.01)])
+
+
+def _row(name, challenger, champion):
+    return {"model_name": name, "version": "2", "champion_version": "1" if champion else None,
+            "challenger": {"records": challenger, "seeds": {"prompt-invariant": {"n": 2}}},
+            "champion": {"records": champion, "seeds": {"prompt-invariant": {"n": 2}}} if champion else None}
+
+
+def test_aggregate_is_the_mean_over_subjects():
+    agg = kr.aggregate_summaries([{"records": [_rec("dino", 0.5), _rec("clip-t", 0.3)]},
+                                  {"records": [_rec("dino", 0.7), _rec("clip-t", 0.1, pretrained=False)]}])
+    by = {r["metric"]: r for r in agg["records"]}
+    assert by["dino"]["mean"] == pytest.approx(0.6) and by["dino"]["n_pairs"] == 20 and by["dino"]["n_subjects"] == 2
+    assert by["dino"]["min"] == 0.5 and by["dino"]["max"] == 0.7
+    assert by["clip-t"]["pretrained"] is False  # one random backbone taints the aggregate
+    assert agg["n_subjects"] == 2
+
+
+def test_benchmark_regression_fails_with_the_numbers():
+    rows = [_row("subjectops-cat", [_rec("dino", 0.60), _rec("clip-t", 0.30)], [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
+            _row("subjectops-dog", [_rec("dino", 0.70), _rec("clip-t", 0.31)], [_rec("dino", 0.72), _rec("clip-t", 0.30)])]
+    result, decision = kr.benchmark_aggregate(rows, GATES)
+    assert decision.status == "failed"
+    assert result["compared_with_champions"] == ["subjectops-cat/1", "subjectops-dog/1"]
+    with pytest.raises(kr.BenchmarkRegression) as err:
+        kr.check_benchmark(decision)
+    msg = str(err.value)
+    assert "regressed against the champion" in msg and "dino" in msg
+    assert "0.65" in msg and "0.71" in msg  # challenger and champion aggregates
+    assert "clip-t" in msg and "ok" in msg
+
+
+def test_benchmark_passes_and_compares_only_subjects_with_a_champion():
+    rows = [_row("subjectops-cat", [_rec("dino", 0.72), _rec("clip-t", 0.30)], [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
+            _row("subjectops-new", [_rec("dino", 0.10), _rec("clip-t", 0.10)], None)]
+    result, decision = kr.benchmark_aggregate(rows, GATES)
+    assert decision.status == "passed"
+    assert result["challenger"]["n_subjects"] == 1  # paired with the champions that exist
+    kr.check_benchmark(decision)
+
+
+def test_random_backbones_are_refused_not_failed_unless_asked():
+    rows = [_row("subjectops-cat", [_rec("dino", 0.1, pretrained=False), _rec("clip-t", 0.1, pretrained=False)], None)]
+    _, decision = kr.benchmark_aggregate(rows, GATES)
+    assert decision.status == "refused"
+    kr.check_benchmark(decision)
+    with pytest.raises(kr.BenchmarkRegression, match="cannot be compared"):
+        kr.check_benchmark(decision, fail_on_refused=True)
+
+
+def test_parse_registration():
+    assert kr.parse_registration("subjectops-teapot/3") == {"model_name": "subjectops-teapot", "version": "3"}
+    with pytest.raises(SubjectopsError, match="MODEL_NAME/VERSION"):
+        kr.parse_registration("subjectops-teapot")
