@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, field_validator, ConfigDict, Field, ValidationError, model_validator
 
 from subjectops.errors import SubjectopsError
 
@@ -188,6 +188,12 @@ class FinetuneCfg(_Strict):
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml11_no(cls, v):
+        # `dvc exp run -S` rewrites params.yaml as YAML 1.2 (`no` unquoted), which PyYAML reads as False
+        return "no" if v is False else v
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     adam_beta1: float = Field(0.9, ge=0, lt=1)
