@@ -353,6 +353,7 @@ class PretrainDiscCfg(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     heldout_class_fraction: float = Field(0.2, ge=0, lt=1)  # class images kept out of training, for the accuracy
     eval_samples: int = Field(256, ge=0)  # held-out draws (other seed) scored after training
+    variants_per_type: int = Field(64, ge=1)  # encoded once per augmented type (VAE encoding dominates a step)
     proportions: DiscProportionsCfg = DiscProportionsCfg()
     model: LatentDiscCfg = LatentDiscCfg()
 

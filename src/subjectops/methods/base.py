@@ -38,6 +38,9 @@ class Phase:
     # so they cannot be precomputed.
     text_changes: bool = False
     uses_priors: bool = False
+    # None: finetune.use_8bit_adam decides; a method may ask for True/False, or "auto" (8-bit Adam when
+    # bitsandbytes and a CUDA GPU are present, e.g. Hypnos app. B).
+    use_8bit_adam: bool | str | None = None
 
 
 @dataclass

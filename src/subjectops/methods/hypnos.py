@@ -1,0 +1,222 @@
+"""Hypnos (seed 000): foreground-focused DreamBooth for inanimate objects.
+
+    L = lambda_r L_r + lambda_pp L_pp + lambda_p L_p + lambda_ld L_ld                                  (eq. 1)
+    L_r  = sigma sqrt(2 pi) (E[exp(||eps_theta(z_i, t, c) - eps||^2 / 2 sigma^2)] - 1)                 (eq. 2)
+    L_pp = E ||eps_theta(z_p, t, c) - eps||^2                                                           (eq. 4)
+    L_p  = E ||C(x) - C(D(z0))||^2 while step <= s_p, else 0                                         (eq. 5, 6)
+    L_ld = E ||1 - LD(z0)||^2                                                                           (eq. 7)
+
+with lambda = (1, 1, 0.003, 0.5), sigma = 1.382 (the L2-closest sigma on [0, 1], eq. 3: `fit_sigma`), s_p = 500
+of 800 steps, C = EfficientNet-B1 blocks 2/3/4 weighted 0.35/0.45/0.2 (app. B.1), D the frozen VAE decoder,
+LD the latent discriminator pretrained by `pretrain-disc` (app. B.2) that keeps training against the
+generator here. UNet and text encoder train (sec. 3.2); seed 42, 800 steps, 8-bit Adam where available (app. B).
+
+||.||^2 is taken as the per-sample mean squared error (the paper's "mean squared error"; app. D: the loss
+"rarely exceeds 1", which a sum over 16k latent elements would). z0 is the trainer's one-step estimate
+(z_t - sqrt(1 - a_t) eps_theta) / sqrt(a_t) of the instance samples.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from subjectops.data.augment import content_centric_variants
+from subjectops.errors import SubjectopsError
+from subjectops.methods.base import Batch, Phase, TrainExample
+from subjectops.methods.dreambooth import DreamBoothMethod
+
+DISC_SUBDIR = "latent_discriminator"
+
+
+# --- the equations, as plain functions (unit-tested on hand-computed values) -------------------------------
+def inverse_gaussian(x2: torch.Tensor | float, sigma: float):
+    """sigma sqrt(2 pi) (exp(x^2 / 2 sigma^2) - 1): eq. 2's integrand as a function of the squared error."""
+    if isinstance(x2, torch.Tensor):
+        return sigma * math.sqrt(2 * math.pi) * torch.expm1(x2 / (2 * sigma ** 2))
+    return sigma * math.sqrt(2 * math.pi) * math.expm1(x2 / (2 * sigma ** 2))
+
+
+def reconstruction_loss(per_sample_mse: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Eq. 2: sigma sqrt(2 pi) (mean_i exp(mse_i / 2 sigma^2) - 1)."""
+    return sigma * math.sqrt(2 * math.pi) * (torch.exp(per_sample_mse / (2 * sigma ** 2)).mean() - 1)
+
+
+def latent_discriminator_loss(scores: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: mean (1 - LD(z0))^2, LD in [0, 1]."""
+    return ((1 - scores) ** 2).mean()
+
+
+def perceptual_active(step: int, s_p: int) -> bool:
+    """Eq. 6: the perceptual term exists for steps 1..s_p (1-based, inclusive) and costs nothing after."""
+    return step <= s_p
+
+
+def fit_sigma(a: float = 1.0) -> float:
+    """Eq. 3: argmin_sigma int_0^a (x^2 - sigma sqrt(2 pi)(exp(x^2 / 2 sigma^2) - 1))^2 dx, solved numerically."""
+    from scipy.integrate import quad
+    from scipy.optimize import minimize_scalar
+
+    def objective(sigma: float) -> float:
+        return quad(lambda x: (x * x - inverse_gaussian(x * x, sigma)) ** 2, 0.0, a, epsabs=1e-14, epsrel=1e-12)[0]
+
+    # The objective is unimodal in sigma; bracket well beyond sqrt(2 pi)/2, where the quadratic terms match.
+    return float(minimize_scalar(objective, bounds=(0.2, 20.0), method="bounded", options={"xatol": 1e-10}).x)
+
+
+class HypnosMethod(DreamBoothMethod):
+    """DreamBooth's parameters, saving and inference (UNet + text encoder); Hypnos' data and losses."""
+
+    name = "hypnos"
+    needs_discriminator = True
+
+    def __init__(self, params, class_word, models, trainer=None):
+        super().__init__(params, class_word, models, trainer)
+        self.disc_dir: Path | None = None  # set by the finetune stage before setup()
+        self.disc = None
+        self.disc_opt = None
+        self.perceptual = None
+
+    @property
+    def cfg(self):
+        return self.params.finetune.hypnos
+
+    # --- prompts (sec. 3.3): foreground clause, then background clause --------------------------------
+    def prompt_for(self, background: str | None) -> str:
+        return self.cfg.instance_prompt.format(token=self.identifier(), placeholder=self.identifier(),
+                                               class_word=self.class_word,
+                                               background=background or self.cfg.background_token)
+
+    def instance_prompt(self) -> str:
+        return self.prompt_for(None)
+
+    # --- which terms run -------------------------------------------------------------------------------
+    def _uses_disc(self) -> bool:
+        return self.cfg.latent_discriminator and self.cfg.lambda_ld > 0
+
+    def _uses_perceptual(self) -> bool:
+        return self.cfg.perceptual and self.cfg.lambda_p > 0 and self.cfg.perceptual_steps > 0
+
+    def _uses_priors(self) -> bool:
+        return self.cfg.prior_preservation and self.cfg.lambda_pp > 0
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if not any([cfg.reconstruction and cfg.lambda_r > 0, self._uses_priors(), self._uses_perceptual(),
+                    self._uses_disc()]):
+            raise SubjectopsError("every Hypnos loss term is switched off (finetune.hypnos)",
+                                  fix="keep at least one of reconstruction, prior_preservation, perceptual, "
+                                      "latent_discriminator true with a weight above 0")
+        device = self.models.unet.device
+        if self._uses_disc():
+            from subjectops.models.latent_discriminator import LatentDiscriminator
+
+            if self.disc_dir is None:
+                raise SubjectopsError(
+                    "Hypnos needs the pretrained latent discriminator (eq. 7) but no pretrain-disc directory was given",
+                    fix="run `subjectops pretrain-disc --refine RUN/refine --priors RUN/priors --out RUN/pretrain_disc` "
+                        "and pass --disc RUN/pretrain_disc (or --set finetune.hypnos.latent_discriminator=false)")
+            self.disc = LatentDiscriminator.load(Path(self.disc_dir)).to(device)
+            channels = self.models.vae.config.latent_channels
+            if self.disc.config["latent_channels"] != channels:
+                raise SubjectopsError(
+                    f"the latent discriminator in {self.disc_dir} takes {self.disc.config['latent_channels']}-channel "
+                    f"latents but this VAE makes {channels}",
+                    fix="run `subjectops pretrain-disc` again with the same --model as finetune")
+            self.disc.requires_grad_(False)
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr,
+                                              betas=(self.params.finetune.adam_beta1, self.params.finetune.adam_beta2))
+        if self._uses_perceptual():
+            from subjectops.models.loading import is_tiny
+            from subjectops.models.perceptual import PerceptualEncoder, load_efficientnet
+
+            net, info = load_efficientnet(cfg.efficientnet, tiny=is_tiny(self.params.model))
+            self.perceptual = PerceptualEncoder(net, cfg.perceptual_blocks, cfg.perceptual_block_weights, info).to(device)
+
+    def phases(self) -> list[Phase]:
+        return [Phase("hypnos", self.cfg.steps, self.cfg.lr, self._named, text_changes=self._train_text(),
+                      uses_priors=self._uses_priors(), use_8bit_adam=self.cfg.use_8bit_adam)]
+
+    def examples(self, images, masks, priors):
+        # The trainer encodes each TrainExample once and caches its VAE latent distribution (training.py), so
+        # the content-centric augmentation of sec. 3.3 cannot be redrawn every step. Instead each photo yields
+        # a seeded pool of `variants_per_image` pre-augmented copies at the configured proportions; the trainer
+        # draws that pool uniformly, so every training sample is background-replaced with probability ~0.66.
+        variants = content_centric_variants(images, masks, self.cfg.augment, seed=self.params.finetune.seed)
+        instance = [TrainExample(v.pixels, self.prompt_for(v.background), v.mask) for v in variants]
+        prior = [TrainExample(p, self.class_prompt(), None, is_prior=True) for p in priors] if self._uses_priors() else []
+        return instance, prior
+
+    # --- the loss (eq. 1) ------------------------------------------------------------------------------
+    def loss(self, batch: Batch, step: int, phase: Phase):
+        cfg, tr = self.cfg, self.trainer
+        d = tr.denoise(batch.latents, batch.cond, batch.generator)
+        per_sample = tr.per_sample_mse(d.pred, d.target)
+        inst = (~batch.is_prior).to(per_sample.device)
+        total = per_sample.new_zeros(())
+        terms: dict[str, float] = {}
+        if cfg.reconstruction and cfg.lambda_r > 0:
+            if cfg.reconstruction_loss == "inverse-gaussian":
+                l_r = reconstruction_loss(per_sample[inst], cfg.sigma)  # eq. 2
+            else:
+                l_r = tr.weighted_mean(per_sample[inst], d.timesteps[inst])  # DreamBooth's MSE (ablation)
+            total = total + cfg.lambda_r * l_r
+            terms["loss_reconstruction"] = float(l_r.detach())
+        prior = batch.is_prior.to(per_sample.device)
+        if self._uses_priors() and prior.any():
+            l_pp = per_sample[prior].mean()  # eq. 4: plain MSE on class latents
+            total = total + cfg.lambda_pp * l_pp
+            terms["loss_prior"] = float(l_pp.detach())
+        run_p = self._uses_perceptual() and perceptual_active(step, cfg.perceptual_steps)
+        run_ld = self._uses_disc()
+        if run_p or run_ld:
+            z0 = tr.predict_x0(d.noisy[inst], d.pred[inst], d.timesteps[inst])
+        if run_p:
+            vae = self.models.vae
+            decoded = vae.decode(self.models.vae_unscale(z0).to(vae.dtype)).sample  # D(z0), eq. 5
+            l_p = self.perceptual.loss(batch.pixels[inst].to(decoded), decoded).mean()
+            total = total + cfg.lambda_p * l_p
+            terms["loss_perceptual"] = float(l_p.detach())
+        if run_ld:
+            if cfg.train_discriminator:
+                terms["loss_discriminator"] = self._discriminator_step(batch.latents[inst], z0.detach())
+            scores = self.disc.score(z0.float())
+            l_ld = latent_discriminator_loss(scores)  # eq. 7
+            total = total + cfg.lambda_ld * l_ld
+            terms["loss_latent_disc"] = float(l_ld.detach())
+            terms["ld_score"] = float(scores.detach().mean())
+        return total, terms
+
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        """One adversarial update of LD (sec. 3.4): instance latents real, the generator's z0 fake. It runs
+        before the generator term reads LD, so that term's graph sees the updated, then frozen, weights."""
+        self.disc.requires_grad_(True)
+        z = torch.cat([real.float(), fake.float()])
+        labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(z.device)
+        loss = self.disc.loss(z, labels)
+        self.disc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.disc_opt.step()
+        self.disc.requires_grad_(False)
+        return float(loss.detach())
+
+    # --- state and artifacts ------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        if self.disc is None:
+            return {}
+        return {"disc": {k: v.detach().cpu().clone() for k, v in self.disc.state_dict().items()},
+                "disc_opt": self.disc_opt.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.disc is not None and state.get("disc") is not None:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+
+    def save(self, out_dir: Path) -> list[str]:
+        written = super().save(out_dir)
+        if self.disc is not None:
+            self.disc.save(Path(out_dir) / DISC_SUBDIR, finetuned_from=str(self.disc_dir))
+            written.append(DISC_SUBDIR)
+        return written
