@@ -40,7 +40,7 @@ def test_negative_and_masked_foreground_alter_only_the_subject():
     masked = mask_foreground(img, mask, (0, 0, 0))
     assert torch.allclose(masked[:, 4:12, 4:12], torch.full((3, 8, 8), -1.0))
     assert torch.equal(masked[:, :4], img[:, :4])
-    assert torch.allclose(color_tensor((255, 128, 0), img).flatten(), torch.tensor([1.0, 128 / 127.5 - 1, -1.0]))
+    assert torch.allclose(color_tensor((255, 128, 0), img).flatten(), torch.tensor([1.0, 128 / 127.5 - 1, -1.0]), atol=1e-6)
 
 
 def test_resize_subject_shrinks_subject_and_mask_on_colour_canvas():

@@ -112,6 +112,21 @@ def priors(refine_dir: Optional[Path] = typer.Option(None, "--refine"), out: Opt
     done("priors", stage(params, stage_path(refine_dir, run, "refine"), stage_path(out, run, "priors")))
 
 
+@app.command("pretrain-disc")
+@user_errors
+def pretrain_disc(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
+                  priors_dir: Optional[Path] = typer.Option(None, "--priors", help="class images (Table 3's fakes)"),
+                  out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
+                  model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Pretrain Hypnos' latent discriminator on the Table 3 image types (seed 000 app. B.2)."""
+    from subjectops.stages.pretrain_disc import pretrain_disc as stage
+
+    params = build_params(params_path, sets, model)
+    # Class images are needed unless Hypnos' prior preservation is ablated (then `priors` does not run).
+    pri = stage_path(priors_dir, run, "priors", required=params.finetune.hypnos.prior_preservation)
+    done("pretrain-disc", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "pretrain_disc")))
+
+
 @app.command()
 @user_errors
 def finetune(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
