@@ -110,25 +110,35 @@ def test_placement_is_parameterised_with_the_charts_defaults(name):
     assert params["s3_secret"]["defaultValue"] == values["objectStore"]["secretName"]
 
 
-def test_personalize_runs_pretrain_disc_only_when_needed():
+def test_personalize_runs_optional_stages_only_when_planned():
+    """Four branches, one per plan of `configure` (priors? pretrain-disc?); each runs through register."""
     spec, _ = load("personalize")
     comps = spec["components"]
     branches = {}
-    for name, comp in comps.items():
-        for tname, task in comp.get("dag", {}).get("tasks", {}).items():
+    for comp in comps.values():
+        for task in comp.get("dag", {}).get("tasks", {}).values():
             cond = task.get("triggerPolicy", {}).get("condition")
             if cond:
                 inner = comps[task["componentRef"]["name"]]["dag"]["tasks"]
-                branches[cond] = {stage_of("exec-" + t) for t in inner}
-    assert len(branches) == 2
-    (if_cond, if_tasks), (else_cond, else_tasks) = sorted(branches.items(), key=lambda kv: "!" in kv[0])
-    assert "configure-needs_discriminator" in if_cond and "== true" in if_cond
-    assert "!(" in else_cond
-    assert if_tasks == {"pretrain-disc", "finetune", "infer", "evaluate", "register"}
-    assert else_tasks == {"finetune", "infer", "evaluate", "register"}
-    # the finetune in the discriminator branch consumes the discriminator
-    [ft] = [t for n, t in comps.items() if "condition" in n and "pretrain-disc" in t["dag"]["tasks"] for t in [t["dag"]["tasks"]["finetune"]]]
-    assert ft["inputs"]["artifacts"]["disc_dir"]["taskOutputArtifact"]["producerTask"] == "pretrain-disc"
+                branches[cond] = inner
+    assert len(branches) == 4
+    tail = {"finetune", "infer", "evaluate", "register"}
+    plans = {}
+    for cond, tasks in branches.items():
+        assert "configure-plan" in cond
+        stages = {stage_of("exec-" + t) for t in tasks}
+        ft = next(t for n, t in tasks.items() if stage_of("exec-" + n) == "finetune")
+        arts = ft["inputs"]["artifacts"]
+        if "pretrain-disc" in stages:
+            assert arts["disc_dir"]["taskOutputArtifact"]["producerTask"].startswith("pretrain-disc")
+        else:
+            assert "disc_dir" not in arts
+        assert ("priors_dir" in arts) == ("priors" in stages)
+        plans[frozenset(stages - tail)] = cond
+        assert tail <= stages
+    assert set(plans) == {frozenset({"priors", "pretrain-disc"}), frozenset({"priors"}), frozenset({"pretrain-disc"}), frozenset()}
+    assert "'priors+pretrain_disc'" in plans[frozenset({"priors", "pretrain-disc"})]
+    assert plans[frozenset()].count("!(") == 3  # the Else branch: none of the others
     # the pipeline returns the registered version from whichever branch ran
     out = spec["root"]["dag"]["outputs"]["parameters"]["Output"]["valueFromParameter"]
     assert out["producerSubtask"].startswith("condition-branches") and "oneof" in out["outputParameterKey"]
