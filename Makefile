@@ -28,8 +28,11 @@ system-deps:
 	  else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; exit 1; fi; fi
 	scripts/get_helm.sh
 
+# The demo shortens the paper schedules (800 steps, 100 class images, 50 samples) so it ends in minutes on a CPU.
+DEMO_SET := --set finetune.dreambooth.steps=200 --set priors.num_images=20 --set infer.prompt_invariant.num_images=12
+
 demo: install
-	$(BIN)/subjectops run examples/subjects/teapot --class teapot --model tiny-sd15 --out runs/demo
+	$(BIN)/subjectops run examples/subjects/teapot --class teapot --model tiny-sd15 --out runs/demo $(DEMO_SET)
 
 test: install system-deps
 	$(BIN)/pytest -q

@@ -206,7 +206,7 @@ class FinetuneCfg(_Strict):
     offset_noise: float = Field(0.0, ge=0)
     center_flip: bool = False
     checkpoint_every: int = Field(200, ge=0)
-    validation_every: int = Field(0, ge=0)
+    validation_every: int = Field(200, ge=0)
     validation_prompt: str = "a photo of {token} {class_word}"
     dreambooth: DreamBoothCfg = DreamBoothCfg()
     lora: LoraCfg = LoraCfg()
