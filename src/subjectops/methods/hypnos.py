@@ -40,8 +40,8 @@ def inverse_gaussian(x2: torch.Tensor | float, sigma: float):
 
 
 def reconstruction_loss(per_sample_mse: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Eq. 2: sigma sqrt(2 pi) (mean_i exp(mse_i / 2 sigma^2) - 1)."""
-    return sigma * math.sqrt(2 * math.pi) * (torch.exp(per_sample_mse / (2 * sigma ** 2)).mean() - 1)
+    """Eq. 2: sigma sqrt(2 pi) (mean_i exp(mse_i / 2 sigma^2) - 1), as mean_i expm1(.) (exact near 0 in float32)."""
+    return sigma * math.sqrt(2 * math.pi) * torch.expm1(per_sample_mse / (2 * sigma ** 2)).mean()
 
 
 def latent_discriminator_loss(scores: torch.Tensor) -> torch.Tensor:
