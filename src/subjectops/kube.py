@@ -423,7 +423,7 @@ benchmark_app = typer.Typer(no_args_is_help=True, help="The DreamBench benchmark
 
 
 def _subjects(subjects_file: Optional[Path], subjects_root: str) -> list[dict]:
-    pc = pipelines_module()
+    pipelines_module()  # puts the pipeline definitions on sys.path
     from pipelines.benchmark import dreambench_subjects
 
     if subjects_file is None:
@@ -438,7 +438,6 @@ def _subjects(subjects_file: Optional[Path], subjects_root: str) -> list[dict]:
         if not isinstance(it, dict) or set(it) != {"uri", "class_word"}:
             raise SubmitError(f"subject {it!r} must have exactly the keys uri and class_word")
         check_subject(it["uri"])
-    del pc
     return items
 
 
