@@ -91,3 +91,23 @@ def test_pretrain_without_class_images_drops_their_share_and_says_so(teapot_run)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["proportions"]["class_image"] == 0.0 and metrics["notes"]
     assert "class_image" not in metrics["heldout"]["per_type"]
+
+
+def test_cli_pretrain_disc_command(teapot_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from subjectops.cli import app
+
+    root, sets = teapot_run
+    small = sets + ["pretrain_disc.steps=3", "pretrain_disc.model.dim=32", "pretrain_disc.variants_per_type=2",
+                    "pretrain_disc.eval_samples=16"]
+    flags = [a for s in small for a in ("--set", s)]
+    out = tmp_path / "pd"
+    result = CliRunner().invoke(app, ["pretrain-disc", "--refine", str(root / "refine"), "--priors", str(root / "priors"),
+                                      "--out", str(out), *flags])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "latent_discriminator.json").read_text())["pretrained_steps"] == 3
+    assert json.loads((out / "metrics.json").read_text())["heldout"]["samples"] == 16
+    missing = CliRunner().invoke(app, ["pretrain-disc", "--refine", str(root / "refine"), "--out", str(tmp_path / "x"),
+                                       *flags])
+    assert missing.exit_code == 2 and "--priors" in missing.output and not (tmp_path / "x").exists()
