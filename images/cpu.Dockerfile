@@ -29,11 +29,13 @@ ARG HF_HUB_OFFLINE=1
 LABEL org.opencontainers.image.title="subjectops-cpu" \
       org.opencontainers.image.description="subjectops CPU stages, MLflow server and model-cache tools" \
       org.opencontainers.image.licenses="Apache-2.0"
+# /gcs, /minio and /s3 are where the KFP v2 launcher puts artifacts; older backends do not mount them,
+# and a non-root user could not create them.
 RUN groupadd --system --gid 10001 subjectops \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/subjectops --create-home \
         --shell /usr/sbin/nologin subjectops \
- && mkdir -p /models /work \
- && chown 10001:10001 /models /work
+ && mkdir -p /models /work /gcs /minio /s3 \
+ && chown 10001:10001 /models /work /gcs /minio /s3
 COPY --from=build /opt/venv /opt/venv
 # `subjectops submit` and `benchmark submit|schedule` (the chart's CronJob) compile the pipelines from these.
 COPY components/ /opt/subjectops/components/

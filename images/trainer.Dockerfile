@@ -31,11 +31,13 @@ LABEL org.opencontainers.image.title="subjectops-trainer" \
       org.opencontainers.image.description="subjectops GPU stages: priors, pretrain-disc, finetune, infer, evaluate" \
       org.opencontainers.image.licenses="Apache-2.0"
 # A fixed, unprivileged uid/gid: the chart's securityContext and the model-cache PVC permissions use it.
+# /gcs, /minio and /s3 are where the KFP v2 launcher puts artifacts; older backends do not mount them,
+# and a non-root user could not create them.
 RUN groupadd --system --gid 10001 subjectops \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/subjectops --create-home \
         --shell /usr/sbin/nologin subjectops \
- && mkdir -p /models /work \
- && chown 10001:10001 /models /work
+ && mkdir -p /models /work /gcs /minio /s3 \
+ && chown 10001:10001 /models /work /gcs /minio /s3
 COPY --from=build /opt/venv /opt/venv
 # /models is where the chart mounts the model-cache PVC: the hub cache, priors cache and metric
 # encoders live there, so pods never download weights at run time (HF_HUB_OFFLINE=1 by default;
