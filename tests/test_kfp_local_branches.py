@@ -1,6 +1,7 @@
-"""The personalize pipeline's branching under kfp.local: the real `configure` step plans the optional
-stages, and the branch it picks runs (pretrain-disc only for Hypnos, priors only for methods that train
-with them). The stage steps are stand-ins that record what they received, so this takes seconds."""
+"""The pipelines' wiring under kfp.local: the real `configure` step plans the optional stages of
+`personalize` and the branch it picks runs (pretrain-disc only for Hypnos, priors only for methods that
+train with them); `benchmark` fans the subjects out and collects every registration into the
+aggregation step. The stage steps are stand-ins that record what they received, so this takes seconds."""
 
 import json
 import sys
@@ -20,13 +21,16 @@ from pipelines.personalize import build_personalize  # noqa: E402
 
 def fetch_subject(subject_uri: str, dvc_repo: str, dvc_rev: str, images: Output[Dataset]) -> str:
     import os
-    os.makedirs(images.path + "/teapot")
-    return "teapot"
+    name = subject_uri.rstrip("/").rsplit("/", 1)[-1]
+    os.makedirs(os.path.join(images.path, name))
+    return name
 
 
 def refine(params: Input[Artifact], images: Input[Dataset], class_word: str, out: Output[Dataset]):
     import os
     os.makedirs(out.path)
+    [name] = os.listdir(images.path)
+    open(os.path.join(out.path, "subject"), "w").write(f"{name}:{class_word}")
 
 
 def priors(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Dataset]):
@@ -72,25 +76,32 @@ def register(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: 
     method = yaml.safe_load(open(os.path.join(params.path, "params.yaml")))["finetune"]["method"]
     seen = json.load(open(os.path.join(evaluate_dir.path, "inputs.json")))
     seen["register_priors"], seen["register_disc"] = priors_dir is not None, disc_dir is not None
-    return method + "/" + json.dumps(seen, sort_keys=True)
+    subject = open(os.path.join(refine_dir.path, "subject")).read()
+    return f"{subject}:{method}/" + json.dumps(seen, sort_keys=True)
 
 
 def benchmark_aggregate(registrations: List[str], params: Input[Artifact], fail_on_refused: bool, out: Output[Artifact],
                         metrics: Output[Metrics]):
-    pass
+    import os
+    os.makedirs(out.path)
+    open(os.path.join(out.path, "registrations"), "w").write("\n".join(sorted(r.split("/")[0] for r in registrations)))
 
 
 @pytest.fixture(scope="module")
-def pipeline():
+def stand_ins() -> Components:
     def comp(f):
         return dsl.component(f, base_image="stand-in", install_kfp_package=False)
 
-    c = Components(configure=dsl.component(stages.configure, base_image="stand-in", install_kfp_package=False),
+    return Components(configure=dsl.component(stages.configure, base_image="stand-in", install_kfp_package=False),
                    fetch_subject=comp(fetch_subject), refine=comp(refine), register=comp(register),
                    benchmark_aggregate=comp(benchmark_aggregate), priors=comp(priors), pretrain_disc=comp(pretrain_disc),
                    finetune=comp(finetune), infer=comp(infer), evaluate=comp(evaluate),
                    cpu_image="stand-in", trainer_image="stand-in")
-    return build_personalize(c)
+
+
+@pytest.fixture(scope="module")
+def pipeline(stand_ins):
+    return build_personalize(stand_ins)
 
 
 @pytest.mark.parametrize("method, overrides, expected", [
@@ -101,9 +112,22 @@ def pipeline():
 def test_the_planned_branch_runs(pipeline, tmp_path, method, overrides, expected):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), raise_on_error=True)
     task = pipeline(subject_uri="s3://b/teapot", class_word="teapot", method=method, overrides=overrides, priors_cache_dir="")
-    got_method, seen = task.output.split("/", 1)
-    assert got_method == method
+    got, seen = task.output.split("/", 1)
+    assert got == f"teapot:teapot:{method}"
     assert json.loads(seen) == expected
     ran = {p.name.rsplit("-", 1)[0] if p.name.rsplit("-", 1)[-1].isdigit() else p.name for p in tmp_path.glob("*/*") if p.is_dir()}
     assert ("pretrain-disc" in ran) == bool(expected["disc"])
     assert ("priors" in ran) == bool(expected["priors"])
+
+
+def test_benchmark_fans_out_and_collects_every_subject(stand_ins, tmp_path):
+    from pipelines.benchmark import build_benchmark
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), raise_on_error=True)
+    subjects = [{"uri": "s3://b/dreambench/teapot", "class_word": "teapot"},
+                {"uri": "s3://b/dreambench/dog", "class_word": "dog"}]
+    build_benchmark(stand_ins, parallelism=2)(subjects=subjects, method="hypnos", priors_cache_dir="")
+    [agg] = list(tmp_path.glob("*/benchmark-aggregate/out/registrations"))
+    assert agg.read_text().splitlines() == ["dog:dog:hypnos", "teapot:teapot:hypnos"]
+    assert len(list(tmp_path.glob("*/for-loop-*-iteration-*"))) == 2
+    assert len([p for p in tmp_path.rglob("pretrain-disc*") if p.is_dir()]) == 2  # each subject took the discriminator branch
