@@ -185,3 +185,50 @@ def test_parse_registration():
     assert kr.parse_registration("subjectops-teapot/3") == {"model_name": "subjectops-teapot", "version": "3"}
     with pytest.raises(SubjectopsError, match="MODEL_NAME/VERSION"):
         kr.parse_registration("subjectops-teapot")
+
+
+def _register(client, name, records, tmp_path):
+    """A model version with the evaluation summary the register stage stores (evaluation/summary.json)."""
+    exp = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench"))
+    run = client.create_run(exp.experiment_id)
+    summary = tmp_path / f"{name}-{run.info.run_id}" / "summary.json"
+    summary.parent.mkdir()
+    summary.write_text(json.dumps({"records": records, "seeds": {"prompt-invariant": {"n": 10}}, "prompt_sets": {}}))
+    client.log_artifact(run.info.run_id, str(summary), "evaluation")
+    try:
+        client.create_registered_model(name)
+    except Exception:  # noqa: BLE001 - already there
+        pass
+    return client.create_model_version(name, source=f"{run.info.artifact_uri}/evaluation", run_id=run.info.run_id).version
+
+
+def test_benchmark_aggregate_command_against_a_registry(tmp_path, monkeypatch):
+    """`subjectops benchmark aggregate` (the pipeline's last step) reads versions and champions from MLflow."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from subjectops.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    gates = tmp_path / "params.yaml"
+    gates.write_text("registry:\n  gates:\n    - {metric: dino, tolerance: 0.01}\n")
+    for name, champ, chall in (("subjectops-cat", 0.70, 0.60), ("subjectops-dog", 0.72, 0.70)):
+        v1 = _register(client, name, [_rec("dino", champ)], tmp_path)
+        client.set_registered_model_alias(name, "champion", v1)
+        _register(client, name, [_rec("dino", chall)], tmp_path)
+    out = tmp_path / "aggregate.json"
+    result = CliRunner().invoke(app, ["benchmark", "aggregate", "subjectops-cat/2", "subjectops-dog/2", "--tracking-uri", uri,
+                                      "--params", str(gates), "--output", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "regressed against the champion" in result.output and "0.65" in result.output and "0.71" in result.output
+    data = json.loads(out.read_text())
+    assert data["compared_with_champions"] == ["subjectops-cat/1", "subjectops-dog/1"]
+    assert data["decision"]["status"] == "failed"
+    # the champions themselves are compared with no one: only absolute floors apply, and there are none
+    result = CliRunner().invoke(app, ["benchmark", "aggregate", "subjectops-cat/1", "subjectops-dog/1", "--tracking-uri", uri,
+                                      "--params", str(gates), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["compared_with_champions"] == [] and data["decision"]["status"] == "passed"
