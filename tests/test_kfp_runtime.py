@@ -232,3 +232,36 @@ def test_benchmark_aggregate_command_against_a_registry(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["compared_with_champions"] == [] and data["decision"]["status"] == "passed"
+
+
+def test_fetch_subject_from_a_dvc_repository(tmp_path, example_subject):
+    """dvc://path@rev: `dvc get` from a git repository whose photos live in its DVC remote."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo, remote = tmp_path / "repo", tmp_path / "remote"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com", "DVC_NO_ANALYTICS": "1"}
+
+    def sh(*cmd):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+
+    dvc = [sys.executable, "-m", "dvc"]
+    sh("git", "init", "-q")
+    sh(*dvc, "init", "-q")
+    sh(*dvc, "remote", "add", "-d", "store", str(remote))
+    shutil.copytree(example_subject, repo / "subjects" / "teapot", ignore=shutil.ignore_patterns("*.md"))
+    sh(*dvc, "add", "-q", "subjects/teapot")
+    sh(*dvc, "push", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "teapot")
+    sh("git", "tag", "v1")
+    shutil.rmtree(repo / "subjects" / "teapot")  # only the remote has the photos now
+    shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
+    target = kr.fetch_subject("dvc://subjects/teapot@v1", tmp_path / "out", dvc_repo=str(repo))
+    assert target.name == "teapot"
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in example_subject.glob("*.jpg"))
+    with pytest.raises(SubjectError, match="dvc get"):
+        kr.fetch_subject("dvc://subjects/missing", tmp_path / "out2", dvc_repo=str(repo))
