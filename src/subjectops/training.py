@@ -12,6 +12,7 @@ checkpointed with the weights, optimizer and LR scheduler, so a resumed run matc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from rich.console import Console
@@ -141,7 +143,13 @@ class Trainer:
                                   fix="use --set finetune.mixed_precision=bf16 or =no on a CPU")
         self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision, cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
-        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        # Data parallel under `accelerate launch --num_processes N`: each process draws its own batches and
+        # noise (rank 0 draws exactly what a single-process run draws); gradients are averaged every step.
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.generator = torch.Generator().manual_seed(self.cfg.seed + self.rank)
+        for module in [models.unet, models.vae, *models.text_encoders]:
+            module.to(self.device)
         self.log_path = self.work_dir / "train_log.jsonl"
 
     # --- shared loss helpers for methods ----------------------------------------------------------
@@ -282,10 +290,12 @@ class Trainer:
             "tensors": {k: v.detach().cpu().clone() for k, v in self.method.state_tensors().items()},
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_sched.state_dict(),
-            "generator": self.generator.get_state(),
+            "generators": gather_object([self.generator.get_state()]),  # one per process, by rank
             "torch_rng": torch.get_rng_state(),
             "method": self.method.extra_state(),
         }
+        if not self.is_main:
+            return
         final = self.ckpt_dir / f"step_{global_step:06d}.pt"
         tmp = final.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -318,18 +328,18 @@ class Trainer:
         if resume:
             method.load_state_tensors(resume["tensors"])
             method.load_extra_state(resume["method"])
-            self.generator.set_state(resume["generator"])
+            self.generator.set_state(resume["generators"][self.rank])
             torch.set_rng_state(resume["torch_rng"])
             start_global = resume["global_step"]
             console.print(f"[green]resuming finetune from step {start_global}")
-        elif self.log_path.exists():
+        elif self.log_path.exists() and self.is_main:
             self.log_path.unlink()
 
         total = sum(p.steps for p in phases)
         global_step = 0
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
-                            TimeRemainingColumn(), console=console, disable=not self.show_progress)
+                            TimeRemainingColumn(), console=console, disable=not (self.show_progress and self.is_main))
         with progress, self.log_path.open("a") as log:
             task = progress.add_task(f"finetune {method.name}", total=total, completed=start_global, loss=float("nan"))
             for phase_idx, phase in enumerate(phases):
@@ -369,6 +379,10 @@ class Trainer:
                 self.accelerator.backward(loss / accum)
                 for k, v in {"loss": float(loss.detach()), **terms}.items():
                     terms_sum[k] = terms_sum.get(k, 0.0) + v / accum
+            if self.world > 1:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = self.accelerator.reduce(p.grad, reduction="mean")
             if self.cfg.max_grad_norm:
                 self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
             optimizer.step()
@@ -379,17 +393,27 @@ class Trainer:
                 raise SubjectopsError(f"loss became {terms_sum['loss']} at step {global_step} ({phase.name})",
                                       fix="lower the learning rate or use --set finetune.mixed_precision=no")
             record = {"step": global_step, "phase": phase.name, "lr": lr_sched.get_last_lr()[0], **terms_sum}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if self.is_main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             if self.on_step:
                 self.on_step(global_step, record)
             progress.update(task, advance=1, loss=terms_sum["loss"])
             if self.cfg.checkpoint_every and global_step % self.cfg.checkpoint_every == 0:
                 self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)
-            if validate and self.cfg.validation_every and global_step % self.cfg.validation_every == 0:
+            if validate and self.is_main and self.cfg.validation_every and global_step % self.cfg.validation_every == 0:
                 validate(global_step)
         for p in params:
             p.requires_grad_(False)
+
+
+def replicas_in_sync(trainer: "Trainer") -> bool:
+    """Every process must end with the same weights: a mismatch means gradients were not averaged."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(trainer.method.state_tensors().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return len(set(gather_object([h.hexdigest()]))) == 1
 
 
 def default_resolution(models: DiffusionModels) -> int:

@@ -52,11 +52,12 @@ def partial_dir(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def stage_output(out: Path, keep_on_error: bool = False) -> Iterator[Path]:
+def stage_output(out: Path, keep_on_error: bool = False, publish: bool = True) -> Iterator[Path]:
     """Yield a work directory `<out>.partial`; on success it replaces `<out>` in one rename.
 
     A failed run never destroys an earlier complete output. `keep_on_error` keeps the work directory
-    (finetune's checkpoints) so the next attempt resumes instead of starting over.
+    (finetune's checkpoints) so the next attempt resumes instead of starting over. `publish=False` is for
+    the non-main processes of a distributed run: they share the work directory and leave the rename alone.
     """
     out = Path(out)
     work = partial_dir(out)
@@ -69,6 +70,8 @@ def stage_output(out: Path, keep_on_error: bool = False) -> Iterator[Path]:
         if not keep_on_error:
             shutil.rmtree(work, ignore_errors=True)
         raise
+    if not publish:
+        return
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)

@@ -19,8 +19,8 @@ from subjectops.errors import SubjectopsError
 from subjectops.methods import get_method
 from subjectops.models.loading import load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
-from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
-from subjectops.training import DiffusionModels, Trainer, default_resolution
+from subjectops.stages.common import partial_dir, require_stage_dir, stage_output, write_manifest
+from subjectops.training import DiffusionModels, Trainer, default_resolution, replicas_in_sync
 
 
 def load_priors(priors_dir: Path | None) -> list:
@@ -55,8 +55,10 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
             fix="run `subjectops priors` and pass --priors, or --set finetune.<method>.prior_preservation=false",
         )
 
-    with stage_output(out, keep_on_error=True) as work:
-        trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step)
+    work = partial_dir(out)
+    trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step)
+    # Under `accelerate launch` every process trains; only the main one writes and publishes the output.
+    with stage_output(out, keep_on_error=True, publish=trainer.is_main) as work:
 
         def validate(step: int) -> None:
             (work / "validation").mkdir(exist_ok=True)
@@ -70,14 +72,19 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
         images = [to_tensor(i) for i in subject.images()]
         masks = [to_tensor(m) for m in subject.masks()]
         steps = trainer.train(images, masks, priors, validate=validate)
-        written = method.save(work)
-        shutil.rmtree(trainer.ckpt_dir, ignore_errors=True)  # the saved weights supersede them
-        info = {"method": method.name, "base_model": params.model.base, "identifier": method.identifier(),
-                "instance_prompt": method.instance_prompt(), "class_word": subject.class_word, "steps": steps,
-                "resolution": subject.resolution, "weights": written,
-                "native_resolution": default_resolution(models)}
-        (work / "method.json").write_text(json.dumps(info, indent=2))
-        write_manifest(work, "finetune", params, {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir},
-                       method=method.name)
+        if not replicas_in_sync(trainer):
+            raise SubjectopsError(f"the {trainer.world} training processes ended with different weights",
+                                  fix="check that every process runs the same subjectops version and params")
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_main:
+            written = method.save(work)
+            shutil.rmtree(trainer.ckpt_dir, ignore_errors=True)  # the saved weights supersede them
+            info = {"method": method.name, "base_model": params.model.base, "identifier": method.identifier(),
+                    "instance_prompt": method.instance_prompt(), "class_word": subject.class_word, "steps": steps,
+                    "resolution": subject.resolution, "weights": written, "processes": trainer.world,
+                    "native_resolution": default_resolution(models)}
+            (work / "method.json").write_text(json.dumps(info, indent=2))
+            write_manifest(work, "finetune", params, {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir},
+                           method=method.name, processes=trainer.world)
     return Path(out)
 
