@@ -110,6 +110,39 @@ def _plot_metric(metric: str, records: list[dict], per_image: dict[str, list[flo
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _image_sections(references: Sequence[Path], samples: Sequence[dict[str, Any]], metrics: dict[str, Any],
+                    infer_dir: Path) -> list[str]:
+    """Reference photos, then a grid of generated images per prompt."""
+    parts: list[str] = []
+    # Reference images
+    parts.append(f'<h2 id="references">Reference images ({len(references)})</h2><div class="grid">')
+    for p in references:
+        parts.append(f'<figure><img class="reference" alt="{_e(Path(p).name)}" src="{image_data_uri(Path(p))}">'
+                     f"<figcaption>{_e(Path(p).name)}</figcaption></figure>")
+    parts.append("</div>")
+
+    # Generated images: a grid per prompt
+    parts.append('<h2 id="generated">Generated images</h2>')
+    for pset in metrics["prompt_sets"]:
+        groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+        for s in samples:
+            if s["prompt_set"] == pset["name"]:
+                groups.setdefault(s["prompt"], []).append(s)
+        parts.append(f"<h3>{_e(pset['name'])}: {len(groups)} prompt(s)</h3>")
+        for prompt, items in groups.items():
+            shown = items[:MAX_PER_PROMPT]
+            more = f" (showing {len(shown)} of {len(items)})" if len(items) > len(shown) else ""
+            parts.append(f"<p><span class='prompt'>{_e(prompt)}</span> <span class='muted'>{len(items)} image(s){more}"
+                         "</span></p><div class='grid generated'>")
+            for s in shown:
+                parts.append(f'<figure><img class="generated" alt="seed {s["seed"]}" '
+                             f'src="{image_data_uri(Path(infer_dir) / s["path"])}"><figcaption>seed {_e(s["seed"])}'
+                             "</figcaption></figure>")
+            parts.append("</div>")
+
+    return parts
+
+
 def render_report(
     out_path: Path,
     metrics: dict[str, Any],
@@ -134,6 +167,9 @@ def render_report(
     parts.append('<p class="muted"><span id="load-status">images not checked yet</span> · '
                  f'prompt sets: {_e(", ".join(s["name"] for s in metrics["prompt_sets"]))} · '
                  f"FID features: {_e(metrics.get('fid_features') or '-')}</p>")
+
+    # Pictures before numbers: what the model makes is the first thing to judge.
+    parts += _image_sections(references, samples, metrics, infer_dir)
 
     # Metric tables (mean ± std), one per prompt set
     parts.append('<h2 id="metrics">Metrics</h2>')
@@ -171,32 +207,6 @@ def render_report(
         uri = _plot_metric(metric, recs, per_image, recs[0]["higher_is_better"])
         parts.append(f'<img class="plot" alt="{_e(metric)} plot" src="{uri}">')
     parts.append("</div>")
-
-    # Reference images
-    parts.append(f'<h2 id="references">Reference images ({len(references)})</h2><div class="grid">')
-    for p in references:
-        parts.append(f'<figure><img class="reference" alt="{_e(Path(p).name)}" src="{image_data_uri(Path(p))}">'
-                     f"<figcaption>{_e(Path(p).name)}</figcaption></figure>")
-    parts.append("</div>")
-
-    # Generated images: a grid per prompt
-    parts.append('<h2 id="generated">Generated images</h2>')
-    for pset in metrics["prompt_sets"]:
-        groups: "OrderedDict[str, list[dict]]" = OrderedDict()
-        for s in samples:
-            if s["prompt_set"] == pset["name"]:
-                groups.setdefault(s["prompt"], []).append(s)
-        parts.append(f"<h3>{_e(pset['name'])}: {len(groups)} prompt(s)</h3>")
-        for prompt, items in groups.items():
-            shown = items[:MAX_PER_PROMPT]
-            more = f" (showing {len(shown)} of {len(items)})" if len(items) > len(shown) else ""
-            parts.append(f"<p><span class='prompt'>{_e(prompt)}</span> <span class='muted'>{len(items)} image(s){more}"
-                         "</span></p><div class='grid generated'>")
-            for s in shown:
-                parts.append(f'<figure><img class="generated" alt="seed {s["seed"]}" '
-                             f'src="{image_data_uri(Path(infer_dir) / s["path"])}"><figcaption>seed {_e(s["seed"])}'
-                             "</figcaption></figure>")
-            parts.append("</div>")
 
     # Config and versions
     parts.append('<h2 id="config">Run configuration</h2>')
