@@ -69,24 +69,25 @@ class PriorsCfg(_Strict):
     cache_dir: str = "cache/priors"
 
 
-class DreamBoothCfg(_Strict):
+class _PriorPreservationCfg(_Strict):
+    """The DreamBooth objective's settings, shared by full and LoRA fine-tuning."""
+
     steps: int = Field(800, ge=1)
-    lr: float = Field(5e-6, gt=0)
-    train_text_encoder: bool = False
     prior_preservation: bool = True
-    prior_loss_weight: float = Field(1.0, ge=0)
+    prior_loss_weight: float = Field(1.0, ge=0)  # lambda
     instance_prompt: str = "a photo of {token} {class_word}"
 
 
-class LoraCfg(_Strict):
-    steps: int = Field(800, ge=1)
+class DreamBoothCfg(_PriorPreservationCfg):
+    lr: float = Field(5e-6, gt=0)
+    train_text_encoder: bool = False
+
+
+class LoraCfg(_PriorPreservationCfg):
     lr: float = Field(1e-4, gt=0)
     rank: int = Field(4, ge=1)
     alpha: float = Field(4, gt=0)
     target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
-    prior_preservation: bool = True
-    prior_loss_weight: float = Field(1.0, ge=0)
-    instance_prompt: str = "a photo of {token} {class_word}"
 
 
 class TextualInversionCfg(_Strict):

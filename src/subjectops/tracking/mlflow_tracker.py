@@ -162,6 +162,19 @@ class RunState:
         return not (reg.get("wanted") and not reg.get("done"))
 
 
+
+@contextlib.contextmanager
+def _record_outcome(outcome: dict) -> Iterator[None]:
+    """Set outcome["status"] to how the body ended: FINISHED, KILLED (Ctrl-C) or FAILED (MLflow's terms)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        outcome["status"] = "KILLED"
+        raise
+    except BaseException:
+        outcome["status"] = "FAILED"
+        raise
+
 class MlflowTracker:
     """Tracker for `subjectops.pipeline.run`: parent run + one nested run per stage, local fallback."""
 
@@ -289,16 +302,12 @@ class MlflowTracker:
         if not self.offline:
             self.echo(f"tracking to {self.uri}, experiment {experiment!r}")
         self._upload_parent_start()
-        status = "FINISHED"
+        outcome = {"status": "FINISHED"}
         try:
-            yield self
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        except BaseException:
-            status = "FAILED"
-            raise
+            with _record_outcome(outcome):
+                yield self
         finally:
+            status = outcome["status"]
             st.data["parent"]["end"] = now_ms()
             st.data["parent"]["status"] = status
             st.save()
@@ -320,20 +329,15 @@ class MlflowTracker:
         self._current = name
         self._buffer = []
         self._ensure_stage_run(name)
-        status = "FINISHED"
+        outcome = {"status": "FINISHED"}
         try:
-            yield self
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        except BaseException:
-            status = "FAILED"
-            raise
+            with _record_outcome(outcome):
+                yield self
         finally:
             self._flush_steps(force=True)
             self._current = None
             st["end"] = now_ms()
-            st["status"] = status
+            st["status"] = outcome["status"]
             self.state.save()
             self._upload_stage(name)
 
