@@ -107,7 +107,7 @@ def pipeline(stand_ins):
 @pytest.mark.parametrize("method, overrides, expected", [
     ("hypnos", [], {"priors": "priors", "disc": "pretrain_disc", "register_priors": True, "register_disc": True}),
     ("textual-inversion", [], {"priors": False, "disc": False, "register_priors": False, "register_disc": False}),
-    ("lora", [], {"priors": "priors", "disc": False, "register_priors": True, "register_disc": False}),
+    # (the priors-only plan runs for real in test_kfp_local.py)
 ])
 def test_the_planned_branch_runs(pipeline, tmp_path, method, overrides, expected):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), raise_on_error=True)
