@@ -145,6 +145,12 @@ class HypnosMethod(DreamBoothMethod):
         # a seeded pool of `variants_per_image` pre-augmented copies at the configured proportions; the trainer
         # draws that pool uniformly, so every training sample is background-replaced with probability ~0.66.
         variants = content_centric_variants(images, masks, self.cfg.augment, seed=self.params.finetune.seed)
+        # The trainer moves the diffusion models to its device after setup(); follow them here, before a
+        # resumed checkpoint loads the discriminator's optimizer state (which then lands on the same device).
+        device = self.models.unet.device if self.models is not None else None
+        for module in (self.disc, self.perceptual):
+            if module is not None and device is not None:
+                module.to(device)
         instance = [TrainExample(v.pixels, self.prompt_for(v.background), v.mask) for v in variants]
         prior = [TrainExample(p, self.class_prompt(), None, is_prior=True) for p in priors] if self._uses_priors() else []
         return instance, prior
