@@ -5,6 +5,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
+from subjectops.config import load_params
+from subjectops.stages.pretrain_disc import pretrain_disc
 from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
 
@@ -15,14 +19,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_average_gradients_and_publish_once(tiny_params, tiny_overrides, example_subject, tmp_path):
+# Hypnos also trains its latent discriminator inside the step: its gradients must be averaged too.
+@pytest.mark.parametrize("method", ["dreambooth", "hypnos"])
+def test_two_processes_average_gradients_and_publish_once(tiny_overrides, example_subject, tmp_path, method):
+    overrides = tiny_overrides + [f"finetune.method={method}", "finetune.dreambooth.steps=3", "finetune.hypnos.steps=3",
+                                  "finetune.validation_every=0", "pretrain_disc.steps=2", "pretrain_disc.eval_samples=0"]
+    params = load_params("params.yaml", overrides)
     run = tmp_path / "run"
-    refine(tiny_params, example_subject, "teapot", run / "refine")
-    priors(tiny_params, run / "refine", run / "priors")
-    sets = [a for s in tiny_overrides + ["finetune.dreambooth.steps=3", "finetune.validation_every=0"] for a in ("--set", s)]
+    refine(params, example_subject, "teapot", run / "refine")
+    priors(params, run / "refine", run / "priors")
+    disc = []
+    if method == "hypnos":
+        pretrain_disc(params, run / "refine", run / "priors", run / "pretrain_disc")
+        disc = ["--disc", str(run / "pretrain_disc")]
+    sets = [a for s in overrides for a in ("--set", s)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "subjectops.cli", "finetune", "--refine", str(run / "refine"),
-           "--priors", str(run / "priors"), "--out", str(run / "finetune"), "--params", "params.yaml", *sets]
+           "--priors", str(run / "priors"), *disc, "--out", str(run / "finetune"), "--params", "params.yaml", *sets]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     # finetune refuses to publish when the processes end with different weights (gradients not averaged)
     assert result.returncode == 0, result.stderr[-3000:]

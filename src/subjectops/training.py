@@ -189,6 +189,13 @@ class Trainer:
             return a.sqrt() * noisy - (1 - a).sqrt() * pred
         return (noisy - (1 - a).sqrt() * pred) / a.sqrt()
 
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Data parallel: every process steps with the mean gradient, so replicas stay identical."""
+        if self.world > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
     # --- data --------------------------------------------------------------------------------------
     def _prepare_examples(self, examples: list[TrainExample]) -> dict:
         pixels = torch.stack([e.pixels for e in examples])
@@ -379,10 +386,7 @@ class Trainer:
                 self.accelerator.backward(loss / accum)
                 for k, v in {"loss": float(loss.detach()), **terms}.items():
                     terms_sum[k] = terms_sum.get(k, 0.0) + v / accum
-            if self.world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+            self.average_gradients(params)
             if self.cfg.max_grad_norm:
                 self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
             optimizer.step()
@@ -408,11 +412,20 @@ class Trainer:
 
 
 def replicas_in_sync(trainer: "Trainer") -> bool:
-    """Every process must end with the same weights: a mismatch means gradients were not averaged."""
+    """Every process must end with the same weights (the method's own modules included, e.g. Hypnos'
+    discriminator): a mismatch means gradients were not averaged."""
     h = hashlib.sha256()
-    for name, tensor in sorted(trainer.method.state_tensors().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().numpy().tobytes())
+
+    def update(key: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            h.update(key.encode())
+            h.update(value.detach().float().cpu().numpy().tobytes())
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                update(f"{key}.{k}", value[k])
+
+    update("weights", trainer.method.state_tensors())
+    update("method", trainer.method.extra_state())
     return len(set(gather_object([h.hexdigest()]))) == 1
 
 

@@ -204,6 +204,7 @@ class HypnosMethod(DreamBoothMethod):
         loss = self.disc.loss(z, labels)
         self.disc_opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.trainer.average_gradients(list(self.disc.parameters()))  # the discriminator is data-parallel too
         self.disc_opt.step()
         self.disc.requires_grad_(False)
         return float(loss.detach())

@@ -81,7 +81,7 @@ def load_pipeline(model: ModelCfg, dtype: torch.dtype = torch.float32) -> Diffus
                 fix=how_to_provide(source),
             )
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fingerprint(model: ModelCfg) -> str:

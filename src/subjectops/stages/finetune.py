@@ -46,6 +46,9 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
                               fix="set subject.resolution to a multiple of 8 and run refine again")
     method = method_cls(params, subject.class_word, models)
     method.disc_dir = disc_dir
+    work = partial_dir(out)
+    # The trainer places the models on the accelerator first, so what setup() adds lands there too.
+    trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step)
     method.setup()
     phases = method.phases()
     priors = load_priors(priors_dir) if any(p.uses_priors for p in phases) else []
@@ -55,8 +58,6 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
             fix="run `subjectops priors` and pass --priors, or --set finetune.<method>.prior_preservation=false",
         )
 
-    work = partial_dir(out)
-    trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step)
     # Under `accelerate launch` every process trains; only the main one writes and publishes the output.
     with stage_output(out, keep_on_error=True, publish=trainer.is_main) as work:
 
