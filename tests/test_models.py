@@ -87,3 +87,21 @@ def test_models_check_lists_present_and_missing(tmp_path):
     lines = result.output.splitlines()
     assert any("tiny-sd15" in l and "present" in l for l in lines)
     assert any("facebook/dino-vits16" in l and "missing" in l for l in lines)
+
+
+def test_models_check_finds_hypnos_and_fid_weight_files(tmp_path):
+    from typer.testing import CliRunner
+
+    from subjectops.cli import app
+
+    b1 = tmp_path / "efficientnet_b1_rwightman-bac287d4.pth"
+    b1.write_bytes(b"weights")
+    args = ["models", "check", "--params", "params.yaml", "--model", str(tiny_dir("tiny-sd15")), "--method", "hypnos"]
+    found = CliRunner().invoke(app, args + ["--set", f"finetune.hypnos.efficientnet={b1}"], env={"COLUMNS": "300"})
+    absent = CliRunner().invoke(app, args + ["--set", f"finetune.hypnos.efficientnet={tmp_path / 'nope.pth'}"],
+                                env={"COLUMNS": "300"})
+    assert found.exit_code == absent.exit_code == 0, found.output
+    row = lambda out: next(l for l in out.splitlines() if "EfficientNet-B1" in l)
+    assert "present" in row(found.output) and "missing" in row(absent.output)
+    assert any("base model" in l and "present" in l for l in found.output.splitlines())  # a local directory
+    assert any("Inception" in l and "missing" in l for l in found.output.splitlines())

@@ -179,13 +179,14 @@ def evaluate(run_dir: Optional[Path] = typer.Argument(None, help="run directory:
 
 @models_app.command("check")
 @user_errors
-def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt, model: Optional[str] = ModelOpt):
+def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt, model: Optional[str] = ModelOpt,
+                 method: Optional[str] = MethodOpt):
     """Say which real weights are present and how to provide the missing ones."""
     from rich.table import Table
 
     from subjectops.models.check import check_weights
 
-    params = build_params(params_path, sets, model)
+    params = build_params(params_path, sets, model, method)
     table = Table(title="weights")
     for col in ("purpose", "id or path", "status", "how to provide"):
         table.add_column(col)

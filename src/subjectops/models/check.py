@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from subjectops.config import Params
+from subjectops.errors import ModelNotFoundError
 from subjectops.models.loading import how_to_provide, is_tiny
 
 
@@ -41,8 +42,28 @@ def check_weights(params: Params) -> list[WeightStatus]:
                            ("CLIP metric encoder", params.evaluate.backbones.clip)):
         if ident != "tiny":
             rows.append(WeightStatus(purpose, ident, hub_present(ident), how_to_provide(ident)))
+    if params.finetune.method == "hypnos" and params.finetune.hypnos.efficientnet != "tiny" and not is_tiny(params.model):
+        from subjectops.models.perceptual import _weight_file, how_to_provide as b1_how
+
+        rows.append(WeightStatus("EfficientNet-B1 (Hypnos perceptual loss)", params.finetune.hypnos.efficientnet,
+                                 _found(lambda: _weight_file(params.finetune.hypnos.efficientnet)), b1_how()))
+    if params.evaluate.backbones.inception != "none":
+        from subjectops.metrics.backbones import INCEPTION_FILE, find_inception
+
+        rows.append(WeightStatus("Inception (FID; else DINO features)", params.evaluate.backbones.inception,
+                                 _found(lambda: find_inception(params.evaluate.backbones.inception)),
+                                 f"put torch-fidelity's {INCEPTION_FILE} in the torch hub cache or point "
+                                 "evaluate.backbones.inception at it"))
     if params.refine.mask_backend == "sam":
         ckpt = params.refine.sam_checkpoint or "(unset)"
         rows.append(WeightStatus("SAM masks", ckpt, bool(params.refine.sam_checkpoint) and Path(ckpt).is_file(),
                                  "set refine.sam_checkpoint to a segment-anything .pth file"))
     return rows
+
+
+def _found(locate) -> bool:
+    """Whether a weight-file lookup finds its file (lookups raise or return None when it is absent)."""
+    try:
+        return locate() is not None
+    except ModelNotFoundError:
+        return False
