@@ -17,7 +17,7 @@ import yaml
 
 from servers import BIN, DVC_BUCKET, base_env, free_port
 
-STAGES = ["refine", "priors", "finetune", "infer", "evaluate"]
+STAGES = ["refine", "priors", "pretrain_disc", "finetune", "infer", "evaluate"]
 TINY = {
     "model": {"base": "tiny-sd15"},
     "priors": {"num_images": 2, "steps": 2, "batch_size": 2},
@@ -85,6 +85,11 @@ def test_repro_param_change_exp_run_push_pull(dvc_repo):
     # params recorded per stage are exactly the keys dvc.yaml names
     assert set(lock["evaluate"]["params"]["params.yaml"]) == {"model.cache_dir", "evaluate"}
     assert set(lock["finetune"]["params"]["params.yaml"]) == {"model", "subject.token", "priors.prompt", "finetune"}
+    # LoRA needs no latent discriminator: the stage ran with --if-needed and says why it did nothing
+    skipped = json.loads((repo / "runs" / "dvc" / "pretrain_disc" / "manifest.json").read_text())
+    assert skipped["skipped"] == "method lora uses no latent discriminator" and skipped["outputs"] == {}
+    assert set(lock["pretrain_disc"]["params"]["params.yaml"]) == {"model", "pretrain_disc", "finetune.method",
+                                                                  "finetune.hypnos"}
     metrics = json.loads(sh([dvc, "metrics", "show", "--json"], repo, env).stdout)
     assert "runs/dvc/evaluate/metrics.json" in json.dumps(metrics)
     sh(["git", "add", "-A"], repo, env)

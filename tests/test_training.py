@@ -213,3 +213,28 @@ def test_fp16_on_cpu_is_refused_with_a_fix(prepared, tiny_overrides, tmp_path):
     params = with_overrides(tiny_overrides, "finetune.mixed_precision=fp16")
     with pytest.raises(SubjectopsError, match="needs a CUDA GPU"):
         finetune(params, prepared / "refine", prepared / "priors", tmp_path / "ft")
+
+
+def test_if_needed_stages_record_why_they_did_nothing(prepared, tiny_overrides, tmp_path):
+    """For DVC: `priors --if-needed` and `pretrain-disc --if-needed` skip for methods that do not use them."""
+    from typer.testing import CliRunner
+
+    from subjectops.cli import app
+
+    sets = [a for s in tiny_overrides for a in ("--set", s)]
+    runner = CliRunner()
+    res = runner.invoke(app, ["priors", "--if-needed", "--method", "textual-inversion", "--refine",
+                              str(prepared / "refine"), "--out", str(tmp_path / "priors"), *sets])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "priors" / "manifest.json").read_text())
+    assert manifest["skipped"] == "method textual-inversion trains without class-prior images"
+    assert not (tmp_path / "priors" / "images").exists()
+    res = runner.invoke(app, ["pretrain-disc", "--if-needed", "--method", "dreambooth", "--refine",
+                              str(prepared / "refine"), "--priors", str(prepared / "priors"),
+                              "--out", str(tmp_path / "disc"), *sets])
+    assert res.exit_code == 0, res.output
+    assert "uses no latent discriminator" in json.loads((tmp_path / "disc" / "manifest.json").read_text())["skipped"]
+    # a method that uses them runs them for real
+    res = runner.invoke(app, ["priors", "--if-needed", "--method", "dreambooth", "--refine", str(prepared / "refine"),
+                              "--out", str(tmp_path / "priors2"), *sets])
+    assert res.exit_code == 0 and len(list((tmp_path / "priors2" / "images").glob("*.png"))) == 2

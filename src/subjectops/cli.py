@@ -25,6 +25,7 @@ SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr
 ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, tiny-sd15 or tiny-sdxl (= model.base)")
 MethodOpt = typer.Option(None, "--method", help="dreambooth | lora | textual-inversion | two-stage | hypnos")
 RunOpt = typer.Option(None, "--run", help="run directory: RUN/<stage> for every path not given")
+IfNeededOpt = typer.Option(False, "--if-needed", help="only when the method needs this stage (for DVC); else record why not")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -103,12 +104,18 @@ def refine(subject_dir: Path = typer.Argument(...), class_word: str = typer.Opti
 @app.command()
 @user_errors
 def priors(refine_dir: Optional[Path] = typer.Option(None, "--refine"), out: Optional[Path] = typer.Option(None, "--out"),
-           run: Optional[Path] = RunOpt, model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt,
-           sets: Optional[List[str]] = SetOpt):
+           run: Optional[Path] = RunOpt, model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt,
+           if_needed: bool = IfNeededOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Class-prior images from the base model (content-addressed cache)."""
+    from subjectops.methods import uses_priors
+    from subjectops.stages.common import not_needed
     from subjectops.stages.priors import priors as stage
 
-    params = build_params(params_path, sets, model)
+    params = build_params(params_path, sets, model, method)
+    if if_needed and not uses_priors(params):
+        reason = f"method {params.finetune.method} trains without class-prior images"
+        done(f"priors ({reason})", not_needed("priors", params, stage_path(out, run, "priors"), reason))
+        return
     done("priors", stage(params, stage_path(refine_dir, run, "refine"), stage_path(out, run, "priors")))
 
 
@@ -117,11 +124,18 @@ def priors(refine_dir: Optional[Path] = typer.Option(None, "--refine"), out: Opt
 def pretrain_disc(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
                   priors_dir: Optional[Path] = typer.Option(None, "--priors", help="class images (Table 3's fakes)"),
                   out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-                  model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+                  model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt, if_needed: bool = IfNeededOpt,
+                  params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Pretrain Hypnos' latent discriminator on the Table 3 image types (seed 000 app. B.2)."""
+    from subjectops.methods import needs_discriminator
+    from subjectops.stages.common import not_needed
     from subjectops.stages.pretrain_disc import pretrain_disc as stage
 
-    params = build_params(params_path, sets, model)
+    params = build_params(params_path, sets, model, method)
+    if if_needed and not needs_discriminator(params.finetune.method):
+        reason = f"method {params.finetune.method} uses no latent discriminator"
+        done(f"pretrain-disc ({reason})", not_needed("pretrain_disc", params, stage_path(out, run, "pretrain_disc"), reason))
+        return
     # Class images are needed unless Hypnos' prior preservation is ablated (then `priors` does not run).
     pri = stage_path(priors_dir, run, "priors", required=params.finetune.hypnos.prior_preservation)
     done("pretrain-disc", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "pretrain_disc")))

@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from subjectops.config import Params
-from subjectops.data.subject import check_class_word, check_subject_name
+from subjectops.data.subject import check_class_word, load_subject
+from subjectops.models.loading import training_resolution
 from subjectops.methods import needs_discriminator, uses_priors
 from subjectops.tracking import NullTracker, Tracker
 
@@ -26,9 +27,10 @@ def planned_stages(params: Params) -> list[str]:
 
 def run(params: Params, subject_dir: Path, class_word: str, out: Path, tracker: Tracker | None = None) -> dict[str, Path]:
     """Run every stage the method needs; returns the output directory of each."""
-    # Cheap checks first, so a typo fails before minutes of work and before the run folder exists.
-    check_subject_name(Path(subject_dir).resolve().name)
+    # Every input check first (refine repeats them; it takes a second), so a bad photo or a typo fails
+    # before minutes of work, before the run folder exists and before a tracking run is opened.
     check_class_word(class_word)
+    load_subject(Path(subject_dir), params.subject, training_resolution(params))
     from subjectops.stages.evaluate import evaluate
     from subjectops.stages.finetune import finetune
     from subjectops.stages.infer import infer

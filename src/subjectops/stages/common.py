@@ -100,3 +100,11 @@ def require_stage_dir(path: Path | None, stage: str, needed_by: str) -> Path:
             fix=f"run `subjectops {stage}` first, or pass the right --{stage.replace('_', '-')} directory",
         )
     return Path(path)
+
+
+def not_needed(stage: str, params: Params, out: Path, reason: str) -> Path:
+    """An output that records why a stage had nothing to do (DVC has no conditional stages, so `dvc.yaml`
+    runs `priors` and `pretrain-disc` with --if-needed and the method decides)."""
+    with stage_output(out) as work:
+        write_manifest(work, stage, params, {}, skipped=reason)
+    return Path(out)
