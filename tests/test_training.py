@@ -71,6 +71,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(prepared, ti
     assert f"resuming finetune from step {killed_at}" in resumed.stderr
     a, b = unet_weights(reference), unet_weights(interrupted)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"killed after step {killed_at}; max |resumed - uninterrupted| = {worst:.3e}")
     assert worst < 1e-6
     assert max((a[k] - load_pipeline(load_params("params.yaml", tiny_overrides).model).unet.state_dict()[k]).abs().max().item()
                for k in a) > 1e-4  # training did change the weights
