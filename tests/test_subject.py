@@ -187,3 +187,15 @@ def test_cli_prints_error_and_fix(tmp_path, example_subject):
     assert result.exit_code == 2
     assert "error:" in result.output and "has 2 image(s)" in result.output and "fix:" in result.output
     assert not out.exists()
+
+
+def test_sam_backend_without_checkpoint_names_the_fix(tiny_params, subject, tmp_path):
+    from subjectops.errors import ModelNotFoundError
+
+    params = tiny_params.model_copy(update={"refine": tiny_params.refine.model_copy(
+        update={"mask_backend": "sam", "sam_checkpoint": str(tmp_path / "sam_vit_b.pth")})})
+    with pytest.raises(ModelNotFoundError) as err:
+        run_refine(params, subject, tmp_path)
+    assert "SAM checkpoint" in str(err.value) and "refine.sam_checkpoint" in str(err.value)
+    assert "mask_backend=grabcut" in str(err.value)
+    assert_nothing_written(tmp_path)

@@ -239,3 +239,29 @@ def test_if_needed_stages_record_why_they_did_nothing(prepared, tiny_overrides, 
     res = runner.invoke(app, ["priors", "--if-needed", "--method", "dreambooth", "--refine", str(prepared / "refine"),
                               "--out", str(tmp_path / "priors2"), *sets])
     assert res.exit_code == 0 and len(list((tmp_path / "priors2" / "images").glob("*.png"))) == 2
+
+
+def test_gradient_checkpointing_saves_memory_without_changing_the_result(prepared, tiny_overrides):
+    losses, weights = {}, {}
+    for gc in (False, True):
+        params = with_overrides(tiny_overrides, "finetune.method=dreambooth", "finetune.dreambooth.steps=3",
+                                "finetune.dreambooth.train_text_encoder=true", f"finetune.gradient_checkpointing={gc}")
+        trainer, images, masks = _trainer(params, prepared, True)
+        assert trainer.models.unet.is_gradient_checkpointing == gc
+        trainer.train(images, masks, [to_tensor(i) for i in _prior_images(prepared)])
+        losses[gc] = [json.loads(l)["loss"] for l in trainer.log_path.read_text().splitlines()]
+        weights[gc] = {k: v.detach().clone() for k, v in trainer.method.state_tensors().items()}
+        trainer.log_path.unlink()
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    assert max((weights[True][k] - weights[False][k]).abs().max().item() for k in weights[True]) < 1e-5
+
+
+def test_8bit_adam_without_bitsandbytes_fails_with_the_fix(prepared, tiny_overrides, tmp_path):
+    import importlib.util
+
+    from subjectops.errors import SubjectopsError
+
+    assert importlib.util.find_spec("bitsandbytes") is None  # this machine has no CUDA build of it
+    params = with_overrides(tiny_overrides, "finetune.use_8bit_adam=true")
+    with pytest.raises(SubjectopsError, match="bitsandbytes is not installed"):
+        finetune(params, prepared / "refine", prepared / "priors", tmp_path / "ft")

@@ -150,6 +150,12 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.cfg.seed + self.rank)
         for module in [models.unet, models.vae, *models.text_encoders]:
             module.to(self.device)
+        if self.cfg.gradient_checkpointing:
+            # Recompute activations in the backward pass: less memory, about a third more compute.
+            models.unet.enable_gradient_checkpointing()
+            for encoder in models.text_encoders:
+                encoder.gradient_checkpointing_enable()
+        models.unet.train()
         self.log_path = self.work_dir / "train_log.jsonl"
 
     # --- shared loss helpers for methods ----------------------------------------------------------
