@@ -265,3 +265,16 @@ def test_8bit_adam_without_bitsandbytes_fails_with_the_fix(prepared, tiny_overri
     params = with_overrides(tiny_overrides, "finetune.use_8bit_adam=true")
     with pytest.raises(SubjectopsError, match="bitsandbytes is not installed"):
         finetune(params, prepared / "refine", prepared / "priors", tmp_path / "ft")
+
+
+def test_bf16_mixed_precision_runs_under_autocast(prepared, tiny_overrides):
+    losses = {}
+    for precision in ("no", "bf16"):
+        params = with_overrides(tiny_overrides, "finetune.dreambooth.steps=2", f"finetune.mixed_precision={precision}")
+        trainer, images, masks = _trainer(params, prepared, True)
+        trainer.train(images, masks, [to_tensor(i) for i in _prior_images(prepared)])
+        losses[precision] = [json.loads(l)["loss"] for l in trainer.log_path.read_text().splitlines()]
+        trainer.log_path.unlink()
+    assert all(np.isfinite(losses["bf16"]))
+    assert losses["bf16"] != losses["no"]  # the UNet ran in bfloat16 ...
+    np.testing.assert_allclose(losses["bf16"], losses["no"], rtol=0.05)  # ... on the same batches and noise

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -345,8 +346,9 @@ class Trainer:
             torch.set_rng_state(resume["torch_rng"])
             start_global = resume["global_step"]
             console.print(f"[green]resuming finetune from step {start_global}")
-        elif self.log_path.exists() and self.is_main:
-            self.log_path.unlink()
+        elif self.is_main:  # a fresh start: drop the log and any checkpoints made with other parameters
+            self.log_path.unlink(missing_ok=True)
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
 
         total = sum(p.steps for p in phases)
         global_step = 0
