@@ -267,14 +267,16 @@ def test_8bit_adam_without_bitsandbytes_fails_with_the_fix(prepared, tiny_overri
         finetune(params, prepared / "refine", prepared / "priors", tmp_path / "ft")
 
 
-def test_bf16_mixed_precision_runs_under_autocast(prepared, tiny_overrides):
+def test_bf16_mixed_precision_runs_under_autocast(prepared, tiny_overrides, tmp_path):
+    # accelerate's precision is per process: each setting runs in its own process, as users run it
     losses = {}
     for precision in ("no", "bf16"):
-        params = with_overrides(tiny_overrides, "finetune.dreambooth.steps=2", f"finetune.mixed_precision={precision}")
-        trainer, images, masks = _trainer(params, prepared, True)
-        trainer.train(images, masks, [to_tensor(i) for i in _prior_images(prepared)])
-        losses[precision] = [json.loads(l)["loss"] for l in trainer.log_path.read_text().splitlines()]
-        trainer.log_path.unlink()
+        sets = [a for s in tiny_overrides + ["finetune.dreambooth.steps=2", f"finetune.mixed_precision={precision}"]
+                for a in ("--set", s)]
+        out = tmp_path / precision
+        subprocess.run(cli("finetune", "--refine", str(prepared / "refine"), "--priors", str(prepared / "priors"),
+                           "--out", str(out), "--params", "params.yaml", *sets), check=True, capture_output=True, timeout=300)
+        losses[precision] = [json.loads(l)["loss"] for l in (out / "train_log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(losses["bf16"]))
     assert losses["bf16"] != losses["no"]  # the UNet ran in bfloat16 ...
     np.testing.assert_allclose(losses["bf16"], losses["no"], rtol=0.05)  # ... on the same batches and noise
