@@ -12,6 +12,9 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 # Tiny presets are built once per test session into this folder (subprocesses inherit it).
 os.environ.setdefault("SUBJECTOPS_HOME", tempfile.mkdtemp(prefix="subjectops-home-"))
+# Runs made by tests are tracked in a throwaway store, never in the project's mlruns.db (tests that check
+# the default location unset this themselves).
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='subjectops-mlflow-')}/mlruns.db"
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_SUBJECT = REPO / "examples" / "subjects" / "teapot"

@@ -63,6 +63,14 @@ def default_tracking_uri(project_dir: Path | None = None) -> str:
     return f"sqlite:///{(project_dir or Path.cwd()).resolve() / 'mlruns.db'}"
 
 
+def local_artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artifacts go next to the database (`mlruns/` beside `mlruns.db`), not into
+    whatever directory the run happened to start in; a server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+
+
 def resolve_tracking_uri(uri: str | None = None, project_dir: Path | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(project_dir)
 
@@ -258,7 +266,7 @@ class MlflowTracker:
                     )
                 return exp.experiment_id
             try:
-                return self.client.create_experiment(experiment)
+                return self.client.create_experiment(experiment, artifact_location=local_artifact_root(uri))
             except Exception as exc:
                 if _error_code(exc) == "RESOURCE_ALREADY_EXISTS":  # created concurrently
                     return self.client.get_experiment_by_name(experiment).experiment_id
