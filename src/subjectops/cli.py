@@ -3,14 +3,14 @@ DVC and Kubeflow call these same commands."""
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 
+from subjectops.cli_common import IfNeededOpt, MethodOpt, ModelOpt, ParamsOpt, RunOpt, SetOpt, console, user_errors
 from subjectops.config import Params, load_params
 from subjectops.errors import SubjectopsError
 
@@ -18,30 +18,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Personalize text-to-image diffusion models from a few photos of one subject.")
 models_app = typer.Typer(no_args_is_help=True, help="Base models and metric encoders.")
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
-
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml (built-in defaults if absent)")
-SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")
-ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, tiny-sd15 or tiny-sdxl (= model.base)")
-MethodOpt = typer.Option(None, "--method", help="dreambooth | lora | textual-inversion | two-stage | hypnos")
-RunOpt = typer.Option(None, "--run", help="run directory: RUN/<stage> for every path not given")
-IfNeededOpt = typer.Option(False, "--if-needed", help="only when the method needs this stage (for DVC); else record why not")
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Print a SubjectopsError as its message and fix, without a traceback, and exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SubjectopsError as exc:
-            console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
-            if exc.fix:
-                console.print(f"[bold]fix:[/] {exc.fix}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def build_params(params_path: Path, sets: Optional[List[str]], model: Optional[str] = None,

@@ -23,6 +23,7 @@ from typing import Any, Iterator, List, Optional
 
 import typer
 
+from subjectops.cli_common import MethodOpt, ParamsOpt, SetOpt, user_errors
 from subjectops.errors import SubjectopsError
 
 DEFAULT_EXPERIMENT = "subjectops"
@@ -342,9 +343,6 @@ HostOpt = typer.Option(..., "--host", envvar="KFP_HOST", help="KFP API URL, e.g.
 NamespaceOpt = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user)")
 TokenOpt = typer.Option(None, "--token", envvar="KFP_TOKEN", help="bearer token for the KFP API (or $KFP_TOKEN)")
 SAOpt = typer.Option(None, "--service-account", help="ServiceAccount of the run's pods (the chart's pipeline runner)")
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml sent with the run (built-in defaults if absent)")
-SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")
-MethodOpt = typer.Option(None, "--method", help="dreambooth | lora | textual-inversion | two-stage | hypnos")
 ModelOpt = typer.Option(None, "--model", help="hub id or directory on the model cache (= model.base)")
 DryRunOpt = typer.Option(False, "--dry-run", help="print the exact KFP API requests as JSON instead of sending them")
 OutputOpt = typer.Option(None, "--output", help="with --dry-run: write the requests to this file instead of stdout")
@@ -365,23 +363,7 @@ DvcRepoOpt = typer.Option("", "--dvc-repo", help="git URL of the DVC repository 
 DvcRevOpt = typer.Option("", "--dvc-rev", help="revision of --dvc-repo")
 
 
-def _user_errors(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SubjectopsError as exc:
-            _echo(f"error: {exc.message}")
-            if exc.fix:
-                _echo(f"fix: {exc.fix}")
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-@_user_errors
+@user_errors
 def submit(
     subject: str = typer.Argument(..., help="s3://bucket/prefix of the photos, or dvc://path[@rev] with --dvc-repo"),
     class_word: str = typer.Option(..., "--class", help="the subject's class, e.g. teapot"),
@@ -461,7 +443,7 @@ FailRefusedOpt = typer.Option(False, "--fail-on-refused", help="also fail when t
 
 
 @benchmark_app.command("submit")
-@_user_errors
+@user_errors
 def benchmark_submit(
     host: str = HostOpt, method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt,
     params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
@@ -491,7 +473,7 @@ def benchmark_submit(
 
 
 @benchmark_app.command("schedule")
-@_user_errors
+@user_errors
 def benchmark_schedule(
     cron: str = typer.Option(..., "--cron", help="KFP cron, six fields (seconds first), e.g. '0 0 3 * * *'"),
     host: str = HostOpt, method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt,
@@ -524,7 +506,7 @@ def benchmark_schedule(
 
 
 @benchmark_app.command("aggregate")
-@_user_errors
+@user_errors
 def benchmark_aggregate(
     registrations: List[str] = typer.Argument(..., help="registered versions as MODEL_NAME/VERSION"),
     params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,

@@ -19,7 +19,8 @@ def make_tracker(params, tracking_uri: Optional[str] = None):
 
 
 def add_tracking_commands(app: typer.Typer) -> None:
-    from subjectops.cli import ParamsOpt, SetOpt, build_params, console, done, user_errors
+    from subjectops.cli import build_params, done
+    from subjectops.cli_common import ParamsOpt, SetOpt, console, user_errors
 
     @app.command()
     @user_errors

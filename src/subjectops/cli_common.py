@@ -1,0 +1,37 @@
+"""What every `subjectops` command shares: the error printer and the common options."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable
+
+import typer
+from rich.console import Console
+
+from subjectops.errors import SubjectopsError
+
+console = Console(stderr=True)
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml (built-in defaults if absent)")
+SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")
+ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, tiny-sd15 or tiny-sdxl (= model.base)")
+MethodOpt = typer.Option(None, "--method", help="dreambooth | lora | textual-inversion | two-stage | hypnos")
+RunOpt = typer.Option(None, "--run", help="run directory: RUN/<stage> for every path not given")
+IfNeededOpt = typer.Option(False, "--if-needed", help="only when the method needs this stage (for DVC); else record why not")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Print a SubjectopsError as its message and fix, without a traceback, and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SubjectopsError as exc:
+            console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            if exc.fix:
+                console.print(f"[bold]fix:[/] {exc.fix}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
