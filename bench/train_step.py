@@ -24,8 +24,7 @@ from subjectops.config import load_params
 from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.methods import get_method
 from subjectops.models.loading import load_pipeline
-from subjectops.stages.finetune import load_priors
-from subjectops.stages.priors import priors
+from subjectops.stages.priors import load_priors, priors
 from subjectops.stages.refine import refine
 from subjectops.training import DiffusionModels, Trainer
 

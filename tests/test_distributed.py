@@ -1,22 +1,16 @@
 """Data-parallel fine-tuning: two processes (gloo on CPU, as NCCL would on GPUs) train one model."""
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from servers import free_port
 from subjectops.config import load_params
 from subjectops.stages.pretrain_disc import pretrain_disc
 from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Hypnos also trains its latent discriminator inside the step: its gradients must be averaged too.

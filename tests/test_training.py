@@ -1,7 +1,6 @@
 """The shared training loop: exact resume after SIGKILL, cached == uncached, LoRA round trip, every method."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

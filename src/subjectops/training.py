@@ -386,7 +386,6 @@ class Trainer:
         accum = self.cfg.gradient_accumulation_steps
         first = max(start_global, phase_start)
         for global_step in range(first + 1, phase_start + phase.steps + 1):
-            step = global_step - phase_start
             terms_sum: dict[str, float] = {}
             for _ in range(accum):
                 batch = self.make_batch(inst, prior, text_cache)

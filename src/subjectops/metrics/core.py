@@ -134,7 +134,7 @@ def ssim_pairs(gen: Tensor, refs: Tensor) -> Tensor:
     """(N, M) SSIM (torchmetrics, gaussian 11x11, sigma 1.5, data range 1) of every gen/ref pair."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-    n, m = gen.shape[0], refs.shape[0]
+    m = refs.shape[0]
     step = max(1, 16 // m)  # at most ~16 pairs per call: SSIM holds 5 filtered maps per pair in memory
     out = []
     for g in gen.split(step):

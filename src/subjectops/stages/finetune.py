@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
 
 from subjectops.config import Params
 from subjectops.data.subject import RefinedSubject, to_tensor
@@ -20,14 +19,8 @@ from subjectops.methods import get_method
 from subjectops.models.loading import load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
 from subjectops.stages.common import partial_dir, require_stage_dir, stage_output, write_manifest
+from subjectops.stages.priors import load_priors
 from subjectops.training import DiffusionModels, Trainer, default_resolution, replicas_in_sync
-
-
-def load_priors(priors_dir: Path | None) -> list:
-    if priors_dir is None:
-        return []
-    info = json.loads((Path(priors_dir) / "priors.json").read_text())
-    return [to_tensor(Image.open(Path(priors_dir) / p).convert("RGB")) for p in info["images"]]
 
 
 def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path, disc_dir: Path | None = None,

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 
@@ -27,6 +26,7 @@ from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.models.latent_discriminator import LatentDiscriminator
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
+from subjectops.stages.priors import load_priors
 
 console = Console(stderr=True)
 
@@ -70,13 +70,6 @@ class LatentEncoder:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         return (dist.mean.float() - self.shift) * self.scale
-
-
-def _load_class_images(priors_dir: Path | None) -> list[torch.Tensor]:
-    if priors_dir is None:
-        return []
-    info = json.loads((Path(priors_dir) / "priors.json").read_text())
-    return [to_tensor(Image.open(Path(priors_dir) / p).convert("RGB")) for p in info["images"]]
 
 
 class LatentPool:
@@ -140,7 +133,7 @@ def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out
     if priors_dir is not None:
         priors_dir = require_stage_dir(priors_dir, "priors", "pretrain-disc")
     proportions = cfg.proportions.model_dump()
-    class_images = _load_class_images(priors_dir)
+    class_images = load_priors(priors_dir)
     notes = []
     if not class_images and proportions["class_image"] > 0:
         # Happens when prior preservation is ablated and `priors` did not run: Table 3's class share is

@@ -10,10 +10,11 @@ import os
 import shutil
 from pathlib import Path
 
+from PIL import Image
 from rich.progress import Progress
 
 from subjectops.config import Params
-from subjectops.data.subject import RefinedSubject
+from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.models.loading import fingerprint, load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
@@ -76,3 +77,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def load_priors(priors_dir: Path | None) -> list:
+    """The class images of a priors output as (3, H, W) tensors in [-1, 1]; none without a directory."""
+    if priors_dir is None:
+        return []
+    info = json.loads((Path(priors_dir) / "priors.json").read_text())
+    return [to_tensor(Image.open(Path(priors_dir) / p).convert("RGB")) for p in info["images"]]

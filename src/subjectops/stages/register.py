@@ -10,18 +10,12 @@ Promotion to `champion` is a separate, gated step: `subjectops promote`.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from subjectops.config import Params
 from subjectops.errors import SubjectopsError
-
-
-def _sha256(path: Path) -> str:
-    from subjectops.tracking.record import sha256_file
-
-    return sha256_file(path)
+from subjectops.stages.common import stage_output, write_manifest
 
 
 def register(
@@ -70,40 +64,11 @@ def register(
             ) from None
         raise
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     info = dict(info, tracking_uri=uri, registered_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    (partial / "registration.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-    inputs = {"method.json": {"path": str(method_json), "sha256": _sha256(method_json)}}
     metrics = run_dir / "evaluate" / "metrics.json"
-    if metrics.is_file():
-        inputs["metrics.json"] = {"path": str(metrics), "sha256": _sha256(metrics)}
-    manifest = {
-        "stage": "register",
-        "created": info["registered_at"],
-        "params": params.model_dump(mode="json"),
-        "inputs": inputs,
-        "outputs": {"registration.json": _sha256(partial / "registration.json")},
-        "versions": _versions(),
-        "model_name": info["model_name"],
-        "version": info["version"],
-    }
-    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    with stage_output(out) as work:
+        (work / "registration.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+        write_manifest(work, "register", params,
+                       {"method.json": method_json, "metrics.json": metrics if metrics.is_file() else None},
+                       model_name=info["model_name"], version=info["version"])
     return info
-
-
-def _versions() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "diffusers", "transformers", "mlflow", "subjectops"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out

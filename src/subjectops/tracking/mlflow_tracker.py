@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 from subjectops.config import Params, TrackingCfg
 from subjectops.errors import SubjectopsError

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from subjectops.stages.common import sha256_file
+
 # The order stages run in; `sync` uploads them in this order.
 STAGE_ORDER = ("refine", "priors", "pretrain_disc", "finetune", "infer", "evaluate", "register")
 # Folders in a stage output that are resume state, not results (not uploaded).
@@ -50,14 +52,6 @@ def param_value(v: Any) -> str:
     if isinstance(v, str):
         return v
     return json.dumps(v, sort_keys=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def digest_of(pairs: Iterable[tuple[str, str]]) -> str:
