@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Callable
 
 import typer
-from rich.console import Console
 
+from subjectops.console import console  # noqa: F401  (re-exported for the commands)
 from subjectops.errors import SubjectopsError
 
-console = Console(stderr=True)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml (built-in defaults if absent)")
 SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import platform
 import shutil
@@ -13,17 +12,10 @@ from typing import Iterator
 
 from subjectops import __version__
 from subjectops.config import Params
+from subjectops.digest import digest_json, sha256_file
 from subjectops.errors import SubjectopsError
 
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -34,7 +26,7 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 def hash_dir(root: Path) -> str:
     """One hash for a directory's content (relative paths and file hashes; the manifest excluded)."""
-    return hashlib.sha256(json.dumps(file_hashes(root), sort_keys=True).encode()).hexdigest()
+    return digest_json(file_hashes(root), short=False)
 
 
 def versions() -> dict[str, str]:
