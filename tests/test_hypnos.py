@@ -14,20 +14,22 @@ from subjectops.config import Params, load_params
 from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.methods import get_method, needs_discriminator
-from subjectops.methods.hypnos import (
-    HypnosMethod,
+from subjectops.methods.hypnos import HypnosMethod
+from subjectops.models.loading import load_pipeline
+from subjectops.models.perceptual import B_STAGES, PerceptualEncoder, load_efficientnet, tiny_efficientnet
+from subjectops.stages.pretrain_disc import pretrain_disc
+from subjectops.stages.priors import priors
+from subjectops.stages.refine import refine
+from subjectops.training.contract import Denoised
+from subjectops.training.losses import (
     fit_sigma,
     inverse_gaussian,
     latent_discriminator_loss,
     perceptual_active,
     reconstruction_loss,
 )
-from subjectops.models.loading import load_pipeline
-from subjectops.models.perceptual import B_STAGES, PerceptualEncoder, load_efficientnet, tiny_efficientnet
-from subjectops.stages.pretrain_disc import pretrain_disc
-from subjectops.stages.priors import priors
-from subjectops.stages.refine import refine
-from subjectops.training import Denoised, DiffusionModels, Trainer
+from subjectops.training.loop import Trainer
+from subjectops.training.models import DiffusionModels
 
 SMALL_DISC = ["pretrain_disc.steps=5", "pretrain_disc.model.dim=32", "pretrain_disc.variants_per_type=2",
               "pretrain_disc.eval_samples=0"]
@@ -73,7 +75,9 @@ def test_eq1_combines_reconstruction_and_plain_mse_prior_with_their_weights(hypn
     method, trainer, *_ = _setup(params, hypnos_run)
     latents = torch.zeros(2, 4, 8, 8)
     pred = torch.cat([torch.ones(1, 4, 8, 8), torch.full((1, 4, 8, 8), 0.5)])  # instance error 1, prior 0.5
-    trainer.denoise = lambda z, c, g: Denoised(torch.zeros_like(z), torch.tensor([10, 10]), z, pred, torch.zeros_like(z))
+    fixed = lambda batch: Denoised(torch.zeros_like(batch.latents), torch.tensor([10, 10]), batch.latents, pred,  # noqa: E731
+                                   torch.zeros_like(batch.latents))
+    method.denoise = fixed
     from subjectops.methods.base import Batch, Conditioning
 
     batch = Batch(latents, ["a", "b"], Conditioning(torch.zeros(2, 77, 32)), torch.tensor([False, True]),
@@ -86,7 +90,7 @@ def test_eq1_combines_reconstruction_and_plain_mse_prior_with_their_weights(hypn
     params_mse = _params(hypnos_run, "finetune.hypnos.reconstruction_loss=mse", "finetune.hypnos.perceptual=false",
                          "finetune.hypnos.latent_discriminator=false")
     method2, trainer2, *_ = _setup(params_mse, hypnos_run)
-    trainer2.denoise = trainer.denoise
+    method2.denoise = fixed
     _, terms2 = method2.loss(batch, 1, method2.phases()[0])
     assert terms2["loss_reconstruction"] == pytest.approx(1.0)
 

@@ -20,7 +20,9 @@ from subjectops.stages.finetune import finetune
 from subjectops.stages.infer import infer
 from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
-from subjectops.training import DiffusionModels, Trainer, min_snr_weights
+from subjectops.training.loop import Trainer
+from subjectops.training.losses import NoiseSchedule, min_snr_weights
+from subjectops.training.models import DiffusionModels
 
 
 @pytest.fixture
@@ -55,15 +57,16 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(prepared, ti
     proc = subprocess.Popen(cli(*args, "--out", str(interrupted)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ckpts = partial_dir(interrupted) / "checkpoints"
     deadline = time.monotonic() + 240
-    while not list(ckpts.glob("step_*.pt")) and time.monotonic() < deadline and proc.poll() is None:
+    while not checkpoint_steps(ckpts) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "finetune ended before it could be killed"
     assert not interrupted.exists()  # nothing half-written where the result belongs
-    saved = sorted(ckpts.glob("step_*.pt"))
-    killed_at = int(saved[-1].stem.split("_")[1])
+    killed_at = checkpoint_steps(ckpts)[-1]
     assert 5 <= killed_at < 60
+    logged_before_resume = [json.loads(l)["step"] for l in (partial_dir(interrupted) / "train_log.jsonl").read_text().splitlines()
+                            if l.endswith("}")]
 
     resumed = subprocess.run(cli(*args, "--out", str(interrupted)), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -74,9 +77,16 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(prepared, ti
     assert worst < 1e-6
     assert max((a[k] - load_pipeline(load_params("params.yaml", tiny_overrides).model).unet.state_dict()[k]).abs().max().item()
                for k in a) > 1e-4  # training did change the weights
-    # the training log has each step exactly once, in order, across the kill
+    # the training log has each step exactly once, in order, across the kill, including the steps logged
+    # after the last checkpoint and before the kill (they ran again after the resume)
     steps = [json.loads(l)["step"] for l in (interrupted / "train_log.jsonl").read_text().splitlines()]
-    assert steps[-1] == 60 and steps[: killed_at] == list(range(1, killed_at + 1))
+    print(f"logged before the kill: steps 1..{max(logged_before_resume)}")
+    assert steps == list(range(1, 61))
+
+
+def checkpoint_steps(ckpt_dir):
+    """The steps of the complete checkpoints (step_NNNNNN/ directories) in a checkpoint folder."""
+    return sorted(int(d.name.split("_")[1]) for d in ckpt_dir.glob("step_*") if d.is_dir() and not d.name.endswith(".tmp"))
 
 
 def _trainer(params, subject_dir, cache):
@@ -112,8 +122,9 @@ def test_min_snr_weights_match_the_formula():
     a = sched.alphas_cumprod[t]
     snr = a / (1 - a)
     expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
-    assert torch.allclose(min_snr_weights(sched, t, 5.0), expected)
-    assert min_snr_weights(sched, t, 5.0)[0] < 0.01 and min_snr_weights(sched, t, 5.0)[-1] == 1.0
+    schedule = NoiseSchedule.from_scheduler(sched)
+    assert torch.allclose(min_snr_weights(schedule, t, 5.0), expected)
+    assert min_snr_weights(schedule, t, 5.0)[0] < 0.01 and min_snr_weights(schedule, t, 5.0)[-1] == 1.0
 
 
 def test_lora_adapter_reloads_with_diffusers_and_matches_in_memory(prepared, tiny_overrides, tmp_path):

@@ -1,78 +1,22 @@
 """The method strategy: what trains, how a batch becomes a loss, how it saves and how inference loads it.
 
-One shared training loop (`subjectops.training`) runs every method; methods never loop themselves.
+One shared training loop (`subjectops.training.loop`) runs every method; methods never loop themselves, and
+compose their losses from the pure functions in `subjectops.training.losses`.
 A method may have several phases (two-stage: embedding, then UNet), each with its own parameters,
 learning rate and step count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import nn
 
 from subjectops.config import Params
-
-
-@dataclass
-class TrainExample:
-    """One training image and its prompt; latents are cached per example by the trainer."""
-
-    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
-    prompt: str
-    mask: torch.Tensor | None = None  # (1, H, W) in [0, 1], 1 = subject
-    is_prior: bool = False
-
-
-@dataclass
-class Phase:
-    name: str
-    steps: int
-    lr: float
-    # Called at the start of the phase: the named parameters the optimizer updates.
-    trainable: Callable[[], list[tuple[str, nn.Parameter]]]
-    # True when prompt embeddings change during the phase (trained text encoder or token embeddings),
-    # so they cannot be precomputed.
-    text_changes: bool = False
-    uses_priors: bool = False
-    # None: finetune.use_8bit_adam decides; a method may ask for True/False, or "auto" (8-bit Adam when
-    # bitsandbytes and a CUDA GPU are present, e.g. Hypnos app. B).
-    use_8bit_adam: bool | str | None = None
-
-
-@dataclass
-class Batch:
-    """What a method's loss sees each step. Instance samples come first, prior samples after."""
-
-    latents: torch.Tensor  # (B, 4, h, w), already scaled by the VAE scaling factor
-    prompts: list[str]
-    cond: "Conditioning"
-    is_prior: torch.Tensor  # (B,) bool
-    pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1]
-    masks: torch.Tensor | None  # (B, 1, H, W) or None
-    generator: torch.Generator  # the run's only source of randomness: checkpointed with it
-
-
-@dataclass
-class Conditioning:
-    prompt_embeds: torch.Tensor
-    added_cond_kwargs: dict[str, torch.Tensor] | None = None
-
-    def index(self, idx: list[int]) -> "Conditioning":
-        extra = None
-        if self.added_cond_kwargs:
-            extra = {k: v[idx] for k, v in self.added_cond_kwargs.items()}
-        return Conditioning(self.prompt_embeds[idx], extra)
-
-    @staticmethod
-    def cat(items: list["Conditioning"]) -> "Conditioning":
-        extra = None
-        if items[0].added_cond_kwargs:
-            extra = {k: torch.cat([c.added_cond_kwargs[k] for c in items]) for k in items[0].added_cond_kwargs}
-        return Conditioning(torch.cat([c.prompt_embeds for c in items]), extra)
+from subjectops.training import losses
+# The trainer contract, re-exported: methods build Phases and TrainExamples and get Batches.
+from subjectops.training.contract import Batch, Conditioning, Denoised, Phase, TrainExample  # noqa: F401
 
 
 class Method:
@@ -81,11 +25,10 @@ class Method:
     name: ClassVar[str]
     needs_discriminator: ClassVar[bool] = False
 
-    def __init__(self, params: Params, class_word: str, models, trainer=None):
+    def __init__(self, params: Params, class_word: str, models):
         self.params = params
         self.class_word = class_word
-        self.models = models  # subjectops.training.DiffusionModels
-        self.trainer = trainer  # subjectops.training.Trainer: shared loss helpers
+        self.models = models  # subjectops.training.models.DiffusionModels
 
     # --- identity -------------------------------------------------------------------------------
     def identifier(self) -> str:
@@ -115,6 +58,20 @@ class Method:
 
     def loss(self, batch: Batch, step: int, phase: Phase) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def denoise(self, batch: Batch) -> Denoised:
+        """The batch's forward diffusion and the UNet's prediction, with the run's offset noise."""
+        return self.models.denoise(batch.latents, batch.cond, batch.generator, self.params.finetune.offset_noise)
+
+    def weighted_mean(self, per_sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The batch mean of per-sample losses, Min-SNR weighted when finetune.snr_gamma is set."""
+        return losses.snr_weighted_mean(per_sample, self.models.schedule, timesteps, self.params.finetune.snr_gamma)
+
+    def prepare_modules(self, accelerator) -> list[torch.nn.Module]:
+        """Prepare the method's own trainable modules and their optimizers with the trainer's accelerator (so DDP
+        averages their gradients and mixed precision covers them) at the start of each phase; returns the
+        prepared modules, which the trainer accumulates over and unwraps after the phase."""
+        return []
 
     def after_optimizer_step(self, phase: Phase) -> None:
         """Hook after each optimizer step (textual inversion restores frozen embedding rows)."""

@@ -13,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from subjectops.methods.base import Batch, Method, Phase
+from subjectops.training import losses
 
 
 class DreamBoothMethod(Method):
@@ -40,7 +41,20 @@ class DreamBoothMethod(Method):
                       uses_priors=self.cfg.prior_preservation)]
 
     def loss(self, batch: Batch, step: int, phase: Phase):
-        return prior_preservation_loss(self.trainer, batch, self.cfg.prior_loss_weight)
+        return self.prior_preservation_loss(batch, self.cfg.prior_loss_weight)
+
+    def prior_preservation_loss(self, batch: Batch, prior_weight: float):
+        """Instance loss (Min-SNR weighted when configured) + lambda * class-prior loss, as DreamBooth defines it."""
+        d = self.denoise(batch)
+        per_sample = losses.per_sample_mse(d.pred, d.target)
+        inst = ~batch.is_prior
+        loss = self.weighted_mean(per_sample[inst], d.timesteps[inst])
+        terms = {"loss_instance": float(loss.detach())}
+        if batch.is_prior.any():
+            prior = per_sample[batch.is_prior].mean()
+            loss = loss + prior_weight * prior
+            terms["loss_prior"] = float(prior.detach())
+        return loss, terms
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self._named())
@@ -63,17 +77,3 @@ class DreamBoothMethod(Method):
         if (finetune_dir / "text_encoder_2").exists():
             pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                 finetune_dir / "text_encoder_2", dtype=pipe.text_encoder_2.dtype)
-
-
-def prior_preservation_loss(trainer, batch: Batch, prior_weight: float):
-    """Instance loss (Min-SNR weighted when configured) + lambda * class-prior loss, as DreamBooth defines it."""
-    d = trainer.denoise(batch.latents, batch.cond, batch.generator)
-    per_sample = trainer.per_sample_mse(d.pred, d.target)
-    inst = ~batch.is_prior
-    loss = trainer.weighted_mean(per_sample[inst], d.timesteps[inst])
-    terms = {"loss_instance": float(loss.detach())}
-    if batch.is_prior.any():
-        prior = per_sample[batch.is_prior].mean()
-        loss = loss + prior_weight * prior
-        terms["loss_prior"] = float(prior.detach())
-    return loss, terms

@@ -13,57 +13,25 @@ generator here. UNet and text encoder train (sec. 3.2); seed 42, 800 steps, 8-bi
 
 ||.||^2 is taken as the per-sample mean squared error (the paper's "mean squared error"; app. D: the loss
 "rarely exceeds 1", which a sum over 16k latent elements would). z0 is the trainer's one-step estimate
-(z_t - sqrt(1 - a_t) eps_theta) / sqrt(a_t) of the instance samples.
+(z_t - sqrt(1 - a_t) eps_theta) / sqrt(a_t) of the instance samples. The equations themselves are pure functions
+in `subjectops.training.losses`.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
+from torch.func import functional_call
 
 from subjectops.data.augment import content_centric_variants
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import Batch, Phase, TrainExample
 from subjectops.methods.dreambooth import DreamBoothMethod
+from subjectops.models.latent_discriminator import bce_from_logits, scores_from_logits
+from subjectops.training import losses
 
 DISC_SUBDIR = "latent_discriminator"
-
-
-# --- the equations, as plain functions (unit-tested on hand-computed values) -------------------------------
-def inverse_gaussian(x2: torch.Tensor | float, sigma: float):
-    """sigma sqrt(2 pi) (exp(x^2 / 2 sigma^2) - 1): eq. 2's integrand as a function of the squared error."""
-    if isinstance(x2, torch.Tensor):
-        return sigma * math.sqrt(2 * math.pi) * torch.expm1(x2 / (2 * sigma ** 2))
-    return sigma * math.sqrt(2 * math.pi) * math.expm1(x2 / (2 * sigma ** 2))
-
-
-def reconstruction_loss(per_sample_mse: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Eq. 2: sigma sqrt(2 pi) (mean_i exp(mse_i / 2 sigma^2) - 1), as mean_i expm1(.) (exact near 0 in float32)."""
-    return sigma * math.sqrt(2 * math.pi) * torch.expm1(per_sample_mse / (2 * sigma ** 2)).mean()
-
-
-def latent_discriminator_loss(scores: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: mean (1 - LD(z0))^2, LD in [0, 1]."""
-    return ((1 - scores) ** 2).mean()
-
-
-def perceptual_active(step: int, s_p: int) -> bool:
-    """Eq. 6: the perceptual term exists for steps 1..s_p (1-based, inclusive) and costs nothing after."""
-    return step <= s_p
-
-
-def fit_sigma(a: float = 1.0) -> float:
-    """Eq. 3: argmin_sigma int_0^a (x^2 - sigma sqrt(2 pi)(exp(x^2 / 2 sigma^2) - 1))^2 dx, solved numerically."""
-    from scipy.integrate import quad
-    from scipy.optimize import minimize_scalar
-
-    def objective(sigma: float) -> float:
-        return quad(lambda x: (x * x - inverse_gaussian(x * x, sigma)) ** 2, 0.0, a, epsabs=1e-14, epsrel=1e-12)[0]
-
-    # The objective is unimodal in sigma; bracket well beyond sqrt(2 pi)/2, where the quadratic terms match.
-    return float(minimize_scalar(objective, bounds=(0.2, 20.0), method="bounded", options={"xatol": 1e-10}).x)
 
 
 class HypnosMethod(DreamBoothMethod):
@@ -72,11 +40,13 @@ class HypnosMethod(DreamBoothMethod):
     name = "hypnos"
     needs_discriminator = True
 
-    def __init__(self, params, class_word, models, trainer=None):
-        super().__init__(params, class_word, models, trainer)
+    def __init__(self, params, class_word, models):
+        super().__init__(params, class_word, models)
         self.disc_dir: Path | None = None  # set by the finetune stage before setup()
-        self.disc = None
+        self.disc = None  # the raw module: saved, checkpointed, and (with detached weights) the generator's critic
         self.disc_opt = None
+        self.disc_train = None  # what the adversarial update calls: the accelerate-prepared module (DDP) once prepared
+        self._backward = torch.Tensor.backward
         self.perceptual = None
 
     @property
@@ -125,9 +95,11 @@ class HypnosMethod(DreamBoothMethod):
                     f"the latent discriminator in {self.disc_dir} takes {self.disc.config['latent_channels']}-channel "
                     f"latents but this VAE makes {channels}",
                     fix="run `subjectops pretrain-disc` again with the same --model as finetune")
-            self.disc.requires_grad_(False)
+            # The discriminator's weights keep requires_grad=True (DDP registers them once); the generator's term
+            # reads LD through detached weights (`_critic_scores`), so it never sends gradients into LD.
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr,
                                               betas=(self.params.finetune.adam_beta1, self.params.finetune.adam_beta2))
+            self.disc_train = self.disc
         if self._uses_perceptual():
             from subjectops.models.loading import is_tiny
             from subjectops.models.perceptual import PerceptualEncoder, load_efficientnet
@@ -140,7 +112,7 @@ class HypnosMethod(DreamBoothMethod):
                       uses_priors=self._uses_priors(), use_8bit_adam=self.cfg.use_8bit_adam)]
 
     def examples(self, images, masks, priors):
-        # The trainer encodes each TrainExample once and caches its VAE latent distribution (training.py), so
+        # The trainer encodes each TrainExample once and caches its VAE latent distribution (training/data.py), so
         # the content-centric augmentation of sec. 3.3 cannot be redrawn every step. Instead each photo yields
         # a seeded pool of `variants_per_image` pre-augmented copies at the configured proportions; the trainer
         # draws that pool uniformly, so every training sample is background-replaced with probability ~0.66.
@@ -157,17 +129,17 @@ class HypnosMethod(DreamBoothMethod):
 
     # --- the loss (eq. 1) ------------------------------------------------------------------------------
     def loss(self, batch: Batch, step: int, phase: Phase):
-        cfg, tr = self.cfg, self.trainer
-        d = tr.denoise(batch.latents, batch.cond, batch.generator)
-        per_sample = tr.per_sample_mse(d.pred, d.target)
+        cfg = self.cfg
+        d = self.denoise(batch)
+        per_sample = losses.per_sample_mse(d.pred, d.target)
         inst = (~batch.is_prior).to(per_sample.device)
         total = per_sample.new_zeros(())
         terms: dict[str, float] = {}
         if cfg.reconstruction and cfg.lambda_r > 0:
             if cfg.reconstruction_loss == "inverse-gaussian":
-                l_r = reconstruction_loss(per_sample[inst], cfg.sigma)  # eq. 2
+                l_r = losses.reconstruction_loss(per_sample[inst], cfg.sigma)  # eq. 2
             else:
-                l_r = tr.weighted_mean(per_sample[inst], d.timesteps[inst])  # DreamBooth's MSE (ablation)
+                l_r = self.weighted_mean(per_sample[inst], d.timesteps[inst])  # DreamBooth's MSE (ablation)
             total = total + cfg.lambda_r * l_r
             terms["loss_reconstruction"] = float(l_r.detach())
         prior = batch.is_prior.to(per_sample.device)
@@ -175,10 +147,10 @@ class HypnosMethod(DreamBoothMethod):
             l_pp = per_sample[prior].mean()  # eq. 4: plain MSE on class latents
             total = total + cfg.lambda_pp * l_pp
             terms["loss_prior"] = float(l_pp.detach())
-        run_p = self._uses_perceptual() and perceptual_active(step, cfg.perceptual_steps)
+        run_p = self._uses_perceptual() and losses.perceptual_active(step, cfg.perceptual_steps)
         run_ld = self._uses_disc()
         if run_p or run_ld:
-            z0 = tr.predict_x0(d.noisy[inst], d.pred[inst], d.timesteps[inst])
+            z0 = losses.predict_x0(self.models.schedule, d.noisy[inst], d.pred[inst], d.timesteps[inst])
         if run_p:
             vae = self.models.vae
             decoded = vae.decode(self.models.vae_unscale(z0).to(vae.dtype)).sample  # D(z0), eq. 5
@@ -188,26 +160,36 @@ class HypnosMethod(DreamBoothMethod):
         if run_ld:
             if cfg.train_discriminator:
                 terms["loss_discriminator"] = self._discriminator_step(batch.latents[inst], z0.detach())
-            scores = self.disc.score(z0.float())
-            l_ld = latent_discriminator_loss(scores)  # eq. 7
+            scores = self._critic_scores(z0.float())
+            l_ld = losses.latent_discriminator_loss(scores)  # eq. 7
             total = total + cfg.lambda_ld * l_ld
             terms["loss_latent_disc"] = float(l_ld.detach())
             terms["ld_score"] = float(scores.detach().mean())
         return total, terms
 
+    def _critic_scores(self, z0: torch.Tensor) -> torch.Tensor:
+        """LD(z0) with the discriminator's current weights detached: gradients reach z0 (the generator), not LD."""
+        weights = {k: v.detach() for k, v in self.disc.named_parameters()}
+        return scores_from_logits(functional_call(self.disc, weights, (z0,)))
+
     def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
         """One adversarial update of LD (sec. 3.4): instance latents real, the generator's z0 fake. It runs
-        before the generator term reads LD, so that term's graph sees the updated, then frozen, weights."""
-        self.disc.requires_grad_(True)
+        before the generator term reads LD, so that term sees the updated weights. Through the accelerator:
+        DDP averages LD's gradients across processes, and under fp16 the loss is scaled like the generator's."""
         z = torch.cat([real.float(), fake.float()])
         labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(z.device)
-        loss = self.disc.loss(z, labels)
-        self.disc_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.trainer.average_gradients(list(self.disc.parameters()))  # the discriminator is data-parallel too
+        loss = bce_from_logits(self.disc_train(z), labels)
+        self._backward(loss)
         self.disc_opt.step()
-        self.disc.requires_grad_(False)
+        self.disc_opt.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+    def prepare_modules(self, accelerator) -> list[torch.nn.Module]:
+        if self.disc is None or not self.cfg.train_discriminator:
+            return []
+        self.disc_train, self.disc_opt = accelerator.prepare(self.disc, self.disc_opt)
+        self._backward = accelerator.backward
+        return [self.disc_train]
 
     # --- state and artifacts ------------------------------------------------------------------------------
     def extra_state(self) -> dict:

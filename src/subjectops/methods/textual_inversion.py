@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import Batch, Method, Phase
+from subjectops.training import losses
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 # diffusers' SDXL textual-inversion convention: one tensor per text encoder.
@@ -68,8 +69,8 @@ class TextualInversionMethod(Method):
         return [Phase("embedding", self.cfg.steps, self.cfg.lr, self._embeddings, text_changes=True)]
 
     def loss(self, batch: Batch, step: int, phase: Phase):
-        d = self.trainer.denoise(batch.latents, batch.cond, batch.generator)
-        loss = self.trainer.weighted_mean(self.trainer.per_sample_mse(d.pred, d.target), d.timesteps)
+        d = self.denoise(batch)
+        loss = self.weighted_mean(losses.per_sample_mse(d.pred, d.target), d.timesteps)
         return loss, {}
 
     def after_optimizer_step(self, phase: Phase) -> None:

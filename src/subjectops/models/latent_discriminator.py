@@ -96,13 +96,10 @@ class LatentDiscriminator(nn.Module):
         return torch.cat([head(cls) for head in self.heads], dim=1)
 
     def score(self, z: torch.Tensor) -> torch.Tensor:
-        """LD(z) in [0, 1]: the mean of the heads' real probabilities."""
-        return torch.sigmoid(self(z)).mean(dim=1)
+        return scores_from_logits(self(z))
 
     def loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy of every head against labels (1 real, 0 fake)."""
-        logits = self(z)
-        return F.binary_cross_entropy_with_logits(logits, labels.view(-1, 1).expand_as(logits).to(logits))
+        return bce_from_logits(self(z), labels)
 
     # --- files -----------------------------------------------------------------------------------------
     def save(self, out_dir: Path, **extra) -> list[str]:
@@ -126,3 +123,13 @@ class LatentDiscriminator(nn.Module):
         model = cls(**{k: info[k] for k in keys})
         model.load_state_dict(load_file(directory / WEIGHTS))
         return model
+
+
+def scores_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """LD(z) in [0, 1]: the mean of the heads' real probabilities."""
+    return torch.sigmoid(logits).mean(dim=1)
+
+
+def bce_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of every head against labels (1 real, 0 fake)."""
+    return F.binary_cross_entropy_with_logits(logits, labels.view(-1, 1).expand_as(logits).to(logits))

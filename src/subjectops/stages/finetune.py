@@ -20,7 +20,8 @@ from subjectops.models.loading import load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
 from subjectops.stages.common import partial_dir, require_stage_dir, stage_output, write_manifest
 from subjectops.stages.priors import load_priors
-from subjectops.training import DiffusionModels, Trainer, default_resolution, replicas_in_sync
+from subjectops.training.loop import Trainer, replicas_in_sync
+from subjectops.training.models import DiffusionModels
 
 
 def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path, disc_dir: Path | None = None,
@@ -34,9 +35,10 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
 
     pipe = load_pipeline(params.model)
     models = DiffusionModels.from_pipeline(pipe)
-    if subject.resolution % (2 ** (len(models.vae.config.block_out_channels) - 1)):
-        raise SubjectopsError(f"subject resolution {subject.resolution} is not a multiple of the VAE's scale factor",
-                              fix="set subject.resolution to a multiple of 8 and run refine again")
+    if subject.resolution % models.vae_scale_factor:
+        raise SubjectopsError(f"subject resolution {subject.resolution} is not a multiple of the VAE's scale factor "
+                              f"{models.vae_scale_factor}",
+                              fix=f"set subject.resolution to a multiple of {models.vae_scale_factor} and run refine again")
     method = method_cls(params, subject.class_word, models)
     method.disc_dir = disc_dir
     work = partial_dir(out)
@@ -76,7 +78,7 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
             info = {"method": method.name, "base_model": params.model.base, "identifier": method.identifier(),
                     "instance_prompt": method.instance_prompt(), "class_word": subject.class_word, "steps": steps,
                     "resolution": subject.resolution, "weights": written, "processes": trainer.world,
-                    "native_resolution": default_resolution(models)}
+                    "native_resolution": models.native_resolution}
             (work / "method.json").write_text(json.dumps(info, indent=2))
             write_manifest(work, "finetune", params, {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir},
                            method=method.name, processes=trainer.world)

@@ -1,0 +1,288 @@
+"""The one training loop every method runs on, using accelerate as it is meant to be used.
+
+Per phase, the modules whose parameters train, the optimizer and the LR scheduler go through
+`accelerator.prepare`: data parallelism (DDP averages the gradients), mixed precision (autocast, and under fp16
+the gradient scaler that scales the loss, unscales before clipping, skips a step whose gradients overflowed and
+lowers the scale) and gradient accumulation (`accelerator.accumulate`) are accelerate's, not ours. A method's own
+trainable modules (Hypnos' discriminator) are prepared by the method through the same accelerator.
+
+Trainable weights stay in float32 under mixed precision; modules that never train run in the mixed-precision
+dtype, as diffusers' training scripts do.
+
+All randomness (batch choice, latent sampling, noise, timesteps) comes from one torch.Generator per process that
+is checkpointed with the weights, optimizer, LR scheduler and gradient scaler, so a resumed run matches an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from diffusers.optimization import get_scheduler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from subjectops.console import console
+from subjectops.errors import SubjectopsError
+from subjectops.training.checkpoints import StepLog, checkpoint_dirs, load_checkpoint, save_checkpoint
+from subjectops.training.contract import Phase
+from subjectops.training.data import BatchMaker, ExampleSet
+from subjectops.training.models import DiffusionModels
+
+if TYPE_CHECKING:
+    from subjectops.config import Params
+    from subjectops.methods.base import Method
+
+# The config sections a finetune reads: a checkpoint resumes only under the same values.
+TRAINING_SECTIONS = ("model", "subject", "priors", "finetune")
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Trainer:
+    """Runs a method's phases. `cache_latents` / `cache_text` exist for the benchmark's reference loop;
+    `accelerator` lets a test or benchmark hand in one it configured (e.g. a CPU gradient scaler)."""
+
+    def __init__(self, params: "Params", models: DiffusionModels, method: "Method", resolution: int, work_dir: Path,
+                 cache_latents: bool = True, cache_text: bool = True,
+                 on_step: Callable[[int, dict], None] | None = None, show_progress: bool = True,
+                 accelerator: Accelerator | None = None):
+        self.params = params
+        self.cfg = params.finetune
+        self.models = models
+        self.method = method
+        self.resolution = resolution
+        self.work_dir = Path(work_dir)
+        self.on_step = on_step
+        self.show_progress = show_progress
+        if accelerator is None:
+            if self.cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+                # accelerate silently trains in float32 when fp16 is asked for on a CPU: say so instead.
+                raise SubjectopsError("finetune.mixed_precision = 'fp16' needs a CUDA GPU; none is available",
+                                      fix="use --set finetune.mixed_precision=bf16 or =no on a CPU")
+            accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision,
+                                      gradient_accumulation_steps=self.cfg.gradient_accumulation_steps,
+                                      cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        # Data parallel under `accelerate launch --num_processes N`: each process draws its own batches and
+        # noise (rank 0 draws exactly what a single-process run draws).
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.is_main = accelerator.is_main_process
+        self.generator = torch.Generator().manual_seed(self.cfg.seed + self.rank)
+        self.batches = BatchMaker(models, self.generator, self.device, resolution, self.cfg.batch_size,
+                                  self.cfg.center_flip, cache_latents, cache_text)
+        for module in [models.unet, models.vae, *models.text_encoders]:
+            module.to(self.device)
+        if self.cfg.gradient_checkpointing:
+            # Recompute activations in the backward pass: less memory, about a third more compute.
+            models.unet.enable_gradient_checkpointing()
+            for encoder in models.text_encoders:
+                encoder.gradient_checkpointing_enable()
+        models.unet.train()
+        self.log = StepLog(self.work_dir / "train_log.jsonl")
+
+    @property
+    def log_path(self) -> Path:
+        return self.log.path
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+    # --- precision and optimizer ---------------------------------------------------------------------------
+    def _cast_for_mixed_precision(self, phases: list[Phase]) -> None:
+        """Modules that never train run in the mixed-precision dtype; a module with trainable parameters stays
+        float32, so the optimizer updates float32 weights (fp16 weights would round small updates away)."""
+        dtype = MIXED_PRECISION_DTYPES[self.accelerator.mixed_precision]
+        if dtype == torch.float32:
+            return
+        trained = {id(p) for phase in phases for _, p in phase.trainable()}
+        for module in [self.models.vae, *self.models.trainable_candidates]:
+            if not any(id(p) in trained for p in module.parameters()):
+                module.to(dtype)
+
+    def _optimizer(self, params: list[torch.nn.Parameter], lr: float,
+                   use_8bit_adam: bool | str | None = None) -> torch.optim.Optimizer:
+        kwargs = dict(lr=lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), weight_decay=self.cfg.adam_weight_decay,
+                      eps=self.cfg.adam_epsilon)
+        eight_bit = self.cfg.use_8bit_adam if use_8bit_adam is None else use_8bit_adam
+        if eight_bit == "auto":  # a method's choice (Phase.use_8bit_adam): only where it can run
+            eight_bit = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+        if eight_bit:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise SubjectopsError("finetune.use_8bit_adam = true but bitsandbytes is not installed",
+                                      fix="pip install bitsandbytes (CUDA), or --set finetune.use_8bit_adam=false") from None
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, global_step: int, phase_idx: int, optimizer, lr_sched) -> None:
+        scaler = self.accelerator.scaler
+        state = {
+            "global_step": global_step,
+            "phase": phase_idx,
+            "config": self.params.digest(TRAINING_SECTIONS),
+            "tensors": self.method.state_tensors(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_sched.state_dict(),
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "generators": gather_object([self.generator.get_state()]),  # one per process, by rank
+            "torch_rng": torch.get_rng_state(),
+            "method": self.method.extra_state(),
+        }
+        if self.is_main:
+            save_checkpoint(self.ckpt_dir, global_step, state)
+
+    def latest_checkpoint(self) -> dict | None:
+        """The newest checkpoint made with this run's training parameters, or None."""
+        found = checkpoint_dirs(self.ckpt_dir)
+        if not found:
+            return None
+        state = load_checkpoint(found[-1])
+        if state["config"] != self.params.digest(TRAINING_SECTIONS):
+            console.print(f"[yellow]ignoring checkpoint {found[-1].name}: it was made with different parameters")
+            return None
+        return state
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def train(self, images: list[torch.Tensor], masks: list[torch.Tensor], priors: list[torch.Tensor],
+              validate: Callable[[int], None] | None = None) -> int:
+        method = self.method
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        phases = method.phases()
+        self._cast_for_mixed_precision(phases)
+        inst_examples, prior_examples = method.examples(images, masks, priors)
+        inst = self.batches.example_set(inst_examples)
+        prior = self.batches.example_set(prior_examples) if prior_examples else None
+
+        resume = self.latest_checkpoint()
+        start_global = 0
+        if resume:
+            method.load_state_tensors(resume["tensors"])
+            method.load_extra_state(resume["method"])
+            self.generator.set_state(resume["generators"][self.rank])
+            torch.set_rng_state(resume["torch_rng"])
+            start_global = resume["global_step"]
+            console.print(f"[green]resuming finetune from step {start_global}")
+        elif self.is_main:  # a fresh start: drop any checkpoints made with other parameters
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        if self.is_main:
+            self.log.open(start_global)
+
+        total = sum(p.steps for p in phases)
+        global_step = 0
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
+                            TimeRemainingColumn(), console=console, disable=not (self.show_progress and self.is_main))
+        try:
+            with progress:
+                task = progress.add_task(f"finetune {method.name}", total=total, completed=start_global,
+                                         loss=float("nan"))
+                for phase_idx, phase in enumerate(phases):
+                    phase_start = global_step
+                    global_step += phase.steps
+                    if start_global >= global_step:
+                        continue  # phase finished before the checkpoint
+                    self._run_phase(phase, phase_idx, phase_start, start_global, inst,
+                                    prior if phase.uses_priors else None, resume, progress, task, validate)
+                    resume = None
+        finally:
+            self.log.close()
+        return total
+
+    def _run_phase(self, phase: Phase, phase_idx: int, phase_start: int, start_global: int, inst: ExampleSet,
+                   prior: ExampleSet | None, resume: dict | None, progress, task, validate) -> None:
+        acc = self.accelerator
+        params = [p for _, p in phase.trainable()]
+        for p in params:
+            p.requires_grad_(True)
+        owners = [m for m in self.models.trainable_candidates if any(p.requires_grad for p in m.parameters())]
+        optimizer = self._optimizer(params, phase.lr, phase.use_8bit_adam)
+        # accelerate steps a prepared scheduler once per process per optimizer step (its schedules count
+        # per-process batches), so the schedule is stated in those units, as diffusers' scripts do.
+        lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=self.cfg.lr_warmup_steps * self.world,
+                                 num_training_steps=phase.steps * self.world)
+        *wrapped, optimizer, lr_sched = acc.prepare(*owners, optimizer, lr_sched)
+        owned = self.method.prepare_modules(acc)
+        if resume and resume["phase"] == phase_idx:
+            optimizer.load_state_dict(resume["optimizer"])
+            lr_sched.load_state_dict(resume["lr_scheduler"])
+            if acc.scaler is not None and resume["grad_scaler"] is not None:
+                acc.scaler.load_state_dict(resume["grad_scaler"])
+        text_cache = None
+        if self.batches.cache_text and not phase.text_changes:
+            prompts = set(inst.prompts) | (set(prior.prompts) if prior else set())
+            text_cache = self.batches.text_cache(prompts)
+        first = max(start_global, phase_start)
+        with self.models.calling_through(dict(zip(owners, wrapped))):
+            for global_step in range(first + 1, phase_start + phase.steps + 1):
+                terms = self._step(phase, global_step, inst, prior, text_cache, params, optimizer, lr_sched,
+                                   [*wrapped, *owned])
+                record = {"step": global_step, "phase": phase.name, "lr": lr_sched.get_last_lr()[0], **terms}
+                if optimizer.step_was_skipped:
+                    record["skipped"] = True  # fp16: the gradients overflowed; the scaler lowered its scale
+                if self.is_main:
+                    self.log.write(record)
+                if self.on_step:
+                    self.on_step(global_step, record)
+                progress.update(task, advance=1, loss=terms["loss"])
+                if self.cfg.checkpoint_every and global_step % self.cfg.checkpoint_every == 0:
+                    self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)
+                if validate and self.is_main and self.cfg.validation_every and global_step % self.cfg.validation_every == 0:
+                    validate(global_step)
+        for module in [*wrapped, *owned]:
+            acc.unwrap_model(module, keep_fp32_wrapper=False)  # restores each raw module's own forward
+        for p in params:
+            p.requires_grad_(False)
+
+    def _step(self, phase: Phase, global_step: int, inst: ExampleSet, prior: ExampleSet | None, text_cache,
+              params, optimizer, lr_sched, modules) -> dict[str, float]:
+        """One optimizer step: `gradient_accumulation_steps` micro-batches under `accelerator.accumulate`."""
+        acc = self.accelerator
+        accum = self.cfg.gradient_accumulation_steps
+        terms_sum: dict[str, float] = {}
+        for _ in range(accum):
+            with acc.accumulate(*modules):
+                batch = self.batches.make(inst, prior, text_cache)
+                with acc.autocast():
+                    loss, terms = self.method.loss(batch, global_step, phase)
+                acc.backward(loss)  # divides by the accumulation steps; scales the loss under fp16
+                if acc.sync_gradients and self.cfg.max_grad_norm:
+                    acc.clip_grad_norm_(params, self.cfg.max_grad_norm)  # unscales first under fp16
+                optimizer.step()  # a no-op until the last micro-batch; skipped on overflow under fp16
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in {"loss": float(loss.detach()), **terms}.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v / accum
+        self.method.after_optimizer_step(phase)
+        if not math.isfinite(terms_sum["loss"]):
+            raise SubjectopsError(f"loss became {terms_sum['loss']} at step {global_step} ({phase.name})",
+                                  fix="lower the learning rate or use --set finetune.mixed_precision=no")
+        return terms_sum
+
+
+def replicas_in_sync(trainer: Trainer) -> bool:
+    """Every process must end with the same weights (the method's own modules included, e.g. Hypnos'
+    discriminator): a mismatch means gradients were not averaged."""
+    h = hashlib.sha256()
+
+    def update(key: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            h.update(key.encode())
+            h.update(value.detach().float().cpu().numpy().tobytes())
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                update(f"{key}.{k}", value[k])
+
+    update("weights", trainer.method.state_tensors())
+    update("method", trainer.method.extra_state())
+    return len(set(gather_object([h.hexdigest()]))) == 1
