@@ -89,14 +89,14 @@ def checkpoint_steps(ckpt_dir):
     return sorted(int(d.name.split("_")[1]) for d in ckpt_dir.glob("step_*") if d.is_dir() and not d.name.endswith(".tmp"))
 
 
-def _trainer(params, subject_dir, cache):
+def _trainer(params, subject_dir, cache, accelerator=None):
     pipe = load_pipeline(params.model)
     models = DiffusionModels.from_pipeline(pipe)
     subject = RefinedSubject.load(subject_dir / "refine")
     method = get_method(params.finetune.method)(params, subject.class_word, models)
     method.setup()
     trainer = Trainer(params, models, method, subject.resolution, subject_dir / f"work-{cache}",
-                      cache_latents=cache, cache_text=cache, show_progress=False)
+                      cache_latents=cache, cache_text=cache, show_progress=False, accelerator=accelerator)
     images = [to_tensor(i) for i in subject.images()]
     masks = [to_tensor(m) for m in subject.masks()]
     return trainer, images, masks
@@ -290,3 +290,121 @@ def test_bf16_mixed_precision_runs_under_autocast(prepared, tiny_overrides, tmp_
     assert all(np.isfinite(losses["bf16"]))
     assert losses["bf16"] != losses["no"]  # the UNet ran in bfloat16 ...
     np.testing.assert_allclose(losses["bf16"], losses["no"], rtol=0.05)  # ... on the same batches and noise
+
+
+class _InfGradient(torch.autograd.Function):
+    """Passes the loss through unchanged and sends an inf gradient back: a step whose gradients overflow."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+def test_fp16_loss_scaling_unscales_before_the_update_and_skips_an_overflow_step(prepared, tiny_overrides):
+    """accelerate's fp16 path on a CPU: a real GradScaler (scale 2^16) in the accelerator, autocast off so the
+    compute stays float32 and only the loss scaling differs from the reference run."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import AutocastKwargs
+
+    params = with_overrides(tiny_overrides, "finetune.dreambooth.steps=3", "finetune.dreambooth.prior_preservation=false",
+                            "finetune.dreambooth.lr=1e-3")
+
+    def run(scaled: bool, overflow_step: int | None = None):
+        AcceleratorState._reset_state(True)
+        if scaled:
+            acc = Accelerator(mixed_precision="fp16", cpu=True, kwargs_handlers=[AutocastKwargs(enabled=False)])
+            acc.native_amp = True  # accelerate enables its fp16 path only off-CPU; everything else is its own code
+            acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        else:
+            acc = Accelerator(cpu=True)
+        trainer, images, masks = _trainer(params, prepared, True, accelerator=acc)
+        loss = trainer.method.loss
+        trainer.method.loss = lambda b, step, ph: ((lambda l, t: (_InfGradient.apply(l) if step == overflow_step else l, t))
+                                                   (*loss(b, step, ph)))
+        seen = []
+        trainer.on_step = lambda step, rec: seen.append(
+            (rec, {k: v.detach().clone() for k, v in trainer.models.unet.named_parameters()},
+             acc.scaler.get_scale() if acc.scaler else None))
+        trainer.train(images, masks, [])
+        return seen, trainer
+
+    try:
+        reference, _ = run(scaled=False)
+        scaled, _ = run(scaled=True)
+        overflow, trainer = run(scaled=True, overflow_step=2)
+    finally:
+        AcceleratorState._reset_state(True)
+
+    def max_diff(a, b):
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    # the scaled steps make the same updates as the float32 steps: the gradients were unscaled before
+    # clipping and stepping (2^16 scaling is exact in float32, so the tolerance is float rounding only)
+    for (_, w_ref, _), (_, w_scaled, scale) in zip(reference, scaled):
+        assert max_diff(w_ref, w_scaled) < 1e-6
+        assert scale == 2.0 ** 16
+    assert max_diff(reference[0][1], reference[2][1]) > 1e-4  # the steps did move the weights
+    # the overflow step is skipped (weights untouched), the scale halves, and training goes on
+    (rec1, w1, s1), (rec2, w2, s2), (rec3, w3, s3) = overflow
+    assert "skipped" not in rec1 and rec2["skipped"] is True and "skipped" not in rec3
+    assert max_diff(w1, w2) == 0.0
+    assert (s1, s2, s3) == (2.0 ** 16, 2.0 ** 15, 2.0 ** 15)
+    assert max_diff(w2, w3) > 1e-6
+    adam_steps = {int(s["step"]) for s in trainer.accelerator._optimizers[0].state_dict()["state"].values()}
+    assert adam_steps == {2}  # three steps taken, one skipped
+
+
+@pytest.mark.parametrize("planted", ["step_000004.pt", "step_000004/optimizer.bin", "step_000004/tensors.safetensors"])
+def test_a_crafted_pickle_in_the_checkpoint_folder_is_refused_and_never_runs(prepared, tiny_overrides, tmp_path, planted):
+    import pathlib
+    import pickle
+
+    from subjectops.errors import SubjectopsError
+
+    marker = tmp_path / "code-ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return pathlib.Path.touch, (pathlib.Path(marker),)
+
+    out = tmp_path / "ft"
+    ckpts = partial_dir(out) / "checkpoints"
+    target = ckpts / planted
+    target.parent.mkdir(parents=True)
+    if target.parent != ckpts:  # a checkpoint directory that looks complete
+        (target.parent / "state.json").write_text("{}")
+        (target.parent / "tensors.safetensors").write_bytes(b"")
+    target.write_bytes(pickle.dumps(Exploit()))
+    params = with_overrides(tiny_overrides)
+    with pytest.raises(SubjectopsError) as err:
+        finetune(params, prepared / "refine", prepared / "priors", out)
+    assert str(target) in str(err.value) or str(target.parent) in str(err.value)
+    assert "delete" in str(err.value)
+    assert not marker.exists()  # nothing was unpickled
+    assert not out.exists()
+
+
+def test_checkpoint_state_round_trips_exactly(tmp_path):
+    from subjectops.training.checkpoints import checkpoint_dirs, load_checkpoint, save_checkpoint
+
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.AdamW([param], lr=1e-3, betas=(0.9, 0.99))
+    param.grad = torch.randn(3, 2)
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "rng": torch.Generator().manual_seed(3).get_state(), "nested": {"t": (1, 2.5)}}
+    for step in (5, 10, 15):
+        save_checkpoint(tmp_path, step, state)
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_000010", "step_000015"]  # the newest two are kept
+    loaded = load_checkpoint(checkpoint_dirs(tmp_path)[-1])
+    assert loaded["nested"] == {"t": (1, 2.5)} and torch.equal(loaded["rng"], state["rng"])
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, 2))], lr=1.0)
+    fresh.load_state_dict(loaded["optimizer"])
+    restored = fresh.state_dict()
+    assert restored["param_groups"][0]["betas"] == (0.9, 0.99) and restored["param_groups"][0]["lr"] == 1e-3
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(restored["state"][0][key], opt.state_dict()["state"][0][key])

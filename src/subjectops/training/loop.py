@@ -84,7 +84,7 @@ class Trainer:
             # Recompute activations in the backward pass: less memory, about a third more compute.
             models.unet.enable_gradient_checkpointing()
             for encoder in models.text_encoders:
-                encoder.gradient_checkpointing_enable()
+                encoder.activation_checkpointing_enable()
         models.unet.train()
         self.log = StepLog(self.work_dir / "train_log.jsonl")
 
@@ -100,7 +100,7 @@ class Trainer:
     def _cast_for_mixed_precision(self, phases: list[Phase]) -> None:
         """Modules that never train run in the mixed-precision dtype; a module with trainable parameters stays
         float32, so the optimizer updates float32 weights (fp16 weights would round small updates away)."""
-        dtype = MIXED_PRECISION_DTYPES[self.accelerator.mixed_precision]
+        dtype = MIXED_PRECISION_DTYPES[self.cfg.mixed_precision]
         if dtype == torch.float32:
             return
         trained = {id(p) for phase in phases for _, p in phase.trainable()}
