@@ -109,9 +109,14 @@ def test_full_run_parent_nested_params_metrics_artifacts(tmp_path, tracking_uri,
 
     # every number of metrics.json, named with prompt set and backbone, on the stage and the parent
     ev = kids["evaluate"].data
-    for r in json.loads((run / "evaluate" / "metrics.json").read_text()):
+    rows = json.loads((run / "evaluate" / "metrics.json").read_text())["metrics"]
+    assert {r["key"] for r in rows} == {"dino", "clip-i", "clip-t", "fid", "lpips"}
+    for r in rows:
         for fld in ("mean", "std", "n_pairs"):
-            key = f"{r['metric']}/{r['prompt_set']}/{r['backbone']}/{fld}"
+            key = f"{r['key']}/{r['prompt_set']}/{r['backbone']}/{fld}"
+            if r[fld] is None:  # FID: one distance, no std or pairs
+                assert key not in ev.metrics, key
+                continue
             assert ev.metrics[key] == pytest.approx(r[fld]), key
             assert parent.data.metrics[key] == pytest.approx(r[fld]), key
     assert ev.tags["eval.random_backbones"] == "none"
@@ -219,7 +224,7 @@ def test_server_stopped_mid_run_finishes_locally_and_sync_uploads_everything(tmp
     assert set(kids) == set(STAGES) | {"register"}
     assert all(r.info.status == "FINISHED" for r in kids.values())
     assert len(client.get_metric_history(kids["finetune"].info.run_id, "train/loss")) == STEPS
-    recs = json.loads((run / "evaluate" / "metrics.json").read_text())
+    recs = json.loads((run / "evaluate" / "metrics.json").read_text())["metrics"]
     assert len([k for k in kids["evaluate"].data.metrics if k.endswith("/mean")]) == len(recs)
     assert "evaluate/report.html" in artifact_paths(client, kids["evaluate"].info.run_id)
     assert client.get_model_version_by_alias(out["registered"]["model_name"], "challenger").run_id == kids["register"].info.run_id
