@@ -16,6 +16,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from subjectops.config import ModelCfg
+from subjectops.digest import DIGEST_CHARS, sha256_bytes
 from subjectops.errors import ModelNotFoundError
 from subjectops.models.tiny import TINY_PRESETS, tiny_dir
 
@@ -91,7 +92,7 @@ def fingerprint(model: ModelCfg) -> str:
     and the safetensors headers change whenever the weights do in practice.
     """
     if not is_tiny(model) and not Path(model.base).expanduser().exists():
-        return hashlib.sha256(f"{model.base}@{model.revision}".encode()).hexdigest()[:16]
+        return sha256_bytes(f"{model.base}@{model.revision}".encode())[:DIGEST_CHARS]
     root = Path(resolve(model))
     h = hashlib.sha256()
     for f in sorted(root.rglob("*")):
@@ -105,7 +106,7 @@ def fingerprint(model: ModelCfg) -> str:
             h.update(str(f.stat().st_size).encode())
             with f.open("rb") as fh:
                 h.update(fh.read(1 << 16))
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:DIGEST_CHARS]
 
 
 def describe(model: ModelCfg) -> dict:
