@@ -194,6 +194,33 @@ def test_server_down_from_the_start_runs_locally_then_sync_uploads(tmp_path, mon
     assert len(client.get_metric_history(kids["finetune"].info.run_id, "train/loss")) == STEPS
 
 
+def test_a_server_that_never_answers_times_out_after_tracking_timeout_seconds(tmp_path, monkeypatch):
+    """tracking.timeout_seconds bounds each MLflow request: a server that accepts connections but never
+    answers costs seconds, not MLflow's default two minutes per request."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts connections; nobody ever reads or answers
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        # the tracker sets MLflow's timeout for the process: restore it for the tests after this one
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120"))
+        params = synthetic_params(tracking__retries=2, tracking__backoff_seconds=0.1, tracking__timeout_seconds=1)
+        messages = []
+        tracker = MlflowTracker(experiment="silent", echo=messages.append)
+        start = time.monotonic()
+        with tracker.pipeline(params, tmp_path / "run"):
+            pass
+        elapsed = time.monotonic() - start
+    finally:
+        silent.close()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+    assert tracker.offline and any("timed out" in m.lower() or "timeout" in m.lower() for m in messages), messages
+    assert 2 <= elapsed < 20, elapsed  # two tries of one second each (plus MLflow's own overhead), not 2 x 120 s
+
+
 def test_server_stopped_mid_run_finishes_locally_and_sync_uploads_everything(tmp_path, monkeypatch, mlflow_factory):
     server = mlflow_factory()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)

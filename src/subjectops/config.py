@@ -291,7 +291,8 @@ class TrackingCfg(_Strict):
     # Tries per MLflow call before the run continues locally (then `subjectops sync RUN_DIR`).
     retries: int = Field(3, ge=1, le=20)
     backoff_seconds: float = Field(1.0, ge=0)
-    timeout_seconds: float = Field(10.0, gt=0)
+    # Seconds one MLflow HTTP request may take (MLFLOW_HTTP_REQUEST_TIMEOUT, which MLflow reads as whole seconds).
+    timeout_seconds: int = Field(10, ge=1)
 
 
 class EvaluateBackbonesCfg(_Strict):
