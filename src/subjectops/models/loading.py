@@ -116,6 +116,12 @@ def describe(model: ModelCfg) -> dict:
     return info
 
 
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent along a side, from a VAE config (a dict or the VAE's own `config`): the number
+    diffusers pipelines expose as `pipe.vae_scale_factor`, for code that has the VAE or its config alone."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def native_resolution(model: ModelCfg) -> int:
     """The resolution the model was trained at (diffusers' default height): unet sample size x VAE scale."""
     source = resolve(model)
@@ -134,7 +140,7 @@ def native_resolution(model: ModelCfg) -> int:
             f"cannot read the configs of '{source}' to find its resolution ({exc.__class__.__name__})",
             fix=how_to_provide(source) + "; or set subject.resolution explicitly",
         ) from None
-    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return unet["sample_size"] * vae_scale_factor(vae)
 
 
 def training_resolution(params) -> int:
