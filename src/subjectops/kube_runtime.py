@@ -241,8 +241,9 @@ def finetune_argv(gpu_count: int, params_file: Path, refine_dir: Path, priors_di
 def aggregate_summaries(summaries: Sequence[Mapping]) -> dict:
     """The benchmark's aggregate: per (metric, prompt set, backbone), the mean over subjects.
 
-    Each summary is what the register stage stores (`{"records", "seeds", "prompt_sets"}`). `n_pairs` adds up, `pretrained` holds only if it holds for every
-    subject, prompt set versions must agree, and seeds are combined into one digest per prompt set.
+    Each summary is what the register stage stores (`{"records", "seeds", "prompt_sets"}`). `n_pairs` adds
+    up, `pretrained` holds only if it holds for every subject, prompt set versions must agree, and seeds are
+    combined into one digest per prompt set.
     """
     from subjectops.tracking.gates import normalize_records
 
