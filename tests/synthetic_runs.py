@@ -7,7 +7,6 @@ use these to check exactly what reaches MLflow from known files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +14,11 @@ import numpy as np
 from PIL import Image
 
 from subjectops.config import Params, validate_params
+from subjectops.data.prompts import PromptItem, PromptSet, prompt_sets_to_json
+from subjectops.digest import sha256_bytes, sha256_file
+from subjectops.metrics.core import MetricRecord
+from subjectops.metrics.definitions import METRICS
+from subjectops.stages.evaluate import metrics_document
 
 STEPS = 12
 
@@ -35,10 +39,6 @@ def synthetic_params(**overrides) -> Params:
     return validate_params(data)
 
 
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def _img(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> None:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,23 +49,62 @@ def _img(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> None:
 
 
 def _manifest(d: Path, stage: str, params: Params) -> None:
-    outputs = {p.relative_to(d).as_posix(): _sha(p) for p in sorted(d.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    outputs = {p.relative_to(d).as_posix(): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file() and p.name != "manifest.json"}
     (d / "manifest.json").write_text(json.dumps({"stage": stage, "created": "2026-01-01T00:00:00Z",
                                                  "params": params.model_dump(mode="json"), "inputs": {}, "outputs": outputs,
                                                  "versions": {}}))
 
 
-def metrics_records(dino=0.6, clip_t=0.3, clip_i=0.7, prompt_set="prompt-invariant", backbone_dino="facebook/dino-vits16",
-                    backbone_clip="openai/clip-vit-base-patch32", pretrained=True, n_pairs=4) -> list[dict]:
+PROMPT = "a photo of sks teapot"
+N_IMAGES, N_REFERENCES = 4, 3
+
+
+def _prompt_set(name: str = "prompt-invariant") -> PromptSet:
+    return PromptSet(name, "1", [PromptItem(PROMPT, seed) for seed in range(N_IMAGES)])
+
+
+def _samples(name: str = "prompt-invariant") -> list[dict]:
+    return [{"prompt_set": name, "prompt": PROMPT, "identifier": "sks", "class_word": "teapot", "seed": i,
+             "path": f"images/{name}/{i:04d}.png"} for i in range(N_IMAGES)]
+
+
+def metric_records(dino=0.6, clip_t=0.3, clip_i=0.7, fid=40.0, lpips=0.4, prompt_set="prompt-invariant",
+                   backbone_dino="facebook/dino-vits16", backbone_clip="openai/clip-vit-base-patch32", pretrained=True,
+                   n_pairs=None) -> list[MetricRecord]:
+    """The evaluator's records with chosen means: pairwise metrics over images x references, FID on DINO features."""
+    pairs = N_IMAGES * N_REFERENCES
+
+    def rec(metric, mean, backbone, n, std, pairing):
+        per_image = [] if n is None else [mean] * N_IMAGES
+        return MetricRecord(metric, prompt_set, "1", backbone, pretrained, N_IMAGES, N_REFERENCES,
+                            n if n is None or n_pairs is None else n_pairs, mean, std, pairing,
+                            METRICS[metric].higher_is_better, per_image=per_image)
+
     return [
-        {"metric": "dino", "prompt_set": prompt_set, "backbone": backbone_dino, "pretrained": pretrained, "n_pairs": n_pairs, "mean": dino, "std": 0.05},
-        {"metric": "clip-i", "prompt_set": prompt_set, "backbone": backbone_clip, "pretrained": pretrained, "n_pairs": n_pairs, "mean": clip_i, "std": 0.04},
-        {"metric": "clip-t", "prompt_set": prompt_set, "backbone": backbone_clip, "pretrained": pretrained, "n_pairs": n_pairs, "mean": clip_t, "std": 0.02},
+        rec("dino", dino, backbone_dino, pairs, 0.05, "generated x reference"),
+        rec("clip-i", clip_i, backbone_clip, pairs, 0.04, "generated x reference"),
+        rec("clip-t", clip_t, backbone_clip, N_IMAGES, 0.02, "generated x own prompt"),
+        rec("fid", fid, backbone_dino, None, None, "generated set vs reference set"),
+        rec("lpips", lpips, "alex", pairs, 0.03, "generated x reference"),
     ]
 
 
-def write_stage(run: Path, stage: str, params: Params, records: list[dict] | None = None, seed: int = 0) -> Path:
-    """Write one stage's output directory; returns it."""
+def metrics_records(**kw) -> list[dict]:
+    """The `metrics` rows of metrics.json, as the evaluate stage writes them (see `metric_records`)."""
+    return [r.to_dict() for r in metric_records(**kw)]
+
+
+def metrics_json(**kw) -> dict:
+    """A whole metrics.json document, built by the evaluate stage's own `metrics_document`."""
+    records = metric_records(**kw)
+    ps, pretrained = records[0].prompt_set, records[0].pretrained
+    backbones = {role: {"role": role, "id": bid, "pretrained": pretrained, "source": bid, "description": role}
+                 for role, bid in (("dino", records[0].backbone), ("clip", records[1].backbone), ("lpips", "alex"))}
+    return metrics_document([_prompt_set(ps)], _samples(ps), records, backbones, "dino")
+
+
+def write_stage(run: Path, stage: str, params: Params, metrics: dict | None = None, seed: int = 0) -> Path:
+    """Write one stage's output directory; returns it. `metrics`: keyword arguments of `metric_records`."""
     d = run / stage
     d.mkdir(parents=True, exist_ok=True)
     if stage == "refine":
@@ -73,7 +112,7 @@ def write_stage(run: Path, stage: str, params: Params, records: list[dict] | Non
         for i in range(3):
             _img(d / "images" / f"{i:02d}.png", seed + i)
             _img(d / "masks" / f"{i:02d}.png", seed + 10 + i, mode="L")
-            srcs.append({"file": f"teapot{i}.jpg", "sha256": hashlib.sha256(f"src{seed}{i}".encode()).hexdigest()})
+            srcs.append({"file": f"teapot{i}.jpg", "sha256": sha256_bytes(f"src{seed}{i}".encode())})
         (d / "subject.json").write_text(json.dumps({
             "name": "teapot", "class_word": "teapot", "token": "sks", "resolution": 32,
             "images": [f"images/{i:02d}.png" for i in range(3)], "masks": [f"masks/{i:02d}.png" for i in range(3)],
@@ -92,16 +131,13 @@ def write_stage(run: Path, stage: str, params: Params, records: list[dict] | Non
         (d / "checkpoints").mkdir(exist_ok=True)
         (d / "checkpoints" / "state.pt").write_bytes(b"resume state, not uploaded")
     elif stage == "infer":
-        samples = []
-        for i in range(4):
-            rel = f"images/prompt-invariant/{i:04d}.png"
-            _img(d / rel, 200 + i)
-            samples.append({"prompt_set": "prompt-invariant", "prompt": "a photo of sks teapot", "identifier": "sks",
-                            "class_word": "teapot", "seed": i, "path": rel})
+        samples = _samples()
+        for i, sample in enumerate(samples):
+            _img(d / sample["path"], 200 + i)
         (d / "samples.json").write_text(json.dumps(samples))
-        (d / "prompt_sets.json").write_text(json.dumps([{"name": "prompt-invariant", "version": "1", "items": ["a photo of sks teapot"]}]))
+        (d / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json([_prompt_set()])))
     elif stage == "evaluate":
-        (d / "metrics.json").write_text(json.dumps(records if records is not None else metrics_records()))
+        (d / "metrics.json").write_text(json.dumps(metrics_json(**(metrics or {}))))
         (d / "report.html").write_text("<html><body><h1>subjectops report</h1></body></html>")
     _manifest(d, stage, params)
     return d
@@ -136,7 +172,7 @@ def _build_lora(d: Path, params: Params, seed: int) -> None:
     type(pipe).save_lora_weights(d, unet_lora_layers=layers, safe_serialization=True)
 
 
-def write_run(run: Path, params: Params, records: list[dict] | None = None, seed: int = 0) -> Path:
+def write_run(run: Path, params: Params, metrics: dict | None = None, seed: int = 0) -> Path:
     for stage in ("refine", "priors", "finetune", "infer", "evaluate"):
-        write_stage(run, stage, params, records, seed)
+        write_stage(run, stage, params, metrics, seed)
     return run

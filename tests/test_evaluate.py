@@ -11,6 +11,7 @@ from PIL import Image
 from subjectops.config import Params
 from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
 from subjectops.errors import ModelNotFoundError, SubjectopsError
+from subjectops.models.tiny import TINY_PRESETS
 from subjectops.stages.evaluate import evaluate
 
 RES = 64
@@ -156,3 +157,18 @@ def test_cli_evaluate_run_dir_ends_with_the_report_path(tmp_path, monkeypatch):
     (infer / "manifest.json").write_text("{}")
     res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run")])
     assert res.exit_code == 2 and "evaluate.tiny=true" in res.output.replace("\n", " ")
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_images_from_any_offline_preset_get_tiny_encoders(tmp_path, preset):
+    """evaluate.tiny=auto follows models.tiny.TINY_PRESETS (small-sd15 too): random-weight images never
+    reach the real encoders, which would be missing offline anyway."""
+    params = Params.model_validate({"model": {"base": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+                                    "infer": {"prompt_sets": ["prompt-invariant"], "prompt_invariant": {"num_images": 2}},
+                                    "evaluate": {"metrics": ["dino"]}})
+    refine, infer = make_run(tmp_path, params)
+    (infer / "manifest.json").write_text(json.dumps({"params": {"model": {"base": preset}}}))
+    out = evaluate(params, refine, infer, tmp_path / "evaluate")
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["random_backbones"] is True and doc["backbones"]["dino"]["id"] == "tiny"
+    assert doc["metrics"][0]["pretrained"] is False

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from subjectops.cli import app
 from subjectops.stages.register import register
 from subjectops.tracking.registry import RegistryError, promote
-from synthetic_runs import metrics_records, synthetic_params, write_run
+from synthetic_runs import synthetic_params, write_run
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def registry(tmp_path, tracking_uri):
     client = MlflowClient(tracking_uri)
 
     def add(**metrics) -> str:
-        run = write_run(tmp_path / f"run{len(list(tmp_path.iterdir()))}", params, metrics_records(**metrics))
+        run = write_run(tmp_path / f"run{len(list(tmp_path.iterdir()))}", params, metrics)
         return register(params, run, run / "register", model_name=name)["version"]
 
     return name, params, client, add

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from subjectops.config import GateCfg, RegistryCfg, validate_params
+from subjectops.config import ConfigError, GateCfg, RegistryCfg, load_params, validate_params
 from subjectops.tracking.gates import evaluate_gates
-from synthetic_runs import metrics_records
+from synthetic_runs import metrics_json, metrics_records
 
 CFG = RegistryCfg(gates=[GateCfg(metric="dino", tolerance=0.02), GateCfg(metric="clip-t", tolerance=0.01)])
 
@@ -35,10 +35,32 @@ def test_small_drop_within_tolerance_passes_larger_drop_fails():
     assert "0.1 below the champion's 0.6" in bad.reasons[0]
 
 
-def test_lower_is_better_gate_and_absolute_floor():
-    cfg = [GateCfg(metric="dino", higher_is_better=False, tolerance=0.0)]
-    assert evaluate_gates(summary(dino=0.5), summary(dino=0.6), cfg).passed
-    assert evaluate_gates(summary(dino=0.7), summary(dino=0.6), cfg).status == "failed"
+@pytest.mark.parametrize("metric,better,worse,champ", [("fid", 30.0, 50.0, 40.0), ("lpips", 0.3, 0.5, 0.4)])
+def test_fid_and_lpips_gates_treat_lower_as_better(metric, better, worse, champ, tmp_path):
+    """From a params file through the evaluate stage's metrics.json to the decision: direction from the definition."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(f"registry:\n  gates:\n    - metric: {metric}\n      tolerance: 1.0e-3\n      min_value: {champ + 5}\n")
+    gates = load_params(params_file).registry
+    champion = metrics_json(**{metric: champ})
+    up = evaluate_gates(metrics_json(**{metric: better}), champion, gates)
+    assert up.passed, up.summary()
+    assert up.gates[0].higher_is_better is False and up.gates[0].improvement == pytest.approx(champ - better)
+    down = evaluate_gates(metrics_json(**{metric: worse}), champion, gates)
+    assert down.status == "failed" and f"{_num(worse - champ)} above the champion's {_num(champ)}" in down.reasons[0]
+    ceiling = evaluate_gates(metrics_json(**{metric: champ + 6}), None, gates)
+    assert ceiling.status == "failed" and f"above the ceiling {_num(champ + 5)}" in ceiling.reasons[0]
+
+
+def _num(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def test_a_gate_cannot_set_its_own_direction():
+    with pytest.raises(ConfigError, match=r"registry\.gates\.0.*fid is lower is better by definition; remove this line"):
+        validate_params({"registry": {"gates": [{"metric": "fid", "higher_is_better": True}]}})
+
+
+def test_absolute_floor():
     floor = [GateCfg(metric="dino", min_value=0.65)]
     d = evaluate_gates(summary(dino=0.6), None, floor)
     assert d.status == "failed" and "below the floor 0.65" in d.reasons[0]
@@ -74,7 +96,7 @@ def test_random_backbones_are_refused_even_without_champion():
 
 
 def test_missing_metric_and_bad_numbers_are_refused():
-    recs = [r for r in metrics_records() if r["metric"] != "clip-t"]
+    recs = [r for r in metrics_records() if r["key"] != "clip-t"]
     d = evaluate_gates(recs, metrics_records(), CFG)
     assert d.status == "refused" and "no 'clip-t'" in d.reasons[0]
     nan = metrics_records(dino=float("nan"))

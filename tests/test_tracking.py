@@ -109,9 +109,14 @@ def test_full_run_parent_nested_params_metrics_artifacts(tmp_path, tracking_uri,
 
     # every number of metrics.json, named with prompt set and backbone, on the stage and the parent
     ev = kids["evaluate"].data
-    for r in json.loads((run / "evaluate" / "metrics.json").read_text()):
+    rows = json.loads((run / "evaluate" / "metrics.json").read_text())["metrics"]
+    assert {r["key"] for r in rows} == {"dino", "clip-i", "clip-t", "fid", "lpips"}
+    for r in rows:
         for fld in ("mean", "std", "n_pairs"):
-            key = f"{r['metric']}/{r['prompt_set']}/{r['backbone']}/{fld}"
+            key = f"{r['key']}/{r['prompt_set']}/{r['backbone']}/{fld}"
+            if r[fld] is None:  # FID: one distance, no std or pairs
+                assert key not in ev.metrics, key
+                continue
             assert ev.metrics[key] == pytest.approx(r[fld]), key
             assert parent.data.metrics[key] == pytest.approx(r[fld]), key
     assert ev.tags["eval.random_backbones"] == "none"
@@ -189,6 +194,33 @@ def test_server_down_from_the_start_runs_locally_then_sync_uploads(tmp_path, mon
     assert len(client.get_metric_history(kids["finetune"].info.run_id, "train/loss")) == STEPS
 
 
+def test_a_server_that_never_answers_times_out_after_tracking_timeout_seconds(tmp_path, monkeypatch):
+    """tracking.timeout_seconds bounds each MLflow request: a server that accepts connections but never
+    answers costs seconds, not MLflow's default two minutes per request."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts connections; nobody ever reads or answers
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        # the tracker sets MLflow's timeout for the process: restore it for the tests after this one
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120"))
+        params = synthetic_params(tracking__retries=2, tracking__backoff_seconds=0.1, tracking__timeout_seconds=1)
+        messages = []
+        tracker = MlflowTracker(experiment="silent", echo=messages.append)
+        start = time.monotonic()
+        with tracker.pipeline(params, tmp_path / "run"):
+            pass
+        elapsed = time.monotonic() - start
+    finally:
+        silent.close()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+    assert tracker.offline and any("timed out" in m.lower() or "timeout" in m.lower() for m in messages), messages
+    assert 2 <= elapsed < 20, elapsed  # two tries of one second each (plus MLflow's own overhead), not 2 x 120 s
+
+
 def test_server_stopped_mid_run_finishes_locally_and_sync_uploads_everything(tmp_path, monkeypatch, mlflow_factory):
     server = mlflow_factory()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
@@ -219,7 +251,7 @@ def test_server_stopped_mid_run_finishes_locally_and_sync_uploads_everything(tmp
     assert set(kids) == set(STAGES) | {"register"}
     assert all(r.info.status == "FINISHED" for r in kids.values())
     assert len(client.get_metric_history(kids["finetune"].info.run_id, "train/loss")) == STEPS
-    recs = json.loads((run / "evaluate" / "metrics.json").read_text())
+    recs = json.loads((run / "evaluate" / "metrics.json").read_text())["metrics"]
     assert len([k for k in kids["evaluate"].data.metrics if k.endswith("/mean")]) == len(recs)
     assert "evaluate/report.html" in artifact_paths(client, kids["evaluate"].info.run_id)
     assert client.get_model_version_by_alias(out["registered"]["model_name"], "challenger").run_id == kids["register"].info.run_id

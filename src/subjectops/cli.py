@@ -1,5 +1,7 @@
-"""`subjectops`: the command line. Every stage command is a thin adapter over one stage function;
-DVC and Kubeflow call these same commands."""
+"""`subjectops`: the command line. Every stage command is a thin adapter over one stage function.
+DVC's stages (dvc.yaml) call these commands; Kubeflow components call the stage functions themselves,
+inside the project image (components/stages.py), except multi-GPU finetune, which `accelerate launch`es
+`subjectops finetune`."""
 
 from __future__ import annotations
 
@@ -8,26 +10,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
-from subjectops.cli_common import IfNeededOpt, MethodOpt, ModelOpt, ParamsOpt, RunOpt, SetOpt, console, user_errors
-from subjectops.config import Params, load_params
+from subjectops.cli_common import (IfNeededOpt, MethodOpt, ModelOpt, ParamsOpt, RunOpt, SetOpt, build_params, console, done,
+                                   user_errors)
 from subjectops.errors import SubjectopsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Personalize text-to-image diffusion models from a few photos of one subject.")
 models_app = typer.Typer(no_args_is_help=True, help="Base models and metric encoders.")
 app.add_typer(models_app, name="models")
-
-
-def build_params(params_path: Path, sets: Optional[List[str]], model: Optional[str] = None,
-                 method: Optional[str] = None) -> Params:
-    overrides = list(sets or [])
-    if model:
-        overrides.append(f"model.base={model}")
-    if method:
-        overrides.append(f"finetune.method={method}")
-    return load_params(params_path, overrides)
 
 
 def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, required: bool = True) -> Optional[Path]:
@@ -38,10 +29,6 @@ def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, requir
     if required:
         raise SubjectopsError(f"no directory given for {stage}", fix=f"pass --{stage.replace('_', '-')} DIR or --run RUN_DIR")
     return None
-
-
-def done(what: str, path: Path) -> None:
-    console.print(f"[green]{what}:[/] {path}", highlight=False)
 
 
 @app.command()
@@ -183,7 +170,7 @@ def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetO
     rows = check_weights(params)
     for row in rows:
         table.add_row(row.purpose, row.ident, "[green]present" if row.present else "[red]missing", row.how)
-    Console().print(table)
+    console.print(table)
 
 
 # register / promote / sync (MLflow registry and tracking)

@@ -1,14 +1,16 @@
-"""What every `subjectops` command shares: the error printer and the common options."""
+"""What every `subjectops` command shares: the error printer, the common options, how params are built
+from them, and how a result is announced."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable
+from typing import Callable, List, Optional
 
 import typer
 
-from subjectops.console import console  # noqa: F401  (re-exported for the commands)
+from subjectops.config import Params, load_params
+from subjectops.console import console
 from subjectops.errors import SubjectopsError
 
 
@@ -34,3 +36,18 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def build_params(params_path: Path, sets: Optional[List[str]], model: Optional[str] = None,
+                 method: Optional[str] = None) -> Params:
+    """params.yaml with the `--set` overrides, and `--model` / `--method` as overrides of their keys."""
+    overrides = list(sets or [])
+    if model:
+        overrides.append(f"model.base={model}")
+    if method:
+        overrides.append(f"finetune.method={method}")
+    return load_params(params_path, overrides)
+
+
+def done(what: str, path: Path) -> None:
+    console.print(f"[green]{what}:[/] {path}", highlight=False)

@@ -7,7 +7,6 @@ the value and what is allowed, before a stage does any work.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -15,7 +14,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, field_validator, ConfigDict, Field, ValidationError, model_validator
 
+from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
+from subjectops.metrics.definitions import METRIC_NAMES, METRICS, direction
 
 DEFAULT_PARAMS = Path("params.yaml")
 METHOD_NAMES = ("dreambooth", "lora", "textual-inversion", "two-stage", "hypnos")
@@ -247,14 +248,25 @@ class InferCfg(_Strict):
 
 
 class GateCfg(_Strict):
-    """One promotion gate: the challenger's `metric` must not fall below the champion's by more than
-    `tolerance` (absolute), on every prompt set and backbone both were evaluated with."""
+    """One promotion gate: the challenger's `metric` must not be worse than the champion's by more than
+    `tolerance` (absolute), on every prompt set and backbone both were evaluated with. Which way is
+    worse comes from the metric's definition (metrics/definitions.py), never from the gate."""
 
     metric: str = Field(..., min_length=1)
-    higher_is_better: bool = True
     tolerance: float = Field(0.0, ge=0)
     # Absolute floor (ceiling when lower is better), also used when there is no champion yet.
     min_value: Optional[float] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_direction(cls, data: Any) -> Any:
+        # An older params.yaml set the direction per gate; a wrong one silently inverted the gate (FID, LPIPS).
+        if isinstance(data, dict) and "higher_is_better" in data:
+            metric = data.get("metric")
+            known = f"{metric} is {direction(metric)} by definition; " if metric in METRICS else ""
+            raise ValueError(f"higher_is_better is no longer a gate setting: {known}remove this line, the direction "
+                             "comes from the metric's definition")
+        return data
 
     @model_validator(mode="after")
     def _known_metric(self):
@@ -279,10 +291,8 @@ class TrackingCfg(_Strict):
     # Tries per MLflow call before the run continues locally (then `subjectops sync RUN_DIR`).
     retries: int = Field(3, ge=1, le=20)
     backoff_seconds: float = Field(1.0, ge=0)
-    timeout_seconds: float = Field(10.0, gt=0)
-
-
-METRIC_NAMES = ("dino", "clip-i", "clip-t", "fid", "lpips", "ssim", "psnr")
+    # Seconds one MLflow HTTP request may take (MLFLOW_HTTP_REQUEST_TIMEOUT, which MLflow reads as whole seconds).
+    timeout_seconds: int = Field(10, ge=1)
 
 
 class EvaluateBackbonesCfg(_Strict):
@@ -295,7 +305,7 @@ class EvaluateBackbonesCfg(_Strict):
 
 
 class EvaluateCfg(_Strict):
-    # auto: tiny random encoders when model.base is a tiny preset (tiny-sd15, tiny-sdxl); true: always; false: never
+    # auto: tiny random encoders when model.base is an offline preset (tiny-sd15, tiny-sdxl, small-sd15); true: always; false: never
     tiny: Literal["auto", True, False] = "auto"
     backbones: EvaluateBackbonesCfg = EvaluateBackbonesCfg()
     metrics: list[Literal[METRIC_NAMES]] = list(METRIC_NAMES)  # type: ignore[valid-type]
@@ -376,7 +386,7 @@ class Params(_Strict):
         data = self.model_dump(mode="json")
         if sections:
             data = {k: data[k] for k in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return digest_json(data)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

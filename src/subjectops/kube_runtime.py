@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from subjectops.config import ConfigError, Params, apply_overrides, validate_params
+from subjectops.digest import digest_json
 from subjectops.errors import SubjectError, SubjectopsError
 
 PARAMS_FILE = "params.yaml"
@@ -240,26 +241,22 @@ def finetune_argv(gpu_count: int, params_file: Path, refine_dir: Path, priors_di
 def aggregate_summaries(summaries: Sequence[Mapping]) -> dict:
     """The benchmark's aggregate: per (metric, prompt set, backbone), the mean over subjects.
 
-    Each summary is what the register stage stores (`{"records", "seeds", "prompt_sets"}`) or a bare
-    list of metrics.json records. `n_pairs` adds up, `pretrained` holds only if it holds for every
-    subject, prompt set versions must agree, and seeds are combined into one digest per prompt set.
+    Each summary is what the register stage stores (`{"records", "seeds", "prompt_sets"}`). `n_pairs` adds
+    up, `pretrained` holds only if it holds for every subject, prompt set versions must agree, and seeds are
+    combined into one digest per prompt set.
     """
-    import hashlib
-
     from subjectops.tracking.gates import normalize_records
 
     groups: dict[tuple, list[dict]] = {}
     seeds: dict[str, list] = {}
     versions: dict[str, set] = {}
     for s in summaries:
-        records = normalize_records(s if isinstance(s, list) else s.get("records", []))
-        for r in records:
+        for r in normalize_records(s["records"]):
             groups.setdefault((r["metric"], r["prompt_set"], str(r["backbone"])), []).append(r)
-        if isinstance(s, Mapping):
-            for ps, v in (s.get("seeds") or {}).items():
-                seeds.setdefault(ps, []).append(v)
-            for ps, v in (s.get("prompt_sets") or {}).items():
-                versions.setdefault(ps, set()).add(json.dumps(v, sort_keys=True))
+        for ps, v in (s.get("seeds") or {}).items():
+            seeds.setdefault(ps, []).append(v)
+        for ps, v in (s.get("prompt_sets") or {}).items():
+            versions.setdefault(ps, set()).add(json.dumps(v, sort_keys=True))
     records = []
     for (metric, ps, bb), rows in sorted(groups.items()):
         means = [float(r["mean"]) for r in rows]
@@ -274,8 +271,7 @@ def aggregate_summaries(summaries: Sequence[Mapping]) -> dict:
         })
     return {
         "records": records,
-        "seeds": {ps: hashlib.sha256(json.dumps(sorted(v, key=lambda x: json.dumps(x, sort_keys=True)), sort_keys=True).encode()).hexdigest()[:16]
-                  for ps, v in seeds.items()},
+        "seeds": {ps: digest_json(sorted(v, key=lambda x: json.dumps(x, sort_keys=True))) for ps, v in seeds.items()},
         "prompt_sets": {ps: (json.loads(next(iter(v))) if len(v) == 1 else "mixed:" + ",".join(sorted(v)))
                         for ps, v in versions.items()},
         "n_subjects": len(summaries),

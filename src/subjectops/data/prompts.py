@@ -15,7 +15,6 @@ Sets (chosen by ``params.infer.prompt_sets``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -26,6 +25,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Iterable
 
 from subjectops.config import ConfigError
+from subjectops.digest import digest_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from subjectops.config import Params
@@ -151,8 +151,7 @@ class PromptSet:
     @property
     def digest(self) -> str:
         """Content hash of the prompts and seeds: two sets with the same digest render the same images."""
-        payload = json.dumps([[i.prompt, i.seed] for i in self.items], ensure_ascii=False)
-        return hashlib.sha256(f"{self.name}\n{self.version}\n{payload}".encode()).hexdigest()[:16]
+        return digest_json([self.name, self.version, [[i.prompt, i.seed] for i in self.items]])
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -5,7 +5,6 @@ Every problem is found before anything is written: the error names the file, the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -17,6 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from subjectops.config import SubjectCfg
+from subjectops.digest import sha256_bytes, sha256_file
 from subjectops.errors import SubjectError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -125,7 +125,7 @@ def load_subject(subject_dir: Path, cfg: SubjectCfg, resolution: int) -> LoadedS
                 + (" on its short side" if cfg.fit == "center-crop" else ""),
                 fix=f"use photos of at least {resolution} px, or set subject.resolution lower",
             )
-        digest = hashlib.sha256(img.tobytes()).hexdigest()
+        digest = sha256_bytes(img.tobytes())
         if digest in seen:
             note = f"{path.name} is a duplicate of {seen[digest]}: it adds nothing and weighs that view twice"
             warnings.warn(note)
@@ -133,7 +133,7 @@ def load_subject(subject_dir: Path, cfg: SubjectCfg, resolution: int) -> LoadedS
         seen.setdefault(digest, path.name)
         originals.append(img)
         images.append(fit(img, resolution, cfg.fit))
-        sources.append({"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+        sources.append({"file": path.name, "sha256": sha256_file(path)})
     return LoadedSubject(name, images, originals, sources, notes)
 
 

@@ -30,11 +30,9 @@ from subjectops.config import ConfigError, Params
 from subjectops.data.prompts import strip_identifier
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.metrics import backbones as B
+from subjectops.metrics.definitions import METRICS
 
-DISPLAY = {"dino": "DINO", "clip-i": "CLIP-I", "clip-t": "CLIP-T", "fid": "FID", "lpips": "LPIPS",
-           "ssim": "SSIM", "psnr": "PSNR"}
-HIGHER_IS_BETTER = {"dino": True, "clip-i": True, "clip-t": True, "fid": False, "lpips": False, "ssim": True,
-                    "psnr": True}
+DISPLAY = {name: d.display for name, d in METRICS.items()}
 PAIRWISE_WITH_REFERENCES = ("dino", "clip-i", "lpips", "ssim", "psnr")
 
 
@@ -206,11 +204,14 @@ def _summary(values: Tensor) -> tuple[float, Optional[float]]:
 # The evaluator
 # ---------------------------------------------------------------------------------------------------
 def tiny_mode(params: Params, generated_by: Optional[str] = None) -> bool:
-    """evaluate.tiny: true/false, or auto = the images come from a tiny preset (tiny-sd15, tiny-sdxl):
-    ``generated_by`` (the base model recorded by infer) when known, else model.base."""
+    """evaluate.tiny: true/false, or auto = the images come from an offline preset (models.tiny.TINY_PRESETS:
+    random weights, so real encoders would measure nothing): ``generated_by`` (the base model recorded by
+    infer) when known, else model.base."""
+    from subjectops.models.loading import is_tiny
+
     t = params.evaluate.tiny
     if t == "auto":
-        return (generated_by or params.model.base) in ("tiny-sd15", "tiny-sdxl")
+        return is_tiny(generated_by or params.model.base)
     return bool(t)
 
 
@@ -378,7 +379,7 @@ class Evaluator:
             per_image = values.mean(1) if values.dim() == 2 else values
             out.append(MetricRecord(
                 metric, prompt_set, version, info.id if info else None, info.pretrained if info else None,
-                n, m, values.numel(), mean, std, pairing, HIGHER_IS_BETTER[metric], note,
+                n, m, values.numel(), mean, std, pairing, METRICS[metric].higher_is_better, note,
                 [float(v) for v in per_image.double()]))
 
         cross = f"{n} generated x {m} references"

@@ -16,6 +16,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from subjectops.config import ModelCfg
+from subjectops.digest import DIGEST_CHARS, sha256_bytes
 from subjectops.errors import ModelNotFoundError
 from subjectops.models.tiny import TINY_PRESETS, tiny_dir
 
@@ -91,7 +92,7 @@ def fingerprint(model: ModelCfg) -> str:
     and the safetensors headers change whenever the weights do in practice.
     """
     if not is_tiny(model) and not Path(model.base).expanduser().exists():
-        return hashlib.sha256(f"{model.base}@{model.revision}".encode()).hexdigest()[:16]
+        return sha256_bytes(f"{model.base}@{model.revision}".encode())[:DIGEST_CHARS]
     root = Path(resolve(model))
     h = hashlib.sha256()
     for f in sorted(root.rglob("*")):
@@ -105,7 +106,7 @@ def fingerprint(model: ModelCfg) -> str:
             h.update(str(f.stat().st_size).encode())
             with f.open("rb") as fh:
                 h.update(fh.read(1 << 16))
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:DIGEST_CHARS]
 
 
 def describe(model: ModelCfg) -> dict:
@@ -113,6 +114,12 @@ def describe(model: ModelCfg) -> dict:
     if is_tiny(model):
         info.update(json.loads((Path(resolve(model)) / "subjectops_tiny.json").read_text()))
     return info
+
+
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent along a side, from a VAE config (a dict or the VAE's own `config`): the number
+    diffusers pipelines expose as `pipe.vae_scale_factor`, for code that has the VAE or its config alone."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def native_resolution(model: ModelCfg) -> int:
@@ -133,7 +140,7 @@ def native_resolution(model: ModelCfg) -> int:
             f"cannot read the configs of '{source}' to find its resolution ({exc.__class__.__name__})",
             fix=how_to_provide(source) + "; or set subject.resolution explicitly",
         ) from None
-    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return unet["sample_size"] * vae_scale_factor(vae)
 
 
 def training_resolution(params) -> int:

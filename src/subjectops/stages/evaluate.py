@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from subjectops.config import Params
-from subjectops.data.prompts import prompt_sets_from_json
+from subjectops.data.prompts import PromptSet, prompt_sets_from_json
 from subjectops.errors import SubjectopsError
-from subjectops.metrics.core import DISPLAY, Evaluator
+from subjectops.metrics.core import DISPLAY, Evaluator, MetricRecord
 from subjectops.report.html import RANDOM_WARNING, render_report
 from subjectops.stages.common import require_stage_dir, stage_output, versions, write_manifest
 
@@ -71,37 +71,25 @@ def load_inputs(refine_dir: Path, infer_dir: Path) -> tuple[dict, list[Path], li
     return subject, refs, samples, sets
 
 
-def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path) -> Path:
-    refine_dir, infer_dir, out = Path(refine_dir), Path(infer_dir), Path(out)
-    subject, refs, samples, sets = load_inputs(refine_dir, infer_dir)
-    # evaluate.tiny=auto follows the model that generated the images (infer's manifest), else model.base
-    try:
-        generated_by = json.loads((infer_dir / "manifest.json").read_text())["params"]["model"]["base"]
-    except (OSError, ValueError, KeyError, TypeError):
-        generated_by = None
-    evaluator = Evaluator(params, generated_by=generated_by)  # loads the encoders: a missing one fails here
-    references = evaluator.references(refs)
-
-    records, per_image = [], []
+def metrics_document(sets: list[PromptSet], samples: list[dict], records: list[MetricRecord],
+                     backbones: dict[str, dict], fid_features: Optional[str]) -> dict[str, Any]:
+    """The content of metrics.json: every record with its backbone, the prompt sets, per-image values."""
+    per_image = []
     for pset in sets:
         rows = [s for s in samples if s["prompt_set"] == pset.name]
-        recs = evaluator.score_paths(pset.name, pset.version, [infer_dir / s["path"] for s in rows],
-                                     [s["prompt"] for s in rows], [s["identifier"] for s in rows], references)
-        records.extend(recs)
+        recs = [r for r in records if r.prompt_set == pset.name]
         for i, s in enumerate(rows):
             row = OrderedDict(prompt_set=pset.name, path=s["path"], prompt=s["prompt"], seed=s["seed"])
             for r in recs:
                 row[r.metric] = r.per_image[i] if r.per_image else None
             per_image.append(row)
-
-    backbones = evaluator.enc.infos()
     random_roles = [r for r, i in backbones.items() if not i["pretrained"]]
-    metrics = {
+    return {
         "schema": 1,
         "random_backbones": bool(random_roles),
         "warning": RANDOM_WARNING.format(roles=", ".join(random_roles)) if random_roles else None,
         "backbones": backbones,
-        "fid_features": evaluator.enc.fid_features,
+        "fid_features": fid_features,
         "definitions": {
             "pairs": "DINO, CLIP-I, LPIPS, SSIM and PSNR pair every generated image with every reference image "
                      "(Hypnos app. B.3); CLIP-T pairs each image with its own prompt, identifier removed "
@@ -114,10 +102,30 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path) -> Pa
         "summary": {f"{r.prompt_set}/{DISPLAY[r.metric]}": r.to_dict()["mean"] for r in records},
         "per_image": per_image,
     }
+
+
+def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path) -> Path:
+    refine_dir, infer_dir, out = Path(refine_dir), Path(infer_dir), Path(out)
+    subject, refs, samples, sets = load_inputs(refine_dir, infer_dir)
+    # evaluate.tiny=auto follows the model that generated the images (infer's manifest), else model.base
+    try:
+        generated_by = json.loads((infer_dir / "manifest.json").read_text())["params"]["model"]["base"]
+    except (OSError, ValueError, KeyError, TypeError):
+        generated_by = None
+    evaluator = Evaluator(params, generated_by=generated_by)  # loads the encoders: a missing one fails here
+    references = evaluator.references(refs)
+
+    records = []
+    for pset in sets:
+        rows = [s for s in samples if s["prompt_set"] == pset.name]
+        records += evaluator.score_paths(pset.name, pset.version, [infer_dir / s["path"] for s in rows],
+                                         [s["prompt"] for s in rows], [s["identifier"] for s in rows], references)
+    backbones = evaluator.enc.infos()
+    metrics = metrics_document(sets, samples, records, backbones, evaluator.enc.fid_features)
     with stage_output(out) as work:
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         render_report(work / "report.html", metrics, refs, samples, infer_dir, params.model_dump(mode="json"),
                       versions(), subject)
         write_manifest(work, "evaluate", params, {"refine": refine_dir, "infer": infer_dir},
-                       random_backbones=bool(random_roles), backbones=backbones)
+                       random_backbones=metrics["random_backbones"], backbones=backbones)
     return out

@@ -17,25 +17,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.progress import Progress
 
 from subjectops.config import Params
+from subjectops.console import console
 from subjectops.data.augment import IMAGE_TYPES, REAL_TYPES, DiscriminatorSampler
 from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.models.latent_discriminator import LatentDiscriminator
+from subjectops.models.loading import how_to_provide, offline, resolve, vae_scale_factor
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
 from subjectops.stages.priors import load_priors
-
-console = Console(stderr=True)
-
 
 def load_vae(model_cfg):
     """The base model's VAE alone (the same weights `load_pipeline` would give), frozen."""
     from diffusers import AutoencoderKL
-
-    from subjectops.models.loading import how_to_provide, offline, resolve
 
     source = resolve(model_cfg)
     kwargs = dict(subfolder="vae", revision=model_cfg.revision, cache_dir=model_cfg.cache_dir)
@@ -64,7 +60,7 @@ class LatentEncoder:
 
     @property
     def factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae.config)
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@ class reuses them instead of generating again."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from rich.progress import Progress
 
 from subjectops.config import Params
 from subjectops.data.subject import RefinedSubject, to_tensor
+from subjectops.digest import digest_json
 from subjectops.models.loading import fingerprint, load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
@@ -25,7 +25,7 @@ def cache_key(params: Params, class_prompt: str, resolution: int) -> tuple[str, 
     fields = {"model": fingerprint(params.model), "prompt": class_prompt, "count": p.num_images,
               "resolution": resolution, "scheduler": p.scheduler, "steps": p.steps,
               "guidance_scale": p.guidance_scale, "seed": p.seed}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20], fields
+    return digest_json(fields), fields
 
 
 def generate_priors(params: Params, prompt: str, resolution: int, target: Path) -> None:

@@ -19,8 +19,7 @@ def make_tracker(params, tracking_uri: Optional[str] = None):
 
 
 def add_tracking_commands(app: typer.Typer) -> None:
-    from subjectops.cli import build_params, done
-    from subjectops.cli_common import ParamsOpt, SetOpt, console, user_errors
+    from subjectops.cli_common import ParamsOpt, SetOpt, build_params, console, done, user_errors
 
     @app.command()
     @user_errors

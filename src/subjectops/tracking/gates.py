@@ -4,9 +4,9 @@
 `GateDecision`. It is used by `subjectops promote` and by the Kubeflow benchmark pipeline to fail a
 regression run.
 
-An evaluation is either the records of `RUN/evaluate/metrics.json`
-(`[{metric, prompt_set, backbone, pretrained, n_pairs, mean, std}]`) or a summary
-`{"records": [...], "seeds": {prompt_set: [...] or digest}, "prompt_sets": {name: version}}` as the
+An evaluation is the evaluate stage's `RUN/evaluate/metrics.json` document, its list of metric records
+(`[{metric, key, prompt_set, backbone, pretrained, n_pairs, mean, std}]`), or a summary
+`{"records": [...], "seeds": {prompt_set: {n, sha256}}, "prompt_sets": {name: "version:digest"}}` as the
 register stage stores it with each model version.
 
 Decision status:
@@ -25,44 +25,35 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
 from subjectops.config import GateCfg, RegistryCfg
+from subjectops.digest import digest_json
+from subjectops.metrics.definitions import METRICS
 
 REQUIRED_FIELDS = ("metric", "prompt_set", "backbone", "mean")
 
 
 def normalize_records(records) -> list[dict]:
-    """Rows of metrics.json with `metric` as the machine name (`dino`, `clip-t`; the evaluator also
-    writes a display name and the name as `key`)."""
-    out = []
-    for r in records or []:
-        if not isinstance(r, Mapping):
-            continue
-        r = dict(r)
-        if "key" in r:
-            r["display"], r["metric"] = r.get("metric"), r["key"]
-        out.append(r)
-    return out
+    """Rows with `metric` as the machine name (`dino`, `clip-t`): metrics.json names it `key` (its `metric`
+    is the display name); rows of a stored summary already carry the machine name."""
+    return [dict(r, metric=r["key"]) if "key" in r else dict(r) for r in records or [] if isinstance(r, Mapping)]
 
 
-def _digest(values) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(sorted(values, key=str)).encode()).hexdigest()[:16]
+def seeds_digest(seeds: Sequence) -> dict:
+    """How many samples a prompt set has and which seeds: equal for two evaluations of the same samples."""
+    return {"n": len(seeds), "sha256": digest_json(sorted(seeds, key=str))}
 
 
 def summary_from_metrics_json(data: Mapping) -> dict:
-    """An evaluation summary from the evaluator's metrics.json document (records, prompt sets, seeds)."""
-    sets = {}
-    for ps in data.get("prompt_sets") or []:
-        if isinstance(ps, Mapping) and "name" in ps:
-            sets[str(ps["name"])] = f"{ps.get('version', '?')}:{ps.get('digest', '')}"
+    """An evaluation summary (records, prompt set versions, seeds) from the evaluate stage's metrics.json."""
+    missing = [k for k in ("metrics", "prompt_sets", "per_image") if k not in data]
+    if missing:
+        raise ValueError(f"not an evaluate stage's metrics.json: it lacks {', '.join(missing)}")
     seeds: dict[str, list] = {}
-    for row in data.get("per_image") or []:
-        if isinstance(row, Mapping) and "prompt_set" in row:
-            seeds.setdefault(str(row["prompt_set"]), []).append(row.get("seed"))
+    for row in data["per_image"]:
+        seeds.setdefault(str(row["prompt_set"]), []).append(row["seed"])
     return {
-        "records": normalize_records(data.get("metrics") or data.get("records") or []),
-        "prompt_sets": sets,
-        "seeds": {ps: {"n": len(v), "sha256": _digest(v)} for ps, v in seeds.items()},
+        "records": normalize_records(data["metrics"]),
+        "prompt_sets": {str(ps["name"]): f"{ps['version']}:{ps['digest']}" for ps in data["prompt_sets"]},
+        "seeds": {ps: seeds_digest(v) for ps, v in seeds.items()},
     }
 
 
@@ -238,6 +229,7 @@ def evaluate_gates(
                         f"champion {', '.join(sorted(theirs))}"
                     )
                     continue
+            higher_is_better = METRICS[gate.metric].higher_is_better
             for bb, rec in sorted(mine.items()):
                 c_val = float(rec["mean"])
                 p_val = float(theirs[bb]["mean"]) if bb in theirs else None
@@ -249,21 +241,21 @@ def evaluate_gates(
                             f"{n2} for the champion: not the same samples"
                         )
                         continue
-                sign = 1.0 if gate.higher_is_better else -1.0
+                sign = 1.0 if higher_is_better else -1.0
                 improvement = None if p_val is None else sign * (c_val - p_val)
                 ok, why = True, []
                 if improvement is not None and improvement < -gate.tolerance - 1e-12:
                     ok = False
                     why.append(
-                        f"{gate.metric} {_fmt(c_val)} is {_fmt(-improvement)} {'below' if gate.higher_is_better else 'above'} "
+                        f"{gate.metric} {_fmt(c_val)} is {_fmt(-improvement)} {'below' if higher_is_better else 'above'} "
                         f"the champion's {_fmt(p_val)} (tolerance {_fmt(gate.tolerance)})"
                     )
                 if gate.min_value is not None:
-                    bad = c_val < gate.min_value if gate.higher_is_better else c_val > gate.min_value
+                    bad = c_val < gate.min_value if higher_is_better else c_val > gate.min_value
                     if bad:
                         ok = False
                         why.append(
-                            f"{gate.metric} {_fmt(c_val)} is {'below the floor' if gate.higher_is_better else 'above the ceiling'} "
+                            f"{gate.metric} {_fmt(c_val)} is {'below the floor' if higher_is_better else 'above the ceiling'} "
                             f"{_fmt(gate.min_value)}"
                         )
                 if ok:
@@ -274,7 +266,7 @@ def evaluate_gates(
                             f"{gate.metric} {_fmt(c_val)} vs champion {_fmt(p_val)} (change {improvement:+.6g}, tolerance {_fmt(gate.tolerance)})"
                         )
                 results.append(
-                    GateResult(gate.metric, ps, bb, gate.higher_is_better, gate.tolerance, gate.min_value, c_val, p_val, improvement, ok, "; ".join(why))
+                    GateResult(gate.metric, ps, bb, higher_is_better, gate.tolerance, gate.min_value, c_val, p_val, improvement, ok, "; ".join(why))
                 )
 
     if refusals:

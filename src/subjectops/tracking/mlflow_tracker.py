@@ -2,8 +2,9 @@
 
 One parent run per pipeline run, one nested run per stage. Everything logged is derived from the run
 directory (`subjectops.tracking.record`), and each upload step is checked off in
-`RUN/tracking/state.json`. When the tracking server is down or stops answering, every call is retried
-with exponential backoff (`tracking.retries`, `tracking.backoff_seconds`); after the last try the
+`RUN/tracking/state.json`. When the tracking server is down or stops answering (`tracking.timeout_seconds`
+per request), every call is retried by one policy (`retry_policy`: `tracking.retries` tries with exponential
+backoff from `tracking.backoff_seconds`); after the last try the
 run goes on without the server, says so, and `subjectops sync RUN` uploads whatever is not checked
 off yet, later, with the original start and end times. Nothing is logged twice.
 
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import tenacity
+
 from subjectops.config import Params, TrackingCfg
 from subjectops.errors import SubjectopsError
 from subjectops.tracking import record as R
@@ -28,8 +31,6 @@ from subjectops.tracking import record as R
 STATE_FILE = "tracking/state.json"
 METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
-STEP_FLUSH_EVERY = 50
-STEP_FLUSH_SECONDS = 5.0
 # MLflow error codes that retrying cannot fix.
 CLIENT_ERRORS = {
     "INVALID_PARAMETER_VALUE",
@@ -77,6 +78,25 @@ def resolve_tracking_uri(uri: str | None = None, project_dir: Path | None = None
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def retry_policy(cfg: TrackingCfg, what: str, uri: str | None, echo: Callable[[str], None],
+                 sleep: Callable[[float], None] = time.sleep) -> tenacity.Retrying:
+    """The one retry policy for MLflow calls: `tracking.retries` tries, waits of `tracking.backoff_seconds`
+    doubling after each failure, no retry of what retrying cannot fix (our own errors, 4xx answers)."""
+
+    def retryable(exc: BaseException) -> bool:
+        return not isinstance(exc, SubjectopsError) and not _is_client_error(exc)
+
+    def announce(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception()
+        echo(f"{what} failed ({describe_error(exc, uri)}); retry {state.attempt_number}/{cfg.retries - 1} "
+             f"in {state.next_action.sleep:g} s")
+
+    return tenacity.Retrying(stop=tenacity.stop_after_attempt(cfg.retries),
+                             wait=tenacity.wait_exponential(multiplier=cfg.backoff_seconds, exp_base=2),
+                             retry=tenacity.retry_if_exception(retryable), before_sleep=announce, sleep=sleep,
+                             reraise=True)
 
 
 def _error_code(exc: BaseException) -> str | None:
@@ -153,7 +173,7 @@ class RunState:
         if st is None or st.get("end") is not None:
             # a stage re-run inside the same run directory gets a fresh record
             st = {"out_dir": str(Path(out_dir).resolve()), "run_id": None, "start": now_ms(), "end": None,
-                  "status": "RUNNING", "done": [], "live_max_step": -1, "live_keys": []}
+                  "status": "RUNNING", "done": []}
             self.data["stages"][name] = st
             if name in self.data["order"]:
                 self.data["order"].remove(name)
@@ -206,39 +226,28 @@ class MlflowTracker:
         self.client = None
         self.state: RunState | None = None
         self.params: Params | None = None
-        self._current: str | None = None
-        self._buffer: list[R.MetricPoint] = []
-        self._last_flush = time.monotonic()
 
     # ---- connection and retries -------------------------------------------------------------
     @property
     def offline(self) -> bool:
         return bool(self.state and self.state.data["offline"])
 
-    def _retries(self) -> tuple[int, float]:
-        cfg = self.cfg or (self.params.tracking if self.params else TrackingCfg())
-        return cfg.retries, cfg.backoff_seconds
+    def _cfg(self) -> TrackingCfg:
+        return self.cfg or (self.params.tracking if self.params else TrackingCfg())
+
+    def _retrying(self, what: str) -> tenacity.Retrying:
+        return retry_policy(self._cfg(), what, self.uri, self.echo, self.sleep)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         if self.offline or self.client is None:
             raise _Offline()
-        tries, delay = self._retries()
-        last: BaseException | None = None
-        for attempt in range(1, tries + 1):
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001 - any failure of the server or network
-                if isinstance(exc, SubjectopsError) and not isinstance(exc, TrackingError):
-                    raise  # a problem with the run itself (e.g. nothing to register), not the server's
-                last = exc
-                if _is_client_error(exc):
-                    break
-                if attempt < tries:
-                    self.echo(f"{what} failed ({describe_error(exc, self.uri)}); retry {attempt}/{tries - 1} in {delay:g} s")
-                    self.sleep(delay)
-                    delay *= 2
-        self._go_offline(f"{what}: {describe_error(last, self.uri)}")
-        raise _Offline()
+        try:
+            return self._retrying(what)(fn)
+        except Exception as exc:  # noqa: BLE001 - any failure of the server or network
+            if isinstance(exc, SubjectopsError) and not isinstance(exc, TrackingError):
+                raise  # a problem with the run itself (e.g. nothing to register), not the server's
+            self._go_offline(f"{what}: {describe_error(exc, self.uri)}")
+            raise _Offline() from None
 
     def _go_offline(self, reason: str) -> None:
         if self.state is None or self.state.data["offline"]:
@@ -254,6 +263,8 @@ class MlflowTracker:
     def _connect(self, uri: str, experiment: str) -> str:
         from mlflow.tracking import MlflowClient
 
+        # MLflow reads its HTTP timeout from the environment on every request.
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(self._cfg().timeout_seconds)
         self.client = MlflowClient(tracking_uri=uri)
 
         def get_or_create() -> str:
@@ -272,22 +283,14 @@ class MlflowTracker:
                     return self.client.get_experiment_by_name(experiment).experiment_id
                 raise
 
-        tries, delay = self._retries()
-        last: BaseException | None = None
-        for attempt in range(1, tries + 1):
-            try:
-                return get_or_create()
-            except TrackingError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                last = exc
-                if _is_client_error(exc):
-                    raise TrackingError(f"MLflow at {uri}: {describe_error(exc, uri)}", fix="check MLFLOW_TRACKING_URI and the credentials") from None
-                if attempt < tries:
-                    self.echo(f"connecting to MLflow at {uri} failed ({describe_error(exc, uri)}); retry {attempt}/{tries - 1} in {delay:g} s")
-                    self.sleep(delay)
-                    delay *= 2
-        raise _ConnectFailed(describe_error(last, uri))
+        try:
+            return self._retrying(f"connecting to MLflow at {uri}")(get_or_create)
+        except TrackingError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if _is_client_error(exc):
+                raise TrackingError(f"MLflow at {uri}: {describe_error(exc, uri)}", fix="check MLFLOW_TRACKING_URI and the credentials") from None
+            raise _ConnectFailed(describe_error(exc, uri)) from None
 
     # ---- Tracker protocol --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -334,55 +337,18 @@ class MlflowTracker:
         assert self.state is not None, "stage() must be used inside pipeline()"
         st = self.state.add_stage(name, out_dir)
         self.state.save()
-        self._current = name
-        self._buffer = []
         self._ensure_stage_run(name)
         outcome = {"status": "FINISHED"}
         try:
             with _record_outcome(outcome):
                 yield self
         finally:
-            self._flush_steps(force=True)
-            self._current = None
             st["end"] = now_ms()
             st["status"] = outcome["status"]
             self.state.save()
             self._upload_stage(name)
 
-    def log_step_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Per-step training numbers while a stage runs (e.g. finetune loss), sent in small batches."""
-        if self._current is None:
-            return
-        ts = now_ms()
-        for k, v in R.flatten(metrics).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._buffer.append(R.MetricPoint(R.metric_key("train", *k.split(".")), float(v), int(step), ts))
-        self._flush_steps()
-
     # ---- upload steps (shared with sync) -----------------------------------------------------
-    def _flush_steps(self, force: bool = False) -> None:
-        if not self._buffer or self._current is None:
-            return
-        if not force and len(self._buffer) < STEP_FLUSH_EVERY and time.monotonic() - self._last_flush < STEP_FLUSH_SECONDS:
-            return
-        points, self._buffer = self._buffer, []
-        self._last_flush = time.monotonic()
-        st = self.state.stage(self._current)
-        if self.offline or not st.get("run_id"):
-            return  # train_log.jsonl holds them; the stage upload (now or at sync) sends them
-        from mlflow.entities import Metric
-
-        try:
-            for i in range(0, len(points), METRICS_PER_BATCH):
-                chunk = points[i : i + METRICS_PER_BATCH]
-                self._call(f"logging training metrics of {self._current}", lambda: self.client.log_batch(
-                    st["run_id"], metrics=[Metric(p.key, p.value, p.timestamp or now_ms(), p.step) for p in chunk], synchronous=True))
-                st["live_max_step"] = max([st["live_max_step"]] + [p.step for p in chunk])
-                st["live_keys"] = sorted(set(st["live_keys"]) | {p.key for p in chunk})
-        except _Offline:
-            pass
-        self.state.save()
-
     def _step(self, done: list, key: str, what: str, fn: Callable[[], Any]) -> None:
         if key in done:
             return
@@ -477,11 +443,9 @@ class MlflowTracker:
             tags = dict(rec.tags)
             self._step(s["done"], "tags", f"tagging the {name} run", lambda: self.client.log_batch(
                 rid, tags=[RunTag(k, v[:5000]) for k, v in tags.items()], synchronous=True))
-            live = set(s.get("live_keys") or [])
-            points = [p for p in rec.metrics if not (p.key in live and p.step <= s.get("live_max_step", -1))]
             ts = s["end"] or now_ms()
-            for i in range(0, len(points), METRICS_PER_BATCH):
-                chunk = points[i : i + METRICS_PER_BATCH]
+            for i in range(0, len(rec.metrics), METRICS_PER_BATCH):
+                chunk = rec.metrics[i : i + METRICS_PER_BATCH]
                 self._step(s["done"], f"metrics:{i}", f"logging {name} metrics", lambda: self.client.log_batch(
                     rid, metrics=[Metric(p.key, p.value, p.timestamp or ts, p.step) for p in chunk], synchronous=True))
             for local, dest in rec.artifacts:
@@ -607,7 +571,7 @@ def sync(run_dir: Path, tracking_uri: str | None = None, echo: Callable[[str], N
 def _forget_runs(st: RunState) -> None:
     st.data["parent"].update(run_id=None, done=[])
     for s in st.data["stages"].values():
-        s.update(run_id=None, done=[], live_max_step=-1, live_keys=[])
+        s.update(run_id=None, done=[])
     if st.data["register"].get("done"):
         st.data["register"]["done"] = False
 
@@ -640,7 +604,7 @@ def _state_from_directory(run_dir: Path) -> RunState:
         mtime = int(m.stat().st_mtime * 1000)
         created = manifest.get("created")
         st.data["stages"][name] = {"out_dir": str((run_dir / name).resolve()), "run_id": None, "start": mtime, "end": mtime,
-                                   "status": "FINISHED", "done": [], "live_max_step": -1, "live_keys": [], "created": created}
+                                   "status": "FINISHED", "done": [], "created": created}
         st.data["order"].append(name)
     if not st.data["order"]:
         raise TrackingError(f"{run_dir} holds no stage output (no */manifest.json)", fix="pass a run directory written by `subjectops run`")

@@ -7,7 +7,6 @@ No MLflow calls in this module.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from subjectops.stages.common import sha256_file
+from subjectops.digest import sha256_bytes, sha256_file
 
 # The order stages run in; `sync` uploads them in this order.
 STAGE_ORDER = ("refine", "priors", "pretrain_disc", "finetune", "infer", "evaluate", "register")
@@ -56,10 +55,7 @@ def param_value(v: Any) -> str:
 
 def digest_of(pairs: Iterable[tuple[str, str]]) -> str:
     """One hash for a set of (name, sha256) pairs, independent of order."""
-    h = hashlib.sha256()
-    for name, sha in sorted(pairs):
-        h.update(f"{name}\0{sha}\n".encode())
-    return h.hexdigest()
+    return sha256_bytes("".join(f"{name}\0{sha}\n" for name, sha in sorted(pairs)).encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -143,15 +139,11 @@ def read_train_log(path: Path) -> list[MetricPoint]:
 
 
 def read_eval_records(path: Path) -> list[dict]:
-    """metrics.json rows, `metric` being the machine name (dino, clip-t)."""
+    """The metric rows of the evaluate stage's metrics.json, `metric` being the machine name (dino, clip-t)."""
     from subjectops.tracking.gates import normalize_records
 
     data = _read_json(path)
-    if data is None:
-        return []
-    if isinstance(data, dict):
-        data = data.get("records", data.get("metrics", []))
-    return normalize_records(data if isinstance(data, list) else [])
+    return normalize_records(data["metrics"]) if isinstance(data, dict) and "metrics" in data else []
 
 
 def eval_metric_points(records: list[dict]) -> list[MetricPoint]:
@@ -184,45 +176,25 @@ def eval_tags(records: list[dict]) -> dict[str, str]:
 
 def eval_seeds(infer_dir: Path) -> dict[str, dict]:
     """Per prompt set: the seeds and the number of samples, from infer/samples.json."""
+    from subjectops.tracking.gates import seeds_digest
+
     samples = _read_json(infer_dir / "samples.json") or []
     by_set: dict[str, list] = {}
     for s in samples if isinstance(samples, list) else []:
         if isinstance(s, dict) and "prompt_set" in s:
             by_set.setdefault(str(s["prompt_set"]), []).append(s.get("seed"))
-    out = {}
-    for ps, seeds in by_set.items():
-        out[ps] = {"n": len(seeds), "sha256": hashlib.sha256(json.dumps(sorted(seeds, key=str)).encode()).hexdigest()[:16]}
-    return out
-
-
-def prompt_set_versions(infer_dir: Path) -> dict[str, str]:
-    data = _read_json(infer_dir / "prompt_sets.json")
-    out = {}
-    items = data if isinstance(data, list) else (list(data.values()) if isinstance(data, dict) else [])
-    if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
-        items = [dict(v, name=v.get("name", k)) for k, v in data.items()]
-    for it in items:
-        if isinstance(it, dict) and "name" in it:
-            content = hashlib.sha256(json.dumps(it.get("items", []), sort_keys=True).encode()).hexdigest()[:12]
-            out[str(it["name"])] = f"{it.get('version', '?')}:{content}"
-    return out
+    return {ps: seeds_digest(seeds) for ps, seeds in by_set.items()}
 
 
 def evaluation_summary(run_dir: Path) -> dict:
-    """What promotion compares: metric records, seeds and prompt set versions of one run."""
+    """What promotion compares: metric records, seeds and prompt set versions of one run (empty records
+    when the run has no evaluation)."""
     from subjectops.tracking.gates import summary_from_metrics_json
 
     data = _read_json(run_dir / "evaluate" / "metrics.json")
-    if isinstance(data, dict) and "metrics" in data:
-        summary = summary_from_metrics_json(data)
-        summary["seeds"] = summary["seeds"] or eval_seeds(run_dir / "infer")
-        summary["prompt_sets"] = summary["prompt_sets"] or prompt_set_versions(run_dir / "infer")
-        return summary
-    return {
-        "records": read_eval_records(run_dir / "evaluate" / "metrics.json"),
-        "seeds": eval_seeds(run_dir / "infer"),
-        "prompt_sets": prompt_set_versions(run_dir / "infer"),
-    }
+    if data is None:
+        return {"records": [], "seeds": eval_seeds(run_dir / "infer"), "prompt_sets": {}}
+    return summary_from_metrics_json(data)
 
 
 def _files(root: Path) -> list[Path]:

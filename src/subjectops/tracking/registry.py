@@ -27,6 +27,7 @@ CHAMPION = "champion"
 SUMMARY_ARTIFACT = "evaluation/summary.json"
 MODEL_ARTIFACT = "model"
 TAG_VALUE_MAX = 5000
+VERSION_READY_SECONDS = 120  # MLflow waits this long for a new version to leave PENDING_REGISTRATION
 
 
 class RegistryError(SubjectopsError):
@@ -140,26 +141,12 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
             tags[f"eval.{R.metric_key(r.get('metric'), r.get('prompt_set'), r.get('backbone'))}"] = str(r["mean"])
     mv = client.create_model_version(
         name, source=source, run_id=run_id, tags={k: _tag(v) for k, v in tags.items() if v is not None},
-        description=f"{method.get('method')} on {base} from {run_dir.name}",
+        description=f"{method.get('method')} on {base} from {run_dir.name}", await_creation_for=VERSION_READY_SECONDS,
     )
-    version = _wait_ready(client, name, mv.version)
+    version = str(mv.version)
     client.set_registered_model_alias(name, CHALLENGER, version)
     return {"model_name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}",
             "alias_uri": f"models:/{name}@{CHALLENGER}", "source": source, "aliases": [CHALLENGER]}
-
-
-def _wait_ready(client, name: str, version: str, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        mv = client.get_model_version(name, version)
-        status = str(getattr(mv, "status", "READY"))
-        if status.endswith("READY"):
-            return str(mv.version)
-        if status.endswith("FAILED_REGISTRATION"):
-            raise RegistryError(f"registration of {name} version {version} failed: {mv.status_message}")
-        if time.monotonic() > deadline:
-            raise RegistryError(f"{name} version {version} still {status} after {timeout:.0f} s")
-        time.sleep(0.5)
 
 
 def version_summary(client, name: str, version: str) -> dict:

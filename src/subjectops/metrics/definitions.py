@@ -1,0 +1,34 @@
+"""What each evaluation metric is: its name, display name, direction and meaning.
+
+The one place that says whether higher or lower is better. The evaluator writes it into metrics.json,
+the report draws its arrows from it, and promotion gates take their direction from it, so a gate on
+FID or LPIPS cannot point the wrong way. Deliberately light (no torch): config validation imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricDefinition:
+    name: str  # machine name, as in params.yaml and metrics.json's `key`
+    display: str
+    higher_is_better: bool
+    description: str
+
+
+METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
+    MetricDefinition("dino", "DINO", True, "subject fidelity: DINO ViT-S/16 cosine similarity to the references"),
+    MetricDefinition("clip-i", "CLIP-I", True, "subject fidelity: CLIP image-embedding cosine similarity to the references"),
+    MetricDefinition("clip-t", "CLIP-T", True, "prompt fidelity: CLIP image-text cosine similarity, identifier removed"),
+    MetricDefinition("fid", "FID", False, "Frechet distance between reference and generated feature distributions"),
+    MetricDefinition("lpips", "LPIPS", False, "learned perceptual distance to the references"),
+    MetricDefinition("ssim", "SSIM", True, "structural similarity to the references"),
+    MetricDefinition("psnr", "PSNR", True, "peak signal-to-noise ratio against the references (dB)"),
+)}
+METRIC_NAMES = tuple(METRICS)
+
+
+def direction(name: str) -> str:
+    return "higher is better" if METRICS[name].higher_is_better else "lower is better"
