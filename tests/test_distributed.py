@@ -35,5 +35,13 @@ def test_two_processes_average_gradients_and_publish_once(tiny_overrides, exampl
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((run / "finetune" / "method.json").read_text())
     assert info["processes"] == 2
+    # DDP (through accelerate's prepare) wrapped every trained module, the discriminator included; each process
+    # drew its own batches and noise (seed + rank), so identical final weights (checked by finetune before it
+    # publishes) mean the gradients were averaged
+    prepared = json.loads((run / "finetune" / "manifest.json").read_text())["prepared"]
+    expected = {"UNet2DConditionModel": "DistributedDataParallel"}
+    if method == "hypnos":
+        expected |= {"CLIPTextModel": "DistributedDataParallel", "LatentDiscriminator": "DistributedDataParallel"}
+    assert prepared == expected
     steps = [json.loads(l)["step"] for l in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]  # one log, written by the main process only

@@ -87,6 +87,9 @@ class Trainer:
                 encoder.activation_checkpointing_enable()
         models.unet.train()
         self.log = StepLog(self.work_dir / "train_log.jsonl")
+        # What accelerate wrapped each trained module in (DistributedDataParallel under several processes),
+        # recorded in the finetune manifest.
+        self.prepared: dict[str, str] = {}
 
     @property
     def log_path(self) -> Path:
@@ -213,6 +216,7 @@ class Trainer:
                                  num_training_steps=phase.steps * self.world)
         *wrapped, optimizer, lr_sched = acc.prepare(*owners, optimizer, lr_sched)
         owned = self.method.prepare_modules(acc)
+        self.prepared.update({type(acc.unwrap_model(w)).__name__: type(w).__name__ for w in [*wrapped, *owned]})
         if resume and resume["phase"] == phase_idx:
             optimizer.load_state_dict(resume["optimizer"])
             lr_sched.load_state_dict(resume["lr_scheduler"])
