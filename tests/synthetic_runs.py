@@ -48,11 +48,11 @@ def _img(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> None:
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "RGB").save(path)
 
 
-def _manifest(d: Path, stage: str, params: Params) -> None:
+def _manifest(d: Path, stage: str, params: Params, **extra) -> None:
     outputs = {p.relative_to(d).as_posix(): _sha(p) for p in sorted(d.rglob("*")) if p.is_file() and p.name != "manifest.json"}
     (d / "manifest.json").write_text(json.dumps({"stage": stage, "created": "2026-01-01T00:00:00Z",
                                                  "params": params.model_dump(mode="json"), "inputs": {}, "outputs": outputs,
-                                                 "versions": {}}))
+                                                 "versions": {}, **extra}))
 
 
 def metrics_records(dino=0.6, clip_t=0.3, clip_i=0.7, prompt_set="prompt-invariant", backbone_dino="facebook/dino-vits16",
@@ -100,6 +100,10 @@ def write_stage(run: Path, stage: str, params: Params, records: list[dict] | Non
                             "class_word": "teapot", "seed": i, "path": rel})
         (d / "samples.json").write_text(json.dumps(samples))
         (d / "prompt_sets.json").write_text(json.dumps([{"name": "prompt-invariant", "version": "1", "items": ["a photo of sks teapot"]}]))
+        from subjectops.inference import get_strategy
+
+        _manifest(d, stage, params, inference=get_strategy(params.infer.strategy).spec(params.infer, 32).model_dump(mode="json"))
+        return d
     elif stage == "evaluate":
         (d / "metrics.json").write_text(json.dumps(records if records is not None else metrics_records()))
         (d / "report.html").write_text("<html><body><h1>subjectops report</h1></body></html>")
