@@ -102,7 +102,7 @@ def write_stage(run: Path, stage: str, params: Params, records: list[dict] | Non
         (d / "prompt_sets.json").write_text(json.dumps([{"name": "prompt-invariant", "version": "1", "items": ["a photo of sks teapot"]}]))
         from subjectops.inference import get_strategy
 
-        _manifest(d, stage, params, inference=get_strategy(params.infer.strategy).spec(params.infer, 32).model_dump(mode="json"))
+        _manifest(d, stage, params, inference=get_strategy(params.infer.strategy).spec_for(params.infer, 32).model_dump(mode="json"))
         return d
     elif stage == "evaluate":
         (d / "metrics.json").write_text(json.dumps(records if records is not None else metrics_records()))

@@ -40,7 +40,7 @@ def test_registry_matches_config_and_unknown_names_list_the_choices(repo_root):
 
 
 def test_spec_records_what_infer_used_and_round_trips():
-    spec = PlainStrategy.spec(InferCfg(scheduler="euler", steps=3, guidance_scale=2.5), 64)
+    spec = PlainStrategy.spec_for(InferCfg(scheduler="euler", steps=3, guidance_scale=2.5), 64)
     assert spec.model_dump() == {"strategy": "plain", "scheduler": "euler", "steps": 3, "guidance_scale": 2.5,
                                  "resolution": 64, "config": {}}
     assert InferenceSpec.model_validate(json.loads(json.dumps(spec.model_dump(mode="json")))) == spec
@@ -51,7 +51,7 @@ def test_plain_image_depends_on_its_prompt_and_seed_only(tmp_path):
 
     pipe = load_pipeline(TINY)
     pipe.set_progress_bar_config(disable=True)
-    spec = PlainStrategy.spec(InferCfg(scheduler="euler", steps=3, guidance_scale=3.0), 64)
+    spec = PlainStrategy.spec_for(InferCfg(scheduler="euler", steps=3, guidance_scale=3.0), 64)
     strategy = PlainStrategy.load(pipe, spec, StageInputs(model=TINY, finetune=tmp_path))
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     prompts = ["a photo of sks teapot", "a photo of sks teapot on a beach", "a red sks teapot"]

@@ -84,7 +84,7 @@ class Strategy:
         self.config = InferCfg.model_fields[self.section].annotation.model_validate(spec.config) if self.section else None
 
     @classmethod
-    def spec(cls, infer: InferCfg, resolution: int) -> InferenceSpec:
+    def spec_for(cls, infer: InferCfg, resolution: int) -> InferenceSpec:
         """The spec infer records for this strategy under the given config."""
         config = getattr(infer, cls.section).model_dump(mode="json") if cls.section else {}
         return InferenceSpec(strategy=cls.name, scheduler=infer.scheduler, steps=infer.steps,

@@ -29,7 +29,7 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
             fix=f"pass --model {info['base_model']} (an adapter only works on the base it was trained on)",
         )
     sets = build_prompt_sets(params, info["identifier"], subject.class_word)
-    spec = get_strategy(params.infer.strategy).spec(params.infer, subject.resolution)
+    spec = get_strategy(params.infer.strategy).spec_for(params.infer, subject.resolution)
     strategy = load_strategy(spec, StageInputs(model=params.model, finetune=finetune_dir, refine=refine_dir))
     with stage_output(out) as work, Progress(console=console, transient=True) as progress:
         samples = []
