@@ -48,11 +48,11 @@ def _img(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> None:
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "RGB").save(path)
 
 
-def _manifest(d: Path, stage: str, params: Params) -> None:
+def _manifest(d: Path, stage: str, params: Params, **extra) -> None:
     outputs = {p.relative_to(d).as_posix(): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file() and p.name != "manifest.json"}
     (d / "manifest.json").write_text(json.dumps({"stage": stage, "created": "2026-01-01T00:00:00Z",
                                                  "params": params.model_dump(mode="json"), "inputs": {}, "outputs": outputs,
-                                                 "versions": {}}))
+                                                 "versions": {}, **extra}))
 
 
 PROMPT = "a photo of sks teapot"
@@ -135,7 +135,15 @@ def write_stage(run: Path, stage: str, params: Params, metrics: dict | None = No
         for i, sample in enumerate(samples):
             _img(d / sample["path"], 200 + i)
         (d / "samples.json").write_text(json.dumps(samples))
+<<<<<<< HEAD
         (d / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json([_prompt_set()])))
+=======
+        (d / "prompt_sets.json").write_text(json.dumps([{"name": "prompt-invariant", "version": "1", "items": ["a photo of sks teapot"]}]))
+        from subjectops.inference import get_strategy
+
+        _manifest(d, stage, params, inference=get_strategy(params.infer.strategy).spec_for(params.infer, 32).model_dump(mode="json"))
+        return d
+>>>>>>> infer
     elif stage == "evaluate":
         (d / "metrics.json").write_text(json.dumps(metrics_json(**(metrics or {}))))
         (d / "report.html").write_text("<html><body><h1>subjectops report</h1></body></html>")

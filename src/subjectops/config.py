@@ -20,6 +20,8 @@ from subjectops.metrics.definitions import METRIC_NAMES, METRICS, direction
 
 DEFAULT_PARAMS = Path("params.yaml")
 METHOD_NAMES = ("dreambooth", "lora", "textual-inversion", "two-stage", "hypnos")
+# The registry in subjectops.inference holds the strategies (it imports torch; this module must not).
+STRATEGY_NAMES = ("plain",)
 
 
 class ConfigError(SubjectopsError):
@@ -236,12 +238,14 @@ class PromptVaryingCfg(_Strict):
 
 
 class InferCfg(_Strict):
+    """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
+
     prompt_sets: list[Literal["prompt-invariant", "prompt-varying", "dreambench"]] = ["prompt-invariant"]
+    strategy: Literal[STRATEGY_NAMES] = "plain"  # type: ignore[valid-type]
     scheduler: Literal["ddim", "pndm", "euler"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
     seed: int = 0
-    batch_size: int = Field(4, ge=1)
     prompt_invariant: PromptInvariantCfg = PromptInvariantCfg()
     prompt_varying: PromptVaryingCfg = PromptVaryingCfg()
     dreambench: DreamBenchCfg = DreamBenchCfg()

@@ -1,5 +1,8 @@
-"""Plain text-to-image sampling, shared by priors, validation images and infer: one seed per image, so an
-image does not depend on the batch it was drawn in."""
+"""Text-to-image sampling, shared by priors, validation images and the `plain` inference strategy.
+
+One seeded generator per image gives each image the same initial noise whatever batch it is drawn in; the
+batched denoising still rounds differently (a 1-in-255 pixel difference on CPU), which is why inference
+strategies draw one image per call (see `subjectops.inference.plain`)."""
 
 from __future__ import annotations
 

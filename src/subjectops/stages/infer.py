@@ -1,4 +1,6 @@
-"""infer: generate the prompt sets with the fine-tuned model (DDIM by default), recording every seed."""
+"""infer: generate the prompt sets with the fine-tuned model through the configured inference strategy
+(`infer.strategy`, `plain` by default), recording every seed and, in the manifest's `inference`, the spec
+(strategy, scheduler, steps, guidance scale, resolution, strategy settings) the registered model will serve."""
 
 from __future__ import annotations
 
@@ -8,17 +10,17 @@ from pathlib import Path
 from rich.progress import Progress
 
 from subjectops.config import Params
+from subjectops.console import console
 from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
 from subjectops.data.subject import RefinedSubject
 from subjectops.errors import SubjectopsError
-from subjectops.methods import load_finetuned
-from subjectops.models.loading import load_pipeline
-from subjectops.models.sampling import generate, use_scheduler
+from subjectops.inference import StageInputs, get_strategy, load_strategy
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
 
 
 def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
-    subject = RefinedSubject.load(require_stage_dir(refine_dir, "refine", "infer"))
+    refine_dir = require_stage_dir(refine_dir, "refine", "infer")
+    subject = RefinedSubject.load(refine_dir)
     finetune_dir = require_stage_dir(finetune_dir, "finetune", "infer")
     info = json.loads((finetune_dir / "method.json").read_text())
     if info["base_model"] != params.model.base:
@@ -27,28 +29,22 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
             fix=f"pass --model {info['base_model']} (an adapter only works on the base it was trained on)",
         )
     sets = build_prompt_sets(params, info["identifier"], subject.class_word)
-    pipe = load_pipeline(params.model)
-    load_finetuned(pipe, finetune_dir)
-    use_scheduler(pipe, params.infer.scheduler)
-    cfg = params.infer
-    with stage_output(out) as work, Progress(transient=True) as progress:
+    spec = get_strategy(params.infer.strategy).spec_for(params.infer, subject.resolution)
+    strategy = load_strategy(spec, StageInputs(model=params.model, finetune=finetune_dir, refine=refine_dir))
+    with stage_output(out) as work, Progress(console=console, transient=True) as progress:
         samples = []
         for pset in sets:
             folder = work / "images" / pset.name
             folder.mkdir(parents=True)
             task = progress.add_task(f"infer: {pset.name}", total=len(pset.items))
-            for start in range(0, len(pset.items), cfg.batch_size):
-                chunk = list(enumerate(pset.items))[start : start + cfg.batch_size]
-                images = generate(pipe, [it.prompt for _, it in chunk], [it.seed for _, it in chunk], cfg.steps,
-                                  cfg.guidance_scale, subject.resolution)
-                for (i, item), image in zip(chunk, images):
-                    rel = f"images/{pset.name}/{i:04d}.png"
-                    image.save(work / rel)
-                    samples.append({"prompt_set": pset.name, "prompt": item.prompt, "identifier": info["identifier"],
-                                    "class_word": subject.class_word, "seed": item.seed, "path": rel})
-                progress.advance(task, len(chunk))
+            for i, item in enumerate(pset.items):
+                rel = f"images/{pset.name}/{i:04d}.png"
+                strategy.generate([item.prompt], [item.seed])[0].save(work / rel)
+                samples.append({"prompt_set": pset.name, "prompt": item.prompt, "identifier": info["identifier"],
+                                "class_word": subject.class_word, "seed": item.seed, "path": rel})
+                progress.advance(task)
         (work / "samples.json").write_text(json.dumps(samples, indent=2))
         (work / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json(sets), indent=2))
-        write_manifest(work, "infer", params, {"refine": Path(refine_dir), "finetune": finetune_dir},
-                       method=info["method"], scheduler=cfg.scheduler)
+        write_manifest(work, "infer", params, {"refine": refine_dir, "finetune": finetune_dir},
+                       method=info["method"], inference=spec.model_dump(mode="json"))
     return Path(out)

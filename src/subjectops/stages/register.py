@@ -1,9 +1,10 @@
 """register stage: the run's finetune becomes a version of a registered MLflow model, alias `challenger`.
 
-`register(params, run_dir, out)` reads `RUN/finetune` (required), `RUN/evaluate/metrics.json` and
-`RUN/infer/` (optional: what promotion compares), logs an MLflow pyfunc model and the evaluation
-summary to an MLflow run (`run_id`, or a new run in `tracking.experiment`), creates a model version,
-sets the alias `challenger`, and writes `RUN/register/registration.json` and `manifest.json`.
+`register(params, run_dir, out)` reads `RUN/finetune` and `RUN/infer/manifest.json` (required: the model
+serves the inference spec infer recorded) and `RUN/evaluate/metrics.json` (optional: what promotion
+compares), logs an MLflow pyfunc model and the evaluation summary to an MLflow run (`run_id`, or a new
+run in `tracking.experiment`), creates a model version, sets the alias `challenger`, and writes
+`RUN/register/registration.json` and `manifest.json`.
 Promotion to `champion` is a separate, gated step: `subjectops promote`.
 """
 

@@ -1,13 +1,15 @@
-"""The registered model: an MLflow pyfunc that loads the base pipeline plus the run's finetune output.
+"""The registered model: an MLflow pyfunc that generates through the inference strategy infer used.
 
-`mlflow.pyfunc.load_model("models:/NAME@champion").predict(pd.DataFrame({"prompt": [...], "seed": [...]}),
-params={"num_inference_steps": 30})` returns a DataFrame with `prompt`, `seed`, `width`, `height` and
-`image` (base64 PNG). In a prompt, `{subject}` stands for the identifier and class word
-("sks teapot").
+`mlflow.pyfunc.load_model("models:/NAME@champion").predict(pd.DataFrame({"prompt": [...], "seed": [...]}))`
+returns a DataFrame with `prompt`, `seed`, `width`, `height` and `image` (base64 PNG). In a prompt, `{subject}`
+stands for the identifier and class word ("sks teapot"). The model config's `inference` is the spec infer
+recorded (strategy, scheduler, steps, guidance scale, resolution, strategy settings); it is not overridable
+per request, so a prompt and seed evaluated by infer come back as the very image infer wrote.
 
-The model directory holds the finetune output (`artifacts/finetune/`), and for the offline `tiny`
-presets the base pipeline too (`artifacts/base/`); a real base model is loaded by hub id or path
-through `subjectops.models`, exactly as training loaded it.
+The model directory holds the finetune output (`artifacts/finetune/`), every other stage output the strategy
+requires (e.g. `artifacts/refine/` for references and masks), and for the offline `tiny` presets the base
+pipeline too (`artifacts/base/`); a real base model is loaded by hub id or path through `subjectops.models`,
+exactly as training loaded it.
 """
 
 from __future__ import annotations
@@ -20,37 +22,16 @@ from typing import Any
 
 import mlflow.pyfunc
 
-DEFAULT_STEPS = 30
-
-
-def _load_finetune_into(pipe, finetune_dir: Path):
-    """Apply a finetune output directory to a base pipeline, through the method registry."""
-    from subjectops import methods
-
-    loader = getattr(methods, "load_finetuned", None)
-    if loader is None:
-        raise RuntimeError("subjectops.methods.load_finetuned is missing: this subjectops cannot apply a finetune directory")
-    loader(pipe, finetune_dir)  # modifies the pipeline in place; returns method.json
-    return pipe
-
 
 class PersonalizedDiffusion(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import torch
-
         from subjectops.config import ModelCfg
-        from subjectops.models.loading import load_pipeline
+        from subjectops.inference import InferenceSpec, StageInputs, load_strategy
 
         cfg = dict(context.model_config or {})
         base_dir = context.artifacts.get("base")
-        base = base_dir if base_dir else cfg["base_model"]
-        model = ModelCfg(base=str(base), revision=None if base_dir else cfg.get("revision"))
-        pipe = load_pipeline(model, dtype=torch.float32)
-        pipe = _load_finetune_into(pipe, Path(context.artifacts["finetune"]))
-        if torch.cuda.is_available():
-            pipe = pipe.to("cuda")
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
+        model = ModelCfg(base=str(base_dir), revision=None) if base_dir else ModelCfg(base=cfg["base_model"], revision=cfg.get("revision"))
+        self.strategy = load_strategy(InferenceSpec.model_validate(cfg["inference"]), StageInputs.from_dirs(model, context.artifacts))
         self.cfg = cfg
 
     def _prompt(self, text: str) -> str:
@@ -59,9 +40,7 @@ class PersonalizedDiffusion(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
-        import torch
 
-        params = dict(params or {})
         if isinstance(model_input, str):
             model_input = [model_input]
         if isinstance(model_input, (list, tuple)):
@@ -70,24 +49,15 @@ class PersonalizedDiffusion(mlflow.pyfunc.PythonModel):
             model_input = pd.DataFrame(model_input)
         if "prompt" not in model_input.columns:
             raise ValueError("the model input needs a 'prompt' column (and optionally 'seed')")
-        steps = int(params.get("num_inference_steps") or self.cfg.get("steps") or DEFAULT_STEPS)
-        guidance = float(params.get("guidance_scale", self.cfg.get("guidance_scale", 7.5)))
-        height = params.get("height") or None
-        width = params.get("width") or None
         default_seed = int(self.cfg.get("seed", 0))
-        rows = []
+        prompts, seeds = [], []
         for i, row in enumerate(model_input.itertuples(index=False)):
             rowd = row._asdict()
             seed = rowd.get("seed")
-            seed = default_seed + i if seed is None or (isinstance(seed, float) and seed != seed) else int(seed)
-            prompt = self._prompt(rowd["prompt"])
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gen)
-            if height:
-                kwargs["height"] = int(height)
-            if width:
-                kwargs["width"] = int(width)
-            image = self.pipe(prompt, **kwargs).images[0]
+            seeds.append(default_seed + i if seed is None or (isinstance(seed, float) and seed != seed) else int(seed))
+            prompts.append(self._prompt(rowd["prompt"]))
+        rows = []
+        for prompt, seed, image in zip(prompts, seeds, self.strategy.generate(prompts, seeds)):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             rows.append({"prompt": prompt, "seed": seed, "width": image.width, "height": image.height,
@@ -104,26 +74,18 @@ def decode_image(b64: str):
 
 def signature():
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("long", "width"),
                         ColSpec("long", "height"), ColSpec("string", "image")]),
-        params=ParamSchema([
-            ParamSpec("num_inference_steps", "long", 0),
-            ParamSpec("guidance_scale", "double", 7.5),
-            ParamSpec("height", "long", 0),
-            ParamSpec("width", "long", 0),
-        ]),
     )
 
 
-def save_pyfunc(path: Path, finetune_dir: Path, model_config: dict, base_dir: Path | None, pip_requirements: list[str]) -> Path:
-    """Write the pyfunc model directory (MLmodel, python_model.pkl, artifacts/)."""
-    artifacts = {"finetune": str(finetune_dir)}
-    if base_dir is not None:
-        artifacts["base"] = str(base_dir)
+def save_pyfunc(path: Path, artifacts: dict[str, Path], model_config: dict, pip_requirements: list[str]) -> Path:
+    """Write the pyfunc model directory (MLmodel, python_model.pkl, artifacts/): `artifacts` maps `finetune`,
+    each stage output the strategy requires, and `base` (tiny presets) to the directories to package."""
     import warnings
 
     with warnings.catch_warnings():
@@ -132,7 +94,7 @@ def save_pyfunc(path: Path, finetune_dir: Path, model_config: dict, base_dir: Pa
         mlflow.pyfunc.save_model(
             path=str(path),
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # model from code: nothing pickled
-            artifacts=artifacts,
+            artifacts={name: str(d) for name, d in artifacts.items()},
             model_config=json.loads(json.dumps(model_config)),
             signature=signature(),
             pip_requirements=pip_requirements,

@@ -1,8 +1,9 @@
 """MLflow model registry: register a run's finetune as a version, and promote `challenger` to `champion`.
 
-Each version carries, as tags, what it was trained and evaluated with (method, base model, prompt
-sets and their versions, seeds, backbones, every mean), and as an artifact of its run
-`evaluation/summary.json`, the numbers promotion compares. Every promotion decision is written to
+Each version carries, as tags, what it was trained and evaluated with (method, base model, inference spec,
+prompt sets and their versions, seeds, backbones, every mean), and as an artifact of its run
+`evaluation/summary.json`, the numbers promotion compares. The model serves the inference spec the run's
+infer stage recorded (strategy, scheduler, steps, guidance, resolution), so it generates what was evaluated. Every promotion decision is written to
 the version's tags (`promotion.*`) with the numbers that led to it.
 """
 
@@ -70,8 +71,39 @@ def _requirements() -> list[str]:
     return reqs
 
 
+def infer_manifest(run_dir: Path) -> dict:
+    """The infer stage's manifest of `run_dir`: its `inference` spec is what the registered model serves, and its
+    params are the ones that generated the evaluated images (current params may have changed since)."""
+    manifest_path = Path(run_dir) / "infer" / "manifest.json"
+    manifest = {}
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+    if "inference" not in manifest:
+        raise RegistryError(
+            f"{manifest_path} records no inference spec: the registered model must serve what infer generated and evaluate scored",
+            fix="run the infer stage (again) on this run, then register it",
+        )
+    return manifest
+
+
+def model_artifacts(run_dir: Path, spec, base_dir: Path | None) -> dict[str, Path]:
+    """The directories packaged with the model: the finetune, each stage output the strategy requires, the base."""
+    from subjectops.inference import get_strategy
+
+    artifacts = {stage: Path(run_dir) / stage for stage in sorted(get_strategy(spec.strategy).stage_outputs())}
+    missing = [str(d) for d in artifacts.values() if not d.is_dir()]
+    if missing:
+        raise RegistryError(f"the {spec.strategy!r} inference strategy needs {', '.join(missing)}, which does not exist",
+                            fix="register the run directory that infer read these stage outputs from")
+    if base_dir is not None:
+        artifacts["base"] = base_dir
+    return artifacts
+
+
 def register_version(client, params: Params, run_dir: Path, run_id: str, model_name: str | None = None) -> dict:
     """Log the pyfunc model and the evaluation summary to `run_id`, create a version, alias it `challenger`."""
+    from subjectops.config import ModelCfg
+    from subjectops.inference import InferenceSpec
     from subjectops.models.loading import is_tiny, resolve
     from subjectops.tracking.pyfunc import save_pyfunc
 
@@ -86,24 +118,24 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
         subject = json.loads((run_dir / "refine" / "subject.json").read_text())
     name = model_name_for(params, run_dir, model_name)
     summary = R.evaluation_summary(run_dir)
-    base = method.get("base_model") or params.model.base
+    inferred = infer_manifest(run_dir)
+    spec = InferenceSpec.model_validate(inferred["inference"])
+    infer_params = inferred["params"]
+    base = method.get("base_model") or infer_params["model"]["base"]
     model_config = {
         "base_model": base,
-        "revision": params.model.revision,
+        "revision": infer_params["model"]["revision"],
         "method": method.get("method"),
         "identifier": method.get("identifier"),
         "class_word": method.get("class_word") or subject.get("class_word"),
         "instance_prompt": method.get("instance_prompt"),
-        "steps": params.infer.steps,
-        "guidance_scale": params.infer.guidance_scale,
-        "seed": params.infer.seed,
+        "inference": spec.model_dump(mode="json"),
+        "seed": infer_params["infer"]["seed"],  # first seed of a request whose rows have none
     }
     tmp = Path(tempfile.mkdtemp(prefix="subjectops-register-"))
     try:
-        from subjectops.config import ModelCfg
-
         base_dir = Path(resolve(ModelCfg(base=base))) if is_tiny(base) else None
-        model_dir = save_pyfunc(tmp / MODEL_ARTIFACT, ft, model_config, base_dir, _requirements())
+        model_dir = save_pyfunc(tmp / MODEL_ARTIFACT, model_artifacts(run_dir, spec, base_dir), model_config, _requirements())
         client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
         summary_file = tmp / "summary.json"
         summary_file.write_text(json.dumps(summary, indent=1, sort_keys=True))
@@ -136,6 +168,7 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
         "eval.backbones": sorted({f"{r.get('metric')}={r.get('backbone')}" for r in records}),
         "eval.random_backbones": sorted({str(r.get("backbone")) for r in records if r.get("pretrained") is not True}) or "none",
     }
+    tags.update({f"inference.{k}": v for k, v in spec.model_dump(mode="json").items()})
     for r in records:
         if isinstance(r.get("mean"), (int, float)):
             tags[f"eval.{R.metric_key(r.get('metric'), r.get('prompt_set'), r.get('backbone'))}"] = str(r["mean"])

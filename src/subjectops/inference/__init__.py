@@ -1,0 +1,37 @@
+"""Inference strategies, chosen by `infer.strategy` the way `finetune.method` chooses a method. Add a strategy by
+registering its class here and its name in `subjectops.config.STRATEGY_NAMES`."""
+
+from __future__ import annotations
+
+from subjectops.errors import SubjectopsError
+from subjectops.inference.base import REQUIREMENTS, InferenceSpec, StageInputs, Strategy
+from subjectops.inference.plain import PlainStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PlainStrategy,)}
+
+__all__ = ["REQUIREMENTS", "STRATEGIES", "InferenceSpec", "StageInputs", "Strategy", "get_strategy", "load_strategy"]
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise SubjectopsError(f"unknown inference strategy {name!r}",
+                              fix=f"set infer.strategy to one of: {', '.join(sorted(STRATEGIES))}") from None
+
+
+def load_strategy(spec: InferenceSpec, inputs: StageInputs) -> Strategy:
+    """The base model plus the finetune, wrapped in the spec's strategy: the one way infer and the registered
+    model generate. On the GPU when there is one (each image's noise is still drawn on the CPU from its seed)."""
+    import torch
+
+    from subjectops.methods import load_finetuned
+    from subjectops.models.loading import load_pipeline
+
+    strategy = get_strategy(spec.strategy)
+    pipe = load_pipeline(inputs.model, dtype=torch.float32)
+    load_finetuned(pipe, inputs.finetune)
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    return strategy.load(pipe, spec, inputs)

@@ -1,0 +1,105 @@
+"""The inference strategy: how a fine-tuned pipeline turns prompts and seeds into images.
+
+`infer` and the registered MLflow model both build the strategy from one `InferenceSpec` (the strategy's name,
+the scheduler, steps, guidance scale, resolution and the strategy's own config section) through
+`subjectops.inference.load_strategy`, so the served model generates exactly what was evaluated.
+
+A strategy declares what it needs beyond the fine-tuned pipeline in `requires`, from `REQUIREMENTS`:
+
+- `references`, `masks`: the subject's refined photos and their masks (`refine` output: `RefinedSubject`),
+  e.g. reference-guided generation that optimises each image against the references;
+- `snapshots`: several weight snapshots of one finetune run (`finetune` output), e.g. guidance blended
+  over an early and a late snapshot.
+
+Each requirement names the stage output that provides it; `infer` passes the run's directories, and the
+registered model carries a copy of every such output (`Strategy.stage_outputs`) and passes those copies.
+A strategy that needs the base model without the finetune (e.g. a base-model first stage before an
+img2img pass with the finetune) loads it from `StageInputs.model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from subjectops.config import InferCfg, ModelCfg
+from subjectops.models.sampling import use_scheduler
+
+# What a strategy may need -> the stage output that provides it.
+REQUIREMENTS = {"references": "refine", "masks": "refine", "snapshots": "finetune"}
+
+
+class InferenceSpec(BaseModel):
+    """Everything besides the weights, the prompt and the seed that decides an image. Written by infer to its
+    manifest, copied by the registry into the model's config, and the only thing a strategy is built from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: str
+    scheduler: str
+    steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=0)
+    resolution: int = Field(ge=8)
+    config: dict[str, Any] = {}  # the strategy's section `infer.<section>` as infer read it ({} when it has none)
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """Where a strategy finds what it requires: the run's stage outputs in `infer`, the copies packaged with the
+    registered model when served. `model` is the base the pipeline was loaded from (before the finetune)."""
+
+    model: ModelCfg
+    finetune: Path
+    refine: Path | None = None
+
+    @classmethod
+    def from_dirs(cls, model: ModelCfg, dirs: Mapping[str, str | Path]) -> "StageInputs":
+        """From a mapping of stage name -> directory (extra keys, like the packaged base model, are ignored)."""
+        stages = {f.name for f in fields(cls)} - {"model"}
+        return cls(model=model, **{name: Path(path) for name, path in dirs.items() if name in stages})
+
+
+class Strategy:
+    """Base class; a subclass sets `name`, and `section` and `requires` when it has settings or needs inputs.
+
+    `load` prepares the strategy once on a pipeline that already holds the finetune (the base class sets the
+    recorded scheduler; a subclass also reads its references, snapshots, ...); `generate` then draws images.
+    """
+
+    name: ClassVar[str]
+    # The InferCfg field holding this strategy's settings (`infer.<section>` in params.yaml), or None.
+    section: ClassVar[str | None] = None
+    # Keys of REQUIREMENTS; the planner runs (and the registered model packages) the stages that provide them.
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, pipe, spec: InferenceSpec, inputs: StageInputs):
+        self.pipe = pipe
+        self.spec = spec
+        self.inputs = inputs
+        # the section's pydantic model from config.py validates the recorded settings again when served
+        self.config = InferCfg.model_fields[self.section].annotation.model_validate(spec.config) if self.section else None
+
+    @classmethod
+    def spec_for(cls, infer: InferCfg, resolution: int) -> InferenceSpec:
+        """The spec infer records for this strategy under the given config."""
+        config = getattr(infer, cls.section).model_dump(mode="json") if cls.section else {}
+        return InferenceSpec(strategy=cls.name, scheduler=infer.scheduler, steps=infer.steps,
+                             guidance_scale=infer.guidance_scale, resolution=resolution, config=config)
+
+    @classmethod
+    def stage_outputs(cls) -> set[str]:
+        """The stage outputs the registered model must carry: the finetune, and whatever provides `requires`."""
+        return {"finetune"} | {REQUIREMENTS[r] for r in cls.requires}
+
+    @classmethod
+    def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> "Strategy":
+        use_scheduler(pipe, spec.scheduler)
+        return cls(pipe, spec, inputs)
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """One image per (prompt, seed), each a function of its prompt and seed alone (not of the others)."""
+        raise NotImplementedError
