@@ -128,22 +128,18 @@ def write_stage(run: Path, stage: str, params: Params, metrics: dict | None = No
             for step in range(1, STEPS + 1):
                 fh.write(json.dumps({"step": step, "loss": 1.0 / step, "terms": {"instance": 0.8 / step, "prior": 0.2 / step}}) + "\n")
         _img(d / "validation" / "step_00010.png", 7)
-        (d / "checkpoints").mkdir(exist_ok=True)
-        (d / "checkpoints" / "state.pt").write_bytes(b"resume state, not uploaded")
+        (d / "checkpoints" / "step_000010").mkdir(parents=True, exist_ok=True)
+        (d / "checkpoints" / "step_000010" / "state.json").write_text('{"note": "resume state, not uploaded"}')
     elif stage == "infer":
         samples = _samples()
         for i, sample in enumerate(samples):
             _img(d / sample["path"], 200 + i)
         (d / "samples.json").write_text(json.dumps(samples))
-<<<<<<< HEAD
         (d / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json([_prompt_set()])))
-=======
-        (d / "prompt_sets.json").write_text(json.dumps([{"name": "prompt-invariant", "version": "1", "items": ["a photo of sks teapot"]}]))
         from subjectops.inference import get_strategy
 
         _manifest(d, stage, params, inference=get_strategy(params.infer.strategy).spec_for(params.infer, 32).model_dump(mode="json"))
         return d
->>>>>>> infer
     elif stage == "evaluate":
         (d / "metrics.json").write_text(json.dumps(metrics_json(**(metrics or {}))))
         (d / "report.html").write_text("<html><body><h1>subjectops report</h1></body></html>")
