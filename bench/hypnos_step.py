@@ -35,7 +35,8 @@ from subjectops.models.loading import load_pipeline
 from subjectops.stages.pretrain_disc import pretrain_disc
 from subjectops.stages.priors import load_priors, priors
 from subjectops.stages.refine import refine
-from subjectops.training import DiffusionModels, Trainer
+from subjectops.training.loop import Trainer
+from subjectops.training.models import DiffusionModels
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 2

@@ -26,7 +26,8 @@ from subjectops.methods import get_method
 from subjectops.models.loading import load_pipeline
 from subjectops.stages.priors import load_priors, priors
 from subjectops.stages.refine import refine
-from subjectops.training import DiffusionModels, Trainer
+from subjectops.training.loop import Trainer
+from subjectops.training.models import DiffusionModels
 
 REPO = Path(__file__).resolve().parents[1]
 
