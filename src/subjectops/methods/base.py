@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from subjectops.config import Params
+if TYPE_CHECKING:
+    from subjectops.config import Params
+
+# What a configured method can need from the stages before finetune (see `subjectops.methods.plan`).
+CLASS_PRIORS = "class_priors"
+LATENT_DISCRIMINATOR = "latent_discriminator"
+
+
+@dataclass(frozen=True)
+class WeightNeed:
+    """A weight file or directory a configured method loads besides the base model (`models check`)."""
+
+    purpose: str
+    ident: str
+    locate: Callable[[], object]  # returns the file, or None / raises ModelNotFoundError when it is absent
+    how: str
 
 
 @dataclass
@@ -79,7 +94,6 @@ class Method:
     """Base class; subclasses set `name` and override what differs."""
 
     name: ClassVar[str]
-    needs_discriminator: ClassVar[bool] = False
 
     def __init__(self, params: Params, class_word: str, models, trainer=None):
         self.params = params
@@ -100,6 +114,15 @@ class Method:
 
     def class_prompt(self) -> str:
         return self.params.priors.prompt.format(class_word=self.class_word)
+
+    # --- what this configuration needs (read by `plan(params)` and `models check`) ---------------
+    def requirements(self) -> set[str]:
+        """The inputs this configuration trains with, from its config (so ablations count)."""
+        return {CLASS_PRIORS} if any(phase.uses_priors for phase in self.phases()) else set()
+
+    def required_weights(self) -> list[WeightNeed]:
+        """Weights this configuration loads besides the base model."""
+        return []
 
     # --- training -------------------------------------------------------------------------------
     def setup(self) -> None:

@@ -18,19 +18,17 @@ from subjectops.errors import SubjectopsError
 from subjectops.methods import get_method
 from subjectops.models.loading import load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
-from subjectops.stages.common import partial_dir, require_stage_dir, stage_output, write_manifest
+from subjectops.stages.common import partial_dir, planned_inputs, stage_output, write_manifest
 from subjectops.stages.priors import load_priors
 from subjectops.training import DiffusionModels, Trainer, default_resolution, replicas_in_sync
 
 
 def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path, disc_dir: Path | None = None,
              on_step: Callable[[int, dict], None] | None = None) -> Path:
-    subject = RefinedSubject.load(require_stage_dir(refine_dir, "refine", "finetune"))
+    inputs = planned_inputs(params, "finetune", {"refine": refine_dir, "priors": priors_dir, "pretrain_disc": disc_dir})
+    refine_dir, priors_dir, disc_dir = inputs["refine"], inputs["priors"], inputs["pretrain_disc"]
+    subject = RefinedSubject.load(refine_dir)
     method_cls = get_method(params.finetune.method)
-    # Only a method that uses the discriminator reads (and records) it.
-    disc_dir = require_stage_dir(disc_dir, "pretrain_disc", f"method {method_cls.name}") if method_cls.needs_discriminator else None
-    if priors_dir is not None:
-        priors_dir = require_stage_dir(priors_dir, "priors", "finetune")
 
     pipe = load_pipeline(params.model)
     models = DiffusionModels.from_pipeline(pipe)
