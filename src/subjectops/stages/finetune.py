@@ -41,12 +41,12 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     # The trainer places the models on the accelerator first, so what setup() adds lands there too.
     trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step)
     method.setup()
-    phases = method.phases()
-    priors = load_priors(priors_dir) if any(p.uses_priors for p in phases) else []
-    if any(p.uses_priors for p in phases) and not priors:
+    priors = load_priors(priors_dir)  # planned_inputs gave None unless the plan has priors
+    if priors_dir is not None and not priors:
         raise SubjectopsError(
-            f"method {method.name} uses prior preservation but no class images were given",
-            fix="run `subjectops priors` and pass --priors, or --set finetune.<method>.prior_preservation=false",
+            f"method {method.name} uses prior preservation but {priors_dir} holds no class images",
+            fix="set priors.num_images above 0 and run `subjectops priors` again, "
+                "or --set finetune.<method>.prior_preservation=false",
         )
 
     # Under `accelerate launch` every process trains; only the main one writes and publishes the output.
