@@ -89,7 +89,7 @@ def require_stage_dir(path: Path | None, stage: str, needed_by: str) -> Path:
     if path is None or not (Path(path) / MANIFEST).exists():
         raise SubjectopsError(
             f"{needed_by} needs the output of `{stage}`, but {path} is not a complete {stage} output (no {MANIFEST})",
-            fix=f"run `subjectops {stage}` first, or pass the right --{stage.replace('_', '-')} directory",
+            fix=f"run `subjectops {stage.replace('_', '-')}` first, or pass the right --{stage.replace('_', '-')} directory",
         )
     return Path(path)
 
