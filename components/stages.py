@@ -40,26 +40,24 @@ def configure(
     model: str,
     priors_cache_dir: str,
     params: Output[Artifact],
-) -> NamedTuple("Configured", [("plan", str), ("needs_discriminator", bool), ("uses_priors", bool), ("method", str)]):
+) -> NamedTuple("Configured", [("plan", str), ("method", str)]):
     """Validate the run's params once (a bad value fails before any GPU is requested) and plan the stages.
 
-    `plan` says which optional stages run, decided by the same functions as `subjectops run`
-    (`subjectops.methods.uses_priors` and `needs_discriminator`): `priors+pretrain_disc`, `priors`,
-    `pretrain_disc` or `none`.
+    `plan` names the pipeline branch to run (`priors+pretrain_disc`, `priors`, `pretrain_disc` or `none`):
+    `plan(params).branch`, from the same `plan(params)` as `subjectops run`; the whole plan (stages and
+    their inputs) is in the `params` artifact's metadata.
     """
     from collections import namedtuple
     from pathlib import Path
 
-    from subjectops.kube_runtime import plan_name, resolve_params, write_params
-    from subjectops.methods import needs_discriminator, uses_priors
+    from subjectops.kube_runtime import kfp_plan, resolve_params, write_params
 
     p = resolve_params(params_yaml, overrides, method=method, model=model, priors_cache_dir=priors_cache_dir)
+    planned = kfp_plan(p)
     write_params(p, Path(params.path))
-    with_priors, with_disc = uses_priors(p), needs_discriminator(p.finetune.method)
     params.metadata.update({"method": p.finetune.method, "model": p.model.base, "digest": p.digest(),
-                            "plan": plan_name(with_priors, with_disc)})
-    out = namedtuple("Configured", ["plan", "needs_discriminator", "uses_priors", "method"])
-    return out(plan_name(with_priors, with_disc), with_disc, with_priors, p.finetune.method)
+                            "plan": planned.branch, "stages": planned.to_dict()["stages"]})
+    return namedtuple("Configured", ["plan", "method"])(planned.branch, p.finetune.method)
 
 
 def fetch_subject(subject_uri: str, dvc_repo: str, dvc_rev: str, images: Output[Dataset]) -> str:
@@ -105,6 +103,7 @@ def register(
     from pathlib import Path
 
     from subjectops.kube_runtime import assemble_run_dir, load_registration
+    from subjectops.stages.register import register as register_stage
     from subjectops.tracking.mlflow_tracker import sync
 
     tmp = Path(tempfile.mkdtemp(prefix="subjectops-run-"))
@@ -115,7 +114,7 @@ def register(
             "priors": Path(priors_dir.path) if priors_dir is not None else None,
             "pretrain_disc": Path(disc_dir.path) if disc_dir is not None else None,
             "finetune": Path(finetune_dir.path), "infer": Path(infer_dir.path), "evaluate": Path(evaluate_dir.path)})
-        summary = sync(run_dir, echo=print)
+        summary = sync(run_dir, register_stage, echo=print)
         print(json.dumps(summary, indent=2, default=str))
         if not (run_dir / "register").is_dir():
             raise RuntimeError(f"MLflow sync recorded the run but registered no model: {summary}")

@@ -1,9 +1,8 @@
 """`personalize`: one subject through refine, [priors], [pretrain-disc], finetune, infer, evaluate, register.
 
-The `configure` step validates the params and plans the optional stages with the functions
-`subjectops run` uses (`subjectops.methods.uses_priors`, `needs_discriminator`): the discriminator
-pretraining runs only when the method needs it, the class priors only when it trains with them.
-`dsl.If`/`Elif`/`Else` on that plan select one branch, which runs its stages through register; the
+The `configure` step validates the params and names the branch of `plan(params)`, the same plan
+`subjectops run` follows: the discriminator pretraining runs only when the method needs it, the class
+priors only when it trains with them. `dsl.If`/`Elif`/`Else` on that name select one branch, which runs its stages through register; the
 pipeline returns the registered version (`name/version`) of whichever branch ran (`dsl.OneOf`).
 """
 
@@ -13,7 +12,7 @@ from kfp import dsl
 
 from components import Components, build_components
 from pipelines import placement as P
-from subjectops.kube_runtime import PLANS, plan_name
+from subjectops.methods.plan import branch_name, branches
 
 DEFAULT_PRIORS_CACHE = f"{P.MODEL_CACHE_MOUNT}/cache/priors"
 
@@ -78,13 +77,15 @@ def build_personalize(c: Components):
             P.with_mlflow(reg, mlflow_secret)
             return reg
 
-        # One branch per plan; `configure` picks it with the same functions `subjectops run` uses.
+        # One branch per combination of optional training stages; `configure` names the one `plan(params)` has.
         registered = []
-        for i, (with_priors, with_disc) in enumerate(PLANS):
-            plan = plan_name(with_priors, with_disc)
+        combos = branches()
+        for i, optional in enumerate(combos):
+            plan = branch_name(optional)
+            with_priors, with_disc = "priors" in optional, "pretrain_disc" in optional
             if i == 0:
                 branch = dsl.If(cfg.outputs["plan"] == plan, name=f"plan-{plan}")
-            elif i < len(PLANS) - 1:
+            elif i < len(combos) - 1:
                 branch = dsl.Elif(cfg.outputs["plan"] == plan, name=f"plan-{plan}")
             else:
                 branch = dsl.Else(name=f"plan-{plan}")

@@ -13,7 +13,7 @@ from torch import nn
 from subjectops.config import Params, load_params
 from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.errors import ModelNotFoundError, SubjectopsError
-from subjectops.methods import get_method, needs_discriminator
+from subjectops.methods import get_method
 from subjectops.methods.hypnos import HypnosMethod
 from subjectops.models.loading import load_pipeline
 from subjectops.models.perceptual import B_STAGES, PerceptualEncoder, load_efficientnet, tiny_efficientnet
@@ -44,7 +44,7 @@ def test_defaults_are_the_papers():
     assert h.perceptual_blocks == [2, 3, 4] and h.perceptual_block_weights == [0.35, 0.45, 0.2]
     assert h.augment.replace_background == 0.66 and h.use_8bit_adam == "auto" and h.train_text_encoder
     assert Params().pretrain_disc.steps == 600
-    assert needs_discriminator("hypnos") and get_method("hypnos") is HypnosMethod
+    assert get_method("hypnos") is HypnosMethod
 
 
 # --- equation 3: sigma ------------------------------------------------------------------------------

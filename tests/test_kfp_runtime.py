@@ -39,18 +39,11 @@ def test_params_round_trip(tmp_path):
         kr.read_params(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("method", ["dreambooth", "lora", "textual-inversion", "two-stage", "hypnos"])
-def test_plan_matches_subjectops_run(method):
-    """The pipeline's branch is the stage list `subjectops run` would run."""
-    from subjectops.methods import needs_discriminator, uses_priors
-    from subjectops.pipeline import planned_stages
-
-    p = kr.resolve_params("", [], method=method)
-    plan = kr.plan_name(uses_priors(p), needs_discriminator(method))
-    stages = planned_stages(p)
-    assert ("priors" in plan.split("+")) == ("priors" in stages)
-    assert ("pretrain_disc" in plan.split("+")) == ("pretrain_disc" in stages)
-    assert plan in {kr.plan_name(*x) for x in kr.PLANS}
+def test_kfp_plan_refuses_a_run_that_would_not_register():
+    """Every branch of the personalize pipeline ends in `register`: a plan without it fails in `configure`."""
+    assert kr.kfp_plan(kr.resolve_params("", [])).has("register")
+    with pytest.raises(ConfigError, match="registry.auto_register is false"):
+        kr.kfp_plan(kr.resolve_params("", ["registry.auto_register=false"]))
 
 
 @pytest.mark.parametrize("uri, expected", [

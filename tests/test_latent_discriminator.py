@@ -50,7 +50,8 @@ def test_save_load_round_trip_and_shape_errors(tmp_path):
 @pytest.fixture(scope="module")
 def teapot_run(tmp_path_factory, example_subject):
     root = tmp_path_factory.mktemp("disc")
-    sets = TINY_OVERRIDES + [f"priors.cache_dir={root / 'cache'}", "priors.num_images=10", "priors.batch_size=5"]
+    sets = TINY_OVERRIDES + [f"priors.cache_dir={root / 'cache'}", "priors.num_images=10", "priors.batch_size=5",
+                             "finetune.method=hypnos"]
     params = load_params("params.yaml", sets)
     refine(params, example_subject, "teapot", root / "refine")
     priors(params, root / "refine", root / "priors")
@@ -85,9 +86,13 @@ def test_pretraining_on_the_teapot_beats_chance_on_held_out_draws(teapot_run):
 
 def test_pretrain_without_class_images_drops_their_share_and_says_so(teapot_run):
     root, sets = teapot_run
-    params = load_params("params.yaml", sets + ["pretrain_disc.steps=3", "pretrain_disc.model.dim=32",
-                                                "pretrain_disc.variants_per_type=2", "pretrain_disc.eval_samples=8"])
-    out = pretrain_disc(params, root / "refine", None, root / "no_priors")
+    small = sets + ["pretrain_disc.steps=3", "pretrain_disc.model.dim=32", "pretrain_disc.variants_per_type=2",
+                    "pretrain_disc.eval_samples=8"]
+    with pytest.raises(SubjectopsError, match="needs the output of `priors`"):  # planned, so required
+        pretrain_disc(load_params("params.yaml", small), root / "refine", None, root / "no_priors")
+    # prior preservation ablated: the plan has no priors, and a priors directory given anyway is not read
+    params = load_params("params.yaml", small + ["finetune.hypnos.prior_preservation=false"])
+    out = pretrain_disc(params, root / "refine", root / "priors", root / "no_priors")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["proportions"]["class_image"] == 0.0 and metrics["notes"]
     assert "class_image" not in metrics["heldout"]["per_type"]

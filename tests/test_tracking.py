@@ -21,6 +21,7 @@ from subjectops.tracking.mlflow_tracker import (
     resolve_tracking_uri,
     sync,
 )
+from subjectops.stages.register import register
 from synthetic_runs import STEPS, synthetic_params, write_stage
 from servers import MLFLOW_BUCKET, s3_client
 
@@ -34,6 +35,7 @@ def fake_pipeline(tracker, params, run: Path, on_stage=None) -> None:
                 if on_stage:
                     on_stage(name)
                 write_stage(run, name, params)
+        tracker.register_model(register, run, run / "register")  # the plan's last stage, as pipeline.run calls it
 
 
 def children(client: MlflowClient, parent) -> dict:
@@ -65,7 +67,7 @@ def test_local_default_sqlite_records_a_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     params = synthetic_params()
-    tracker = MlflowTracker(register=False, echo=lambda m: None)
+    tracker = MlflowTracker(echo=lambda m: None)
     with tracker.pipeline(params, tmp_path / "run"):
         with tracker.stage("refine", tmp_path / "run" / "refine"):
             write_stage(tmp_path / "run", "refine", params)
@@ -176,11 +178,11 @@ def test_server_down_from_the_start_runs_locally_then_sync_uploads(tmp_path, mon
     # still down: a clear error, nothing changed
     before = state.path.read_text()
     with pytest.raises(TrackingError, match="cannot reach MLflow"):
-        sync(run)
+        sync(run, register)
     assert state.path.read_text() == before
 
     server = mlflow_factory(port=port)
-    out = sync(run)
+    out = sync(run, register)
     client = MlflowClient(server.url)
     parent = client.get_run(out["parent_run_id"])
     kids = children(client, parent)
@@ -190,7 +192,7 @@ def test_server_down_from_the_start_runs_locally_then_sync_uploads(tmp_path, mon
     assert out["registered"]["version"] == "1"
     assert RunState.load(run).data["pending"] is False
     # a second sync has nothing left to do and logs nothing twice
-    sync(run)
+    sync(run, register)
     assert len(client.get_metric_history(kids["finetune"].info.run_id, "train/loss")) == STEPS
 
 
@@ -242,7 +244,7 @@ def test_server_stopped_mid_run_finishes_locally_and_sync_uploads_everything(tmp
     assert any("is unavailable" in m for m in messages)
 
     restarted = mlflow_factory(name="mlflow", port=server.port)  # same database, same port
-    out = sync(run)
+    out = sync(run, register)
     assert out["parent_run_id"] == parent_id  # the run created before the stop is completed, not duplicated
     client = MlflowClient(restarted.url)
     parent = client.get_run(parent_id)
@@ -264,7 +266,7 @@ def test_sync_of_a_run_made_without_tracking(tmp_path, tracking_uri):
     run = tmp_path / "untracked"
     for name in STAGES:
         write_stage(run, name, params)
-    out = sync(run)
+    out = sync(run, register)
     client = MlflowClient(tracking_uri)
     parent = client.get_run(out["parent_run_id"])
     assert set(children(client, parent)) == set(STAGES) | {"register"}
@@ -273,7 +275,7 @@ def test_sync_of_a_run_made_without_tracking(tmp_path, tracking_uri):
 
 def test_sync_errors_are_clear(tmp_path):
     with pytest.raises(TrackingError, match="does not exist"):
-        sync(tmp_path / "nope")
+        sync(tmp_path / "nope", register)
     (tmp_path / "empty").mkdir()
     with pytest.raises(TrackingError, match="no stage output"):
-        sync(tmp_path / "empty")
+        sync(tmp_path / "empty", register)

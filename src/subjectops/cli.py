@@ -31,6 +31,21 @@ def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, requir
     return None
 
 
+def if_needed_skip_reason(params: Params, stage: str) -> Optional[str]:
+    """Why `plan(params)` leaves `stage` out, or None when it is planned (`--if-needed`, for DVC)."""
+    from subjectops.methods import plan
+
+    planned = plan(params)
+    return None if planned.has(stage) else planned.why_not(stage)
+
+
+def planned_input(params: Params, stage: str, explicit: Optional[Path], run: Optional[Path], source: str) -> Optional[Path]:
+    """An input directory of `stage`: required when the plan has `source` feed it, else optional (and ignored)."""
+    from subjectops.methods import plan
+
+    return stage_path(explicit, run, source, required=source in plan(params).inputs(stage))
+
+
 @app.command()
 @user_errors
 def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of one subject"),
@@ -50,6 +65,8 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     for stage, path in dirs.items():
         done(stage, path)
     done("report", dirs["evaluate"] / "report.html")
+    if not track and if_needed_skip_reason(params, "register") is None:
+        console.print(f"register: left for later (--no-track): `subjectops sync {out}` registers the model", highlight=False)
 
 
 @app.command()
@@ -70,13 +87,12 @@ def priors(refine_dir: Optional[Path] = typer.Option(None, "--refine"), out: Opt
            run: Optional[Path] = RunOpt, model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt,
            if_needed: bool = IfNeededOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Class-prior images from the base model (content-addressed cache)."""
-    from subjectops.methods import uses_priors
     from subjectops.stages.common import not_needed
     from subjectops.stages.priors import priors as stage
 
     params = build_params(params_path, sets, model, method)
-    if if_needed and not uses_priors(params):
-        reason = f"method {params.finetune.method} trains without class-prior images"
+    reason = if_needed_skip_reason(params, "priors")
+    if if_needed and reason:
         done(f"priors ({reason})", not_needed("priors", params, stage_path(out, run, "priors"), reason))
         return
     done("priors", stage(params, stage_path(refine_dir, run, "refine"), stage_path(out, run, "priors")))
@@ -90,17 +106,15 @@ def pretrain_disc(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
                   model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt, if_needed: bool = IfNeededOpt,
                   params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Pretrain Hypnos' latent discriminator on the Table 3 image types (seed 000 app. B.2)."""
-    from subjectops.methods import needs_discriminator
     from subjectops.stages.common import not_needed
     from subjectops.stages.pretrain_disc import pretrain_disc as stage
 
     params = build_params(params_path, sets, model, method)
-    if if_needed and not needs_discriminator(params.finetune.method):
-        reason = f"method {params.finetune.method} uses no latent discriminator"
+    reason = if_needed_skip_reason(params, "pretrain_disc")
+    if if_needed and reason:
         done(f"pretrain-disc ({reason})", not_needed("pretrain_disc", params, stage_path(out, run, "pretrain_disc"), reason))
         return
-    # Class images are needed unless Hypnos' prior preservation is ablated (then `priors` does not run).
-    pri = stage_path(priors_dir, run, "priors", required=params.finetune.hypnos.prior_preservation)
+    pri = planned_input(params, "pretrain_disc", priors_dir, run, "priors")
     done("pretrain-disc", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "pretrain_disc")))
 
 
@@ -113,12 +127,11 @@ def finetune(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
              method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt,
              sets: Optional[List[str]] = SetOpt):
     """Train the method; resumes from the latest checkpoint of an interrupted run with the same params."""
-    from subjectops.methods import needs_discriminator, uses_priors
     from subjectops.stages.finetune import finetune as stage
 
     params = build_params(params_path, sets, model, method)
-    pri = stage_path(priors_dir, run, "priors", required=uses_priors(params))
-    disc = stage_path(disc_dir, run, "pretrain_disc", required=needs_discriminator(params.finetune.method))
+    pri = planned_input(params, "finetune", priors_dir, run, "priors")
+    disc = planned_input(params, "finetune", disc_dir, run, "pretrain_disc")
     done("finetune", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "finetune"), disc))
 
 

@@ -68,12 +68,17 @@ def resolve_params(
     return validate_params(data, source="pipeline parameters (params_yaml, method, model, overrides)")
 
 
-PLANS = ((True, True), (True, False), (False, True), (False, False))  # (priors, pretrain_disc)
+def kfp_plan(params: Params):
+    """`plan(params)` for the personalize pipeline, whose every branch ends in `register` (its output is the
+    registered version, which the benchmark aggregates): a plan without registration is refused here."""
+    from subjectops.methods import plan
 
-
-def plan_name(with_priors: bool, with_disc: bool) -> str:
-    """Which optional stages a run has: `priors+pretrain_disc`, `priors`, `pretrain_disc` or `none`."""
-    return "+".join([s for s, on in (("priors", with_priors), ("pretrain_disc", with_disc)) if on]) or "none"
+    planned = plan(params)
+    if not planned.has("register"):
+        raise ConfigError(f"the Kubeflow pipeline registers every model, but {planned.why_not('register')}",
+                          fix="drop registry.auto_register=false from the pipeline's overrides, or run "
+                              "`subjectops run --no-track` locally")
+    return planned
 
 
 def write_params(params: Params, out_dir: Path) -> Path:

@@ -1,17 +1,33 @@
-"""The whole DAG in-process on one machine: each stage once, in order, each into RUN/<stage>/."""
+"""The whole DAG in-process on one machine: each planned stage once, in order, each into RUN/<stage>/."""
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
+from typing import Callable
 
 from subjectops.config import Params
 from subjectops.data.subject import check_class_word, load_subject
+from subjectops.methods import plan
 from subjectops.models.loading import training_resolution
-from subjectops.methods import needs_discriminator, uses_priors
 from subjectops.tracking import NullTracker, Tracker
 
-STAGES = ("refine", "priors", "pretrain_disc", "finetune", "infer", "evaluate")
+# How each stage function takes the run's inputs: (function, params, subject dir, class word, the planned
+# inputs' directories, output directory). An input that is not planned is passed as None.
+CALLS: dict[str, Callable] = {
+    "refine": lambda fn, p, subject, cls, i, out: fn(p, subject, cls, out),
+    "priors": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], out),
+    "pretrain_disc": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i.get("priors"), out),
+    "finetune": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i.get("priors"), out, i.get("pretrain_disc")),
+    "infer": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i["finetune"], out),
+    "evaluate": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i["infer"], out),
+}
+
+
+def stage_function(name: str) -> Callable:
+    """`subjectops.stages.<name>.<name>`, imported when the stage runs (torch and diffusers load slowly)."""
+    return getattr(importlib.import_module(f"subjectops.stages.{name}"), name)
 
 
 def default_run_dir(subject_dir: Path, params: Params, root: Path = Path("runs")) -> Path:
@@ -19,42 +35,28 @@ def default_run_dir(subject_dir: Path, params: Params, root: Path = Path("runs")
     return root / f"{stamp}-{Path(subject_dir).resolve().name}-{params.finetune.method}"
 
 
-def planned_stages(params: Params) -> list[str]:
-    method = params.finetune.method
-    return [s for s in STAGES
-            if (s != "priors" or uses_priors(params)) and (s != "pretrain_disc" or needs_discriminator(method))]
-
-
 def run(params: Params, subject_dir: Path, class_word: str, out: Path, tracker: Tracker | None = None) -> dict[str, Path]:
-    """Run every stage the method needs; returns the output directory of each."""
+    """Run every stage of `plan(params)`; returns the output directory of each stage that ran.
+
+    `register` runs through the tracker, which knows the MLflow server; a NullTracker (`--no-track`)
+    has none, so registration is left to `subjectops sync RUN` (or `subjectops register RUN`).
+    """
     # Every input check first (refine repeats them; it takes a second), so a bad photo or a typo fails
     # before minutes of work, before the run folder exists and before a tracking run is opened.
     check_class_word(class_word)
     load_subject(Path(subject_dir), params.subject, training_resolution(params))
-    from subjectops.stages.evaluate import evaluate
-    from subjectops.stages.finetune import finetune
-    from subjectops.stages.infer import infer
-    from subjectops.stages.priors import priors
-    from subjectops.stages.refine import refine
-
     tracker = tracker or NullTracker()
     out = Path(out)
-    dirs = {s: out / s for s in planned_stages(params)}
+    dirs: dict[str, Path] = {}
     with tracker.pipeline(params, out):
-        with tracker.stage("refine", dirs["refine"]):
-            refine(params, subject_dir, class_word, dirs["refine"])
-        if "priors" in dirs:
-            with tracker.stage("priors", dirs["priors"]):
-                priors(params, dirs["refine"], dirs["priors"])
-        if "pretrain_disc" in dirs:
-            from subjectops.stages.pretrain_disc import pretrain_disc
-
-            with tracker.stage("pretrain_disc", dirs["pretrain_disc"]):
-                pretrain_disc(params, dirs["refine"], dirs.get("priors"), dirs["pretrain_disc"])
-        with tracker.stage("finetune", dirs["finetune"]):
-            finetune(params, dirs["refine"], dirs.get("priors"), dirs["finetune"], dirs.get("pretrain_disc"))
-        with tracker.stage("infer", dirs["infer"]):
-            infer(params, dirs["refine"], dirs["finetune"], dirs["infer"])
-        with tracker.stage("evaluate", dirs["evaluate"]):
-            evaluate(params, dirs["refine"], dirs["infer"], dirs["evaluate"])
+        for stage in plan(params).stages:
+            target = out / stage.name
+            inputs = {name: dirs[name] for name in stage.inputs}
+            if stage.name == "register":
+                if tracker.register_model(stage_function("register"), out, target):
+                    dirs["register"] = target
+                continue
+            with tracker.stage(stage.name, target):
+                CALLS[stage.name](stage_function(stage.name), params, subject_dir, class_word, inputs, target)
+            dirs[stage.name] = target
     return dirs

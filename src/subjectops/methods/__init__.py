@@ -25,9 +25,10 @@ def get_method(name: str) -> type[Method]:
         raise SubjectopsError(f"unknown method {name!r}", fix=f"choose one of: {', '.join(sorted(METHODS))}") from None
 
 
-def needs_discriminator(name: str) -> bool:
-    """Whether the method needs the `pretrain-disc` stage before `finetune`."""
-    return get_method(name).needs_discriminator
+def configured_method(params) -> Method:
+    """The configured method without models: what it needs (`requirements`, `required_weights`) is read
+    from its config alone."""
+    return get_method(params.finetune.method)(params, "", models=None)
 
 
 def load_finetuned(pipe, finetune_dir: Path) -> dict:
@@ -42,7 +43,4 @@ def load_finetuned(pipe, finetune_dir: Path) -> dict:
     return info
 
 
-def uses_priors(params) -> bool:
-    """Whether the configured method trains with class-prior images (so `priors` must run first)."""
-    method = get_method(params.finetune.method)(params, "", models=None)
-    return any(phase.uses_priors for phase in method.phases())
+from subjectops.methods.plan import Plan, plan  # noqa: E402,F401  (next to the registry it reads)

@@ -8,22 +8,38 @@ learning rate and step count.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
-from subjectops.config import Params
 from subjectops.training import losses
 # The trainer contract, re-exported: methods build Phases and TrainExamples and get Batches.
 from subjectops.training.contract import Batch, Conditioning, Denoised, Phase, TrainExample  # noqa: F401
+
+if TYPE_CHECKING:
+    from subjectops.config import Params
+
+# What a configured method can need from the stages before finetune (see `subjectops.methods.plan`).
+CLASS_PRIORS = "class_priors"
+LATENT_DISCRIMINATOR = "latent_discriminator"
+
+
+@dataclass(frozen=True)
+class WeightNeed:
+    """A weight file or directory a configured method loads besides the base model (`models check`)."""
+
+    purpose: str
+    ident: str
+    locate: Callable[[], object]  # returns the file, or None / raises ModelNotFoundError when it is absent
+    how: str
 
 
 class Method:
     """Base class; subclasses set `name` and override what differs."""
 
     name: ClassVar[str]
-    needs_discriminator: ClassVar[bool] = False
 
     def __init__(self, params: Params, class_word: str, models):
         self.params = params
@@ -43,6 +59,15 @@ class Method:
 
     def class_prompt(self) -> str:
         return self.params.priors.prompt.format(class_word=self.class_word)
+
+    # --- what this configuration needs (read by `plan(params)` and `models check`) ---------------
+    def requirements(self) -> set[str]:
+        """The inputs this configuration trains with, from its config (so ablations count)."""
+        return {CLASS_PRIORS} if any(phase.uses_priors for phase in self.phases()) else set()
+
+    def required_weights(self) -> list[WeightNeed]:
+        """Weights this configuration loads besides the base model."""
+        return []
 
     # --- training -------------------------------------------------------------------------------
     def setup(self) -> None:

@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from subjectops.data.augment import content_centric_variants
 from subjectops.errors import SubjectopsError
-from subjectops.methods.base import Batch, Phase, TrainExample
+from subjectops.methods.base import LATENT_DISCRIMINATOR, Batch, Phase, TrainExample, WeightNeed
 from subjectops.methods.dreambooth import DreamBoothMethod
 from subjectops.models.latent_discriminator import bce_from_logits, scores_from_logits
 from subjectops.training import losses
@@ -38,7 +38,6 @@ class HypnosMethod(DreamBoothMethod):
     """DreamBooth's parameters, saving and inference (UNet + text encoder); Hypnos' data and losses."""
 
     name = "hypnos"
-    needs_discriminator = True
 
     def __init__(self, params, class_word, models):
         super().__init__(params, class_word, models)
@@ -71,6 +70,19 @@ class HypnosMethod(DreamBoothMethod):
 
     def _uses_priors(self) -> bool:
         return self.cfg.prior_preservation and self.cfg.lambda_pp > 0
+
+    def requirements(self) -> set[str]:
+        return super().requirements() | ({LATENT_DISCRIMINATOR} if self._uses_disc() else set())
+
+    def required_weights(self) -> list[WeightNeed]:
+        from subjectops.models.loading import is_tiny
+
+        if not self._uses_perceptual() or self.cfg.efficientnet == "tiny" or is_tiny(self.params.model):
+            return []
+        from subjectops.models.perceptual import _weight_file, how_to_provide
+
+        ident = self.cfg.efficientnet
+        return [WeightNeed("EfficientNet-B1 (Hypnos perceptual loss)", ident, lambda: _weight_file(ident), how_to_provide())]
 
     def setup(self) -> None:
         cfg = self.cfg

@@ -1,4 +1,5 @@
-"""`subjectops models check`: which real weights the configured run needs, and which are on this machine."""
+"""`subjectops models check`: which real weights the configured run needs (the base model, the metric encoders,
+what the planned method declares), and which are on this machine."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from subjectops.config import Params
 from subjectops.errors import ModelNotFoundError
+from subjectops.methods import configured_method
 from subjectops.models.loading import how_to_provide, is_tiny
 
 
@@ -42,11 +44,9 @@ def check_weights(params: Params) -> list[WeightStatus]:
                            ("CLIP metric encoder", params.evaluate.backbones.clip)):
         if ident != "tiny":
             rows.append(WeightStatus(purpose, ident, hub_present(ident), how_to_provide(ident)))
-    if params.finetune.method == "hypnos" and params.finetune.hypnos.efficientnet != "tiny" and not is_tiny(params.model):
-        from subjectops.models.perceptual import _weight_file, how_to_provide as b1_how
-
-        rows.append(WeightStatus("EfficientNet-B1 (Hypnos perceptual loss)", params.finetune.hypnos.efficientnet,
-                                 _found(lambda: _weight_file(params.finetune.hypnos.efficientnet)), b1_how()))
+    # The method says which weights it loads, from its config (an ablated loss term loads nothing).
+    rows += [WeightStatus(need.purpose, need.ident, _found(need.locate), need.how)
+             for need in configured_method(params).required_weights()]
     if params.evaluate.backbones.inception != "none":
         from subjectops.metrics.backbones import INCEPTION_FILE, find_inception
 

@@ -89,9 +89,32 @@ def require_stage_dir(path: Path | None, stage: str, needed_by: str) -> Path:
     if path is None or not (Path(path) / MANIFEST).exists():
         raise SubjectopsError(
             f"{needed_by} needs the output of `{stage}`, but {path} is not a complete {stage} output (no {MANIFEST})",
-            fix=f"run `subjectops {stage}` first, or pass the right --{stage.replace('_', '-')} directory",
+            fix=f"run `subjectops {stage.replace('_', '-')}` first, or pass the right --{stage.replace('_', '-')} directory",
         )
     return Path(path)
+
+
+def planned_inputs(params: Params, stage: str, given: dict[str, Path | None]) -> dict[str, Path | None]:
+    """The input directories `stage` reads under `plan(params)`: each planned input must be a complete output
+    that did real work; an input the plan leaves out is None, even when given (DVC passes every path, and an
+    `--if-needed` stage that was not needed leaves an output that only records why)."""
+    from subjectops.methods import plan
+
+    wanted = plan(params).inputs(stage)
+    resolved: dict[str, Path | None] = {}
+    for name, path in given.items():
+        if name not in wanted:
+            resolved[name] = None
+            continue
+        path = require_stage_dir(path, name, stage.replace("_", "-"))
+        skipped = json.loads((path / MANIFEST).read_text()).get("skipped")
+        if skipped:
+            raise SubjectopsError(
+                f"{stage.replace('_', '-')} needs the output of `{name}` under these params, but {path} records that "
+                f"{name} was skipped ({skipped})",
+                fix=f"run `subjectops {name.replace('_', '-')}` again with the same params and --set overrides")
+        resolved[name] = path
+    return resolved
 
 
 def not_needed(stage: str, params: Params, out: Path, reason: str) -> Path:

@@ -18,7 +18,7 @@ from subjectops.errors import SubjectopsError
 from subjectops.methods import get_method
 from subjectops.models.loading import load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
-from subjectops.stages.common import partial_dir, require_stage_dir, stage_output, write_manifest
+from subjectops.stages.common import partial_dir, planned_inputs, stage_output, write_manifest
 from subjectops.stages.priors import load_priors
 from subjectops.training.loop import Trainer, replicas_in_sync
 from subjectops.training.models import DiffusionModels
@@ -26,12 +26,10 @@ from subjectops.training.models import DiffusionModels
 
 def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path, disc_dir: Path | None = None,
              on_step: Callable[[int, dict], None] | None = None) -> Path:
-    subject = RefinedSubject.load(require_stage_dir(refine_dir, "refine", "finetune"))
+    inputs = planned_inputs(params, "finetune", {"refine": refine_dir, "priors": priors_dir, "pretrain_disc": disc_dir})
+    refine_dir, priors_dir, disc_dir = inputs["refine"], inputs["priors"], inputs["pretrain_disc"]
+    subject = RefinedSubject.load(refine_dir)
     method_cls = get_method(params.finetune.method)
-    # Only a method that uses the discriminator reads (and records) it.
-    disc_dir = require_stage_dir(disc_dir, "pretrain_disc", f"method {method_cls.name}") if method_cls.needs_discriminator else None
-    if priors_dir is not None:
-        priors_dir = require_stage_dir(priors_dir, "priors", "finetune")
 
     pipe = load_pipeline(params.model)
     models = DiffusionModels.from_pipeline(pipe)
@@ -45,12 +43,12 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     # The trainer places the models on the accelerator first, so what setup() adds lands there too.
     trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step)
     method.setup()
-    phases = method.phases()
-    priors = load_priors(priors_dir) if any(p.uses_priors for p in phases) else []
-    if any(p.uses_priors for p in phases) and not priors:
+    priors = load_priors(priors_dir)  # planned_inputs gave None unless the plan has priors
+    if priors_dir is not None and not priors:
         raise SubjectopsError(
-            f"method {method.name} uses prior preservation but no class images were given",
-            fix="run `subjectops priors` and pass --priors, or --set finetune.<method>.prior_preservation=false",
+            f"method {method.name} uses prior preservation but {priors_dir} holds no class images",
+            fix="set priors.num_images above 0 and run `subjectops priors` again, "
+                "or --set finetune.<method>.prior_preservation=false",
         )
 
     # Under `accelerate launch` every process trains; only the main one writes and publishes the output.

@@ -26,7 +26,7 @@ from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.models.latent_discriminator import LatentDiscriminator
 from subjectops.models.loading import how_to_provide, offline, resolve, vae_scale_factor
-from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
+from subjectops.stages.common import planned_inputs, stage_output, write_manifest
 from subjectops.stages.priors import load_priors
 
 def load_vae(model_cfg):
@@ -125,14 +125,14 @@ def evaluate_disc(disc: LatentDiscriminator, pool: LatentPool, n: int, batch_siz
 
 def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path) -> Path:
     cfg = params.pretrain_disc
-    subject = RefinedSubject.load(require_stage_dir(refine_dir, "refine", "pretrain-disc"))
-    if priors_dir is not None:
-        priors_dir = require_stage_dir(priors_dir, "priors", "pretrain-disc")
+    inputs = planned_inputs(params, "pretrain_disc", {"refine": refine_dir, "priors": priors_dir})
+    refine_dir, priors_dir = inputs["refine"], inputs["priors"]
+    subject = RefinedSubject.load(refine_dir)
     proportions = cfg.proportions.model_dump()
     class_images = load_priors(priors_dir)
     notes = []
     if not class_images and proportions["class_image"] > 0:
-        # Happens when prior preservation is ablated and `priors` did not run: Table 3's class share is
+        # Happens when prior preservation is ablated and `priors` is not planned: Table 3's class share is
         # dropped and the other seven renormalized; the manifest records it.
         note = ("no class images (priors did not run or made none): Table 3's class_image share is dropped "
                 "and the other types renormalized")

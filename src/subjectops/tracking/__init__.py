@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from subjectops.config import Params
 
@@ -13,6 +13,10 @@ class Tracker(Protocol):
     def pipeline(self, params: Params, run_dir: Path) -> contextlib.AbstractContextManager: ...
 
     def stage(self, name: str, out_dir: Path) -> contextlib.AbstractContextManager: ...
+
+    def register_model(self, register: Callable[..., dict], run_dir: Path, out: Path) -> bool:
+        """Run the register stage against the tracking server; True once the model is registered."""
+        ...
 
 
 class NullTracker:
@@ -25,3 +29,6 @@ class NullTracker:
     @contextlib.contextmanager
     def stage(self, name: str, out_dir: Path) -> Iterator[None]:
         yield
+
+    def register_model(self, register: Callable[..., dict], run_dir: Path, out: Path) -> bool:
+        return False  # no tracking server: `subjectops sync RUN` registers later

@@ -26,9 +26,10 @@ def add_tracking_commands(app: typer.Typer) -> None:
     def sync(run_dir: Path = typer.Argument(..., help="run directory recorded while MLflow was unreachable (or without tracking)"),
              tracking_uri: Optional[str] = UriOpt):
         """Upload a run directory's tracking record to MLflow: what did not reach the server, nothing twice."""
+        from subjectops.stages.register import register as register_stage
         from subjectops.tracking.mlflow_tracker import sync as do_sync
 
-        out = do_sync(run_dir, tracking_uri=tracking_uri, echo=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
+        out = do_sync(run_dir, register_stage, tracking_uri=tracking_uri, echo=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
         done("pipeline run", Path(out["parent_run_id"]))
         for stage, rid in out["stages"].items():
             console.print(f"  {stage}: {rid}", highlight=False)

@@ -211,7 +211,6 @@ class MlflowTracker:
         tracking_uri: str | None = None,
         experiment: str | None = None,
         cfg: TrackingCfg | None = None,
-        register: bool | None = None,
         echo: Callable[[str], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
@@ -219,7 +218,6 @@ class MlflowTracker:
         self.explicit_uri = tracking_uri
         self.cfg = cfg
         self.experiment = experiment
-        self.register = register
         self.echo = echo or (lambda msg: print(f"[tracking] {msg}", file=sys.stderr, flush=True))
         self.sleep = sleep
         self.uri: str | None = None
@@ -302,7 +300,6 @@ class MlflowTracker:
         st = RunState(run_dir)
         st.data.update(tracking_uri=self.uri, experiment=experiment, params=params.model_dump(mode="json"))
         st.data["parent"]["start"] = now_ms()
-        st.data["register"]["wanted"] = bool(params.registry.auto_register if self.register is None else self.register)
         self.state = st
         st.save()
         try:
@@ -322,8 +319,6 @@ class MlflowTracker:
             st.data["parent"]["end"] = now_ms()
             st.data["parent"]["status"] = status
             st.save()
-            if status == "FINISHED" and st.data["register"]["wanted"] and (run_dir / "finetune" / "method.json").is_file():
-                self._register_stage()
             self._upload_parent_end()
             st.data["pending"] = not st.everything_uploaded()
             st.save()
@@ -463,32 +458,38 @@ class MlflowTracker:
         except _Offline:
             pass
 
-    def _register_stage(self) -> None:
-        """Register the finetuned model (alias `challenger`) inside a nested `register` run."""
-        from subjectops.stages.register import register as register_stage
+    def register_model(self, register: Callable[..., dict], run_dir: Path, out: Path) -> bool:
+        """Run the `register` stage function (`subjectops.stages.register.register`, passed in: the tracker
+        imports no stage) inside a nested `register` run, against this tracker's server; True once registered.
 
+        Registration is recorded as wanted first, so when the server is down (or registering fails) the
+        run still completes and `subjectops sync RUN` registers it later.
+        """
         st = self.state
-        run_dir = st.run_dir
+        st.data["register"]["wanted"] = True
+        st.save()
         if self.offline:
             self.echo("model registration deferred until `subjectops sync` (MLflow unavailable)")
-            return
+            return False
         try:
-            with self.stage("register", run_dir / "register"):
+            with self.stage("register", out):
                 rid = st.stage("register")["run_id"]
                 if rid is None:
                     raise _Offline()
                 params = self.params or Params.model_validate(st.data["params"])
-                info = self._call("registering the model", lambda: register_stage(
-                    params, run_dir, run_dir / "register", tracking_uri=self.uri, run_id=rid, client=self.client))
+                info = self._call("registering the model", lambda: register(
+                    params, run_dir, out, tracking_uri=self.uri, run_id=rid, client=self.client))
                 st.data["register"].update(done=True, model_name=info["model_name"], version=info["version"])
                 st.save()
                 self.echo(f"registered {info['model_name']} version {info['version']} (alias challenger)")
+                return True
         except _Offline:
             self.echo("model registration deferred until `subjectops sync` (MLflow unavailable)")
         except Exception as exc:  # noqa: BLE001 - the run's results are safe; say why and keep it pending
             st.data["register"]["error"] = str(exc).splitlines()[0][:500]
             st.save()
             self.echo(f"model registration failed: {exc}; the run is complete, retry with `subjectops sync {run_dir}`")
+        return False
 
 
 class _ConnectFailed(Exception):
@@ -504,8 +505,10 @@ def _version() -> str:
         return "unknown"
 
 
-def sync(run_dir: Path, tracking_uri: str | None = None, echo: Callable[[str], None] | None = None) -> dict:
-    """Upload what a run directory recorded locally (or a run made without tracking) to MLflow.
+def sync(run_dir: Path, register: Callable[..., dict], tracking_uri: str | None = None,
+         echo: Callable[[str], None] | None = None) -> dict:
+    """Upload what a run directory recorded locally (or a run made without tracking) to MLflow, and
+    register its model with `register` (the register stage function) when the run wants it and has not.
 
     Returns a summary: parent run id, stages uploaded, registration. Raises TrackingError when the
     server is still unreachable (after retries); the local record is left as it was.
@@ -551,7 +554,7 @@ def sync(run_dir: Path, tracking_uri: str | None = None, echo: Callable[[str], N
         and st.data["parent"]["status"] == "FINISHED"
         and (run_dir / "finetune" / "method.json").is_file()
     ):
-        tr._register_stage()
+        tr.register_model(register, run_dir, run_dir / "register")
     tr._upload_parent_end()
     st.data["pending"] = not st.everything_uploaded()
     st.save()
@@ -593,6 +596,8 @@ def _forget_missing_runs(tr: MlflowTracker, st: RunState) -> None:
 
 def _state_from_directory(run_dir: Path) -> RunState:
     """A record for a run directory made without a tracker: its stages, from their manifests."""
+    from subjectops.methods import plan
+
     st = RunState(run_dir)
     params = None
     for name in R.STAGE_ORDER:
@@ -612,6 +617,6 @@ def _state_from_directory(run_dir: Path) -> RunState:
     st.data["params"] = p.model_dump(mode="json")
     starts = [s["start"] for s in st.data["stages"].values()]
     st.data["parent"].update(start=min(starts), end=max(starts), status="FINISHED")
-    st.data["register"]["wanted"] = p.registry.auto_register and "register" not in st.data["order"]
+    st.data["register"]["wanted"] = plan(p).has("register") and "register" not in st.data["order"]
     st.data["experiment"] = p.tracking.experiment
     return st

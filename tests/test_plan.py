@@ -1,0 +1,282 @@
+"""One plan: `plan(params)` decides the stages and their inputs, and `subjectops run`, the Kubeflow `configure`
+step, the stage commands' `--if-needed` and `dvc.yaml` all agree with it, for every method and every flag
+that changes it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from subjectops.cli import app, if_needed_skip_reason
+from subjectops.config import ConfigError, load_params
+from subjectops.methods import METHODS, plan
+from subjectops.methods.plan import STAGES, TRAINING_OPTIONAL
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_ORDER = [rule.name for rule in STAGES]
+
+# Every registered method with its defaults, and each flag that changes a plan.
+CASES = [(m, ()) for m in sorted(METHODS)] + [
+    ("dreambooth", ("finetune.dreambooth.prior_preservation=false",)),
+    ("lora", ("finetune.lora.prior_preservation=false",)),
+    ("hypnos", ("finetune.hypnos.prior_preservation=false",)),
+    ("hypnos", ("finetune.hypnos.lambda_pp=0",)),
+    ("hypnos", ("finetune.hypnos.latent_discriminator=false",)),
+    ("hypnos", ("finetune.hypnos.lambda_ld=0",)),
+    ("hypnos", ("finetune.hypnos.prior_preservation=false", "finetune.hypnos.latent_discriminator=false")),
+    ("dreambooth", ("registry.auto_register=false",)),
+    ("hypnos", ("registry.auto_register=false",)),
+]
+IDS = [" ".join([m, *o]) for m, o in CASES]
+
+
+def params_for(method: str, overrides=(), extra=()):
+    return load_params(REPO / "params.yaml", [f"finetune.method={method}", *overrides, *extra])
+
+
+def stages_and_inputs(p) -> list[tuple[str, tuple[str, ...]]]:
+    return [(s.name, s.inputs) for s in p.stages]
+
+
+# --- (a) the plan itself ------------------------------------------------------------------------------------
+ALWAYS = [("refine", ()), ("finetune", None), ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer"))]
+REGISTER = ("register", ("refine", "finetune", "infer", "evaluate"))
+
+
+@pytest.mark.parametrize("method, overrides, expected", [
+    ("dreambooth", (), [("refine", ()), ("priors", ("refine",)), ("finetune", ("refine", "priors")),
+                        ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer")), REGISTER]),
+    ("textual-inversion", ("registry.auto_register=false",),
+     [("refine", ()), ("finetune", ("refine",)), ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer"))]),
+    ("hypnos", (), [("refine", ()), ("priors", ("refine",)), ("pretrain_disc", ("refine", "priors")),
+                    ("finetune", ("refine", "priors", "pretrain_disc")), ("infer", ("refine", "finetune")),
+                    ("evaluate", ("refine", "infer")), REGISTER]),
+    ("hypnos", ("finetune.hypnos.prior_preservation=false",),
+     [("refine", ()), ("pretrain_disc", ("refine",)), ("finetune", ("refine", "pretrain_disc")),
+      ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer")), REGISTER]),
+    ("hypnos", ("finetune.hypnos.lambda_ld=0",),
+     [("refine", ()), ("priors", ("refine",)), ("finetune", ("refine", "priors")),
+      ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer")), REGISTER]),
+])
+def test_plan_lists_the_expected_stages_and_inputs(method, overrides, expected):
+    assert stages_and_inputs(plan(params_for(method, overrides))) == expected
+
+
+@pytest.mark.parametrize("method, overrides", CASES, ids=IDS)
+def test_every_plan_is_consistent(method, overrides):
+    p = plan(params_for(method, overrides))
+    names = p.names
+    assert names == [s for s in STAGE_ORDER if s in names]  # in pipeline order
+    for always, inputs in ALWAYS:
+        assert always in names
+        if inputs is not None:
+            assert p.inputs(always) == inputs
+    for i, stage in enumerate(p.stages):
+        assert set(stage.inputs) <= set(names[:i])  # reads only earlier planned stages
+    # finetune reads every optional training stage that runs, and the plan serializes
+    assert set(p.inputs("finetune")) == {"refine"} | {s for s in TRAINING_OPTIONAL if s in names}
+    assert json.loads(json.dumps(p.to_dict()))["stages"][0] == {"name": "refine", "inputs": []}
+    assert p.has("register") == ("registry.auto_register=false" not in overrides)
+
+
+def test_an_unplanned_stage_says_why():
+    p = plan(params_for("textual-inversion"))
+    assert p.why_not("priors") == "method textual-inversion trains without class-prior images"
+    with pytest.raises(Exception, match="pretrain-disc is not in the plan"):
+        p.inputs("pretrain_disc")
+
+
+# --- (b) `subjectops run` ----------------------------------------------------------------------------------
+class RecordingTracker:
+    """Records the tracked stages; registers by calling the register stage function as MlflowTracker does."""
+
+    def __init__(self):
+        self.stages: list[str] = []
+
+    @contextlib.contextmanager
+    def pipeline(self, params, run_dir):
+        yield self
+
+    @contextlib.contextmanager
+    def stage(self, name, out_dir):
+        self.stages.append(name)
+        yield self
+
+    def register_model(self, register, run_dir, out):
+        self.stages.append("register")
+        register("params", run_dir, out, tracking_uri="uri", run_id="rid", client="client")
+        return True
+
+
+@pytest.mark.parametrize("method, overrides", CASES, ids=IDS)
+def test_subjectops_run_follows_the_plan(method, overrides, monkeypatch, tmp_path, example_subject):
+    calls: dict[str, list] = {}
+
+    def recorder(name):
+        def record(*args, **kwargs):
+            calls[name] = [a for a in args if isinstance(a, Path) or a is None]
+            return args[-1] if args else None
+        return record
+
+    for name in STAGE_ORDER:
+        monkeypatch.setattr(f"subjectops.stages.{name}.{name}", recorder(name))
+    from subjectops.pipeline import run
+
+    params = params_for(method, overrides, ["model.base=tiny-sd15"])
+    out = tmp_path / "run"
+    tracker = RecordingTracker()
+    dirs = run(params, example_subject, "teapot", out, tracker=tracker)
+    expected = plan(params)
+    assert tracker.stages == expected.names == list(dirs) == list(calls)
+    for stage in expected.stages:
+        if stage.name == "register":  # reads the run directory
+            assert calls["register"] == [out, out / "register"]
+            continue
+        given = [a for a in calls[stage.name] if a is not None and a != example_subject]
+        assert sorted(given) == sorted([out / i for i in stage.inputs] + [out / stage.name]), stage.name
+
+
+# --- (c) the Kubeflow `configure` step ---------------------------------------------------------------------
+@pytest.mark.parametrize("method, overrides", CASES, ids=IDS)
+def test_kfp_configure_returns_the_plan(method, overrides, tmp_path):
+    from components.stages import configure
+
+    artifact = SimpleNamespace(path=str(tmp_path / "params"), metadata={})
+    expected = plan(params_for(method, overrides))
+    call = lambda: configure(params_yaml=(REPO / "params.yaml").read_text(), overrides=list(overrides), method=method,
+                             model="", priors_cache_dir="", params=artifact)
+    if not expected.has("register"):  # every pipeline branch ends in register: refused before any GPU
+        with pytest.raises(ConfigError, match="registry.auto_register"):
+            call()
+        return
+    configured = call()
+    assert configured.plan == expected.branch and configured.method == method
+    assert artifact.metadata["stages"] == expected.to_dict()["stages"]
+
+
+def test_the_pipeline_branch_named_by_configure_runs_the_plan():
+    """The compiled personalize pipeline has a branch `plan-<Plan.branch>` whose steps are the plan's."""
+    compiled = next(yaml.safe_load_all((REPO / "pipelines" / "compiled" / "personalize.yaml").read_text()))
+    root = compiled["root"]["dag"]["tasks"]
+    dags = [root] + [c["dag"]["tasks"] for c in compiled["components"].values() if "dag" in c]
+    branches = {t["taskInfo"]["name"]: t["componentRef"]["name"] for tasks in dags for t in tasks.values()}
+    for method, overrides in CASES:
+        p = plan(params_for(method, overrides))
+        if not p.has("register"):
+            continue  # refused by configure
+        tasks = compiled["components"][branches[f"plan-{p.branch}"]]["dag"]["tasks"].values()
+        steps = {t["taskInfo"]["name"] for t in tasks}
+        assert steps == {s.replace("_", "-") for s in p.names} - {"refine"}, (method, overrides)
+        assert {"configure", "refine"} <= set(root)
+
+
+# --- (d) dvc.yaml -----------------------------------------------------------------------------------------
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def dvc_working_stages(params) -> set[str]:
+    """The dvc.yaml stages that do real work: all, except an `--if-needed` stage the CLI finds not needed."""
+    return {name for name, stage in DVC.items()
+            if "--if-needed" not in stage["cmd"] or if_needed_skip_reason(params, name) is None}
+
+
+@pytest.mark.parametrize("method, overrides", CASES, ids=IDS)
+def test_dvc_repro_does_the_work_of_the_plan(method, overrides):
+    params = params_for(method, overrides)
+    # DVC ends at evaluate; `subjectops register runs/dvc` registers (it needs a tracking server).
+    assert dvc_working_stages(params) == set(plan(params).names) - {"register"}
+
+
+def _leaves(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        out.update(_leaves(value, path + ".") if isinstance(value, dict) else {path: value})
+    return out
+
+
+def _flipped(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return 0 if value else 1
+    return None
+
+
+def plan_changing_keys() -> dict[str, set[str]]:
+    """params.yaml key -> the stages whose presence or inputs change when that key alone changes (found by
+    flipping every boolean and number, and the method, from each method's defaults)."""
+    changes: dict[str, set[str]] = {}
+    for method in METHODS:
+        base = params_for(method)
+        base_plan = {s.name: s.inputs for s in plan(base).stages}
+        variants = [("finetune.method", f"finetune.method={other}") for other in METHODS if other != method]
+        for key, value in _leaves(base.model_dump(mode="json")).items():
+            if _flipped(value) is not None:
+                variants.append((key, f"{key}={json.dumps(_flipped(value))}"))
+        for key, override in variants:
+            try:
+                other = plan(params_for(method, (override,)))
+            except ConfigError:  # e.g. a step count of 0: not a valid run
+                continue
+            other_plan = {s.name: s.inputs for s in other.stages}
+            differ = {s for s in set(base_plan) | set(other_plan) if base_plan.get(s) != other_plan.get(s)}
+            if differ:
+                changes.setdefault(key, set()).update(differ)
+    return changes
+
+
+def test_dvc_stages_list_every_key_that_changes_their_plan():
+    changes = plan_changing_keys()
+    # the discovery finds the known flags (so it would find a new one the same way)
+    assert {"finetune.method", "finetune.dreambooth.prior_preservation", "finetune.lora.prior_preservation",
+            "finetune.hypnos.prior_preservation", "finetune.hypnos.lambda_pp", "finetune.hypnos.latent_discriminator",
+            "finetune.hypnos.lambda_ld", "registry.auto_register"} <= set(changes)
+    for key, stages in changes.items():
+        for stage in stages & set(DVC):
+            listed = [p for p in DVC[stage].get("params", []) if isinstance(p, str)]
+            assert any(key == p or key.startswith(p + ".") for p in listed), f"dvc.yaml {stage}: params lacks {key}"
+
+
+# --- the DVC case that crashed: pretrain-disc and finetune given a priors output that only records "skipped" ---
+SMALL_DISC = ["pretrain_disc.steps=2", "pretrain_disc.model.dim=32", "pretrain_disc.variants_per_type=2",
+              "pretrain_disc.eval_samples=0"]
+
+
+def test_a_skipped_priors_output_counts_as_no_class_images_only_when_the_plan_says_so(tmp_path, tiny_overrides,
+                                                                                     example_subject):
+    from subjectops.stages.common import planned_inputs
+
+    sets = [a for s in [*tiny_overrides, *SMALL_DISC, "finetune.method=hypnos"] for a in ("--set", s)]
+    off = ["--set", "finetune.hypnos.prior_preservation=false"]
+    runner = CliRunner()
+    run = tmp_path / "dvc"
+    assert runner.invoke(app, ["refine", str(example_subject), "--class", "teapot", "--out", str(run / "refine"),
+                               *sets]).exit_code == 0
+    res = runner.invoke(app, ["priors", "--if-needed", "--refine", str(run / "refine"), "--out", str(run / "priors"),
+                              *sets, *off])
+    assert res.exit_code == 0, res.output
+    assert "without class-prior images" in json.loads((run / "priors" / "manifest.json").read_text())["skipped"]
+
+    # as dvc.yaml calls it: every path given, the plan decides what is read
+    disc_args = ["pretrain-disc", "--if-needed", "--refine", str(run / "refine"), "--priors", str(run / "priors"),
+                 "--out", str(run / "pretrain_disc"), *sets]
+    res = runner.invoke(app, disc_args + off)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((run / "pretrain_disc" / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"refine"} and "class_image share is dropped" in manifest["notes"][0]
+    params_off = load_params(REPO / "params.yaml", [*tiny_overrides, "finetune.method=hypnos",
+                                                    "finetune.hypnos.prior_preservation=false"])
+    given = {"refine": run / "refine", "priors": run / "priors", "pretrain_disc": run / "pretrain_disc"}
+    assert planned_inputs(params_off, "finetune", given) == {**given, "priors": None}
+
+    # with prior preservation on, the same skipped output is a missing input, said clearly
+    res = runner.invoke(app, disc_args)
+    assert res.exit_code == 2
+    assert "records that priors was skipped" in res.output and "subjectops priors" in res.output
