@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Offline always: no test may reach a model hub."""
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,8 @@ os.environ.setdefault("SUBJECTOPS_HOME", tempfile.mkdtemp(prefix="subjectops-hom
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='subjectops-mlflow-')}/mlruns.db"
 
 REPO = Path(__file__).resolve().parents[1]
+# The KFP components and pipelines are top-level packages of the repository, not of the installed project.
+sys.path.insert(0, str(REPO))
 EXAMPLE_SUBJECT = REPO / "examples" / "subjects" / "teapot"
 
 # Real servers on 127.0.0.1 (SeaweedFS S3, MLflow), started on demand, stopped by process group.

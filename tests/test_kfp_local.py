@@ -2,13 +2,11 @@
 subject, a real MLflow registry (sqlite) — and the same kinds of outputs as `subjectops run`."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from conftest import TINY_OVERRIDES  # noqa: E402
 

@@ -4,7 +4,6 @@ train with them); `benchmark` fans the subjects out and collects every registrat
 aggregation step. The stage steps are stand-ins that record what they received, so this takes seconds."""
 
 import json
-import sys
 from pathlib import Path
 from typing import List
 
@@ -13,7 +12,6 @@ from kfp import dsl, local
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from components import Components, stages  # noqa: E402
 from pipelines.personalize import build_personalize  # noqa: E402

@@ -1,7 +1,6 @@
 """The compiled pipelines: fresh, strictly valid KFP IR, and GPU placement exactly on the GPU stages."""
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILED = REPO / "pipelines" / "compiled"
-sys.path.insert(0, str(REPO))
 
 from components import GPU_STAGES  # noqa: E402
 from pipelines import compile as pc  # noqa: E402
