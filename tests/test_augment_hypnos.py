@@ -3,7 +3,8 @@
 import torch
 from scipy.stats import chisquare
 
-from subjectops.config import HypnosAugmentCfg, Params
+from subjectops.config import Params
+from subjectops.methods.hypnos import HypnosAugmentCfg
 from subjectops.data.augment import (
     IMAGE_TYPES,
     REAL_TYPES,

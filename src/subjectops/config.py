@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, field_validator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
+from subjectops.config_base import StrictModel
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
+from subjectops.methods import METHODS
 from subjectops.metrics.definitions import METRIC_NAMES, METRICS, direction
 
 DEFAULT_PARAMS = Path("params.yaml")
-METHOD_NAMES = ("dreambooth", "lora", "textual-inversion", "two-stage", "hypnos")
 # The registry in subjectops.inference holds the strategies (it imports torch; this module must not).
 STRATEGY_NAMES = ("plain",)
 
@@ -28,17 +29,13 @@ class ConfigError(SubjectopsError):
     pass
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelCfg(_Strict):
+class ModelCfg(StrictModel):
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: Optional[str] = None
     cache_dir: Optional[str] = None
 
 
-class SubjectCfg(_Strict):
+class SubjectCfg(StrictModel):
     resolution: Optional[int] = Field(None, ge=32, le=2048, multiple_of=8)
     fit: Literal["center-crop", "pad"] = "center-crop"
     min_images: int = Field(3, ge=1)
@@ -53,7 +50,7 @@ class SubjectCfg(_Strict):
         return self
 
 
-class RefineCfg(_Strict):
+class RefineCfg(StrictModel):
     mask_backend: Literal["grabcut", "sam"] = "grabcut"
     sam_checkpoint: Optional[str] = None
     sam_model_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
@@ -61,7 +58,7 @@ class RefineCfg(_Strict):
     grabcut_margin: float = Field(0.06, gt=0, lt=0.5)
 
 
-class PriorsCfg(_Strict):
+class PriorsCfg(StrictModel):
     num_images: int = Field(100, ge=0)
     prompt: str = "a photo of a {class_word}"
     steps: int = Field(50, ge=1)
@@ -72,121 +69,12 @@ class PriorsCfg(_Strict):
     cache_dir: str = "cache/priors"
 
 
-class _PriorPreservationCfg(_Strict):
-    """The DreamBooth objective's settings, shared by full and LoRA fine-tuning."""
-
-    steps: int = Field(800, ge=1)
-    prior_preservation: bool = True
-    prior_loss_weight: float = Field(1.0, ge=0)  # lambda
-    instance_prompt: str = "a photo of {token} {class_word}"
+METHOD_NAMES = tuple(METHODS)  # the registry's names
 
 
-class DreamBoothCfg(_PriorPreservationCfg):
-    lr: float = Field(5e-6, gt=0)
-    train_text_encoder: bool = False
+class TrainingCfg(StrictModel):
+    """What every method's training shares; `FinetuneCfg` adds one section per registered method."""
 
-
-class LoraCfg(_PriorPreservationCfg):
-    lr: float = Field(1e-4, gt=0)
-    rank: int = Field(4, ge=1)
-    alpha: float = Field(4, gt=0)
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-class TextualInversionCfg(_Strict):
-    steps: int = Field(3000, ge=1)
-    lr: float = Field(5e-3, gt=0)
-    placeholder: str = Field("<subject>", pattern=r"^\S+$")
-    initializer: str = "{class_word}"
-    num_vectors: int = Field(1, ge=1, le=16)
-    instance_prompt: str = "a photo of {placeholder}"
-
-
-class TwoStageCfg(_Strict):
-    embedding_steps: int = Field(100, ge=1)
-    embedding_lr: float = Field(5e-4, gt=0)
-    unet_steps: int = Field(400, ge=1)
-    unet_lr: float = Field(5e-6, gt=0)
-    placeholder: str = Field("<rare>", pattern=r"^\S+$")
-    initializer: str = "rare"
-    instance_prompt: str = "a photo of {placeholder} {class_word}"
-
-
-# Hypnos (seed 000): monotone background colours for the content-centric refinement (sec. 3.3).
-HYPNOS_COLORS = {
-    "white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "red": (220, 30, 30),
-    "green": (40, 170, 60), "blue": (30, 70, 210), "yellow": (245, 215, 40), "orange": (245, 140, 30),
-    "purple": (130, 50, 170), "pink": (240, 130, 180), "brown": (120, 75, 40), "cyan": (40, 200, 220),
-}
-
-
-class HypnosAugmentCfg(_Strict):
-    """Seed 000 sec. 3.3: background replaced by a monotone colour with probability 0.66; a small portion
-    of those also resized (Table 3: 2% of the 20% coloured-background reals = 10%)."""
-
-    replace_background: float = Field(0.66, ge=0, le=1)
-    resize: float = Field(0.1, ge=0, le=1)  # fraction of replaced-background samples whose subject is rescaled
-    resize_scale: tuple[float, float] = (0.5, 0.85)  # subject scale range of a resized sample
-    variants_per_image: int = Field(10, ge=1, le=200)  # pre-augmented pool per image (latents are cached)
-    colors: dict[str, tuple[int, int, int]] = HYPNOS_COLORS
-
-    @model_validator(mode="after")
-    def _check(self):
-        lo, hi = self.resize_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"resize_scale {self.resize_scale} must satisfy 0 < low <= high <= 1")
-        if len(self.colors) < 2:
-            raise ValueError("colors needs at least two entries (masked foregrounds use a second colour)")
-        for name, rgb in self.colors.items():
-            if not name.strip() or any(not 0 <= c <= 255 for c in rgb):
-                raise ValueError(f"color {name!r}: {rgb} must be a non-empty name with RGB values in 0-255")
-        return self
-
-
-class HypnosCfg(_Strict):
-    """Seed 000 (Hypnos): L = l_r L_r + l_pp L_pp + l_p L_p + l_ld L_ld (eq. 1); app. B: 800 steps, seed 42."""
-
-    steps: int = Field(800, ge=1)
-    lr: float = Field(2e-6, gt=0)  # not stated by the paper; its DreamBooth baselines use 1e-6 and 2e-6
-    train_text_encoder: bool = True  # sec. 3.2: the denoiser and the text encoder are optimised, the VAE frozen
-    use_8bit_adam: Literal["auto", True, False] = "auto"  # app. B; auto = when bitsandbytes and CUDA are present
-    # sec. 3.3: two clauses, foreground then background; {background} = a colour name or background_token
-    instance_prompt: str = "a photo of {token} {class_word}, {background} background"
-    background_token: str = Field("zwx", pattern=r"^\S+$")  # the second rare word: "original background"
-    lambda_r: float = Field(1.0, ge=0)
-    lambda_pp: float = Field(1.0, ge=0)
-    lambda_p: float = Field(0.003, ge=0)
-    lambda_ld: float = Field(0.5, ge=0)
-    reconstruction_loss: Literal["inverse-gaussian", "mse"] = "inverse-gaussian"  # eq. 2 (mse: DreamBooth's)
-    sigma: float = Field(1.382, gt=0)  # eq. 2/3: the L2-closest sigma on [0, 1]
-    perceptual_steps: int = Field(500, ge=0)  # s_p (eq. 6)
-    perceptual_blocks: list[int] = [2, 3, 4]  # EfficientNet-B1 MBConv stages (torchvision features[i])
-    perceptual_block_weights: list[float] = [0.35, 0.45, 0.2]  # app. B.1
-    # auto: a small random EfficientNet when model.base is a tiny preset, else torchvision's B1 weight file in
-    # the torch hub cache; a path to a .pth/.safetensors file (or a directory holding one); or tiny
-    efficientnet: str = "auto"
-    disc_lr: float = Field(1e-5, gt=0)  # the discriminator keeps training against the generator (sec. 3.4)
-    train_discriminator: bool = True
-    # Ablations (fig. 12): each switches one loss term of eq. 1 off.
-    reconstruction: bool = True
-    prior_preservation: bool = True
-    perceptual: bool = True
-    latent_discriminator: bool = True
-    augment: HypnosAugmentCfg = HypnosAugmentCfg()
-
-    @model_validator(mode="after")
-    def _check(self):
-        if len(self.perceptual_blocks) != len(self.perceptual_block_weights):
-            raise ValueError(f"perceptual_blocks {self.perceptual_blocks} and perceptual_block_weights "
-                             f"{self.perceptual_block_weights} must have the same length")
-        if any(not 1 <= b <= 8 for b in self.perceptual_blocks):
-            raise ValueError(f"perceptual_blocks {self.perceptual_blocks}: EfficientNet blocks are 1-8")
-        if "{background}" not in self.instance_prompt:
-            raise ValueError("instance_prompt needs a {background} clause (sec. 3.3)")
-        return self
-
-
-class FinetuneCfg(_Strict):
     method: Literal[METHOD_NAMES] = "dreambooth"  # type: ignore[valid-type]
     seed: int = 42
     batch_size: int = Field(1, ge=1)
@@ -212,32 +100,34 @@ class FinetuneCfg(_Strict):
     checkpoint_every: int = Field(200, ge=0)
     validation_every: int = Field(200, ge=0)
     validation_prompt: str = "a photo of {token} {class_word}"
-    dreambooth: DreamBoothCfg = DreamBoothCfg()
-    lora: LoraCfg = LoraCfg()
-    textual_inversion: TextualInversionCfg = TextualInversionCfg()
-    two_stage: TwoStageCfg = TwoStageCfg()
-    hypnos: HypnosCfg = HypnosCfg()
 
 
-class PromptInvariantCfg(_Strict):
+# finetune.<section> for every registered method, with the config model the method declares.
+FinetuneCfg = create_model(
+    "FinetuneCfg", __base__=TrainingCfg,
+    **{m.config_key: (m.config_model, Field(default_factory=m.config_model)) for m in METHODS.values()},
+)
+
+
+class PromptInvariantCfg(StrictModel):
     template: str = "a photo of {token} {class_word}"
     num_images: int = Field(50, ge=1)
 
 
-class DreamBenchCfg(_Strict):
+class DreamBenchCfg(StrictModel):
     images_per_prompt: int = Field(4, ge=1)
     # auto: the benchmark's live-subject prompts for its live classes (cat, dog), object prompts otherwise
     subject_type: Literal["auto", "object", "live"] = "auto"
 
 
-class PromptVaryingCfg(_Strict):
+class PromptVaryingCfg(StrictModel):
     # Hypnos sec. 3.5 / fig. 4: image type, background-or-composition clause, style chosen by image type
     template: str = "a {image_type} of {token} {class_word}, {background}, {style}"
     num_images: int = Field(50, ge=1)
     sampler_seed: int = 0
 
 
-class InferCfg(_Strict):
+class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
     prompt_sets: list[Literal["prompt-invariant", "prompt-varying", "dreambench"]] = ["prompt-invariant"]
@@ -251,7 +141,7 @@ class InferCfg(_Strict):
     dreambench: DreamBenchCfg = DreamBenchCfg()
 
 
-class GateCfg(_Strict):
+class GateCfg(StrictModel):
     """One promotion gate: the challenger's `metric` must not be worse than the champion's by more than
     `tolerance` (absolute), on every prompt set and backbone both were evaluated with. Which way is
     worse comes from the metric's definition (metrics/definitions.py), never from the gate."""
@@ -279,7 +169,7 @@ class GateCfg(_Strict):
         return self
 
 
-class RegistryCfg(_Strict):
+class RegistryCfg(StrictModel):
     # Registered model name; {subject} and {method} are filled from the run.
     model_name: str = Field("subjectops-{subject}", min_length=1)
     auto_register: bool = True
@@ -290,7 +180,7 @@ class RegistryCfg(_Strict):
     )
 
 
-class TrackingCfg(_Strict):
+class TrackingCfg(StrictModel):
     experiment: str = Field("subjectops", min_length=1)
     # Tries per MLflow call before the run continues locally (then `subjectops sync RUN_DIR`).
     retries: int = Field(3, ge=1, le=20)
@@ -299,7 +189,7 @@ class TrackingCfg(_Strict):
     timeout_seconds: int = Field(10, ge=1)
 
 
-class EvaluateBackbonesCfg(_Strict):
+class EvaluateBackbonesCfg(StrictModel):
     # Hub id or local directory (from_pretrained), or `tiny` for a small seeded random encoder.
     dino: str = "facebook/dino-vits16"
     clip: str = "openai/clip-vit-base-patch32"
@@ -308,7 +198,7 @@ class EvaluateBackbonesCfg(_Strict):
     lpips: str = "alex"  # alex | vgg | squeeze (torchvision ImageNet weights in the torch hub cache) | tiny
 
 
-class EvaluateCfg(_Strict):
+class EvaluateCfg(StrictModel):
     # auto: tiny random encoders when model.base is an offline preset (tiny-sd15, tiny-sdxl, small-sd15); true: always; false: never
     tiny: Literal["auto", True, False] = "auto"
     backbones: EvaluateBackbonesCfg = EvaluateBackbonesCfg()
@@ -319,7 +209,7 @@ class EvaluateCfg(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class DiscProportionsCfg(_Strict):
+class DiscProportionsCfg(StrictModel):
     """Seed 000 Table 3: the latent discriminator's pretraining set (real: first three; fake: the rest)."""
 
     instance: float = Field(0.30, ge=0)
@@ -340,7 +230,7 @@ class DiscProportionsCfg(_Strict):
         return self
 
 
-class LatentDiscCfg(_Strict):
+class LatentDiscCfg(StrictModel):
     """Seed 000 app. B.2 / fig. 3a: inverted-bottleneck conv, concat with the latent, patches + positional
     embeddings, 3 transformer blocks, 3 MLP heads on [CLS]. Widths are not given by the paper."""
 
@@ -360,7 +250,7 @@ class LatentDiscCfg(_Strict):
         return self
 
 
-class PretrainDiscCfg(_Strict):
+class PretrainDiscCfg(StrictModel):
     steps: int = Field(600, ge=1)  # app. B.2
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -373,7 +263,7 @@ class PretrainDiscCfg(_Strict):
     model: LatentDiscCfg = LatentDiscCfg()
 
 
-class Params(_Strict):
+class Params(StrictModel):
     model: ModelCfg = ModelCfg()
     subject: SubjectCfg = SubjectCfg()
     refine: RefineCfg = RefineCfg()

@@ -96,7 +96,7 @@ class Variant:
 
 
 def content_centric_variants(images: list[torch.Tensor], masks: list[torch.Tensor], cfg, seed: int) -> list[Variant]:
-    """`cfg.variants_per_image` variants of every photo (cfg: config.HypnosAugmentCfg).
+    """`cfg.variants_per_image` variants of every photo (cfg: methods.hypnos.HypnosAugmentCfg).
 
     Exactly round(replace_background * pool) variants get a monotone background, spread over the photos as
     evenly as possible, and round(resize * replaced) of those are also resized; colours, scales and
@@ -142,7 +142,7 @@ def content_centric_variants(images: list[torch.Tensor], masks: list[torch.Tenso
 class DiscriminatorSampler:
     """Draws images of the Table 3 types with the configured proportions; label 1 = real, 0 = fake.
 
-    proportions: {type: weight} (normalized here); augment: config.HypnosAugmentCfg (colours, resize range),
+    proportions: {type: weight} (normalized here); augment: methods.hypnos.HypnosAugmentCfg (colours, resize range),
     the same procedure fine-tuning uses for its real images (app. B.2).
     """
 

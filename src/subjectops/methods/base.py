@@ -4,6 +4,10 @@ One shared training loop (`subjectops.training.loop`) runs every method; methods
 compose their losses from the pure functions in `subjectops.training.losses`.
 A method may have several phases (two-stage: embedding, then UNet), each with its own parameters,
 learning rate and step count.
+
+A method module declares its own config section (`config_model`, read as `finetune.<config_key>`); since
+`subjectops.config` reads the registry to build `FinetuneCfg`, method modules import torch, diffusers and peft
+inside the functions that use them, so that validating params (every CLI command) stays fast.
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-import torch
-
-from subjectops.training import losses
 # The trainer contract, re-exported: methods build Phases and TrainExamples and get Batches.
 from subjectops.training.contract import Batch, Conditioning, Denoised, Phase, TrainExample  # noqa: F401
 
 if TYPE_CHECKING:
+    import torch
+
     from subjectops.config import Params
+    from subjectops.config_base import StrictModel
 
 # What a configured method can need from the stages before finetune (see `subjectops.methods.plan`).
 CLASS_PRIORS = "class_priors"
@@ -40,11 +44,17 @@ class Method:
     """Base class; subclasses set `name` and override what differs."""
 
     name: ClassVar[str]
+    config_key: ClassVar[str]  # the section of params.yaml's `finetune:` this method reads
+    config_model: ClassVar[type[StrictModel]]
 
     def __init__(self, params: Params, class_word: str, models):
         self.params = params
         self.class_word = class_word
         self.models = models  # subjectops.training.models.DiffusionModels
+
+    @property
+    def cfg(self):
+        return getattr(self.params.finetune, self.config_key)
 
     # --- identity -------------------------------------------------------------------------------
     def identifier(self) -> str:
@@ -90,6 +100,8 @@ class Method:
 
     def weighted_mean(self, per_sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The batch mean of per-sample losses, Min-SNR weighted when finetune.snr_gamma is set."""
+        from subjectops.training import losses
+
         return losses.snr_weighted_mean(per_sample, self.models.schedule, timesteps, self.params.finetune.snr_gamma)
 
     def prepare_modules(self, accelerator) -> list[torch.nn.Module]:
@@ -106,6 +118,8 @@ class Method:
         raise NotImplementedError
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        import torch
+
         live = self.state_tensors()
         missing = set(live) - set(tensors)
         if missing:

@@ -7,21 +7,35 @@ a rare identifier, plus the class-prior preservation loss weighted by lambda:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from pydantic import Field
 
+from subjectops.config_base import StrictModel
 from subjectops.methods.base import Batch, Method, Phase
-from subjectops.training import losses
+
+if TYPE_CHECKING:
+    import torch
+
+
+class PriorPreservationCfg(StrictModel):
+    """The DreamBooth objective's settings, shared by full and LoRA fine-tuning."""
+
+    steps: int = Field(800, ge=1)
+    prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)  # lambda
+    instance_prompt: str = "a photo of {token} {class_word}"
+
+
+class DreamBoothCfg(PriorPreservationCfg):
+    lr: float = Field(5e-6, gt=0)
+    train_text_encoder: bool = False
 
 
 class DreamBoothMethod(Method):
     name = "dreambooth"
-
-    @property
-    def cfg(self):
-        return self.params.finetune.dreambooth
+    config_key = "dreambooth"
+    config_model = DreamBoothCfg
 
     def instance_prompt(self) -> str:
         return self.format_prompt(self.cfg.instance_prompt)
@@ -45,6 +59,8 @@ class DreamBoothMethod(Method):
 
     def prior_preservation_loss(self, batch: Batch, prior_weight: float):
         """Instance loss (Min-SNR weighted when configured) + lambda * class-prior loss, as DreamBooth defines it."""
+        from subjectops.training import losses
+
         d = self.denoise(batch)
         per_sample = losses.per_sample_mse(d.pred, d.target)
         inst = ~batch.is_prior
@@ -71,6 +87,9 @@ class DreamBoothMethod(Method):
 
     @classmethod
     def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
         pipe.unet = UNet2DConditionModel.from_pretrained(finetune_dir / "unet", dtype=pipe.unet.dtype)
         if (finetune_dir / "text_encoder").exists():
             pipe.text_encoder = CLIPTextModel.from_pretrained(finetune_dir / "text_encoder", dtype=pipe.text_encoder.dtype)

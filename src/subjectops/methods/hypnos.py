@@ -21,23 +21,101 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch.func import functional_call
+from typing import TYPE_CHECKING, Literal
 
-from subjectops.data.augment import content_centric_variants
+from pydantic import Field, model_validator
+
+from subjectops.config_base import StrictModel
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import LATENT_DISCRIMINATOR, Batch, Phase, TrainExample, WeightNeed
 from subjectops.methods.dreambooth import DreamBoothMethod
-from subjectops.models.latent_discriminator import bce_from_logits, scores_from_logits
-from subjectops.training import losses
+
+if TYPE_CHECKING:
+    import torch
 
 DISC_SUBDIR = "latent_discriminator"
+
+
+# Hypnos (seed 000): monotone background colours for the content-centric refinement (sec. 3.3).
+HYPNOS_COLORS = {
+    "white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "red": (220, 30, 30),
+    "green": (40, 170, 60), "blue": (30, 70, 210), "yellow": (245, 215, 40), "orange": (245, 140, 30),
+    "purple": (130, 50, 170), "pink": (240, 130, 180), "brown": (120, 75, 40), "cyan": (40, 200, 220),
+}
+
+
+class HypnosAugmentCfg(StrictModel):
+    """Seed 000 sec. 3.3: background replaced by a monotone colour with probability 0.66; a small portion
+    of those also resized (Table 3: 2% of the 20% coloured-background reals = 10%)."""
+
+    replace_background: float = Field(0.66, ge=0, le=1)
+    resize: float = Field(0.1, ge=0, le=1)  # fraction of replaced-background samples whose subject is rescaled
+    resize_scale: tuple[float, float] = (0.5, 0.85)  # subject scale range of a resized sample
+    variants_per_image: int = Field(10, ge=1, le=200)  # pre-augmented pool per image (latents are cached)
+    colors: dict[str, tuple[int, int, int]] = HYPNOS_COLORS
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.resize_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"resize_scale {self.resize_scale} must satisfy 0 < low <= high <= 1")
+        if len(self.colors) < 2:
+            raise ValueError("colors needs at least two entries (masked foregrounds use a second colour)")
+        for name, rgb in self.colors.items():
+            if not name.strip() or any(not 0 <= c <= 255 for c in rgb):
+                raise ValueError(f"color {name!r}: {rgb} must be a non-empty name with RGB values in 0-255")
+        return self
+
+
+class HypnosCfg(StrictModel):
+    """Seed 000 (Hypnos): L = l_r L_r + l_pp L_pp + l_p L_p + l_ld L_ld (eq. 1); app. B: 800 steps, seed 42."""
+
+    steps: int = Field(800, ge=1)
+    lr: float = Field(2e-6, gt=0)  # not stated by the paper; its DreamBooth baselines use 1e-6 and 2e-6
+    train_text_encoder: bool = True  # sec. 3.2: the denoiser and the text encoder are optimised, the VAE frozen
+    use_8bit_adam: Literal["auto", True, False] = "auto"  # app. B; auto = when bitsandbytes and CUDA are present
+    # sec. 3.3: two clauses, foreground then background; {background} = a colour name or background_token
+    instance_prompt: str = "a photo of {token} {class_word}, {background} background"
+    background_token: str = Field("zwx", pattern=r"^\S+$")  # the second rare word: "original background"
+    lambda_r: float = Field(1.0, ge=0)
+    lambda_pp: float = Field(1.0, ge=0)
+    lambda_p: float = Field(0.003, ge=0)
+    lambda_ld: float = Field(0.5, ge=0)
+    reconstruction_loss: Literal["inverse-gaussian", "mse"] = "inverse-gaussian"  # eq. 2 (mse: DreamBooth's)
+    sigma: float = Field(1.382, gt=0)  # eq. 2/3: the L2-closest sigma on [0, 1]
+    perceptual_steps: int = Field(500, ge=0)  # s_p (eq. 6)
+    perceptual_blocks: list[int] = [2, 3, 4]  # EfficientNet-B1 MBConv stages (torchvision features[i])
+    perceptual_block_weights: list[float] = [0.35, 0.45, 0.2]  # app. B.1
+    # auto: a small random EfficientNet when model.base is a tiny preset, else torchvision's B1 weight file in
+    # the torch hub cache; a path to a .pth/.safetensors file (or a directory holding one); or tiny
+    efficientnet: str = "auto"
+    disc_lr: float = Field(1e-5, gt=0)  # the discriminator keeps training against the generator (sec. 3.4)
+    train_discriminator: bool = True
+    # Ablations (fig. 12): each switches one loss term of eq. 1 off.
+    reconstruction: bool = True
+    prior_preservation: bool = True
+    perceptual: bool = True
+    latent_discriminator: bool = True
+    augment: HypnosAugmentCfg = HypnosAugmentCfg()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.perceptual_blocks) != len(self.perceptual_block_weights):
+            raise ValueError(f"perceptual_blocks {self.perceptual_blocks} and perceptual_block_weights "
+                             f"{self.perceptual_block_weights} must have the same length")
+        if any(not 1 <= b <= 8 for b in self.perceptual_blocks):
+            raise ValueError(f"perceptual_blocks {self.perceptual_blocks}: EfficientNet blocks are 1-8")
+        if "{background}" not in self.instance_prompt:
+            raise ValueError("instance_prompt needs a {background} clause (sec. 3.3)")
+        return self
 
 
 class HypnosMethod(DreamBoothMethod):
     """DreamBooth's parameters, saving and inference (UNet + text encoder); Hypnos' data and losses."""
 
     name = "hypnos"
+    config_key = "hypnos"
+    config_model = HypnosCfg
 
     def __init__(self, params, class_word, models):
         super().__init__(params, class_word, models)
@@ -45,12 +123,8 @@ class HypnosMethod(DreamBoothMethod):
         self.disc = None  # the raw module: saved, checkpointed, and (with detached weights) the generator's critic
         self.disc_opt = None
         self.disc_train = None  # what the adversarial update calls: the accelerate-prepared module (DDP) once prepared
-        self._backward = torch.Tensor.backward
+        self._backward = lambda loss: loss.backward()
         self.perceptual = None
-
-    @property
-    def cfg(self):
-        return self.params.finetune.hypnos
 
     # --- prompts (sec. 3.3): foreground clause, then background clause --------------------------------
     def prompt_for(self, background: str | None) -> str:
@@ -109,6 +183,8 @@ class HypnosMethod(DreamBoothMethod):
                     fix="run `subjectops pretrain-disc` again with the same --model as finetune")
             # The discriminator's weights keep requires_grad=True (DDP registers them once); the generator's term
             # reads LD through detached weights (`_critic_scores`), so it never sends gradients into LD.
+            import torch
+
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr,
                                               betas=(self.params.finetune.adam_beta1, self.params.finetune.adam_beta2))
             self.disc_train = self.disc
@@ -128,6 +204,8 @@ class HypnosMethod(DreamBoothMethod):
         # the content-centric augmentation of sec. 3.3 cannot be redrawn every step. Instead each photo yields
         # a seeded pool of `variants_per_image` pre-augmented copies at the configured proportions; the trainer
         # draws that pool uniformly, so every training sample is background-replaced with probability ~0.66.
+        from subjectops.data.augment import content_centric_variants
+
         variants = content_centric_variants(images, masks, self.cfg.augment, seed=self.params.finetune.seed)
         # The trainer moves the diffusion models to its device after setup(); follow them here, before a
         # resumed checkpoint loads the discriminator's optimizer state (which then lands on the same device).
@@ -141,6 +219,8 @@ class HypnosMethod(DreamBoothMethod):
 
     # --- the loss (eq. 1) ------------------------------------------------------------------------------
     def loss(self, batch: Batch, step: int, phase: Phase):
+        from subjectops.training import losses
+
         cfg = self.cfg
         d = self.denoise(batch)
         per_sample = losses.per_sample_mse(d.pred, d.target)
@@ -181,6 +261,10 @@ class HypnosMethod(DreamBoothMethod):
 
     def _critic_scores(self, z0: torch.Tensor) -> torch.Tensor:
         """LD(z0) with the discriminator's current weights detached: gradients reach z0 (the generator), not LD."""
+        from torch.func import functional_call
+
+        from subjectops.models.latent_discriminator import scores_from_logits
+
         weights = {k: v.detach() for k, v in self.disc.named_parameters()}
         return scores_from_logits(functional_call(self.disc, weights, (z0,)))
 
@@ -188,6 +272,10 @@ class HypnosMethod(DreamBoothMethod):
         """One adversarial update of LD (sec. 3.4): instance latents real, the generator's z0 fake. It runs
         before the generator term reads LD, so that term sees the updated weights. Through the accelerator:
         DDP averages LD's gradients across processes, and under fp16 the loss is scaled like the generator's."""
+        import torch
+
+        from subjectops.models.latent_discriminator import bce_from_logits
+
         z = torch.cat([real.float(), fake.float()])
         labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(z.device)
         loss = bce_from_logits(self.disc_train(z), labels)

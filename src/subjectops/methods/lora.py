@@ -6,24 +6,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from typing import TYPE_CHECKING
 
-from subjectops.methods.dreambooth import DreamBoothMethod
+from pydantic import Field
+
+from subjectops.methods.dreambooth import DreamBoothMethod, PriorPreservationCfg
+
+if TYPE_CHECKING:
+    import torch
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
+class LoraCfg(PriorPreservationCfg):
+    lr: float = Field(1e-4, gt=0)
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4, gt=0)
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
 class LoraMethod(DreamBoothMethod):
     name = "lora"
-
-    @property
-    def cfg(self):
-        return self.params.finetune.lora
+    config_key = "lora"
+    config_model = LoraCfg
 
     def setup(self) -> None:
+        from peft import LoraConfig
+
         self.models.unet.add_adapter(
             LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, init_lora_weights="gaussian",
                        target_modules=list(self.cfg.target_modules))
@@ -33,6 +42,9 @@ class LoraMethod(DreamBoothMethod):
         return [(f"unet.{n}", p) for n, p in self.models.unet.named_parameters() if "lora_" in n]
 
     def save(self, out_dir: Path) -> list[str]:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.models.unet))
         type(self.models.pipe).save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
         return [LORA_FILE]

@@ -8,24 +8,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
+from pydantic import Field
+
+from subjectops.config_base import StrictModel
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import Batch, Method, Phase
-from subjectops.training import losses
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 # diffusers' SDXL textual-inversion convention: one tensor per text encoder.
 SDXL_KEYS = ("clip_l", "clip_g")
 
 
+class TextualInversionCfg(StrictModel):
+    steps: int = Field(3000, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    placeholder: str = Field("<subject>", pattern=r"^\S+$")
+    initializer: str = "{class_word}"
+    num_vectors: int = Field(1, ge=1, le=16)
+    instance_prompt: str = "a photo of {placeholder}"
+
+
 class TextualInversionMethod(Method):
     name = "textual-inversion"
-
-    @property
-    def cfg(self):
-        return self.params.finetune.textual_inversion
+    config_key = "textual_inversion"
+    config_model = TextualInversionCfg
 
     @property
     def num_vectors(self) -> int:
@@ -43,6 +54,8 @@ class TextualInversionMethod(Method):
                                                class_word=self.class_word)
 
     def setup(self) -> None:
+        import torch
+
         initializer = self.cfg.initializer.format(class_word=self.class_word)
         self._new_ids, self._frozen_rows = [], []
         for tok, enc in zip(self.models.tokenizers, self.models.text_encoders):
@@ -69,6 +82,8 @@ class TextualInversionMethod(Method):
         return [Phase("embedding", self.cfg.steps, self.cfg.lr, self._embeddings, text_changes=True)]
 
     def loss(self, batch: Batch, step: int, phase: Phase):
+        from subjectops.training import losses
+
         d = self.denoise(batch)
         loss = self.weighted_mean(losses.per_sample_mse(d.pred, d.target), d.timesteps)
         return loss, {}
@@ -76,6 +91,8 @@ class TextualInversionMethod(Method):
     def after_optimizer_step(self, phase: Phase) -> None:
         if phase.name != "embedding":
             return
+        import torch
+
         # Only the new rows learn: AdamW's update (and weight decay) touched every row, so restore the rest.
         with torch.no_grad():
             for (_, weight), new_ids, original in zip(self._embeddings(), self._new_ids, self._frozen_rows):
@@ -93,6 +110,8 @@ class TextualInversionMethod(Method):
         return dict(zip(SDXL_KEYS, rows))
 
     def save(self, out_dir: Path) -> list[str]:
+        from safetensors.torch import save_file
+
         save_file(self.learned(), out_dir / EMBEDS_FILE)
         return [EMBEDS_FILE]
 
@@ -103,6 +122,8 @@ class TextualInversionMethod(Method):
         if getattr(pipe, "text_encoder_2", None) is None:
             pipe.load_textual_inversion(str(path), token=token)
             return
+        from safetensors.torch import load_file
+
         state = load_file(path)
         for key, enc, tok in zip(SDXL_KEYS, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)):
             pipe.load_textual_inversion(state[key], token=token, text_encoder=enc, tokenizer=tok)

@@ -12,19 +12,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
+from pydantic import Field
+
+from subjectops.config_base import StrictModel
 from subjectops.methods.base import Phase
 from subjectops.methods.dreambooth import DreamBoothMethod
 from subjectops.methods.textual_inversion import TextualInversionMethod
 
+if TYPE_CHECKING:
+    import torch
+
+
+class TwoStageCfg(StrictModel):
+    embedding_steps: int = Field(100, ge=1)
+    embedding_lr: float = Field(5e-4, gt=0)
+    unet_steps: int = Field(400, ge=1)
+    unet_lr: float = Field(5e-6, gt=0)
+    placeholder: str = Field("<rare>", pattern=r"^\S+$")
+    initializer: str = "rare"
+    instance_prompt: str = "a photo of {placeholder} {class_word}"
+
 
 class TwoStageMethod(TextualInversionMethod):
     name = "two-stage"
-
-    @property
-    def cfg(self):
-        return self.params.finetune.two_stage
+    config_key = "two_stage"
+    config_model = TwoStageCfg
 
     def _unet(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(f"unet.{n}", p) for n, p in self.models.unet.named_parameters()]

@@ -10,22 +10,25 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
-from subjectops.config import ModelCfg
 from subjectops.digest import DIGEST_CHARS, sha256_bytes
 from subjectops.errors import ModelNotFoundError
 from subjectops.models.tiny import TINY_PRESETS, tiny_dir
+
+if TYPE_CHECKING:
+    from subjectops.config import ModelCfg
 
 # A real CLIP tokenizer has ~49k entries; offline, transformers may hand back a 2-entry stub silently.
 MIN_TOKENIZER_SIZE = 100
 
 
 def is_tiny(model: ModelCfg | str) -> bool:
-    base = model.base if isinstance(model, ModelCfg) else model
+    base = model if isinstance(model, str) else model.base
     return base in TINY_PRESETS
 
 

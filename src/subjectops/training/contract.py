@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # method modules import this contract; it stays free of torch at import time
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Conditioning:
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
+        import torch
+
         extra = None
         if items[0].added_cond_kwargs:
             extra = {k: torch.cat([c.added_cond_kwargs[k] for c in items]) for k in items[0].added_cond_kwargs}
