@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from subjectops.cli import app, if_needed_skip_reason
 from subjectops.config import ConfigError, load_params
-from subjectops.methods import METHODS, plan
+from subjectops.methods import METHODS
+from subjectops.methods.plan import plan
 from subjectops.methods.plan import STAGES, TRAINING_OPTIONAL
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,7 +33,7 @@ def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, requir
 
 def if_needed_skip_reason(params: Params, stage: str) -> Optional[str]:
     """Why `plan(params)` leaves `stage` out, or None when it is planned (`--if-needed`, for DVC)."""
-    from subjectops.methods import plan
+    from subjectops.methods.plan import plan
 
     planned = plan(params)
     return None if planned.has(stage) else planned.why_not(stage)
@@ -41,7 +41,7 @@ def if_needed_skip_reason(params: Params, stage: str) -> Optional[str]:
 
 def planned_input(params: Params, stage: str, explicit: Optional[Path], run: Optional[Path], source: str) -> Optional[Path]:
     """An input directory of `stage`: required when the plan has `source` feed it, else optional (and ignored)."""
-    from subjectops.methods import plan
+    from subjectops.methods.plan import plan
 
     return stage_path(explicit, run, source, required=source in plan(params).inputs(stage))
 

@@ -71,7 +71,7 @@ def resolve_params(
 def kfp_plan(params: Params):
     """`plan(params)` for the personalize pipeline, whose every branch ends in `register` (its output is the
     registered version, which the benchmark aggregates): a plan without registration is refused here."""
-    from subjectops.methods import plan
+    from subjectops.methods.plan import plan
 
     planned = plan(params)
     if not planned.has("register"):

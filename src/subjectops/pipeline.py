@@ -9,7 +9,7 @@ from typing import Callable
 
 from subjectops.config import Params
 from subjectops.data.subject import check_class_word, load_subject
-from subjectops.methods import plan
+from subjectops.methods.plan import plan
 from subjectops.models.loading import training_resolution
 from subjectops.tracking import NullTracker, Tracker
 

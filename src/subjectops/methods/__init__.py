@@ -41,6 +41,3 @@ def load_finetuned(pipe, finetune_dir: Path) -> dict:
     info = json.loads(info_path.read_text())
     get_method(info["method"]).apply(pipe, finetune_dir, info)
     return info
-
-
-from subjectops.methods.plan import Plan, plan  # noqa: E402,F401  (next to the registry it reads)

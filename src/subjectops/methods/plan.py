@@ -8,11 +8,12 @@ A stage is in the plan when it always runs or when something the run needs bring
 
 - the configured method's `requirements()` (from its config, so ablations count): class priors bring
   `priors`, a latent discriminator brings `pretrain_disc`;
+- the inference strategy's `requires` (`infer.strategy`): references and masks come from `refine`, which always
+  runs; snapshots change what `finetune` keeps, read from `Plan.requirements`;
 - `registry.auto_register` brings `register`.
 
-Extension point: another source of requirements (an inference strategy's `requires`, say) adds its set in
-`requirements(params)`; a requirement that brings a new stage gets a row in `STAGES`, and one that only
-changes what a stage does (e.g. finetune keeping snapshots) is read from `Plan.requirements`.
+A new requirement that brings a new stage gets a row in `STAGES`. This module sits beside the method registry
+but is not imported by it: it reads both the methods and the inference strategies, which read the config.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def branches() -> list[tuple[str, ...]]:
 def requirements(params) -> set[str]:
     from subjectops.methods import configured_method
 
-    needs = set(configured_method(params).requirements())
+    from subjectops.inference import get_strategy
+
+    needs = set(configured_method(params).requirements()) | set(get_strategy(params.infer.strategy).requires)
     if params.registry.auto_register:
         needs.add(REGISTRATION)
     return needs

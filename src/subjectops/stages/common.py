@@ -98,7 +98,7 @@ def planned_inputs(params: Params, stage: str, given: dict[str, Path | None]) ->
     """The input directories `stage` reads under `plan(params)`: each planned input must be a complete output
     that did real work; an input the plan leaves out is None, even when given (DVC passes every path, and an
     `--if-needed` stage that was not needed leaves an output that only records why)."""
-    from subjectops.methods import plan
+    from subjectops.methods.plan import plan
 
     wanted = plan(params).inputs(stage)
     resolved: dict[str, Path | None] = {}

@@ -596,7 +596,7 @@ def _forget_missing_runs(tr: MlflowTracker, st: RunState) -> None:
 
 def _state_from_directory(run_dir: Path) -> RunState:
     """A record for a run directory made without a tracker: its stages, from their manifests."""
-    from subjectops.methods import plan
+    from subjectops.methods.plan import plan
 
     st = RunState(run_dir)
     params = None
