@@ -50,7 +50,7 @@ def configure(
     from collections import namedtuple
     from pathlib import Path
 
-    from subjectops.kube_runtime import kfp_plan, resolve_params, write_params
+    from subjectops.kfp_pod import kfp_plan, resolve_params, write_params
 
     p = resolve_params(params_yaml, overrides, method=method, model=model, priors_cache_dir=priors_cache_dir)
     planned = kfp_plan(p)
@@ -64,7 +64,7 @@ def fetch_subject(subject_uri: str, dvc_repo: str, dvc_rev: str, images: Output[
     """The subject's photos from S3, DVC or a directory; returns the subject's name."""
     from pathlib import Path
 
-    from subjectops.kube_runtime import fetch_subject as fetch
+    from subjectops.kfp_pod import fetch_subject as fetch
 
     target = fetch(subject_uri, Path(images.path), dvc_repo=dvc_repo, dvc_rev=dvc_rev)
     images.metadata.update({"subject": target.name, "source": subject_uri})
@@ -74,7 +74,7 @@ def fetch_subject(subject_uri: str, dvc_repo: str, dvc_rev: str, images: Output[
 def refine(params: Input[Artifact], images: Input[Dataset], class_word: str, out: Output[Dataset]):
     from pathlib import Path
 
-    from subjectops.kube_runtime import read_params, single_subdir
+    from subjectops.kfp_pod import read_params, single_subdir
     from subjectops.stages.refine import refine as refine_stage
 
     refine_stage(read_params(Path(params.path)), single_subdir(Path(images.path)), class_word, Path(out.path))
@@ -102,7 +102,7 @@ def register(
     import tempfile
     from pathlib import Path
 
-    from subjectops.kube_runtime import assemble_run_dir, load_registration
+    from subjectops.kfp_pod import assemble_run_dir, load_registration
     from subjectops.stages.register import register as register_stage
     from subjectops.tracking.mlflow_tracker import sync
 
@@ -138,7 +138,7 @@ def benchmark_aggregate(
     import math
     from pathlib import Path
 
-    from subjectops.kube_runtime import benchmark_aggregate as aggregate, check_benchmark, parse_registration, read_params, registry_summaries
+    from subjectops.kfp_pod import benchmark_aggregate as aggregate, check_benchmark, parse_registration, read_params, registry_summaries
 
     p = read_params(Path(params.path))
     rows = registry_summaries([parse_registration(r) for r in registrations])
@@ -156,7 +156,7 @@ def benchmark_aggregate(
 def priors(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Dataset]):
     from pathlib import Path
 
-    from subjectops.kube_runtime import read_params
+    from subjectops.kfp_pod import read_params
     from subjectops.stages.priors import priors as priors_stage
 
     priors_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(out.path))
@@ -165,7 +165,7 @@ def priors(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Data
 def pretrain_disc(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Model], priors_dir: Input[Dataset] = None):
     from pathlib import Path
 
-    from subjectops.kube_runtime import read_params
+    from subjectops.kfp_pod import read_params
     from subjectops.stages.pretrain_disc import pretrain_disc as pretrain_disc_stage
 
     pretrain_disc_stage(read_params(Path(params.path)), Path(refine_dir.path),
@@ -190,7 +190,7 @@ def finetune(
     import subprocess
     from pathlib import Path
 
-    from subjectops.kube_runtime import PARAMS_FILE, finetune_argv, read_params
+    from subjectops.kfp_pod import PARAMS_FILE, finetune_argv, read_params
     from subjectops.stages.finetune import finetune as finetune_stage
 
     p = read_params(Path(params.path))
@@ -209,7 +209,7 @@ def finetune(
 def infer(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Input[Model], out: Output[Dataset]):
     from pathlib import Path
 
-    from subjectops.kube_runtime import read_params
+    from subjectops.kfp_pod import read_params
     from subjectops.stages.infer import infer as infer_stage
 
     infer_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(finetune_dir.path), Path(out.path))
@@ -227,7 +227,7 @@ def evaluate(
     import shutil
     from pathlib import Path
 
-    from subjectops.kube_runtime import read_params
+    from subjectops.kfp_pod import read_params
     from subjectops.stages.evaluate import evaluate as evaluate_stage
     from subjectops.tracking.record import read_eval_records
 

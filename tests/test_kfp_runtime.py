@@ -1,4 +1,4 @@
-"""The glue the Kubeflow components share (subjectops.kube_runtime): params, subjects, run directories,
+"""The glue the Kubeflow components share (subjectops.kfp_pod): params, subjects, run directories,
 multi-GPU finetune command, and the benchmark's aggregate and regression gate."""
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from subjectops import kube_runtime as kr
+from subjectops import kfp_pod as kr
 from subjectops.config import ConfigError, GateCfg, RegistryCfg, load_params
 from subjectops.errors import SubjectError, SubjectopsError
 

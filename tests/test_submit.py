@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from subjectops import kube
+from subjectops import kfp_submit
 from subjectops.cli import app
 
 HOST = "http://kfp.example.test:8080"
@@ -25,7 +25,7 @@ def _cwd(tmp_path, monkeypatch):
 @pytest.fixture
 def wire(monkeypatch):
     """Replaces the HTTP layer of kfp's API client: records what a real (non dry-run) call would send."""
-    rec = kube.Recorder(HOST)
+    rec = kfp_submit.Recorder(HOST)
 
     def fake(self, resource_path, method, *args, **kwargs):
         names = ["path_params", "query_params", "header_params", "body", "post_params", "files", "response_type"]
@@ -169,10 +169,10 @@ def test_host_must_be_a_url(wire):
 @pytest.mark.parametrize("expr", ["0 0 3 * * *", "*/30 * * * * *", "0 15 10 ? * MON-FRI", "0 0 0 1,15 JAN-JUN ?",
                                   "0 0 2-4/2 * * 0", "@daily", "@every 1h30m"])
 def test_valid_kfp_crons(expr):
-    assert kube.validate_cron(expr) == expr
+    assert kfp_submit.validate_cron(expr) == expr
 
 
 @pytest.mark.parametrize("expr", ["", "* * * * *", "0 0 3 * * 7", "0 0 5-3 * * *", "? 0 3 * * *", "0 0 3 * 13 *", "@every soon", "0 0 3 ,1 * *"])
 def test_invalid_kfp_crons(expr):
-    with pytest.raises(kube.SubmitError):
-        kube.validate_cron(expr)
+    with pytest.raises(kfp_submit.SubmitError):
+        kfp_submit.validate_cron(expr)

@@ -192,10 +192,10 @@ from subjectops.tracking.cli import add_tracking_commands  # noqa: E402
 add_tracking_commands(app)
 
 # submit / benchmark submit|schedule|aggregate (Kubeflow Pipelines; kfp is imported only when used)
-from subjectops import kube as _kube  # noqa: E402
+from subjectops import kfp_submit  # noqa: E402
 
-app.command("submit")(_kube.submit)
-app.add_typer(_kube.benchmark_app, name="benchmark")
+app.command("submit")(kfp_submit.submit)
+app.add_typer(kfp_submit.benchmark_app, name="benchmark")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,5 @@
-"""What the Kubeflow components do around the stage functions, and nothing the stages already do.
+"""What runs inside the Kubeflow pods around the stage functions, and nothing the stages already do (what
+submits runs from a laptop is `subjectops.kfp_submit`).
 
 The components in `components/` are lightweight KFP components: their bodies import a stage function
 from `subjectops.stages` and call it, exactly as the CLI does. The glue they share lives here, in the

@@ -1,4 +1,5 @@
-"""Kubeflow submission from the command line: `subjectops submit` and `subjectops benchmark ...`.
+"""Kubeflow submission from a laptop or CI: `subjectops submit` and `subjectops benchmark ...` (what runs inside
+the pods is `subjectops.kfp_pod`).
 
 Every request goes through `kfp.Client`. With `--dry-run` the same client code runs against a recorder
 that stands in for the KFP REST API (`kfp_server_api.ApiClient.call_api`), so the JSON it prints is the
@@ -256,13 +257,13 @@ def read_params_text(params_path: Path) -> str:
 
 def check_params(params_yaml: str, overrides: list[str], method: str, model: str):
     """Validate exactly as the pipeline's `configure` step will: a bad value fails before anything is sent."""
-    from subjectops.kube_runtime import resolve_params
+    from subjectops.kfp_pod import resolve_params
 
     return resolve_params(params_yaml, overrides, method=method, model=model)
 
 
 def check_subject(uri: str) -> dict:
-    from subjectops.kube_runtime import parse_subject_uri
+    from subjectops.kfp_pod import parse_subject_uri
 
     spec = parse_subject_uri(uri)
     if spec["kind"] == "local":
@@ -516,7 +517,7 @@ def benchmark_aggregate(
 ):
     """Aggregate registered versions' evaluations and gate them against their champions (the pipeline's last step)."""
     from subjectops.config import load_params
-    from subjectops.kube_runtime import benchmark_aggregate as aggregate, check_benchmark, parse_registration, registry_summaries
+    from subjectops.kfp_pod import benchmark_aggregate as aggregate, check_benchmark, parse_registration, registry_summaries
 
     p = load_params(params_path, list(sets or []))
     rows = registry_summaries([parse_registration(r) for r in registrations], tracking_uri=tracking_uri)
