@@ -4,6 +4,7 @@ attention loss, and a larger alpha ends closer to the guidance maps."""
 
 from __future__ import annotations
 
+import html
 import json
 
 import numpy as np
@@ -138,3 +139,35 @@ def test_a_larger_alpha_ends_closer_to_the_guidance_maps(snapshot_run):
         strategy.generate([PROMPT], [7])
         final[alpha] = strategy.last_distances[-1]
     assert final[20.0] < final[0.0]
+
+
+@pytest.fixture(scope="module")
+def swept(snapshot_run):
+    from subjectops.stages.evaluate import evaluate_sweep
+
+    params, run = snapshot_run
+    evaluate_sweep(params, run / "refine", run / "finetune", run / "sweep")
+    return params, run
+
+
+def test_sweep_scores_every_snapshot_and_blend_on_the_same_prompts_seeds_and_backbones(swept):
+    from subjectops.selection.pareto import pareto_front
+
+    _, run = swept
+    doc = json.loads((run / "sweep" / "points.json").read_text())
+    assert [p["label"] for p in doc["points"]] == ["step 1", "step 2", "dreamblend 1->2 a=0 cfg=3"]
+    assert doc["points"][2]["settings"]["guidance"] == 1 and doc["points"][0]["settings"] == {"snapshot": 1}
+    drawn, backbones = set(), set()
+    for p in doc["points"]:
+        folder = run / "sweep" / p["path"]
+        drawn.add(json.dumps([(s["prompt"], s["seed"]) for s in json.loads((folder / "infer" / "samples.json").read_text())]))
+        backbones.add(json.dumps(json.loads((folder / "evaluate" / "metrics.json").read_text())["backbones"], sort_keys=True))
+        assert p["n_images"] == 2 and p["clip_t_std"] >= 0 and p["dino_std"] >= 0
+    assert len(drawn) == 1 and len(backbones) == 1
+    coords = [(p["clip_t"], p["dino"]) for p in doc["points"]]
+    assert doc["front"] == [doc["points"][i]["label"] for i in pareto_front(coords)]
+    assert doc["chosen"] == max((p for p in doc["points"] if p["label"] in doc["front"]),
+                                key=lambda p: (p["dino"], p["clip_t"]))["label"]
+    report = (run / "sweep" / "report.html").read_text()
+    assert 'id="operating-points"' in report and f"<td>{html.escape(doc['chosen'])}</td>" in report
+    assert report.count("<td>chosen</td>") == 1

@@ -155,12 +155,20 @@ def evaluate(run_dir: Optional[Path] = typer.Argument(None, help="run directory:
              refine_dir: Optional[Path] = typer.Option(None, "--refine"),
              infer_dir: Optional[Path] = typer.Option(None, "--infer"),
              out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-             model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+             model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
+             sweep: bool = typer.Option(False, "--sweep", help="score every snapshot and DreamBlend combination of "
+                                        "RUN/finetune into RUN/sweep (operating points, Pareto front)")):
     """Score the generated images (DINO, CLIP-I, CLIP-T, FID, LPIPS, SSIM, PSNR) and write report.html."""
-    from subjectops.stages.evaluate import evaluate as stage
+    from subjectops.stages.evaluate import evaluate as stage, evaluate_sweep
 
     params = build_params(params_path, sets, model)
     run = run_dir or run
+    if sweep:
+        result = evaluate_sweep(params, stage_path(refine_dir, run, "refine"), stage_path(None, run, "finetune"),
+                                stage_path(out, run, "sweep"))
+        done("sweep", result)
+        done("report", result / "report.html")
+        return
     result = stage(params, stage_path(refine_dir, run, "refine"), stage_path(infer_dir, run, "infer"),
                    stage_path(out, run, "evaluate"))
     done("evaluate", result)

@@ -212,12 +212,19 @@ class GateCfg(StrictModel):
         return self
 
 
+class ChooseCfg(StrictModel):
+    """`subjectops choose`: among a sweep's operating points, maximise DINO subject to CLIP-T >= min_clip_t."""
+
+    min_clip_t: Optional[float] = None  # null: no constraint (the highest DINO on the front)
+
+
 class RegistryCfg(StrictModel):
     # Registered model name; {subject} and {method} are filled from the run.
     model_name: str = Field("subjectops-{subject}", min_length=1)
     auto_register: bool = True
     # Prompt sets the gates compare; null = every prompt set the challenger was evaluated on.
     prompt_sets: Optional[list[str]] = None
+    choose: ChooseCfg = ChooseCfg()
     gates: list[GateCfg] = Field(
         default_factory=lambda: [GateCfg(metric="dino", tolerance=0.02), GateCfg(metric="clip-t", tolerance=0.01)]
     )
