@@ -171,3 +171,49 @@ def test_sweep_scores_every_snapshot_and_blend_on_the_same_prompts_seeds_and_bac
     report = (run / "sweep" / "report.html").read_text()
     assert 'id="operating-points"' in report and f"<td>{html.escape(doc['chosen'])}</td>" in report
     assert report.count("<td>chosen</td>") == 1
+
+
+def test_choose_registers_the_chosen_blend_and_serves_its_images(swept, tracking_uri):
+    """Points where the DreamBlend combination has the best DINO: `choose` registers it, with the decision in the
+    version's tags, and the served model returns the very image the sweep scored for that prompt and seed."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from subjectops.selection.choose import choose_and_register
+    from subjectops.tracking.pyfunc import decode_image
+
+    params, run = swept
+    points_file = run / "sweep" / "points.json"
+    original = points_file.read_text()
+    doc = json.loads(original)
+    for p in doc["points"]:
+        p["dino"] = 0.9 if p["strategy"] == "dreamblend" else 0.1
+        p["clip_t"] = 0.5
+    doc["front"] = [doc["points"][2]["label"]]
+    points_file.write_text(json.dumps(doc))
+    try:
+        info = choose_and_register(params, run, 0.4, tracking_uri=tracking_uri, model_name="chosen-teapot")
+    finally:
+        points_file.write_text(original)
+    blend = doc["points"][2]
+    assert info["chosen"] == blend["label"] and info["rule"] == "max DINO subject to CLIP-T >= 0.4"
+    tags = MlflowClient(tracking_uri).get_model_version("chosen-teapot", info["version"]).tags
+    assert tags["choose.point"] == blend["label"] and tags["inference.strategy"] == "dreamblend"
+    assert json.loads(tags["choose.front"]) == [{"label": blend["label"], "clip_t": 0.5, "clip_t_std": blend["clip_t_std"],
+                                                 "dino": 0.9, "dino_std": blend["dino_std"]}]
+    sample = json.loads((run / "sweep" / blend["path"] / "infer" / "samples.json").read_text())[0]
+    model = mlflow.pyfunc.load_model("models:/chosen-teapot@challenger")
+    served = model.predict(pd.DataFrame({"prompt": [sample["prompt"]], "seed": [sample["seed"]]}))
+    expected = pixels(Image.open(run / "sweep" / blend["path"] / "infer" / sample["path"]))
+    assert np.array_equal(pixels(decode_image(served.image[0])), expected)
+
+
+def test_choose_without_a_sweep_says_how_to_make_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from subjectops.cli import app
+
+    result = CliRunner().invoke(app, ["choose", str(tmp_path)])
+    assert result.exit_code != 0 and "has no sweep" in result.output and "--sweep" in result.output

@@ -194,6 +194,22 @@ def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetO
     console.print(table)
 
 
+@app.command()
+@user_errors
+def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (`subjectops evaluate RUN --sweep`)"),
+           min_clip_t: Optional[float] = typer.Option(None, "--min-clip-t", help="CLIP-T floor (default registry.choose.min_clip_t)"),
+           name: Optional[str] = typer.Option(None, "--name", help="registered model name (default registry.model_name)"),
+           tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+           params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Choose the operating point with the highest DINO at CLIP-T >= the floor and register it (writes RUN/choose/)."""
+    from subjectops.selection.choose import choose_and_register
+
+    info = choose_and_register(build_params(params_path, sets), run_dir, min_clip_t, tracking_uri=tracking_uri,
+                               model_name=name)
+    console.print(f"chosen: {info['chosen']} ({info['rule']})", highlight=False)
+    done("registered", Path(f"models:/{info['model_name']}/{info['version']}"))
+
+
 # register / promote / sync (MLflow registry and tracking)
 from subjectops.tracking.cli import add_tracking_commands  # noqa: E402
 
