@@ -210,6 +210,20 @@ def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (
     done("registered", Path(f"models:/{info['model_name']}/{info['version']}"))
 
 
+@app.command()
+@user_errors
+def compare(run_dirs: List[Path] = typer.Argument(..., help="run directories (several methods, strategies, subjects)"),
+            out: Optional[Path] = typer.Option(None, "--out", help="write leaderboard.md, .html and .json here")):
+    """One leaderboard: methods (and strategies) x metrics, mean and 95% bootstrap interval over the per-image values;
+    refuses runs whose prompt sets, seeds or backbones differ."""
+    from subjectops.selection.compare import leaderboard, write_leaderboard
+
+    board = leaderboard(run_dirs)
+    typer.echo(board.markdown())
+    if out is not None:
+        done("leaderboard", write_leaderboard(board, out) / "leaderboard.html")
+
+
 # register / promote / sync (MLflow registry and tracking)
 from subjectops.tracking.cli import add_tracking_commands  # noqa: E402
 
