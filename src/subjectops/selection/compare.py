@@ -57,7 +57,8 @@ def load_run(run_dir: Path) -> RunScores:
     for record in metrics["metrics"]:
         per_image = [row[record["key"]] for row in metrics["per_image"]
                      if row["prompt_set"] == record["prompt_set"] and row.get(record["key"]) is not None]
-        values[f"{record['prompt_set']}/{record['metric']}"] = per_image or [record["mean"]]
+        if per_image or isinstance(record["mean"], (int, float)):  # a set-level number (FID) is its own only value
+            values[f"{record['prompt_set']}/{record['metric']}"] = per_image or [record["mean"]]
     subject = _read(run_dir / "refine" / "subject.json", "compare needs the run's refine output").get("name", run_dir.name)
     return RunScores(run_dir, subject, method["method"], spec["strategy"],
                      {"prompt sets": sets, "seeds": seeds, "backbones": backbones}, values)
