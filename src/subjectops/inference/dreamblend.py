@@ -39,6 +39,7 @@ from PIL import Image
 from subjectops.config import InferCfg
 from subjectops.errors import SubjectopsError
 from subjectops.inference.base import InferenceSpec, StageInputs, Strategy
+from subjectops.models.sampling import use_scheduler
 
 AttentionMaps = dict[str, torch.Tensor]  # attn2 layer name -> (heads, queries, tokens)
 
@@ -138,6 +139,11 @@ class DreamBlendStrategy(Strategy):
     section = "dreamblend"
     requires = frozenset({"snapshots"})
 
+    def __init__(self, pipe, spec: InferenceSpec, inputs: StageInputs):
+        super().__init__(pipe, spec, inputs)
+        self.guidance_pipe = None  # set by `load`
+        self.last_distances: list[float] = []
+
     @classmethod
     def snapshot_steps(cls, infer: InferCfg) -> set[int]:
         return {infer.dreamblend.guidance, infer.dreamblend.edit}
@@ -161,8 +167,7 @@ class DreamBlendStrategy(Strategy):
                                   fix="use an SD-1.x base model, or infer.strategy=plain")
         strategy = super().load(pipe, spec, inputs)
         strategy.guidance_pipe = finetuned_pipeline(inputs.model, require_snapshot(inputs.finetune, strategy.config.guidance))
-        super().load(strategy.guidance_pipe, spec, inputs)  # the same recorded scheduler
-        strategy.last_distances = []
+        use_scheduler(strategy.guidance_pipe, spec.scheduler)
         return strategy
 
     def _embeds(self, pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
