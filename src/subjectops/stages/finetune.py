@@ -64,9 +64,7 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     def save_snapshot(step: int) -> None:
         directory = snapshot_dir(work, step)
         directory.mkdir(parents=True, exist_ok=True)
-        models.unet.eval()
         record(directory, step, method.save(directory, snapshot=True))
-        models.unet.train()
 
     # The trainer places the models on the accelerator first, so what setup() adds lands there too.
     trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step,
