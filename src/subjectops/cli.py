@@ -155,12 +155,20 @@ def evaluate(run_dir: Optional[Path] = typer.Argument(None, help="run directory:
              refine_dir: Optional[Path] = typer.Option(None, "--refine"),
              infer_dir: Optional[Path] = typer.Option(None, "--infer"),
              out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-             model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+             model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
+             sweep: bool = typer.Option(False, "--sweep", help="score every snapshot and DreamBlend combination of "
+                                        "RUN/finetune into RUN/sweep (operating points, Pareto front)")):
     """Score the generated images (DINO, CLIP-I, CLIP-T, FID, LPIPS, SSIM, PSNR) and write report.html."""
-    from subjectops.stages.evaluate import evaluate as stage
+    from subjectops.stages.evaluate import evaluate as stage, evaluate_sweep
 
     params = build_params(params_path, sets, model)
     run = run_dir or run
+    if sweep:
+        result = evaluate_sweep(params, stage_path(refine_dir, run, "refine"), stage_path(None, run, "finetune"),
+                                stage_path(out, run, "sweep"))
+        done("sweep", result)
+        done("report", result / "report.html")
+        return
     result = stage(params, stage_path(refine_dir, run, "refine"), stage_path(infer_dir, run, "infer"),
                    stage_path(out, run, "evaluate"))
     done("evaluate", result)
@@ -184,6 +192,36 @@ def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetO
     for row in rows:
         table.add_row(row.purpose, row.ident, "[green]present" if row.present else "[red]missing", row.how)
     console.print(table)
+
+
+@app.command()
+@user_errors
+def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (`subjectops evaluate RUN --sweep`)"),
+           min_clip_t: Optional[float] = typer.Option(None, "--min-clip-t", help="CLIP-T floor (default registry.choose.min_clip_t)"),
+           name: Optional[str] = typer.Option(None, "--name", help="registered model name (default registry.model_name)"),
+           tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+           params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Choose the operating point with the highest DINO at CLIP-T >= the floor and register it (writes RUN/choose/)."""
+    from subjectops.selection.choose import choose_and_register
+
+    info = choose_and_register(build_params(params_path, sets), run_dir, min_clip_t, tracking_uri=tracking_uri,
+                               model_name=name)
+    console.print(f"chosen: {info['chosen']} ({info['rule']})", highlight=False)
+    done("registered", Path(f"models:/{info['model_name']}/{info['version']}"))
+
+
+@app.command()
+@user_errors
+def compare(run_dirs: List[Path] = typer.Argument(..., help="run directories (several methods, strategies, subjects)"),
+            out: Optional[Path] = typer.Option(None, "--out", help="write leaderboard.md, .html and .json here")):
+    """One leaderboard: methods (and strategies) x metrics, mean and 95% bootstrap interval over the per-image values;
+    refuses runs whose prompt sets, seeds or backbones differ."""
+    from subjectops.selection.compare import leaderboard, write_leaderboard
+
+    board = leaderboard(run_dirs)
+    typer.echo(board.markdown())
+    if out is not None:
+        done("leaderboard", write_leaderboard(board, out) / "leaderboard.html")
 
 
 # register / promote / sync (MLflow registry and tracking)

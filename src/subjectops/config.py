@@ -22,7 +22,7 @@ from subjectops.metrics.definitions import METRIC_NAMES, METRICS, direction
 
 DEFAULT_PARAMS = Path("params.yaml")
 # The registry in subjectops.inference holds the strategies (it imports torch; this module must not).
-STRATEGY_NAMES = ("plain",)
+STRATEGY_NAMES = ("plain", "dreamblend")
 
 
 class ConfigError(SubjectopsError):
@@ -100,6 +100,15 @@ class TrainingCfg(StrictModel):
     checkpoint_every: int = Field(200, ge=0)
     validation_every: int = Field(200, ge=0)
     validation_prompt: str = "a photo of {token} {class_word}"
+    # Steps at which an inference-ready snapshot is kept (finetune/snapshots/step_NNNNNN/), for sweeps and DreamBlend.
+    snapshots: list[int] = []
+
+    @field_validator("snapshots")
+    @classmethod
+    def _positive_steps(cls, v: list[int]) -> list[int]:
+        if any(step < 1 for step in v):
+            raise ValueError(f"snapshot steps must be at least 1, got {v}")
+        return sorted(set(v))
 
 
 # finetune.<section> for every registered method, with the config model the method declares.
@@ -127,6 +136,39 @@ class PromptVaryingCfg(StrictModel):
     sampler_seed: int = 0
 
 
+# DreamBlend (seed 003) supplement sec. 5: edit snapshot -> (classifier-free guidance scale, cross-attention guidance alpha).
+DREAMBLEND_SEC5 = {100: (3.0, 0.1), 200: (2.0, 0.07)}
+
+
+class DreamBlendCfg(StrictModel):
+    """infer.dreamblend: an underfit `guidance` snapshot lays out the image, an overfit `edit` snapshot draws the
+    subject (see subjectops.inference.dreamblend). `cfg` and `alpha` default to sec. 5's values for the edit step."""
+
+    guidance: int = Field(50, ge=1)  # finetune step of the guidance (underfit) snapshot
+    edit: int = Field(100, ge=1)  # finetune step of the edit (overfit) snapshot
+    cfg: Optional[float] = Field(None, ge=0)  # the edit model's classifier-free guidance scale
+    alpha: Optional[float] = Field(None, ge=0)  # cross-attention guidance step size
+    start: Literal["inversion", "noise"] = "inversion"  # DDIM inversion of I_u, or I_u's own x_T
+    max_resolution: int = Field(32, ge=1)  # cross-attention layers whose latent grid side is at most this
+
+    @model_validator(mode="after")
+    def _sec5_defaults(self):
+        if self.guidance >= self.edit:
+            raise ValueError(f"the guidance snapshot ({self.guidance}) must come before the edit snapshot ({self.edit})")
+        if (self.cfg is None or self.alpha is None) and self.edit not in DREAMBLEND_SEC5:
+            raise ValueError(f"supplement sec. 5 gives cfg and alpha for edit snapshots {sorted(DREAMBLEND_SEC5)} "
+                             f"only; set infer.dreamblend.cfg and .alpha for edit snapshot {self.edit}")
+        return self
+
+    @property
+    def edit_cfg(self) -> float:
+        return DREAMBLEND_SEC5[self.edit][0] if self.cfg is None else self.cfg
+
+    @property
+    def edit_alpha(self) -> float:
+        return DREAMBLEND_SEC5[self.edit][1] if self.alpha is None else self.alpha
+
+
 class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
@@ -139,6 +181,7 @@ class InferCfg(StrictModel):
     prompt_invariant: PromptInvariantCfg = PromptInvariantCfg()
     prompt_varying: PromptVaryingCfg = PromptVaryingCfg()
     dreambench: DreamBenchCfg = DreamBenchCfg()
+    dreamblend: DreamBlendCfg = DreamBlendCfg()
 
 
 class GateCfg(StrictModel):
@@ -169,12 +212,19 @@ class GateCfg(StrictModel):
         return self
 
 
+class ChooseCfg(StrictModel):
+    """`subjectops choose`: among a sweep's operating points, maximise DINO subject to CLIP-T >= min_clip_t."""
+
+    min_clip_t: Optional[float] = None  # null: no constraint (the highest DINO on the front)
+
+
 class RegistryCfg(StrictModel):
     # Registered model name; {subject} and {method} are filled from the run.
     model_name: str = Field("subjectops-{subject}", min_length=1)
     auto_register: bool = True
     # Prompt sets the gates compare; null = every prompt set the challenger was evaluated on.
     prompt_sets: Optional[list[str]] = None
+    choose: ChooseCfg = ChooseCfg()
     gates: list[GateCfg] = Field(
         default_factory=lambda: [GateCfg(metric="dino", tolerance=0.02), GateCfg(metric="clip-t", tolerance=0.01)]
     )

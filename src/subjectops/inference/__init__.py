@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from subjectops.errors import SubjectopsError
 from subjectops.inference.base import REQUIREMENTS, InferenceSpec, StageInputs, Strategy
+from subjectops.inference.dreamblend import DreamBlendStrategy
 from subjectops.inference.plain import PlainStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PlainStrategy,)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PlainStrategy, DreamBlendStrategy)}
 
-__all__ = ["REQUIREMENTS", "STRATEGIES", "InferenceSpec", "StageInputs", "Strategy", "get_strategy", "load_strategy"]
+__all__ = ["REQUIREMENTS", "STRATEGIES", "InferenceSpec", "StageInputs", "Strategy", "finetuned_pipeline", "get_strategy",
+           "load_strategy"]
 
 
 def get_strategy(name: str) -> type[Strategy]:
@@ -23,15 +25,20 @@ def get_strategy(name: str) -> type[Strategy]:
 def load_strategy(spec: InferenceSpec, inputs: StageInputs) -> Strategy:
     """The base model plus the finetune, wrapped in the spec's strategy: the one way infer and the registered
     model generate. On the GPU when there is one (each image's noise is still drawn on the CPU from its seed)."""
+    strategy = get_strategy(spec.strategy)
+    return strategy.load(finetuned_pipeline(inputs.model, strategy.weights(spec, inputs)), spec, inputs)
+
+
+def finetuned_pipeline(model, finetune_dir):
+    """The base model with a finetune output (or one of its snapshots) applied, in float32, on the GPU if any."""
     import torch
 
     from subjectops.methods import load_finetuned
     from subjectops.models.loading import load_pipeline
 
-    strategy = get_strategy(spec.strategy)
-    pipe = load_pipeline(inputs.model, dtype=torch.float32)
-    load_finetuned(pipe, inputs.finetune)
+    pipe = load_pipeline(model, dtype=torch.float32)
+    load_finetuned(pipe, finetune_dir)
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    return strategy.load(pipe, spec, inputs)
+    return pipe

@@ -91,6 +91,16 @@ class Strategy:
                              guidance_scale=infer.guidance_scale, resolution=resolution, config=config)
 
     @classmethod
+    def weights(cls, spec: InferenceSpec, inputs: StageInputs) -> Path:
+        """The finetune output (or snapshot in it) the strategy's pipeline is loaded with."""
+        return inputs.finetune
+
+    @classmethod
+    def snapshot_steps(cls, infer: InferCfg) -> set[int]:
+        """The finetune steps whose snapshots this strategy reads under the given config."""
+        return set()
+
+    @classmethod
     def stage_outputs(cls) -> set[str]:
         """The stage outputs the registered model must carry: the finetune, and whatever provides `requires`."""
         return {"finetune"} | {REQUIREMENTS[r] for r in cls.requires}

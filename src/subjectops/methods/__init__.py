@@ -41,3 +41,25 @@ def load_finetuned(pipe, finetune_dir: Path) -> dict:
     info = json.loads(info_path.read_text())
     get_method(info["method"]).apply(pipe, finetune_dir, info)
     return info
+
+
+SNAPSHOTS_DIR = "snapshots"
+
+
+def snapshot_dir(finetune_dir: Path, step: int) -> Path:
+    """Where a finetune output keeps its snapshot of `step` (`finetune.snapshots`): a finetune output of its own."""
+    return Path(finetune_dir) / SNAPSHOTS_DIR / f"step_{step:06d}"
+
+
+def snapshot_steps_in(finetune_dir: Path) -> list[int]:
+    """The steps of the snapshots a finetune output holds, in order."""
+    root = Path(finetune_dir) / SNAPSHOTS_DIR
+    return sorted(int(d.name.removeprefix("step_")) for d in root.glob("step_*") if (d / "method.json").is_file())
+
+
+def require_snapshot(finetune_dir: Path, step: int) -> Path:
+    path = snapshot_dir(finetune_dir, step)
+    if not (path / "method.json").is_file():
+        raise SubjectopsError(f"{finetune_dir} keeps no snapshot of step {step} (it has {snapshot_steps_in(finetune_dir)})",
+                              fix=f"add {step} to finetune.snapshots (or pick a kept step) and run finetune again")
+    return path

@@ -136,8 +136,9 @@ class Method:
         pass
 
     # --- artifacts --------------------------------------------------------------------------------
-    def save(self, out_dir: Path) -> list[str]:
-        """Write the trained weights; returns the relative paths written."""
+    def save(self, out_dir: Path, snapshot: bool = False) -> list[str]:
+        """Write the trained weights; returns the relative paths written. A `snapshot` (kept mid-training for
+        inference only, `finetune.snapshots`) may store a full UNet in half precision."""
         raise NotImplementedError
 
     @classmethod

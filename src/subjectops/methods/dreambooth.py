@@ -75,8 +75,8 @@ class DreamBoothMethod(Method):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self._named())
 
-    def save(self, out_dir: Path) -> list[str]:
-        self.models.unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+    def save(self, out_dir: Path, snapshot: bool = False) -> list[str]:
+        save_unet(self.models.unet, out_dir / "unet", half=snapshot)
         written = ["unet"]
         if self._train_text():
             for i, enc in enumerate(self.models.text_encoders):
@@ -96,3 +96,19 @@ class DreamBoothMethod(Method):
         if (finetune_dir / "text_encoder_2").exists():
             pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                 finetune_dir / "text_encoder_2", dtype=pipe.text_encoder_2.dtype)
+
+
+def save_unet(unet, directory: Path, half: bool) -> None:
+    """The UNet in diffusers' format; `half` stores float16 tensors (a snapshot: half the disk, and
+    `apply` loads it back in the pipeline's dtype)."""
+    if not half:
+        unet.save_pretrained(directory, safe_serialization=True)
+        return
+    import torch
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    unet.save_config(directory)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()},
+              directory / SAFETENSORS_WEIGHTS_NAME)

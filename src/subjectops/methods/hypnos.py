@@ -303,8 +303,8 @@ class HypnosMethod(DreamBoothMethod):
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
 
-    def save(self, out_dir: Path) -> list[str]:
-        written = super().save(out_dir)
+    def save(self, out_dir: Path, snapshot: bool = False) -> list[str]:
+        written = super().save(out_dir, snapshot)
         if self.disc is not None:
             self.disc.save(Path(out_dir) / DISC_SUBDIR, finetuned_from=str(self.disc_dir))
             written.append(DISC_SUBDIR)

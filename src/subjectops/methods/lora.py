@@ -41,7 +41,7 @@ class LoraMethod(DreamBoothMethod):
     def _named(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(f"unet.{n}", p) for n, p in self.models.unet.named_parameters() if "lora_" in n]
 
-    def save(self, out_dir: Path) -> list[str]:
+    def save(self, out_dir: Path, snapshot: bool = False) -> list[str]:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 

@@ -9,7 +9,8 @@ A stage is in the plan when it always runs or when something the run needs bring
 - the configured method's `requirements()` (from its config, so ablations count): class priors bring
   `priors`, a latent discriminator brings `pretrain_disc`;
 - the inference strategy's `requires` (`infer.strategy`): references and masks come from `refine`, which always
-  runs; snapshots change what `finetune` keeps, read from `Plan.requirements`;
+  runs; snapshots (also required when `finetune.snapshots` is set) change what `finetune` keeps, read from
+  `Plan.requirements`, at the steps `snapshot_steps(params)` gives;
 - `registry.auto_register` brings `register`.
 
 A new requirement that brings a new stage gets a row in `STAGES`. This module sits beside the method registry
@@ -25,6 +26,7 @@ from subjectops.errors import SubjectopsError
 from subjectops.methods.base import CLASS_PRIORS, LATENT_DISCRIMINATOR
 
 REGISTRATION = "registration"
+SNAPSHOTS = "snapshots"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ def requirements(params) -> set[str]:
     from subjectops.inference import get_strategy
 
     needs = set(configured_method(params).requirements()) | set(get_strategy(params.infer.strategy).requires)
+    if params.finetune.snapshots:
+        needs.add(SNAPSHOTS)
     if params.registry.auto_register:
         needs.add(REGISTRATION)
     return needs
@@ -118,3 +122,14 @@ def plan(params) -> Plan:
             done = {s.name for s in planned}
             planned.append(PlannedStage(rule.name, tuple(r for r in rule.reads if r in done)))
     return Plan(params.finetune.method, tuple(sorted(needs)), tuple(planned))
+
+
+def snapshot_steps(params) -> list[int]:
+    """The finetune steps whose snapshots the run keeps: `finetune.snapshots` and those the strategy reads;
+    none unless the plan requires snapshots."""
+    from subjectops.inference import get_strategy
+
+    if SNAPSHOTS not in requirements(params):
+        return []
+    strategy = get_strategy(params.infer.strategy)
+    return sorted(set(params.finetune.snapshots) | strategy.snapshot_steps(params.infer))

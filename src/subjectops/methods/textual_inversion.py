@@ -109,7 +109,7 @@ class TextualInversionMethod(Method):
             return {self.cfg.placeholder: rows[0]}
         return dict(zip(SDXL_KEYS, rows))
 
-    def save(self, out_dir: Path) -> list[str]:
+    def save(self, out_dir: Path, snapshot: bool = False) -> list[str]:
         from safetensors.torch import save_file
 
         save_file(self.learned(), out_dir / EMBEDS_FILE)

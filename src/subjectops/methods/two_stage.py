@@ -18,7 +18,7 @@ from pydantic import Field
 
 from subjectops.config_base import StrictModel
 from subjectops.methods.base import Phase
-from subjectops.methods.dreambooth import DreamBoothMethod
+from subjectops.methods.dreambooth import DreamBoothMethod, save_unet
 from subjectops.methods.textual_inversion import TextualInversionMethod
 
 if TYPE_CHECKING:
@@ -52,9 +52,9 @@ class TwoStageMethod(TextualInversionMethod):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**dict(self._embeddings()), **dict(self._unet())}
 
-    def save(self, out_dir: Path) -> list[str]:
-        self.models.unet.save_pretrained(out_dir / "unet", safe_serialization=True)
-        return super().save(out_dir) + ["unet"]
+    def save(self, out_dir: Path, snapshot: bool = False) -> list[str]:
+        save_unet(self.models.unet, out_dir / "unet", half=snapshot)
+        return super().save(out_dir, snapshot) + ["unet"]
 
     @classmethod
     def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:

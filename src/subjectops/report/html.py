@@ -131,9 +131,11 @@ def render_report(
     params: dict[str, Any],
     versions: dict[str, str],
     subject: dict[str, Any],
+    front: dict[str, Any] | None = None,
 ) -> Path:
     """Write report.html from templates/report.html.j2 (autoescaped: prompts and names are text, never markup).
-    ``metrics`` is the content of metrics.json; ``samples`` that of samples.json."""
+    ``metrics`` is the content of metrics.json; ``samples`` that of samples.json; ``front`` the operating points
+    of a sweep (points, front, chosen, rule, the plot's uri) when the report is a sweep's."""
     backbones = metrics["backbones"]
     random_roles = [role for role, info in backbones.items() if not info["pretrained"]]
     page = _ENV.get_template("report.html.j2").render(
@@ -153,6 +155,7 @@ def render_report(
         plots=_plots(metrics),
         versions=versions,
         params_yaml=yaml.safe_dump(params, sort_keys=False),
+        front=front,
     )
     out_path = Path(out_path)
     out_path.write_text(page, encoding="utf-8")

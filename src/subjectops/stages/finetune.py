@@ -1,5 +1,9 @@
 """finetune: train the chosen method on the refined subject (and class priors), then save its weights.
 
+When the plan requires snapshots, the trainer's snapshot hook keeps an inference-ready copy of the weights at
+each of `snapshot_steps(params)` in `snapshots/step_NNNNNN/` (method.json and manifest of its own), written by
+the method's `save` (adapters as they are; a full UNet in half precision).
+
 Checkpoints live in `<out>.partial/checkpoints`; a killed run started again with the same parameters
 resumes from the latest one and ends with the same weights as an uninterrupted run.
 """
@@ -15,7 +19,8 @@ from typing import Callable
 from subjectops.config import Params
 from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.errors import SubjectopsError
-from subjectops.methods import get_method
+from subjectops.methods import get_method, snapshot_dir
+from subjectops.methods.plan import snapshot_steps
 from subjectops.models.loading import load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
 from subjectops.stages.common import partial_dir, planned_inputs, stage_output, write_manifest
@@ -40,8 +45,30 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     method = method_cls(params, subject.class_word, models)
     method.disc_dir = disc_dir
     work = partial_dir(out)
+    keep = snapshot_steps(params)
+    total_steps = sum(phase.steps for phase in method.phases())
+    if keep and keep[-1] > total_steps:
+        raise SubjectopsError(f"snapshots are asked for at steps {keep}, but {method.name} trains {total_steps} steps",
+                              fix="lower finetune.snapshots (and infer.dreamblend.guidance/edit) or train longer")
+    manifest_inputs = {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir}
+
+    def record(directory: Path, steps: int, written: list[str]) -> None:
+        info = {"method": method.name, "base_model": params.model.base, "identifier": method.identifier(),
+                "instance_prompt": method.instance_prompt(), "class_word": subject.class_word, "steps": steps,
+                "resolution": subject.resolution, "weights": written, "processes": trainer.world,
+                "native_resolution": models.native_resolution}
+        (directory / "method.json").write_text(json.dumps(info, indent=2))
+        write_manifest(directory, "finetune", params, manifest_inputs, method=method.name, processes=trainer.world,
+                       prepared=trainer.prepared, step=steps)
+
+    def save_snapshot(step: int) -> None:
+        directory = snapshot_dir(work, step)
+        directory.mkdir(parents=True, exist_ok=True)
+        record(directory, step, method.save(directory, snapshot=True))
+
     # The trainer places the models on the accelerator first, so what setup() adds lands there too.
-    trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step)
+    trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step,
+                      on_snapshot=save_snapshot, snapshot_steps=keep)
     method.setup()
     priors = load_priors(priors_dir)  # planned_inputs gave None unless the plan has priors
     if priors_dir is not None and not priors:
@@ -73,12 +100,6 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
         if trainer.is_main:
             written = method.save(work)
             shutil.rmtree(trainer.ckpt_dir, ignore_errors=True)  # the saved weights supersede them
-            info = {"method": method.name, "base_model": params.model.base, "identifier": method.identifier(),
-                    "instance_prompt": method.instance_prompt(), "class_word": subject.class_word, "steps": steps,
-                    "resolution": subject.resolution, "weights": written, "processes": trainer.world,
-                    "native_resolution": models.native_resolution}
-            (work / "method.json").write_text(json.dumps(info, indent=2))
-            write_manifest(work, "finetune", params, {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir},
-                           method=method.name, processes=trainer.world, prepared=trainer.prepared)
+            record(work, steps, written)
     return Path(out)
 

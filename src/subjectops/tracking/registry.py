@@ -90,7 +90,8 @@ def model_artifacts(run_dir: Path, spec, base_dir: Path | None) -> dict[str, Pat
     """The directories packaged with the model: the finetune, each stage output the strategy requires, the base."""
     from subjectops.inference import get_strategy
 
-    artifacts = {stage: Path(run_dir) / stage for stage in sorted(get_strategy(spec.strategy).stage_outputs())}
+    # resolved: a chosen operating point's run view links its stage outputs (subjectops.selection.choose)
+    artifacts = {stage: (Path(run_dir) / stage).resolve() for stage in sorted(get_strategy(spec.strategy).stage_outputs())}
     missing = [str(d) for d in artifacts.values() if not d.is_dir()]
     if missing:
         raise RegistryError(f"the {spec.strategy!r} inference strategy needs {', '.join(missing)}, which does not exist",

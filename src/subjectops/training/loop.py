@@ -21,7 +21,7 @@ import importlib.util
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -47,12 +47,15 @@ MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": to
 
 class Trainer:
     """Runs a method's phases. `cache_latents` / `cache_text` exist for the benchmark's reference loop;
-    `accelerator` lets a test or benchmark hand in one it configured (e.g. a CPU gradient scaler)."""
+    `accelerator` lets a test or benchmark hand in one it configured (e.g. a CPU gradient scaler).
+    `on_snapshot(step)` is called on the main process after each step in `snapshot_steps`, with the live weights
+    of that step (the caller saves them)."""
 
     def __init__(self, params: "Params", models: DiffusionModels, method: "Method", resolution: int, work_dir: Path,
                  cache_latents: bool = True, cache_text: bool = True,
                  on_step: Callable[[int, dict], None] | None = None, show_progress: bool = True,
-                 accelerator: Accelerator | None = None):
+                 accelerator: Accelerator | None = None,
+                 on_snapshot: Callable[[int], None] | None = None, snapshot_steps: Iterable[int] = ()):
         self.params = params
         self.cfg = params.finetune
         self.models = models
@@ -60,6 +63,8 @@ class Trainer:
         self.resolution = resolution
         self.work_dir = Path(work_dir)
         self.on_step = on_step
+        self.on_snapshot = on_snapshot
+        self.snapshot_steps = frozenset(snapshot_steps)
         self.show_progress = show_progress
         if accelerator is None:
             if self.cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -241,6 +246,8 @@ class Trainer:
                 progress.update(task, advance=1, loss=terms["loss"])
                 if self.cfg.checkpoint_every and global_step % self.cfg.checkpoint_every == 0:
                     self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)
+                if self.on_snapshot and self.is_main and global_step in self.snapshot_steps:
+                    self.on_snapshot(global_step)
                 if validate and self.is_main and self.cfg.validation_every and global_step % self.cfg.validation_every == 0:
                     validate(global_step)
         for module in [*wrapped, *owned]:

@@ -1,0 +1,97 @@
+"""Operating points: the Pareto front in (CLIP-T, DINO) on hand-made points, ties included, and the rule that
+chooses what ships."""
+
+from __future__ import annotations
+
+import pytest
+
+from subjectops.errors import SubjectopsError
+from subjectops.selection.pareto import OperatingPoint, choose, pareto_front
+
+# (CLIP-T, DINO), both higher-is-better
+HAND_MADE = {
+    "overfit": (0.20, 0.90),
+    "overfit-twin": (0.20, 0.90),  # an exact tie with a front point: both stay
+    "same-clip-lower-dino": (0.20, 0.80),  # dominated by "overfit" on DINO alone
+    "middle": (0.50, 0.50),
+    "inside": (0.40, 0.40),  # dominated by "middle" on both
+    "underfit": (0.90, 0.10),
+    "same-dino-lower-clip": (0.85, 0.10),  # dominated by "underfit" on CLIP-T alone
+    "knee": (0.60, 0.45),  # trades DINO for CLIP-T against "middle": on the front
+}
+
+
+def test_front_is_exactly_the_non_dominated_set_with_ties():
+    labels = list(HAND_MADE)
+    front = [labels[i] for i in pareto_front(list(HAND_MADE.values()))]
+    assert front == ["overfit", "overfit-twin", "middle", "underfit", "knee"]
+    assert pareto_front([]) == [] and pareto_front([(0.1, 0.1)]) == [0]
+    assert pareto_front([(0.3, 0.3)] * 3) == [0, 1, 2]
+
+
+def points() -> list[OperatingPoint]:
+    return [OperatingPoint(label, "plain", {}, clip_t, 0.01, dino, 0.01, 4) for label, (clip_t, dino) in HAND_MADE.items()]
+
+
+def test_choose_maximises_dino_subject_to_the_clip_t_floor():
+    assert choose(points(), None).label == "overfit"
+    assert choose(points(), 0.45).label == "middle"
+    assert choose(points(), 0.55).label == "knee"
+    assert choose(points(), 0.9).label == "underfit"
+    with pytest.raises(SubjectopsError, match=r"CLIP-T >= 0.95 \(the highest is 0.9000\)") as err:
+        choose(points(), 0.95)
+    assert "0.9000" in err.value.fix
+
+
+def comparable_run(run, method: str, seed_offset: int = 0, shift: float = 0.0):
+    """A run directory as the stages write it (synthetic: no training), with per-image values that vary."""
+    import json
+
+    import numpy as np
+    from synthetic_runs import metrics_json, synthetic_params, write_stage
+
+    params = synthetic_params()
+    write_stage(run, "refine", params)
+    write_stage(run, "infer", params)
+    (run / "finetune").mkdir(parents=True)
+    (run / "finetune" / "method.json").write_text(json.dumps({"method": method}))
+    doc = metrics_json()
+    rng = np.random.default_rng(len(method))
+    for row in doc["per_image"]:
+        row["seed"] += seed_offset
+        for key in ("dino", "clip-t"):
+            row[key] = float(row[key] + shift + rng.normal(0, 0.05))
+    (run / "evaluate").mkdir(parents=True)
+    (run / "evaluate" / "metrics.json").write_text(json.dumps(doc))
+    return run, doc
+
+
+def test_compare_gives_one_leaderboard_of_three_methods(tmp_path):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from subjectops.cli import app
+
+    runs = {m: comparable_run(tmp_path / m, m, shift=i * 0.1) for i, m in enumerate(["dreambooth", "lora", "two-stage"])}
+    result = CliRunner().invoke(app, ["compare", *[str(r) for r, _ in runs.values()], "--out", str(tmp_path / "board")])
+    assert result.exit_code == 0, result.output
+    board = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
+    assert list(board["rows"]) == ["dreambooth / plain", "lora / plain", "two-stage / plain"]
+    for method, (_, doc) in runs.items():
+        values = np.array([row["dino"] for row in doc["per_image"]])
+        cell = board["rows"][f"{method} / plain"]["prompt-invariant/DINO"]
+        assert cell["mean"] == pytest.approx(values.mean())
+        assert values.min() <= cell["low"] < cell["mean"] < cell["high"] <= values.max()
+    assert "| two-stage / plain |" in (tmp_path / "board" / "leaderboard.md").read_text()
+    assert "<table class=\"leaderboard\">" in (tmp_path / "board" / "leaderboard.html").read_text()
+
+
+def test_compare_refuses_runs_with_different_seeds_naming_them(tmp_path):
+    from subjectops.selection.compare import leaderboard
+
+    first, _ = comparable_run(tmp_path / "a", "lora")
+    other, _ = comparable_run(tmp_path / "b", "dreambooth", seed_offset=100)
+    with pytest.raises(SubjectopsError, match=r"runs of teapot differ in seeds: .*/a has .*\[0, 1, 2, 3\].*/b has .*\[100, 101, 102, 103\]"):
+        leaderboard([first, other])
