@@ -79,6 +79,7 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
                     "native_resolution": models.native_resolution}
             (work / "method.json").write_text(json.dumps(info, indent=2))
             write_manifest(work, "finetune", params, {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir},
-                           method=method.name, processes=trainer.world, prepared=trainer.prepared)
+                           method=method.name, processes=trainer.world, prepared=trainer.prepared,
+                           **method.manifest_extra())
     return Path(out)
 
