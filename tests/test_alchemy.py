@@ -1,0 +1,146 @@
+"""Image-Alchemy (seed 002) on tiny-sdxl: the LoRA method (attention projections only, scale 1, token from the scan)
+and the two-stage `alchemy` inference strategy (base scene, blur, img2img with the LoRA, composite)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from subjectops.config import InferCfg, ModelCfg, load_params
+from subjectops.data import rare_tokens
+from subjectops.errors import SubjectopsError
+from subjectops.inference import StageInputs, load_strategy
+from subjectops.inference import blur
+from subjectops.inference.alchemy import AlchemyStrategy, img2img, scene_prompt
+from subjectops.methods.alchemy import AlchemyMethod
+from subjectops.models.loading import load_pipeline
+from subjectops.models.sampling import generate
+from subjectops.training.models import DiffusionModels
+
+SDXL = ModelCfg(base="tiny-sdxl")
+RES = 64
+
+
+def alchemy_params(repo_root, *extra):
+    return load_params(repo_root / "params.yaml", ["model.base=tiny-sdxl", "finetune.method=alchemy", *extra])
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def sample(pipe, prompt="a photo of immen dog on a beach", seed=3) -> np.ndarray:
+    return pixels(generate(pipe, [prompt], [seed], 2, 5.0, RES)[0])
+
+
+@pytest.fixture(scope="module")
+def lora_finetune(tmp_path_factory, repo_root):
+    """A saved alchemy finetune whose LoRA visibly changes the output (random up-projections instead of zeros)."""
+    out = tmp_path_factory.mktemp("alchemy-finetune")
+    params = alchemy_params(repo_root, "finetune.alchemy.token=immen")
+    method = AlchemyMethod(params, "dog", DiffusionModels.from_pipeline(load_pipeline(SDXL)))
+    method.setup()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in method.models.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    method.save(out)
+    (out / "method.json").write_text(json.dumps({"method": "alchemy", "identifier": "immen", "class_word": "dog",
+                                                 "base_model": "tiny-sdxl"}))
+    return out
+
+
+def test_lora_trains_the_unet_attention_projections_only_at_scale_one(repo_root):
+    params = alchemy_params(repo_root, "finetune.alchemy.token=immen", "finetune.alchemy.rank=2")
+    models = DiffusionModels.from_pipeline(load_pipeline(SDXL))
+    method = AlchemyMethod(params, "dog", models)
+    method.setup()
+    named = method._named()
+    assert named and all(n.startswith("unet.") and "lora_" in n for n, _ in named)
+    projections = {re.search(r"\.(to_q|to_k|to_v|to_out\.0)\.lora_[AB]\.", n).group(1) for n, _ in named}
+    assert projections == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert all(".attn1." in n or ".attn2." in n for n, _ in named)
+    scalings = {m.scaling["default"] for m in models.unet.modules() if hasattr(m, "scaling") and m.scaling}
+    assert scalings == {1.0}  # alpha defaults to the rank: W + 1 * U V^T (app. A.4 eq. 5)
+    for encoder in models.text_encoders:  # both SDXL text encoders frozen, no adapter
+        assert not any(p.requires_grad for p in encoder.parameters())
+        assert not any("lora" in n for n, _ in encoder.named_parameters())
+    phase = method.phases()[0]
+    assert not phase.text_changes and not phase.uses_priors  # sec. 3.2.1: no prior preservation
+    assert method.requirements() == set()
+
+
+def test_identifier_is_the_given_token_or_the_best_of_the_cached_scan(repo_root, tmp_path):
+    params = alchemy_params(repo_root, f"finetune.alchemy.token_scan.cache_dir={tmp_path}",
+                            "finetune.alchemy.token_scan.candidates=[immen, pasqu, iklan]")
+    method = AlchemyMethod(params, "dog", models=None)
+    with pytest.raises(SubjectopsError, match="no complete token scan"):
+        method.identifier()
+    path, key = rare_tokens.cache_file(params.finetune.alchemy.token_scan, params.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": key, "scores": {"immen": 0.4, "pasqu": 0.2, "iklan": 0.3, "sks": 0.1}}))
+    method = AlchemyMethod(params, "dog", models=None)
+    assert method.identifier() == "pasqu"  # sks scores lowest but is a reference token, never chosen
+    assert method.instance_prompt() == "a photo of pasqu dog"
+    extra = method.manifest_extra()["alchemy"]
+    assert extra["token_source"] == f"token scan {path}" and extra["open_in_paper"]["alpha"] == 8
+    given = AlchemyMethod(alchemy_params(repo_root, "finetune.alchemy.token=koval"), "dog", models=None)
+    assert given.identifier() == "koval" and given.manifest_extra()["alchemy"]["token_source"] == "finetune.alchemy.token"
+
+
+def test_a_lora_that_is_not_loaded_leaves_the_base_output_unchanged_bit_for_bit(lora_finetune):
+    pipe = load_pipeline(SDXL)
+    base = sample(pipe)
+    pipe.load_lora_weights(str(lora_finetune), weight_name="pytorch_lora_weights.safetensors")
+    with_lora = sample(pipe)
+    assert np.abs(with_lora.astype(int) - base).max() > 10  # the adapter is live
+    pipe.disable_lora()
+    np.testing.assert_array_equal(sample(pipe), base)
+    pipe.enable_lora()
+    np.testing.assert_array_equal(sample(pipe), with_lora)
+    pipe.unload_lora_weights()
+    np.testing.assert_array_equal(sample(pipe), base)
+
+
+def test_img2img_with_strength_zero_returns_its_input(lora_finetune):
+    from diffusers import AutoPipelineForImage2Image
+
+    pipe = AutoPipelineForImage2Image.from_pipe(load_pipeline(SDXL))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (RES, RES, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(pixels(img2img(pipe, image, "a photo of dog", 0, 0.0, 4, 5.0)), pixels(image))
+    changed = img2img(pipe, image, "a photo of dog", 0, 0.5, 4, 5.0)
+    assert changed.size == image.size and np.abs(pixels(changed).astype(int) - pixels(image)).max() > 10
+
+
+def test_scene_prompt_puts_the_class_word_in_place_of_the_token():
+    assert scene_prompt("a photo of immen dog on a beach", "immen", "dog") == "a photo of dog on a beach"
+    assert scene_prompt("immen wearing a hat", "immen", "dog") == "dog wearing a hat"
+    assert scene_prompt("a photo of immensity", "immen", "dog") == "a photo of immensity"
+
+
+def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune):
+    cfg = InferCfg(steps=2, guidance_scale=5.0, alchemy={"strength": 0.5, "feather": 4})
+    spec = AlchemyStrategy.spec_for(cfg, RES)
+    assert spec.config["strength"] == 0.5 and spec.config["kernel_size"] == 151  # recorded in infer's manifest
+    strategy = load_strategy(spec, StageInputs(model=SDXL, finetune=lora_finetune))
+    prompt, seed = "a photo of immen dog on a beach", 5
+    final, stages = strategy.generate_with_stages(prompt, seed)
+    assert list(stages) == ["stage1", "blurred"]
+    # stage 1 is the unmodified base model's image of the class-word prompt
+    base = load_pipeline(SDXL)
+    from subjectops.models.sampling import use_scheduler
+
+    use_scheduler(base, spec.scheduler)
+    np.testing.assert_array_equal(pixels(stages["stage1"]), sample(base, "a photo of dog on a beach", seed))
+    mask = np.asarray(strategy.segmenter.mask(stages["stage1"])) > 127
+    outside = blur.distance_from_mask(mask) >= 4  # beyond the composite's feather
+    assert outside.any() and mask.any()
+    np.testing.assert_array_equal(pixels(final)[outside], pixels(stages["stage1"])[outside])
+    assert np.abs(pixels(final)[mask].astype(int) - pixels(stages["stage1"])[mask]).max() > 10  # the LoRA inserted
+    np.testing.assert_array_equal(pixels(strategy.generate([prompt], [seed])[0]), pixels(final))  # reproducible
