@@ -144,3 +144,22 @@ def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune):
     np.testing.assert_array_equal(pixels(final)[outside], pixels(stages["stage1"])[outside])
     assert np.abs(pixels(final)[mask].astype(int) - pixels(stages["stage1"])[mask]).max() > 10  # the LoRA inserted
     np.testing.assert_array_equal(pixels(strategy.generate([prompt], [seed])[0]), pixels(final))  # reproducible
+
+
+def test_infer_saves_each_final_image_with_its_stage_images(lora_finetune, repo_root, example_subject, tmp_path):
+    from subjectops.stages.infer import infer
+    from subjectops.stages.refine import refine
+
+    params = alchemy_params(repo_root, "infer.strategy=alchemy", "infer.steps=2", "infer.prompt_invariant.num_images=2",
+                            "infer.alchemy.strength=0.5")
+    refine_dir = refine(params, example_subject, "dog", tmp_path / "refine")
+    (lora_finetune / "manifest.json").write_text("{}")  # a complete stage output for require_stage_dir
+    out = infer(params, refine_dir, lora_finetune, tmp_path / "infer")
+    samples = json.loads((out / "samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["a photo of immen dog"] * 2
+    for s in samples:
+        assert list(s["stages"]) == ["stage1", "blurred"] and s["path"].startswith("images/")
+        assert all((out / rel).is_file() and rel.startswith("stages/") for rel in s["stages"].values())
+    assert sorted(p.name for p in (out / "images" / "prompt-invariant").iterdir()) == ["0000.png", "0001.png"]
+    inference = json.loads((out / "manifest.json").read_text())["inference"]
+    assert inference["strategy"] == "alchemy" and inference["config"]["strength"] == 0.5

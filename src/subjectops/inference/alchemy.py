@@ -80,6 +80,7 @@ class AlchemyStrategy(Strategy):
         info = json.loads((inputs.finetune / "method.json").read_text())
         self.identifier, self.class_word = info["identifier"], info["class_word"]
         self.img2img = AutoPipelineForImage2Image.from_pipe(pipe)  # shares the modules, so the LoRA too
+        self.img2img.set_progress_bar_config(disable=True)
         self.segmenter = get_backend(RefineCfg(mask_backend=self.config.mask_backend,
                                                sam_checkpoint=self.config.sam_checkpoint))
         # A LoRA is switched off for stage 1; a finetune that replaced weights needs the base loaded beside it.
