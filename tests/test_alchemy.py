@@ -16,7 +16,7 @@ from subjectops.data import rare_tokens
 from subjectops.errors import SubjectopsError
 from subjectops.inference import StageInputs, load_strategy
 from subjectops.inference import blur
-from subjectops.inference.alchemy import AlchemyStrategy, img2img, scene_prompt
+from subjectops.inference.alchemy import AlchemyStrategy, img2img, scene_prompt, segment_scene
 from subjectops.methods.alchemy import AlchemyMethod
 from subjectops.models.loading import load_pipeline
 from subjectops.models.sampling import generate
@@ -138,7 +138,7 @@ def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune):
 
     use_scheduler(base, spec.scheduler)
     np.testing.assert_array_equal(pixels(stages["stage1"]), sample(base, "a photo of dog on a beach", seed))
-    mask = np.asarray(strategy.segmenter.mask(stages["stage1"])) > 127
+    mask = segment_scene(strategy.segmenter, stages["stage1"], strategy.config.mask_resolution)
     outside = blur.distance_from_mask(mask) >= 4  # beyond the composite's feather
     assert outside.any() and mask.any()
     np.testing.assert_array_equal(pixels(final)[outside], pixels(stages["stage1"])[outside])
@@ -163,3 +163,20 @@ def test_infer_saves_each_final_image_with_its_stage_images(lora_finetune, repo_
     assert sorted(p.name for p in (out / "images" / "prompt-invariant").iterdir()) == ["0000.png", "0001.png"]
     inference = json.loads((out / "manifest.json").read_text())["inference"]
     assert inference["strategy"] == "alchemy" and inference["config"]["strength"] == 0.5
+
+
+def test_segmentation_sees_a_downscaled_scene_and_returns_a_mask_of_the_scenes_size():
+    seen = []
+
+    class Centre:
+        def mask(self, image):
+            seen.append(image.size)
+            m = np.zeros((image.height, image.width), np.uint8)
+            m[image.height // 4: 3 * image.height // 4, image.width // 4: 3 * image.width // 4] = 255
+            return Image.fromarray(m)
+
+    mask = segment_scene(Centre(), Image.new("RGB", (512, 256)), 128)
+    assert seen == [(128, 64)] and mask.shape == (256, 512) and mask.dtype == bool
+    assert mask[128, 256] and not mask[0, 0] and mask.sum() == 128 * 256
+    segment_scene(Centre(), Image.new("RGB", (64, 64)), 128)
+    assert seen[-1] == (64, 64)  # never upscaled

@@ -138,6 +138,8 @@ class AlchemyInferCfg(StrictModel):
     decay: float = Field(5.0, ge=0)  # lambda, per shorter image side (see inference/blur.py)
     feather: int = Field(8, ge=0)  # pixels over which the composite fades from the img2img image to the scene
     mask_backend: Literal["grabcut", "sam"] = "grabcut"  # segments the stage-1 scene (no Grounded-SAM here)
+    # segmentation sees the scene downscaled to this longest side (GrabCut at SDXL's 1024 px takes minutes on CPU)
+    mask_resolution: int = Field(256, ge=32)
     sam_checkpoint: Optional[str] = None
 
     @field_validator("kernel_size")

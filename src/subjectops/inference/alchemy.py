@@ -45,6 +45,15 @@ def to_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8))
 
 
+def segment_scene(segmenter, scene: Image.Image, max_side: int) -> np.ndarray:
+    """The subject mask (bool, the scene's size), segmented on a copy downscaled to at most `max_side` pixels."""
+    scale = max_side / max(scene.size)
+    small = scene.resize((max(1, round(scene.width * scale)), max(1, round(scene.height * scale))), Image.BICUBIC) \
+        if scale < 1 else scene
+    mask = segmenter.mask(small)
+    return np.asarray(mask.resize(scene.size, Image.NEAREST) if mask.size != scene.size else mask) > 127
+
+
 def blurred_scene(scene: Image.Image, mask: np.ndarray, cfg) -> Image.Image:
     """The stage-1 scene with its subject region blurred as `cfg.blur` says (app. A.1)."""
     pixels = to_array(scene)
@@ -116,7 +125,7 @@ class AlchemyStrategy(Strategy):
         with self.base_model() as base:
             scene = generate(base, [scene_prompt(prompt, self.identifier, self.class_word)], [seed], s.steps,
                              s.guidance_scale, s.resolution)[0]
-        mask = np.asarray(self.segmenter.mask(scene)) > 127
+        mask = segment_scene(self.segmenter, scene, cfg.mask_resolution)
         blurred = blurred_scene(scene, mask, cfg)
         inserted = img2img(self.img2img, blurred, prompt, seed, cfg.strength, s.steps, s.guidance_scale)
         final = to_image(blur.composite(to_array(scene), to_array(inserted), mask, cfg.feather))
