@@ -29,31 +29,23 @@ import subjectops.models.sampling as sampling
 from subjectops.config import InferCfg, ModelCfg, RefineCfg, load_params
 from subjectops.inference import StageInputs, get_strategy, load_strategy
 from subjectops.inference import blur
-from subjectops.methods.alchemy import AlchemyMethod
-from subjectops.models.loading import load_pipeline, native_resolution
+from subjectops.models.loading import native_resolution
 from subjectops.segment import get_backend
-from subjectops.training.models import DiffusionModels
+from subjectops.stages.finetune import finetune
+from subjectops.stages.refine import refine
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = ["a photo of immen dog on a beach", "a photo of immen dog in a kitchen", "immen dog wearing a red hat",
-           "a photo of immen dog in the snow"]
+PROMPTS = ["a photo of immen teapot on a beach", "a photo of immen teapot in a kitchen", "a red immen teapot",
+           "a photo of immen teapot in the snow"]
 
 
-def lora_finetune(model: str, out: Path) -> Path:
-    """A saved alchemy LoRA (random up-projections, so it changes the output) with its method.json."""
-    params = load_params(REPO / "params.yaml", [f"model.base={model}", "finetune.method=alchemy",
-                                                "finetune.alchemy.token=immen"])
-    method = AlchemyMethod(params, "dog", DiffusionModels.from_pipeline(load_pipeline(params.model)))
-    method.setup()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in method.models.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    method.save(out)
-    (out / "method.json").write_text(json.dumps({"method": "alchemy", "identifier": "immen", "class_word": "dog",
-                                                 "base_model": model}))
-    return out
+def lora_finetune(model: str, tmp: Path) -> Path:
+    """An alchemy finetune of the example subject: a few steps at a high rate, so the LoRA changes the output."""
+    params = load_params(REPO / "params.yaml", [
+        f"model.base={model}", "finetune.method=alchemy", "finetune.alchemy.token=immen", "finetune.alchemy.steps=10",
+        "finetune.alchemy.lr=0.01", "finetune.checkpoint_every=0", "finetune.validation_every=0"])
+    refine(params, REPO / "examples" / "subjects" / "teapot", "teapot", tmp / "refine")
+    return finetune(params, tmp / "refine", None, tmp / "finetune")
 
 
 @contextmanager
