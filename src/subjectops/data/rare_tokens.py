@@ -77,19 +77,18 @@ class TokenRanking:
 
 
 def mean_pairwise_ssim(images: Sequence["Image.Image"]) -> float:
-    """Mean SSIM over every unordered pair of the images (sec. 3.1's variability measure)."""
+    """Mean SSIM over every unordered pair of the images (sec. 3.1's variability measure), with evaluate's SSIM
+    settings (torchmetrics: gaussian 11x11, sigma 1.5, data range 1)."""
     import numpy as np
     import torch
-
-    from subjectops.metrics.core import ssim_pairs
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     if len(images) < 2:
         raise ValueError("mean pairwise SSIM needs at least two images")
     pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
                           for im in images])
-    matrix = ssim_pairs(pixels, pixels)
-    upper = torch.triu_indices(len(images), len(images), offset=1)
-    return float(matrix[upper[0], upper[1]].mean())
+    first, second = torch.triu_indices(len(images), len(images), offset=1)
+    return float(ssim(pixels[first], pixels[second], data_range=1.0, reduction="none").double().mean())
 
 
 def rank_tokens(render: Callable[[str, list[int]], list["Image.Image"]], candidates: Sequence[str],
