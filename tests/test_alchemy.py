@@ -146,15 +146,24 @@ def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune):
     np.testing.assert_array_equal(pixels(strategy.generate([prompt], [seed])[0]), pixels(final))  # reproducible
 
 
-def test_infer_saves_each_final_image_with_its_stage_images(lora_finetune, repo_root, example_subject, tmp_path):
+def test_finetune_then_infer_save_the_adapter_the_token_and_each_image_with_its_stages(repo_root, example_subject,
+                                                                                       tmp_path):
+    from subjectops.stages.finetune import finetune
     from subjectops.stages.infer import infer
     from subjectops.stages.refine import refine
 
-    params = alchemy_params(repo_root, "infer.strategy=alchemy", "infer.steps=2", "infer.prompt_invariant.num_images=2",
+    params = alchemy_params(repo_root, "finetune.alchemy.token=immen", "finetune.alchemy.steps=3",
+                            "finetune.alchemy.lr=0.05", "finetune.checkpoint_every=0", "finetune.validation_every=0",
+                            "infer.strategy=alchemy", "infer.steps=2", "infer.prompt_invariant.num_images=2",
                             "infer.alchemy.strength=0.5")
     refine_dir = refine(params, example_subject, "dog", tmp_path / "refine")
-    (lora_finetune / "manifest.json").write_text("{}")  # a complete stage output for require_stage_dir
-    out = infer(params, refine_dir, lora_finetune, tmp_path / "infer")
+    ft = finetune(params, refine_dir, None, tmp_path / "finetune")
+    info = json.loads((ft / "method.json").read_text())
+    assert (info["method"], info["identifier"], info["weights"]) == ("alchemy", "immen", ["pytorch_lora_weights.safetensors"])
+    recorded = json.loads((ft / "manifest.json").read_text())["alchemy"]
+    assert recorded == {"token": "immen", "token_source": "finetune.alchemy.token",
+                        "open_in_paper": {"rank": 8, "alpha": 8.0, "lr": 0.05, "steps": 3}}
+    out = infer(params, refine_dir, ft, tmp_path / "infer")
     samples = json.loads((out / "samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["a photo of immen dog"] * 2
     for s in samples:
