@@ -92,7 +92,7 @@ def cpu_parts_at(resolution: int, mask_resolution: int, repeats: int = 3) -> dic
     out = {}
     start = time.perf_counter()
     for _ in range(repeats):
-        mask = alchemy_module.segment_scene(segmenter, scene, mask_resolution)
+        mask = alchemy_module.segment_scene(segmenter.mask, scene, mask_resolution)
     out[f"segmentation (grabcut at {mask_resolution} px)"] = (time.perf_counter() - start) / repeats
     image = np.asarray(scene)
     start = time.perf_counter()

@@ -94,6 +94,43 @@ def test_identifier_is_the_given_token_or_the_best_of_the_cached_scan(repo_root,
     assert given.identifier() == "koval" and given.manifest_extra()["alchemy"]["token_source"] == "finetune.alchemy.token"
 
 
+@pytest.fixture(scope="module")
+def tiny_clipseg(tmp_path_factory):
+    """A CLIPSeg with random weights, saved like a downloaded one (the tiny preset's CLIP tokenizer)."""
+    from transformers import (CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer,
+                              ViTImageProcessor)
+
+    from subjectops.models.loading import resolve
+
+    out = tmp_path_factory.mktemp("clipseg")
+    tokenizer = CLIPTokenizer.from_pretrained(resolve(SDXL), subfolder="tokenizer")
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPSegForImageSegmentation(CLIPSegConfig(
+        text_config=dict(vocab_size=len(tokenizer), **small), vision_config=dict(image_size=32, patch_size=8, **small),
+        projection_dim=16, extract_layers=[0, 1], reduce_dim=16, decoder_intermediate_size=32)).save_pretrained(out)
+    image_processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def test_auto_segmenter_is_clipseg_when_its_weights_are_present_and_prompted_with_the_class_word(tiny_clipseg, tmp_path):
+    from subjectops.segment.clipseg import ClipSegBackend
+
+    present = InferCfg(alchemy={"clipseg_model": str(tiny_clipseg)})
+    absent = InferCfg(alchemy={"clipseg_model": str(tmp_path / "no-such-model")})
+    assert AlchemyStrategy.spec_for(present, RES).config["segmenter"] == "clipseg"
+    assert AlchemyStrategy.spec_for(absent, RES).config["segmenter"] == "grabcut"
+    with pytest.raises(SubjectopsError, match="CLIPSeg weights .* are not on this machine"):
+        ClipSegBackend(str(tmp_path / "no-such-model"))
+    backend = ClipSegBackend(str(tiny_clipseg))
+    prompts, processor = [], backend.processor
+    backend.processor = lambda **kw: prompts.append(kw["text"]) or processor(**kw)
+    scene = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    mask = np.asarray(backend.mask(scene, "dog"))
+    assert mask.shape == (48, 40) and mask.any() and prompts == [["dog"]]
+
+
 def test_a_lora_that_is_not_loaded_leaves_the_base_output_unchanged_bit_for_bit(lora_finetune):
     pipe = load_pipeline(SDXL)
     base = sample(pipe)
@@ -124,8 +161,10 @@ def test_scene_prompt_puts_the_class_word_in_place_of_the_token():
     assert scene_prompt("a photo of immensity", "immen", "dog") == "a photo of immensity"
 
 
-def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune):
-    cfg = InferCfg(steps=2, guidance_scale=5.0, alchemy={"strength": 0.5, "feather": 4})
+@pytest.mark.parametrize("segmenter", ["grabcut", "clipseg"])
+def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune, tiny_clipseg, segmenter):
+    cfg = InferCfg(steps=2, guidance_scale=5.0, alchemy={"strength": 0.5, "feather": 4, "segmenter": segmenter,
+                                                         "clipseg_model": str(tiny_clipseg)})
     spec = AlchemyStrategy.spec_for(cfg, RES)
     assert spec.config["strength"] == 0.5 and spec.config["kernel_size"] == 151  # recorded in infer's manifest
     strategy = load_strategy(spec, StageInputs(model=SDXL, finetune=lora_finetune))
@@ -138,12 +177,17 @@ def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune):
 
     use_scheduler(base, spec.scheduler)
     np.testing.assert_array_equal(pixels(stages["stage1"]), sample(base, "a photo of dog on a beach", seed))
-    mask = segment_scene(strategy.segmenter, stages["stage1"], strategy.config.mask_resolution)
+    mask = segment_scene(strategy.segment, stages["stage1"], strategy.config.mask_resolution)
     outside = blur.distance_from_mask(mask) >= 4  # beyond the composite's feather
     assert outside.any() and mask.any()
     np.testing.assert_array_equal(pixels(final)[outside], pixels(stages["stage1"])[outside])
     assert np.abs(pixels(final)[mask].astype(int) - pixels(stages["stage1"])[mask]).max() > 10  # the LoRA inserted
     np.testing.assert_array_equal(pixels(strategy.generate([prompt], [seed])[0]), pixels(final))  # reproducible
+    if segmenter == "clipseg":  # prompted with the class word, not the token
+        from subjectops.segment.clipseg import ClipSegBackend
+
+        expected = segment_scene(lambda im: ClipSegBackend(str(tiny_clipseg)).mask(im, "dog"), stages["stage1"], 256)
+        np.testing.assert_array_equal(mask, expected)
 
 
 def test_finetune_then_infer_save_the_adapter_the_token_and_each_image_with_its_stages(repo_root, example_subject,
@@ -172,6 +216,7 @@ def test_finetune_then_infer_save_the_adapter_the_token_and_each_image_with_its_
     assert sorted(p.name for p in (out / "images" / "prompt-invariant").iterdir()) == ["0000.png", "0001.png"]
     inference = json.loads((out / "manifest.json").read_text())["inference"]
     assert inference["strategy"] == "alchemy" and inference["config"]["strength"] == 0.5
+    assert inference["config"]["segmenter"] == "grabcut"  # auto, resolved: no CLIPSeg weights on this machine
 
 
 def test_segmentation_sees_a_downscaled_scene_and_returns_a_mask_of_the_scenes_size():
@@ -184,8 +229,8 @@ def test_segmentation_sees_a_downscaled_scene_and_returns_a_mask_of_the_scenes_s
             m[image.height // 4: 3 * image.height // 4, image.width // 4: 3 * image.width // 4] = 255
             return Image.fromarray(m)
 
-    mask = segment_scene(Centre(), Image.new("RGB", (512, 256)), 128)
+    mask = segment_scene(Centre().mask, Image.new("RGB", (512, 256)), 128)
     assert seen == [(128, 64)] and mask.shape == (256, 512) and mask.dtype == bool
     assert mask[128, 256] and not mask[0, 0] and mask.sum() == 128 * 256
-    segment_scene(Centre(), Image.new("RGB", (64, 64)), 128)
+    segment_scene(Centre().mask, Image.new("RGB", (64, 64)), 128)
     assert seen[-1] == (64, 64)  # never upscaled

@@ -137,7 +137,11 @@ class AlchemyInferCfg(StrictModel):
     sigma: float = Field(100.0, gt=0)
     decay: float = Field(5.0, ge=0)  # lambda, per shorter image side (see inference/blur.py)
     feather: int = Field(8, ge=0)  # pixels over which the composite fades from the img2img image to the scene
-    mask_backend: Literal["grabcut", "sam"] = "grabcut"  # segments the stage-1 scene (no Grounded-SAM here)
+    # segments the stage-1 scene: clipseg is prompted with the class word (the paper's Grounded-SAM takes text too);
+    # auto = clipseg when its weights are on this machine, else grabcut (resolved when infer records its spec)
+    segmenter: Literal["auto", "clipseg", "grabcut", "sam"] = "auto"
+    clipseg_model: str = "CIDAS/clipseg-rd64-refined"  # hub id or local directory
+    clipseg_threshold: float = Field(0.4, gt=0, lt=1)
     # segmentation sees the scene downscaled to this longest side (GrabCut at SDXL's 1024 px takes minutes on CPU)
     mask_resolution: int = Field(256, ge=32)
     sam_checkpoint: Optional[str] = None
