@@ -19,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Personalize text-to-image diffusion models from a few photos of one subject.")
 models_app = typer.Typer(no_args_is_help=True, help="Base models and metric encoders.")
 app.add_typer(models_app, name="models")
+tokens_app = typer.Typer(no_args_is_help=True, help="Rare identifier tokens (Image-Alchemy sec. 3.1).")
+app.add_typer(tokens_app, name="tokens")
 
 
 def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, required: bool = True) -> Optional[Path]:
@@ -222,6 +224,39 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="run directories (se
     typer.echo(board.markdown())
     if out is not None:
         done("leaderboard", write_leaderboard(board, out) / "leaderboard.html")
+
+
+@tokens_app.command("scan")
+@user_errors
+def tokens_scan(model: Optional[str] = ModelOpt, force: bool = typer.Option(False, "--force", help="rescore cached tokens"),
+                vocabulary: int = typer.Option(0, "--vocabulary", help="scan N words of the tokenizer's vocabulary "
+                                               "instead of finetune.alchemy.token_scan.candidates"),
+                dictionary: Optional[Path] = typer.Option(None, "--dictionary", help="word list (one a line) whose "
+                                                          "words are not rare, for --vocabulary"),
+                params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Rank candidate tokens by the mean pairwise SSIM of the base model's images of them (lower = weaker prior)."""
+    from rich.table import Table
+
+    from subjectops.data import rare_tokens
+
+    params = build_params(params_path, sets, model)
+    cfg = params.finetune.alchemy.token_scan
+    candidates = None
+    if vocabulary:
+        candidates = rare_tokens.vocabulary_candidates(rare_tokens.tokenizer_vocabulary(params.model),
+                                                       rare_tokens.read_dictionary(dictionary), vocabulary, cfg.seed)
+    ranking = rare_tokens.scan(cfg, params.model, candidates, force,
+                               on_score=lambda t, s: console.print(f"  {t}: {s:.4f}", highlight=False))
+    table = Table(title=f"tokens for {params.model.base} (mean pairwise SSIM of {cfg.images_per_token} images)")
+    for col in ("rank", "token", "score", "reference token's prior"):
+        table.add_column(col)
+    for i, score in enumerate(ranking.candidates, 1):
+        table.add_row(str(i), score.token, f"{score.score:.4f}", "")
+    for score in ranking.references:
+        prior = "strong (above the candidates' median)" if ranking.strong_prior(score) else "weak"
+        table.add_row("-", score.token, f"{score.score:.4f}", prior)
+    console.print(table)
+    done(f"tokens (best: {ranking.best})", ranking.cache_file)
 
 
 # register / promote / sync (MLflow registry and tracking)

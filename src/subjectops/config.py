@@ -22,7 +22,7 @@ from subjectops.metrics.definitions import METRIC_NAMES, METRICS, direction
 
 DEFAULT_PARAMS = Path("params.yaml")
 # The registry in subjectops.inference holds the strategies (it imports torch; this module must not).
-STRATEGY_NAMES = ("plain", "dreamblend")
+STRATEGY_NAMES = ("plain", "dreamblend", "alchemy")
 
 
 class ConfigError(SubjectopsError):
@@ -169,6 +169,33 @@ class DreamBlendCfg(StrictModel):
         return DREAMBLEND_SEC5[self.edit][1] if self.alpha is None else self.alpha
 
 
+class AlchemyInferCfg(StrictModel):
+    """Image-Alchemy two-stage generation (seed 002 secs. 3.3-3.4, app. A.1): the base model's scene with the class
+    word, the subject region segmented and blurred, then img2img with the LoRA and the token, composited."""
+
+    strength: float = Field(0.6, ge=0, le=1)  # img2img strength: not given by the paper (our choice)
+    blur: Literal["exponential-decay", "gaussian"] = "exponential-decay"  # app. A.1: the second was better
+    kernel_size: int = Field(151, ge=1)  # app. A.1
+    sigma: float = Field(100.0, gt=0)
+    decay: float = Field(5.0, ge=0)  # lambda, per shorter image side (see inference/blur.py)
+    feather: int = Field(8, ge=0)  # pixels over which the composite fades from the img2img image to the scene
+    # segments the stage-1 scene: clipseg is prompted with the class word (the paper's Grounded-SAM takes text too);
+    # auto = clipseg when its weights are on this machine, else grabcut (resolved when infer records its spec)
+    segmenter: Literal["auto", "clipseg", "grabcut", "sam"] = "auto"
+    clipseg_model: str = "CIDAS/clipseg-rd64-refined"  # hub id or local directory
+    clipseg_threshold: float = Field(0.4, gt=0, lt=1)
+    # segmentation sees the scene downscaled to this longest side (GrabCut at SDXL's 1024 px takes minutes on CPU)
+    mask_resolution: int = Field(256, ge=32)
+    sam_checkpoint: Optional[str] = None
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"a Gaussian kernel size must be odd, got {v}")
+        return v
+
+
 class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
@@ -182,6 +209,7 @@ class InferCfg(StrictModel):
     prompt_varying: PromptVaryingCfg = PromptVaryingCfg()
     dreambench: DreamBenchCfg = DreamBenchCfg()
     dreamblend: DreamBlendCfg = DreamBlendCfg()
+    alchemy: AlchemyInferCfg = AlchemyInferCfg()
 
 
 class GateCfg(StrictModel):

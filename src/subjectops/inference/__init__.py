@@ -4,11 +4,12 @@ registering its class here and its name in `subjectops.config.STRATEGY_NAMES`.""
 from __future__ import annotations
 
 from subjectops.errors import SubjectopsError
+from subjectops.inference.alchemy import AlchemyStrategy
 from subjectops.inference.base import REQUIREMENTS, InferenceSpec, StageInputs, Strategy
 from subjectops.inference.dreamblend import DreamBlendStrategy
 from subjectops.inference.plain import PlainStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PlainStrategy, DreamBlendStrategy)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PlainStrategy, DreamBlendStrategy, AlchemyStrategy)}
 
 __all__ = ["REQUIREMENTS", "STRATEGIES", "InferenceSpec", "StageInputs", "Strategy", "finetuned_pipeline", "get_strategy",
            "load_strategy"]

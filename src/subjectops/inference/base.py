@@ -113,3 +113,8 @@ class Strategy:
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         """One image per (prompt, seed), each a function of its prompt and seed alone (not of the others)."""
         raise NotImplementedError
+
+    def generate_with_stages(self, prompt: str, seed: int) -> tuple[Image.Image, dict[str, Image.Image]]:
+        """One image and the intermediate images it was made from (name -> image; infer saves them and the
+        report shows them), for strategies with several stages."""
+        return self.generate([prompt], [seed])[0], {}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from subjectops.errors import SubjectopsError
+from subjectops.methods.alchemy import AlchemyMethod
 from subjectops.methods.base import Method
 from subjectops.methods.dreambooth import DreamBoothMethod
 from subjectops.methods.hypnos import HypnosMethod
@@ -14,7 +15,7 @@ from subjectops.methods.textual_inversion import TextualInversionMethod
 from subjectops.methods.two_stage import TwoStageMethod
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (DreamBoothMethod, LoraMethod, TextualInversionMethod, TwoStageMethod, HypnosMethod)
+    m.name: m for m in (DreamBoothMethod, LoraMethod, TextualInversionMethod, TwoStageMethod, HypnosMethod, AlchemyMethod)
 }
 
 

@@ -128,6 +128,10 @@ class Method:
             for key, value in tensors.items():
                 live[key].copy_(value)
 
+    def manifest_extra(self) -> dict:
+        """Entries the finetune manifest records besides the params (e.g. where a chosen value came from)."""
+        return {}
+
     def extra_state(self) -> dict:
         """Method-owned state beyond model tensors (e.g. a discriminator and its optimizer)."""
         return {}

@@ -11,6 +11,9 @@ What each number means (the papers' definitions):
   are present, otherwise the configured DINO or CLIP encoder (recorded). One value per set, no std.
 - LPIPS, SSIM, PSNR (seed 000 tables 1-2): between every generated and every reference image, at the
   references' resolution (torchmetrics; LPIPS from per-image features, see backbones.LpipsNet).
+- DINO (subject), CLIP-I (subject) (seed 002 sec. 5.1): DINO and CLIP-I "in the subject region": each image
+  reduced to its segmented subject (`subject_region`) before embedding; references use refine's masks, generated
+  images are segmented with refine's mask backend.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from subjectops.metrics import backbones as B
 from subjectops.metrics.definitions import METRICS
 
 DISPLAY = {name: d.display for name, d in METRICS.items()}
+SUBJECT_REGION = {"dino-subject": "dino", "clip-i-subject": "clip"}  # subject-region metric -> its encoder
 PAIRWISE_WITH_REFERENCES = ("dino", "clip-i", "lpips", "ssim", "psnr")
 
 
@@ -67,6 +71,18 @@ def load_images(paths: Sequence[Path], size: Optional[tuple[int, int]] = None) -
 # ---------------------------------------------------------------------------------------------------
 # Metric primitives
 # ---------------------------------------------------------------------------------------------------
+def subject_region(pixels: Tensor, mask: np.ndarray) -> Tensor:
+    """One image (3, H, W) reduced to its subject: the mask's bounding box with the background outside the mask
+    gray, resized back to H x W (the encoders see the subject, not the scene). An empty mask keeps the image."""
+    m = torch.from_numpy(np.asarray(mask, dtype=bool))
+    ys, xs = torch.nonzero(m, as_tuple=True)
+    if ys.numel() == 0:
+        return pixels
+    region = torch.where(m, pixels, torch.full_like(pixels, 0.5))[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    return F.interpolate(region[None], size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False,
+                         antialias=True)[0].clamp(0, 1)
+
+
 def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
     """(N, M) cosine similarity between rows of a and rows of b."""
     return F.normalize(a.double(), dim=-1) @ F.normalize(b.double(), dim=-1).T
@@ -234,8 +250,8 @@ class Encoders:
         bb = cfg.backbones
         ids = {role: ("tiny" if self.tiny else getattr(bb, role)) for role in ("dino", "clip", "lpips")}
         self.fid_features = self._fid_features(cfg.fid_features, bb.inception) if "fid" in metrics else None
-        need_dino = "dino" in metrics or self.fid_features == "dino"
-        need_clip = bool({"clip-i", "clip-t"} & set(metrics)) or self.fid_features == "clip"
+        need_dino = bool({"dino", "dino-subject"} & set(metrics)) or self.fid_features == "dino"
+        need_clip = bool({"clip-i", "clip-t", "clip-i-subject"} & set(metrics)) or self.fid_features == "clip"
         cache = params.model.cache_dir
         self.dino = B.load_dino(ids["dino"], self.device, cache) if need_dino else None
         self.clip = B.load_clip(ids["clip"], self.device, cache) if need_clip else None
@@ -289,6 +305,7 @@ class References:
     dino: Optional[Tensor] = None
     clip: Optional[Tensor] = None
     lpips: Optional[list[Tensor]] = None
+    subject: dict[str, Tensor] = field(default_factory=dict)  # encoder role -> embeddings of the subject regions
 
 
 class Evaluator:
@@ -306,25 +323,48 @@ class Evaluator:
         self.batch_size = params.evaluate.batch_size
         want, fidf = set(self.metrics), self.enc.fid_features
         # which encoders this evaluator runs (an Encoders object may hold more, when shared)
-        self.need = {"dino": "dino" in want or ("fid" in want and fidf == "dino"),
-                     "clip": bool({"clip-i", "clip-t"} & want) or ("fid" in want and fidf == "clip"),
+        self.subject_roles = [role for metric, role in SUBJECT_REGION.items() if metric in want]
+        self.need = {"dino": "dino" in want or ("fid" in want and fidf == "dino") or "dino" in self.subject_roles,
+                     "clip": bool({"clip-i", "clip-t"} & want) or ("fid" in want and fidf == "clip")
+                     or "clip" in self.subject_roles,
                      "lpips": "lpips" in want}
+        self.segmenter = None
+        if self.subject_roles:
+            from subjectops.segment import get_backend
+
+            self.segmenter = get_backend(params.refine)
         for role, needed in self.need.items():
             if needed and getattr(self.enc, role) is None:
                 raise ConfigError(f"the {role} encoder is needed for {sorted(want)} but was not loaded",
                                   fix="build the Encoders with every metric the evaluators will compute")
 
     # -- references ---------------------------------------------------------------------------------
-    def references(self, paths: Sequence[Path]) -> References:
+    def references(self, paths: Sequence[Path], mask_paths: Optional[Sequence[Path]] = None) -> References:
+        """The references, and their masks (refine's) for the subject-region metrics: segmented here when absent."""
         if not paths:
             raise SubjectopsError("no reference images", fix="refine/subject.json must list the subject's images")
         first = load_image(Path(paths[0]))
-        pixels = load_images(paths, size=tuple(first.shape[-2:]))
-        return self.references_from_tensor(pixels)
+        size = tuple(first.shape[-2:])
+        pixels = load_images(paths, size=size)
+        masks = None
+        if mask_paths and self.subject_roles:
+            masks = [load_images([p], size=size)[0, 0].numpy() > 0.5 for p in mask_paths]
+        return self.references_from_tensor(pixels, masks)
 
-    def references_from_tensor(self, pixels: Tensor) -> References:
+    def subject_regions(self, pixels: Tensor, masks: Optional[Sequence[np.ndarray]] = None) -> Tensor:
+        """Each image reduced to its subject (`subject_region`), segmented with refine's backend unless masks are given."""
+        if masks is None:
+            masks = [np.asarray(self.segmenter.mask(Image.fromarray(
+                (p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))) > 127 for p in pixels.cpu()]
+        return torch.stack([subject_region(p, m) for p, m in zip(pixels.cpu(), masks)])
+
+    def references_from_tensor(self, pixels: Tensor, masks: Optional[Sequence[np.ndarray]] = None) -> References:
         refs = References(pixels=pixels)
         e, need = self.enc, self.need
+        if self.subject_roles:
+            regions = self.subject_regions(pixels, masks)
+            refs.subject = {role: torch.cat([getattr(e, role).embed(b) for b in regions.split(self.batch_size)])
+                            for role in self.subject_roles}
         if need["dino"]:
             refs.dino = torch.cat([e.dino.embed(b) for b in pixels.split(self.batch_size)])
         if need["clip"]:
@@ -348,7 +388,7 @@ class Evaluator:
     def score_batches(self, prompt_set: str, version: str, batches: Iterable[Tensor], prompts: Sequence[str],
                       identifiers: Sequence[str], refs: References) -> list[MetricRecord]:
         e, want = self.enc, set(self.metrics)
-        acc: dict[str, list[Tensor]] = {k: [] for k in ("dino", "clip", "lpips", "ssim", "psnr")}
+        acc: dict[str, list[Tensor]] = {k: [] for k in ("dino", "clip", "lpips", "ssim", "psnr", *SUBJECT_REGION)}
         if e.inception is not None and "fid" in want:
             e.inception.update(refs.pixels, real=True)
         n = 0
@@ -366,6 +406,11 @@ class Evaluator:
                 acc["psnr"].append(psnr_pairs(gen.to(e.device), refs.pixels.to(e.device)).cpu())
             if e.inception is not None and "fid" in want:
                 e.inception.update(gen, real=False)
+            if self.subject_roles:
+                regions = self.subject_regions(gen)
+                for metric, role in SUBJECT_REGION.items():
+                    if role in self.subject_roles:
+                        acc[metric].append(getattr(e, role).embed(regions))
         if n != len(prompts) or n != len(identifiers):
             raise SubjectopsError(f"prompt set {prompt_set}: {n} images but {len(prompts)} prompts",
                                   fix="samples.json must list one prompt per image")
@@ -402,6 +447,11 @@ class Evaluator:
                 note += f"; only {m} reference images: the reference covariance has rank <= {m - 1}"
             out.append(MetricRecord("fid", prompt_set, version, info.id, info.pretrained, n, m, None, value, None,
                                     f"{n} generated vs {m} references (distributions)", False, note, []))
+        for metric, role in SUBJECT_REGION.items():
+            if metric in want:
+                rec(metric, cosine_matrix(torch.cat(acc[metric]), refs.subject[role]).cpu(), getattr(e, role).info,
+                    cross, f"subject regions (mask bounding box, background gray): generated images segmented with "
+                           f"{self.segmenter.name}; references with refine's masks when given, else {self.segmenter.name}")
         for metric in ("lpips", "ssim", "psnr"):
             if metric in want:
                 info = e.lpips.info if metric == "lpips" else None

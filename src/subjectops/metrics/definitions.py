@@ -26,6 +26,11 @@ METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
     MetricDefinition("lpips", "LPIPS", False, "learned perceptual distance to the references"),
     MetricDefinition("ssim", "SSIM", True, "structural similarity to the references"),
     MetricDefinition("psnr", "PSNR", True, "peak signal-to-noise ratio against the references (dB)"),
+    # Image-Alchemy sec. 5.1: the same similarities, measured in the subject region only
+    MetricDefinition("dino-subject", "DINO (subject)", True,
+                     "subject fidelity in the subject region: DINO cosine similarity of the segmented subjects"),
+    MetricDefinition("clip-i-subject", "CLIP-I (subject)", True,
+                     "subject fidelity in the subject region: CLIP image-embedding cosine similarity of the segmented subjects"),
 )}
 METRIC_NAMES = tuple(METRICS)
 

@@ -81,7 +81,8 @@ def _plot_metric(metric: str, records: list[dict], per_image: dict[str, list[flo
 
 
 def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any], infer_dir: Path) -> list[dict]:
-    """Per prompt set, per prompt: the first MAX_PER_PROMPT images (embedded) and how many there are."""
+    """Per prompt set, per prompt: the first MAX_PER_PROMPT images (embedded), each after the intermediate images
+    a multi-stage strategy made it from, and how many there are."""
     out = []
     for pset in metrics["prompt_sets"]:
         groups: "OrderedDict[str, list[dict]]" = OrderedDict()
@@ -90,7 +91,10 @@ def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any]
                 groups.setdefault(s["prompt"], []).append(s)
         out.append({"name": pset["name"], "prompts": [
             {"prompt": prompt, "total": len(items),
-             "images": [{"seed": s["seed"], "uri": image_data_uri(Path(infer_dir) / s["path"])} for s in items[:MAX_PER_PROMPT]]}
+             "images": [{"seed": s["seed"], "uri": image_data_uri(Path(infer_dir) / s["path"]),
+                         "stages": [{"name": name, "uri": image_data_uri(Path(infer_dir) / rel)}
+                                    for name, rel in s.get("stages", {}).items()]}
+                        for s in items[:MAX_PER_PROMPT]]}
             for prompt, items in groups.items()]})
     return out
 

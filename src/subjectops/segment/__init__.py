@@ -1,4 +1,5 @@
-"""Subject mask backends. GrabCut needs no weights (the default); SAM takes a checkpoint path."""
+"""Subject mask backends. GrabCut needs no weights (the default); SAM takes a checkpoint path. CLIPSeg
+(segment/clipseg.py) takes a text prompt as well, and serves the alchemy inference strategy."""
 
 from __future__ import annotations
 

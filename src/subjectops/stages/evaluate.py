@@ -120,7 +120,7 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path) -> Pa
     except (OSError, ValueError, KeyError, TypeError):
         generated_by = None
     evaluator = Evaluator(params, generated_by=generated_by)  # loads the encoders: a missing one fails here
-    references = evaluator.references(refs)
+    references = evaluator.references(refs, [refine_dir / p for p in subject.get("masks", [])])
 
     records = []
     for pset in sets:

@@ -59,7 +59,7 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
                 "native_resolution": models.native_resolution}
         (directory / "method.json").write_text(json.dumps(info, indent=2))
         write_manifest(directory, "finetune", params, manifest_inputs, method=method.name, processes=trainer.world,
-                       prepared=trainer.prepared, step=steps)
+                       prepared=trainer.prepared, step=steps, **method.manifest_extra())
 
     def save_snapshot(step: int) -> None:
         directory = snapshot_dir(work, step)
