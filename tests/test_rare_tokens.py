@@ -11,7 +11,6 @@ from PIL import Image
 from subjectops.config import ModelCfg
 from subjectops.data import rare_tokens
 from subjectops.data.rare_tokens import PAPER_TOKENS, TokenScanCfg
-from subjectops.errors import SubjectopsError
 
 
 def noise_image(seed: int) -> Image.Image:
@@ -57,10 +56,9 @@ def test_scan_on_the_base_model_is_deterministic_cached_and_feeds_best_token(tmp
     model = ModelCfg(base="tiny-sdxl")
     cfg = TokenScanCfg(candidates=["immen", "pasqu"], images_per_token=2, steps=1, resolution=32,
                        cache_dir=str(tmp_path))
-    with pytest.raises(SubjectopsError, match="no complete token scan") as err:
-        rare_tokens.best_token(cfg, model)
-    assert "tokens scan --model tiny-sdxl" in err.value.fix
-    first = rare_tokens.scan(cfg, model)
+    best = rare_tokens.best_token(cfg, model)  # nothing cached: best_token runs the scan (sec. 3.1)
+    first = rare_tokens.scan(cfg, model)  # every score now comes from the cache
+    assert best == first.best
     again = rare_tokens.scan(cfg, model, force=True)
     assert [(s.token, s.score) for s in first.candidates] == [(s.token, s.score) for s in again.candidates]
     assert [s.token for s in first.references] == ["sks"]

@@ -200,7 +200,9 @@ class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
     prompt_sets: list[Literal["prompt-invariant", "prompt-varying", "dreambench"]] = ["prompt-invariant"]
-    strategy: Literal[STRATEGY_NAMES] = "plain"  # type: ignore[valid-type]
+    # auto: the method's own strategy (`Method.default_strategy`: alchemy's two-stage generation for alchemy, plain
+    # sampling for the others), resolved when the params are validated
+    strategy: Literal[("auto",) + STRATEGY_NAMES] = "auto"  # type: ignore[valid-type]
     scheduler: Literal["ddim", "pndm", "euler"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
@@ -352,6 +354,12 @@ class Params(StrictModel):
     evaluate: EvaluateCfg = EvaluateCfg()
     registry: RegistryCfg = RegistryCfg()
     tracking: TrackingCfg = TrackingCfg()
+
+    @model_validator(mode="after")
+    def _method_strategy(self):
+        if self.infer.strategy == "auto":
+            self.infer.strategy = METHODS[self.finetune.method].default_strategy
+        return self
 
     def digest(self, sections: tuple[str, ...] | None = None) -> str:
         """Stable hash of the config, or of some sections (a checkpoint is tied to what training reads)."""

@@ -200,11 +200,11 @@ def best_token(cfg: TokenScanCfg, model: "ModelCfg") -> str:
     path, _ = cache_file(cfg, model)
     scores = _read_cache(path)
     missing = [t for t in cfg.candidates if t not in scores]
-    if missing:
-        raise SubjectopsError(
-            f"no complete token scan for model {model.base!r} with these settings ({len(missing)} of "
-            f"{len(cfg.candidates)} candidates unscored in {path})",
-            fix=f"run `subjectops tokens scan --model {model.base}` first (same params), "
-                "or set finetune.alchemy.token to the token to use",
-        )
+    if missing:  # sec. 3.1: the token is chosen by the scan; run (or finish) it once for this model and settings
+        from subjectops.console import console
+
+        console.print(f"token scan for {model.base}: scoring {len(missing)} of {len(cfg.candidates)} candidates "
+                      f"(cached in {path}; set finetune.alchemy.token to skip)", highlight=False)
+        scan(cfg, model, on_score=lambda t, s: console.print(f"  {t}: {s:.4f}", highlight=False))
+        scores = _read_cache(path)
     return min(cfg.candidates, key=lambda t: (scores[t], t))

@@ -5,7 +5,7 @@ photos: the DreamBooth objective without prior preservation (sec. 3.2.1). Saved 
 diffusers-format safetensors (sec. 3.2.2), which `pipe.load_lora_weights` loads.
 
 The identifier is a rare token with a weak prior in the base model (sec. 3.1): `finetune.alchemy.token` when
-given, else the best-ranked candidate of the model's cached `subjectops tokens scan`.
+given, else the best-ranked candidate of the model's `subjectops tokens scan` (run once when not cached).
 
 The paper gives neither rank, learning rate nor step count; params.yaml says which values we chose.
 Generation is the `alchemy` inference strategy (two stages; subjectops.inference.alchemy).
@@ -44,6 +44,7 @@ class AlchemyMethod(LoraMethod):
     name = "alchemy"
     config_key = "alchemy"
     config_model = AlchemyCfg
+    default_strategy = "alchemy"  # secs. 3.3-3.4: the LoRA is meant for the two-stage generation
 
     def identifier(self) -> str:
         if not hasattr(self, "_token"):  # the scan cache is read once per run

@@ -46,6 +46,7 @@ class Method:
     name: ClassVar[str]
     config_key: ClassVar[str]  # the section of params.yaml's `finetune:` this method reads
     config_model: ClassVar[type[StrictModel]]
+    default_strategy: ClassVar[str] = "plain"  # what `infer.strategy: auto` means for this method
 
     def __init__(self, params: Params, class_word: str, models):
         self.params = params
