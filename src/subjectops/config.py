@@ -22,7 +22,7 @@ from subjectops.metrics.definitions import METRIC_NAMES, METRICS, direction
 
 DEFAULT_PARAMS = Path("params.yaml")
 # The registry in subjectops.inference holds the strategies (it imports torch; this module must not).
-STRATEGY_NAMES = ("plain",)
+STRATEGY_NAMES = ("plain", "reference-guided")
 
 
 class ConfigError(SubjectopsError):
@@ -127,6 +127,25 @@ class PromptVaryingCfg(StrictModel):
     sampler_seed: int = 0
 
 
+class ReferenceGuidedCfg(StrictModel):
+    """HiFi Tuner's reference-guided generation (seed 001 sec. 3.3, alg. 2; defaults from sec. 4)."""
+
+    t_start: int = Field(40, ge=1)  # t_s: DDIM step number (T = infer.steps counts down to 1) where guidance starts
+    t_end: int = Field(10, ge=1)  # t_e: the last guided step
+    phi_steps: int = Field(10, ge=0)  # J: Adam steps on phi_h per guided step (eq. 10)
+    phi_lr: float = Field(1e-2, gt=0)
+    subjects: Literal["rigid", "all"] = "rigid"  # sec. 4: guidance for the 21 rigid DreamBench subjects only
+    captioner: Optional[str] = None  # image-to-text model (BLIP-2) id or directory; None: "a photo of a {class_word}"
+    dino: str = "auto"  # reference choice by DINO ViT-S/16 similarity; auto: tiny encoder on the tiny presets
+    align_steps: int = Field(200, ge=1)  # alg. 4 gradient steps (the paper gives none)
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.t_end > self.t_start:
+            raise ValueError(f"t_end ({self.t_end}) must not exceed t_start ({self.t_start})")
+        return self
+
+
 class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
@@ -139,6 +158,7 @@ class InferCfg(StrictModel):
     prompt_invariant: PromptInvariantCfg = PromptInvariantCfg()
     prompt_varying: PromptVaryingCfg = PromptVaryingCfg()
     dreambench: DreamBenchCfg = DreamBenchCfg()
+    reference_guided: ReferenceGuidedCfg = ReferenceGuidedCfg()
 
 
 class GateCfg(StrictModel):

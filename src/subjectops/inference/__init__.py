@@ -6,8 +6,9 @@ from __future__ import annotations
 from subjectops.errors import SubjectopsError
 from subjectops.inference.base import REQUIREMENTS, InferenceSpec, StageInputs, Strategy
 from subjectops.inference.plain import PlainStrategy
+from subjectops.inference.reference_guided import ReferenceGuidedStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PlainStrategy,)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PlainStrategy, ReferenceGuidedStrategy)}
 
 __all__ = ["REQUIREMENTS", "STRATEGIES", "InferenceSpec", "StageInputs", "Strategy", "get_strategy", "load_strategy"]
 

@@ -96,16 +96,11 @@ class DdimSampler:
         return ddim_move(x, eps, self.alpha(i).to(x), self.alpha(i + 1).to(x))
 
     @torch.no_grad()
-    def sample(self, x_T: torch.Tensor, cond_at: CondAt, uncond: Conditioning,
-               after_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The trajectory from x_T (eq. 1 per step, eq. 7 through `cond_at`); `after_step(i, x_t, x_{t-1})` may
-        return a changed x_{t-1} (alg. 2)."""
+    def sample(self, x_T: torch.Tensor, cond_at: CondAt, uncond: Conditioning) -> list[torch.Tensor]:
+        """The trajectory from x_T (eq. 1 per step, eq. 7 through `cond_at`)."""
         traj = [x_T]
         for i in range(self.steps):
-            nxt = self.step(traj[-1], i, cond_at(i), uncond)
-            if after_step is not None:
-                nxt = after_step(i, traj[-1], nxt)
-            traj.append(nxt)
+            traj.append(self.step(traj[-1], i, cond_at(i), uncond))
         return traj
 
     @torch.no_grad()
