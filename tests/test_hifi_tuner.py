@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from subjectops.config import load_params
@@ -15,8 +16,7 @@ from subjectops.methods import get_method
 from subjectops.methods.hifi_tuner import EMBEDS_FILE, embedding_regularization, latent_mask, with_subject
 
 REPO = Path(__file__).resolve().parents[1]
-CAN = Path("/work/shared/data/dreambench/subjects/can") if Path("/work/shared/data/dreambench").exists() else \
-    REPO.parent / "shared" / "data" / "dreambench" / "subjects" / "can"
+CAN = REPO.parent / "shared" / "data" / "dreambench" / "subjects" / "can"
 FAST = ["model.base=tiny-sd15", "finetune.method=hifi-tuner", "finetune.checkpoint_every=0",
         "finetune.hifi_tuner.steps=3", "finetune.hifi_tuner.stepwise_steps=1", "finetune.hifi_tuner.ddim_steps=3"]
 
@@ -72,7 +72,7 @@ def test_a_large_w_s_keeps_c_s_closer_to_phi_s_and_alg1_saves_one_embedding_per_
     assert not torch.equal(saved["embeds"][0], saved["c_s"]) and not torch.equal(saved["embeds"][1], saved["embeds"][0])
 
 
-def test_subjectops_run_hifi_tuner_end_to_end(tmp_path):
+def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
     sets = FAST + ["infer.steps=3", "infer.prompt_invariant.num_images=2", "refine.grabcut_iterations=1"]
     args = [sys.executable, "-m", "subjectops.cli", "run", str(CAN), "--class", "can", "--method", "hifi-tuner",
             "--out", str(tmp_path / "run"), "--params", "params.yaml"]
@@ -88,3 +88,21 @@ def test_subjectops_run_hifi_tuner_end_to_end(tmp_path):
     samples = json.loads((run / "infer" / "samples.json").read_text())
     assert len(samples) == 2 and all((run / "infer" / s["path"]).exists() for s in samples)
     assert (run / "evaluate" / "metrics.json").exists()
+
+    # alg. 3 on one of the subject's photos, with the run's step-wise embeddings
+    replace = [sys.executable, "-m", "subjectops.cli", "replace", str(CAN / "01.jpg"), "--run", str(run), "--word",
+               "can", "--out", str(tmp_path / "replaced"), "--params", "params.yaml", "--set", "infer.steps=3",
+               "--set", "replace.null_text_steps=2"]
+    proc = subprocess.run(replace, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "replaced" / "replace.json").read_text())
+    assert record["caption"] == "a photo of a can" and record["steps"] == 3
+    assert Image.open(tmp_path / "replaced" / "replaced.png").size == (64, 64)
+
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a photo")
+    replace[4] = str(not_an_image)
+    replace[replace.index("--out") + 1] = str(tmp_path / "bad")
+    proc = subprocess.run(replace, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode != 0 and "is not an image subjectops replace can use" in proc.stderr
+    assert not (tmp_path / "bad").exists()

@@ -146,6 +146,15 @@ class ReferenceGuidedCfg(StrictModel):
         return self
 
 
+class ReplaceCfg(StrictModel):
+    """`subjectops replace`: HiFi Tuner's personalized subject replacement (seed 001 sec. 3.4, alg. 3); DDIM steps
+    and guidance scale are infer's."""
+
+    null_text_steps: int = Field(10, ge=1)  # K of alg. 3: the paper gives none; 10 as in null-text inversion
+    null_text_lr: float = Field(1e-2, gt=0)  # the paper gives none; our choice (the phi_h rate of sec. 4)
+    captioner: Optional[str] = None  # BLIP-2 id or directory; None: "a photo of a {word}"
+
+
 class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
@@ -291,6 +300,7 @@ class Params(StrictModel):
     pretrain_disc: PretrainDiscCfg = PretrainDiscCfg()
     finetune: FinetuneCfg = FinetuneCfg()
     infer: InferCfg = InferCfg()
+    replace: ReplaceCfg = ReplaceCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     registry: RegistryCfg = RegistryCfg()
     tracking: TrackingCfg = TrackingCfg()

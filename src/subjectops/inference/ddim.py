@@ -15,8 +15,9 @@ t = n - i (n = number of steps), as the paper counts them (t_s = 40 of 50 is ste
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from PIL import Image
@@ -88,9 +89,12 @@ class DdimSampler:
         pred = self.unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
         return to_epsilon(pred.float(), x, self.alpha(i).to(x), self.prediction_type)
 
-    def step(self, x: torch.Tensor, i: int, cond: Conditioning, uncond: Conditioning) -> torch.Tensor:
-        """Eq. 1: x_{t-1} = F^(t)(x_t, c, phi)."""
-        eps = self.eps(x, i, cond)
+    def step(self, x: torch.Tensor, i: int, cond: Conditioning, uncond: Conditioning,
+             around_cond: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+        """Eq. 1: x_{t-1} = F^(t)(x_t, c, phi); the conditional UNet call runs inside `around_cond()` (alg. 3 records
+        or reuses its cross-attention there)."""
+        with around_cond():
+            eps = self.eps(x, i, cond)
         if self.guidance != 1:
             eps = guided(eps, self.eps(x, i, uncond), self.guidance)
         return ddim_move(x, eps, self.alpha(i).to(x), self.alpha(i + 1).to(x))

@@ -43,6 +43,20 @@ def is_rigid(name: str, class_word: str) -> bool:
     return class_word.lower() not in table["live_classes"]
 
 
+def load_captioner(model_id: str | None):
+    """An image-to-text pipeline (BLIP-2 in the paper) from a hub id or directory; None: no captioner."""
+    if model_id is None:
+        return None
+    from transformers import pipeline
+
+    return pipeline("image-to-text", model=model_id)
+
+
+def caption(captioner, image: Image.Image, fallback: str) -> str:
+    """The captioner's text for the image, or the class template when there is no captioner."""
+    return fallback if captioner is None else captioner(image)[0]["generated_text"]
+
+
 def guided_sample(sampler: DdimSampler, x_T: torch.Tensor, cond_at: CondAt, phi: Conditioning,
                   reference: list[torch.Tensor], mask: torch.Tensor, t_start: int, t_end: int, phi_steps: int,
                   phi_lr: float) -> list[torch.Tensor]:
@@ -133,19 +147,10 @@ class ReferenceGuidedStrategy(Strategy):
         dino_id = cfg.dino if cfg.dino != "auto" else ("tiny" if self.inputs.model.base in TINY_PRESETS
                                                        else "facebook/dino-vits16")
         self.dino = load_dino(dino_id, self.pipe.unet.device)
-        self.captioner = self._captioner()
-
-    def _captioner(self):
-        if self.config.captioner is None:
-            return None
-        from transformers import pipeline
-
-        return pipeline("image-to-text", model=self.config.captioner)
+        self.captioner = load_captioner(cfg.captioner)
 
     def caption(self, image: Image.Image) -> str:
-        if self.captioner is None:
-            return TEMPLATE_CAPTION.format(class_word=self.class_word)
-        return self.captioner(image)[0]["generated_text"]
+        return caption(self.captioner, image, TEMPLATE_CAPTION.format(class_word=self.class_word))
 
     def choose_reference(self, image: Image.Image) -> int:
         """The subject photo with the highest DINO cosine similarity to I_g1 (sec. 3.3)."""
@@ -182,11 +187,11 @@ class ReferenceGuidedStrategy(Strategy):
         warped = warp((ref_pixels + 1) / 2, transform).clamp(0, 1)
         warped_image = Image.fromarray((warped[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
         warped_mask = warp(mask_tensor(self.reference_masks[k], res), transform)
-        caption = self.caption(self.references[k])
-        c_r = encoder(self.pipe).encode_prompts([caption], res)
+        text = self.caption(self.references[k])
+        c_r = encoder(self.pipe).encode_prompts([text], res)
         reference = sampler.invert(encode_image(self.pipe, warped_image, res), c_r)
         m = latent_mask(warped_mask, tuple(x_T.shape[-2:])).to(x_T.device)
         traj = guided_sample(sampler, x_T, cond_at, phi, reference, m, cfg.t_start, cfg.t_end, cfg.phi_steps, cfg.phi_lr)
         mask_image = Image.fromarray((warped_mask[0, 0].numpy() > 0.5).astype("uint8") * 255)
         return GuidedImage(plain, decode_latents(self.pipe, traj[-1]), "guided", warped_image, generated_mask,
-                           mask_image, transform.to_dict(ALIGN_SIZE), caption, k)
+                           mask_image, transform.to_dict(ALIGN_SIZE), text, k)
