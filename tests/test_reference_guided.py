@@ -79,3 +79,10 @@ def test_dreambooth_with_reference_guided_inference_end_to_end(tmp_path):
     assert manifest["inference"]["config"]["t_start"] == 3
     samples = json.loads((run_dir / "infer" / "samples.json").read_text())
     assert len(samples) == 2 and all((run_dir / "infer" / s["path"]).exists() for s in samples)
+    # what the report shows: plain and guided side by side, the reference, both masks and the fitted transform
+    first = samples[0]
+    assert first["details"]["guidance"] == "guided", first["details"]
+    assert set(first["intermediates"]) == {"plain", "reference", "generated_mask", "reference_mask"}
+    assert {"scale", "angle_degrees", "centre_shift_px"} <= set(first["details"]["transform"])
+    report = (run_dir / "evaluate" / "report.html").read_text()
+    assert 'id="explained"' in report and report.count('class="explained"') == 2 * 5

@@ -103,3 +103,8 @@ class Strategy:
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         """One image per (prompt, seed), each a function of its prompt and seed alone (not of the others)."""
         raise NotImplementedError
+
+    def generate_explained(self, prompt: str, seed: int) -> tuple[Image.Image, dict[str, Image.Image], dict]:
+        """The image of `generate`, plus named intermediate images and facts for the report (infer stores both
+        beside the image; a strategy without intermediates returns empty ones)."""
+        return self.generate([prompt], [seed])[0], {}, {}

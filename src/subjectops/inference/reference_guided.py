@@ -163,6 +163,14 @@ class ReferenceGuidedStrategy(Strategy):
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         return [self.draw(prompt, seed).guided for prompt, seed in zip(prompts, seeds)]
 
+    def generate_explained(self, prompt: str, seed: int) -> tuple[Image.Image, dict[str, Image.Image], dict]:
+        d = self.draw(prompt, seed)
+        images = {"plain": d.plain, "reference": d.reference, "generated_mask": d.generated_mask,
+                  "reference_mask": d.reference_mask}
+        facts = {"guidance": d.reason, "transform": d.transform, "caption": d.caption,
+                 "reference_index": d.reference_index}
+        return d.guided, {k: v for k, v in images.items() if v is not None}, facts
+
     def draw(self, prompt: str, seed: int) -> GuidedImage:
         from subjectops.inference.alignment import fit_similarity, warp
         from subjectops.methods.hifi_tuner import latent_mask

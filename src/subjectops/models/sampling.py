@@ -19,12 +19,6 @@ def use_scheduler(pipe, name: str) -> None:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, resolution: int) -> list[Image.Image]:
-    if getattr(pipe, "subject_embeddings", None) is not None:
-        # HiFi Tuner's step-wise subject embeddings change the conditioning at every DDIM step (eq. 7).
-        from subjectops.inference.ddim import ddim_generate, require_ddim
-
-        require_ddim(pipe, "hifi-tuner's step-wise embeddings")
-        return [ddim_generate(pipe, p, s, steps, guidance_scale, resolution) for p, s in zip(prompts, seeds)]
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
                 height=resolution, width=resolution).images

@@ -95,6 +95,17 @@ def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any]
     return out
 
 
+def _explained(samples: Sequence[dict[str, Any]], infer_dir: Path) -> list[dict]:
+    """Images an inference strategy explained (reference-guided: the plain image, the aligned reference, both
+    masks and the fitted transform), first MAX_PER_PROMPT of them."""
+    rows = []
+    for s in [s for s in samples if s.get("intermediates")][:MAX_PER_PROMPT]:
+        images = {"result": image_data_uri(Path(infer_dir) / s["path"]),
+                  **{name: image_data_uri(Path(infer_dir) / rel) for name, rel in s["intermediates"].items()}}
+        rows.append({"prompt": s["prompt"], "seed": s["seed"], "images": images, "details": s.get("details", {})})
+    return rows
+
+
 def _metric_tables(metrics: dict[str, Any]) -> list[dict]:
     """One table per prompt set: every record with mean ± std."""
     tables = []
@@ -148,6 +159,7 @@ def render_report(
         thumb=THUMB,
         references=[{"name": Path(p).name, "uri": image_data_uri(Path(p))} for p in references],
         generated=_generated_groups(samples, metrics, infer_dir),
+        explained=_explained(samples, infer_dir),
         definitions=metrics["definitions"],
         tables=_metric_tables(metrics),
         plots=_plots(metrics),

@@ -39,9 +39,16 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
             task = progress.add_task(f"infer: {pset.name}", total=len(pset.items))
             for i, item in enumerate(pset.items):
                 rel = f"images/{pset.name}/{i:04d}.png"
-                strategy.generate([item.prompt], [item.seed])[0].save(work / rel)
-                samples.append({"prompt_set": pset.name, "prompt": item.prompt, "identifier": info["identifier"],
-                                "class_word": subject.class_word, "seed": item.seed, "path": rel})
+                image, intermediates, facts = strategy.generate_explained(item.prompt, item.seed)
+                image.save(work / rel)
+                sample = {"prompt_set": pset.name, "prompt": item.prompt, "identifier": info["identifier"],
+                          "class_word": subject.class_word, "seed": item.seed, "path": rel}
+                if intermediates or facts:  # what the strategy did for this image, for the report
+                    for name, extra in intermediates.items():
+                        extra.save(work / f"images/{pset.name}/{i:04d}_{name}.png")
+                    sample["intermediates"] = {name: f"images/{pset.name}/{i:04d}_{name}.png" for name in intermediates}
+                    sample["details"] = facts
+                samples.append(sample)
                 progress.advance(task)
         (work / "samples.json").write_text(json.dumps(samples, indent=2))
         (work / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json(sets), indent=2))

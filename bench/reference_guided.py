@@ -1,0 +1,79 @@
+"""Reference-guided generation (HiFi Tuner alg. 2) against plain sampling: seconds per image, measured in one run.
+
+    .venv/bin/python bench/reference_guided.py [--model tiny-sd15] [--subject DIR --class WORD] [--steps 10]
+                                               [--images 2] [--j 0 5 10] [--window 0 2 4]
+
+One refine of the subject and one pipeline serve every row. "plain" is the plain strategy; each
+"reference-guided" row sets J (phi_h steps per guided step) and the window t_s - t_e (t_e = 1). A guided image
+costs a plain image (I_g1), the mask, the reference choice, alg. 4, one DDIM inversion, the second pass, and
+for each of the (window + 1) guided steps J forward and backward passes of the UNet (eq. 10) plus one more step.
+The ratio to plain is what transfers to other models and machines; the numbers say nothing about quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from subjectops.config import load_params  # noqa: E402
+from subjectops.inference import InferenceSpec, StageInputs  # noqa: E402
+from subjectops.inference.plain import PlainStrategy  # noqa: E402
+from subjectops.inference.reference_guided import ReferenceGuidedStrategy  # noqa: E402
+from subjectops.models.loading import load_pipeline  # noqa: E402
+from subjectops.stages.refine import refine  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SUBJECT = REPO.parent / "shared" / "data" / "dreambench" / "subjects" / "can"
+
+
+def seconds_per_image(strategy, n: int) -> float:
+    strategy.generate(["a photo of sks can"], [999])  # warm-up, outside the timing
+    start = time.perf_counter()
+    for seed in range(n):
+        strategy.generate(["a photo of sks can"], [seed])
+    return (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-sd15")
+    ap.add_argument("--subject", type=Path, default=DEFAULT_SUBJECT)
+    ap.add_argument("--class", dest="class_word", default="can")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--j", type=int, nargs="+", default=[0, 5, 10])
+    ap.add_argument("--window", type=int, nargs="+", default=[0, 2, 4])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    params = load_params(REPO / "params.yaml", [f"model.base={args.model}", "refine.grabcut_iterations=1"])
+    with tempfile.TemporaryDirectory() as tmp:
+        refine_dir = refine(params, args.subject, args.class_word, Path(tmp) / "refine")
+        pipe = load_pipeline(params.model)
+        pipe.set_progress_bar_config(disable=True)
+        inputs = StageInputs(model=params.model, finetune=Path(tmp), refine=refine_dir)
+        base = dict(scheduler="ddim", steps=args.steps, guidance_scale=7.5,
+                    resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        plain = seconds_per_image(PlainStrategy.load(pipe, InferenceSpec(strategy="plain", **base), inputs), args.images)
+        print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+              f"threads, model {args.model}, {args.steps} DDIM steps, {args.images} images per row")
+        print(f"{'strategy':<18}{'J':>4}{'t_s-t_e':>9}{'s/image':>10}{'x plain':>9}")
+        print(f"{'plain':<18}{'-':>4}{'-':>9}{plain:>10.3f}{1:>9.2f}")
+        for j in args.j:
+            for window in args.window:
+                config = dict(t_start=1 + window, t_end=1, phi_steps=j, subjects="all", align_steps=50)
+                spec = InferenceSpec(strategy="reference-guided", config=config, **base)
+                guided = seconds_per_image(ReferenceGuidedStrategy.load(pipe, spec, inputs), args.images)
+                print(f"{'reference-guided':<18}{j:>4}{window:>9}{guided:>10.3f}{guided / plain:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
