@@ -86,3 +86,10 @@ def test_dreambooth_with_reference_guided_inference_end_to_end(tmp_path):
     assert {"scale", "angle_degrees", "centre_shift_px"} <= set(first["details"]["transform"])
     report = (run_dir / "evaluate" / "report.html").read_text()
     assert 'id="explained"' in report and report.count('class="explained"') == 2 * 5
+
+
+def test_a_guidance_window_that_ends_before_it_starts_is_rejected_by_name():
+    from subjectops.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match="t_end"):
+        load_params(REPO / "params.yaml", ["infer.reference_guided.t_start=5", "infer.reference_guided.t_end=8"])
