@@ -66,6 +66,7 @@ def main() -> None:
         print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
               f"threads, model {args.model}, {args.steps} DDIM steps, {args.images} images per row; plain is timed "
               "again right before each guided row, so a ratio compares the two under the same machine load")
+        rows: dict[tuple[int, int], tuple[float, float]] = {}
         print(f"{'J':>4}{'t_s-t_e':>9}{'plain s/img':>13}{'guided s/img':>14}{'x plain':>9}")
         for j in args.j:
             for window in args.window:
@@ -75,6 +76,22 @@ def main() -> None:
                 plain = seconds_per_image(plain_strategy, args.images)
                 guided = seconds_per_image(guided_strategy, args.images)
                 print(f"{j:>4}{window:>9}{plain:>13.3f}{guided:>14.3f}{guided / plain:>9.2f}", flush=True)
+                rows[(j, window)] = (plain, guided)
+        closing_note(rows)
+
+
+def closing_note(rows: dict[tuple[int, int], tuple[float, float]]) -> None:
+    """The ratio to plain at the smallest setting, and the cost of one more guided step per J (the slope over the
+    window, in plain-image units, from the smallest to the largest window)."""
+    (j0, w0), (plain, guided) = min(rows.items())
+    print(f"# note: at J={j0}, t_s-t_e={w0} a guided image costs {guided / plain:.1f} plain images")
+    windows = sorted({w for _, w in rows})
+    for j in sorted({j for j, _ in rows}):
+        if len(windows) > 1:
+            (p_lo, g_lo), (p_hi, g_hi) = rows[(j, windows[0])], rows[(j, windows[-1])]
+            per_step = (g_hi - g_lo) / (windows[-1] - windows[0])
+            print(f"# note: J={j}: each further guided step adds {per_step:.3f} s = "
+                  f"{per_step / ((p_lo + p_hi) / 2):.2f} plain images")
 
 
 if __name__ == "__main__":
