@@ -166,7 +166,7 @@ def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune, tiny_cli
     assert spec.config["strength"] == 0.5 and spec.config["kernel_size"] == 151  # recorded in infer's manifest
     strategy = load_strategy(spec, StageInputs(model=SDXL, finetune=lora_finetune))
     prompt, seed = "a photo of immen dog on a beach", 5
-    final, stages = strategy.generate_with_stages(prompt, seed)
+    final, stages, _ = strategy.generate_explained(prompt, seed)
     assert list(stages) == ["stage1", "blurred"]
     # stage 1 is the unmodified base model's image of the class-word prompt
     base = load_pipeline(SDXL)
@@ -208,8 +208,8 @@ def test_finetune_then_infer_save_the_adapter_the_token_and_each_image_with_its_
     samples = json.loads((out / "samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["a photo of immen dog"] * 2
     for s in samples:
-        assert list(s["stages"]) == ["stage1", "blurred"] and s["path"].startswith("images/")
-        assert all((out / rel).is_file() and rel.startswith("stages/") for rel in s["stages"].values())
+        assert list(s["intermediates"]) == ["stage1", "blurred"] and s["path"].startswith("images/")
+        assert all((out / rel).is_file() and rel.startswith("stages/") for rel in s["intermediates"].values())
     assert sorted(p.name for p in (out / "images" / "prompt-invariant").iterdir()) == ["0000.png", "0001.png"]
     inference = json.loads((out / "manifest.json").read_text())["inference"]
     assert inference["strategy"] == "alchemy" and inference["config"]["strength"] == 0.5

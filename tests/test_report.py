@@ -109,16 +109,17 @@ def test_hostile_text_is_escaped(report, tmp_path):
     assert page.count("<script>") == 1  # only the page's own image check
 
 
-def test_a_multi_stage_strategys_intermediate_images_show_before_each_final_image(report, tmp_path):
+def test_a_strategys_intermediate_images_show_with_the_result_and_its_details(report, tmp_path):
     metrics = json.loads((report.parent / "metrics.json").read_text())
     infer = report.parent.parent / "infer"
     samples = json.loads((infer / "samples.json").read_text())
-    samples[0]["stages"] = {"stage1": samples[1]["path"], "blurred": samples[1]["path"]}  # as alchemy lists them
+    samples[0]["intermediates"] = {"stage1": samples[1]["path"], "blurred": samples[1]["path"]}  # as alchemy lists them
+    samples[0]["details"] = {"segmenter": "grabcut"}
     refs = sorted((report.parent.parent / "refine" / "images").glob("*.png"))
     page = render_report(tmp_path / "report.html", metrics, refs, samples, infer, {}, {},
                          {"name": "dog", "class_word": "dog"}).read_text()
-    captions = re.findall(r"<figcaption>(seed \d+(?: · \w+)?)</figcaption>", page)
-    seed = samples[0]["seed"]
-    assert captions[:3] == [f"seed {seed} · stage1", f"seed {seed} · blurred", f"seed {seed} · final"]
-    assert page.count('class="stage"') == 2
-    assert f'alt="stage1 image for &quot;{samples[0]["prompt"]}&quot;, seed {seed}"' in page
+    section = page[page.index('id="explained"'):]
+    assert re.findall(r"<figcaption>(\w+)</figcaption>", section)[:3] == ["result", "stage1", "blurred"]
+    assert section.count('<img class="explained"') == 3  # the result and its two intermediates
+    assert f'alt="stage1 for &quot;{samples[0]["prompt"]}&quot;, seed {samples[0]["seed"]}"' in section
+    assert "segmenter: grabcut" in section

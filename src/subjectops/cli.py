@@ -177,6 +177,18 @@ def evaluate(run_dir: Optional[Path] = typer.Argument(None, help="run directory:
     done("report", result / "report.html")
 
 
+@app.command()
+@user_errors
+def replace(image: Path = typer.Argument(..., help="photo whose subject is replaced"),
+            run: Path = typer.Option(..., "--run", help="a run fine-tuned with --method hifi-tuner"),
+            word: str = typer.Option(..., "--word", help="the word for the subject to replace, e.g. cat"),
+            out: Path = typer.Option(..., "--out"), params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Replace the subject of a photo with the run's subject (HiFi Tuner alg. 3: null-text inversion, prompt-to-prompt)."""
+    from subjectops.stages.replace import replace as stage
+
+    done("replace", stage(build_params(params_path, sets), image, run, word, out))
+
+
 @models_app.command("check")
 @user_errors
 def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt, model: Optional[str] = ModelOpt,

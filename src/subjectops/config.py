@@ -22,7 +22,7 @@ from subjectops.metrics.definitions import METRIC_NAMES, METRICS, direction
 
 DEFAULT_PARAMS = Path("params.yaml")
 # The registry in subjectops.inference holds the strategies (it imports torch; this module must not).
-STRATEGY_NAMES = ("plain", "dreamblend", "alchemy")
+STRATEGY_NAMES = ("plain", "reference-guided", "dreamblend", "alchemy")
 
 
 class ConfigError(SubjectopsError):
@@ -196,6 +196,34 @@ class AlchemyInferCfg(StrictModel):
         return v
 
 
+class ReferenceGuidedCfg(StrictModel):
+    """HiFi Tuner's reference-guided generation (seed 001 sec. 3.3, alg. 2; defaults from sec. 4)."""
+
+    t_start: int = Field(40, ge=1)  # t_s: DDIM step number (T = infer.steps counts down to 1) where guidance starts
+    t_end: int = Field(10, ge=1)  # t_e: the last guided step
+    phi_steps: int = Field(10, ge=0)  # J: Adam steps on phi_h per guided step (eq. 10)
+    phi_lr: float = Field(1e-2, gt=0)
+    subjects: Literal["rigid", "all"] = "rigid"  # sec. 4: guidance for the 21 rigid DreamBench subjects only
+    captioner: Optional[str] = None  # image-to-text model (BLIP-2) id or directory; None: "a photo of a {class_word}"
+    dino: str = "auto"  # reference choice by DINO ViT-S/16 similarity; auto: tiny encoder on the tiny presets
+    align_steps: int = Field(200, ge=1)  # alg. 4 gradient steps (the paper gives none)
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.t_end > self.t_start:
+            raise ValueError(f"t_end ({self.t_end}) must not exceed t_start ({self.t_start})")
+        return self
+
+
+class ReplaceCfg(StrictModel):
+    """`subjectops replace`: HiFi Tuner's personalized subject replacement (seed 001 sec. 3.4, alg. 3); DDIM steps
+    and guidance scale are infer's."""
+
+    null_text_steps: int = Field(10, ge=1)  # K of alg. 3: the paper gives none; 10 as in null-text inversion
+    null_text_lr: float = Field(1e-2, gt=0)  # the paper gives none; our choice (the phi_h rate of sec. 4)
+    captioner: Optional[str] = None  # BLIP-2 id or directory; None: "a photo of a {word}"
+
+
 class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
@@ -210,6 +238,7 @@ class InferCfg(StrictModel):
     prompt_invariant: PromptInvariantCfg = PromptInvariantCfg()
     prompt_varying: PromptVaryingCfg = PromptVaryingCfg()
     dreambench: DreamBenchCfg = DreamBenchCfg()
+    reference_guided: ReferenceGuidedCfg = ReferenceGuidedCfg()
     dreamblend: DreamBlendCfg = DreamBlendCfg()
     alchemy: AlchemyInferCfg = AlchemyInferCfg()
 
@@ -351,6 +380,7 @@ class Params(StrictModel):
     pretrain_disc: PretrainDiscCfg = PretrainDiscCfg()
     finetune: FinetuneCfg = FinetuneCfg()
     infer: InferCfg = InferCfg()
+    replace: ReplaceCfg = ReplaceCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     registry: RegistryCfg = RegistryCfg()
     tracking: TrackingCfg = TrackingCfg()

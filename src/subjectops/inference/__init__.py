@@ -8,8 +8,11 @@ from subjectops.inference.alchemy import AlchemyStrategy
 from subjectops.inference.base import REQUIREMENTS, InferenceSpec, StageInputs, Strategy
 from subjectops.inference.dreamblend import DreamBlendStrategy
 from subjectops.inference.plain import PlainStrategy
+from subjectops.inference.reference_guided import ReferenceGuidedStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (PlainStrategy, DreamBlendStrategy, AlchemyStrategy)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (PlainStrategy, ReferenceGuidedStrategy, DreamBlendStrategy, AlchemyStrategy)
+}
 
 __all__ = ["REQUIREMENTS", "STRATEGIES", "InferenceSpec", "StageInputs", "Strategy", "finetuned_pipeline", "get_strategy",
            "load_strategy"]

@@ -139,9 +139,9 @@ class AlchemyStrategy(Strategy):
             self.pipe.enable_lora()
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        return [self.generate_with_stages(prompt, seed)[0] for prompt, seed in zip(prompts, seeds)]
+        return [self.generate_explained(prompt, seed)[0] for prompt, seed in zip(prompts, seeds)]
 
-    def generate_with_stages(self, prompt: str, seed: int) -> tuple[Image.Image, dict[str, Image.Image]]:
+    def generate_explained(self, prompt: str, seed: int) -> tuple[Image.Image, dict[str, Image.Image], dict]:
         from subjectops.models.sampling import generate
 
         s, cfg = self.spec, self.config
@@ -152,4 +152,4 @@ class AlchemyStrategy(Strategy):
         blurred = blurred_scene(scene, mask, cfg)
         inserted = img2img(self.img2img, blurred, prompt, seed, cfg.strength, s.steps, s.guidance_scale)
         final = to_image(blur.composite(to_array(scene), to_array(inserted), mask, cfg.feather))
-        return final, {"stage1": scene, "blurred": blurred}
+        return final, {"stage1": scene, "blurred": blurred}, {}

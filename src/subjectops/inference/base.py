@@ -114,7 +114,7 @@ class Strategy:
         """One image per (prompt, seed), each a function of its prompt and seed alone (not of the others)."""
         raise NotImplementedError
 
-    def generate_with_stages(self, prompt: str, seed: int) -> tuple[Image.Image, dict[str, Image.Image]]:
-        """One image and the intermediate images it was made from (name -> image; infer saves them and the
-        report shows them), for strategies with several stages."""
-        return self.generate([prompt], [seed])[0], {}
+    def generate_explained(self, prompt: str, seed: int) -> tuple[Image.Image, dict[str, Image.Image], dict]:
+        """The image of `generate`, plus named intermediate images and facts for the report (infer stores both
+        beside the image; a strategy without intermediates returns empty ones)."""
+        return self.generate([prompt], [seed])[0], {}, {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from subjectops.inference.base import Strategy
+from subjectops.inference.ddim import ddim_generate, require_ddim
 from subjectops.models.sampling import generate
 
 
@@ -21,5 +22,10 @@ class PlainStrategy(Strategy):
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         s = self.spec
+        if getattr(self.pipe, "subject_embeddings", None) is not None:
+            # HiFi Tuner's step-wise subject embeddings change the conditioning at every DDIM step (eq. 7).
+            require_ddim(self.pipe, "hifi-tuner's step-wise embeddings")
+            return [ddim_generate(self.pipe, prompt, seed, s.steps, s.guidance_scale, s.resolution)
+                    for prompt, seed in zip(prompts, seeds)]
         return [generate(self.pipe, [prompt], [seed], s.steps, s.guidance_scale, s.resolution)[0]
                 for prompt, seed in zip(prompts, seeds)]

@@ -9,13 +9,15 @@ from subjectops.errors import SubjectopsError
 from subjectops.methods.alchemy import AlchemyMethod
 from subjectops.methods.base import Method
 from subjectops.methods.dreambooth import DreamBoothMethod
+from subjectops.methods.hifi_tuner import HiFiTunerMethod
 from subjectops.methods.hypnos import HypnosMethod
 from subjectops.methods.lora import LoraMethod
 from subjectops.methods.textual_inversion import TextualInversionMethod
 from subjectops.methods.two_stage import TwoStageMethod
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (DreamBoothMethod, LoraMethod, TextualInversionMethod, TwoStageMethod, HypnosMethod, AlchemyMethod)
+    m.name: m for m in (DreamBoothMethod, LoraMethod, TextualInversionMethod, TwoStageMethod, HypnosMethod,
+                      HiFiTunerMethod, AlchemyMethod)
 }
 
 

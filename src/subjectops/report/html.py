@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -91,12 +91,24 @@ def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any]
                 groups.setdefault(s["prompt"], []).append(s)
         out.append({"name": pset["name"], "prompts": [
             {"prompt": prompt, "total": len(items),
-             "images": [{"seed": s["seed"], "uri": image_data_uri(Path(infer_dir) / s["path"]),
-                         "stages": [{"name": name, "uri": image_data_uri(Path(infer_dir) / rel)}
-                                    for name, rel in s.get("stages", {}).items()]}
+             "images": [{"seed": s["seed"], "uri": image_data_uri(Path(infer_dir) / s["path"])}
                         for s in items[:MAX_PER_PROMPT]]}
             for prompt, items in groups.items()]})
     return out
+
+
+def _explained(samples: Sequence[dict[str, Any]], infer_dir: Path) -> list[dict]:
+    """Images an inference strategy explained, the first MAX_PER_PROMPT of each prompt (reference-guided: the plain
+    image, the aligned reference, both masks and the fitted transform; alchemy: the stage-1 scene and its blur)."""
+    rows, shown = [], Counter()
+    for s in samples:
+        if not s.get("intermediates") or shown[(s["prompt_set"], s["prompt"])] >= MAX_PER_PROMPT:
+            continue
+        shown[(s["prompt_set"], s["prompt"])] += 1
+        images = {"result": image_data_uri(Path(infer_dir) / s["path"]),
+                  **{name: image_data_uri(Path(infer_dir) / rel) for name, rel in s["intermediates"].items()}}
+        rows.append({"prompt": s["prompt"], "seed": s["seed"], "images": images, "details": s.get("details", {})})
+    return rows
 
 
 def _metric_tables(metrics: dict[str, Any]) -> list[dict]:
@@ -154,6 +166,7 @@ def render_report(
         thumb=THUMB,
         references=[{"name": Path(p).name, "uri": image_data_uri(Path(p))} for p in references],
         generated=_generated_groups(samples, metrics, infer_dir),
+        explained=_explained(samples, infer_dir),
         definitions=metrics["definitions"],
         tables=_metric_tables(metrics),
         plots=_plots(metrics),

@@ -39,15 +39,17 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
             task = progress.add_task(f"infer: {pset.name}", total=len(pset.items))
             for i, item in enumerate(pset.items):
                 rel = f"images/{pset.name}/{i:04d}.png"
-                image, stage_images = strategy.generate_with_stages(item.prompt, item.seed)
+                image, intermediates, facts = strategy.generate_explained(item.prompt, item.seed)
                 image.save(work / rel)
                 sample = {"prompt_set": pset.name, "prompt": item.prompt, "identifier": info["identifier"],
                           "class_word": subject.class_word, "seed": item.seed, "path": rel}
-                if stage_images:  # intermediate images of a multi-stage strategy, outside images/ (not scored)
+                if intermediates or facts:  # what the strategy did for this image, for the report; the
+                    # intermediate images sit outside images/, so nothing scores them
                     (work / "stages" / pset.name).mkdir(parents=True, exist_ok=True)
-                    sample["stages"] = {name: f"stages/{pset.name}/{i:04d}_{name}.png" for name in stage_images}
-                    for name, im in stage_images.items():
-                        im.save(work / sample["stages"][name])
+                    sample["intermediates"] = {name: f"stages/{pset.name}/{i:04d}_{name}.png" for name in intermediates}
+                    for name, extra in intermediates.items():
+                        extra.save(work / sample["intermediates"][name])
+                    sample["details"] = facts
                 samples.append(sample)
                 progress.advance(task)
         (work / "samples.json").write_text(json.dumps(samples, indent=2))

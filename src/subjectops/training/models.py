@@ -102,11 +102,14 @@ class DiffusionModels:
         return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})
 
     def denoise(self, latents: torch.Tensor, cond: Conditioning, generator: torch.Generator,
-                offset_noise: float = 0.0) -> Denoised:
-        """Forward diffusion at random timesteps (drawn from `generator`), then the UNet's prediction and target."""
+                offset_noise: float = 0.0, timesteps: torch.Tensor | None = None) -> Denoised:
+        """Forward diffusion at random timesteps (drawn from `generator`) or the given ones, then the UNet's
+        prediction and target."""
         schedule = self.schedule
         noise = losses.sample_noise(latents.shape, generator, offset_noise).to(latents)
-        t = losses.sample_timesteps(latents.shape[0], schedule, generator).to(latents.device)
+        if timesteps is None:
+            timesteps = losses.sample_timesteps(latents.shape[0], schedule, generator)
+        t = timesteps.to(latents.device)
         noisy = losses.add_noise(schedule, latents, noise, t)
         pred = self.call(self.unet, noisy, t, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
         return Denoised(noise, t, noisy, pred.float(), losses.diffusion_target(schedule, latents, noise, t))

@@ -1,0 +1,205 @@
+"""reference-guided: HiFi Tuner's reference-guided generation (seed 001 sec. 3.3, alg. 2, alg. 4, eqs. 3, 8, 10).
+
+Per image: I_g1 from x_T by DDIM (eq. 1, eq. 7 with step-wise embeddings); its subject mask M_g from the mask
+backend refine used; the reference I_r = the subject photo nearest to I_g1 in DINO space, and its refine mask M_r;
+T_theta fitted by alg. 4 (`alignment.fit_similarity`, symmetric distance) and applied to I_r and M_r; the warped
+reference captioned (a configurable captioner, else "a photo of a [C]"), encoded and DDIM-inverted (eq. 3);
+then denoising again from the same x_T with the reference latents in the subject region at t_s and phi_h
+optimised on eq. 10 for t_s >= t >= t_e (`guided_sample`).
+
+Serves every method whose pipeline samples with DDIM (DreamBooth, LoRA, two-stage, HiFi Tuner, ...). Guidance
+applies to rigid subjects (sec. 4; `rigid_subjects.json`) unless `subjects=all`; an image left unguided (a
+live subject, or no subject found in I_g1) is I_g1, and `details` says why.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+
+import torch
+from PIL import Image
+
+from subjectops.errors import SubjectopsError
+from subjectops.inference.base import Strategy
+from subjectops.inference.ddim import (CondAt, DdimSampler, decode_latents, encode_image, encoder, initial_noise,
+                                       masked_sq_error, prompt_conditioning, require_ddim)
+from subjectops.training.contract import Conditioning
+
+ALIGN_SIZE = 64  # masks are aligned at this size (alg. 4's cost grows with the point count)
+TEMPLATE_CAPTION = "a photo of a {class_word}"
+
+
+def rigid_subjects() -> dict:
+    return json.loads(resources.files("subjectops.inference").joinpath("rigid_subjects.json").read_text())
+
+
+def is_rigid(name: str, class_word: str) -> bool:
+    """DreamBench subjects by name (sec. 4: 21 rigid, 9 live); other subjects are live when their class is."""
+    table = rigid_subjects()
+    if name in table["rigid"] or name in table["live"]:
+        return name in table["rigid"]
+    return class_word.lower() not in table["live_classes"]
+
+
+def load_captioner(model_id: str | None):
+    """An image-to-text pipeline (BLIP-2 in the paper) from a hub id or directory; None: no captioner."""
+    if model_id is None:
+        return None
+    from transformers import pipeline
+
+    return pipeline("image-to-text", model=model_id)
+
+
+def caption(captioner, image: Image.Image, fallback: str) -> str:
+    """The captioner's text for the image, or the class template when there is no captioner."""
+    return fallback if captioner is None else captioner(image)[0]["generated_text"]
+
+
+def guided_sample(sampler: DdimSampler, x_T: torch.Tensor, cond_at: CondAt, phi: Conditioning,
+                  reference: list[torch.Tensor], mask: torch.Tensor, t_start: int, t_end: int, phi_steps: int,
+                  phi_lr: float) -> list[torch.Tensor]:
+    """Alg. 2: the trajectory from x_T with the reference trajectory `reference` ([x*_T..x*_0]) guiding the latent
+    cells of `mask` (1, 1, h, w) between DDIM steps t_start and t_end. An empty mask changes nothing (eq. 10 is
+    then identically zero, so phi_h never moves), and the result is plain sampling bit for bit."""
+    traj = [x_T]
+    phi_h = phi.prompt_embeds.detach()
+    inside = mask.bool()
+    guide = bool(inside.any())
+    for i in range(sampler.steps):
+        t = sampler.steps - i
+        x = traj[-1]
+        cond = cond_at(i)
+        if t == t_start and guide:
+            phi_h = phi.prompt_embeds.detach()
+            x = torch.where(inside, reference[i], x)  # x_t[M] = x*_t[M]
+            traj[-1] = x
+        with torch.no_grad():
+            nxt = sampler.step(x, i, cond, phi)
+        if t_end <= t <= t_start and guide:
+            phi_h = phi_h.clone().requires_grad_(True)
+            opt = torch.optim.Adam([phi_h], lr=phi_lr)
+            for _ in range(phi_steps):  # eq. 10
+                opt.zero_grad()
+                loss = masked_sq_error(reference[i + 1], sampler.step(x, i, cond, Conditioning(phi_h, phi.added_cond_kwargs)), mask)
+                loss.backward()
+                opt.step()
+            phi_h = phi_h.detach()
+            with torch.no_grad():
+                nxt = torch.where(inside, sampler.step(x, i, cond, Conditioning(phi_h, phi.added_cond_kwargs)), nxt)
+        traj.append(nxt)
+    return traj
+
+
+@dataclass
+class GuidedImage:
+    """What one reference-guided draw produced (for the report): I_g1, the result, and how it was guided."""
+
+    plain: Image.Image
+    guided: Image.Image
+    reason: str = "guided"
+    reference: Image.Image | None = None
+    generated_mask: Image.Image | None = None
+    reference_mask: Image.Image | None = None  # M_r* (warped)
+    transform: dict = field(default_factory=dict)
+    caption: str = ""
+    reference_index: int = -1
+
+
+def mask_tensor(mask: Image.Image, size: int) -> torch.Tensor:
+    from subjectops.data.subject import to_tensor
+
+    return to_tensor(mask.convert("L").resize((size, size), Image.NEAREST))[None]
+
+
+class ReferenceGuidedStrategy(Strategy):
+    name = "reference-guided"
+    section = "reference_guided"
+    requires = frozenset({"references", "masks"})
+
+    @classmethod
+    def load(cls, pipe, spec, inputs) -> "ReferenceGuidedStrategy":
+        strategy = super().load(pipe, spec, inputs)
+        strategy.prepare()
+        return strategy
+
+    def prepare(self) -> None:
+        from subjectops.config import RefineCfg
+        from subjectops.data.subject import RefinedSubject
+        from subjectops.models.tiny import TINY_PRESETS
+        from subjectops.segment import get_backend
+
+        cfg = self.config
+        require_ddim(self.pipe, "reference-guided generation")
+        if cfg.t_start > self.spec.steps:
+            raise SubjectopsError(f"infer.reference_guided.t_start = {cfg.t_start} exceeds infer.steps = {self.spec.steps}",
+                                  fix="t_start and t_end count DDIM steps down from infer.steps: lower them or raise infer.steps")
+        subject = RefinedSubject.load(self.inputs.refine)
+        self.class_word = subject.class_word
+        self.references, self.reference_masks = subject.images(), subject.masks()
+        self.rigid = cfg.subjects == "all" or is_rigid(subject.info["name"], subject.class_word)
+        # M_g comes from the backend that made the reference masks M_r (the paper uses Grounding SAM for both).
+        manifest = json.loads((self.inputs.refine / "manifest.json").read_text())
+        self.segmenter = get_backend(RefineCfg.model_validate(manifest["params"]["refine"]))
+        from subjectops.metrics.backbones import load_dino
+
+        dino_id = cfg.dino if cfg.dino != "auto" else ("tiny" if self.inputs.model.base in TINY_PRESETS
+                                                       else "facebook/dino-vits16")
+        self.dino = load_dino(dino_id, self.pipe.unet.device)
+        self.captioner = load_captioner(cfg.captioner)
+
+    def caption(self, image: Image.Image) -> str:
+        return caption(self.captioner, image, TEMPLATE_CAPTION.format(class_word=self.class_word))
+
+    def choose_reference(self, image: Image.Image) -> int:
+        """The subject photo with the highest DINO cosine similarity to I_g1 (sec. 3.3)."""
+        from subjectops.data.subject import to_tensor
+
+        batch = torch.stack([to_tensor(i.resize(image.size)) for i in [image, *self.references]])
+        emb = torch.nn.functional.normalize(self.dino.embed((batch + 1) / 2), dim=-1)
+        return int((emb[1:] @ emb[0]).argmax())
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        return [self.draw(prompt, seed).guided for prompt, seed in zip(prompts, seeds)]
+
+    def generate_explained(self, prompt: str, seed: int) -> tuple[Image.Image, dict[str, Image.Image], dict]:
+        d = self.draw(prompt, seed)
+        images = {"plain": d.plain, "reference": d.reference, "generated_mask": d.generated_mask,
+                  "reference_mask": d.reference_mask}
+        facts = {"guidance": d.reason, "transform": d.transform, "caption": d.caption,
+                 "reference_index": d.reference_index}
+        return d.guided, {k: v for k, v in images.items() if v is not None}, facts
+
+    def draw(self, prompt: str, seed: int) -> GuidedImage:
+        from subjectops.inference.alignment import fit_similarity, warp
+        from subjectops.methods.hifi_tuner import latent_mask
+
+        s, cfg, res = self.spec, self.config, self.spec.resolution
+        sampler = DdimSampler.from_pipe(self.pipe, s.steps, s.guidance_scale)
+        cond_at, phi = prompt_conditioning(self.pipe, prompt, sampler, res)
+        x_T = initial_noise(self.pipe, seed, res)
+        plain = decode_latents(self.pipe, sampler.sample(x_T, cond_at, phi)[-1])
+        if not self.rigid:
+            return GuidedImage(plain, plain, "not guided: a live subject (infer.reference_guided.subjects=rigid)")
+        generated_mask = self.segmenter.mask(plain)
+        m_g = mask_tensor(generated_mask, ALIGN_SIZE)
+        if not m_g.any():
+            return GuidedImage(plain, plain, "not guided: no subject found in the first image",
+                               generated_mask=generated_mask)
+        k = self.choose_reference(plain)
+        transform = fit_similarity(mask_tensor(self.reference_masks[k], ALIGN_SIZE), m_g, steps=cfg.align_steps)
+        from subjectops.data.subject import to_tensor
+
+        ref_pixels = to_tensor(self.references[k].resize((res, res), Image.BICUBIC))[None]
+        warped = warp((ref_pixels + 1) / 2, transform).clamp(0, 1)
+        warped_image = Image.fromarray((warped[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        warped_mask = warp(mask_tensor(self.reference_masks[k], res), transform)
+        text = self.caption(self.references[k])
+        c_r = encoder(self.pipe).encode_prompts([text], res)
+        reference = sampler.invert(encode_image(self.pipe, warped_image, res), c_r)
+        m = latent_mask(warped_mask, tuple(x_T.shape[-2:])).to(x_T.device)
+        traj = guided_sample(sampler, x_T, cond_at, phi, reference, m, cfg.t_start, cfg.t_end, cfg.phi_steps, cfg.phi_lr)
+        mask_image = Image.fromarray((warped_mask[0, 0].numpy() > 0.5).astype("uint8") * 255)
+        return GuidedImage(plain, decode_latents(self.pipe, traj[-1]), "guided", warped_image, generated_mask,
+                           mask_image, transform.to_dict(ALIGN_SIZE), text, k)

@@ -1,0 +1,108 @@
+"""HiFi Tuner (seed 001 sec. 3.2): mask-guided loss (eq. 5), regularization toward phi_s (eq. 6), step-wise
+embeddings (alg. 1) and the end-to-end run on a DreamBench subject."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from subjectops.config import load_params
+from subjectops.methods import get_method
+from subjectops.methods.hifi_tuner import EMBEDS_FILE, embedding_regularization, latent_mask, with_subject
+
+REPO = Path(__file__).resolve().parents[1]
+CAN = REPO.parent / "shared" / "data" / "dreambench" / "subjects" / "can"
+FAST = ["model.base=tiny-sd15", "finetune.method=hifi-tuner", "finetune.checkpoint_every=0",
+        "finetune.hifi_tuner.steps=3", "finetune.hifi_tuner.stepwise_steps=1", "finetune.hifi_tuner.ddim_steps=3"]
+
+
+def test_with_subject_replaces_only_the_last_rows():
+    c = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
+    c_s = -torch.ones(2, 3)
+    out = with_subject(c, c_s)
+    assert torch.equal(out[:, :4], c[:, :4]) and torch.equal(out[:, 4:], c_s.expand(2, 2, 3))
+
+
+def test_latent_mask_is_binary_on_the_latent_grid():
+    m = torch.zeros(1, 1, 16, 16)
+    m[..., :8, :] = 1
+    m[..., 8:10, :2] = 1  # a quarter of one latent cell: below half, outside
+    lm = latent_mask(m, (2, 2))
+    assert torch.equal(lm, torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]]))
+
+
+def test_regularization_is_w_s_times_the_squared_distance():
+    assert float(embedding_regularization(torch.ones(2, 2), torch.zeros(2, 2), 0.5)) == 2.0
+
+
+def _train(tmp_path, *overrides):
+    from subjectops.models.loading import load_pipeline
+    from subjectops.training.loop import Trainer
+    from subjectops.training.models import DiffusionModels
+
+    params = load_params(REPO / "params.yaml", FAST + list(overrides))
+    models = DiffusionModels.from_pipeline(load_pipeline(params.model))
+    method = get_method("hifi-tuner")(params, "can", models)
+    trainer = Trainer(params, models, method, 64, tmp_path, show_progress=False)
+    method.setup()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=g) * 2 - 1 for _ in range(3)]
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1
+    trainer.train(images, [mask] * 3, [])
+    return method
+
+
+def test_a_large_w_s_keeps_c_s_closer_to_phi_s_and_alg1_saves_one_embedding_per_ddim_step(tmp_path):
+    free = _train(tmp_path / "free", "finetune.hifi_tuner.reg_weight=0", "finetune.hifi_tuner.lr=0.1")
+    held = _train(tmp_path / "held", "finetune.hifi_tuner.reg_weight=100", "finetune.hifi_tuner.lr=0.1")
+    drift = lambda m: float((m.c_s.detach() - m.phi_s).norm())  # noqa: E731
+    assert drift(held) < drift(free) and drift(free) > 0
+
+    held.save(tmp_path)
+    saved = load_file(tmp_path / EMBEDS_FILE)
+    assert saved["embeds"].shape == (3, 5, held.phi_s.shape[-1])
+    assert saved["timesteps"].tolist() == held.ddim_timesteps() and saved["timesteps"][0] > saved["timesteps"][-1]
+    # alg. 1: each c_s^t started from c_s^{t+1} and moved on its own
+    assert not torch.equal(saved["embeds"][0], saved["c_s"]) and not torch.equal(saved["embeds"][1], saved["embeds"][0])
+
+
+def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
+    sets = FAST + ["infer.steps=3", "infer.prompt_invariant.num_images=2", "refine.grabcut_iterations=1"]
+    args = [sys.executable, "-m", "subjectops.cli", "run", str(CAN), "--class", "can", "--method", "hifi-tuner",
+            "--out", str(tmp_path / "run"), "--params", "params.yaml"]
+    args += [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    info = json.loads((run / "finetune" / "method.json").read_text())
+    assert info["method"] == "hifi-tuner" and info["weights"] == [EMBEDS_FILE]
+    assert load_file(run / "finetune" / EMBEDS_FILE)["embeds"].shape[0] == 3
+    manifest = json.loads((run / "finetune" / "manifest.json").read_text())
+    assert "reg_weight" in json.dumps(manifest)
+    samples = json.loads((run / "infer" / "samples.json").read_text())
+    assert len(samples) == 2 and all((run / "infer" / s["path"]).exists() for s in samples)
+    assert (run / "evaluate" / "metrics.json").exists()
+
+    # alg. 3 on one of the subject's photos, with the run's step-wise embeddings
+    replace = [sys.executable, "-m", "subjectops.cli", "replace", str(CAN / "01.jpg"), "--run", str(run), "--word",
+               "can", "--out", str(tmp_path / "replaced"), "--params", "params.yaml", "--set", "infer.steps=3",
+               "--set", "replace.null_text_steps=2"]
+    proc = subprocess.run(replace, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "replaced" / "replace.json").read_text())
+    assert record["caption"] == "a photo of a can" and record["steps"] == 3
+    assert Image.open(tmp_path / "replaced" / "replaced.png").size == (64, 64)
+
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a photo")
+    replace[4] = str(not_an_image)
+    replace[replace.index("--out") + 1] = str(tmp_path / "bad")
+    proc = subprocess.run(replace, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode != 0 and "is not an image subjectops replace can use" in proc.stderr
+    assert not (tmp_path / "bad").exists()
