@@ -83,7 +83,8 @@ def test_repro_param_change_exp_run_push_pull(dvc_repo):
     assert set(lock) == set(STAGES)
     # params recorded per stage are exactly the keys dvc.yaml names
     assert set(lock["evaluate"]["params"]["params.yaml"]) == {"model.cache_dir", "evaluate"}
-    assert set(lock["finetune"]["params"]["params.yaml"]) == {"model", "subject.token", "priors.prompt", "finetune"}
+    assert set(lock["finetune"]["params"]["params.yaml"]) == {"model", "subject.token", "priors.prompt", "finetune",
+                                                              "infer.strategy", "infer.dreamblend"}
     # LoRA needs no latent discriminator: the stage ran with --if-needed and says why it did nothing
     skipped = json.loads((repo / "runs" / "dvc" / "pretrain_disc" / "manifest.json").read_text())
     assert skipped["skipped"] == "method lora uses no latent discriminator" and skipped["outputs"] == {}

@@ -40,6 +40,17 @@ def image_data_uri(path: Path, size: int = THUMB * 2) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def figure_data_uri(fig) -> str:
+    """A matplotlib figure as an embedded PNG (the report is one self-contained file); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
         return "-"
@@ -73,11 +84,7 @@ def _plot_metric(metric: str, records: list[dict], per_image: dict[str, list[flo
     ax.set_xticks(xs, names)
     ax.set_title(f"{metric} ({'higher' if higher else 'lower'} is better)")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return figure_data_uri(fig)
 
 
 def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any], infer_dir: Path) -> list[dict]:

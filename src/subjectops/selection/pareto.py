@@ -6,12 +6,11 @@ Equal points do not dominate each other, so ties on the front are all kept.
 
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from subjectops.errors import SubjectopsError
+from subjectops.report.html import figure_data_uri
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,4 @@ def front_plot(points: Sequence[OperatingPoint], chosen: str | None = None) -> s
     ax.set_xlabel("CLIP-T (prompt fidelity)")
     ax.set_ylabel("DINO (subject fidelity)")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return figure_data_uri(fig)

@@ -46,10 +46,6 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     method.disc_dir = disc_dir
     work = partial_dir(out)
     keep = snapshot_steps(params)
-    total_steps = sum(phase.steps for phase in method.phases())
-    if keep and keep[-1] > total_steps:
-        raise SubjectopsError(f"snapshots are asked for at steps {keep}, but {method.name} trains {total_steps} steps",
-                              fix="lower finetune.snapshots (and infer.dreamblend.guidance/edit) or train longer")
     manifest_inputs = {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir}
 
     def record(directory: Path, steps: int, written: list[str]) -> None:
@@ -70,6 +66,11 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step,
                       on_snapshot=save_snapshot, snapshot_steps=keep)
     method.setup()
+    # after setup: a method's phases may depend on it (hifi-tuner: one phase per DDIM timestep)
+    total_steps = sum(phase.steps for phase in method.phases())
+    if keep and keep[-1] > total_steps:
+        raise SubjectopsError(f"snapshots are asked for at steps {keep}, but {method.name} trains {total_steps} steps",
+                              fix="lower finetune.snapshots (and infer.dreamblend.guidance/edit) or train longer")
     priors = load_priors(priors_dir)  # planned_inputs gave None unless the plan has priors
     if priors_dir is not None and not priors:
         raise SubjectopsError(
