@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from subjectops.config_base import StrictModel
+from subjectops.config_base import ModelCfg, StrictModel  # noqa: F401  (ModelCfg: a section of Params)
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
 from subjectops.methods import METHODS
@@ -27,12 +27,6 @@ STRATEGY_NAMES = ("plain", "reference-guided", "dreamblend", "alchemy")
 
 class ConfigError(SubjectopsError):
     pass
-
-
-class ModelCfg(StrictModel):
-    base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    revision: Optional[str] = None
-    cache_dir: Optional[str] = None
 
 
 class SubjectCfg(StrictModel):

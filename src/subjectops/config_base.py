@@ -1,5 +1,8 @@
-"""The base of every params.yaml section model. It imports nothing of the project, so method modules can
-declare their own config sections without importing `subjectops.config` (which reads the method registry)."""
+"""The base of every params.yaml section model, and the `model` section that model loading reads. It imports
+nothing of the project, so method modules and model loading use it without importing `subjectops.config` (which
+reads the method registry)."""
+
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -8,3 +11,9 @@ class StrictModel(BaseModel):
     """A params.yaml section: unknown keys are errors, and assignments are validated too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(StrictModel):
+    base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: Optional[str] = None
+    cache_dir: Optional[str] = None

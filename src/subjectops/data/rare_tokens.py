@@ -28,7 +28,7 @@ from subjectops.errors import SubjectopsError
 if TYPE_CHECKING:
     from PIL import Image
 
-    from subjectops.config import ModelCfg
+    from subjectops.config_base import ModelCfg
 
 # App. A.2's table, row by row.
 PAPER_TOKENS = (

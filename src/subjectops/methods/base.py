@@ -22,7 +22,6 @@ from subjectops.training.contract import Batch, Conditioning, Denoised, Phase, T
 if TYPE_CHECKING:
     import torch
 
-    from subjectops.config import Params
     from subjectops.config_base import StrictModel
 
 # What a configured method can need from the stages before finetune (see `subjectops.methods.plan`).
@@ -48,7 +47,7 @@ class Method:
     config_model: ClassVar[type[StrictModel]]
     default_strategy: ClassVar[str] = "plain"  # what `infer.strategy: auto` means for this method
 
-    def __init__(self, params: Params, class_word: str, models):
+    def __init__(self, params, class_word: str, models):  # params: the validated subjectops.config.Params
         self.params = params
         self.class_word = class_word
         self.models = models  # subjectops.training.models.DiffusionModels

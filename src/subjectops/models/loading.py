@@ -21,7 +21,7 @@ from subjectops.errors import ModelNotFoundError
 from subjectops.models.tiny import TINY_PRESETS, tiny_dir
 
 if TYPE_CHECKING:
-    from subjectops.config import ModelCfg
+    from subjectops.config_base import ModelCfg
 
 # A real CLIP tokenizer has ~49k entries; offline, transformers may hand back a 2-entry stub silently.
 MIN_TOKENIZER_SIZE = 100
