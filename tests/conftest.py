@@ -11,6 +11,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: one compute thread each (subprocesses inherit it), not one per core each.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 # Tiny presets are built once per test session into this folder (subprocesses inherit it).
 os.environ.setdefault("SUBJECTOPS_HOME", tempfile.mkdtemp(prefix="subjectops-home-"))
 # Runs made by tests are tracked in a throwaway store, never in the project's mlruns.db (tests that check
