@@ -36,6 +36,7 @@ class SubjectCfg(StrictModel):
     max_images: int = Field(20, ge=1)
     token: str = Field("sks", min_length=1, pattern=r"^\S+$")
     max_pixels: int = Field(89_478_485, gt=0)
+    max_file_bytes: int = Field(50_000_000, gt=0)  # checked before a photo is opened
 
     @model_validator(mode="after")
     def _range(self):
