@@ -207,7 +207,7 @@ def test_postgresql_without_a_secret_fails_with_a_fix(helm):
 
 
 def test_every_resource_is_namespaced_and_every_pod_meets_pod_security_restricted(helm):
-    """The chart does not create the namespace; docs/kubernetes.md labels it restricted. Here: every pod passes that
+    """The chart does not create the namespace; docs/kubernetes.md labels it restricted. Here every pod passes that
     level's checks (non-root, RuntimeDefault seccomp, no escalation, ALL capabilities dropped, no host access)."""
     docs = render(helm, *ALL_FEATURES)
     assert {d["metadata"].get("namespace") for d in docs} == {"ml"}
