@@ -483,7 +483,8 @@ def parse_yaml(text: str, source: str) -> Any:
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{source} is not valid YAML: {exc}",
+                          fix="correct the YAML; quote a value that holds ': ', '{' or ' #'") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
