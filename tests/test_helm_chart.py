@@ -86,7 +86,7 @@ def test_every_manifest_validates_strictly(helm, tmp_path, kube_version):
         proc = subprocess.run([_kv(), "--strict", "--quiet", "-k", kube_version, *files], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{name}: {proc.stdout}\n{proc.stderr}"
     assert {"Deployment", "StatefulSet", "Service", "PersistentVolumeClaim", "Secret", "Job", "CronJob",
-            "ServiceAccount", "Role", "RoleBinding", "ConfigMap"} <= kinds
+            "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy"} <= kinds
 
 
 def test_validation_catches_a_wrong_field(tmp_path):
@@ -204,3 +204,49 @@ def test_schema_rejects_bad_values(helm, args, message):
 def test_postgresql_without_a_secret_fails_with_a_fix(helm):
     err = render_error(helm, "--set", "mlflow.backendStore.type=postgresql")
     assert "mlflow.backendStore.existingSecret" in err
+
+
+def test_every_resource_is_namespaced_and_every_pod_meets_pod_security_restricted(helm):
+    """The chart does not create the namespace; docs/kubernetes.md labels it restricted. Here every pod passes that
+    level's checks (non-root, RuntimeDefault seccomp, no escalation, ALL capabilities dropped, no host access)."""
+    docs = render(helm, *ALL_FEATURES)
+    assert {d["metadata"].get("namespace") for d in docs} == {"ml"}
+    for owner, spec in pod_specs(docs):
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, owner["metadata"]["name"]
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & set(spec)
+        assert all("hostPath" not in v for v in spec.get("volumes", []))
+        for c in spec["containers"] + spec.get("initContainers", []):
+            csc = c["securityContext"]
+            assert csc["runAsNonRoot"] is True and csc["allowPrivilegeEscalation"] is False, c["name"]
+            assert csc["capabilities"] == {"drop": ["ALL"]} and not csc.get("privileged"), c["name"]
+            assert c["imagePullPolicy"] == "Always"
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policies_limit_who_reaches_mlflow_and_minio(helm):
+    docs = render(helm, *ALL_FEATURES)
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"t-subjectops-default-deny-ingress", "t-subjectops-mlflow", "t-subjectops-minio"}
+    deny = policies["t-subjectops-default-deny-ingress"]
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    pods = {owner["metadata"]["name"]: (owner["spec"].get("jobTemplate", {}).get("spec", owner["spec"]))["template"]["metadata"]["labels"]
+            for owner, _ in pod_specs(docs)}
+    assert all(selects(deny["podSelector"], labels) for labels in pods.values()), "every pod of the chart is covered"
+    mlflow, minio = policies["t-subjectops-mlflow"], policies["t-subjectops-minio"]
+    assert selects(mlflow["podSelector"], pods["t-subjectops-mlflow"]) and not selects(mlflow["podSelector"], pods["t-subjectops-minio"])
+    assert mlflow["ingress"] == [{"from": [{"podSelector": {}}], "ports": [{"port": 5000, "protocol": "TCP"}]}]
+    [rule] = minio["ingress"]
+    assert rule["ports"] == [{"port": 9000, "protocol": "TCP"}]  # the console port (9001) is reachable by no one
+    chart_peers = [peer for peer in rule["from"] if peer["podSelector"]]
+    assert {name for name, labels in pods.items() if any(selects(p["podSelector"], labels) for p in chart_peers)} == {
+        "t-subjectops-mlflow", "t-subjectops-minio-buckets", "t-subjectops-model-cache-fill"}
+
+    # No clients: MLflow accepts nothing (an empty `from` would have meant everyone), MinIO only the chart's pods.
+    closed = {d["metadata"]["name"]: d["spec"] for d in render(helm, "--set-json", "networkPolicy.clients=[]")
+              if d["kind"] == "NetworkPolicy"}
+    assert "ingress" not in closed["t-subjectops-mlflow"]
+    assert all(peer["podSelector"]["matchLabels"] for peer in closed["t-subjectops-minio"]["ingress"][0]["from"])
+    assert not [d for d in render(helm, "--set", "networkPolicy.enabled=false") if d["kind"] == "NetworkPolicy"]

@@ -25,9 +25,8 @@ def test_prompt_invariant_template_is_configurable_and_checked():
                                "infer.prompt_invariant.num_images=3"])
     (s,) = P.build_prompt_sets(p, "<subject>", "backpack")
     assert [i.prompt for i in s.items] == ["a DSLR photo of <subject> backpack"] * 3
-    bad = load_params(overrides=["infer.prompt_invariant.template=a photo of {klass}"])
-    with pytest.raises(ConfigError, match="unknown field"):
-        P.build_prompt_sets(bad, "sks", "teapot")
+    with pytest.raises(ConfigError, match=r"infer.prompt_invariant.template = .*placeholder \{klass\} is not allowed"):
+        load_params(overrides=["infer.prompt_invariant.template=a photo of {klass}"])  # refused when params load
     no_token = load_params(overrides=["infer.prompt_invariant.template=a photo of a {class_word}"])
     with pytest.raises(ConfigError, match=r"\{token\}"):
         P.build_prompt_sets(no_token, "sks", "teapot")

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from subjectops.config_base import ModelCfg, StrictModel  # noqa: F401  (ModelCfg: a section of Params)
+from subjectops.config_base import ClassPrompt, InstancePrompt, ModelCfg, StrictModel, template  # noqa: F401  (ModelCfg: a section of Params)
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
 from subjectops.methods import METHODS
@@ -29,6 +29,12 @@ class ConfigError(SubjectopsError):
     pass
 
 
+# The placeholders each template may use (data/prompts.py and tracking/registry.py fill them).
+InferPrompt = template("token", "class_word")
+VaryingPrompt = template("image_type", "token", "class_word", "background", "style")
+ModelNameTemplate = template("subject", "method")
+
+
 class SubjectCfg(StrictModel):
     resolution: Optional[int] = Field(None, ge=32, le=2048, multiple_of=8)
     fit: Literal["center-crop", "pad"] = "center-crop"
@@ -36,6 +42,7 @@ class SubjectCfg(StrictModel):
     max_images: int = Field(20, ge=1)
     token: str = Field("sks", min_length=1, pattern=r"^\S+$")
     max_pixels: int = Field(89_478_485, gt=0)
+    max_file_bytes: int = Field(50_000_000, gt=0)  # checked before a photo is opened
 
     @model_validator(mode="after")
     def _range(self):
@@ -54,7 +61,7 @@ class RefineCfg(StrictModel):
 
 class PriorsCfg(StrictModel):
     num_images: int = Field(100, ge=0)
-    prompt: str = "a photo of a {class_word}"
+    prompt: ClassPrompt = "a photo of a {class_word}"
     steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
     scheduler: Literal["ddim", "pndm", "euler"] = "ddim"
@@ -93,7 +100,7 @@ class TrainingCfg(StrictModel):
     center_flip: bool = False
     checkpoint_every: int = Field(200, ge=0)
     validation_every: int = Field(200, ge=0)
-    validation_prompt: str = "a photo of {token} {class_word}"
+    validation_prompt: InstancePrompt = "a photo of {token} {class_word}"
     # Steps at which an inference-ready snapshot is kept (finetune/snapshots/step_NNNNNN/), for sweeps and DreamBlend.
     snapshots: list[int] = []
 
@@ -113,7 +120,7 @@ FinetuneCfg = create_model(
 
 
 class PromptInvariantCfg(StrictModel):
-    template: str = "a photo of {token} {class_word}"
+    template: InferPrompt = "a photo of {token} {class_word}"
     num_images: int = Field(50, ge=1)
 
 
@@ -125,7 +132,7 @@ class DreamBenchCfg(StrictModel):
 
 class PromptVaryingCfg(StrictModel):
     # Hypnos sec. 3.5 / fig. 4: image type, background-or-composition clause, style chosen by image type
-    template: str = "a {image_type} of {token} {class_word}, {background}, {style}"
+    template: VaryingPrompt = "a {image_type} of {token} {class_word}, {background}, {style}"
     num_images: int = Field(50, ge=1)
     sampler_seed: int = 0
 
@@ -273,7 +280,7 @@ class ChooseCfg(StrictModel):
 
 class RegistryCfg(StrictModel):
     # Registered model name; {subject} and {method} are filled from the run.
-    model_name: str = Field("subjectops-{subject}", min_length=1)
+    model_name: ModelNameTemplate = Field("subjectops-{subject}", min_length=1)
     auto_register: bool = True
     # Prompt sets the gates compare; null = every prompt set the challenger was evaluated on.
     prompt_sets: Optional[list[str]] = None
@@ -396,17 +403,88 @@ class Params(StrictModel):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        # a key with invisible characters is shown quoted, or the message would name a key the file does not have
+        key = ".".join(p if isinstance(p, str) and p.isprintable() and p.strip() == p else repr(p) for p in e["loc"])
         value = e.get("input")
         allowed = e.get("ctx", {}).get("expected")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml)"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         line = f"  {key} = {value!r}: {msg}" if key else f"  {msg}"
         if allowed and "expected" not in msg.lower():
             line += f" (allowed: {allowed})"
         lines.append(line)
     return "\n".join(lines)
+
+
+# A params file is a few kB; these bound what a hostile or broken file costs before it is refused.
+MAX_PARAMS_BYTES = 1_000_000
+# YAML aliases repeat their anchor's content: nested ones expand exponentially (a "billion laughs" file). The
+# expanded document may hold at most this many scalar characters plus nodes.
+MAX_EXPANDED_SIZE = 4_000_000
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that measures the document as its aliases expand it, and stops past MAX_EXPANDED_SIZE."""
+
+    def __init__(self, text: str, source: str):
+        super().__init__(text)
+        self.source = source
+        self.sizes: dict[int, int] = {}  # id(node) -> expanded size
+
+    def compose_node(self, parent, index):
+        alias = self.check_event(yaml.AliasEvent)
+        node = super().compose_node(parent, index)
+        if id(node) in self.sizes:
+            return node  # an alias: its anchor's size, counted again by the parent
+        if alias:
+            raise ConfigError(f"{self.source}: a YAML alias refers to the node that contains it (an endless document)",
+                              fix="remove the recursive alias")
+        if isinstance(node, yaml.ScalarNode):
+            size = 1 + len(node.value)
+        else:
+            children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+            size = 1 + sum(self.sizes[id(c)] for c in children)
+        if size > MAX_EXPANDED_SIZE:
+            raise ConfigError(f"{self.source}: YAML aliases expand this document past {MAX_EXPANDED_SIZE:,} characters "
+                              "and nodes (an alias bomb?)", fix="write the values out instead of nesting aliases")
+        self.sizes[id(node)] = size
+        return node
+
+
+def _plain(value: Any, where: str, source: str) -> Any:
+    """Params are JSON data: YAML's dates, sets and binary values are refused with the key that holds them."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: key {key!r} under {where or 'the top level'} is not a name",
+                                  fix="keys are names such as finetune or lr; quote the key")
+            _plain(item, f"{where}.{key}" if where else key, source)
+    elif isinstance(value, list):
+        for item in value:
+            _plain(item, where, source)
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(f"{source}: {where or 'the document'} holds a YAML {type(value).__name__}, not a params value",
+                          fix=f"quote the value of {where} if it is meant as text")
+    return value
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text (a params file, a pipeline parameter, a --set value) as plain data, within the size limits."""
+    if len(text) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{source} is {len(text):,} characters, above the limit of {MAX_PARAMS_BYTES:,}",
+                          fix="a params file is a few kB: pass the real params.yaml")
+    try:
+        loader = BoundedLoader(text, source)  # the reader refuses control characters here
+        try:
+            return _plain(loader.get_single_data(), "", source)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}",
+                          fix="correct the YAML; quote a value that holds ': ', '{' or ' #'") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -416,10 +494,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key; write key.path=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    value = parse_yaml(raw, f"the value of override {text!r}") if raw.strip() else ""
     return key.split("."), value
 
 
@@ -449,10 +524,15 @@ def load_params(path: Path | str | None = None, overrides: list[str] | None = No
     path = Path(path) if path else DEFAULT_PARAMS
     data: dict = {}
     if path.exists():
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:  # before reading it
+            raise ConfigError(f"{path} is {size:,} bytes, above the limit of {MAX_PARAMS_BYTES:,}",
+                              fix="a params file is a few kB: pass the real params.yaml")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} cannot be read as text ({exc})", fix="pass --params PATH to a params.yaml") from None
+        data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, found {type(data).__name__}")
     elif path != DEFAULT_PARAMS:

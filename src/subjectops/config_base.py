@@ -1,16 +1,45 @@
-"""The base of every params.yaml section model, and the `model` section that model loading reads. It imports
-nothing of the project, so method modules and model loading use it without importing `subjectops.config` (which
-reads the method registry)."""
+"""The base of every params.yaml section model, the prompt-template field type, and the `model` section that model
+loading reads. It imports nothing of the project, so method modules and model loading use it without importing
+`subjectops.config` (which reads the method registry)."""
 
-from typing import Optional
+import string
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
     """A params.yaml section: unknown keys are errors, and assignments are validated too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_template(text: str, fields: tuple[str, ...]) -> str:
+    """`text` as str.format reads it may name only `fields`, each as a plain name: str.format follows attribute and
+    index access (`{class_word.__class__}` reaches the process's objects) and nests fields in format specs."""
+    allowed = ", ".join(f"{{{f}}}" for f in fields)
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in fields or spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"placeholder {{{shown}}} is not allowed: the template may use {allowed}, "
+                             "each as a plain name (no attribute, index, conversion or format spec)")
+    return text
+
+
+def template(*fields: str) -> Any:
+    """A str field holding a str.format template whose placeholders are among `fields` (checked when params load)."""
+    return Annotated[str, AfterValidator(lambda text: check_template(text, fields))]
+
+
+# What `Method.format_prompt` fills in an instance or validation prompt, and what a class prompt gets.
+InstancePrompt = template("token", "placeholder", "class_word")
+ClassPrompt = template("class_word")
 
 
 class ModelCfg(StrictModel):

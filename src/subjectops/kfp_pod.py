@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from subjectops.config import ConfigError, Params, apply_overrides, validate_params
+from subjectops.config import ConfigError, Params, apply_overrides, parse_yaml, validate_params
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectError, SubjectopsError
 
@@ -51,11 +51,7 @@ def resolve_params(
     """
     data: Any = {}
     if params_yaml.strip():
-        try:
-            data = yaml.safe_load(params_yaml) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"the params_yaml pipeline parameter is not valid YAML: {exc}",
-                              fix="pass the content of a params.yaml file") from None
+        data = parse_yaml(params_yaml, "the params_yaml pipeline parameter") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"the params_yaml pipeline parameter must hold a mapping of sections, found {type(data).__name__}")
     # Like the CLI: --method and --model win over --set; the priors cache is a default that --set may change.
@@ -94,7 +90,7 @@ def read_params(params_dir: Path) -> Params:
     path = Path(params_dir) / PARAMS_FILE
     if not path.is_file():
         raise ConfigError(f"{params_dir} holds no {PARAMS_FILE}", fix="wire the `configure` step's `params` output to this step")
-    return validate_params(yaml.safe_load(path.read_text()) or {}, source=str(path))
+    return validate_params(parse_yaml(path.read_text(), str(path)) or {}, source=str(path))
 
 
 # -------------------------------------------------------------------------------------------- subject

@@ -11,6 +11,7 @@ from subjectops.config import Params
 from subjectops.data.subject import check_class_word, load_subject
 from subjectops.methods.plan import plan
 from subjectops.models.loading import training_resolution
+from subjectops.preflight import require_writable
 from subjectops.tracking import NullTracker, Tracker
 
 # How each stage function takes the run's inputs: (function, params, subject dir, class word, the planned
@@ -45,8 +46,11 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path, tracker: 
     # before minutes of work, before the run folder exists and before a tracking run is opened.
     check_class_word(class_word)
     load_subject(Path(subject_dir), params.subject, training_resolution(params))
-    tracker = tracker or NullTracker()
     out = Path(out)
+    require_writable(out, "the run folder (--out)")
+    if plan(params).has("priors"):
+        require_writable(Path(params.priors.cache_dir), "the class-image cache (priors.cache_dir)")
+    tracker = tracker or NullTracker()
     dirs: dict[str, Path] = {}
     with tracker.pipeline(params, out):
         for stage in plan(params).stages:

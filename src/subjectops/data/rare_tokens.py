@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from pydantic import Field
 
-from subjectops.config_base import StrictModel
+from subjectops.config_base import StrictModel, template
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
 
@@ -39,6 +39,9 @@ PAPER_TOKENS = (
 TOKEN = r"^[^\s{}]+$"
 
 
+ScanPrompt = template("token")
+
+
 class TokenScanCfg(StrictModel):
     """How tokens are scanned; the paper fixes neither K, the prompt nor the sampler (our choices)."""
 
@@ -46,7 +49,7 @@ class TokenScanCfg(StrictModel):
     reference_tokens: list[str] = ["sks"]
     images_per_token: int = Field(4, ge=2)  # K: the mean is over K(K-1)/2 pairs
     seed: int = 0
-    prompt: str = "a photo of {token}"
+    prompt: ScanPrompt = "a photo of {token}"
     steps: int = Field(25, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
     scheduler: str = Field("ddim", pattern="^(ddim|pndm|euler)$")

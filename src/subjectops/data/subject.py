@@ -31,6 +31,7 @@ class LoadedSubject:
     originals: list[Image.Image]  # RGB, EXIF-oriented, full size
     sources: list[dict]  # {file, sha256}
     warnings: list[str]
+    conversions: list[dict]  # {file, mode, conversion} for every photo that was not 8-bit RGB
 
 
 def check_subject_name(name: str) -> str:
@@ -52,36 +53,101 @@ def check_class_word(word: str | None) -> str:
     return word
 
 
-def _open_image(path: Path, cfg: SubjectCfg) -> Image.Image:
-    if path.stat().st_size == 0:
+# Alpha is composited on white (a studio backdrop; the class images the model draws are mostly on plain ground),
+# never dropped: a dropped alpha shows whatever colour the editor left under the transparent pixels.
+ALPHA_BACKGROUND = (255, 255, 255)
+# A cut-out whose opaque part (alpha >= 128) covers less than this is refused: the subject would be a speck on white.
+MIN_OPAQUE_FRACTION = 0.05
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+# Modes Pillow converts to RGB exactly (colour spaces, palettes and replication of one channel).
+DIRECT_MODES = {"1": "bilevel", "L": "8-bit grayscale", "P": "palette", "CMYK": "CMYK",
+                "YCbCr": "YCbCr", "LAB": "CIELAB", "HSV": "HSV"}
+
+
+def check_photo_file(path: Path, subject_dir: Path, cfg: SubjectCfg) -> None:
+    """Where the file really is, its byte size and its declared pixel count, from the header only."""
+    real = path.resolve()
+    if not real.is_relative_to(subject_dir.resolve()):
+        raise SubjectError(f"{path} is a link to {real}, outside the subject folder {subject_dir}",
+                           fix="copy the photo into the subject folder instead of linking to it")
+    size = path.stat().st_size
+    if size == 0:
         raise SubjectError(f"{path} is an empty (zero-byte) file", fix="remove it or replace it with the real photo")
+    if size > cfg.max_file_bytes:
+        raise SubjectError(f"{path} is {size:,} bytes, above the limit of {cfg.max_file_bytes:,}",
+                           fix="re-export the photo smaller, or raise subject.max_file_bytes if it is genuine")
     try:
-        # Read only the header first (Pillow's own bomb check would hide the size): nothing is decoded.
+        # Pillow's own bomb check would hide the declared size behind its exception: read the header without it.
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             with Image.open(path) as probe:
                 w, h = probe.size
         finally:
             Image.MAX_IMAGE_PIXELS = limit
-        if w * h > cfg.max_pixels:
-            raise SubjectError(
-                f"{path} declares {w}x{h} = {w * h:,} pixels, above the limit of {cfg.max_pixels:,} "
-                "(a decompression bomb or an unreasonably large photo)",
-                fix="downscale the photo, or raise subject.max_pixels if it is genuine",
-            )
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+    if w * h > cfg.max_pixels:
+        raise SubjectError(
+            f"{path} declares {w}x{h} = {w * h:,} pixels, above the limit of {cfg.max_pixels:,} "
+            "(a decompression bomb or an unreasonably large photo)",
+            fix="downscale the photo, or raise subject.max_pixels if it is genuine",
+        )
+
+
+def _unreadable(path: Path, exc: BaseException) -> SubjectError:
+    return SubjectError(f"{path} is not a readable image ({exc.__class__.__name__}: {exc})",
+                        fix="re-export the photo as JPEG or PNG, or remove it")
+
+
+def _decode(path: Path) -> Image.Image:
+    try:
         with Image.open(path) as probe:
             probe.verify()
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             img.load()
-    except SubjectError:
-        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
-        raise SubjectError(f"{path} is not a readable image ({exc.__class__.__name__}: {exc})",
-                           fix="re-export the photo as JPEG or PNG, or remove it") from None
-    return ImageOps.exif_transpose(img).convert("RGB")
+        raise _unreadable(path, exc) from None
+    return ImageOps.exif_transpose(img)
+
+
+def _composite(img: Image.Image, path: Path, what: str) -> tuple[Image.Image, str]:
+    rgba = img.convert("RGBA")
+    alpha = np.asarray(rgba)[..., 3]
+    if alpha.min() == 255:
+        return rgba.convert("RGB"), f"{what}: every pixel opaque, alpha dropped"
+    opaque = float((alpha >= 128).mean())
+    if opaque < MIN_OPAQUE_FRACTION:
+        raise SubjectError(
+            f"{path} is {1 - opaque:.0%} transparent: on the {ALPHA_BACKGROUND} background the subject would be lost",
+            fix="use a photo of the subject with its background, or a cut-out where the subject fills more of the frame",
+        )
+    background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+    return (Image.alpha_composite(background, rgba).convert("RGB"),
+            f"{what}: composited on RGB {ALPHA_BACKGROUND} ({opaque:.0%} opaque)")
+
+
+def to_rgb(img: Image.Image, path: Path) -> tuple[Image.Image, str | None]:
+    """8-bit RGB with the photo's tones, and what was converted (None when it already was 8-bit RGB)."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img, None
+    if mode in ALPHA_MODES or "transparency" in img.info:
+        return _composite(img, path, f"{mode} with transparency")
+    if mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise SubjectError(f"{path} holds {mode} values outside 0-65535", fix="re-export the photo as 8-bit RGB")
+        # 16-bit full range onto 8 bits: 65535 / 257 = 255 (Pillow's own conversion clips at 255: a ramp turns white)
+        gray = Image.fromarray(np.round(values / 257).astype(np.uint8), "L")
+        return gray.convert("RGB"), f"{mode} (16-bit grayscale) scaled to 8 bits (value / 257)"
+    if mode in DIRECT_MODES:
+        return img.convert("RGB"), f"{mode} ({DIRECT_MODES[mode]}) converted to RGB"
+    raise SubjectError(f"{path} has pixel mode {mode}, which subjectops does not convert",
+                       fix="re-export the photo as 8-bit RGB JPEG or PNG")
 
 
 def fit(img: Image.Image, resolution: int, mode: str) -> Image.Image:
@@ -115,9 +181,15 @@ def load_subject(subject_dir: Path, cfg: SubjectCfg, resolution: int) -> LoadedS
     if len(paths) > cfg.max_images:
         raise SubjectError(f"{subject_dir} has {len(paths)} images; at most {cfg.max_images} are used",
                            fix=f"keep the best {cfg.max_images} photos")
-    images, originals, sources, notes, seen = [], [], [], [], {}
+    # Every file's location, size and header first: a bad last file fails before any photo is decoded.
     for path in paths:
-        img = _open_image(path, cfg)
+        check_photo_file(path, subject_dir, cfg)
+    images, originals, sources, notes, conversions, seen = [], [], [], [], [], {}
+    for path in paths:
+        decoded = _decode(path)
+        img, conversion = to_rgb(decoded, path)
+        if conversion:
+            conversions.append({"file": path.name, "mode": decoded.mode, "conversion": conversion})
         short, long = min(img.size), max(img.size)
         if (short if cfg.fit == "center-crop" else long) < resolution:
             raise SubjectError(
@@ -134,7 +206,7 @@ def load_subject(subject_dir: Path, cfg: SubjectCfg, resolution: int) -> LoadedS
         originals.append(img)
         images.append(fit(img, resolution, cfg.fit))
         sources.append({"file": path.name, "sha256": sha256_file(path)})
-    return LoadedSubject(name, images, originals, sources, notes)
+    return LoadedSubject(name, images, originals, sources, notes, conversions)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from subjectops.config_base import StrictModel
+from subjectops.config_base import InstancePrompt, StrictModel
 from subjectops.methods.base import Batch, Method, Phase
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ class PriorPreservationCfg(StrictModel):
     steps: int = Field(800, ge=1)
     prior_preservation: bool = True
     prior_loss_weight: float = Field(1.0, ge=0)  # lambda
-    instance_prompt: str = "a photo of {token} {class_word}"
+    instance_prompt: InstancePrompt = "a photo of {token} {class_word}"
 
 
 class DreamBoothCfg(PriorPreservationCfg):

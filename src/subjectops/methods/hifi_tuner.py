@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from subjectops.config_base import StrictModel
+from subjectops.config_base import InstancePrompt, StrictModel
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import Batch, Method, Phase
 
@@ -38,7 +38,7 @@ class HiFiTunerCfg(StrictModel):
     stepwise_steps: int = Field(10, ge=0)  # I of alg. 1 (sec. 4: 10 per DDIM step); 0 skips alg. 1
     ddim_steps: int = Field(50, ge=1)  # T of alg. 1: the DDIM timesteps sampling will walk (sec. 4: 50)
     mask_guidance: bool = True  # eq. 5: the loss only on the subject (refine's masks)
-    instance_prompt: str = "a photo of {token} {class_word}"
+    instance_prompt: InstancePrompt = "a photo of {token} {class_word}"
 
 
 def with_subject(prompt_embeds: torch.Tensor, c_s: torch.Tensor) -> torch.Tensor:

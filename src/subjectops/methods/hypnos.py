@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from subjectops.config_base import StrictModel
+from subjectops.config_base import StrictModel, template
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import LATENT_DISCRIMINATOR, Batch, Phase, TrainExample, WeightNeed
 from subjectops.methods.dreambooth import DreamBoothMethod
@@ -67,6 +67,10 @@ class HypnosAugmentCfg(StrictModel):
         return self
 
 
+# Method.format_prompt's placeholders and the background clause (sec. 3.3).
+HypnosPrompt = template("token", "placeholder", "class_word", "background")
+
+
 class HypnosCfg(StrictModel):
     """Seed 000 (Hypnos): L = l_r L_r + l_pp L_pp + l_p L_p + l_ld L_ld (eq. 1); app. B: 800 steps, seed 42."""
 
@@ -75,7 +79,7 @@ class HypnosCfg(StrictModel):
     train_text_encoder: bool = True  # sec. 3.2: the denoiser and the text encoder are optimised, the VAE frozen
     use_8bit_adam: Literal["auto", True, False] = "auto"  # app. B; auto = when bitsandbytes and CUDA are present
     # sec. 3.3: two clauses, foreground then background; {background} = a colour name or background_token
-    instance_prompt: str = "a photo of {token} {class_word}, {background} background"
+    instance_prompt: HypnosPrompt = "a photo of {token} {class_word}, {background} background"
     background_token: str = Field("zwx", pattern=r"^\S+$")  # the second rare word: "original background"
     lambda_r: float = Field(1.0, ge=0)
     lambda_pp: float = Field(1.0, ge=0)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from subjectops.config_base import StrictModel
+from subjectops.config_base import ClassPrompt, InstancePrompt, StrictModel
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import Batch, Method, Phase
 
@@ -28,9 +28,9 @@ class TextualInversionCfg(StrictModel):
     steps: int = Field(3000, ge=1)
     lr: float = Field(5e-3, gt=0)
     placeholder: str = Field("<subject>", pattern=r"^\S+$")
-    initializer: str = "{class_word}"
+    initializer: ClassPrompt = "{class_word}"
     num_vectors: int = Field(1, ge=1, le=16)
-    instance_prompt: str = "a photo of {placeholder}"
+    instance_prompt: InstancePrompt = "a photo of {placeholder}"
 
 
 class TextualInversionMethod(Method):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from subjectops.config_base import StrictModel
+from subjectops.config_base import InstancePrompt, StrictModel
 from subjectops.methods.base import Phase
 from subjectops.methods.dreambooth import DreamBoothMethod, save_unet
 from subjectops.methods.textual_inversion import TextualInversionMethod
@@ -32,7 +32,7 @@ class TwoStageCfg(StrictModel):
     unet_lr: float = Field(5e-6, gt=0)
     placeholder: str = Field("<rare>", pattern=r"^\S+$")
     initializer: str = "rare"
-    instance_prompt: str = "a photo of {placeholder} {class_word}"
+    instance_prompt: InstancePrompt = "a photo of {placeholder} {class_word}"
 
 
 class TwoStageMethod(TextualInversionMethod):

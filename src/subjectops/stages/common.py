@@ -14,6 +14,7 @@ from subjectops import __version__
 from subjectops.config import Params
 from subjectops.digest import digest_json, sha256_file
 from subjectops.errors import SubjectopsError
+from subjectops.preflight import require_writable
 
 MANIFEST = "manifest.json"
 
@@ -52,6 +53,7 @@ def stage_output(out: Path, keep_on_error: bool = False, publish: bool = True) -
     the non-main processes of a distributed run: they share the work directory and leave the rename alone.
     """
     out = Path(out)
+    require_writable(out.parent, f"the folder of {out.name} (--out)")
     work = partial_dir(out)
     if work.exists() and not keep_on_error:
         shutil.rmtree(work)

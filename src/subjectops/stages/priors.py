@@ -17,6 +17,7 @@ from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.digest import digest_json
 from subjectops.models.loading import fingerprint, load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
+from subjectops.preflight import require_writable
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
 
 
@@ -51,6 +52,7 @@ def priors(params: Params, refine_dir: Path, out: Path) -> Path:
     entry = Path(params.priors.cache_dir) / key
     generated = False
     if params.priors.num_images and not (entry / "cache.json").exists():
+        require_writable(entry.parent, "the class-image cache (priors.cache_dir)")  # before the model loads
         tmp = entry.with_name(f"{key}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         generate_priors(params, prompt, subject.resolution, tmp)

@@ -10,6 +10,7 @@ from PIL import Image
 from rich.progress import track
 
 from subjectops.config import Params
+from subjectops.console import console
 from subjectops.data.subject import check_class_word, fit, load_subject
 from subjectops.models.loading import training_resolution
 from subjectops.segment import get_backend
@@ -22,6 +23,8 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
     class_word = check_class_word(class_word)
     resolution = training_resolution(params)
     subject = load_subject(Path(subject_dir), params.subject, resolution)  # every check before any write
+    for converted in subject.conversions:
+        console.print(f"refine: {converted['file']}: {converted['conversion']}", highlight=False)
     # Segmentation needs detail that a small training resolution lacks: segment at >= 256 px, then resize.
     seg_res = max(resolution, SEGMENT_MIN_RESOLUTION)
     backend = get_backend(params.refine)
@@ -47,6 +50,7 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
             "mask_backend": backend.name,
             "mask_coverage": coverage,
             "sources": subject.sources,
+            "conversions": subject.conversions,
             "warnings": subject.warnings,
         }
         (work / "subject.json").write_text(json.dumps(info, indent=2))
@@ -55,5 +59,6 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
             "class": params.priors.prompt.format(class_word=class_word),
         }
         (work / "prompts.json").write_text(json.dumps(prompts, indent=2))
-        write_manifest(work, "refine", params, {"subject": Path(subject_dir)}, subject=info["name"])
+        write_manifest(work, "refine", params, {"subject": Path(subject_dir)}, subject=info["name"],
+                       conversions=subject.conversions)
     return Path(out)
