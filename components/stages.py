@@ -126,22 +126,44 @@ def register(
     return f"{info.get('model_name')}/{info.get('version')}"
 
 
+def benchmark_pairs(methods: List[str], subjects: List[dict]) -> List[dict]:
+    """Every (method, subject) pair, `{"method", "uri", "class_word"}`: the benchmark loops once over them.
+
+    One flat loop rather than nested ParallelFor loops over methods and subjects, so that one `parallelism` caps
+    the concurrent personalize runs (GPU pods) of the whole benchmark."""
+    from subjectops.selection.benchmark import benchmark_pairs as pairs
+
+    return pairs(methods, subjects)
+
+
 def benchmark_aggregate(
     registrations: List[str],
     params: Input[Artifact],
     fail_on_refused: bool,
+    run_name: str,
     out: Output[Artifact],
     metrics: Output[Metrics],
+    leaderboard: Output[Artifact],
+    leaderboard_html: Output[HTML],
 ):
-    """Aggregate the subjects' registered evaluations (`name/version` each), compare with their champions, fail on a regression."""
+    """The leaderboard of the registered versions (`name/version` each) across methods and subjects, to this
+    step's `leaderboard` artifact (html, markdown, json) and to MLflow; then the aggregate against the champions,
+    failing on a regression."""
     import json
     import math
+    import shutil
     from pathlib import Path
 
     from subjectops.kfp_pod import benchmark_aggregate as aggregate, check_benchmark, parse_registration, read_params, registry_summaries
+    from subjectops.selection.benchmark import benchmark_leaderboard
 
     p = read_params(Path(params.path))
-    rows = registry_summaries([parse_registration(r) for r in registrations])
+    registered = [parse_registration(r) for r in registrations]
+    board = benchmark_leaderboard(registered, Path(leaderboard.path), p.tracking.experiment, run_name or "kfp-benchmark")
+    leaderboard.metadata.update({"rows": list(board.rows), "subjects": board.subjects})
+    shutil.copyfile(Path(leaderboard.path) / "leaderboard.html", leaderboard_html.path)
+    print(board.markdown())
+    rows = registry_summaries(registered)
     result, decision = aggregate(rows, p.registry)
     Path(out.path).mkdir(parents=True, exist_ok=True)
     (Path(out.path) / "aggregate.json").write_text(json.dumps(result, indent=2, default=str))
@@ -239,7 +261,7 @@ def evaluate(
 
 
 # -------------------------------------------------------------------------------------------- factory
-CPU_FUNCS: tuple = (configure, fetch_subject, refine, register, benchmark_aggregate)
+CPU_FUNCS: tuple = (configure, fetch_subject, refine, register, benchmark_pairs, benchmark_aggregate)
 GPU_FUNCS: tuple = (priors, pretrain_disc, finetune, infer, evaluate)
 
 
@@ -249,6 +271,7 @@ class Components:
     fetch_subject: Callable
     refine: Callable
     register: Callable
+    benchmark_pairs: Callable
     benchmark_aggregate: Callable
     priors: Callable
     pretrain_disc: Callable

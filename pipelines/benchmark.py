@@ -1,6 +1,8 @@
-"""`benchmark`: many subjects (DreamBench by default) through `personalize`, in parallel, then one
-aggregation step that compares the aggregate with the registry's champions and fails the run, with the
-numbers in its message, when a promotion gate regresses.
+"""`benchmark`: methods x subjects (DreamBench by default) through `personalize`, in parallel, then one
+aggregation step that writes the leaderboard across methods and subjects (`selection.compare`: bootstrap
+intervals, refused when the runs' prompt sets, seeds or backbones differ) as its `leaderboard` artifact and to
+MLflow, compares the aggregate with the registry's champions and fails the run, with the numbers in its
+message, when a promotion gate regresses.
 """
 
 import json
@@ -29,12 +31,13 @@ def build_benchmark(c: Components, parallelism: int = DEFAULT_PARALLELISM):
 
     @dsl.pipeline(
         name="subjectops-benchmark",
-        description="Personalize every subject of a benchmark (DreamBench by default), aggregate the evaluations "
-                    "and fail when the aggregate regresses against the registry's champions.",
+        description="Personalize every subject of a benchmark (DreamBench by default) with every method, write the "
+                    "leaderboard across methods and subjects, and fail when the aggregate regresses against the "
+                    "registry's champions.",
     )
     def benchmark(
         subjects: List[dict] = dreambench_subjects(),
-        method: str = "dreambooth",
+        methods: List[str] = ["dreambooth"],
         model: str = "",
         overrides: List[str] = [],
         params_yaml: str = "",
@@ -50,19 +53,22 @@ def build_benchmark(c: Components, parallelism: int = DEFAULT_PARALLELISM):
         mlflow_secret: str = P.DEFAULT_MLFLOW_SECRET,
         s3_secret: str = P.DEFAULT_S3_SECRET,
     ):
-        # Validated once before any subject starts; the aggregation step reads the gates from it.
-        cfg = c.configure(params_yaml=params_yaml, overrides=overrides, method=method, model=model,
+        # The shared params, validated once before any subject starts (each personalize run validates its
+        # method's); the aggregation step reads the gates from them.
+        cfg = c.configure(params_yaml=params_yaml, overrides=overrides, method="", model=model,
                           priors_cache_dir=priors_cache_dir).set_display_name("configure")
-        with dsl.ParallelFor(subjects, parallelism=parallelism, name="subjects") as subject:
+        # One loop over the (method, subject) pairs: `parallelism` caps the whole benchmark's GPU pods.
+        pairs = c.benchmark_pairs(methods=methods, subjects=subjects).set_display_name("method-subject-pairs")
+        with dsl.ParallelFor(pairs.output, parallelism=parallelism, name="runs") as pair:
             run = personalize(
-                subject_uri=subject.uri, class_word=subject.class_word, method=method, model=model,
+                subject_uri=pair.uri, class_word=pair.class_word, method=pair.method, model=model,
                 overrides=overrides, params_yaml=params_yaml, dvc_repo=dvc_repo, dvc_rev=dvc_rev,
                 priors_cache_dir=priors_cache_dir, accelerator_type=accelerator_type, gpu_count=gpu_count,
                 gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
                 model_cache_pvc=model_cache_pvc, mlflow_secret=mlflow_secret, s3_secret=s3_secret,
             ).after(cfg)
         agg = c.benchmark_aggregate(registrations=dsl.Collected(run.output), params=cfg.outputs["params"],
-                                    fail_on_refused=fail_on_refused)
+                                    fail_on_refused=fail_on_refused, run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         agg.set_display_name("aggregate-and-gate").set_caching_options(False)
         P.with_mlflow(agg, mlflow_secret)
 

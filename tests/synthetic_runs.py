@@ -180,3 +180,34 @@ def write_run(run: Path, params: Params, metrics: dict | None = None, seed: int 
     for stage in ("refine", "priors", "finetune", "infer", "evaluate"):
         write_stage(run, stage, params, metrics, seed)
     return run
+
+
+def write_pipeline_stage(stage: str, out: Path, params: Params, subject: str) -> Path:
+    """One stage's output in `out` as the stand-in steps of a pipeline test write it: the run of `params` on
+    `subject`, without weights (nothing trains), with per-image DINO and CLIP-T that vary from run to run (so
+    bootstrap intervals are intervals) on the same seeds for every run."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        if stage == "finetune":
+            d = Path(tmp) / stage
+            d.mkdir()
+            (d / "method.json").write_text(json.dumps({"method": params.finetune.method, "base_model": params.model.base,
+                                                       "identifier": "sks", "class_word": subject}))
+            _manifest(d, stage, params)
+        else:
+            d = write_stage(Path(tmp), stage, params)
+        if stage == "refine":
+            info = json.loads((d / "subject.json").read_text())
+            (d / "subject.json").write_text(json.dumps({**info, "name": subject, "class_word": subject}))
+        if stage == "evaluate":
+            doc = json.loads((d / "metrics.json").read_text())
+            rng = np.random.default_rng(list(sha256_bytes(f"{params.finetune.method}/{subject}".encode()).encode()))
+            for row in doc["per_image"]:
+                for key in ("dino", "clip-t"):
+                    row[key] = float(row[key] + rng.normal(0, 0.05))
+            (d / "metrics.json").write_text(json.dumps(doc))
+        shutil.copytree(d, out, dirs_exist_ok=True)
+    return out

@@ -1,7 +1,9 @@
 """The pipelines' wiring under kfp.local: the real `configure` step plans the optional stages of
 `personalize` and the branch it picks runs (pretrain-disc only for Hypnos, priors only for methods that
 train with them); `benchmark` fans the subjects out and collects every registration into the
-aggregation step. The stage steps are stand-ins that record what they received, so this takes seconds."""
+aggregation step, which writes the leaderboard of every method and subject from the versions registered in MLflow.
+The stage steps are stand-ins that record what they received (the registrations are made beforehand from synthetic
+stage outputs), so this takes seconds."""
 
 import json
 from pathlib import Path
@@ -78,8 +80,9 @@ def register(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: 
     return f"{subject}:{method}/" + json.dumps(seen, sort_keys=True)
 
 
-def benchmark_aggregate(registrations: List[str], params: Input[Artifact], fail_on_refused: bool, out: Output[Artifact],
-                        metrics: Output[Metrics]):
+def benchmark_aggregate(registrations: List[str], params: Input[Artifact], fail_on_refused: bool, run_name: str,
+                        out: Output[Artifact], metrics: Output[Metrics], leaderboard: Output[Artifact],
+                        leaderboard_html: Output[HTML]):
     import os
     os.makedirs(out.path)
     open(os.path.join(out.path, "registrations"), "w").write("\n".join(sorted(r.split("/")[0] for r in registrations)))
@@ -92,6 +95,7 @@ def stand_ins() -> Components:
 
     return Components(configure=dsl.component(stages.configure, base_image="stand-in", install_kfp_package=False),
                    fetch_subject=comp(fetch_subject), refine=comp(refine), register=comp(register),
+                   benchmark_pairs=dsl.component(stages.benchmark_pairs, base_image="stand-in", install_kfp_package=False),
                    benchmark_aggregate=comp(benchmark_aggregate), priors=comp(priors), pretrain_disc=comp(pretrain_disc),
                    finetune=comp(finetune), infer=comp(infer), evaluate=comp(evaluate),
                    cpu_image="stand-in", trainer_image="stand-in")
@@ -118,14 +122,100 @@ def test_the_planned_branch_runs(pipeline, tmp_path, method, overrides, expected
     assert ("priors" in ran) == bool(expected["priors"])
 
 
-def test_benchmark_fans_out_and_collects_every_subject(stand_ins, tmp_path):
+def register_prepared(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Input[Model],
+                      infer_dir: Input[Dataset], evaluate_dir: Input[Artifact], run_name: str, out: Output[Artifact],
+                      priors_dir: Input[Dataset] = None, disc_dir: Input[Model] = None) -> str:
+    """The version registered beforehand for this subject and method (`prepared_registrations`)."""
+    import json
+    import os
+    import yaml
+    method = yaml.safe_load(open(os.path.join(params.path, "params.yaml")))["finetune"]["method"]
+    subject = open(os.path.join(refine_dir.path, "subject")).read().split(":")[0]
+    return json.loads(os.environ["SUBJECTOPS_TEST_REGISTRATIONS"])[f"{subject}:{method}"]
+
+
+BENCHMARK_METHODS = ["hypnos", "textual-inversion"]
+BENCHMARK_SUBJECTS = ["dog", "can"]
+
+
+@pytest.fixture
+def prepared_registrations(tmp_path, monkeypatch) -> dict:
+    """Each (subject, method) run registered in a fresh MLflow (sqlite) as `subjectops run` would, from synthetic
+    stage outputs (`subject:method` -> `name/version`)."""
+    from subjectops.config import validate_params
+    from subjectops.stages.register import register
+    from subjectops.tracking.mlflow_tracker import sync
+    from synthetic_runs import write_pipeline_stage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.chdir(tmp_path)  # the local MLflow artifact store lands here
+    registered = {}
+    for method in BENCHMARK_METHODS:
+        params = validate_params({"model": {"base": "tiny-sd15"}, "finetune": {"method": method}})
+        for subject in BENCHMARK_SUBJECTS:
+            run = tmp_path / "runs" / f"{subject}-{method}"
+            for stage in ("refine", "finetune", "infer", "evaluate"):
+                write_pipeline_stage(stage, run / stage, params, subject)
+            info = sync(run, register)["registered"]
+            registered[f"{subject}:{method}"] = f"{info['model_name']}/{info['version']}"
+    monkeypatch.setenv("SUBJECTOPS_TEST_REGISTRATIONS", json.dumps(registered))
+    return registered
+
+
+def test_benchmark_runs_every_method_and_subject_and_writes_the_leaderboard(stand_ins, prepared_registrations, tmp_path):
+    """Every (method, subject) pair runs its planned branch; the real aggregation step reads the registered versions
+    back from MLflow and writes the leaderboard across methods and subjects, as an artifact and to MLflow."""
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.benchmark import build_benchmark
+    from subjectops.selection.benchmark import LEADERBOARD_STAGE
+
+    components = dataclasses.replace(
+        stand_ins, register=dsl.component(register_prepared, base_image="stand-in", install_kfp_package=False),
+        benchmark_aggregate=dsl.component(stages.benchmark_aggregate, base_image="stand-in", install_kfp_package=False))
+    root = tmp_path / "root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    subjects = [{"uri": f"s3://b/dreambench/{s}", "class_word": s} for s in BENCHMARK_SUBJECTS]
+    build_benchmark(components, parallelism=2)(subjects=subjects, methods=BENCHMARK_METHODS,
+                                               overrides=["model.base=tiny-sd15"], priors_cache_dir="")
+    assert len(list(root.glob("*/for-loop-*-iteration-*"))) == 4
+    # each hypnos run took the discriminator branch, no textual-inversion run did
+    assert len([p for p in root.rglob("pretrain-disc*") if p.is_dir()]) == 2
+
+    [board] = list(root.glob("*/benchmark-aggregate/leaderboard"))
+    data = json.loads((board / "leaderboard.json").read_text())
+    assert data["subjects"] == ["can", "dog"]
+    assert set(data["rows"]) == {"hypnos / plain", "textual-inversion / plain"}
+    assert all(len(runs) == 2 for runs in data["runs"].values())  # each row pools its run of each subject
+    assert {"prompt-invariant/DINO", "prompt-invariant/CLIP-T"} <= set(data["columns"])
+    cells = [cell for row in data["rows"].values() for cell in row.values()]
+    assert all(c["low"] <= c["mean"] <= c["high"] for c in cells)
+    for row in data["rows"].values():  # per-image values that vary give real bootstrap intervals
+        assert row["prompt-invariant/DINO"]["low"] < row["prompt-invariant/DINO"]["high"]
+    markdown = (board / "leaderboard.md").read_text()
+    assert "2 subject(s): can, dog" in markdown
+    for name, row in data["rows"].items():
+        dino = row["prompt-invariant/DINO"]
+        assert f"| {name} |" in markdown and f"{dino['mean']:.4f} [{dino['low']:.4f}, {dino['high']:.4f}]" in markdown
+    page = (board / "leaderboard.html").read_text()
+    assert '<table class="leaderboard">' in page and "<td>textual-inversion / plain</td>" in page
+    [html_artifact] = list(root.glob("*/benchmark-aggregate/leaderboard_html"))
+    assert html_artifact.read_text() == page
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [run] = client.search_runs(experiments, filter_string=f"tags.`subjectops.stage` = '{LEADERBOARD_STAGE}'")
+    logged = client.download_artifacts(run.info.run_id, "leaderboard/leaderboard.md", str(tmp_path / "logged"))
+    assert Path(logged).read_text() == markdown
+
+
+def test_benchmark_refuses_an_unknown_method_before_any_subject_starts(stand_ins, tmp_path):
     from pipelines.benchmark import build_benchmark
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), raise_on_error=True)
-    subjects = [{"uri": "s3://b/dreambench/teapot", "class_word": "teapot"},
-                {"uri": "s3://b/dreambench/dog", "class_word": "dog"}]
-    build_benchmark(stand_ins, parallelism=2)(subjects=subjects, method="hypnos", priors_cache_dir="")
-    [agg] = list(tmp_path.glob("*/benchmark-aggregate/out/registrations"))
-    assert agg.read_text().splitlines() == ["dog:dog:hypnos", "teapot:teapot:hypnos"]
-    assert len(list(tmp_path.glob("*/for-loop-*-iteration-*"))) == 2
-    assert len([p for p in tmp_path.rglob("pretrain-disc*") if p.is_dir()]) == 2  # each subject took the discriminator branch
+    with pytest.raises(RuntimeError, match="method-subject-pairs|benchmark-pairs"):
+        build_benchmark(stand_ins)(subjects=[{"uri": "s3://b/dog", "class_word": "dog"}], methods=["lora", "no-such"],
+                                   priors_cache_dir="")
+    assert not list(tmp_path.glob("*/for-loop-*-iteration-*")) and not list(tmp_path.rglob("fetch-subject*"))

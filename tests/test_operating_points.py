@@ -95,3 +95,34 @@ def test_compare_refuses_runs_with_different_seeds_naming_them(tmp_path):
     other, _ = comparable_run(tmp_path / "b", "dreambooth", seed_offset=100)
     with pytest.raises(SubjectopsError, match=r"runs of teapot differ in seeds: .*/a has .*\[0, 1, 2, 3\].*/b has .*\[100, 101, 102, 103\]"):
         leaderboard([first, other])
+
+
+def test_the_benchmark_leaderboard_refuses_registered_runs_with_different_seeds(tmp_path, monkeypatch):
+    """The benchmark's aggregation reads registered versions back from MLflow and refuses, naming the difference,
+    when two runs of one subject were generated from different seeds."""
+    import json
+
+    from subjectops.config import validate_params
+    from subjectops.selection.benchmark import benchmark_leaderboard
+    from subjectops.stages.register import register
+    from subjectops.tracking.mlflow_tracker import sync
+    from synthetic_runs import write_pipeline_stage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.chdir(tmp_path)  # the local MLflow artifact store lands here
+    registered = []
+    for method, seed_offset in (("lora", 0), ("textual-inversion", 100)):
+        params = validate_params({"model": {"base": "tiny-sd15"}, "finetune": {"method": method}})
+        run = tmp_path / method
+        for stage in ("refine", "finetune", "infer", "evaluate"):
+            write_pipeline_stage(stage, run / stage, params, "dog")
+        metrics = run / "evaluate" / "metrics.json"
+        doc = json.loads(metrics.read_text())
+        for row in doc["per_image"]:
+            row["seed"] += seed_offset
+        metrics.write_text(json.dumps(doc))
+        registered.append(sync(run, register)["registered"])
+    with pytest.raises(SubjectopsError, match=r"runs of dog differ in seeds: .*subjectops-dog-v1 has .*\[0, 1, 2, 3\]"
+                                              r".*subjectops-dog-v2 has .*\[100, 101, 102, 103\]"):
+        benchmark_leaderboard(registered, tmp_path / "board", "subjectops", "refused")
+    assert not (tmp_path / "board" / "leaderboard.md").exists()

@@ -15,7 +15,7 @@ from components import GPU_STAGES  # noqa: E402
 from pipelines import compile as pc  # noqa: E402
 
 GPU = set(GPU_STAGES)
-CPU = {"configure", "fetch-subject", "refine", "register", "benchmark-aggregate"}
+CPU = {"configure", "fetch-subject", "refine", "register", "benchmark-pairs", "benchmark-aggregate"}
 MLFLOW_KEYS = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 S3_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
 
@@ -142,17 +142,27 @@ def test_personalize_runs_optional_stages_only_when_planned():
     assert out["producerSubtask"].startswith("condition-branches") and "oneof" in out["outputParameterKey"]
 
 
-def test_benchmark_fans_out_with_a_limit_and_gates_the_aggregate():
+def test_benchmark_fans_out_methods_x_subjects_with_a_limit_and_gates_the_aggregate():
     spec, _ = load("benchmark")
     root = spec["root"]
     loop_name, loop = next((n, t) for n, t in root["dag"]["tasks"].items() if "parameterIterator" in t)
     assert loop["iteratorPolicy"]["parallelismLimit"] == 4
-    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("subjects")
-    subjects = root["inputDefinitions"]["parameters"]["subjects"]["defaultValue"]
+    # one loop over the (method, subject) pairs, so the limit holds for the whole benchmark
+    items = loop["parameterIterator"]["items"]["inputParameter"]
+    pairs = loop["inputs"]["parameters"][items]["taskOutputParameter"]
+    assert pairs["producerTask"] == "benchmark-pairs"
+    assert {k: v["componentInputParameter"] for k, v in root["dag"]["tasks"]["benchmark-pairs"]["inputs"]["parameters"].items()} == {
+        "methods": "methods", "subjects": "subjects"}
+    params = root["inputDefinitions"]["parameters"]
+    assert params["methods"]["defaultValue"] == ["dreambooth"] and "method" not in params
+    subjects = params["subjects"]["defaultValue"]
     assert len(subjects) == 30 and {"uri": "s3://subjectops-data/dreambench/teapot", "class_word": "teapot"} in subjects
     agg = root["dag"]["tasks"]["benchmark-aggregate"]
     assert agg["inputs"]["parameters"]["registrations"]["taskOutputParameter"]["producerTask"] == loop_name
     assert agg["cachingOptions"] == {} or agg["cachingOptions"].get("enableCache") is not True
+    outputs = spec["components"][agg["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
+    assert outputs["leaderboard"]["artifactType"]["schemaTitle"] == "system.Artifact"
+    assert outputs["leaderboard_html"]["artifactType"]["schemaTitle"] == "system.HTML"
 
 
 def test_other_images_and_parallelism_compile(tmp_path):

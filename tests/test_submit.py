@@ -111,7 +111,7 @@ def test_schedule_dry_run_request_field_by_field(tmp_path):
     assert body["mode"] == "ENABLE"
     assert body["experiment_id"] == "DRY-RUN-EXPERIMENT-ID"
     params = body["runtime_config"]["parameters"]
-    assert params["method"] == "lora" and params["overrides"] == ["finetune.lora.steps=100"]
+    assert params["methods"] == ["lora"] and params["overrides"] == ["finetune.lora.steps=100"]
     assert params["fail_on_refused"] is False
     assert len(params["subjects"]) == 30 and params["subjects"][0] == {"uri": "s3://subjectops-data/dreambench/backpack", "class_word": "backpack"}
     spec = body["pipeline_spec"]["pipeline_spec"]

@@ -432,7 +432,7 @@ def _benchmark_arguments(subjects_file, subjects_root, method, model, params_pat
     params_yaml, overrides, p = _common(params_path, sets, method, model)
     placement = make_placement(accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations, model_cache_pvc,
                                mlflow_secret, s3_secret, priors_cache_dir)
-    return {"subjects": _subjects(subjects_file, subjects_root), "method": p.finetune.method, "model": model or "",
+    return {"subjects": _subjects(subjects_file, subjects_root), "methods": [p.finetune.method], "model": model or "",
             "overrides": overrides, "params_yaml": params_yaml, "fail_on_refused": fail_on_refused,
             "dvc_repo": dvc_repo, "dvc_rev": dvc_rev, **placement.arguments()}
 
@@ -465,7 +465,7 @@ def benchmark_submit(
     arguments = _benchmark_arguments(subjects_file, subjects_root, method, model, params_path, sets, fail_on_refused,
                                      dvc_repo, dvc_rev, accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations,
                                      model_cache_pvc, mlflow_secret, s3_secret, priors_cache_dir, parallelism)
-    result = submit_run(pipeline="benchmark", host=host, arguments=arguments, run_name=run_name or f"benchmark-{arguments['method']}",
+    result = submit_run(pipeline="benchmark", host=host, arguments=arguments, run_name=run_name or f"benchmark-{arguments['methods'][0]}",
                         experiment=experiment, namespace=namespace, token=token, service_account=service_account,
                         enable_caching=caching, pipeline_root=pipeline_root, cpu_image=cpu_image,
                         trainer_image=trainer_image, parallelism=parallelism, dry_run=dry_run, output=output)
@@ -497,7 +497,7 @@ def benchmark_schedule(
     arguments = _benchmark_arguments(subjects_file, subjects_root, method, model, params_path, sets, fail_on_refused,
                                      dvc_repo, dvc_rev, accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations,
                                      model_cache_pvc, mlflow_secret, s3_secret, priors_cache_dir, parallelism)
-    result = schedule_run(pipeline="benchmark", host=host, arguments=arguments, name=name or f"benchmark-{arguments['method']}-nightly",
+    result = schedule_run(pipeline="benchmark", host=host, arguments=arguments, name=name or f"benchmark-{arguments['methods'][0]}-nightly",
                           cron=cron, experiment=experiment, namespace=namespace, token=token,
                           service_account=service_account, enable_caching=caching, pipeline_root=pipeline_root,
                           cpu_image=cpu_image, trainer_image=trainer_image, parallelism=parallelism,

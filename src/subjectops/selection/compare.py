@@ -19,6 +19,8 @@ from subjectops.errors import SubjectopsError
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
+# The files of a run directory `load_run` reads (the benchmark fetches exactly these from MLflow).
+RUN_FILES = ("refine/subject.json", "finetune/method.json", "infer/manifest.json", "evaluate/metrics.json")
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""The benchmark pipeline's leaderboard: which (method, subject) pairs it runs, and the leaderboard of what they
+registered, built by `selection.compare` and recorded in MLflow.
+
+The pipeline's personalize runs reach the aggregation step only as registered versions (`name/version`), so the
+files `compare.load_run` reads are fetched back from the version's MLflow runs: the register run's parent is the
+pipeline run, whose stage runs hold each stage's files under `<stage>/` (tracking.record.stage_record).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from subjectops.errors import SubjectopsError
+from subjectops.selection.compare import RUN_FILES, Leaderboard, leaderboard, write_leaderboard
+
+LEADERBOARD_STAGE = "benchmark-leaderboard"
+
+
+def benchmark_pairs(methods: Sequence[str], subjects: Sequence[Mapping]) -> list[dict]:
+    """Every (method, subject) pair as one loop item `{"method", "uri", "class_word"}`; unknown methods and empty
+    lists are refused before any subject starts."""
+    from subjectops.methods import get_method
+
+    if not methods or not subjects:
+        raise SubjectopsError(f"the benchmark needs methods and subjects, got {len(methods)} method(s) and "
+                              f"{len(subjects)} subject(s)", fix="pass at least one of each")
+    for method in methods:
+        get_method(method)
+    return [{"method": m, "uri": s["uri"], "class_word": s["class_word"]} for m in dict.fromkeys(methods) for s in subjects]
+
+
+def fetch_registered_run(client, model_name: str, version: str, dest: Path) -> Path:
+    """The files `compare.load_run` reads, from the MLflow runs of one registered version, as a run directory."""
+    mv = client.get_model_version(model_name, version)
+    register_run = client.get_run(mv.run_id)
+    parent = register_run.data.tags.get("mlflow.parentRunId")
+    if parent is None:
+        raise SubjectopsError(f"{model_name} version {version} was not registered by a pipeline run (run {mv.run_id} "
+                              "has no parent), so its stage outputs cannot be found",
+                              fix="register versions through `subjectops run` or the personalize pipeline")
+    stage_runs = client.search_runs([register_run.info.experiment_id],
+                                    filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    wanted = {rel.split("/", 1)[0]: rel for rel in RUN_FILES}
+    run_dir = Path(dest) / f"{model_name}-v{version}"
+    for run in stage_runs:
+        stage = run.data.tags.get("subjectops.stage")
+        rel = wanted.pop(stage, None)
+        if rel is not None:  # a file downloads into the given folder under its own name
+            client.download_artifacts(run.info.run_id, rel, str(run_dir / stage))
+    if wanted:
+        raise SubjectopsError(f"{model_name} version {version}: the pipeline run {parent} has no "
+                              f"{', '.join(sorted(wanted))} run", fix="let every stage of the run finish and sync")
+    return run_dir
+
+
+def log_leaderboard(board_dir: Path, experiment: str, run_name: str, tracking_uri: Optional[str] = None) -> str:
+    """One MLflow run holding the leaderboard's files under `leaderboard/`; returns its id."""
+    from subjectops.tracking.mlflow_tracker import MlflowTracker, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    tracker = MlflowTracker(tracking_uri=uri)
+    experiment_id = tracker._connect(uri, experiment)
+    run = tracker.client.create_run(experiment_id, run_name=run_name, tags={"subjectops.stage": LEADERBOARD_STAGE})
+    tracker.client.log_artifacts(run.info.run_id, str(board_dir), "leaderboard")
+    tracker.client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def benchmark_leaderboard(registrations: Sequence[Mapping], out: Path, experiment: str, run_name: str,
+                          tracking_uri: Optional[str] = None) -> Leaderboard:
+    """The leaderboard of the registered versions (refused unless comparable), written to `out` and to MLflow.
+
+    `out/runs/` keeps the fetched files the intervals were computed from, one folder per version."""
+    from mlflow.tracking import MlflowClient
+
+    from subjectops.tracking.mlflow_tracker import resolve_tracking_uri, setup_environment
+
+    setup_environment()
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    board = leaderboard([fetch_registered_run(client, r["model_name"], str(r["version"]), Path(out) / "runs")
+                         for r in registrations])
+    write_leaderboard(board, out)
+    log_leaderboard(out, experiment, run_name, tracking_uri)
+    return board
