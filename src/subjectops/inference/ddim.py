@@ -95,7 +95,7 @@ class DdimSampler:
         or reuses its cross-attention there)."""
         with around_cond():
             eps = self.eps(x, i, cond)
-        if self.guidance != 1:
+        if self.guidance > 1:  # as the diffusers pipelines: no unconditional pass at a scale of 1 or below
             eps = guided(eps, self.eps(x, i, uncond), self.guidance)
         return ddim_move(x, eps, self.alpha(i).to(x), self.alpha(i + 1).to(x))
 
@@ -168,15 +168,25 @@ def encoder(pipe):
 
 
 @torch.no_grad()
-def prompt_conditioning(pipe, prompt: str, sampler: DdimSampler, resolution: int) -> tuple[CondAt, Conditioning]:
-    """cond_at and phi for a prompt. With HiFi Tuner's step-wise subject embeddings on the pipeline
-    (`pipe.subject_embeddings`, set by its `apply`), step i's conditioning is [c, c_s^t] (eq. 7)."""
-    models = encoder(pipe)
-    cond, uncond = models.encode_prompts([prompt], resolution), models.encode_prompts([""], resolution)
+def prompt_conditioning(pipe, prompt: str, timesteps: list[int], resolution: int) -> tuple[CondAt, Conditioning]:
+    """cond_at and phi for a prompt, encoded by the pipeline's own `encode_prompt` (so they are what a pipeline call
+    with the prompt would use: textual-inversion tokens expanded, SDXL's zero negative). With HiFi Tuner's
+    step-wise subject embeddings on the pipeline (`pipe.subject_embeddings`, set by its `apply`), sampling step i's
+    conditioning is [c, c_s^t] at timesteps[i] (eq. 7)."""
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    encoded = pipe.encode_prompt(prompt, device=pipe.unet.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True)
+    if sdxl:
+        c, u, pooled, u_pooled = encoded
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=c.dtype, device=c.device)
+        cond = Conditioning(c, {"text_embeds": pooled, "time_ids": time_ids})
+        uncond = Conditioning(u, {"text_embeds": u_pooled, "time_ids": time_ids})
+    else:
+        cond, uncond = Conditioning(encoded[0]), Conditioning(encoded[1])
     subject = getattr(pipe, "subject_embeddings", None)
     if subject is None:
         return (lambda i: cond), uncond
-    per_step = [Conditioning(subject.apply(cond.prompt_embeds, t), cond.added_cond_kwargs) for t in sampler.timesteps]
+    per_step = [Conditioning(subject.apply(cond.prompt_embeds, t), cond.added_cond_kwargs) for t in timesteps]
     return (lambda i: per_step[i]), uncond
 
 
@@ -186,11 +196,3 @@ def require_ddim(pipe, what: str) -> None:
     if not isinstance(pipe.scheduler, DDIMScheduler):
         raise SubjectopsError(f"{what} samples with DDIM, but the scheduler is {type(pipe.scheduler).__name__}",
                               fix="set infer.scheduler=ddim")
-
-
-@torch.no_grad()
-def ddim_generate(pipe, prompt: str, seed: int, steps: int, guidance: float, resolution: int) -> Image.Image:
-    """One image by the step-wise DDIM loop (eq. 1, with eq. 7 when the pipeline holds step-wise embeddings)."""
-    sampler = DdimSampler.from_pipe(pipe, steps, guidance)
-    cond_at, uncond = prompt_conditioning(pipe, prompt, sampler, resolution)
-    return decode_latents(pipe, sampler.sample(initial_noise(pipe, seed, resolution), cond_at, uncond)[-1])
