@@ -61,12 +61,12 @@ def _train(tmp_path, *overrides):
 def test_a_large_w_s_keeps_c_s_closer_to_phi_s_and_alg1_saves_one_embedding_per_ddim_step(tmp_path):
     free = _train(tmp_path / "free", "finetune.hifi_tuner.reg_weight=0", "finetune.hifi_tuner.lr=0.1")
     held = _train(tmp_path / "held", "finetune.hifi_tuner.reg_weight=100", "finetune.hifi_tuner.lr=0.1")
-    drift = lambda m: float((m.c_s.detach() - m.phi_s).norm())  # noqa: E731
+    drift = lambda m: float((m.subject.c_s.detach() - m.subject.phi_s).norm())  # noqa: E731
     assert drift(held) < drift(free) and drift(free) > 0
 
     held.save(tmp_path)
     saved = load_file(tmp_path / EMBEDS_FILE)
-    assert saved["embeds"].shape == (3, 5, held.phi_s.shape[-1])
+    assert saved["embeds"].shape == (3, 5, held.subject.phi_s.shape[-1])
     assert saved["timesteps"].tolist() == held.ddim_timesteps() and saved["timesteps"][0] > saved["timesteps"][-1]
     # alg. 1: each c_s^t started from c_s^{t+1} and moved on its own
     assert not torch.equal(saved["embeds"][0], saved["c_s"]) and not torch.equal(saved["embeds"][1], saved["embeds"][0])
