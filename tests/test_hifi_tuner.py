@@ -99,10 +99,64 @@ def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
     assert record["caption"] == "a photo of a can" and record["steps"] == 3
     assert Image.open(tmp_path / "replaced" / "replaced.png").size == (64, 64)
 
+
+
+# --- subjectops replace: a run, word or image it cannot use fails before any model loads, naming the fix ---------
+def _run_made_with(tmp_path, method):
+    finetune = tmp_path / "run" / "finetune"
+    finetune.mkdir(parents=True)
+    (finetune / "manifest.json").write_text("{}")
+    (finetune / "method.json").write_text(json.dumps({"method": method, "resolution": 64, "class_word": "can",
+                                                      "base_model": "tiny-sd15"}))
+    return tmp_path / "run"
+
+
+def _replace_error(tmp_path, image, run, word="can"):
+    from subjectops.errors import SubjectopsError
+    from subjectops.stages.replace import replace
+
+    with pytest.raises(SubjectopsError) as err:
+        replace(load_params(REPO / "params.yaml", ["model.base=tiny-sd15"]), image, run, word, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    return err.value
+
+
+def test_replace_refuses_a_run_not_made_with_hifi_tuner(tmp_path):
+    err = _replace_error(tmp_path, CAN / "01.jpg", _run_made_with(tmp_path, "dreambooth"))
+    assert "fine-tuned with dreambooth" in str(err) and "step-wise" in str(err)
+    assert "--method hifi-tuner" in err.fix
+
+
+def test_replace_refuses_a_file_that_is_not_an_image_or_does_not_exist(tmp_path):
+    run = _run_made_with(tmp_path, "hifi-tuner")
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not a photo")
-    replace[4] = str(not_an_image)
-    replace[replace.index("--out") + 1] = str(tmp_path / "bad")
-    proc = subprocess.run(replace, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode != 0 and "is not an image subjectops replace can use" in proc.stderr
-    assert not (tmp_path / "bad").exists()
+    err = _replace_error(tmp_path, not_an_image, run)
+    assert "notes.jpg is not an image subjectops replace can use" in str(err) and "JPEG or PNG" in err.fix
+    err = _replace_error(tmp_path, tmp_path / "missing.jpg", run)
+    assert "missing.jpg does not exist" in str(err) and "JPEG or PNG" in err.fix
+
+
+def test_replace_refuses_a_word_the_caption_does_not_hold(tmp_path, monkeypatch):
+    import subjectops.inference.reference_guided as reference_guided
+
+    # a captioner that sees a teapot: the photo's caption never names the --word given
+    monkeypatch.setattr(reference_guided, "load_captioner",
+                        lambda model_id: lambda image: [{"generated_text": "a red teapot on a table"}])
+    err = _replace_error(tmp_path, CAN / "01.jpg", _run_made_with(tmp_path, "hifi-tuner"))
+    assert "'a red teapot on a table'" in str(err) and "does not name 'can'" in str(err)
+    assert "--word" in err.fix
+
+
+def test_replace_names_a_word_whose_tokens_the_caption_lacks():
+    from subjectops.errors import SubjectopsError
+    from subjectops.stages.replace import caption_span
+
+    class Tokenizer:  # "can" -> [7]; the caption's ids hold no 7
+        def __call__(self, text, add_special_tokens=True):
+            return type("Encoded", (), {"input_ids": [7]})()
+
+    assert caption_span(Tokenizer(), [1, 7, 2], "can", "a can") == (1, 2)
+    with pytest.raises(SubjectopsError, match="tokens of 'can' do not occur") as err:
+        caption_span(Tokenizer(), [1, 5, 2], "can", "a cans")
+    assert "--word" in err.value.fix
