@@ -84,7 +84,8 @@ def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
     assert info["method"] == "hifi-tuner" and info["weights"] == [EMBEDS_FILE]
     assert load_file(run / "finetune" / EMBEDS_FILE)["embeds"].shape[0] == 3
     manifest = json.loads((run / "finetune" / "manifest.json").read_text())
-    assert "reg_weight" in json.dumps(manifest)
+    assert manifest["hifi_tuner"]["open_in_paper"] == {"reg_weight": 1e-3}  # params.yaml's choice, recorded
+    assert manifest["prepared"] == {"SubjectEmbeddings": "SubjectEmbeddings"}  # one process: no DDP wrapper
     samples = json.loads((run / "infer" / "samples.json").read_text())
     assert len(samples) == 2 and all((run / "infer" / s["path"]).exists() for s in samples)
     assert (run / "evaluate" / "metrics.json").exists()

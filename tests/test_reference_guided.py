@@ -151,6 +151,8 @@ def test_dreambooth_with_reference_guided_inference_end_to_end(tmp_path):
     assert first["details"]["guidance"] == "guided", first["details"]
     assert set(first["intermediates"]) == {"plain", "reference", "generated_mask", "reference_mask"}
     assert {"scale", "angle_degrees", "centre_shift_px"} <= set(first["details"]["transform"])
+    assert first["details"]["captioner"] == "none: the class template 'a photo of a {class_word}'"
+    assert first["details"]["caption"] == "a photo of a can"
     report = (run_dir / "evaluate" / "report.html").read_text()
     assert 'id="explained"' in report and report.count('class="explained"') == 2 * 5
 

@@ -5,8 +5,10 @@
     L_h(phi_t) = || x*_{t-1} - F^(t)(x_t, c, phi_t) ||^2                                             (eq. 4)
 
 Eq. 1 and eq. 3 are the same DDIM move between two noise levels (`ddim_move`): x0 is predicted from x and eps,
-then noised to the other level with the same eps. The sampler exposes each step, so the step-wise subject
-embeddings (eq. 7), reference guidance (alg. 2, eq. 10) and subject replacement (alg. 3) are loops over it.
+then noised to the other level with the same eps. The sampler exposes each step, differentiably: DDIM inversion,
+null-text optimisation, the phi_h updates of reference guidance (alg. 2, eq. 10) and subject replacement (alg. 3)
+are built on it. Sampling from a seed (plain, and both passes of alg. 2) runs the pipeline's own loop
+(`subjectops.inference.plain.sample`) with `prompt_conditioning`'s step-wise conditioning (eq. 7).
 
 Conventions: `timesteps` are the DDIM timesteps in sampling order (T first); a trajectory `traj` has
 `len(timesteps) + 1` latents, `traj[i]` entering sampling step i and `traj[-1]` = x_0. DDIM step number

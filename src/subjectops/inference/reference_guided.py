@@ -180,6 +180,7 @@ class ReferenceGuidedStrategy(Strategy):
         images = {"plain": d.plain, "reference": d.reference, "generated_mask": d.generated_mask,
                   "reference_mask": d.reference_mask}
         facts = {"guidance": d.reason, "transform": d.transform, "caption": d.caption,
+                 "captioner": self.config.captioner or f"none: the class template {TEMPLATE_CAPTION!r}",
                  "reference_index": d.reference_index}
         return d.guided, {k: v for k, v in images.items() if v is not None}, facts
 

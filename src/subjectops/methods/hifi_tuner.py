@@ -174,6 +174,11 @@ class HiFiTunerMethod(Method):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"c_s": self.subject.c_s, **{f"c_s_step_{k}": row for k, row in enumerate(self.subject.rows)}}
 
+    def manifest_extra(self) -> dict:
+        # what the paper leaves open (sec. 3.2 / eq. 6 give no w_s), and alg. 1's timesteps
+        return {"hifi_tuner": {"open_in_paper": {"reg_weight": self.cfg.reg_weight},
+                               "ddim_timesteps": self.timesteps}}
+
     def extra_state(self) -> dict:
         return {"rows_started": self.rows_started}
 
