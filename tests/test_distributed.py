@@ -13,10 +13,18 @@ from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
 
 
-# Hypnos also trains its latent discriminator inside the step: its gradients must be averaged too.
-@pytest.mark.parametrize("method", ["dreambooth", "hypnos"])
+# What DDP must wrap per method: Hypnos also trains its latent discriminator inside the step, HiFi Tuner only its
+# subject embeddings c_s and c_s^t (module SubjectEmbeddings): their gradients must be averaged too.
+PREPARED = {"dreambooth": ["UNet2DConditionModel"],
+            "hypnos": ["UNet2DConditionModel", "CLIPTextModel", "LatentDiscriminator"],
+            "hifi-tuner": ["SubjectEmbeddings"]}
+
+
+@pytest.mark.parametrize("method", sorted(PREPARED))
 def test_two_processes_average_gradients_and_publish_once(tiny_overrides, example_subject, tmp_path, method):
     overrides = tiny_overrides + [f"finetune.method={method}", "finetune.dreambooth.steps=3", "finetune.hypnos.steps=3",
+                                  "finetune.hifi_tuner.steps=1", "finetune.hifi_tuner.stepwise_steps=1",
+                                  "finetune.hifi_tuner.ddim_steps=2",
                                   "finetune.validation_every=0", "pretrain_disc.steps=2", "pretrain_disc.eval_samples=0"]
     params = load_params("params.yaml", overrides)
     run = tmp_path / "run"
@@ -39,9 +47,6 @@ def test_two_processes_average_gradients_and_publish_once(tiny_overrides, exampl
     # drew its own batches and noise (seed + rank), so identical final weights (checked by finetune before it
     # publishes) mean the gradients were averaged
     prepared = json.loads((run / "finetune" / "manifest.json").read_text())["prepared"]
-    expected = {"UNet2DConditionModel": "DistributedDataParallel"}
-    if method == "hypnos":
-        expected |= {"CLIPTextModel": "DistributedDataParallel", "LatentDiscriminator": "DistributedDataParallel"}
-    assert prepared == expected
+    assert prepared == {name: "DistributedDataParallel" for name in PREPARED[method]}
     steps = [json.loads(l)["step"] for l in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]  # one log, written by the main process only

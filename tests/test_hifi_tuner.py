@@ -61,12 +61,12 @@ def _train(tmp_path, *overrides):
 def test_a_large_w_s_keeps_c_s_closer_to_phi_s_and_alg1_saves_one_embedding_per_ddim_step(tmp_path):
     free = _train(tmp_path / "free", "finetune.hifi_tuner.reg_weight=0", "finetune.hifi_tuner.lr=0.1")
     held = _train(tmp_path / "held", "finetune.hifi_tuner.reg_weight=100", "finetune.hifi_tuner.lr=0.1")
-    drift = lambda m: float((m.c_s.detach() - m.phi_s).norm())  # noqa: E731
+    drift = lambda m: float((m.subject.c_s.detach() - m.subject.phi_s).norm())  # noqa: E731
     assert drift(held) < drift(free) and drift(free) > 0
 
     held.save(tmp_path)
     saved = load_file(tmp_path / EMBEDS_FILE)
-    assert saved["embeds"].shape == (3, 5, held.phi_s.shape[-1])
+    assert saved["embeds"].shape == (3, 5, held.subject.phi_s.shape[-1])
     assert saved["timesteps"].tolist() == held.ddim_timesteps() and saved["timesteps"][0] > saved["timesteps"][-1]
     # alg. 1: each c_s^t started from c_s^{t+1} and moved on its own
     assert not torch.equal(saved["embeds"][0], saved["c_s"]) and not torch.equal(saved["embeds"][1], saved["embeds"][0])
@@ -84,7 +84,8 @@ def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
     assert info["method"] == "hifi-tuner" and info["weights"] == [EMBEDS_FILE]
     assert load_file(run / "finetune" / EMBEDS_FILE)["embeds"].shape[0] == 3
     manifest = json.loads((run / "finetune" / "manifest.json").read_text())
-    assert "reg_weight" in json.dumps(manifest)
+    assert manifest["hifi_tuner"]["open_in_paper"] == {"reg_weight": 1e-3}  # params.yaml's choice, recorded
+    assert manifest["prepared"] == {"SubjectEmbeddings": "SubjectEmbeddings"}  # one process: no DDP wrapper
     samples = json.loads((run / "infer" / "samples.json").read_text())
     assert len(samples) == 2 and all((run / "infer" / s["path"]).exists() for s in samples)
     assert (run / "evaluate" / "metrics.json").exists()
@@ -99,10 +100,64 @@ def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
     assert record["caption"] == "a photo of a can" and record["steps"] == 3
     assert Image.open(tmp_path / "replaced" / "replaced.png").size == (64, 64)
 
+
+
+# --- subjectops replace: a run, word or image it cannot use fails before any model loads, naming the fix ---------
+def _run_made_with(tmp_path, method):
+    finetune = tmp_path / "run" / "finetune"
+    finetune.mkdir(parents=True)
+    (finetune / "manifest.json").write_text("{}")
+    (finetune / "method.json").write_text(json.dumps({"method": method, "resolution": 64, "class_word": "can",
+                                                      "base_model": "tiny-sd15"}))
+    return tmp_path / "run"
+
+
+def _replace_error(tmp_path, image, run, word="can"):
+    from subjectops.errors import SubjectopsError
+    from subjectops.stages.replace import replace
+
+    with pytest.raises(SubjectopsError) as err:
+        replace(load_params(REPO / "params.yaml", ["model.base=tiny-sd15"]), image, run, word, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    return err.value
+
+
+def test_replace_refuses_a_run_not_made_with_hifi_tuner(tmp_path):
+    err = _replace_error(tmp_path, CAN / "01.jpg", _run_made_with(tmp_path, "dreambooth"))
+    assert "fine-tuned with dreambooth" in str(err) and "step-wise" in str(err)
+    assert "--method hifi-tuner" in err.fix
+
+
+def test_replace_refuses_a_file_that_is_not_an_image_or_does_not_exist(tmp_path):
+    run = _run_made_with(tmp_path, "hifi-tuner")
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not a photo")
-    replace[4] = str(not_an_image)
-    replace[replace.index("--out") + 1] = str(tmp_path / "bad")
-    proc = subprocess.run(replace, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode != 0 and "is not an image subjectops replace can use" in proc.stderr
-    assert not (tmp_path / "bad").exists()
+    err = _replace_error(tmp_path, not_an_image, run)
+    assert "notes.jpg is not an image subjectops replace can use" in str(err) and "JPEG or PNG" in err.fix
+    err = _replace_error(tmp_path, tmp_path / "missing.jpg", run)
+    assert "missing.jpg does not exist" in str(err) and "JPEG or PNG" in err.fix
+
+
+def test_replace_refuses_a_word_the_caption_does_not_hold(tmp_path, monkeypatch):
+    import subjectops.inference.reference_guided as reference_guided
+
+    # a captioner that sees a teapot: the photo's caption never names the --word given
+    monkeypatch.setattr(reference_guided, "load_captioner",
+                        lambda model_id: lambda image: [{"generated_text": "a red teapot on a table"}])
+    err = _replace_error(tmp_path, CAN / "01.jpg", _run_made_with(tmp_path, "hifi-tuner"))
+    assert "'a red teapot on a table'" in str(err) and "does not name 'can'" in str(err)
+    assert "--word" in err.fix
+
+
+def test_replace_names_a_word_whose_tokens_the_caption_lacks():
+    from subjectops.errors import SubjectopsError
+    from subjectops.stages.replace import caption_span
+
+    class Tokenizer:  # "can" -> [7]; the caption's ids hold no 7
+        def __call__(self, text, add_special_tokens=True):
+            return type("Encoded", (), {"input_ids": [7]})()
+
+    assert caption_span(Tokenizer(), [1, 7, 2], "can", "a can") == (1, 2)
+    with pytest.raises(SubjectopsError, match="tokens of 'can' do not occur") as err:
+        caption_span(Tokenizer(), [1, 5, 2], "can", "a cans")
+    assert "--word" in err.value.fix

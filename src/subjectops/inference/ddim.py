@@ -5,8 +5,10 @@
     L_h(phi_t) = || x*_{t-1} - F^(t)(x_t, c, phi_t) ||^2                                             (eq. 4)
 
 Eq. 1 and eq. 3 are the same DDIM move between two noise levels (`ddim_move`): x0 is predicted from x and eps,
-then noised to the other level with the same eps. The sampler exposes each step, so the step-wise subject
-embeddings (eq. 7), reference guidance (alg. 2, eq. 10) and subject replacement (alg. 3) are loops over it.
+then noised to the other level with the same eps. The sampler exposes each step, differentiably: DDIM inversion,
+null-text optimisation, the phi_h updates of reference guidance (alg. 2, eq. 10) and subject replacement (alg. 3)
+are built on it. Sampling from a seed (plain, and both passes of alg. 2) runs the pipeline's own loop
+(`subjectops.inference.plain.sample`) with `prompt_conditioning`'s step-wise conditioning (eq. 7).
 
 Conventions: `timesteps` are the DDIM timesteps in sampling order (T first); a trajectory `traj` has
 `len(timesteps) + 1` latents, `traj[i]` entering sampling step i and `traj[-1]` = x_0. DDIM step number
@@ -95,7 +97,7 @@ class DdimSampler:
         or reuses its cross-attention there)."""
         with around_cond():
             eps = self.eps(x, i, cond)
-        if self.guidance != 1:
+        if self.guidance > 1:  # as the diffusers pipelines: no unconditional pass at a scale of 1 or below
             eps = guided(eps, self.eps(x, i, uncond), self.guidance)
         return ddim_move(x, eps, self.alpha(i).to(x), self.alpha(i + 1).to(x))
 
@@ -168,15 +170,25 @@ def encoder(pipe):
 
 
 @torch.no_grad()
-def prompt_conditioning(pipe, prompt: str, sampler: DdimSampler, resolution: int) -> tuple[CondAt, Conditioning]:
-    """cond_at and phi for a prompt. With HiFi Tuner's step-wise subject embeddings on the pipeline
-    (`pipe.subject_embeddings`, set by its `apply`), step i's conditioning is [c, c_s^t] (eq. 7)."""
-    models = encoder(pipe)
-    cond, uncond = models.encode_prompts([prompt], resolution), models.encode_prompts([""], resolution)
+def prompt_conditioning(pipe, prompt: str, timesteps: list[int], resolution: int) -> tuple[CondAt, Conditioning]:
+    """cond_at and phi for a prompt, encoded by the pipeline's own `encode_prompt` (so they are what a pipeline call
+    with the prompt would use: textual-inversion tokens expanded, SDXL's zero negative). With HiFi Tuner's
+    step-wise subject embeddings on the pipeline (`pipe.subject_embeddings`, set by its `apply`), sampling step i's
+    conditioning is [c, c_s^t] at timesteps[i] (eq. 7)."""
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    encoded = pipe.encode_prompt(prompt, device=pipe.unet.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True)
+    if sdxl:
+        c, u, pooled, u_pooled = encoded
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=c.dtype, device=c.device)
+        cond = Conditioning(c, {"text_embeds": pooled, "time_ids": time_ids})
+        uncond = Conditioning(u, {"text_embeds": u_pooled, "time_ids": time_ids})
+    else:
+        cond, uncond = Conditioning(encoded[0]), Conditioning(encoded[1])
     subject = getattr(pipe, "subject_embeddings", None)
     if subject is None:
         return (lambda i: cond), uncond
-    per_step = [Conditioning(subject.apply(cond.prompt_embeds, t), cond.added_cond_kwargs) for t in sampler.timesteps]
+    per_step = [Conditioning(subject.apply(cond.prompt_embeds, t), cond.added_cond_kwargs) for t in timesteps]
     return (lambda i: per_step[i]), uncond
 
 
@@ -186,11 +198,3 @@ def require_ddim(pipe, what: str) -> None:
     if not isinstance(pipe.scheduler, DDIMScheduler):
         raise SubjectopsError(f"{what} samples with DDIM, but the scheduler is {type(pipe.scheduler).__name__}",
                               fix="set infer.scheduler=ddim")
-
-
-@torch.no_grad()
-def ddim_generate(pipe, prompt: str, seed: int, steps: int, guidance: float, resolution: int) -> Image.Image:
-    """One image by the step-wise DDIM loop (eq. 1, with eq. 7 when the pipeline holds step-wise embeddings)."""
-    sampler = DdimSampler.from_pipe(pipe, steps, guidance)
-    cond_at, uncond = prompt_conditioning(pipe, prompt, sampler, resolution)
-    return decode_latents(pipe, sampler.sample(initial_noise(pipe, seed, resolution), cond_at, uncond)[-1])

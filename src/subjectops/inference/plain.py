@@ -1,12 +1,59 @@
-"""plain: text-to-image sampling with the recorded scheduler, steps and guidance scale."""
+"""plain: text-to-image sampling with the recorded scheduler, steps and guidance scale.
+
+`sample` is the one denoising loop of every strategy that draws from a seed's noise with the pipeline's own
+scheduler (plain, and both passes of reference-guided generation): the pipeline's loop, with a hook that sees
+(and may replace) each latent. Guidance that leaves every latent as it is therefore gives plain's pixels, bit
+for bit, by construction.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from PIL import Image
 
-from subjectops.inference.base import Strategy
-from subjectops.inference.ddim import ddim_generate, require_ddim
-from subjectops.models.sampling import generate
+from subjectops.inference.base import InferenceSpec, Strategy
+from subjectops.inference.ddim import initial_noise, prompt_conditioning
+
+# at_latent(i, x_i) -> the latent step i starts from (i = 0: x_T; i = steps: x_0, which is decoded).
+LatentHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def unchanged(i: int, latents: torch.Tensor) -> torch.Tensor:
+    return latents
+
+
+def scheduler_timesteps(pipe, steps: int) -> list[int]:
+    pipe.scheduler.set_timesteps(steps)
+    return [int(t) for t in pipe.scheduler.timesteps]
+
+
+@torch.no_grad()
+def sample(pipe, prompt: str, seed: int, spec: InferenceSpec, at_latent: LatentHook = unchanged) -> Image.Image:
+    """One image from the seed's noise through the pipeline's denoising loop. The conditioning is
+    `prompt_conditioning`'s: with HiFi Tuner's step-wise subject embeddings, step i's caption holds c_s^t (eq. 7),
+    swapped in after each step."""
+    timesteps = scheduler_timesteps(pipe, spec.steps)
+    cond_at, uncond = prompt_conditioning(pipe, prompt, timesteps, spec.resolution)
+    stepwise = getattr(pipe, "subject_embeddings", None) is not None
+
+    def step_end(pipeline, i, _t, tensors):
+        if stepwise and i + 1 < len(timesteps):
+            c = cond_at(i + 1).prompt_embeds
+            tensors["prompt_embeds"] = torch.cat([uncond.prompt_embeds, c]) if pipeline.do_classifier_free_guidance else c
+        tensors["latents"] = at_latent(i + 1, tensors["latents"])
+        return tensors
+
+    extra = {}
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the pooled embeddings go with the sequences
+        extra = dict(pooled_prompt_embeds=cond_at(0).added_cond_kwargs["text_embeds"],
+                     negative_pooled_prompt_embeds=uncond.added_cond_kwargs["text_embeds"])
+    return pipe(prompt_embeds=cond_at(0).prompt_embeds, negative_prompt_embeds=uncond.prompt_embeds,
+                latents=at_latent(0, initial_noise(pipe, seed, spec.resolution)), num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale, height=spec.resolution, width=spec.resolution,
+                callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+                **extra).images[0]
 
 
 class PlainStrategy(Strategy):
@@ -21,11 +68,4 @@ class PlainStrategy(Strategy):
     name = "plain"
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        s = self.spec
-        if getattr(self.pipe, "subject_embeddings", None) is not None:
-            # HiFi Tuner's step-wise subject embeddings change the conditioning at every DDIM step (eq. 7).
-            require_ddim(self.pipe, "hifi-tuner's step-wise embeddings")
-            return [ddim_generate(self.pipe, prompt, seed, s.steps, s.guidance_scale, s.resolution)
-                    for prompt, seed in zip(prompts, seeds)]
-        return [generate(self.pipe, [prompt], [seed], s.steps, s.guidance_scale, s.resolution)[0]
-                for prompt, seed in zip(prompts, seeds)]
+        return [sample(self.pipe, prompt, seed, self.spec) for prompt, seed in zip(prompts, seeds)]

@@ -1,11 +1,13 @@
 """reference-guided: HiFi Tuner's reference-guided generation (seed 001 sec. 3.3, alg. 2, alg. 4, eqs. 3, 8, 10).
 
-Per image: I_g1 from x_T by DDIM (eq. 1, eq. 7 with step-wise embeddings); its subject mask M_g from the mask
-backend refine used; the reference I_r = the subject photo nearest to I_g1 in DINO space, and its refine mask M_r;
-T_theta fitted by alg. 4 (`alignment.fit_similarity`, symmetric distance) and applied to I_r and M_r; the warped
-reference captioned (a configurable captioner, else "a photo of a [C]"), encoded and DDIM-inverted (eq. 3);
-then denoising again from the same x_T with the reference latents in the subject region at t_s and phi_h
-optimised on eq. 10 for t_s >= t >= t_e (`guided_sample`).
+Per image: I_g1 from x_T by the plain strategy's own sampling loop (`plain.sample`; eq. 7 with step-wise
+embeddings); its subject mask M_g from the mask backend refine used; the reference I_r = the subject photo nearest
+to I_g1 in DINO space, and its refine mask M_r; T_theta fitted by alg. 4 (`alignment.fit_similarity`, symmetric
+distance) and applied to I_r and M_r; the warped reference captioned (a configurable captioner, else
+"a photo of a [C]"), encoded and DDIM-inverted (eq. 3); then the same loop again from the same x_T with
+`ReferenceGuidance` as its hook: the reference latents in the subject region at t_s, and phi_h optimised on
+eq. 10 for t_s >= t >= t_e. Both passes run the one loop plain sampling runs, so a pass the guidance leaves
+alone (an empty mask) is plain sampling bit for bit.
 
 Serves every method whose pipeline samples with DDIM (DreamBooth, LoRA, two-stage, HiFi Tuner, ...). Guidance
 applies to rigid subjects (sec. 4; `rigid_subjects.json`) unless `subjects=all`; an image left unguided (a
@@ -23,8 +25,9 @@ from PIL import Image
 
 from subjectops.errors import SubjectopsError
 from subjectops.inference.base import Strategy
-from subjectops.inference.ddim import (CondAt, DdimSampler, decode_latents, encode_image, encoder, initial_noise,
-                                       masked_sq_error, prompt_conditioning, require_ddim)
+from subjectops.inference.ddim import (CondAt, DdimSampler, encode_image, encoder, masked_sq_error,
+                                       prompt_conditioning, require_ddim)
+from subjectops.inference.plain import sample
 from subjectops.training.contract import Conditioning
 
 ALIGN_SIZE = 64  # masks are aligned at this size (alg. 4's cost grows with the point count)
@@ -57,39 +60,47 @@ def caption(captioner, image: Image.Image, fallback: str) -> str:
     return fallback if captioner is None else captioner(image)[0]["generated_text"]
 
 
-def guided_sample(sampler: DdimSampler, x_T: torch.Tensor, cond_at: CondAt, phi: Conditioning,
-                  reference: list[torch.Tensor], mask: torch.Tensor, t_start: int, t_end: int, phi_steps: int,
-                  phi_lr: float) -> list[torch.Tensor]:
-    """Alg. 2: the trajectory from x_T with the reference trajectory `reference` ([x*_T..x*_0]) guiding the latent
-    cells of `mask` (1, 1, h, w) between DDIM steps t_start and t_end. An empty mask changes nothing (eq. 10 is
-    then identically zero, so phi_h never moves), and the result is plain sampling bit for bit."""
-    traj = [x_T]
-    phi_h = phi.prompt_embeds.detach()
-    inside = mask.bool()
-    guide = bool(inside.any())
-    for i in range(sampler.steps):
-        t = sampler.steps - i
-        x = traj[-1]
-        cond = cond_at(i)
-        if t == t_start and guide:
-            phi_h = phi.prompt_embeds.detach()
-            x = torch.where(inside, reference[i], x)  # x_t[M] = x*_t[M]
-            traj[-1] = x
-        with torch.no_grad():
-            nxt = sampler.step(x, i, cond, phi)
-        if t_end <= t <= t_start and guide:
-            phi_h = phi_h.clone().requires_grad_(True)
-            opt = torch.optim.Adam([phi_h], lr=phi_lr)
-            for _ in range(phi_steps):  # eq. 10
+class ReferenceGuidance:
+    """Alg. 2 as the hook of the shared sampling loop (`subjectops.inference.plain.sample`), called with each latent
+    x_i as the loop reaches it. At step number t_s the latent cells of `mask` (1, 1, h, w) take the reference
+    latents x*_t (`reference` = [x*_T..x*_0]); for t_s >= t >= t_e the step's result inside the mask is
+    recomputed with phi_h, first optimised J times on eq. 10. Outside the mask the loop's own step stands.
+    `traj` records the latents the loop went on with. An empty mask changes no latent (plain sampling)."""
+
+    def __init__(self, sampler: DdimSampler, cond_at: CondAt, phi: Conditioning, reference: list[torch.Tensor],
+                 mask: torch.Tensor, t_start: int, t_end: int, phi_steps: int, phi_lr: float):
+        self.sampler, self.cond_at, self.phi, self.reference = sampler, cond_at, phi, reference
+        self.inside, self.mask = mask.bool(), mask
+        self.t_start, self.t_end, self.phi_steps, self.phi_lr = t_start, t_end, phi_steps, phi_lr
+        self.phi_h = phi.prompt_embeds.detach()
+        self.traj: list[torch.Tensor] = []
+
+    def _guided(self, i: int) -> bool:
+        return bool(self.inside.any()) and self.t_end <= self.sampler.steps - i <= self.t_start
+
+    def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i and self._guided(i - 1):
+            x = torch.where(self.inside, self._optimised_step(i - 1, self.traj[-1]), x)
+        if i < self.sampler.steps and self.sampler.steps - i == self.t_start and self.inside.any():
+            x = torch.where(self.inside, self.reference[i].to(x), x)  # x_t[M] = x*_t[M]
+        self.traj.append(x)
+        return x
+
+    def _optimised_step(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """F^(t)(x_t, c, phi_h) after J Adam steps on ||x*_{t-1}[M] - F^(t)(x_t, c, phi_h)[M]||^2 (eq. 10); phi_h
+        starts from phi at t_s and carries over to the next guided step."""
+        cond, extra = self.cond_at(i), self.phi.added_cond_kwargs
+        with torch.enable_grad():
+            phi_h = self.phi_h.clone().requires_grad_(True)
+            opt = torch.optim.Adam([phi_h], lr=self.phi_lr)
+            for _ in range(self.phi_steps):
                 opt.zero_grad()
-                loss = masked_sq_error(reference[i + 1], sampler.step(x, i, cond, Conditioning(phi_h, phi.added_cond_kwargs)), mask)
-                loss.backward()
+                step = self.sampler.step(x, i, cond, Conditioning(phi_h, extra))
+                masked_sq_error(self.reference[i + 1].to(step), step, self.mask.to(step)).backward()
                 opt.step()
-            phi_h = phi_h.detach()
-            with torch.no_grad():
-                nxt = torch.where(inside, sampler.step(x, i, cond, Conditioning(phi_h, phi.added_cond_kwargs)), nxt)
-        traj.append(nxt)
-    return traj
+        self.phi_h = phi_h.detach()
+        with torch.no_grad():
+            return self.sampler.step(x, i, cond, Conditioning(self.phi_h, extra))
 
 
 @dataclass
@@ -132,6 +143,7 @@ class ReferenceGuidedStrategy(Strategy):
 
         cfg = self.config
         require_ddim(self.pipe, "reference-guided generation")
+        self.models = encoder(self.pipe)  # freezes the modules: eq. 10's backward pass reaches phi_h only
         if cfg.t_start > self.spec.steps:
             raise SubjectopsError(f"infer.reference_guided.t_start = {cfg.t_start} exceeds infer.steps = {self.spec.steps}",
                                   fix="t_start and t_end count DDIM steps down from infer.steps: lower them or raise infer.steps")
@@ -168,18 +180,16 @@ class ReferenceGuidedStrategy(Strategy):
         images = {"plain": d.plain, "reference": d.reference, "generated_mask": d.generated_mask,
                   "reference_mask": d.reference_mask}
         facts = {"guidance": d.reason, "transform": d.transform, "caption": d.caption,
+                 "captioner": self.config.captioner or f"none: the class template {TEMPLATE_CAPTION!r}",
                  "reference_index": d.reference_index}
         return d.guided, {k: v for k, v in images.items() if v is not None}, facts
 
     def draw(self, prompt: str, seed: int) -> GuidedImage:
+        from subjectops.data.subject import to_tensor
         from subjectops.inference.alignment import fit_similarity, warp
-        from subjectops.methods.hifi_tuner import latent_mask
 
         s, cfg, res = self.spec, self.config, self.spec.resolution
-        sampler = DdimSampler.from_pipe(self.pipe, s.steps, s.guidance_scale)
-        cond_at, phi = prompt_conditioning(self.pipe, prompt, sampler, res)
-        x_T = initial_noise(self.pipe, seed, res)
-        plain = decode_latents(self.pipe, sampler.sample(x_T, cond_at, phi)[-1])
+        plain = sample(self.pipe, prompt, seed, s)  # I_g1: plain sampling itself
         if not self.rigid:
             return GuidedImage(plain, plain, "not guided: a live subject (infer.reference_guided.subjects=rigid)")
         generated_mask = self.segmenter.mask(plain)
@@ -189,17 +199,29 @@ class ReferenceGuidedStrategy(Strategy):
                                generated_mask=generated_mask)
         k = self.choose_reference(plain)
         transform = fit_similarity(mask_tensor(self.reference_masks[k], ALIGN_SIZE), m_g, steps=cfg.align_steps)
-        from subjectops.data.subject import to_tensor
-
         ref_pixels = to_tensor(self.references[k].resize((res, res), Image.BICUBIC))[None]
         warped = warp((ref_pixels + 1) / 2, transform).clamp(0, 1)
         warped_image = Image.fromarray((warped[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
         warped_mask = warp(mask_tensor(self.reference_masks[k], res), transform)
-        text = self.caption(self.references[k])
-        c_r = encoder(self.pipe).encode_prompts([text], res)
-        reference = sampler.invert(encode_image(self.pipe, warped_image, res), c_r)
-        m = latent_mask(warped_mask, tuple(x_T.shape[-2:])).to(x_T.device)
-        traj = guided_sample(sampler, x_T, cond_at, phi, reference, m, cfg.t_start, cfg.t_end, cfg.phi_steps, cfg.phi_lr)
         mask_image = Image.fromarray((warped_mask[0, 0].numpy() > 0.5).astype("uint8") * 255)
-        return GuidedImage(plain, decode_latents(self.pipe, traj[-1]), "guided", warped_image, generated_mask,
-                           mask_image, transform.to_dict(ALIGN_SIZE), text, k)
+        text = self.caption(self.references[k])
+        details = dict(reference=warped_image, generated_mask=generated_mask, reference_mask=mask_image,
+                       transform=transform.to_dict(ALIGN_SIZE), caption=text, reference_index=k)
+        guidance = self.guidance(prompt, warped_image, warped_mask, text)
+        if not guidance.inside.any():
+            return GuidedImage(plain, plain, "not guided: the warped reference mask covers no latent cell", **details)
+        return GuidedImage(plain, sample(self.pipe, prompt, seed, s, guidance), "guided", **details)
+
+    def guidance(self, prompt: str, reference: Image.Image, mask: torch.Tensor, caption: str) -> ReferenceGuidance:
+        """Alg. 2's hook for the second pass: the warped reference I_r* encoded under its caption c_r and
+        DDIM-inverted (eq. 3), its warped mask M_r* on the latent grid."""
+        from subjectops.methods.hifi_tuner import latent_mask
+
+        s, cfg, res = self.spec, self.config, self.spec.resolution
+        sampler = DdimSampler.from_pipe(self.pipe, s.steps, s.guidance_scale)
+        cond_at, phi = prompt_conditioning(self.pipe, prompt, sampler.timesteps, res)
+        c_r = self.models.encode_prompts([caption], res)
+        x_r = encode_image(self.pipe, reference, res)
+        m = latent_mask(mask, tuple(x_r.shape[-2:])).to(x_r.device)
+        return ReferenceGuidance(sampler, cond_at, phi, sampler.invert(x_r, c_r), m, cfg.t_start, cfg.t_end,
+                                 cfg.phi_steps, cfg.phi_lr)

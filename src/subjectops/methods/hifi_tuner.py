@@ -60,6 +60,35 @@ def embedding_regularization(c_s: torch.Tensor, phi_s: torch.Tensor, weight: flo
     return weight * (c_s.float() - phi_s.float()).pow(2).sum()
 
 
+def subject_embeddings(phi_s: torch.Tensor, steps: int, reg_weight: float) -> torch.nn.Module:
+    """The trained vectors as one module: c_s and the step-wise c_s^t (alg. 1), each starting at phi_s. Its forward
+    gives [c, c_s] (or [c, c_s^t] for row t) and eq. 6's regularization, so a DDP wrapper sees every use of the
+    trained vector. Nothing trains until a phase switches its vector on. (The class is built here because method
+    modules import torch inside functions.)"""
+    import torch
+
+    class SubjectEmbeddings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("phi_s", phi_s.clone())
+            self.c_s = torch.nn.Parameter(phi_s.clone(), requires_grad=False)
+            self.rows = torch.nn.ParameterList([torch.nn.Parameter(phi_s.clone(), requires_grad=False)
+                                                for _ in range(steps)])
+
+        def vector(self, row: int | None) -> torch.nn.Parameter:
+            return self.c_s if row is None else self.rows[row]
+
+        @torch.no_grad()
+        def start_row(self, row: int) -> None:
+            self.rows[row].copy_(self.vector(row - 1 if row else None))
+
+        def forward(self, prompt_embeds: torch.Tensor, row: int | None = None):
+            c_s = self.vector(row)
+            return with_subject(prompt_embeds, c_s), embedding_regularization(c_s, self.phi_s, reg_weight)
+
+    return SubjectEmbeddings()
+
+
 class StepwiseSubject:
     """The trained [c_s^1..c_s^T] with their timesteps, attached to a pipeline by `apply` (eq. 7). A sampling
     timestep uses the embedding of the nearest trained timestep, so other step counts still work."""
@@ -102,28 +131,23 @@ class HiFiTunerMethod(Method):
                                   fix="use an SD 1.x base (e.g. --model tiny-sd15), or another method for SDXL")
         with torch.no_grad():
             phi = self.models.encode_prompts([""], self.models.native_resolution).prompt_embeds[0]
-        self.phi_s = phi[-self.cfg.num_tokens:].detach().float().clone()
-        self.c_s = torch.nn.Parameter(self.phi_s.clone())
         self.timesteps = self.ddim_timesteps() if self.cfg.stepwise_steps else []
-        self.rows = [torch.nn.Parameter(self.phi_s.clone()) for _ in self.timesteps]
+        self.subject = subject_embeddings(phi[-self.cfg.num_tokens:].detach().float(), len(self.timesteps),
+                                          self.cfg.reg_weight).to(phi.device)
+        self.subject_train = self.subject  # what the loss calls: the accelerate-prepared module (DDP) once prepared
         self.rows_started = 0  # alg. 1 initialises c_s^t once, at the start of its phase (not again on resume)
 
     def phases(self) -> list[Phase]:
-        subject = Phase("subject", self.cfg.steps, self.cfg.lr, lambda: [("c_s", self.c_s)])
-        stepwise = [Phase(f"stepwise-{k}", self.cfg.stepwise_steps, self.cfg.lr, self._start_row(k))
-                    for k in range(len(self.timesteps))]
+        subject = Phase("subject", self.cfg.steps, self.cfg.lr, lambda: [("c_s", self.subject.c_s)])
+        stepwise = [Phase(f"stepwise-{k}", self.cfg.stepwise_steps, self.cfg.lr,
+                          lambda k=k: [(f"c_s_step_{k}", self.subject.rows[k])]) for k in range(len(self.timesteps))]
         return [subject, *stepwise]
 
-    def _start_row(self, k: int):
-        def trainable():
-            import torch
-
-            if self.rows_started <= k:  # alg. 1: c_s^t = c_s^{t+1} (c_s^{T+1} = c_s)
-                with torch.no_grad():
-                    self.rows[k].copy_(self.rows[k - 1] if k else self.c_s)
-                self.rows_started = k + 1
-            return [(f"c_s_step_{k}", self.rows[k])]
-        return trainable
+    def prepare_modules(self, accelerator) -> list[torch.nn.Module]:
+        # c_s and c_s^t live in their own module, prepared like the trained model modules: under several processes
+        # DDP averages their gradients (the phase's one trainable vector is what DDP registers).
+        self.subject_train = accelerator.prepare(self.subject)
+        return [self.subject_train]
 
     def loss(self, batch: Batch, step: int, phase: Phase):
         import torch
@@ -131,23 +155,29 @@ class HiFiTunerMethod(Method):
         from subjectops.training import losses
         from subjectops.training.contract import Conditioning
 
-        if phase.name == "subject":
-            c_s, timesteps = self.c_s, None
-        else:
-            k = int(phase.name.rsplit("-", 1)[1])
-            c_s = self.rows[k]
-            timesteps = torch.full((batch.latents.shape[0],), self.timesteps[k], dtype=torch.long)
-        cond = Conditioning(with_subject(batch.cond.prompt_embeds, c_s), batch.cond.added_cond_kwargs)
+        row, timesteps = None, None
+        if phase.name != "subject":
+            row = int(phase.name.rsplit("-", 1)[1])
+            if self.rows_started <= row:  # alg. 1: c_s^t = c_s^{t+1} (c_s^{T+1} = c_s), at the phase's first step
+                self.subject.start_row(row)
+                self.rows_started = row + 1
+            timesteps = torch.full((batch.latents.shape[0],), self.timesteps[row], dtype=torch.long)
+        prompt_embeds, reg = self.subject_train(batch.cond.prompt_embeds, row)
+        cond = Conditioning(prompt_embeds, batch.cond.added_cond_kwargs)
         d = self.models.denoise(batch.latents, cond, batch.generator, self.params.finetune.offset_noise, timesteps)
         mask = None
         if self.cfg.mask_guidance and batch.masks is not None:
             mask = latent_mask(batch.masks, tuple(d.pred.shape[-2:])).to(d.pred.device)
         noise_loss = self.weighted_mean(losses.per_sample_mse(d.pred, d.target, mask), d.timesteps)
-        reg = embedding_regularization(c_s, self.phi_s.to(c_s.device), self.cfg.reg_weight)
         return noise_loss + reg, {"noise": float(noise_loss.detach()), "reg": float(reg.detach())}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"c_s": self.c_s, **{f"c_s_step_{k}": row for k, row in enumerate(self.rows)}}
+        return {"c_s": self.subject.c_s, **{f"c_s_step_{k}": row for k, row in enumerate(self.subject.rows)}}
+
+    def manifest_extra(self) -> dict:
+        # what the paper leaves open (sec. 3.2 / eq. 6 give no w_s), and alg. 1's timesteps
+        return {"hifi_tuner": {"open_in_paper": {"reg_weight": self.cfg.reg_weight},
+                               "ddim_timesteps": self.timesteps}}
 
     def extra_state(self) -> dict:
         return {"rows_started": self.rows_started}
@@ -160,15 +190,15 @@ class HiFiTunerMethod(Method):
         import torch
 
         timesteps = self.timesteps or self.ddim_timesteps()
-        rows = self.rows or [self.c_s] * len(timesteps)
+        rows = list(self.subject.rows) or [self.subject.c_s] * len(timesteps)
         return torch.tensor(timesteps, dtype=torch.long), torch.stack([r.detach().float().cpu() for r in rows])
 
-    def save(self, out_dir: Path) -> list[str]:
+    def save(self, out_dir: Path, snapshot: bool = False) -> list[str]:
         from safetensors.torch import save_file
 
         timesteps, embeds = self.stepwise()
-        save_file({"timesteps": timesteps, "embeds": embeds.contiguous(), "c_s": self.c_s.detach().float().cpu(),
-                   "phi_s": self.phi_s.cpu()}, out_dir / EMBEDS_FILE,
+        save_file({"timesteps": timesteps, "embeds": embeds.contiguous(), "c_s": self.subject.c_s.detach().float().cpu(),
+                   "phi_s": self.subject.phi_s.cpu()}, out_dir / EMBEDS_FILE,
                   metadata={"reg_weight": str(self.cfg.reg_weight), "num_tokens": str(self.cfg.num_tokens)})
         return [EMBEDS_FILE]
 

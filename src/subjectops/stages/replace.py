@@ -25,6 +25,9 @@ from subjectops.stages.common import require_stage_dir, stage_output, write_mani
 
 
 def open_source(image_path: Path) -> Image.Image:
+    if not Path(image_path).is_file():
+        raise SubjectopsError(f"{image_path} does not exist (or is not a file)",
+                              fix="pass the path of a JPEG or PNG photo that contains the subject to replace")
     try:
         with Image.open(image_path) as img:
             return img.convert("RGB")
@@ -33,9 +36,20 @@ def open_source(image_path: Path) -> Image.Image:
                               fix="pass a JPEG or PNG photo that contains the subject to replace") from None
 
 
+def caption_span(tokenizer, ids: list[int], word: str, text: str) -> tuple[int, int]:
+    """Where `word`'s tokens sit in the caption's token ids (alg. 3 swaps and reuses attention by position)."""
+    from subjectops.inference.prompt_to_prompt import word_span
+
+    try:
+        return word_span(ids, tokenizer(" " + word.lower(), add_special_tokens=False).input_ids)
+    except ValueError:
+        raise SubjectopsError(f"the tokens of {word!r} do not occur in the tokenized caption {text!r}",
+                              fix="pass --word exactly as the caption writes the subject (one word of it)") from None
+
+
 def replace(params: Params, image_path: Path, run_dir: Path, word: str, out: Path) -> Path:
     from subjectops.inference.ddim import DdimSampler, decode_latents, encode_image, encoder
-    from subjectops.inference.prompt_to_prompt import AttentionReuse, source_index, word_span
+    from subjectops.inference.prompt_to_prompt import AttentionReuse, source_index
     from subjectops.inference.reference_guided import caption, load_captioner
     from subjectops.methods import load_finetuned
     from subjectops.models.loading import load_pipeline
@@ -65,8 +79,8 @@ def replace(params: Params, image_path: Path, run_dir: Path, word: str, out: Pat
     tok = models.tokenizer
     ids_r, ids_g = (tok(t, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
                     for t in (text_r, text_g))
-    span_r = word_span(ids_r, tok(" " + word.lower(), add_special_tokens=False).input_ids)
-    span_g = word_span(ids_g, tok(" " + info["class_word"].lower(), add_special_tokens=False).input_ids)
+    span_r = caption_span(tok, ids_r, word, text_r)
+    span_g = caption_span(tok, ids_g, info["class_word"], text_g)
 
     sampler = DdimSampler.from_pipe(pipe, params.infer.steps, params.infer.guidance_scale)
     c_r, c_g = models.encode_prompts([text_r], resolution), models.encode_prompts([text_g], resolution)
