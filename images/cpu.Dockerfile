@@ -48,6 +48,7 @@ COPY --from=build /opt/venv /opt/venv
 # `subjectops submit` and `benchmark submit|schedule` (the chart's CronJob) compile the pipelines from these.
 COPY components/ /opt/subjectops/components/
 COPY pipelines/ /opt/subjectops/pipelines/
+# Caches go to /models (the model-cache PVC), never to the read-only root filesystem.
 ENV PATH=/opt/venv/bin:$PATH \
     SUBJECTOPS_KFP_HOME=/opt/subjectops \
     PYTHONUNBUFFERED=1 \
@@ -56,6 +57,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/huggingface \
     HF_HUB_CACHE=/models/huggingface/hub \
     TORCH_HOME=/models/torch \
+    SUBJECTOPS_HOME=/models/subjectops \
     HF_HUB_OFFLINE=${HF_HUB_OFFLINE} \
     MLFLOW_DISABLE_TELEMETRY=true \
     DO_NOT_TRACK=1 \

@@ -47,9 +47,10 @@ RUN groupadd --system --gid 10001 subjectops \
  && mkdir -p /models /work /gcs /minio /s3 \
  && chown 10001:10001 /models /work /gcs /minio /s3
 COPY --from=build /opt/venv /opt/venv
-# /models is where the chart mounts the model-cache PVC: the hub cache, priors cache and metric
-# encoders live there, so pods never download weights at run time (HF_HUB_OFFLINE=1 by default;
-# set HF_HUB_OFFLINE=0 at build or run time where a hub is reachable).
+# /models is where the chart mounts the model-cache PVC: the hub cache, the tiny presets
+# (SUBJECTOPS_HOME), the priors cache and metric encoders live there, never on the read-only root
+# filesystem, and pods never download weights at run time (HF_HUB_OFFLINE=1 by default; set
+# HF_HUB_OFFLINE=0 at build or run time where a hub is reachable).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -57,6 +58,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/huggingface \
     HF_HUB_CACHE=/models/huggingface/hub \
     TORCH_HOME=/models/torch \
+    SUBJECTOPS_HOME=/models/subjectops \
     HF_HUB_OFFLINE=${HF_HUB_OFFLINE} \
     MLFLOW_DISABLE_TELEMETRY=true \
     DO_NOT_TRACK=1 \

@@ -6,9 +6,11 @@
 # Prints the build time, the image size and the exit codes. About 10 minutes, so `make test` leaves it out.
 #
 #   IMAGES="cpu trainer" scripts/test_images.sh   # also build the trainer image and print torch.version.cuda
+#   IMAGE_STORE=/var/tmp/store scripts/test_images.sh   # keep the image store (and its layers) for the next run
 #
-# Everything lives in a private image store under a temporary directory, removed at the end: other
-# buildah users on the machine are untouched, and no layers are left behind.
+# Everything lives in a private image store, other buildah users on the machine are untouched. By default
+# it is a temporary directory removed at the end, so no layers are left behind; with IMAGE_STORE it is kept,
+# the base is made only once and unchanged layers are reused (remove the directory when done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,30 +31,37 @@ for tool in buildah runc debootstrap curl; do
 done
 [ "$(id -u)" = 0 ] || { echo "debootstrap and runc need root"; exit 1; }
 
-work=$(mktemp -d /var/tmp/subjectops-images.XXXXXX)
+if [ -n "${IMAGE_STORE:-}" ]; then work=$IMAGE_STORE; mkdir -p "$work"; else work=$(mktemp -d /var/tmp/subjectops-images.XXXXXX); fi
 export BUILDAH_ISOLATION=chroot
 bh() { buildah --root "$work/storage" --runroot "$work/run" --storage-driver "$STORAGE_DRIVER" "$@"; }
 cleanup() {
   bh unmount --all >/dev/null 2>&1 || true
   bh rm --all >/dev/null 2>&1 || true
-  bh rmi --all --force >/dev/null 2>&1 || true
-  rm -rf "$work"
+  # whatever an interrupted debootstrap or runc left mounted there, before anything is deleted
+  awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l
+  rm -rf "$work/rootfs" "$work"/bundle-*
+  if [ -z "${IMAGE_STORE:-}" ]; then bh rmi --all --force >/dev/null 2>&1 || true; rm -rf "$work"; fi
 }
 trap cleanup EXIT
 seconds_since() { echo $(( $(date +%s) - $1 )); }
 
 # 1. The base: Debian bookworm's python3, `python` linked to it, the site's CA bundle, PIP_CERT naming it.
 t0=$(date +%s)
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$work/rootfs" "$DEBIAN_MIRROR" \
-  >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
-ln -sf python3 "$work/rootfs/usr/bin/python"
-cp "$SITE_CA_BUNDLE" "$work/rootfs/etc/ssl/certs/ca-certificates.crt"
-base=$(bh from scratch)
-cp -a "$work/rootfs/." "$(bh mount "$base")/"
-bh config --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$base"
-bh commit --quiet "$base" localhost/subjectops-base:bookworm >/dev/null
-bh rm "$base" >/dev/null
-echo "base: debootstrap bookworm in $(seconds_since "$t0") s"
+if bh inspect --type image localhost/subjectops-base:bookworm >/dev/null 2>&1; then
+  echo "base: localhost/subjectops-base:bookworm from $work"
+else
+  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$work/rootfs" "$DEBIAN_MIRROR" \
+    >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
+  ln -sf python3 "$work/rootfs/usr/bin/python"
+  cp "$SITE_CA_BUNDLE" "$work/rootfs/etc/ssl/certs/ca-certificates.crt"
+  base=$(bh from scratch)
+  cp -a "$work/rootfs/." "$(bh mount "$base")/"
+  bh config --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$base"
+  bh commit --quiet "$base" localhost/subjectops-base:bookworm >/dev/null
+  bh rm "$base" >/dev/null
+  rm -rf "$work/rootfs"
+  echo "base: debootstrap bookworm in $(seconds_since "$t0") s"
+fi
 
 # 2. The images (the trainer's build stage reuses the CPU image's layers when both take torch from PyPI).
 declare -A build_seconds
@@ -72,12 +81,13 @@ run_in() {  # run_in IMAGE ARGS...: the exit code of ARGS inside IMAGE
   ctr=$(bh from "localhost/subjectops-$image:test")
   bundle="$work/bundle-$ctr"
   mkdir -p "$bundle"
-  bh inspect --format '{{json .OCIv1.Config}}' "$ctr" >"$bundle/image-config.json"
+  bh inspect --type container "$ctr" >"$bundle/container.json"
   python3 - "$bundle" "$(bh mount "$ctr")" "$PWD/examples/subjects" "$@" <<'EOF'
 import json, sys
 bundle, rootfs, subjects, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-image = json.load(open(f"{bundle}/image-config.json"))
-tmpfs = lambda path: {"destination": path, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]}
+image = json.load(open(f"{bundle}/container.json"))["OCIv1"]["config"]
+# owned by the user, as the chart's volumes are through fsGroup
+tmpfs = lambda path: {"destination": path, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "uid=10001", "gid=10001"]}
 spec = {
     "ociVersion": "1.0.2",
     "root": {"path": rootfs, "readonly": True},
