@@ -37,7 +37,7 @@ image-deps:
 images:
 	scripts/build_images.sh
 
-# About 10 minutes (debootstrap, a torch install, a read-only run as uid 10001), so not part of `make test`.
+# 10-40 minutes (debootstrap, a torch install, a read-only run as uid 10001), so not part of `make test`.
 test-images: image-deps
 	scripts/test_images.sh
 

@@ -3,7 +3,7 @@
 # air-gapped site would, then run the CPU image as uid 10001 with a read-only root filesystem (runc with
 # root.readonly, as Kubernetes' readOnlyRootFilesystem; tmpfs only where the chart mounts volumes):
 # `subjectops --help`, `subjectops models check` and `subjectops refine` on the bundled example.
-# Prints the build time, the image size and the exit codes. About 10 minutes, so `make test` leaves it out.
+# Prints the build time, the image size and the exit codes. 10-40 minutes, so `make test` leaves it out.
 #
 #   IMAGES="cpu trainer" scripts/test_images.sh   # also build the trainer image and print torch.version.cuda
 #   IMAGE_STORE=/var/tmp/store scripts/test_images.sh   # keep the image store (and its layers) for the next run
