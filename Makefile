@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install system-deps demo test bench scan clean
+.PHONY: install system-deps image-deps demo test test-images images bench scan clean
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,13 +20,26 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Tools the tests drive as a user would: Debian's Chromium (report rendering), unzip (helm from PyPI).
+# What the tests drive as a user would: Debian's Chromium (report rendering), unzip (helm from PyPI), git,
+# PostgreSQL (MLflow's backend store in the tracking tests; the tests start their own cluster).
+TEST_PACKAGES := chromium unzip git postgresql
+# What `make test-images` builds and runs the images with.
+IMAGE_PACKAGES := buildah runc debootstrap curl
+
 system-deps:
-	@missing=""; for p in chromium unzip git; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; exit 1; fi; fi
+	scripts/apt_install.sh $(TEST_PACKAGES)
 	scripts/get_helm.sh
+
+image-deps:
+	scripts/apt_install.sh $(IMAGE_PACKAGES)
+
+# Both images with docker, podman or buildah (whichever works here); see scripts/build_images.sh for the settings.
+images:
+	scripts/build_images.sh
+
+# 10-40 minutes (debootstrap, a torch install, a read-only run as uid 10001), so not part of `make test`.
+test-images: image-deps
+	scripts/test_images.sh
 
 # The demo shortens the paper schedules (800 steps, 100 class images, 50 samples) so it ends in minutes on a CPU.
 DEMO_SET := --set finetune.dreambooth.steps=200 --set priors.num_images=20 --set infer.prompt_invariant.num_images=12

@@ -5,7 +5,9 @@
 #   docker build -f images/cpu.Dockerfile -t REGISTRY/subjectops-cpu:0.1.0 .
 #
 # torch comes from the CPU-only wheel index (a tenth of the CUDA build's size). BASE_IMAGE lets an
-# air-gapped build use a local base (for instance one made with debootstrap and buildah).
+# air-gapped build use a local base (for instance one made with debootstrap and buildah, as
+# scripts/test_images.sh does); a site whose package proxy needs its own CA puts the bundle in that base
+# and sets PIP_CERT (and PIP_INDEX_URL) there as ENV: every pip step here reads them.
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 # Policy-scanner (checkov) exceptions, with their reasons:
 #checkov:skip=CKV_DOCKER_7:FROM takes the BASE_IMAGE argument, whose default above is a pinned version tag; checkov does not expand ARGs
@@ -23,9 +25,15 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md* ./
+# The pinned dependencies next, from pyproject.toml alone, so a code change rebuilds only the last layer
+# (never torch or the dependencies).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['kube']))" > requirements.txt \
+ && pip install --no-cache-dir -r requirements.txt
+COPY README.md* ./
 COPY src/ ./src/
-RUN pip install --no-cache-dir "./[kube]" && pip check
+RUN pip install --no-cache-dir --no-deps "." && pip check
 
 FROM ${BASE_IMAGE}
 ARG HF_HUB_OFFLINE=1
@@ -43,6 +51,7 @@ COPY --from=build /opt/venv /opt/venv
 # `subjectops submit` and `benchmark submit|schedule` (the chart's CronJob) compile the pipelines from these.
 COPY components/ /opt/subjectops/components/
 COPY pipelines/ /opt/subjectops/pipelines/
+# Caches go to /models (the model-cache PVC), never to the read-only root filesystem.
 ENV PATH=/opt/venv/bin:$PATH \
     SUBJECTOPS_KFP_HOME=/opt/subjectops \
     PYTHONUNBUFFERED=1 \
@@ -51,6 +60,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/huggingface \
     HF_HUB_CACHE=/models/huggingface/hub \
     TORCH_HOME=/models/torch \
+    SUBJECTOPS_HOME=/models/subjectops \
     HF_HUB_OFFLINE=${HF_HUB_OFFLINE} \
     MLFLOW_DISABLE_TELEMETRY=true \
     DO_NOT_TRACK=1 \

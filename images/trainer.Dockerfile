@@ -5,7 +5,9 @@
 #
 # CUDA comes from torch's own nvidia-* wheels (PyPI's Linux torch wheels are CUDA builds), the driver
 # from the node through the NVIDIA container toolkit, so any glibc Python base works. BASE_IMAGE lets
-# an air-gapped build use a local base (for instance one made with debootstrap and buildah).
+# an air-gapped build use a local base (for instance one made with debootstrap and buildah, as
+# scripts/test_images.sh does); a site whose package proxy needs its own CA puts the bundle in that base
+# and sets PIP_CERT (and PIP_INDEX_URL) there as ENV: every pip step here reads them.
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 # Policy-scanner (checkov) exceptions, with their reasons:
 #checkov:skip=CKV_DOCKER_7:FROM takes the BASE_IMAGE argument, whose default above is a pinned version tag; checkov does not expand ARGs
@@ -24,9 +26,15 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md* ./
+# The pinned dependencies next, from pyproject.toml alone, so a code change rebuilds only the last layer
+# (never torch or the dependencies).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['kube']))" > requirements.txt \
+ && pip install --no-cache-dir -r requirements.txt
+COPY README.md* ./
 COPY src/ ./src/
-RUN pip install --no-cache-dir "./[kube]" && pip check
+RUN pip install --no-cache-dir --no-deps "." && pip check
 
 FROM ${BASE_IMAGE}
 ARG HF_HUB_OFFLINE=1
@@ -42,9 +50,10 @@ RUN groupadd --system --gid 10001 subjectops \
  && mkdir -p /models /work /gcs /minio /s3 \
  && chown 10001:10001 /models /work /gcs /minio /s3
 COPY --from=build /opt/venv /opt/venv
-# /models is where the chart mounts the model-cache PVC: the hub cache, priors cache and metric
-# encoders live there, so pods never download weights at run time (HF_HUB_OFFLINE=1 by default;
-# set HF_HUB_OFFLINE=0 at build or run time where a hub is reachable).
+# /models is where the chart mounts the model-cache PVC: the hub cache, the tiny presets
+# (SUBJECTOPS_HOME), the priors cache and metric encoders live there, never on the read-only root
+# filesystem, and pods never download weights at run time (HF_HUB_OFFLINE=1 by default; set
+# HF_HUB_OFFLINE=0 at build or run time where a hub is reachable).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -52,6 +61,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/huggingface \
     HF_HUB_CACHE=/models/huggingface/hub \
     TORCH_HOME=/models/torch \
+    SUBJECTOPS_HOME=/models/subjectops \
     HF_HUB_OFFLINE=${HF_HUB_OFFLINE} \
     MLFLOW_DISABLE_TELEMETRY=true \
     DO_NOT_TRACK=1 \

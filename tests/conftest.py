@@ -27,7 +27,19 @@ sys.path.insert(0, str(REPO))
 EXAMPLE_SUBJECT = REPO / "examples" / "subjects" / "teapot"
 
 # Real servers on 127.0.0.1 (SeaweedFS S3, MLflow), started on demand, stopped by process group.
-from servers import mlflow_factory, mlflow_server, s3_server, tracking_uri  # noqa: E402,F401
+from servers import (MLFLOW_BACKENDS, mlflow_backend, mlflow_factory, mlflow_server, mlflow_server_postgresql,  # noqa: E402,F401
+                     postgres_server, s3_server, tracking_uri)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mlflow_backends: run against an MLflow server on each backend store "
+                                       "(sqlite and PostgreSQL)")
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked `mlflow_backends` that use an MLflow server run once per backend store."""
+    if metafunc.definition.get_closest_marker("mlflow_backends") and "mlflow_backend" in metafunc.fixturenames:
+        metafunc.parametrize("mlflow_backend", MLFLOW_BACKENDS, indirect=True)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -189,27 +190,95 @@ def s3_env(server: Server) -> dict:
     }
 
 
+def postgres_bin() -> Path:
+    """The directory of Debian's PostgreSQL server binaries (initdb and postgres are not on PATH there)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    if initdb is None:
+        raise RuntimeError("PostgreSQL is not installed: run `make system-deps` (apt-get install postgresql)")
+    return Path(initdb).parent
+
+
+def start_postgres(workdir: Path, timeout: float = 60) -> Server:
+    """A private PostgreSQL cluster (initdb) on a free 127.0.0.1 port, trusting its local user `mlflow`.
+
+    PostgreSQL refuses to run as root: under root the cluster belongs to the `postgres` system user (Debian's
+    package creates it), in a directory of its own outside pytest's root-only temporary tree.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    user = "postgres" if os.geteuid() == 0 else None
+    home = Path(tempfile.mkdtemp(prefix="subjectops-postgres-"))
+    if user:
+        shutil.chown(home, user, user)
+    data, sockets = home / "data", home / "run"
+    as_user = {"user": user, "group": user, "extra_groups": []} if user else {}
+    bindir = postgres_bin()
+    init = subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8",
+                           "--no-sync"], capture_output=True, text=True, cwd=home, **as_user)
+    if init.returncode != 0:
+        raise RuntimeError(f"initdb failed: {init.stderr or init.stdout}")
+    subprocess.run(["mkdir", str(sockets)], check=True, cwd=home, **as_user)
+    port = free_port()
+    cmd = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
+           "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"]
+    log = workdir / "postgres.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=home, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, **as_user)
+    server = Server("postgres", proc, port, log, workdir, {"home": home})
+    deadline = time.monotonic() + timeout
+    while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:
+        if not server.alive() or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"PostgreSQL did not accept connections within {timeout:.0f} s:\n{server.log_tail()}")
+        time.sleep(0.25)
+    return server
+
+
+def postgres_database(server: Server, name: str) -> str:
+    """Create database `name` on the cluster; returns its SQLAlchemy URI for `mlflow server`."""
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=server.port, user="mlflow", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return f"postgresql+psycopg2://mlflow@127.0.0.1:{server.port}/{name}"
+
+
+def stop_postgres(server: Server) -> None:
+    server.stop(timeout=20)
+    shutil.rmtree(server.extra["home"], ignore_errors=True)
+
+
 def start_mlflow(workdir: Path, artifacts_destination: str, extra_env: dict | None = None, port: int | None = None,
-                 timeout: float = 90) -> Server:
-    """`mlflow server` with a sqlite backend in workdir, proxied artifacts at `artifacts_destination`."""
+                 timeout: float = 90, backend_store_uri: str | None = None) -> Server:
+    """`mlflow server` with its backend store at `backend_store_uri` (default: sqlite in workdir), proxied
+    artifacts at `artifacts_destination`."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    backend_store_uri = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     env = base_env()
     env.update(extra_env or {})
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
-        str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+        str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
         "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
     proc, log = _spawn("mlflow", cmd, workdir, env)
-    server = Server("mlflow", proc, port, log, workdir, {"artifacts_destination": artifacts_destination, "env": dict(extra_env or {})})
+    server = Server("mlflow", proc, port, log, workdir, {"artifacts_destination": artifacts_destination,
+                                                           "env": dict(extra_env or {}), "backend_store_uri": backend_store_uri})
     _wait_http(server, "/health", timeout, ok=lambda s: s == 200)
     return server
 
 
 def restart_mlflow(old: Server, timeout: float = 90) -> Server:
     """Start a server again on the same port and database (after `stop()`)."""
-    return start_mlflow(old.workdir, old.extra["artifacts_destination"], old.extra.get("env"), port=old.port, timeout=timeout)
+    return start_mlflow(old.workdir, old.extra["artifacts_destination"], old.extra.get("env"), port=old.port, timeout=timeout,
+                        backend_store_uri=old.extra["backend_store_uri"])
 
 
 def rmtree(path: Path) -> None:
@@ -236,23 +305,62 @@ def s3_server(tmp_path_factory):
         server.stop()
 
 
+MLFLOW_BACKENDS = ("sqlite", "postgresql")
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(s3_server, tmp_path_factory):
-    """`mlflow server`: sqlite backend, artifacts proxied to s3://mlflow/ on the SeaweedFS server."""
-    server = start_mlflow(tmp_path_factory.mktemp("mlflow"), f"s3://{MLFLOW_BUCKET}/shared", s3_env(s3_server))
+def postgres_server(tmp_path_factory):
+    """PostgreSQL (Debian's package) on a free 127.0.0.1 port, for MLflow's backend store."""
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server
+    finally:
+        stop_postgres(server)
+
+
+def _session_mlflow(backend: str, request, s3_server, tmp_path_factory):
+    uri = postgres_database(request.getfixturevalue("postgres_server"), "mlflow_session") if backend == "postgresql" else None
+    server = start_mlflow(tmp_path_factory.mktemp(f"mlflow-{backend}"), f"s3://{MLFLOW_BUCKET}/shared-{backend}",
+                          s3_env(s3_server), backend_store_uri=uri)
     try:
         yield server
     finally:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory, request):
+    """`mlflow server`: sqlite backend, artifacts proxied to s3://mlflow/ on the SeaweedFS server."""
+    yield from _session_mlflow("sqlite", request, s3_server, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_postgresql(s3_server, tmp_path_factory, request):
+    """The same on a PostgreSQL backend store (the chart's default)."""
+    yield from _session_mlflow("postgresql", request, s3_server, tmp_path_factory)
+
+
 @pytest.fixture
-def mlflow_factory(s3_server, tmp_path):
+def mlflow_backend(request) -> str:
+    """The backend store of the MLflow servers a test gets: sqlite, or each of MLFLOW_BACKENDS for tests
+    marked `mlflow_backends` (tests/conftest.py parametrizes them)."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def mlflow_factory(s3_server, tmp_path, mlflow_backend, request):
     """Start private MLflow servers (for tests that stop one); all are stopped at teardown."""
     started: list[Server] = []
+    databases: dict[str, str] = {}  # one per server name: a server started again by name finds its runs
 
     def start(name: str = "mlflow", port: int | None = None) -> Server:
-        server = start_mlflow(tmp_path / name, f"s3://{MLFLOW_BUCKET}/{tmp_path.name}-{name}", s3_env(s3_server), port=port)
+        uri = None
+        if mlflow_backend == "postgresql":
+            if name not in databases:
+                databases[name] = postgres_database(request.getfixturevalue("postgres_server"), f"{tmp_path.name}-{name}")
+            uri = databases[name]
+        server = start_mlflow(tmp_path / name, f"s3://{MLFLOW_BUCKET}/{tmp_path.name}-{name}", s3_env(s3_server), port=port,
+                              backend_store_uri=uri)
         started.append(server)
         return server
 
@@ -262,6 +370,7 @@ def mlflow_factory(s3_server, tmp_path):
 
 
 @pytest.fixture
-def tracking_uri(mlflow_server, monkeypatch) -> str:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    return mlflow_server.url
+def tracking_uri(mlflow_backend, request, monkeypatch) -> str:
+    server = request.getfixturevalue("mlflow_server" if mlflow_backend == "sqlite" else "mlflow_server_postgresql")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    return server.url

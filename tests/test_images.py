@@ -58,8 +58,19 @@ def test_image_contract(dockerfile):
     # pinned installs: torch by version, the package with its pinned dependencies and the kube extra
     runs = " ".join(a for k, a in ins if k == "RUN")
     assert '"torch==${TORCH_VERSION}"' in runs and "TORCH_VERSION=2.14.1" in " ".join(a for k, a in ins if k == "ARG")
-    assert '"./[kube]"' in runs and "pip check" in runs
-    assert "--no-cache-dir" in runs
+    assert "pip check" in runs and "--no-cache-dir" in runs
+    # layer order: torch, then the dependencies pinned in pyproject.toml (with the kube extra) from that file
+    # alone, then the source without dependencies, so a code change re-installs neither torch nor the rest
+    build = ins[:next(i for i, (k, _) in enumerate(ins) if k == "FROM" and i > first_from)]
+    step = {what: next(i for i, (k, a) in enumerate(build) if test(k, a)) for what, test in {
+        "torch": lambda k, a: k == "RUN" and '"torch==${TORCH_VERSION}"' in a,
+        "pyproject": lambda k, a: k == "COPY" and a.split()[0] == "pyproject.toml",
+        "deps": lambda k, a: k == "RUN" and "['optional-dependencies']['kube']" in a and "-r requirements.txt" in a,
+        "src": lambda k, a: k == "COPY" and a.startswith("src/"),
+        "package": lambda k, a: k == "RUN" and '--no-deps "."' in a,
+    }.items()}
+    assert step["torch"] < step["pyproject"] < step["deps"] < step["src"] < step["package"], step
+    assert not any(k == "COPY" and "src/" in a for k, a in build[:step["deps"]])
 
 
 def test_trainer_is_the_cuda_image_and_cpu_has_the_pipelines():

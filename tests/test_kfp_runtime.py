@@ -74,26 +74,6 @@ def test_fetch_subject_from_a_directory(tmp_path, example_subject):
         kr.fetch_subject("dvc://data/teapot", tmp_path / "y")
 
 
-def test_fetch_subject_from_s3(tmp_path, example_subject, s3_server, monkeypatch):
-    from servers import s3_client
-
-    client = s3_client(s3_server)
-    client.create_bucket(Bucket="subjects")
-    for f in example_subject.glob("*.jpg"):
-        client.upload_file(str(f), "subjects", f"dreambench/teapot/{f.name}")
-    client.put_object(Bucket="subjects", Key="dreambench/teapot/nested/ignored.jpg", Body=b"x")
-    client.put_object(Bucket="subjects", Key="dreambench/teapot2/other.jpg", Body=b"x")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.extra["access_key"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.extra["secret_key"])
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
-    target = kr.fetch_subject("s3://subjects/dreambench/teapot", tmp_path)
-    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in example_subject.glob("*.jpg"))
-    assert (target / "00.jpg").read_bytes() == (example_subject / "00.jpg").read_bytes()
-    with pytest.raises(SubjectError, match="no files under"):
-        kr.fetch_subject("s3://subjects/nothing-here", tmp_path / "empty")
-
-
 def test_assemble_run_dir_links_files_not_directories(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()

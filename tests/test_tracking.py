@@ -1,4 +1,4 @@
-"""MlflowTracker against a real `mlflow server` (sqlite backend, artifacts on SeaweedFS S3).
+"""MlflowTracker against a real `mlflow server` (sqlite and PostgreSQL backends, artifacts on SeaweedFS S3).
 
 Stages are simulated by writing their output files (tests/synthetic_runs.py) inside the tracker's
 stage contexts, exactly as `subjectops.pipeline.run` calls them, so each test knows what must arrive.
@@ -26,6 +26,8 @@ from synthetic_runs import STEPS, synthetic_params, write_stage
 from servers import MLFLOW_BUCKET, s3_client
 
 STAGES = ("refine", "priors", "finetune", "infer", "evaluate")
+# Every test here that talks to an MLflow server runs on sqlite and on PostgreSQL (the chart's default).
+pytestmark = pytest.mark.mlflow_backends
 
 
 def fake_pipeline(tracker, params, run: Path, on_stage=None) -> None:

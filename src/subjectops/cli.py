@@ -21,6 +21,9 @@ models_app = typer.Typer(no_args_is_help=True, help="Base models and metric enco
 app.add_typer(models_app, name="models")
 tokens_app = typer.Typer(no_args_is_help=True, help="Rare identifier tokens (Image-Alchemy sec. 3.1).")
 app.add_typer(tokens_app, name="tokens")
+data_app = typer.Typer(no_args_is_help=True, help="Subjects in an object store (S3, MinIO): AWS_ENDPOINT_URL, "
+                                                 "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY as in the chart's Secret.")
+app.add_typer(data_app, name="data")
 
 
 def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, required: bool = True) -> Optional[Path]:
@@ -269,6 +272,29 @@ def tokens_scan(model: Optional[str] = ModelOpt, force: bool = typer.Option(Fals
         table.add_row("-", score.token, f"{score.score:.4f}", prior)
     console.print(table)
     done(f"tokens (best: {ranking.best})", ranking.cache_file)
+
+
+@data_app.command("push")
+@user_errors
+def data_push(subject_dir: Path = typer.Argument(..., help="folder of the subject's photos"),
+              uri: str = typer.Argument(..., help="s3://BUCKET/PREFIX"),
+              force: bool = typer.Option(False, "--force", help="replace a different subject stored at the prefix")):
+    """Upload a subject's photos with a SHA-256 manifest; every object is read back and checked."""
+    from subjectops.data.objectstore import push
+
+    manifest = push(subject_dir, uri, force=force)
+    console.print(f"[green]pushed:[/] {len(manifest['files'])} files of {manifest['subject']!r} to {uri}", highlight=False)
+
+
+@data_app.command("pull")
+@user_errors
+def data_pull(uri: str = typer.Argument(..., help="s3://BUCKET/PREFIX written by `subjectops data push`"),
+              dest: Path = typer.Argument(..., help="directory to create"),
+              force: bool = typer.Option(False, "--force", help="replace DEST if it exists")):
+    """Download a pushed subject; DEST appears only when every file matches its SHA-256."""
+    from subjectops.data.objectstore import pull
+
+    done("pulled", pull(uri, dest, force=force))
 
 
 # register / promote / sync (MLflow registry and tracking)

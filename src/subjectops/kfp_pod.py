@@ -27,6 +27,8 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from subjectops.config import ConfigError, Params, apply_overrides, parse_yaml, validate_params
+from subjectops.data import objectstore
+from subjectops.data.objectstore import S3Location
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectError, SubjectopsError
 
@@ -107,12 +109,8 @@ def parse_subject_uri(uri: str) -> dict:
     if not uri:
         raise SubjectError("no subject given", fix="pass the subject's S3 URI (s3://bucket/prefix), DVC path (dvc://path) or directory")
     if uri.startswith("s3://"):
-        rest = uri[len("s3://"):]
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise SubjectError(f"subject URI {uri!r} names no bucket", fix="write s3://BUCKET/PREFIX")
-        prefix = prefix.strip("/")
-        return {"kind": "s3", "bucket": bucket, "prefix": prefix, "name": subject_name_from_uri(prefix or bucket)}
+        where = S3Location.parse(uri)
+        return {"kind": "s3", "bucket": where.bucket, "prefix": where.prefix, "name": subject_name_from_uri(where.prefix or where.bucket)}
     if uri.startswith("dvc://"):
         path = uri[len("dvc://"):]
         rev = None
@@ -130,13 +128,6 @@ def parse_subject_uri(uri: str) -> dict:
     return {"kind": "local", "path": str(path), "name": subject_name_from_uri(str(path))}
 
 
-def _s3_client():
-    import boto3
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
-
-
 def fetch_subject(uri: str, dest: Path, *, dvc_repo: str = "", dvc_rev: str = "") -> Path:
     """Materialize the subject's photos into `dest/<name>/`; returns that directory.
 
@@ -144,27 +135,17 @@ def fetch_subject(uri: str, dest: Path, *, dvc_repo: str = "", dvc_rev: str = ""
     """
     spec = parse_subject_uri(uri)
     target = Path(dest) / spec["name"]
-    target.mkdir(parents=True, exist_ok=True)
-    if spec["kind"] == "local":
+    if spec["kind"] == "s3":
+        # Checked against the manifest `subjectops data push` wrote; the folder appears only when complete.
+        objectstore.pull(uri, target, force=True)
+    elif spec["kind"] == "local":
         src = Path(spec["path"])
         if not src.is_dir():
             raise SubjectError(f"subject directory {src} does not exist", fix="pass an existing directory of photos, an s3:// URI or a dvc:// path")
+        target.mkdir(parents=True, exist_ok=True)
         for f in sorted(src.iterdir()):
             if f.is_file() and not f.name.startswith("."):
                 shutil.copy2(f, target / f.name)
-    elif spec["kind"] == "s3":
-        client = _s3_client()
-        prefix = spec["prefix"] + "/" if spec["prefix"] else ""
-        n = 0
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=spec["bucket"], Prefix=prefix):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix):]
-                if not rel or "/" in rel or rel.startswith("."):
-                    continue  # only the files directly under the prefix: the subject's photos
-                client.download_file(spec["bucket"], obj["Key"], str(target / rel))
-                n += 1
-        if n == 0:
-            raise SubjectError(f"no files under {uri}", fix="upload the subject's photos there (aws s3 cp --recursive DIR s3://...)")
     else:
         if not dvc_repo:
             raise SubjectError(f"subject {uri} is a DVC path but no DVC repository was given",
@@ -173,7 +154,7 @@ def fetch_subject(uri: str, dest: Path, *, dvc_repo: str = "", dvc_rev: str = ""
         rev = spec["rev"] or dvc_rev
         if rev:
             cmd += ["--rev", rev]
-        shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SubjectError(f"`dvc get {dvc_repo} {spec['path']}` failed: {proc.stderr.strip() or proc.stdout.strip()}",

@@ -1,0 +1,105 @@
+"""`subjectops data push|pull` and the pods' subject fetch against a real S3 server (SeaweedFS on 127.0.0.1)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from servers import free_port, s3_client
+from subjectops.data.objectstore import MANIFEST, ObjectStoreError, pull, push
+from subjectops.digest import sha256_file
+from subjectops.errors import SubjectError
+from subjectops.kfp_pod import fetch_subject
+
+BUCKET = "subjects"
+
+
+@pytest.fixture(scope="module")
+def store_env(s3_server):
+    client = s3_client(s3_server)
+    if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=BUCKET)
+    return {"AWS_ENDPOINT_URL": s3_server.url, "AWS_ACCESS_KEY_ID": s3_server.extra["access_key"],
+            "AWS_SECRET_ACCESS_KEY": s3_server.extra["secret_key"], "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def hashes(folder):
+    return {p.name: sha256_file(p) for p in folder.iterdir()}
+
+
+def test_push_then_pull_round_trips_every_file_with_identical_hashes(tmp_path, example_subject, store_env):
+    manifest = push(example_subject, f"s3://{BUCKET}/round-trip/teapot", env=store_env)
+    assert manifest == {"subject": "teapot", "files": hashes(example_subject)}
+    pulled = pull(f"s3://{BUCKET}/round-trip/teapot", tmp_path / "teapot", env=store_env)
+    assert hashes(pulled) == manifest["files"]
+    assert sorted(os.listdir(tmp_path)) == ["teapot"]  # no staging folder left beside it
+    # pushing the same subject again is allowed (an interrupted push can be repeated)
+    assert push(example_subject, f"s3://{BUCKET}/round-trip/teapot", env=store_env) == manifest
+
+
+def test_push_over_a_different_subject_is_refused_unless_forced(tmp_path, example_subject, store_env):
+    uri = f"s3://{BUCKET}/same-prefix"
+    push(example_subject, uri, env=store_env)
+    other = tmp_path / "mug"
+    other.mkdir()
+    shutil.copy(example_subject / "00.jpg", other / "a.jpg")
+    with pytest.raises(ObjectStoreError, match="already holds a different subject \\('teapot'"):
+        push(other, uri, env=store_env)
+    assert hashes(pull(uri, tmp_path / "still-teapot", env=store_env)) == push(example_subject, uri, env=store_env)["files"]
+    push(other, uri, force=True, env=store_env)  # replaces the whole subject: the teapot's files are gone
+    assert hashes(pull(uri, tmp_path / "now-mug", env=store_env)) == hashes(other)
+
+
+def test_pull_of_a_corrupted_object_fails_and_leaves_nothing(tmp_path, example_subject, store_env, s3_server):
+    uri = f"s3://{BUCKET}/corrupted"
+    push(example_subject, uri, env=store_env)
+    s3_client(s3_server).put_object(Bucket=BUCKET, Key="corrupted/01.jpg", Body=b"not the photo")
+    with pytest.raises(ObjectStoreError, match="01.jpg does not match the SHA-256"):
+        pull(uri, tmp_path / "teapot", env=store_env)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dead_store_gives_a_clear_error_and_leaves_nothing_locally(tmp_path, example_subject, store_env):
+    dead = dict(store_env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(ObjectStoreError, match="cannot reach the object store at http://127.0.0.1") as info:
+        pull(f"s3://{BUCKET}/round-trip/teapot", tmp_path / "teapot", env=dead)
+    assert "AWS_ENDPOINT_URL" in info.value.fix
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ObjectStoreError, match="cannot reach the object store"):
+        push(example_subject, f"s3://{BUCKET}/never", env=dead)
+
+
+def test_missing_credentials_bucket_and_subject_are_named(tmp_path, example_subject, store_env):
+    with pytest.raises(ObjectStoreError, match="AWS_SECRET_ACCESS_KEY") as info:
+        push(example_subject, f"s3://{BUCKET}/x", env={k: v for k, v in store_env.items() if k != "AWS_SECRET_ACCESS_KEY"})
+    assert "Secret" in info.value.fix
+    with pytest.raises(ObjectStoreError, match="bucket 'no-such-bucket' does not exist"):
+        push(example_subject, "s3://no-such-bucket/x", env=store_env)
+    with pytest.raises(ObjectStoreError, match=f"holds no subject \\(no {MANIFEST}\\)") as info:
+        pull(f"s3://{BUCKET}/nothing-here", tmp_path / "x", env=store_env)
+    assert "subjectops data push" in info.value.fix
+    with pytest.raises(SubjectError, match="not an s3:// URI"):
+        pull("https://example.org/x", tmp_path / "y", env=store_env)
+
+
+def test_pods_fetch_a_pushed_subject_through_the_same_module(tmp_path, example_subject, store_env, s3_server, monkeypatch):
+    push(example_subject, f"s3://{BUCKET}/dreambench/teapot", env=store_env)
+    for name, value in store_env.items():  # as the chart's object-store Secret sets them in the pod
+        monkeypatch.setenv(name, value)
+    target = fetch_subject(f"s3://{BUCKET}/dreambench/teapot", tmp_path)
+    assert target == tmp_path / "teapot" and hashes(target) == hashes(example_subject)
+
+
+def test_cli_push_and_pull(tmp_path, example_subject, store_env):
+    env = dict(os.environ, **store_env)
+    cli = [sys.executable, "-m", "subjectops.cli", "data"]
+    pushed = subprocess.run(cli + ["push", str(example_subject), f"s3://{BUCKET}/cli/teapot"], env=env, capture_output=True, text=True)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert f"pushed: {len(hashes(example_subject))} files of 'teapot'" in pushed.stdout + pushed.stderr
+    refused = subprocess.run(cli + ["pull", f"s3://{BUCKET}/cli/teapot", str(example_subject)], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "not empty" in refused.stdout + refused.stderr
+    pulled = subprocess.run(cli + ["pull", f"s3://{BUCKET}/cli/teapot", str(tmp_path / "t")], env=env, capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert hashes(tmp_path / "t") == hashes(example_subject)
