@@ -126,15 +126,19 @@ def finetune(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
              priors_dir: Optional[Path] = typer.Option(None, "--priors"),
              disc_dir: Optional[Path] = typer.Option(None, "--disc", help="pretrain-disc output (Hypnos)"),
              out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
+             checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="checkpoint folder (default "
+                                                        "OUT.partial/checkpoints), e.g. on a volume a retried pod mounts"),
              method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt,
              sets: Optional[List[str]] = SetOpt):
-    """Train the method; resumes from the latest checkpoint of an interrupted run with the same params."""
+    """Train the method; resumes from the latest checkpoint of an interrupted run with the same params and inputs.
+    On SIGTERM it finishes the step, writes a checkpoint and exits 75 (run it again to resume)."""
     from subjectops.stages.finetune import finetune as stage
 
     params = build_params(params_path, sets, model, method)
     pri = planned_input(params, "finetune", priors_dir, run, "priors")
     disc = planned_input(params, "finetune", disc_dir, run, "pretrain_disc")
-    done("finetune", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "finetune"), disc))
+    done("finetune", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "finetune"), disc,
+                           checkpoint_dir=checkpoints))
 
 
 @app.command()
