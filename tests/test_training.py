@@ -1,7 +1,9 @@
-"""The shared training loop: exact resume after SIGKILL, cached == uncached, LoRA round trip, every method."""
+"""The shared training loop: exact resume after SIGKILL, SIGTERM (exit 75) and a retried kfp.local task; a checkpoint
+of other photos refused; cached == uncached, LoRA round trip, every method."""
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +69,7 @@ def resume_case(tmp_path_factory, example_subject):
             "--params", "params.yaml"] + [a for s in sets for a in ("--set", s)]
     subprocess.run(cli(*args, "--out", str(root / "reference")), check=True, capture_output=True, timeout=300)
     base = load_pipeline(params.model).unet.state_dict()
-    return SimpleNamespace(root=root, args=args, reference=unet_weights(root / "reference"), base=base)
+    return SimpleNamespace(root=root, sets=sets, args=args, reference=unet_weights(root / "reference"), base=base)
 
 
 def interrupt(case, out, sig, ready):
@@ -130,6 +132,63 @@ def test_sigterm_at_a_random_step_checkpoints_exits_75_and_resumes_exactly(resum
     assert seconds < 30  # Kubernetes' default terminationGracePeriodSeconds
     assert "SIGTERM" in output and "run the same command again" in output
     resume_and_compare(resume_case, out, stopped_at)
+
+
+def test_a_kfp_local_task_retried_after_sigterm_resumes_and_matches_uninterrupted(resume_case, tmp_path, capfd):
+    """The real finetune component under kfp.local with a retry policy: SIGTERM to the task's process fails the
+    first attempt after its checkpoint; the retry resumes from it (kfp.local gives it the same output folder)."""
+    import threading
+
+    import psutil
+    from kfp import dsl, local
+
+    from components import build_components
+    from subjectops.kfp_pod import write_params
+
+    c = build_components()
+    params_dir = write_params(load_params("params.yaml", resume_case.sets), tmp_path / "params").parent
+    root = tmp_path / "root"
+
+    @dsl.pipeline
+    def finetune_only():
+        def imported(path, cls):
+            return dsl.importer(artifact_uri=str(path), artifact_class=cls).output
+
+        ft = c.finetune(params=imported(params_dir, dsl.Artifact),
+                        refine_dir=imported(resume_case.root / "refine", dsl.Dataset),
+                        priors_dir=imported(resume_case.root / "priors", dsl.Dataset),
+                        gpu_count=1, accelerator_type="cpu", run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        ft.set_retry(num_retries=1, backoff_duration="0s")
+
+    step = random.randint(1, RESUME_STEPS - 2)
+    signalled = []
+
+    def preempt():  # SIGTERM to the task's process once it has logged `step` steps
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            logs = list(root.rglob("out.partial/train_log.jsonl"))
+            if logs and len(logged_steps(logs[0].parent)) >= step:
+                for child in psutil.Process().children(recursive=True):
+                    child.terminate()
+                    signalled.append(child.pid)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=preempt)
+    watcher.start()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    finetune_only()
+    watcher.join()
+    assert signalled, "the task ended before it could be preempted"
+    said = capfd.readouterr()
+    resumed_from = re.search(r"resuming finetune from step (\d+)", said.out + said.err)
+    assert resumed_from and int(resumed_from.group(1)) >= step  # the retry resumed, it did not start over
+    [out] = [p.parent.parent for p in root.rglob("out/unet/diffusion_pytorch_model.safetensors")]
+    a, b = resume_case.reference, unet_weights(out)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"SIGTERM after step {step}; resumed from {resumed_from.group(1)}; the retried task ended with max |retried - uninterrupted| = {worst:.3e}")
+    assert worst < 1e-6
+    assert logged_steps(out) == list(range(1, RESUME_STEPS + 1))
 
 
 def test_a_checkpoint_of_other_photos_is_refused_not_resumed(prepared, tiny_overrides, example_subject, tmp_path):
