@@ -62,7 +62,10 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     from subjectops.tracking.cli import make_tracker
 
     params = build_params(params_path, sets, model, method)
-    out = out or default_run_dir(subject_dir, params)
+    if out is None:
+        out = default_run_dir(subject_dir, params)
+        # named up front: resuming after a preemption (exit 75) means running again with --out of this folder
+        console.print(f"run folder: {out}", highlight=False)
     dirs = run_pipeline(params, subject_dir, class_word, out, tracker=make_tracker(params) if track else NullTracker())
     for stage, path in dirs.items():
         done(stage, path)
