@@ -199,6 +199,7 @@ def finetune(
     refine_dir: Input[Dataset],
     gpu_count: int,
     accelerator_type: str,
+    run_id: str,
     out: Output[Model],
     priors_dir: Input[Dataset] = None,
     disc_dir: Input[Model] = None,
@@ -207,23 +208,26 @@ def finetune(
 
     `gpu_count` and `accelerator_type` are the values the pipeline requested for this pod; they are
     recorded with the model. (Taking `accelerator_type` as an input also makes kfp 2.17 pass that pipeline
-    parameter into the `dsl.If` branches, whose accelerator settings reference it.)
+    parameter into the `dsl.If` branches, whose accelerator settings reference it.) Checkpoints go to the
+    model-cache volume under `run_id` (the pipeline run), where the pod of a retry after a preemption finds them.
     """
     import subprocess
     from pathlib import Path
 
-    from subjectops.kfp_pod import PARAMS_FILE, finetune_argv, read_params
+    from subjectops.kfp_pod import PARAMS_FILE, finetune_argv, read_params, run_checkpoint_dir
     from subjectops.stages.finetune import finetune as finetune_stage
 
     p = read_params(Path(params.path))
     priors = Path(priors_dir.path) if priors_dir is not None else None
     disc = Path(disc_dir.path) if disc_dir is not None else None
+    checkpoints = run_checkpoint_dir(run_id, p, Path(refine_dir.path))
     if gpu_count > 1:
-        argv = finetune_argv(gpu_count, Path(params.path) / PARAMS_FILE, Path(refine_dir.path), priors, disc, Path(out.path))
+        argv = finetune_argv(gpu_count, Path(params.path) / PARAMS_FILE, Path(refine_dir.path), priors, disc, Path(out.path),
+                             checkpoints)
         print("running:", " ".join(argv), flush=True)
         subprocess.run(argv, check=True)
     else:
-        finetune_stage(p, Path(refine_dir.path), priors, Path(out.path), disc_dir=disc)
+        finetune_stage(p, Path(refine_dir.path), priors, Path(out.path), disc_dir=disc, checkpoint_dir=checkpoints)
     out.metadata.update({"method": p.finetune.method, "base_model": p.model.base,
                          "gpu_count": gpu_count, "accelerator_type": accelerator_type})
 

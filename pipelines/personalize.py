@@ -100,7 +100,8 @@ def build_personalize(c: Components):
                                    .set_display_name("pretrain-disc"), **placement).outputs["out"]
                 inputs = {k: v for k, v in (("priors_dir", priors_dir), ("disc_dir", disc_dir)) if v is not None}
                 ft = gpu(c.finetune(params=params, refine_dir=refined, gpu_count=gpu_count,
-                                    accelerator_type=accelerator_type, **inputs).set_display_name("finetune"), **placement)
+                                    accelerator_type=accelerator_type, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs)
+                         .set_display_name("finetune"), **placement)
                 registered.append(tail(ft.outputs["out"], priors_dir, disc_dir).outputs["Output"])
         # The registered model version, "name/version", from whichever branch ran.
         return dsl.OneOf(*registered)

@@ -7,7 +7,14 @@ PVC and the Secret names are pipeline parameters whose defaults match the Helm c
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
-MODEL_CACHE_MOUNT = "/models"
+from subjectops.kfp_pod import MODEL_CACHE_MOUNT
+
+# GPU nodes are preemptible: a GPU step that fails is retried after 1, 2, 4 minutes (finetune resumes from the
+# checkpoint it wrote on SIGTERM, on the model-cache volume); a real bug fails 3 more times, within the hour.
+GPU_RETRIES = 3
+GPU_RETRY_BACKOFF = "60s"
+GPU_RETRY_BACKOFF_FACTOR = 2.0
+GPU_RETRY_MAX_DURATION = "3600s"
 # Secret key -> environment variable. The chart's Secrets hold exactly these keys.
 MLFLOW_SECRET_KEYS = {
     "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
@@ -39,7 +46,9 @@ def with_object_store(task: PipelineTask, s3_secret) -> PipelineTask:
 
 def on_gpu(task: PipelineTask, *, accelerator_type, gpu_count, node_selector, tolerations,
            model_cache_pvc, mlflow_secret, s3_secret) -> PipelineTask:
-    """Put a step on the GPU node pool with the model cache and the credentials it needs."""
+    """Put a step on the GPU node pool with the model cache, the credentials it needs and a retry policy."""
+    task.set_retry(num_retries=GPU_RETRIES, backoff_duration=GPU_RETRY_BACKOFF, backoff_factor=GPU_RETRY_BACKOFF_FACTOR,
+                   backoff_max_duration=GPU_RETRY_MAX_DURATION)
     task.set_accelerator_type(accelerator_type)
     task.set_accelerator_limit(gpu_count)
     kubernetes.add_node_selector_json(task, node_selector)

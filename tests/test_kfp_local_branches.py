@@ -45,7 +45,7 @@ def pretrain_disc(params: Input[Artifact], refine_dir: Input[Dataset], out: Outp
     open(os.path.join(out.path, "made-by"), "w").write("pretrain_disc")
 
 
-def finetune(params: Input[Artifact], refine_dir: Input[Dataset], gpu_count: int, accelerator_type: str,
+def finetune(params: Input[Artifact], refine_dir: Input[Dataset], gpu_count: int, accelerator_type: str, run_id: str,
              out: Output[Model], priors_dir: Input[Dataset] = None, disc_dir: Input[Model] = None):
     import json
     import os

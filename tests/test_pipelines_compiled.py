@@ -171,3 +171,45 @@ def test_other_images_and_parallelism_compile(tmp_path):
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"reg.example/cpu:1", "reg.example/gpu:1"}
     assert next(t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t)["iteratorPolicy"]["parallelismLimit"] == 2
+
+
+def all_tasks(spec):
+    """(stage, task) for every task of every DAG in the spec (branches and sub-pipelines included)."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    for dag in dags:
+        for task in dag["tasks"].values():
+            component = spec["components"][task["componentRef"]["name"]]
+            if "executorLabel" in component:
+                yield stage_of(component["executorLabel"]), task
+
+
+@pytest.mark.parametrize("name", pc.PIPELINES)
+def test_gpu_tasks_retry_with_backoff_and_finetune_checkpoints_by_run(name):
+    spec, _ = load(name)
+    seen = set()
+    for stage, task in all_tasks(spec):
+        seen.add(stage)
+        if stage in GPU:  # preemptible nodes: retried after 1, 2, 4 minutes
+            assert task["retryPolicy"] == {"maxRetryCount": 3, "backoffDuration": "60s", "backoffFactor": 2.0,
+                                           "backoffMaxDuration": "3600s"}, stage
+        else:
+            assert "retryPolicy" not in task, stage
+        if stage == "finetune":  # the checkpoints a retried pod resumes from are keyed by the pipeline run
+            run_id = task["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"]
+            assert run_id == "{{$.pipeline_job_uuid}}"
+    assert GPU <= seen
+
+
+def test_finetune_checkpoints_on_the_volume_are_keyed_by_run_and_subject(tmp_path, tiny_params, example_subject):
+    from subjectops.kfp_pod import run_checkpoint_dir
+    from subjectops.stages.refine import refine
+
+    refine(tiny_params, example_subject, "teapot", tmp_path / "refine")
+    mounted = Path("/")  # a mount point, as the model-cache volume is in the pod; nothing is written
+    first = run_checkpoint_dir("run-1", tiny_params, tmp_path / "refine", mounted)
+    assert first == run_checkpoint_dir("run-1", tiny_params, tmp_path / "refine", mounted)  # what a retry finds
+    assert first.parent == Path("/cache/checkpoints/run-1")
+    assert first != run_checkpoint_dir("run-2", tiny_params, tmp_path / "refine", mounted)
+    refine(tiny_params, example_subject, "kettle", tmp_path / "refine-kettle")  # another subject in one benchmark
+    assert first != run_checkpoint_dir("run-1", tiny_params, tmp_path / "refine-kettle", mounted)
+    assert run_checkpoint_dir("run-1", tiny_params, tmp_path / "refine", tmp_path) is None  # kfp.local: no volume

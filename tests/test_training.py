@@ -1,10 +1,14 @@
-"""The shared training loop: exact resume after SIGKILL, cached == uncached, LoRA round trip, every method."""
+"""The shared training loop: exact resume after SIGKILL, SIGTERM (exit 75) and a retried kfp.local task; a checkpoint
+of other photos refused; cached == uncached, LoRA round trip, every method."""
 
 import json
+import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,42 +50,172 @@ def unet_weights(finetune_dir):
     return load_file(finetune_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(prepared, tiny_overrides, tmp_path):
-    sets = tiny_overrides + ["finetune.dreambooth.steps=60", "finetune.checkpoint_every=5"]
-    args = ["finetune", "--refine", str(prepared / "refine"), "--priors", str(prepared / "priors"),
+RESUME_STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def resume_case(tmp_path_factory, example_subject):
+    """refine + priors, the `finetune` command of a run checkpointing every 5 steps, and that run's
+    uninterrupted result: the one reference the SIGKILL and SIGTERM tests compare against."""
+    from conftest import TINY_OVERRIDES
+
+    root = tmp_path_factory.mktemp("resume")
+    sets = TINY_OVERRIDES + [f"priors.cache_dir={root / 'prior-cache'}", f"finetune.dreambooth.steps={RESUME_STEPS}",
+                             "finetune.checkpoint_every=5"]
+    params = load_params("params.yaml", sets)
+    refine(params, example_subject, "teapot", root / "refine")
+    priors(params, root / "refine", root / "priors")
+    args = ["finetune", "--refine", str(root / "refine"), "--priors", str(root / "priors"),
             "--params", "params.yaml"] + [a for s in sets for a in ("--set", s)]
-    reference = tmp_path / "reference"
-    subprocess.run(cli(*args, "--out", str(reference)), check=True, capture_output=True, timeout=300)
+    subprocess.run(cli(*args, "--out", str(root / "reference")), check=True, capture_output=True, timeout=300)
+    base = load_pipeline(params.model).unet.state_dict()
+    return SimpleNamespace(root=root, sets=sets, args=args, reference=unet_weights(root / "reference"), base=base)
 
-    interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(cli(*args, "--out", str(interrupted)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    ckpts = partial_dir(interrupted) / "checkpoints"
+
+def interrupt(case, out, sig, ready):
+    """Start finetune into `out`, send `sig` once `ready(work_dir)` holds; returns (process, its output,
+    the number of steps logged when the signal was sent, seconds from the signal to the exit)."""
+    proc = subprocess.Popen(cli(*case.args, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    work = partial_dir(out)
     deadline = time.monotonic() + 240
-    while not checkpoint_steps(ckpts) and time.monotonic() < deadline and proc.poll() is None:
+    while not ready(work) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "finetune ended before it could be killed"
-    assert not interrupted.exists()  # nothing half-written where the result belongs
-    killed_at = checkpoint_steps(ckpts)[-1]
-    assert 5 <= killed_at < 60
-    logged_before_resume = [json.loads(l)["step"] for l in (partial_dir(interrupted) / "train_log.jsonl").read_text().splitlines()
-                            if l.endswith("}")]
+    logged = len(logged_steps(work))
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    return proc, output, logged, time.monotonic() - sent
 
-    resumed = subprocess.run(cli(*args, "--out", str(interrupted)), capture_output=True, text=True, timeout=300)
+
+def resume_and_compare(case, out, resumed_from):
+    """Run the same command again: it resumes from `resumed_from` and ends with the reference's weights and a
+    log holding every step exactly once (the steps logged after the last checkpoint ran again)."""
+    assert not out.exists()  # nothing half-written where the result belongs
+    resumed = subprocess.run(cli(*case.args, "--out", str(out)), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming finetune from step {killed_at}" in resumed.stderr
-    a, b = unet_weights(reference), unet_weights(interrupted)
+    assert f"resuming finetune from step {resumed_from}" in resumed.stderr
+    a, b = case.reference, unet_weights(out)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"killed after step {killed_at}; max |resumed - uninterrupted| = {worst:.3e}")
+    print(f"resumed from step {resumed_from}; max |resumed - uninterrupted| = {worst:.3e}")
     assert worst < 1e-6
-    assert max((a[k] - load_pipeline(load_params("params.yaml", tiny_overrides).model).unet.state_dict()[k]).abs().max().item()
-               for k in a) > 1e-4  # training did change the weights
-    # the training log has each step exactly once, in order, across the kill, including the steps logged
-    # after the last checkpoint and before the kill (they ran again after the resume)
-    steps = [json.loads(l)["step"] for l in (interrupted / "train_log.jsonl").read_text().splitlines()]
-    print(f"logged before the kill: steps 1..{max(logged_before_resume)}")
-    assert steps == list(range(1, 61))
+    assert max((a[k] - case.base[k]).abs().max().item() for k in a) > 1e-4  # training did change the weights
+    assert logged_steps(out) == list(range(1, RESUME_STEPS + 1))
+
+
+def logged_steps(work):
+    path = work / "train_log.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(resume_case, tmp_path):
+    out = tmp_path / "killed"
+    proc, _, logged, _ = interrupt(resume_case, out, signal.SIGKILL, lambda w: checkpoint_steps(w / "checkpoints"))
+    assert proc.returncode == -signal.SIGKILL, "finetune ended before it could be killed"
+    killed_at = checkpoint_steps(partial_dir(out) / "checkpoints")[-1]
+    assert 5 <= killed_at < RESUME_STEPS
+    print(f"killed with steps 1..{logged} logged")
+    resume_and_compare(resume_case, out, killed_at)
+
+
+def test_sigterm_at_a_random_step_checkpoints_exits_75_and_resumes_exactly(resume_case, tmp_path):
+    from subjectops.training.loop import EXIT_PREEMPTED
+
+    step = random.randint(1, RESUME_STEPS - 2)
+    out = tmp_path / "preempted"
+    proc, output, logged, seconds = interrupt(resume_case, out, signal.SIGTERM, lambda w: len(logged_steps(w)) >= step)
+    print(f"SIGTERM after {logged} logged steps (asked for {step}); exited {proc.returncode} {seconds:.1f} s later")
+    assert proc.returncode == EXIT_PREEMPTED, output
+    # the bound: the step in progress finishes, then one checkpoint is written
+    stopped_at = checkpoint_steps(partial_dir(out) / "checkpoints")[-1]
+    assert stopped_at in (logged, logged + 1)
+    assert seconds < 30  # Kubernetes' default terminationGracePeriodSeconds
+    assert "SIGTERM" in output and "run the same command again" in output
+    resume_and_compare(resume_case, out, stopped_at)
+
+
+def test_a_kfp_local_task_retried_after_sigterm_resumes_and_matches_uninterrupted(resume_case, tmp_path, capfd):
+    """The real finetune component under kfp.local with a retry policy: SIGTERM to the task's process fails the
+    first attempt after its checkpoint; the retry resumes from it (kfp.local gives it the same output folder)."""
+    import threading
+
+    import psutil
+    from kfp import dsl, local
+
+    from components import build_components
+    from subjectops.kfp_pod import write_params
+
+    c = build_components()
+    params_dir = write_params(load_params("params.yaml", resume_case.sets), tmp_path / "params").parent
+    root = tmp_path / "root"
+
+    @dsl.pipeline
+    def finetune_only():
+        def imported(path, cls):
+            return dsl.importer(artifact_uri=str(path), artifact_class=cls).output
+
+        ft = c.finetune(params=imported(params_dir, dsl.Artifact),
+                        refine_dir=imported(resume_case.root / "refine", dsl.Dataset),
+                        priors_dir=imported(resume_case.root / "priors", dsl.Dataset),
+                        gpu_count=1, accelerator_type="cpu", run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        ft.set_retry(num_retries=1, backoff_duration="0s")
+
+    step = random.randint(1, RESUME_STEPS - 2)
+    signalled = []
+
+    def preempt():  # SIGTERM to the task's process once it has logged `step` steps
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            logs = list(root.rglob("out.partial/train_log.jsonl"))
+            if logs and len(logged_steps(logs[0].parent)) >= step:
+                for child in psutil.Process().children(recursive=True):
+                    child.terminate()
+                    signalled.append(child.pid)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=preempt)
+    watcher.start()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    finetune_only()
+    watcher.join()
+    assert signalled, "the task ended before it could be preempted"
+    said = capfd.readouterr()
+    resumed_from = re.search(r"resuming finetune from step (\d+)", said.out + said.err)
+    assert resumed_from and int(resumed_from.group(1)) >= step  # the retry resumed, it did not start over
+    [out] = [p.parent.parent for p in root.rglob("out/unet/diffusion_pytorch_model.safetensors")]
+    a, b = resume_case.reference, unet_weights(out)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"SIGTERM after step {step}; resumed from {resumed_from.group(1)}; the retried task ended with max |retried - uninterrupted| = {worst:.3e}")
+    assert worst < 1e-6
+    assert logged_steps(out) == list(range(1, RESUME_STEPS + 1))
+
+
+def test_a_checkpoint_of_other_photos_is_refused_not_resumed(prepared, tiny_overrides, example_subject, tmp_path):
+    from subjectops.errors import SubjectopsError
+
+    params = with_overrides(tiny_overrides, "finetune.checkpoint_every=2")
+    out = tmp_path / "ft"
+
+    def crash_after_step_3(step, record):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        finetune(params, prepared / "refine", prepared / "priors", out, on_step=crash_after_step_3)
+    ckpts = partial_dir(out) / "checkpoints"
+    assert checkpoint_steps(ckpts) == [2]
+    other = tmp_path / "other-photos"
+    other.mkdir()
+    for f in sorted(example_subject.glob("*.jpg"))[1:4]:
+        (other / f.name).write_bytes(f.read_bytes())
+    refine(params, other, "teapot", tmp_path / "other" / "refine")
+    with pytest.raises(SubjectopsError) as err:
+        finetune(params, tmp_path / "other" / "refine", prepared / "priors", out)
+    message = str(err.value)
+    assert "other training data (refine differ)" in message and str(ckpts / "step_000002") in message
+    assert "another --out" in message
+    assert checkpoint_steps(ckpts) == [2] and not out.exists()  # the first run's progress is kept, nothing published
 
 
 def checkpoint_steps(ckpt_dir):

@@ -65,7 +65,10 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     from subjectops.tracking.cli import make_tracker
 
     params = build_params(params_path, sets, model, method)
-    out = out or default_run_dir(subject_dir, params)
+    if out is None:
+        out = default_run_dir(subject_dir, params)
+        # named up front: resuming after a preemption (exit 75) means running again with --out of this folder
+        console.print(f"run folder: {out}", highlight=False)
     dirs = run_pipeline(params, subject_dir, class_word, out, tracker=make_tracker(params) if track else NullTracker())
     for stage, path in dirs.items():
         done(stage, path)
@@ -129,15 +132,19 @@ def finetune(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
              priors_dir: Optional[Path] = typer.Option(None, "--priors"),
              disc_dir: Optional[Path] = typer.Option(None, "--disc", help="pretrain-disc output (Hypnos)"),
              out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
+             checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="checkpoint folder (default "
+                                                        "OUT.partial/checkpoints), e.g. on a volume a retried pod mounts"),
              method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt,
              sets: Optional[List[str]] = SetOpt):
-    """Train the method; resumes from the latest checkpoint of an interrupted run with the same params."""
+    """Train the method; resumes from the latest checkpoint of an interrupted run with the same params and inputs.
+    On SIGTERM it finishes the step, writes a checkpoint and exits 75 (run it again to resume)."""
     from subjectops.stages.finetune import finetune as stage
 
     params = build_params(params_path, sets, model, method)
     pri = planned_input(params, "finetune", priors_dir, run, "priors")
     disc = planned_input(params, "finetune", disc_dir, run, "pretrain_disc")
-    done("finetune", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "finetune"), disc))
+    done("finetune", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "finetune"), disc,
+                           checkpoint_dir=checkpoints))
 
 
 @app.command()

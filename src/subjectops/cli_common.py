@@ -24,7 +24,8 @@ IfNeededOpt = typer.Option(False, "--if-needed", help="only when the method need
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Print a SubjectopsError as its message and fix, without a traceback, and exit 2."""
+    """Print a SubjectopsError as its message and fix, without a traceback, and exit 2 (or the error's own
+    `exit_code`: 75 when finetune stopped on SIGTERM after a checkpoint)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,7 +35,7 @@ def user_errors(fn: Callable) -> Callable:
             console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
             if exc.fix:
                 console.print(f"[bold]fix:[/] {exc.fix}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
 
     return wrapper
 

@@ -10,6 +10,7 @@ installed package, so that the bodies stay a few lines long:
 - `fetch_subject`: an S3 prefix, a DVC path or a local directory -> a directory of the subject's photos;
 - `assemble_run_dir`: the steps' artifact directories -> a `RUN/<stage>/` tree for `tracking.sync`;
 - `finetune_argv`: the `accelerate launch` command for multi-GPU fine-tuning;
+- `run_checkpoint_dir`: where finetune keeps its checkpoints so that a retried pod finds them;
 - `aggregate_summaries` / `benchmark_decision`: the benchmark's aggregate and its gate against the champion.
 """
 
@@ -33,6 +34,7 @@ from subjectops.digest import digest_json
 from subjectops.errors import SubjectError, SubjectopsError
 
 PARAMS_FILE = "params.yaml"
+MODEL_CACHE_MOUNT = "/models"  # where the GPU steps mount the model-cache volume (pipelines/placement.py)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -202,8 +204,22 @@ def assemble_run_dir(root: Path, stages: Mapping[str, Optional[Path]]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- finetune
+def run_checkpoint_dir(run_id: str, params: Params, refine_dir: Path,
+                       cache_mount: Path = Path(MODEL_CACHE_MOUNT)) -> Optional[Path]:
+    """finetune's checkpoint folder on the model-cache volume, keyed by the pipeline run and what trains
+    (the subject's refined content and the params: a benchmark trains many subjects in one run), so a pod
+    retried after a preemption finds the checkpoints its predecessor wrote. None when the volume is not
+    mounted (kfp.local): the checkpoints then stay in the task's output folder, which a local retry reuses."""
+    from subjectops.stages.common import hash_dir
+
+    if not Path(cache_mount).is_mount():
+        return None
+    key = digest_json({"refine": hash_dir(refine_dir), "params": params.digest()})
+    return Path(cache_mount) / "cache" / "checkpoints" / run_id / key
+
+
 def finetune_argv(gpu_count: int, params_file: Path, refine_dir: Path, priors_dir: Optional[Path],
-                  disc_dir: Optional[Path], out: Path) -> list[str]:
+                  disc_dir: Optional[Path], out: Path, checkpoint_dir: Optional[Path] = None) -> list[str]:
     """`accelerate launch` over `gpu_count` GPUs of the `subjectops finetune` CLI (same stage function)."""
     if gpu_count < 2:
         raise ValueError("finetune_argv is for two or more GPUs; one GPU calls the stage function in-process")
@@ -217,6 +233,8 @@ def finetune_argv(gpu_count: int, params_file: Path, refine_dir: Path, priors_di
         argv += ["--priors", str(priors_dir)]
     if disc_dir is not None:
         argv += ["--disc", str(disc_dir)]
+    if checkpoint_dir is not None:
+        argv += ["--checkpoints", str(checkpoint_dir)]
     return argv
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import secrets
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,6 +13,7 @@ from subjectops.data.subject import check_class_word, load_subject
 from subjectops.methods.plan import plan
 from subjectops.models.loading import training_resolution
 from subjectops.preflight import require_writable
+from subjectops.runlock import run_lock
 from subjectops.tracking import NullTracker, Tracker
 
 # How each stage function takes the run's inputs: (function, params, subject dir, class word, the planned
@@ -32,8 +34,10 @@ def stage_function(name: str) -> Callable:
 
 
 def default_run_dir(subject_dir: Path, params: Params, root: Path = Path("runs")) -> Path:
+    """`runs/<time>-<random>-<subject>-<method>`: the 48 random bits keep two runs started in the same second
+    (on one machine or many sharing a volume) apart; the time keeps the folders in order."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return root / f"{stamp}-{Path(subject_dir).resolve().name}-{params.finetune.method}"
+    return root / f"{stamp}-{secrets.token_hex(6)}-{Path(subject_dir).resolve().name}-{params.finetune.method}"
 
 
 def run(params: Params, subject_dir: Path, class_word: str, out: Path, tracker: Tracker | None = None) -> dict[str, Path]:
@@ -52,7 +56,7 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path, tracker: 
         require_writable(Path(params.priors.cache_dir), "the class-image cache (priors.cache_dir)")
     tracker = tracker or NullTracker()
     dirs: dict[str, Path] = {}
-    with tracker.pipeline(params, out):
+    with run_lock(out), tracker.pipeline(params, out):  # one writer per run folder, for the whole run
         for stage in plan(params).stages:
             target = out / stage.name
             inputs = {name: dirs[name] for name in stage.inputs}

@@ -42,7 +42,11 @@ def load_finetuned(pipe, finetune_dir: Path) -> dict:
         raise SubjectopsError(f"{finetune_dir} is not a finetune output (no method.json)",
                               fix="run `subjectops finetune` first, or pass the right --finetune directory")
     info = json.loads(info_path.read_text())
-    get_method(info["method"]).apply(pipe, finetune_dir, info)
+    try:
+        get_method(info["method"]).apply(pipe, finetune_dir, info)
+    except (OSError, ValueError) as exc:  # diffusers and transformers report missing weight files so
+        raise SubjectopsError(f"cannot load the finetune output {finetune_dir}: {exc}",
+                              fix="subjectops loads safetensors weights only; run `subjectops finetune` again") from None
     return info
 
 

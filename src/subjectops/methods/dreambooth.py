@@ -90,12 +90,14 @@ class DreamBoothMethod(Method):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        pipe.unet = UNet2DConditionModel.from_pretrained(finetune_dir / "unet", dtype=pipe.unet.dtype)
+        # safetensors only: a finetune output may sit on a shared volume or come from the registry
+        pipe.unet = UNet2DConditionModel.from_pretrained(finetune_dir / "unet", dtype=pipe.unet.dtype, use_safetensors=True)
         if (finetune_dir / "text_encoder").exists():
-            pipe.text_encoder = CLIPTextModel.from_pretrained(finetune_dir / "text_encoder", dtype=pipe.text_encoder.dtype)
+            pipe.text_encoder = CLIPTextModel.from_pretrained(finetune_dir / "text_encoder", dtype=pipe.text_encoder.dtype,
+                                                              use_safetensors=True)
         if (finetune_dir / "text_encoder_2").exists():
             pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                finetune_dir / "text_encoder_2", dtype=pipe.text_encoder_2.dtype)
+                finetune_dir / "text_encoder_2", dtype=pipe.text_encoder_2.dtype, use_safetensors=True)
 
 
 def save_unet(unet, directory: Path, half: bool) -> None:

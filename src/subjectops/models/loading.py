@@ -64,7 +64,8 @@ def resolve(model: ModelCfg) -> str:
 def load_pipeline(model: ModelCfg, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
     source = resolve(model)
     diffusers_logging.disable_progress_bar()  # per-component bars; our stages show their own progress
-    kwargs = dict(dtype=dtype, revision=model.revision, cache_dir=model.cache_dir)
+    # safetensors only: a .bin beside or instead of them (a model-cache volume is shared) is never unpickled
+    kwargs = dict(dtype=dtype, revision=model.revision, cache_dir=model.cache_dir, use_safetensors=True)
     if offline() and not Path(source).exists():
         kwargs["local_files_only"] = True
     try:

@@ -4,8 +4,11 @@ When the plan requires snapshots, the trainer's snapshot hook keeps an inference
 each of `snapshot_steps(params)` in `snapshots/step_NNNNNN/` (method.json and manifest of its own), written by
 the method's `save` (adapters as they are; a full UNet in half precision).
 
-Checkpoints live in `<out>.partial/checkpoints`; a killed run started again with the same parameters
-resumes from the latest one and ends with the same weights as an uninterrupted run.
+Checkpoints live in `<out>.partial/checkpoints` (or `checkpoint_dir`: the Kubeflow component keeps them on the
+model-cache volume, keyed by pipeline run, where a retried pod finds them); a killed or preempted (SIGTERM) run
+started again with the same parameters and inputs resumes from the latest one and ends with the same weights
+as an uninterrupted run. Each checkpoint records the content hashes of the refined subject, the priors, the
+discriminator and the class word; one made for other data is refused.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from subjectops.methods import get_method, snapshot_dir
 from subjectops.methods.plan import snapshot_steps
 from subjectops.models.loading import load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
-from subjectops.stages.common import partial_dir, planned_inputs, stage_output, write_manifest
+from subjectops.digest import digest_json
+from subjectops.stages.common import hash_dir, partial_dir, planned_inputs, stage_output, write_manifest
 from subjectops.stages.priors import load_priors
 from subjectops.training.loop import Trainer, replicas_in_sync
 from subjectops.training.models import DiffusionModels
 
 
 def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path, disc_dir: Path | None = None,
-             on_step: Callable[[int, dict], None] | None = None) -> Path:
+             on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: Path | None = None) -> Path:
     inputs = planned_inputs(params, "finetune", {"refine": refine_dir, "priors": priors_dir, "pretrain_disc": disc_dir})
     refine_dir, priors_dir, disc_dir = inputs["refine"], inputs["priors"], inputs["pretrain_disc"]
     subject = RefinedSubject.load(refine_dir)
@@ -63,8 +67,11 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
         record(directory, step, method.save(directory, snapshot=True))
 
     # The trainer places the models on the accelerator first, so what setup() adds lands there too.
+    data = {"refine": hash_dir(refine_dir), "class_word": digest_json(subject.class_word),
+            "priors": hash_dir(priors_dir) if priors_dir is not None else None,
+            "pretrain_disc": hash_dir(disc_dir) if disc_dir is not None else None}
     trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step,
-                      on_snapshot=save_snapshot, snapshot_steps=keep)
+                      on_snapshot=save_snapshot, snapshot_steps=keep, data=data, ckpt_dir=checkpoint_dir)
     method.setup()
     # after setup: a method's phases may depend on it (hifi-tuner: one phase per DDIM timestep)
     total_steps = sum(phase.steps for phase in method.phases())

@@ -34,7 +34,7 @@ def load_vae(model_cfg):
     from diffusers import AutoencoderKL
 
     source = resolve(model_cfg)
-    kwargs = dict(subfolder="vae", revision=model_cfg.revision, cache_dir=model_cfg.cache_dir)
+    kwargs = dict(subfolder="vae", revision=model_cfg.revision, cache_dir=model_cfg.cache_dir, use_safetensors=True)
     if offline() and not Path(source).exists():
         kwargs["local_files_only"] = True
     try:

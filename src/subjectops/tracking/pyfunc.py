@@ -84,8 +84,9 @@ def signature():
 
 
 def save_pyfunc(path: Path, artifacts: dict[str, Path], model_config: dict, pip_requirements: list[str]) -> Path:
-    """Write the pyfunc model directory (MLmodel, python_model.pkl, artifacts/): `artifacts` maps `finetune`,
-    each stage output the strategy requires, and `base` (tiny presets) to the directories to package."""
+    """Write the pyfunc model directory (MLmodel, the model's code, artifacts/; nothing pickled): `artifacts`
+    maps `finetune`, each stage output the strategy requires, and `base` (tiny presets) to the directories to
+    package."""
     import warnings
 
     with warnings.catch_warnings():

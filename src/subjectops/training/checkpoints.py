@@ -130,15 +130,16 @@ def load_checkpoint(path: Path) -> dict:
 
 # --- the step log -----------------------------------------------------------------------------------------------
 class StepLog:
-    """`train_log.jsonl`, one JSON record per optimizer step. Resuming from step k first cuts the log back to
-    steps 1..k, so steps written after the last checkpoint and before a kill appear once, not twice."""
+    """`train_log.jsonl`, one JSON record per optimizer step. Each checkpoint carries the records of its steps
+    (`Trainer._save_checkpoint`), and resuming from it rewrites the log from them: steps written after the last
+    checkpoint and before a kill appear once, not twice, and a retried pod that finds only the checkpoint (on
+    the model-cache volume) still gets the whole log."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._fh = None
 
-    def open(self, resume_step: int) -> "StepLog":
-        kept = [r for r in self.read() if r["step"] <= resume_step] if resume_step else []
+    def open(self, kept: list[dict]) -> "StepLog":
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

@@ -12,16 +12,24 @@ dtype, as diffusers' training scripts do.
 All randomness (batch choice, latent sampling, noise, timesteps) comes from one torch.Generator per process that
 is checkpointed with the weights, optimizer, LR scheduler and gradient scaler, so a resumed run matches an
 uninterrupted one.
+
+SIGTERM (what Kubernetes sends a preempted pod, `terminationGracePeriodSeconds` before SIGKILL) lets the step in
+progress finish, writes a checkpoint of it and ends finetune with `Preempted` (exit code EXIT_PREEMPTED = 75,
+sysexits' EX_TEMPFAIL): the bound is one optimizer step plus one checkpoint write. Running the same command
+again, or a retried pipeline task, resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import contextlib
 import math
 import shutil
+import signal
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -43,25 +51,54 @@ if TYPE_CHECKING:
 # The config sections a finetune reads: a checkpoint resumes only under the same values.
 TRAINING_SECTIONS = ("model", "subject", "priors", "finetune")
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: "try again later"; the CLI exits with it on SIGTERM
+
+
+class Preempted(SubjectopsError):
+    """finetune stopped on SIGTERM after writing a checkpoint; running it again resumes."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+@contextlib.contextmanager
+def sigterm_requests_stop() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while the block runs (the previous handler is restored afterwards). Signals
+    reach only the main thread; elsewhere (a test's worker thread) the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Trainer:
     """Runs a method's phases. `cache_latents` / `cache_text` exist for the benchmark's reference loop;
     `accelerator` lets a test or benchmark hand in one it configured (e.g. a CPU gradient scaler).
     `on_snapshot(step)` is called on the main process after each step in `snapshot_steps`, with the live weights
-    of that step (the caller saves them)."""
+    of that step (the caller saves them).
+
+    `data` is the content identity of what trains (hashes of the refined subject, the priors, the class word):
+    a checkpoint made for other data is refused, never resumed. `ckpt_dir` is where checkpoints live (default
+    `work_dir/checkpoints`; the Kubeflow component puts them on the model-cache volume, keyed by run)."""
 
     def __init__(self, params: "Params", models: DiffusionModels, method: "Method", resolution: int, work_dir: Path,
                  cache_latents: bool = True, cache_text: bool = True,
                  on_step: Callable[[int, dict], None] | None = None, show_progress: bool = True,
                  accelerator: Accelerator | None = None,
-                 on_snapshot: Callable[[int], None] | None = None, snapshot_steps: Iterable[int] = ()):
+                 on_snapshot: Callable[[int], None] | None = None, snapshot_steps: Iterable[int] = (),
+                 data: dict[str, str | None] | None = None, ckpt_dir: Path | None = None):
         self.params = params
         self.cfg = params.finetune
         self.models = models
         self.method = method
         self.resolution = resolution
         self.work_dir = Path(work_dir)
+        self.data = dict(data or {})
+        self._ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else self.work_dir / "checkpoints"
         self.on_step = on_step
         self.on_snapshot = on_snapshot
         self.snapshot_steps = frozenset(snapshot_steps)
@@ -102,7 +139,7 @@ class Trainer:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.work_dir / "checkpoints"
+        return self._ckpt_dir
 
     # --- precision and optimizer ---------------------------------------------------------------------------
     def _cast_for_mixed_precision(self, phases: list[Phase]) -> None:
@@ -139,6 +176,7 @@ class Trainer:
             "global_step": global_step,
             "phase": phase_idx,
             "config": self.params.digest(TRAINING_SECTIONS),
+            "data": self.data,
             "tensors": self.method.state_tensors(),
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_sched.state_dict(),
@@ -148,14 +186,25 @@ class Trainer:
             "method": self.method.extra_state(),
         }
         if self.is_main:
-            save_checkpoint(self.ckpt_dir, global_step, state)
+            save_checkpoint(self.ckpt_dir, global_step, {**state, "log": self.log.read()})
 
     def latest_checkpoint(self) -> dict | None:
-        """The newest checkpoint made with this run's training parameters, or None."""
+        """The newest checkpoint made with this run's training parameters, or None (a fresh start).
+
+        Other parameters: the checkpoint is set aside and training starts fresh (a deliberate change of a
+        hyperparameter). Other data (subject photos, priors, class word): refused, since that is another run's
+        folder, and starting fresh would delete that run's checkpoints."""
         found = checkpoint_dirs(self.ckpt_dir)
         if not found:
             return None
         state = load_checkpoint(found[-1])
+        recorded = state.get("data", {})
+        changed = sorted(k for k in set(recorded) | set(self.data) if recorded.get(k) != self.data.get(k))
+        if changed:
+            raise SubjectopsError(
+                f"checkpoint {found[-1]} was made for other training data ({', '.join(changed)} differ): it belongs "
+                "to another run, and resuming it would label that run's training with this subject",
+                fix=f"use another --out for this subject, or delete {self.ckpt_dir} to discard that run's progress")
         if state["config"] != self.params.digest(TRAINING_SECTIONS):
             console.print(f"[yellow]ignoring checkpoint {found[-1].name}: it was made with different parameters")
             return None
@@ -184,7 +233,7 @@ class Trainer:
         elif self.is_main:  # a fresh start: drop any checkpoints made with other parameters
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         if self.is_main:
-            self.log.open(start_global)
+            self.log.open(resume["log"] if resume else [])
 
         total = sum(p.steps for p in phases)
         global_step = 0
@@ -192,7 +241,7 @@ class Trainer:
                             TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
                             TimeRemainingColumn(), console=console, disable=not (self.show_progress and self.is_main))
         try:
-            with progress:
+            with progress, sigterm_requests_stop() as stop:
                 task = progress.add_task(f"finetune {method.name}", total=total, completed=start_global,
                                          loss=float("nan"))
                 for phase_idx, phase in enumerate(phases):
@@ -201,14 +250,15 @@ class Trainer:
                     if start_global >= global_step:
                         continue  # phase finished before the checkpoint
                     self._run_phase(phase, phase_idx, phase_start, start_global, inst,
-                                    prior if phase.uses_priors else None, resume, progress, task, validate)
+                                    prior if phase.uses_priors else None, resume, progress, task, validate, stop)
                     resume = None
         finally:
             self.log.close()
         return total
 
     def _run_phase(self, phase: Phase, phase_idx: int, phase_start: int, start_global: int, inst: ExampleSet,
-                   prior: ExampleSet | None, resume: dict | None, progress, task, validate) -> None:
+                   prior: ExampleSet | None, resume: dict | None, progress, task, validate,
+                   stop: threading.Event) -> None:
         acc = self.accelerator
         params = [p for _, p in phase.trainable()]
         for p in params:
@@ -244,8 +294,16 @@ class Trainer:
                 if self.on_step:
                     self.on_step(global_step, record)
                 progress.update(task, advance=1, loss=terms["loss"])
-                if self.cfg.checkpoint_every and global_step % self.cfg.checkpoint_every == 0:
+                checkpointed = bool(self.cfg.checkpoint_every and global_step % self.cfg.checkpoint_every == 0)
+                if checkpointed:
                     self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)
+                if self._stop_requested(stop):
+                    if not checkpointed:
+                        self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)
+                    raise Preempted(f"finetune stopped by SIGTERM after step {global_step}; checkpoint "
+                                    f"{self.ckpt_dir / f'step_{global_step:06d}'} written",
+                                    fix="run the same command again (same --out, params and inputs): it resumes "
+                                        f"from step {global_step}; a retried pipeline task does so by itself")
                 if self.on_snapshot and self.is_main and global_step in self.snapshot_steps:
                     self.on_snapshot(global_step)
                 if validate and self.is_main and self.cfg.validation_every and global_step % self.cfg.validation_every == 0:
@@ -254,6 +312,13 @@ class Trainer:
             acc.unwrap_model(module, keep_fp32_wrapper=False)  # restores each raw module's own forward
         for p in params:
             p.requires_grad_(False)
+
+    def _stop_requested(self, stop: threading.Event) -> bool:
+        """Whether any process got SIGTERM: under several processes all of them stop at the same step, since
+        writing a checkpoint gathers the generators of every process."""
+        if self.world == 1:
+            return stop.is_set()
+        return any(gather_object([stop.is_set()]))
 
     def _step(self, phase: Phase, global_step: int, inst: ExampleSet, prior: ExampleSet | None, text_cache,
               params, optimizer, lr_sched, modules) -> dict[str, float]:
