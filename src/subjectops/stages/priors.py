@@ -30,11 +30,14 @@ def cache_key(params: Params, class_prompt: str, resolution: int) -> tuple[str, 
 
 def generate_priors(params: Params, prompt: str, resolution: int, target: Path) -> None:
     """Generate the class images into target/images (image i always from seed + i)."""
+    import torch
+
     p = params.priors
     pipe = load_pipeline(params.model)
     use_scheduler(pipe, p.scheduler)
     (target / "images").mkdir(parents=True)
-    with Progress(transient=True) as progress:
+    # inference mode: no autograd bookkeeping at all (no_grad still tracks versions and views)
+    with Progress(transient=True) as progress, torch.inference_mode():
         task = progress.add_task(f"priors: {prompt!r}", total=p.num_images)
         for start in range(0, p.num_images, p.batch_size):
             idx = list(range(start, min(start + p.batch_size, p.num_images)))
