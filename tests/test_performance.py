@@ -65,3 +65,27 @@ def test_changing_the_prior_sampler_or_its_steps_never_reuses_images(tiny_overri
         keys.append(json.loads((tmp_path / f"p{i}" / "priors.json").read_text())["cache_key"])
     assert len(set(keys[:3])) == 3 and keys[3] == keys[0]
     assert steps_of_each_call == [2, 2, 3]  # one batch per new key; the first key's images are reused
+
+
+def test_run_loads_the_base_pipeline_once_for_priors_and_finetune_with_the_same_result(tiny_overrides,
+                                                                                         example_subject, tmp_path,
+                                                                                         monkeypatch):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from subjectops.pipeline import run
+    from subjectops.stages.finetune import finetune
+
+    loads = []
+    real_load = DiffusionPipeline.from_pretrained.__func__
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a[0]) or real_load(cls, *a, **k)))
+    params = load_params(REPO / "params.yaml", tiny_overrides)
+    out = tmp_path / "run"
+    run(params, example_subject, "teapot", out)
+    assert len(loads) == 2  # priors and finetune share one; infer loads the base it applies the finetune to
+
+    alone = finetune(params, out / "refine", out / "priors", tmp_path / "finetune-alone")
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    shared, separate = load_file(out / "finetune" / weights), load_file(alone / weights)
+    assert all(torch.equal(shared[k], separate[k]) for k in separate)

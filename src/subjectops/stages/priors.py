@@ -28,12 +28,14 @@ def cache_key(params: Params, class_prompt: str, resolution: int) -> tuple[str, 
     return digest_json(fields), fields
 
 
-def generate_priors(params: Params, prompt: str, resolution: int, target: Path) -> None:
-    """Generate the class images into target/images (image i always from seed + i)."""
+def generate_priors(params: Params, prompt: str, resolution: int, target: Path, pipe=None) -> None:
+    """Generate the class images into target/images (image i always from seed + i), with the given base
+    pipeline (its scheduler is restored afterwards) or one loaded here."""
     import torch
 
     p = params.priors
-    pipe = load_pipeline(params.model)
+    pipe = pipe if pipe is not None else load_pipeline(params.model)
+    scheduler = pipe.scheduler
     use_scheduler(pipe, p.scheduler)
     (target / "images").mkdir(parents=True)
     # inference mode: no autograd bookkeeping at all (no_grad still tracks versions and views)
@@ -45,9 +47,10 @@ def generate_priors(params: Params, prompt: str, resolution: int, target: Path) 
             for i, img in zip(idx, images):
                 img.save(target / "images" / f"{i:04d}.png")
             progress.advance(task, len(idx))
+    pipe.scheduler = scheduler
 
 
-def priors(params: Params, refine_dir: Path, out: Path) -> Path:
+def priors(params: Params, refine_dir: Path, out: Path, pipe=None) -> Path:
     subject = RefinedSubject.load(require_stage_dir(refine_dir, "refine", "priors"))
     prompt = params.priors.prompt.format(class_word=subject.class_word)
     key, fields = cache_key(params, prompt, subject.resolution)
@@ -56,7 +59,7 @@ def priors(params: Params, refine_dir: Path, out: Path) -> Path:
     if params.priors.num_images and not (entry / "cache.json").exists():
         tmp = entry.with_name(f"{key}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        generate_priors(params, prompt, subject.resolution, tmp)
+        generate_priors(params, prompt, subject.resolution, tmp, pipe)
         (tmp / "cache.json").write_text(json.dumps(fields, indent=2))
         try:
             tmp.rename(entry)
