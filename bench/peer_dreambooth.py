@@ -100,7 +100,7 @@ def pairs(args, tmp: Path, refine: Path, model_dir: Path) -> dict[str, tuple]:
 
 
 def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} (range {min(values):.2f}-{max(values):.2f})"
+    return f"{statistics.median(values):.3g} (range {min(values):.3g}-{max(values):.3g})"
 
 
 def compare(name: str, make_ours, make_peer, rate_key: str, units: int, unit: str, rounds: int, tmp: Path) -> dict:
@@ -110,7 +110,7 @@ def compare(name: str, make_ours, make_peer, rate_key: str, units: int, unit: st
             m = timed_process(make(r), tmp / f"{name}-{side}-{r}.json", tmp / f"{name}-{side}-{r}.log")
             m["rate"] = units / m[rate_key] if m[rate_key] else float("nan")
             rows[side].append(m)
-            print(f"  round {r + 1} {name} {side:4s}: wall {m['wall']:6.1f} s  {m['rate']:6.2f} {unit}  "
+            print(f"  round {r + 1} {name} {side:4s}: wall {m['wall']:6.1f} s  {m['rate']:8.3g} {unit}  "
                   f"peak {m['peak_mib']:6.0f} MiB", flush=True)
     o, p = rows["ours"], rows["peer"]
     result = {
