@@ -62,11 +62,11 @@ class RefineCfg(StrictModel):
 class PriorsCfg(StrictModel):
     num_images: int = Field(100, ge=0)
     prompt: ClassPrompt = "a photo of a {class_word}"
-    steps: int = Field(50, ge=1)
+    steps: int = Field(25, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
-    scheduler: Literal["ddim", "pndm", "euler"] = "ddim"
+    scheduler: Literal["dpmsolver++", "ddim", "pndm", "euler"] = "dpmsolver++"
     seed: int = 0
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(8, ge=1)
     cache_dir: str = "cache/priors"
 
 

@@ -1,4 +1,5 @@
-"""The whole DAG in-process on one machine: each planned stage once, in order, each into RUN/<stage>/."""
+"""The whole DAG in-process on one machine: each planned stage once, in order, each into RUN/<stage>/; the base
+pipeline is loaded once for the stages that take it."""
 
 from __future__ import annotations
 
@@ -17,15 +18,19 @@ from subjectops.runlock import run_lock
 from subjectops.tracking import NullTracker, Tracker
 
 # How each stage function takes the run's inputs: (function, params, subject dir, class word, the planned
-# inputs' directories, output directory). An input that is not planned is passed as None.
+# inputs' directories, output directory, keyword arguments). An input that is not planned is passed as None.
 CALLS: dict[str, Callable] = {
-    "refine": lambda fn, p, subject, cls, i, out: fn(p, subject, cls, out),
-    "priors": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], out),
-    "pretrain_disc": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i.get("priors"), out),
-    "finetune": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i.get("priors"), out, i.get("pretrain_disc")),
-    "infer": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i["finetune"], out),
-    "evaluate": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i["infer"], out),
+    "refine": lambda fn, p, subject, cls, i, out, **kw: fn(p, subject, cls, out, **kw),
+    "priors": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], out, **kw),
+    "pretrain_disc": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i.get("priors"), out, **kw),
+    "finetune": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i.get("priors"), out,
+                                                             i.get("pretrain_disc"), **kw),
+    "infer": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i["finetune"], out, **kw),
+    "evaluate": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i["infer"], out, **kw),
 }
+# Stages that take the base pipeline as `pipe=`: one load serves them all, in plan order. finetune trains it in
+# place, so it is the last that may receive it.
+TAKE_BASE_PIPELINE = ("priors", "finetune")
 
 
 def stage_function(name: str) -> Callable:
@@ -56,6 +61,15 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path, tracker: 
         require_writable(Path(params.priors.cache_dir), "the class-image cache (priors.cache_dir)")
     tracker = tracker or NullTracker()
     dirs: dict[str, Path] = {}
+    base: list = []  # the base pipeline, once a stage has needed it
+
+    def base_pipeline():
+        if not base:
+            from subjectops.models.loading import load_pipeline
+
+            base.append(load_pipeline(params.model))
+        return base[0]
+
     with run_lock(out), tracker.pipeline(params, out):  # one writer per run folder, for the whole run
         for stage in plan(params).stages:
             target = out / stage.name
@@ -65,6 +79,7 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path, tracker: 
                     dirs["register"] = target
                 continue
             with tracker.stage(stage.name, target):
-                CALLS[stage.name](stage_function(stage.name), params, subject_dir, class_word, inputs, target)
+                shared = {"pipe": base_pipeline()} if stage.name in TAKE_BASE_PIPELINE else {}
+                CALLS[stage.name](stage_function(stage.name), params, subject_dir, class_word, inputs, target, **shared)
             dirs[stage.name] = target
     return dirs

@@ -7,10 +7,12 @@ strategies draw one image per call (see `subjectops.inference.plain`)."""
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from PIL import Image
 
-SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}
+SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
+              # second-order multistep DPM-Solver++ (diffusers' default algorithm_type for this class)
+              "dpmsolver++": DPMSolverMultistepScheduler}
 
 
 def use_scheduler(pipe, name: str) -> None:

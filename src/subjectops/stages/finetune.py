@@ -34,13 +34,15 @@ from subjectops.training.models import DiffusionModels
 
 
 def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path, disc_dir: Path | None = None,
-             on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: Path | None = None) -> Path:
+             on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: Path | None = None,
+             pipe=None) -> Path:
+    """`pipe`: the base pipeline already loaded (`subjectops run` hands it on); it is trained in place."""
     inputs = planned_inputs(params, "finetune", {"refine": refine_dir, "priors": priors_dir, "pretrain_disc": disc_dir})
     refine_dir, priors_dir, disc_dir = inputs["refine"], inputs["priors"], inputs["pretrain_disc"]
     subject = RefinedSubject.load(refine_dir)
     method_cls = get_method(params.finetune.method)
 
-    pipe = load_pipeline(params.model)
+    pipe = pipe if pipe is not None else load_pipeline(params.model)
     models = DiffusionModels.from_pipeline(pipe)
     if subject.resolution % models.vae_scale_factor:
         raise SubjectopsError(f"subject resolution {subject.resolution} is not a multiple of the VAE's scale factor "

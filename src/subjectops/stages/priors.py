@@ -37,13 +37,18 @@ def cache_key(params: Params, class_prompt: str, resolution: int) -> tuple[str, 
     return digest_json(fields), fields
 
 
-def generate_priors(params: Params, prompt: str, resolution: int, target: Path) -> None:
-    """Generate the class images into target/images (image i always from seed + i)."""
+def generate_priors(params: Params, prompt: str, resolution: int, target: Path, pipe=None) -> None:
+    """Generate the class images into target/images (image i always from seed + i), with the given base
+    pipeline (its scheduler is restored afterwards) or one loaded here."""
+    import torch
+
     p = params.priors
-    pipe = load_pipeline(params.model)
+    pipe = pipe if pipe is not None else load_pipeline(params.model)
+    scheduler = pipe.scheduler
     use_scheduler(pipe, p.scheduler)
     (target / "images").mkdir(parents=True)
-    with Progress(transient=True) as progress:
+    # inference mode: no autograd bookkeeping at all (no_grad still tracks versions and views)
+    with Progress(transient=True) as progress, torch.inference_mode():
         task = progress.add_task(f"priors: {prompt!r}", total=p.num_images)
         for start in range(0, p.num_images, p.batch_size):
             idx = list(range(start, min(start + p.batch_size, p.num_images)))
@@ -51,9 +56,10 @@ def generate_priors(params: Params, prompt: str, resolution: int, target: Path) 
             for i, img in zip(idx, images):
                 img.save(target / "images" / f"{i:04d}.png")
             progress.advance(task, len(idx))
+    pipe.scheduler = scheduler
 
 
-def priors(params: Params, refine_dir: Path, out: Path) -> Path:
+def priors(params: Params, refine_dir: Path, out: Path, pipe=None) -> Path:
     subject = RefinedSubject.load(require_stage_dir(refine_dir, "refine", "priors"))
     prompt = params.priors.prompt.format(class_word=subject.class_word)
     key, fields = cache_key(params, prompt, subject.resolution)
@@ -62,7 +68,7 @@ def priors(params: Params, refine_dir: Path, out: Path) -> Path:
     require_writable(entry.parent, "the class-image cache (priors.cache_dir)")  # before the lock and the model
     with wait_for_lock(entry.with_name(f"{key}.lock")):  # one process generates an entry; the others wait
         if params.priors.num_images and not _entry_intact(entry):
-            _fill_entry(params, prompt, subject.resolution, entry, fields)
+            _fill_entry(params, prompt, subject.resolution, entry, fields, pipe)
             generated = True
         with stage_output(out) as work:
             (work / "images").mkdir()
@@ -99,11 +105,11 @@ def _entry_intact(entry: Path) -> bool:
     return True
 
 
-def _fill_entry(params: Params, prompt: str, resolution: int, entry: Path, fields: dict) -> None:
+def _fill_entry(params: Params, prompt: str, resolution: int, entry: Path, fields: dict, pipe=None) -> None:
     """Generate into a temporary folder, record the hashes, make it read-only and rename it into place."""
     tmp = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
     _remove_entry(tmp)
-    generate_priors(params, prompt, resolution, tmp)
+    generate_priors(params, prompt, resolution, tmp, pipe)
     files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted((tmp / "images").glob("*.png"))}
     (tmp / "cache.json").write_text(json.dumps({**fields, "files": files}, indent=2))
     for path in [*tmp.rglob("*"), tmp]:

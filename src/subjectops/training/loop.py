@@ -73,6 +73,8 @@ def sigterm_requests_stop() -> Iterator[threading.Event]:
         yield stop
     finally:
         signal.signal(signal.SIGTERM, previous)
+# Steps between reads of the loss terms from the device (the log and the non-finite check trail by at most this).
+LOG_EVERY = 10
 
 
 class Trainer:
@@ -167,7 +169,11 @@ class Trainer:
                 raise SubjectopsError("finetune.use_8bit_adam = true but bitsandbytes is not installed",
                                       fix="pip install bitsandbytes (CUDA), or --set finetune.use_8bit_adam=false") from None
             return bnb.optim.AdamW8bit(params, **kwargs)
-        return torch.optim.AdamW(params, **kwargs)
+        # foreach: one multi-tensor kernel per operation instead of a Python loop over the tensors (the loop costs
+        # more than the arithmetic when a whole UNet trains); torch's default on CUDA, the same update as the
+        # loop up to float rounding (tests/test_performance.py). Not fused: its kernel takes an fp16 overflow
+        # step itself, hiding the skip from accelerate, and rounds differently from the scaler-free path.
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def _save_checkpoint(self, global_step: int, phase_idx: int, optimizer, lr_sched) -> None:
@@ -282,6 +288,21 @@ class Trainer:
             prompts = set(inst.prompts) | (set(prior.prompts) if prior else set())
             text_cache = self.batches.text_cache(prompts)
         first = max(start_global, phase_start)
+        pending: list[dict] = []  # records whose loss terms are still tensors on the device
+
+        def publish() -> None:
+            """Reads the pending records' loss terms in one host transfer, then logs them in order."""
+            for record in _read_terms(pending):
+                if not math.isfinite(record["loss"]):
+                    raise SubjectopsError(f"loss became {record['loss']} at step {record['step']} ({phase.name})",
+                                          fix="lower the learning rate or use --set finetune.mixed_precision=no")
+                if self.is_main:
+                    self.log.write(record)
+                if self.on_step:
+                    self.on_step(record["step"], record)
+                progress.update(task, advance=1, loss=record["loss"])
+            pending.clear()
+
         with self.models.calling_through(dict(zip(owners, wrapped))):
             for global_step in range(first + 1, phase_start + phase.steps + 1):
                 terms = self._step(phase, global_step, inst, prior, text_cache, params, optimizer, lr_sched,
@@ -289,25 +310,29 @@ class Trainer:
                 record = {"step": global_step, "phase": phase.name, "lr": lr_sched.get_last_lr()[0], **terms}
                 if optimizer.step_was_skipped:
                     record["skipped"] = True  # fp16: the gradients overflowed; the scaler lowered its scale
-                if self.is_main:
-                    self.log.write(record)
-                if self.on_step:
-                    self.on_step(global_step, record)
-                progress.update(task, advance=1, loss=terms["loss"])
-                checkpointed = bool(self.cfg.checkpoint_every and global_step % self.cfg.checkpoint_every == 0)
-                if checkpointed:
+                pending.append(record)
+                checkpoint = bool(self.cfg.checkpoint_every and global_step % self.cfg.checkpoint_every == 0)
+                snapshot = bool(self.on_snapshot and self.is_main and global_step in self.snapshot_steps)
+                validation = bool(validate and self.is_main and self.cfg.validation_every
+                                  and global_step % self.cfg.validation_every == 0)
+                stopping = self._stop_requested(stop)
+                # The log (and the non-finite check) trails the step by at most LOG_EVERY steps, and is
+                # complete before anything is saved from these weights (a checkpoint carries the log); a per-step
+                # callback sees each step as it ends (the live weights of that step).
+                if len(pending) >= LOG_EVERY or self.on_step or checkpoint or snapshot or validation or stopping:
+                    publish()
+                if checkpoint or stopping:
                     self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)
-                if self._stop_requested(stop):
-                    if not checkpointed:
-                        self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)
+                if stopping:
                     raise Preempted(f"finetune stopped by SIGTERM after step {global_step}; checkpoint "
                                     f"{self.ckpt_dir / f'step_{global_step:06d}'} written",
                                     fix="run the same command again (same --out, params and inputs): it resumes "
                                         f"from step {global_step}; a retried pipeline task does so by itself")
-                if self.on_snapshot and self.is_main and global_step in self.snapshot_steps:
+                if snapshot:
                     self.on_snapshot(global_step)
-                if validate and self.is_main and self.cfg.validation_every and global_step % self.cfg.validation_every == 0:
+                if validation:
                     validate(global_step)
+            publish()
         for module in [*wrapped, *owned]:
             acc.unwrap_model(module, keep_fp32_wrapper=False)  # restores each raw module's own forward
         for p in params:
@@ -321,11 +346,11 @@ class Trainer:
         return any(gather_object([stop.is_set()]))
 
     def _step(self, phase: Phase, global_step: int, inst: ExampleSet, prior: ExampleSet | None, text_cache,
-              params, optimizer, lr_sched, modules) -> dict[str, float]:
+              params, optimizer, lr_sched, modules) -> dict[str, torch.Tensor | float]:
         """One optimizer step: `gradient_accumulation_steps` micro-batches under `accelerator.accumulate`."""
         acc = self.accelerator
         accum = self.cfg.gradient_accumulation_steps
-        terms_sum: dict[str, float] = {}
+        terms_sum: dict[str, torch.Tensor | float] = {}
         for _ in range(accum):
             with acc.accumulate(*modules):
                 batch = self.batches.make(inst, prior, text_cache)
@@ -337,13 +362,21 @@ class Trainer:
                 optimizer.step()  # a no-op until the last micro-batch; skipped on overflow under fp16
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
-            for k, v in {"loss": float(loss.detach()), **terms}.items():
+            for k, v in {"loss": loss.detach(), **terms}.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v / accum
         self.method.after_optimizer_step(phase)
-        if not math.isfinite(terms_sum["loss"]):
-            raise SubjectopsError(f"loss became {terms_sum['loss']} at step {global_step} ({phase.name})",
-                                  fix="lower the learning rate or use --set finetune.mixed_precision=no")
         return terms_sum
+
+
+def _read_terms(records: list[dict]) -> list[dict]:
+    """The records with every tensor value replaced by its float, read from the device in one transfer (a
+    per-step `float(loss)` would make the host wait for each step's kernels before queueing the next)."""
+    slots = [(r, k) for r in records for k, v in r.items() if isinstance(v, torch.Tensor)]
+    if slots:
+        values = torch.stack([r[k].float().reshape(()) for r, k in slots]).tolist()
+        for (r, k), value in zip(slots, values):
+            r[k] = value
+    return records
 
 
 def replicas_in_sync(trainer: Trainer) -> bool:
