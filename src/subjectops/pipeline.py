@@ -22,7 +22,8 @@ CALLS: dict[str, Callable] = {
     "pretrain_disc": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i.get("priors"), out),
     "finetune": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i.get("priors"), out, i.get("pretrain_disc")),
     "infer": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i["finetune"], out),
-    "evaluate": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i["infer"], out),
+    "sweep": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i["finetune"], out),
+    "evaluate": lambda fn, p, subject, cls, i, out: fn(p, i["refine"], i["infer"], out, i.get("sweep")),
 }
 
 
