@@ -105,7 +105,7 @@ def test_repro_param_change_exp_run_push_pull(dvc_repo):
     params["evaluate"]["batch_size"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(sh([dvc, "status", "--json"], repo, env).stdout)
-    assert sorted(status) == EVALUATION, status
+    assert set(status) == set(EVALUATION), status
     second = sh([dvc, "repro"], repo, env, timeout=600)
     assert ran(second.stdout) == EVALUATION, second.stdout
     lock2 = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
