@@ -29,7 +29,7 @@ CPU_IMAGE = os.environ.get("SUBJECTOPS_CPU_IMAGE", f"{REGISTRY}/subjectops-cpu:{
 TRAINER_IMAGE = os.environ.get("SUBJECTOPS_TRAINER_IMAGE", f"{REGISTRY}/subjectops-trainer:{VERSION}")
 
 # Components (by name) that run on the GPU node pool in the trainer image.
-GPU_STAGES = ("priors", "pretrain-disc", "finetune", "infer", "evaluate")
+GPU_STAGES = ("priors", "pretrain-disc", "finetune", "infer", "sweep", "evaluate")
 
 
 # ------------------------------------------------------------------------------------ CPU components
@@ -241,10 +241,29 @@ def infer(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Inp
     infer_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(finetune_dir.path), Path(out.path))
 
 
+def sweep(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Input[Model], out: Output[Artifact]):
+    """Every pipeline branch runs this step: when `plan(params)` has no sweep it only records why (as `subjectops
+    sweep --if-needed` does under DVC) and evaluate ignores that record, so the branches need not double."""
+    from pathlib import Path
+
+    from subjectops.kfp_pod import read_params
+    from subjectops.methods.plan import plan
+    from subjectops.stages.common import not_needed
+    from subjectops.stages.sweep import sweep as sweep_stage
+
+    p = read_params(Path(params.path))
+    planned = plan(p)
+    if planned.has("sweep"):
+        sweep_stage(p, Path(refine_dir.path), Path(finetune_dir.path), Path(out.path))
+    else:
+        not_needed("sweep", p, Path(out.path), planned.why_not("sweep"))
+
+
 def evaluate(
     params: Input[Artifact],
     refine_dir: Input[Dataset],
     infer_dir: Input[Dataset],
+    sweep_dir: Input[Artifact],
     out: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
@@ -257,7 +276,8 @@ def evaluate(
     from subjectops.stages.evaluate import evaluate as evaluate_stage
     from subjectops.tracking.record import read_eval_records
 
-    evaluate_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(infer_dir.path), Path(out.path))
+    evaluate_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(infer_dir.path), Path(out.path),
+                   Path(sweep_dir.path))
     for r in read_eval_records(Path(out.path) / "metrics.json"):
         if isinstance(r.get("mean"), (int, float)) and math.isfinite(r["mean"]):
             metrics.log_metric(f"{r.get('key', r['metric'])}.{r['prompt_set']}.{r['backbone']}", float(r["mean"]))
@@ -266,7 +286,7 @@ def evaluate(
 
 # -------------------------------------------------------------------------------------------- factory
 CPU_FUNCS: tuple = (configure, fetch_subject, refine, register, benchmark_pairs, benchmark_aggregate)
-GPU_FUNCS: tuple = (priors, pretrain_disc, finetune, infer, evaluate)
+GPU_FUNCS: tuple = (priors, pretrain_disc, finetune, infer, sweep, evaluate)
 
 
 @dataclass(frozen=True)
@@ -281,6 +301,7 @@ class Components:
     pretrain_disc: Callable
     finetune: Callable
     infer: Callable
+    sweep: Callable
     evaluate: Callable
     cpu_image: str
     trainer_image: str

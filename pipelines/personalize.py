@@ -1,9 +1,10 @@
-"""`personalize`: one subject through refine, [priors], [pretrain-disc], finetune, infer, evaluate, register.
+"""`personalize`: one subject through refine, [priors], [pretrain-disc], finetune, infer, [sweep], evaluate, register.
 
 The `configure` step validates the params and names the branch of `plan(params)`, the same plan
 `subjectops run` follows: the discriminator pretraining runs only when the method needs it, the class
 priors only when it trains with them. `dsl.If`/`Elif`/`Else` on that name select one branch, which runs its stages through register; the
-pipeline returns the registered version (`name/version`) of whichever branch ran (`dsl.OneOf`).
+pipeline returns the registered version (`name/version`) of whichever branch ran (`dsl.OneOf`). Every branch runs the
+sweep step, which records why and does nothing when the plan has no sweep (a run without snapshots).
 """
 
 from typing import List
@@ -61,15 +62,17 @@ def build_personalize(c: Components):
         refined = ref.outputs["out"]
 
         def tail(finetuned, priors_dir, disc_dir):
-            """infer, evaluate and register one finetune output.
+            """infer, sweep, evaluate and register one finetune output.
 
             They run inside each branch: kfp.local joins branches with `dsl.OneOf` for parameters only, so
             the branches meet at the register step's `name/version` parameter, not at an artifact.
             """
             inf = gpu(c.infer(params=params, refine_dir=refined, finetune_dir=finetuned).set_display_name("infer"),
                       **placement)
-            ev = gpu(c.evaluate(params=params, refine_dir=refined, infer_dir=inf.outputs["out"])
-                     .set_display_name("evaluate"), **placement)
+            sw = gpu(c.sweep(params=params, refine_dir=refined, finetune_dir=finetuned).set_display_name("sweep"),
+                     **placement)
+            ev = gpu(c.evaluate(params=params, refine_dir=refined, infer_dir=inf.outputs["out"],
+                                sweep_dir=sw.outputs["out"]).set_display_name("evaluate"), **placement)
             optional = {k: v for k, v in (("priors_dir", priors_dir), ("disc_dir", disc_dir)) if v is not None}
             reg = c.register(params=params, refine_dir=refined, finetune_dir=finetuned, infer_dir=inf.outputs["out"],
                              evaluate_dir=ev.outputs["out"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **optional)

@@ -1,11 +1,14 @@
-"""Snapshots of one finetune run (`finetune.snapshots`, the trainer's snapshot hook) and the DreamBlend strategy
-over two of them: alpha = 0 is plain sampling with the edit snapshot, the edit model guiding itself has zero
-attention loss, and a larger alpha ends closer to the guidance maps."""
+"""`subjectops run` with DreamBlend on a DreamBench subject: the snapshots of its finetune (`finetune.snapshots`, the
+trainer's snapshot hook); the DreamBlend strategy over two of them (alpha = 0 is plain sampling with the edit
+snapshot, the edit model guiding itself has zero attention loss, a larger alpha ends closer to the guidance maps);
+the sweep of its operating points, drawn in the run's report, and `subjectops choose`."""
 
 from __future__ import annotations
 
 import html
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,26 +25,32 @@ from subjectops.methods.lora import LORA_FILE
 from subjectops.methods.plan import plan, snapshot_steps
 
 TINY = ModelCfg(base="tiny-sd15")
-PROMPT = "a photo of sks teapot on a beach"
+PROMPT = "a photo of sks toy on a beach"
+
+
+ROBOT_TOY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "subjects" / "robot_toy"
 
 
 @pytest.fixture(scope="module")
-def snapshot_run(tmp_path_factory, repo_root, example_subject):
-    """A tiny LoRA finetune of 3 steps keeping snapshots at steps 1 and 2 (DreamBlend's guidance and edit)."""
-    from conftest import TINY_OVERRIDES
+def snapshot_run(tmp_path_factory, repo_root):
+    """`subjectops run` end to end on DreamBench's robot toy (not the bundled teapot) with --method lora and
+    infer.strategy=dreamblend: a tiny LoRA finetune of 3 steps keeping snapshots at steps 1 and 2 (DreamBlend's
+    guidance and edit), then infer, the sweep over them and evaluate."""
+    from typer.testing import CliRunner
 
-    from subjectops.stages.finetune import finetune
-    from subjectops.stages.refine import refine
+    from conftest import TINY_OVERRIDES
+    from subjectops.cli import app
 
     run = tmp_path_factory.mktemp("snapshots")
-    params = load_params(repo_root / "params.yaml", TINY_OVERRIDES + [
-        f"priors.cache_dir={run / 'priors'}", "finetune.method=lora", "finetune.lora.prior_preservation=false",
+    overrides = TINY_OVERRIDES + [
+        f"priors.cache_dir={run / 'priors'}", "finetune.lora.prior_preservation=false",
         "finetune.lora.steps=3", "finetune.lora.lr=0.05", "finetune.validation_every=0", "finetune.snapshots=[1]",
         "infer.strategy=dreamblend", "infer.dreamblend.guidance=1", "infer.dreamblend.edit=2",
-        "infer.dreamblend.cfg=3.0", "infer.dreamblend.alpha=0.0"])
-    refine(params, example_subject, "teapot", run / "refine")
-    finetune(params, run / "refine", None, run / "finetune")
-    return params, run
+        "infer.dreamblend.cfg=3.0", "infer.dreamblend.alpha=0.0"]
+    result = CliRunner().invoke(app, ["run", str(ROBOT_TOY), "--class", "toy", "--method", "lora", "--out", str(run),
+                                      "--no-track", *[a for o in overrides for a in ("--set", o)]])
+    assert result.exit_code == 0, result.output
+    return load_params(repo_root / "params.yaml", overrides + ["finetune.method=lora"]), run
 
 
 def dreamblend(run, **settings) -> DreamBlendStrategy:
@@ -141,19 +150,10 @@ def test_a_larger_alpha_ends_closer_to_the_guidance_maps(snapshot_run):
     assert final[20.0] < final[0.0]
 
 
-@pytest.fixture(scope="module")
-def swept(snapshot_run):
-    from subjectops.stages.evaluate import evaluate_sweep
-
-    params, run = snapshot_run
-    evaluate_sweep(params, run / "refine", run / "finetune", run / "sweep")
-    return params, run
-
-
-def test_sweep_scores_every_snapshot_and_blend_on_the_same_prompts_seeds_and_backbones(swept):
+def test_sweep_scores_every_snapshot_and_blend_on_the_same_prompts_seeds_and_backbones(snapshot_run):
     from subjectops.selection.pareto import pareto_front
 
-    _, run = swept
+    _, run = snapshot_run
     doc = json.loads((run / "sweep" / "points.json").read_text())
     assert [p["label"] for p in doc["points"]] == ["step 1", "step 2", "dreamblend 1->2 a=0 cfg=3"]
     assert doc["points"][2]["settings"]["guidance"] == 1 and doc["points"][0]["settings"] == {"snapshot": 1}
@@ -168,12 +168,24 @@ def test_sweep_scores_every_snapshot_and_blend_on_the_same_prompts_seeds_and_bac
     assert doc["front"] == [doc["points"][i]["label"] for i in pareto_front(coords)]
     assert doc["chosen"] == max((p for p in doc["points"] if p["label"] in doc["front"]),
                                 key=lambda p: (p["dino"], p["clip_t"]))["label"]
-    report = (run / "sweep" / "report.html").read_text()
-    assert 'id="operating-points"' in report and f"<td>{html.escape(doc['chosen'])}</td>" in report
-    assert report.count("<td>chosen</td>") == 1
 
 
-def test_choose_registers_the_chosen_blend_and_serves_its_images(swept, tracking_uri):
+def test_the_runs_report_draws_the_front_with_the_chosen_point_marked(snapshot_run):
+    """The report `subjectops run` points to (evaluate's) embeds the front's plot and marks the sweep's chosen point."""
+    _, run = snapshot_run
+    doc = json.loads((run / "sweep" / "points.json").read_text())
+    report = (run / "evaluate" / "report.html").read_text()
+    assert 'id="operating-points"' in report
+    assert re.search(r'<img class="plot" alt="operating points in CLIP-T and DINO[^"]*" src="data:image/png;base64,[A-Za-z0-9+/]{1000,}', report)
+    rows = re.findall(r"<tr><td>([^<]*)</td>.*?<td>(yes|)</td><td>(chosen|)</td></tr>", report)
+    assert [html.unescape(label) for label, _, _ in rows] == [p["label"] for p in doc["points"]]
+    assert [html.unescape(label) for label, _, chosen in rows if chosen] == [doc["chosen"]]
+    assert [html.unescape(label) for label, front, _ in rows if front] == doc["front"]
+    manifest = json.loads((run / "evaluate" / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"refine", "infer", "sweep"}
+
+
+def test_choose_registers_the_chosen_blend_and_serves_its_images(snapshot_run, tracking_uri):
     """Points where the DreamBlend combination has the best DINO: `choose` registers it, with the decision in the
     version's tags, and the served model returns the very image the sweep scored for that prompt and seed."""
     import mlflow.pyfunc
@@ -184,7 +196,7 @@ def test_choose_registers_the_chosen_blend_and_serves_its_images(swept, tracking
     from subjectops.selection.choose import choose_and_register
     from subjectops.tracking.pyfunc import decode_image
 
-    params, run = swept
+    params, run = snapshot_run
     points_file = run / "sweep" / "points.json"
     original = points_file.read_text()
     doc = json.loads(original)
@@ -194,17 +206,17 @@ def test_choose_registers_the_chosen_blend_and_serves_its_images(swept, tracking
     doc["front"] = [doc["points"][2]["label"]]
     points_file.write_text(json.dumps(doc))
     try:
-        info = choose_and_register(params, run, 0.4, tracking_uri=tracking_uri, model_name="chosen-teapot")
+        info = choose_and_register(params, run, 0.4, tracking_uri=tracking_uri, model_name="chosen-robot-toy")
     finally:
         points_file.write_text(original)
     blend = doc["points"][2]
     assert info["chosen"] == blend["label"] and info["rule"] == "max DINO subject to CLIP-T >= 0.4"
-    tags = MlflowClient(tracking_uri).get_model_version("chosen-teapot", info["version"]).tags
+    tags = MlflowClient(tracking_uri).get_model_version("chosen-robot-toy", info["version"]).tags
     assert tags["choose.point"] == blend["label"] and tags["inference.strategy"] == "dreamblend"
     assert json.loads(tags["choose.front"]) == [{"label": blend["label"], "clip_t": 0.5, "clip_t_std": blend["clip_t_std"],
                                                  "dino": 0.9, "dino_std": blend["dino_std"]}]
     sample = json.loads((run / "sweep" / blend["path"] / "infer" / "samples.json").read_text())[0]
-    model = mlflow.pyfunc.load_model("models:/chosen-teapot@challenger")
+    model = mlflow.pyfunc.load_model("models:/chosen-robot-toy@challenger")
     served = model.predict(pd.DataFrame({"prompt": [sample["prompt"]], "seed": [sample["seed"]]}))
     expected = pixels(Image.open(run / "sweep" / blend["path"] / "infer" / sample["path"]))
     assert np.array_equal(pixels(decode_image(served.image[0])), expected)
@@ -216,4 +228,4 @@ def test_choose_without_a_sweep_says_how_to_make_one(tmp_path):
     from subjectops.cli import app
 
     result = CliRunner().invoke(app, ["choose", str(tmp_path)])
-    assert result.exit_code != 0 and "has no sweep" in result.output and "--sweep" in result.output
+    assert result.exit_code != 0 and "has no sweep" in result.output and "subjectops sweep" in result.output

@@ -109,7 +109,8 @@ def test_placement_is_parameterised_with_the_charts_defaults(name):
 
 
 def test_personalize_runs_optional_stages_only_when_planned():
-    """Four branches, one per plan of `configure` (priors? pretrain-disc?); each runs through register."""
+    """Four branches, one per plan of `configure` (priors? pretrain-disc?); each runs through register, with the
+    sweep (which records why when not planned) feeding evaluate."""
     spec, _ = load("personalize")
     comps = spec["components"]
     branches = {}
@@ -120,7 +121,7 @@ def test_personalize_runs_optional_stages_only_when_planned():
                 inner = comps[task["componentRef"]["name"]]["dag"]["tasks"]
                 branches[cond] = inner
     assert len(branches) == 4
-    tail = {"finetune", "infer", "evaluate", "register"}
+    tail = {"finetune", "infer", "sweep", "evaluate", "register"}
     plans = {}
     for cond, tasks in branches.items():
         assert "configure-plan" in cond
@@ -132,6 +133,8 @@ def test_personalize_runs_optional_stages_only_when_planned():
         else:
             assert "disc_dir" not in arts
         assert ("priors_dir" in arts) == ("priors" in stages)
+        ev = next(t for n, t in tasks.items() if stage_of("exec-" + n) == "evaluate")
+        assert ev["inputs"]["artifacts"]["sweep_dir"]["taskOutputArtifact"]["producerTask"].startswith("sweep")
         plans[frozenset(stages - tail)] = cond
         assert tail <= stages
     assert set(plans) == {frozenset({"priors", "pretrain-disc"}), frozenset({"priors"}), frozenset({"pretrain-disc"}), frozenset()}

@@ -33,6 +33,8 @@ CASES = [(m, ()) for m in sorted(METHODS)] + [
     ("hypnos", ("finetune.hypnos.prior_preservation=false", "finetune.hypnos.latent_discriminator=false")),
     ("dreambooth", ("registry.auto_register=false",)),
     ("hypnos", ("registry.auto_register=false",)),
+    ("lora", ("infer.strategy=dreamblend",)),
+    ("textual-inversion", ("finetune.snapshots=[100, 200]",)),
 ]
 IDS = [" ".join([m, *o]) for m, o in CASES]
 
@@ -46,7 +48,7 @@ def stages_and_inputs(p) -> list[tuple[str, tuple[str, ...]]]:
 
 
 # --- (a) the plan itself ------------------------------------------------------------------------------------
-ALWAYS = [("refine", ()), ("finetune", None), ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer"))]
+ALWAYS = [("refine", ()), ("finetune", None), ("infer", ("refine", "finetune")), ("evaluate", None)]
 REGISTER = ("register", ("refine", "finetune", "infer", "evaluate"))
 
 
@@ -64,6 +66,9 @@ REGISTER = ("register", ("refine", "finetune", "infer", "evaluate"))
     ("hypnos", ("finetune.hypnos.lambda_ld=0",),
      [("refine", ()), ("priors", ("refine",)), ("finetune", ("refine", "priors")),
       ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer")), REGISTER]),
+    ("lora", ("finetune.lora.prior_preservation=false", "infer.strategy=dreamblend"),
+     [("refine", ()), ("finetune", ("refine",)), ("infer", ("refine", "finetune")), ("sweep", ("refine", "finetune")),
+      ("evaluate", ("refine", "infer", "sweep")), REGISTER]),
 ])
 def test_plan_lists_the_expected_stages_and_inputs(method, overrides, expected):
     assert stages_and_inputs(plan(params_for(method, overrides))) == expected
@@ -80,8 +85,11 @@ def test_every_plan_is_consistent(method, overrides):
             assert p.inputs(always) == inputs
     for i, stage in enumerate(p.stages):
         assert set(stage.inputs) <= set(names[:i])  # reads only earlier planned stages
-    # finetune reads every optional training stage that runs, and the plan serializes
+    # finetune reads every optional training stage that runs, evaluate the sweep when it runs (a run that keeps
+    # snapshots), and the plan serializes
     assert set(p.inputs("finetune")) == {"refine"} | {s for s in TRAINING_OPTIONAL if s in names}
+    assert p.has("sweep") == ("snapshots" in p.requirements)
+    assert p.inputs("evaluate") == ("refine", "infer", "sweep")[:3 if p.has("sweep") else 2]
     assert json.loads(json.dumps(p.to_dict()))["stages"][0] == {"name": "refine", "inputs": []}
     assert p.has("register") == ("registry.auto_register=false" not in overrides)
 
@@ -89,6 +97,7 @@ def test_every_plan_is_consistent(method, overrides):
 def test_an_unplanned_stage_says_why():
     p = plan(params_for("textual-inversion"))
     assert p.why_not("priors") == "method textual-inversion trains without class-prior images"
+    assert p.why_not("sweep").startswith("the run keeps no snapshots")
     with pytest.raises(Exception, match="pretrain-disc is not in the plan"):
         p.inputs("pretrain_disc")
 
@@ -161,8 +170,12 @@ def test_kfp_configure_returns_the_plan(method, overrides, tmp_path):
     assert artifact.metadata["stages"] == expected.to_dict()["stages"]
 
 
+# Steps every pipeline branch runs: when the plan leaves them out they only record why (test below).
+KFP_IF_NEEDED = {"sweep"}
+
+
 def test_the_pipeline_branch_named_by_configure_runs_the_plan():
-    """The compiled personalize pipeline has a branch `plan-<Plan.branch>` whose steps are the plan's."""
+    """The compiled personalize pipeline has a branch `plan-<Plan.branch>` whose working steps are the plan's."""
     compiled = next(yaml.safe_load_all((REPO / "pipelines" / "compiled" / "personalize.yaml").read_text()))
     root = compiled["root"]["dag"]["tasks"]
     dags = [root] + [c["dag"]["tasks"] for c in compiled["components"].values() if "dag" in c]
@@ -173,8 +186,21 @@ def test_the_pipeline_branch_named_by_configure_runs_the_plan():
             continue  # refused by configure
         tasks = compiled["components"][branches[f"plan-{p.branch}"]]["dag"]["tasks"].values()
         steps = {t["taskInfo"]["name"] for t in tasks}
-        assert steps == {s.replace("_", "-") for s in p.names} - {"refine"}, (method, overrides)
+        assert KFP_IF_NEEDED <= steps
+        assert steps - KFP_IF_NEEDED == {s.replace("_", "-") for s in p.names} - {"refine"} - KFP_IF_NEEDED, (method, overrides)
         assert {"configure", "refine"} <= set(root)
+
+
+def test_the_kfp_sweep_step_records_why_when_the_plan_has_no_sweep(tmp_path):
+    from components.stages import sweep
+    from subjectops.kfp_pod import write_params
+
+    params = params_for("lora")
+    write_params(params, tmp_path / "params")
+    artifact = lambda name: SimpleNamespace(path=str(tmp_path / name), metadata={})
+    sweep(params=artifact("params"), refine_dir=artifact("refine"), finetune_dir=artifact("finetune"), out=artifact("sweep"))
+    manifest = json.loads((tmp_path / "sweep" / "manifest.json").read_text())
+    assert manifest["skipped"] == plan(params).why_not("sweep") and manifest["inputs"] == {}
 
 
 # --- (d) dvc.yaml -----------------------------------------------------------------------------------------

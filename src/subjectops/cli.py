@@ -59,7 +59,8 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run-id>)"),
         params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
         track: bool = typer.Option(True, "--track/--no-track", help="log to MLflow and register the model (MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")):
-    """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer, evaluate."""
+    """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer,
+    sweep (when the run keeps snapshots), evaluate."""
     from subjectops.pipeline import default_run_dir, run as run_pipeline
     from subjectops.tracking import NullTracker
     from subjectops.tracking.cli import make_tracker
@@ -163,26 +164,42 @@ def infer(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
 
 @app.command()
 @user_errors
-def evaluate(run_dir: Optional[Path] = typer.Argument(None, help="run directory: uses RUN/refine, RUN/infer, RUN/evaluate"),
+def sweep(run_dir: Optional[Path] = typer.Argument(None, help="run directory: uses RUN/refine, RUN/finetune, RUN/sweep"),
+          refine_dir: Optional[Path] = typer.Option(None, "--refine"),
+          finetune_dir: Optional[Path] = typer.Option(None, "--finetune"),
+          out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
+          model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt, if_needed: bool = IfNeededOpt,
+          params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+    """Score every snapshot and DreamBlend combination of the finetune output (operating points, Pareto front)."""
+    from subjectops.stages.common import not_needed
+    from subjectops.stages.sweep import sweep as stage
+
+    params = build_params(params_path, sets, model, method)
+    run = run_dir or run
+    reason = if_needed_skip_reason(params, "sweep")
+    if if_needed and reason:
+        done(f"sweep ({reason})", not_needed("sweep", params, stage_path(out, run, "sweep"), reason))
+        return
+    done("sweep", stage(params, stage_path(refine_dir, run, "refine"), stage_path(finetune_dir, run, "finetune"),
+                        stage_path(out, run, "sweep")))
+
+
+@app.command()
+@user_errors
+def evaluate(run_dir: Optional[Path] = typer.Argument(None, help="run directory: uses RUN/refine, RUN/infer, RUN/sweep, RUN/evaluate"),
              refine_dir: Optional[Path] = typer.Option(None, "--refine"),
              infer_dir: Optional[Path] = typer.Option(None, "--infer"),
+             sweep_dir: Optional[Path] = typer.Option(None, "--sweep", help="sweep output whose Pareto front the report draws "
+                                                      "(read when the plan has a sweep)"),
              out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-             model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
-             sweep: bool = typer.Option(False, "--sweep", help="score every snapshot and DreamBlend combination of "
-                                        "RUN/finetune into RUN/sweep (operating points, Pareto front)")):
+             model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Score the generated images (DINO, CLIP-I, CLIP-T, FID, LPIPS, SSIM, PSNR) and write report.html."""
-    from subjectops.stages.evaluate import evaluate as stage, evaluate_sweep
+    from subjectops.stages.evaluate import evaluate as stage
 
     params = build_params(params_path, sets, model)
     run = run_dir or run
-    if sweep:
-        result = evaluate_sweep(params, stage_path(refine_dir, run, "refine"), stage_path(None, run, "finetune"),
-                                stage_path(out, run, "sweep"))
-        done("sweep", result)
-        done("report", result / "report.html")
-        return
     result = stage(params, stage_path(refine_dir, run, "refine"), stage_path(infer_dir, run, "infer"),
-                   stage_path(out, run, "evaluate"))
+                   stage_path(out, run, "evaluate"), planned_input(params, "evaluate", sweep_dir, run, "sweep"))
     done("evaluate", result)
     done("report", result / "report.html")
 
@@ -220,7 +237,7 @@ def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetO
 
 @app.command()
 @user_errors
-def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (`subjectops evaluate RUN --sweep`)"),
+def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (`subjectops sweep RUN`)"),
            min_clip_t: Optional[float] = typer.Option(None, "--min-clip-t", help="CLIP-T floor (default registry.choose.min_clip_t)"),
            name: Optional[str] = typer.Option(None, "--name", help="registered model name (default registry.model_name)"),
            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),

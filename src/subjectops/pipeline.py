@@ -26,7 +26,8 @@ CALLS: dict[str, Callable] = {
     "finetune": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i.get("priors"), out,
                                                              i.get("pretrain_disc"), **kw),
     "infer": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i["finetune"], out, **kw),
-    "evaluate": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i["infer"], out, **kw),
+    "sweep": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i["finetune"], out, **kw),
+    "evaluate": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i["infer"], out, i.get("sweep"), **kw),
 }
 # Stages that take the base pipeline as `pipe=`: one load serves them all, in plan order. finetune trains it in
 # place, so it is the last that may receive it.

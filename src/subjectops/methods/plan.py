@@ -10,7 +10,8 @@ A stage is in the plan when it always runs or when something the run needs bring
   `priors`, a latent discriminator brings `pretrain_disc`;
 - the inference strategy's `requires` (`infer.strategy`): references and masks come from `refine`, which always
   runs; snapshots (also required when `finetune.snapshots` is set) change what `finetune` keeps, read from
-  `Plan.requirements`, at the steps `snapshot_steps(params)` gives;
+  `Plan.requirements`, at the steps `snapshot_steps(params)` gives, and bring `sweep`, which scores every
+  snapshot and DreamBlend combination so that `evaluate`'s report draws the Pareto front;
 - `registry.auto_register` brings `register`.
 
 A new requirement that brings a new stage gets a row in `STAGES`. This module sits beside the method registry
@@ -20,7 +21,7 @@ but is not imported by it: it reads both the methods and the inference strategie
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from itertools import combinations
+from itertools import combinations, takewhile
 
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import CLASS_PRIORS, LATENT_DISCRIMINATOR
@@ -34,7 +35,7 @@ class StageRule:
     name: str
     reads: tuple[str, ...]  # earlier stages whose outputs it reads when they are planned
     brought_by: str | None = None  # the requirement that puts it in the plan; None: always planned
-    absent_because: str = ""  # why it is not planned, filled with the method's name
+    absent_because: str = ""  # why it is not planned ({method}: the method's name)
 
 
 STAGES: tuple[StageRule, ...] = (
@@ -44,12 +45,16 @@ STAGES: tuple[StageRule, ...] = (
               "method {method} uses no latent discriminator"),
     StageRule("finetune", ("refine", "priors", "pretrain_disc")),
     StageRule("infer", ("refine", "finetune")),
-    StageRule("evaluate", ("refine", "infer")),
+    StageRule("sweep", ("refine", "finetune"), SNAPSHOTS,
+              "the run keeps no snapshots (finetune.snapshots is empty and the inference strategy reads none)"),
+    StageRule("evaluate", ("refine", "infer", "sweep")),
     StageRule("register", ("refine", "finetune", "infer", "evaluate"), REGISTRATION, "registry.auto_register is false"),
 )
 RULES = {rule.name: rule for rule in STAGES}
-# Optional stages before finetune: the Kubeflow pipeline has one branch per combination of them.
-TRAINING_OPTIONAL = tuple(r.name for r in STAGES if r.brought_by and r.brought_by != REGISTRATION)
+# Optional stages before finetune: the Kubeflow pipeline has one branch per combination of them (the later
+# optional stages run in every branch: `sweep` records why when it is not needed, `configure` refuses a plan
+# without `register`).
+TRAINING_OPTIONAL = tuple(r.name for r in takewhile(lambda r: r.name != "finetune", STAGES) if r.brought_by)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def _link(view: Path, name: str, target: Path) -> None:
 def choose_and_register(params: Params, run_dir: Path, min_clip_t: float | None = None, *,
                         tracking_uri: str | None = None, model_name: str | None = None) -> dict:
     from subjectops.methods import snapshot_dir
-    from subjectops.stages.evaluate import POINTS_FILE
+    from subjectops.stages.sweep import POINTS_FILE
     from subjectops.stages.register import register
     from subjectops.tracking.registry import _tag
 
@@ -37,7 +37,7 @@ def choose_and_register(params: Params, run_dir: Path, min_clip_t: float | None 
     points_file = run_dir / "sweep" / POINTS_FILE
     if not points_file.is_file():
         raise SubjectopsError(f"{run_dir} has no sweep ({points_file} is missing)",
-                              fix=f"run `subjectops evaluate {run_dir} --sweep` first")
+                              fix=f"run `subjectops sweep {run_dir}` first")
     doc = json.loads(points_file.read_text())
     points = [OperatingPoint(**p) for p in doc["points"]]
     floor = params.registry.choose.min_clip_t if min_clip_t is None else min_clip_t

@@ -6,10 +6,8 @@ pair, mean and std (Hypnos app. B.3: 4 references x 50 images = 200 pairs); CLIP
 own prompt with the identifier removed (DreamBlend sec. 5); FID, LPIPS, SSIM, PSNR against the references
 (Hypnos tables 1-2). Every number records its backbone and whether that backbone was pretrained.
 
-`evaluate_sweep` (`subjectops evaluate --sweep`) scores every operating point of a run with snapshots: each snapshot
-with plain sampling and each DreamBlend (guidance, edit) combination, through infer and evaluate with the run's
-prompt sets, seeds and backbones, into RUN/sweep/points/<point>/; points.json holds each point's CLIP-T and DINO
-(mean and std over the images), the Pareto front and the point the rule `registry.choose` picks.
+When the plan has a sweep (a run that keeps snapshots), the report also draws its operating points: the Pareto
+front in (CLIP-T, DINO) with the chosen point marked (stages/sweep.py).
 """
 
 from __future__ import annotations
@@ -24,9 +22,8 @@ from subjectops.data.prompts import PromptSet, prompt_sets_from_json
 from subjectops.errors import SubjectopsError
 from subjectops.metrics.core import DISPLAY, Evaluator, MetricRecord
 from subjectops.report.html import RANDOM_WARNING, render_report
-from subjectops.stages.common import require_stage_dir, stage_output, versions, write_manifest
-
-POINTS_FILE = "points.json"
+from subjectops.stages.common import planned_inputs, require_stage_dir, stage_output, versions, write_manifest
+from subjectops.stages.sweep import read_front
 
 SAMPLE_KEYS = ("prompt_set", "prompt", "identifier", "class_word", "seed", "path")
 
@@ -111,9 +108,12 @@ def metrics_document(sets: list[PromptSet], samples: list[dict], records: list[M
     }
 
 
-def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path) -> Path:
+def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep_dir: Path | None = None) -> Path:
     refine_dir, infer_dir, out = Path(refine_dir), Path(infer_dir), Path(out)
     subject, refs, samples, sets = load_inputs(refine_dir, infer_dir)
+    if sweep_dir is not None:  # DVC and Kubeflow pass it always: a sweep the plan leaves out only records why
+        sweep_dir = planned_inputs(params, "evaluate", {"sweep": sweep_dir})["sweep"]
+    front = read_front(sweep_dir) if sweep_dir is not None else None
     # evaluate.tiny=auto follows the model that generated the images (infer's manifest), else model.base
     try:
         generated_by = json.loads((infer_dir / "manifest.json").read_text())["params"]["model"]["base"]
@@ -132,83 +132,7 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path) -> Pa
     with stage_output(out) as work:
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         render_report(work / "report.html", metrics, refs, samples, infer_dir, params.model_dump(mode="json"),
-                      versions(), subject)
-        write_manifest(work, "evaluate", params, {"refine": refine_dir, "infer": infer_dir},
+                      versions(), subject, front=front)
+        write_manifest(work, "evaluate", params, {"refine": refine_dir, "infer": infer_dir, "sweep": sweep_dir},
                        random_backbones=metrics["random_backbones"], backbones=backbones)
-    return out
-
-
-def sweep_settings(params: Params, finetune_dir: Path) -> list[tuple[str, Params, Path, dict]]:
-    """(label, params, weights, settings) per operating point: each kept snapshot with plain sampling, and each DreamBlend
-    combination of a guidance snapshot before an edit snapshot, for edit snapshots with sec. 5 settings or the
-    configured one (whose cfg and alpha infer.dreamblend gives)."""
-    from subjectops.config import DREAMBLEND_SEC5, DreamBlendCfg
-    from subjectops.methods import snapshot_dir, snapshot_steps_in
-
-    steps = snapshot_steps_in(finetune_dir)
-    if not steps:
-        raise SubjectopsError(f"{finetune_dir} keeps no snapshots, so there is nothing to sweep",
-                              fix="set finetune.snapshots (e.g. [100, 200, 400, 800]) and run finetune again")
-    blend = params.infer.dreamblend
-
-    def with_infer(**update) -> Params:
-        return params.model_copy(update={"infer": params.infer.model_copy(update=update)})
-
-    points = [(f"step {s}", with_infer(strategy="plain"), snapshot_dir(finetune_dir, s), {"snapshot": s})
-              for s in steps]
-    for edit in steps:
-        guidances = [s for s in steps if s < edit]
-        if not guidances or (edit not in DREAMBLEND_SEC5 and edit != blend.edit):
-            continue
-        own = blend if edit == blend.edit else DreamBlendCfg(edit=edit, guidance=guidances[0], start=blend.start,
-                                                             max_resolution=blend.max_resolution)
-        for guidance in guidances:
-            cfg = own.model_copy(update={"guidance": guidance})
-            points.append((f"dreamblend {guidance}->{edit} a={cfg.edit_alpha:g} cfg={cfg.edit_cfg:g}",
-                           with_infer(strategy="dreamblend", scheduler="ddim", dreamblend=cfg), Path(finetune_dir),
-                           cfg.model_dump(mode="json")))
-    return points
-
-
-def per_image_stats(metrics: dict, key: str) -> tuple[float, float]:
-    import numpy as np
-
-    values = np.array([row[key] for row in metrics["per_image"] if row.get(key) is not None], dtype=float)
-    if values.size == 0:
-        raise SubjectopsError(f"the sweep needs {key} per image, but evaluate.metrics leaves it out",
-                              fix=f"add {key} to evaluate.metrics")
-    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
-
-
-def evaluate_sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
-    from subjectops.selection.pareto import OperatingPoint, choose, front_plot, pareto_front
-    from subjectops.stages.infer import infer
-
-    refine_dir = require_stage_dir(refine_dir, "refine", "evaluate --sweep")
-    finetune_dir = require_stage_dir(finetune_dir, "finetune", "evaluate --sweep")
-    settings = sweep_settings(params, finetune_dir)
-    with stage_output(out) as work:
-        points = []
-        for i, (label, point_params, weights, point_settings) in enumerate(settings):
-            folder = work / "points" / f"{i:02d}"
-            infer(point_params, refine_dir, weights, folder / "infer")
-            evaluate(point_params, refine_dir, folder / "infer", folder / "evaluate")
-            metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
-            clip_t, dino = per_image_stats(metrics, "clip-t"), per_image_stats(metrics, "dino")
-            points.append(OperatingPoint(
-                label, point_params.infer.strategy, point_settings, clip_t[0], clip_t[1], dino[0], dino[1], len(metrics["per_image"]), folder.relative_to(work).as_posix()))
-        min_clip_t = params.registry.choose.min_clip_t
-        chosen = choose(points, min_clip_t)
-        front = [points[i].label for i in pareto_front([(p.clip_t, p.dino) for p in points])]
-        rule = "max DINO" + (f" subject to CLIP-T >= {min_clip_t}" if min_clip_t is not None else "")
-        (work / POINTS_FILE).write_text(json.dumps({"points": [p.to_dict() for p in points], "front": front,
-                                                    "chosen": chosen.label, "rule": rule}, indent=2))
-        subject, refs, samples, _ = load_inputs(refine_dir, work / chosen.path / "infer")
-        chosen_metrics = json.loads((work / chosen.path / "evaluate" / "metrics.json").read_text())
-        render_report(work / "report.html", chosen_metrics, refs, samples, work / chosen.path / "infer",
-                      params.model_dump(mode="json"), versions(), subject,
-                      front={"points": points, "front": front, "chosen": chosen.label, "rule": rule,
-                             "uri": front_plot(points, chosen.label)})
-        write_manifest(work, "sweep", params, {"refine": refine_dir, "finetune": finetune_dir},
-                       points=len(points), chosen=chosen.label)
     return out

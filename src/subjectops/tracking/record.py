@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from subjectops.digest import sha256_bytes, sha256_file
+from subjectops.methods.plan import STAGES
 
-# The order stages run in; `sync` uploads them in this order.
-STAGE_ORDER = ("refine", "priors", "pretrain_disc", "finetune", "infer", "evaluate", "register")
+# The order stages run in (the plan's); `sync` uploads them in this order.
+STAGE_ORDER = tuple(rule.name for rule in STAGES)
 # Folders in a stage output that are resume state, not results (not uploaded).
 SKIP_DIRS = {"checkpoints", "cache", "__pycache__"}
 GRID_MAX = 16

@@ -1,0 +1,100 @@
+"""sweep: score every operating point of a run that keeps snapshots, into RUN/sweep/.
+
+The points are each snapshot with plain sampling and each DreamBlend (guidance, edit) combination, each through
+infer and evaluate with the run's prompt sets, seeds and backbones, into RUN/sweep/points/<NN>/. points.json holds
+each point's CLIP-T and DINO (mean and std over the images), the Pareto front and the point the rule
+`registry.choose` picks; `evaluate` draws them in the run's report and `subjectops choose` registers a point.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from subjectops.config import Params
+from subjectops.errors import SubjectopsError
+from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
+
+POINTS_FILE = "points.json"
+
+
+def sweep_settings(params: Params, finetune_dir: Path) -> list[tuple[str, Params, Path, dict]]:
+    """(label, params, weights, settings) per operating point: each kept snapshot with plain sampling, and each DreamBlend
+    combination of a guidance snapshot before an edit snapshot, for edit snapshots with sec. 5 settings or the
+    configured one (whose cfg and alpha infer.dreamblend gives)."""
+    from subjectops.config import DREAMBLEND_SEC5, DreamBlendCfg
+    from subjectops.methods import snapshot_dir, snapshot_steps_in
+
+    steps = snapshot_steps_in(finetune_dir)
+    if not steps:
+        raise SubjectopsError(f"{finetune_dir} keeps no snapshots, so there is nothing to sweep",
+                              fix="set finetune.snapshots (e.g. [100, 200, 400, 800]) and run finetune again")
+    blend = params.infer.dreamblend
+
+    def with_infer(**update) -> Params:
+        return params.model_copy(update={"infer": params.infer.model_copy(update=update)})
+
+    points = [(f"step {s}", with_infer(strategy="plain"), snapshot_dir(finetune_dir, s), {"snapshot": s})
+              for s in steps]
+    for edit in steps:
+        guidances = [s for s in steps if s < edit]
+        if not guidances or (edit not in DREAMBLEND_SEC5 and edit != blend.edit):
+            continue
+        own = blend if edit == blend.edit else DreamBlendCfg(edit=edit, guidance=guidances[0], start=blend.start,
+                                                             max_resolution=blend.max_resolution)
+        for guidance in guidances:
+            cfg = own.model_copy(update={"guidance": guidance})
+            points.append((f"dreamblend {guidance}->{edit} a={cfg.edit_alpha:g} cfg={cfg.edit_cfg:g}",
+                           with_infer(strategy="dreamblend", scheduler="ddim", dreamblend=cfg), Path(finetune_dir),
+                           cfg.model_dump(mode="json")))
+    return points
+
+
+def per_image_stats(metrics: dict, key: str) -> tuple[float, float]:
+    import numpy as np
+
+    values = np.array([row[key] for row in metrics["per_image"] if row.get(key) is not None], dtype=float)
+    if values.size == 0:
+        raise SubjectopsError(f"the sweep needs {key} per image, but evaluate.metrics leaves it out",
+                              fix=f"add {key} to evaluate.metrics")
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
+    from subjectops.selection.pareto import OperatingPoint, choose, pareto_front
+    from subjectops.stages.evaluate import evaluate
+    from subjectops.stages.infer import infer
+
+    refine_dir = require_stage_dir(refine_dir, "refine", "sweep")
+    finetune_dir = require_stage_dir(finetune_dir, "finetune", "sweep")
+    settings = sweep_settings(params, finetune_dir)
+    with stage_output(out) as work:
+        points = []
+        for i, (label, point_params, weights, point_settings) in enumerate(settings):
+            folder = work / "points" / f"{i:02d}"
+            infer(point_params, refine_dir, weights, folder / "infer")
+            evaluate(point_params, refine_dir, folder / "infer", folder / "evaluate")
+            metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
+            clip_t, dino = per_image_stats(metrics, "clip-t"), per_image_stats(metrics, "dino")
+            points.append(OperatingPoint(label, point_params.infer.strategy, point_settings, clip_t[0], clip_t[1],
+                                         dino[0], dino[1], len(metrics["per_image"]),
+                                         folder.relative_to(work).as_posix()))
+        min_clip_t = params.registry.choose.min_clip_t
+        chosen = choose(points, min_clip_t)
+        front = [points[i].label for i in pareto_front([(p.clip_t, p.dino) for p in points])]
+        rule = "max DINO" + (f" subject to CLIP-T >= {min_clip_t}" if min_clip_t is not None else "")
+        (work / POINTS_FILE).write_text(json.dumps({"points": [p.to_dict() for p in points], "front": front,
+                                                    "chosen": chosen.label, "rule": rule}, indent=2))
+        write_manifest(work, "sweep", params, {"refine": refine_dir, "finetune": finetune_dir},
+                       points=len(points), chosen=chosen.label)
+    return Path(out)
+
+
+def read_front(sweep_dir: Path) -> dict:
+    """The operating points of a sweep as the report draws them: points, front, chosen, rule and the plot's uri."""
+    from subjectops.selection.pareto import OperatingPoint, front_plot
+
+    sweep_dir = require_stage_dir(sweep_dir, "sweep", "evaluate")
+    doc = json.loads((sweep_dir / POINTS_FILE).read_text())
+    points = [OperatingPoint(**p) for p in doc["points"]]
+    return {**doc, "points": points, "uri": front_plot(points, doc["chosen"])}
