@@ -86,8 +86,9 @@ def mlflow_client(uri: str):
     (the parallel register steps of a benchmark under kfp.local, two `subjectops run`s) both create tables and
     one fails. Opening the first store under an exclusive lock beside the database serialises that creation;
     later opens find the schema complete and only wait for the lock briefly. A retry instead would rerun
-    migrations over another process's half-built schema. A tracking server needs nothing here: it creates its
-    schema once at start-up, before any client connects, so server URIs skip the lock.
+    migrations over another process's half-built schema; creating the store in a pipeline's first step would
+    give that step MLflow credentials and leave every other entry point racing. A tracking server needs nothing
+    here: it creates its schema once at start-up, before any client connects, so server URIs skip the lock.
     """
     import fcntl
 
