@@ -2,7 +2,7 @@
 
 The suite's kfp.local test runs this pipeline with stand-in stage steps (seconds); this script is the proof that the
 real steps chain: refine, priors when the plan asks, finetune, infer, evaluate and register for each pair, in
-parallel, then the aggregation step that writes the leaderboard. It takes 10-30 minutes on 2 busy CPU cores.
+parallel, then the aggregation step that writes the leaderboard. It takes 8-20 minutes on 2 CPU cores.
 
     python scripts/benchmark_local.py [--methods lora textual-inversion] [--subjects can dog] [--out DIR]
 
