@@ -72,12 +72,10 @@ def benchmark_leaderboard(registrations: Sequence[Mapping], out: Path, experimen
     """The leaderboard of the registered versions (refused unless comparable), written to `out` and to MLflow.
 
     `out/runs/` keeps the fetched files the intervals were computed from, one folder per version."""
-    from mlflow.tracking import MlflowClient
-
-    from subjectops.tracking.mlflow_tracker import resolve_tracking_uri, setup_environment
+    from subjectops.tracking.mlflow_tracker import mlflow_client, resolve_tracking_uri, setup_environment
 
     setup_environment()
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    client = mlflow_client(resolve_tracking_uri(tracking_uri))
     board = leaderboard([fetch_registered_run(client, r["model_name"], str(r["version"]), Path(out) / "runs")
                          for r in registrations])
     write_leaderboard(board, out)

@@ -29,7 +29,8 @@ def register(
     model_name: str | None = None,
     client=None,
 ) -> dict:
-    from subjectops.tracking.mlflow_tracker import TrackingError, describe_error, resolve_tracking_uri, setup_environment
+    from subjectops.tracking.mlflow_tracker import (TrackingError, describe_error, mlflow_client, resolve_tracking_uri,
+                                                    setup_environment)
     from subjectops.tracking.registry import register_version
 
     run_dir, out = Path(run_dir), Path(out)
@@ -39,9 +40,7 @@ def register(
     setup_environment()
     uri = resolve_tracking_uri(tracking_uri)
     if client is None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
+        client = mlflow_client(uri)
     try:
         if run_id is None:
             exp = client.get_experiment_by_name(params.tracking.experiment)

@@ -60,14 +60,12 @@ def add_tracking_commands(app: typer.Typer) -> None:
         Exit 0: promoted; 1: not promoted (a gate failed, or the numbers are not comparable). The decision
         and its numbers are written to the version's tags (promotion.*).
         """
-        from mlflow.tracking import MlflowClient
-
-        from subjectops.tracking.mlflow_tracker import resolve_tracking_uri, setup_environment
+        from subjectops.tracking.mlflow_tracker import mlflow_client, resolve_tracking_uri, setup_environment
         from subjectops.tracking.registry import promote as do_promote
 
         params = build_params(params_path, sets)
         setup_environment()
-        result = do_promote(MlflowClient(resolve_tracking_uri(tracking_uri)), name, params.registry, version)
+        result = do_promote(mlflow_client(resolve_tracking_uri(tracking_uri)), name, params.registry, version)
         for g in result.decision.gates:
             mark = "[green]pass[/]" if g.passed else "[red]fail[/]"
             console.print(f"  {mark} {g.metric} on {g.prompt_set} ({g.backbone}): {g.reason}", highlight=False, soft_wrap=True)

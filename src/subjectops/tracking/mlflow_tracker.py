@@ -64,12 +64,43 @@ def default_tracking_uri(project_dir: Path | None = None) -> str:
     return f"sqlite:///{(project_dir or Path.cwd()).resolve() / 'mlruns.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI; None for a server or another database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).resolve()
+
+
 def local_artifact_root(uri: str) -> str | None:
     """For a local sqlite store, artifacts go next to the database (`mlruns/` beside `mlruns.db`), not into
     whatever directory the run happened to start in; a server decides for itself (None)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    db = sqlite_path(uri)
+    return None if db is None else (db.parent / "mlruns").as_uri()
+
+
+def mlflow_client(uri: str):
+    """An `MlflowClient` for `uri`, safe to open from several processes at once on a fresh sqlite store.
+
+    The client opens its store on construction, and MLflow's SQL stores create a missing schema right there
+    (tables, then every alembic migration) without a lock, so two processes opening a new `mlruns.db` at once
+    (the parallel register steps of a benchmark under kfp.local, two `subjectops run`s) both create tables and
+    one fails. Opening the first store under an exclusive lock beside the database serialises that creation;
+    later opens find the schema complete and only wait for the lock briefly. A retry instead would rerun
+    migrations over another process's half-built schema; creating the store in a pipeline's first step would
+    give that step MLflow credentials and leave every other entry point racing. A tracking server needs nothing
+    here: it creates its schema once at start-up, before any client connects, so server URIs skip the lock.
+    """
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return MlflowClient(tracking_uri=uri)
 
 
 def resolve_tracking_uri(uri: str | None = None, project_dir: Path | None = None) -> str:
@@ -259,11 +290,9 @@ class MlflowTracker:
         )
 
     def _connect(self, uri: str, experiment: str) -> str:
-        from mlflow.tracking import MlflowClient
-
         # MLflow reads its HTTP timeout from the environment on every request.
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(self._cfg().timeout_seconds)
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
 
         def get_or_create() -> str:
             exp = self.client.get_experiment_by_name(experiment)
