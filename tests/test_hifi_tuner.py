@@ -72,6 +72,35 @@ def test_a_large_w_s_keeps_c_s_closer_to_phi_s_and_alg1_saves_one_embedding_per_
     assert not torch.equal(saved["embeds"][0], saved["c_s"]) and not torch.equal(saved["embeds"][1], saved["embeds"][0])
 
 
+def test_a_validation_image_is_what_infer_samples_from_the_learned_subject(tmp_path, example_subject):
+    """Mid-training validation samples with the current c_s^t (eq. 7), through the loop `infer` uses: at the last
+    step it is the image the saved output gives, and not the one the bare base model gives."""
+    import numpy as np
+
+    from subjectops.inference.base import InferenceSpec
+    from subjectops.inference.plain import sample
+    from subjectops.methods import load_finetuned
+    from subjectops.models.loading import load_pipeline
+    from subjectops.models.sampling import use_scheduler
+    from subjectops.stages.finetune import finetune
+    from subjectops.stages.refine import refine
+
+    params = load_params(REPO / "params.yaml", FAST + ["finetune.validation_every=6", "finetune.hifi_tuner.lr=0.1"])
+    refine(params, example_subject, "teapot", tmp_path / "refine")
+    finetune(params, tmp_path / "refine", None, tmp_path / "finetune")
+    validation = np.asarray(Image.open(tmp_path / "finetune" / "validation" / "step_000006.png"))
+
+    pipe = load_pipeline(params.model)
+    use_scheduler(pipe, "ddim")
+    prompt = get_method("hifi-tuner")(params, "teapot", None).format_prompt(params.finetune.validation_prompt)
+    spec = InferenceSpec(strategy="plain", scheduler="ddim", steps=25, guidance_scale=7.5,
+                         resolution=validation.shape[0])
+    bare = np.asarray(sample(pipe, prompt, params.finetune.seed, spec))
+    load_finetuned(pipe, tmp_path / "finetune")
+    assert np.array_equal(validation, np.asarray(sample(pipe, prompt, params.finetune.seed, spec)))
+    assert not np.array_equal(validation, bare)
+
+
 def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
     sets = FAST + ["infer.steps=3", "infer.prompt_invariant.num_images=2", "refine.grabcut_iterations=1"]
     args = [sys.executable, "-m", "subjectops.cli", "run", str(CAN), "--class", "can", "--method", "hifi-tuner",

@@ -149,3 +149,7 @@ class Method:
     def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
         """Load what `save` wrote into a freshly loaded base pipeline, for inference."""
         raise NotImplementedError
+
+    def attach_live(self, pipe) -> None:
+        """Put what sampling needs beyond the trained modules on the training pipeline, for a validation image
+        mid-training (the trained modules are the pipeline's own, trained in place: nothing to do)."""

@@ -25,7 +25,9 @@ from subjectops.errors import SubjectopsError
 from subjectops.methods import get_method, snapshot_dir
 from subjectops.methods.plan import snapshot_steps
 from subjectops.models.loading import load_pipeline
-from subjectops.models.sampling import generate, use_scheduler
+from subjectops.inference.base import InferenceSpec
+from subjectops.inference.plain import sample
+from subjectops.models.sampling import use_scheduler
 from subjectops.digest import digest_json
 from subjectops.stages.common import hash_dir, partial_dir, planned_inputs, stage_output, write_manifest
 from subjectops.stages.priors import load_priors
@@ -96,7 +98,10 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
             use_scheduler(pipe, "ddim")
             prompt = method.format_prompt(params.finetune.validation_prompt)
             models.unet.eval()
-            image = generate(pipe, [prompt], [params.finetune.seed], 25, 7.5, subject.resolution)[0]
+            method.attach_live(pipe)  # e.g. HiFi Tuner's c_s, which lives outside the pipeline's modules
+            spec = InferenceSpec(strategy="plain", scheduler="ddim", steps=25, guidance_scale=7.5,
+                                 resolution=subject.resolution)
+            image = sample(pipe, prompt, params.finetune.seed, spec)  # the loop `infer` samples with
             models.unet.train()
             image.save(work / "validation" / f"step_{step:06d}.png")
 
