@@ -60,8 +60,9 @@ def resume_case(tmp_path_factory, example_subject):
     from conftest import TINY_OVERRIDES
 
     root = tmp_path_factory.mktemp("resume")
+    # every step logged as it ends, so a signal can be sent at a chosen step
     sets = TINY_OVERRIDES + [f"priors.cache_dir={root / 'prior-cache'}", f"finetune.dreambooth.steps={RESUME_STEPS}",
-                             "finetune.checkpoint_every=5"]
+                             "finetune.checkpoint_every=5", "finetune.log_every=1"]
     params = load_params("params.yaml", sets)
     refine(params, example_subject, "teapot", root / "refine")
     priors(params, root / "refine", root / "priors")

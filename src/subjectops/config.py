@@ -99,6 +99,8 @@ class TrainingCfg(StrictModel):
     offset_noise: float = Field(0.0, ge=0)
     center_flip: bool = False
     checkpoint_every: int = Field(200, ge=0)
+    # Steps between reads of the loss terms from the device: one host sync per read, so the log trails by up to this.
+    log_every: int = Field(10, ge=1)
     validation_every: int = Field(200, ge=0)
     validation_prompt: InstancePrompt = "a photo of {token} {class_word}"
     # Steps at which an inference-ready snapshot is kept (finetune/snapshots/step_NNNNNN/), for sweeps and DreamBlend.

@@ -29,7 +29,7 @@ def _link(view: Path, name: str, target: Path) -> None:
 def choose_and_register(params: Params, run_dir: Path, min_clip_t: float | None = None, *,
                         tracking_uri: str | None = None, model_name: str | None = None) -> dict:
     from subjectops.methods import snapshot_dir
-    from subjectops.stages.sweep import POINTS_FILE
+    from subjectops.selection.pareto import POINTS_FILE
     from subjectops.stages.register import register
     from subjectops.tracking.registry import _tag
 

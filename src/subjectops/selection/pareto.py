@@ -6,11 +6,15 @@ Equal points do not dominate each other, so ties on the front are all kept.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from subjectops.errors import SubjectopsError
 from subjectops.report.html import figure_data_uri
+
+POINTS_FILE = "points.json"  # in a sweep's output (stages/sweep.py): the points, the front, the chosen one, the rule
 
 
 @dataclass(frozen=True)
@@ -77,3 +81,10 @@ def front_plot(points: Sequence[OperatingPoint], chosen: str | None = None) -> s
     ax.set_ylabel("DINO (subject fidelity)")
     ax.legend(fontsize=7, loc="best")
     return figure_data_uri(fig)
+
+
+def read_front(sweep_dir: Path) -> dict:
+    """The operating points of a sweep as the report draws them: points, front, chosen, rule and the plot's uri."""
+    doc = json.loads((Path(sweep_dir) / POINTS_FILE).read_text())
+    points = [OperatingPoint(**p) for p in doc["points"]]
+    return {**doc, "points": points, "uri": front_plot(points, doc["chosen"])}

@@ -22,8 +22,8 @@ from subjectops.data.prompts import PromptSet, prompt_sets_from_json
 from subjectops.errors import SubjectopsError
 from subjectops.metrics.core import DISPLAY, Evaluator, MetricRecord
 from subjectops.report.html import RANDOM_WARNING, render_report
+from subjectops.selection.pareto import read_front
 from subjectops.stages.common import planned_inputs, require_stage_dir, stage_output, versions, write_manifest
-from subjectops.stages.sweep import read_front
 
 SAMPLE_KEYS = ("prompt_set", "prompt", "identifier", "class_word", "seed", "path")
 
@@ -113,7 +113,7 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
     subject, refs, samples, sets = load_inputs(refine_dir, infer_dir)
     if sweep_dir is not None:  # DVC and Kubeflow pass it always: a sweep the plan leaves out only records why
         sweep_dir = planned_inputs(params, "evaluate", {"sweep": sweep_dir})["sweep"]
-    front = read_front(sweep_dir) if sweep_dir is not None else None
+    front = read_front(require_stage_dir(sweep_dir, "sweep", "evaluate")) if sweep_dir is not None else None
     # evaluate.tiny=auto follows the model that generated the images (infer's manifest), else model.base
     try:
         generated_by = json.loads((infer_dir / "manifest.json").read_text())["params"]["model"]["base"]

@@ -15,7 +15,6 @@ from subjectops.config import Params
 from subjectops.errors import SubjectopsError
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
 
-POINTS_FILE = "points.json"
 
 
 def sweep_settings(params: Params, finetune_dir: Path) -> list[tuple[str, Params, Path, dict]]:
@@ -61,7 +60,7 @@ def per_image_stats(metrics: dict, key: str) -> tuple[float, float]:
 
 
 def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
-    from subjectops.selection.pareto import OperatingPoint, choose, pareto_front
+    from subjectops.selection.pareto import POINTS_FILE, OperatingPoint, choose, pareto_front
     from subjectops.stages.evaluate import evaluate
     from subjectops.stages.infer import infer
 
@@ -88,13 +87,3 @@ def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
         write_manifest(work, "sweep", params, {"refine": refine_dir, "finetune": finetune_dir},
                        points=len(points), chosen=chosen.label)
     return Path(out)
-
-
-def read_front(sweep_dir: Path) -> dict:
-    """The operating points of a sweep as the report draws them: points, front, chosen, rule and the plot's uri."""
-    from subjectops.selection.pareto import OperatingPoint, front_plot
-
-    sweep_dir = require_stage_dir(sweep_dir, "sweep", "evaluate")
-    doc = json.loads((sweep_dir / POINTS_FILE).read_text())
-    points = [OperatingPoint(**p) for p in doc["points"]]
-    return {**doc, "points": points, "uri": front_plot(points, doc["chosen"])}

@@ -73,8 +73,6 @@ def sigterm_requests_stop() -> Iterator[threading.Event]:
         yield stop
     finally:
         signal.signal(signal.SIGTERM, previous)
-# Steps between reads of the loss terms from the device (the log and the non-finite check trail by at most this).
-LOG_EVERY = 10
 
 
 class Trainer:
@@ -316,10 +314,10 @@ class Trainer:
                 validation = bool(validate and self.is_main and self.cfg.validation_every
                                   and global_step % self.cfg.validation_every == 0)
                 stopping = self._stop_requested(stop)
-                # The log (and the non-finite check) trails the step by at most LOG_EVERY steps, and is
+                # The log (and the non-finite check) trails the step by under finetune.log_every steps, and is
                 # complete before anything is saved from these weights (a checkpoint carries the log); a per-step
                 # callback sees each step as it ends (the live weights of that step).
-                if len(pending) >= LOG_EVERY or self.on_step or checkpoint or snapshot or validation or stopping:
+                if len(pending) >= self.cfg.log_every or self.on_step or checkpoint or snapshot or validation or stopping:
                     publish()
                 if checkpoint or stopping:
                     self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)
