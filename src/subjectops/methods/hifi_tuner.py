@@ -202,6 +202,9 @@ class HiFiTunerMethod(Method):
                   metadata={"reg_weight": str(self.cfg.reg_weight), "num_tokens": str(self.cfg.num_tokens)})
         return [EMBEDS_FILE]
 
+    def attach_live(self, pipe) -> None:
+        pipe.subject_embeddings = StepwiseSubject(*self.stepwise())  # the current c_s^t, sampled by eq. 7
+
     @classmethod
     def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
         from safetensors.torch import load_file
