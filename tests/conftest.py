@@ -80,14 +80,3 @@ def tiny_params(tiny_overrides):
     from subjectops.config import load_params
 
     return load_params(REPO / "params.yaml", tiny_overrides)
-
-
-# `make test` hands whole modules to its workers in collection order; the slowest modules (measured with
-# --durations) go first so the workers finish together instead of one waiting on a late slow module.
-SLOWEST_MODULES = ("test_tracking.py", "test_dvc.py", "test_training.py", "test_kfp_local.py", "test_dreamblend.py",
-                   "test_kfp_local_branches.py", "test_distributed.py", "test_hifi_tuner.py", "test_plan.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
