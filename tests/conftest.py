@@ -52,6 +52,15 @@ def example_subject() -> Path:
     return EXAMPLE_SUBJECT
 
 
+def subjectops_run(subject: Path, class_word: str, method: str, out: Path, sets: list[str]):
+    """`subjectops run` as a user types it (a new process, from the repository root); returns the finished process."""
+    import subprocess
+
+    args = [sys.executable, "-m", "subjectops.cli", "run", str(subject), "--class", class_word, "--method", method,
+            "--out", str(out), "--params", "params.yaml"] + [a for s in sets for a in ("--set", s)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
 # Small enough to run every stage in seconds on 2 CPU cores with the tiny preset.
 TINY_OVERRIDES = [
     "model.base=tiny-sd15",

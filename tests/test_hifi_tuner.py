@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import subjectops_run
 from subjectops.config import load_params
 from subjectops.methods import get_method
 from subjectops.methods.hifi_tuner import EMBEDS_FILE, embedding_regularization, latent_mask, with_subject
@@ -104,10 +105,7 @@ def test_a_validation_image_is_what_infer_samples_from_the_learned_subject(tmp_p
 
 def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
     sets = FAST + ["infer.steps=3", "infer.prompt_invariant.num_images=2", "refine.grabcut_iterations=1"]
-    args = [sys.executable, "-m", "subjectops.cli", "run", str(CAN), "--class", "can", "--method", "hifi-tuner",
-            "--out", str(tmp_path / "run"), "--params", "params.yaml"]
-    args += [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subjectops_run(CAN, "can", "hifi-tuner", tmp_path / "run", sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     info = json.loads((run / "finetune" / "method.json").read_text())

@@ -2,12 +2,10 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, subjectops_run
 from torch import nn
 
 from subjectops.config import Params, load_params
@@ -294,10 +292,7 @@ def test_8bit_adam_auto_falls_back_to_adamw_without_cuda_or_bitsandbytes(hypnos_
 def test_subjectops_run_hypnos_end_to_end(tmp_path, example_subject):
     sets = TINY_OVERRIDES + [f"priors.cache_dir={tmp_path / 'cache'}", "finetune.hypnos.steps=4",
                              "finetune.hypnos.perceptual_steps=2", "infer.steps=2"] + SMALL_DISC
-    args = [sys.executable, "-m", "subjectops.cli", "run", str(example_subject), "--class", "teapot",
-            "--method", "hypnos", "--out", str(tmp_path / "run"), "--params", "params.yaml"]
-    args += [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    proc = subjectops_run(example_subject, "teapot", "hypnos", tmp_path / "run", sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "pretrain_disc" / "latent_discriminator.safetensors").exists()

@@ -1,8 +1,6 @@
 """Reference-guided generation (HiFi Tuner alg. 2): it changes only the subject region, from t_s on."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import subjectops_run
 from subjectops.config import ModelCfg, load_params
 from subjectops.inference import InferenceSpec, StageInputs
 from subjectops.inference.ddim import DdimSampler, encoder, initial_noise, prompt_conditioning
@@ -135,10 +134,7 @@ def test_dreambooth_with_reference_guided_inference_end_to_end(tmp_path):
             "infer.strategy=reference-guided", "infer.reference_guided.t_start=3", "infer.reference_guided.t_end=2",
             "infer.reference_guided.phi_steps=2", "infer.reference_guided.align_steps=20",
             "refine.grabcut_iterations=1", f"priors.cache_dir={tmp_path / 'cache'}"]
-    args = [sys.executable, "-m", "subjectops.cli", "run", str(CAN), "--class", "can", "--method", "dreambooth",
-            "--out", str(tmp_path / "run"), "--params", "params.yaml"]
-    args += [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subjectops_run(CAN, "can", "dreambooth", tmp_path / "run", sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "run"
     manifest = json.loads((run_dir / "infer" / "manifest.json").read_text())
