@@ -11,7 +11,8 @@ from typing import List
 
 from kfp import dsl
 
-from components import Components, build_components
+from components import Components
+from pipelines import built_on_first_use
 from pipelines import placement as P
 from pipelines.personalize import DEFAULT_PRIORS_CACHE, build_personalize
 
@@ -75,4 +76,4 @@ def build_benchmark(c: Components, parallelism: int = DEFAULT_PARALLELISM):
     return benchmark
 
 
-benchmark = build_benchmark(build_components())
+__getattr__ = built_on_first_use("benchmark", build_benchmark)  # `from pipelines.benchmark import benchmark`

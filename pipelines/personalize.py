@@ -11,7 +11,8 @@ from typing import List
 
 from kfp import dsl
 
-from components import Components, build_components
+from components import Components
+from pipelines import built_on_first_use
 from pipelines import placement as P
 from subjectops.methods.plan import branch_name, branches
 
@@ -112,4 +113,4 @@ def build_personalize(c: Components):
     return personalize
 
 
-personalize = build_personalize(build_components())
+__getattr__ = built_on_first_use("personalize", build_personalize)  # `from pipelines.personalize import personalize`

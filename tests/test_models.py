@@ -39,12 +39,11 @@ def test_tiny_tokenizer_is_clip_format_and_splits_words():
     assert len(ids) == 77 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
 
 
-def test_tiny_weights_are_seeded_and_reproducible(tmp_path):
-    from subjectops.models.tiny import build_tiny
-
-    build_tiny("tiny-sd15", tmp_path / "again")
-    fresh = fingerprint(ModelCfg(base=str(tmp_path / "again")))
-    assert fresh == fingerprint(ModelCfg(base="tiny-sd15"))
+def test_tiny_weights_are_seeded_and_reproducible(tmp_path, monkeypatch):
+    built = fingerprint(ModelCfg(base="tiny-sd15"))
+    monkeypatch.setenv("SUBJECTOPS_HOME", str(tmp_path))  # an empty cache: the preset is built again
+    assert fingerprint(ModelCfg(base="tiny-sd15")) == built
+    assert (tmp_path / "tiny").is_dir()
 
 
 def test_missing_hub_model_fails_at_once_with_how_to_provide():

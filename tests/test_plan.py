@@ -5,6 +5,7 @@ that changes it."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from subjectops.cli import app, if_needed_skip_reason
-from subjectops.config import ConfigError, load_params
+from subjectops.config import ConfigError, apply_overrides, load_params, parse_yaml, validate_params
 from subjectops.methods import METHODS
 from subjectops.methods.plan import plan
 from subjectops.methods.plan import STAGES, TRAINING_OPTIONAL
@@ -39,8 +40,13 @@ CASES = [(m, ()) for m in sorted(METHODS)] + [
 IDS = [" ".join([m, *o]) for m, o in CASES]
 
 
+# params.yaml read once: the key discovery below validates over a thousand variants of it
+PARAMS_YAML = parse_yaml((REPO / "params.yaml").read_text(), "params.yaml")
+
+
 def params_for(method: str, overrides=(), extra=()):
-    return load_params(REPO / "params.yaml", [f"finetune.method={method}", *overrides, *extra])
+    data = apply_overrides(copy.deepcopy(PARAMS_YAML), [f"finetune.method={method}", *overrides, *extra])
+    return validate_params(data, source="params.yaml with overrides")
 
 
 def stages_and_inputs(p) -> list[tuple[str, tuple[str, ...]]]:

@@ -10,14 +10,17 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from subjectops.config import SubjectCfg
 from subjectops.digest import sha256_bytes, sha256_file
 from subjectops.errors import SubjectError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -240,6 +243,8 @@ class RefinedSubject:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) in [-1, 1]; PIL L -> (1, H, W) in [0, 1]."""
+    import torch  # here: refine reads and checks photos without torch's import
+
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
     if arr.ndim == 2:
         return arr[None]

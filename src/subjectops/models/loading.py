@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DiffusionPipeline
-from diffusers.utils import logging as diffusers_logging
 
 from subjectops.digest import DIGEST_CHARS, sha256_bytes
 from subjectops.errors import ModelNotFoundError
 from subjectops.models.tiny import TINY_PRESETS, tiny_dir
 
 if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
     from subjectops.config_base import ModelCfg
 
 # A real CLIP tokenizer has ~49k entries; offline, transformers may hand back a 2-entry stub silently.
@@ -62,6 +62,10 @@ def resolve(model: ModelCfg) -> str:
 
 
 def load_pipeline(model: ModelCfg, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    # imported here: stages that only read a model's config (refine's resolution) skip diffusers' 4 s import
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
     source = resolve(model)
     diffusers_logging.disable_progress_bar()  # per-component bars; our stages show their own progress
     # safetensors only: a .bin beside or instead of them (a model-cache volume is shared) is never unpickled
