@@ -47,12 +47,12 @@ DEMO_SET := --set finetune.dreambooth.steps=200 --set priors.num_images=20 --set
 demo: install
 	$(BIN)/subjectops run examples/subjects/teapot --class teapot --model tiny-sd15 --out runs/demo $(DEMO_SET)
 
-# One pytest worker per core, tests grouped by module so a module's fixtures are built once; conftest gives each
-# worker one torch thread (workers of two threads each on two cores spin against each other). Measured: 9 min 7 s
-# on this 2-core machine; a third worker or slowest-modules-first ordering measured slower (9 min 50 s).
+# One pytest worker per core, tests grouped by module so a module's fixtures are built once, the slowest modules
+# first (tests/conftest.py); conftest gives each worker one torch thread (workers of two threads each on two cores
+# spin against each other). A third worker on this 2-core machine measured slower.
 TEST_WORKERS ?= $(shell nproc)
 test: install system-deps
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 bench: install
 	$(BIN)/python bench/train_step.py

@@ -13,10 +13,10 @@ from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
 
 
-# What DDP must wrap per method: Hypnos also trains its latent discriminator inside the step, HiFi Tuner only its
-# subject embeddings c_s and c_s^t (module SubjectEmbeddings): their gradients must be averaged too.
-PREPARED = {"dreambooth": ["UNet2DConditionModel"],
-            "hypnos": ["UNet2DConditionModel", "CLIPTextModel", "LatentDiscriminator"],
+# What DDP must wrap per method: Hypnos trains DreamBooth's UNet and text encoder and, inside the step, its latent
+# discriminator (so it covers DreamBooth's case too); HiFi Tuner only its subject embeddings c_s and c_s^t (module
+# SubjectEmbeddings). Every one's gradients must be averaged.
+PREPARED = {"hypnos": ["UNet2DConditionModel", "CLIPTextModel", "LatentDiscriminator"],
             "hifi-tuner": ["SubjectEmbeddings"]}
 
 

@@ -44,6 +44,18 @@ def if_needed_skip_reason(params: Params, stage: str) -> Optional[str]:
     return None if planned.has(stage) else planned.why_not(stage)
 
 
+def skipped_as_not_planned(params: Params, stage: str, out: Path) -> bool:
+    """`--if-needed`: when the plan leaves `stage` out, write its output that says why, and say it; decided before
+    the stage's module is imported (diffusers and torch: seconds that a skipped DVC stage need not pay)."""
+    reason = if_needed_skip_reason(params, stage)
+    if reason is None:
+        return False
+    from subjectops.stages.common import not_needed
+
+    done(f"{stage.replace('_', '-')} ({reason})", not_needed(stage, params, out, reason))
+    return True
+
+
 def planned_input(params: Params, stage: str, explicit: Optional[Path], run: Optional[Path], source: str) -> Optional[Path]:
     """An input directory of `stage`: required when the plan has `source` feed it, else optional (and ignored)."""
     from subjectops.methods.plan import plan
@@ -96,14 +108,11 @@ def priors(refine_dir: Optional[Path] = typer.Option(None, "--refine"), out: Opt
            run: Optional[Path] = RunOpt, model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt,
            if_needed: bool = IfNeededOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Class-prior images from the base model (content-addressed cache)."""
-    from subjectops.stages.common import not_needed
+    params = build_params(params_path, sets, model, method)
+    if if_needed and skipped_as_not_planned(params, "priors", stage_path(out, run, "priors")):
+        return
     from subjectops.stages.priors import priors as stage
 
-    params = build_params(params_path, sets, model, method)
-    reason = if_needed_skip_reason(params, "priors")
-    if if_needed and reason:
-        done(f"priors ({reason})", not_needed("priors", params, stage_path(out, run, "priors"), reason))
-        return
     done("priors", stage(params, stage_path(refine_dir, run, "refine"), stage_path(out, run, "priors")))
 
 
@@ -115,14 +124,11 @@ def pretrain_disc(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
                   model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt, if_needed: bool = IfNeededOpt,
                   params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Pretrain Hypnos' latent discriminator on the Table 3 image types (seed 000 app. B.2)."""
-    from subjectops.stages.common import not_needed
+    params = build_params(params_path, sets, model, method)
+    if if_needed and skipped_as_not_planned(params, "pretrain_disc", stage_path(out, run, "pretrain_disc")):
+        return
     from subjectops.stages.pretrain_disc import pretrain_disc as stage
 
-    params = build_params(params_path, sets, model, method)
-    reason = if_needed_skip_reason(params, "pretrain_disc")
-    if if_needed and reason:
-        done(f"pretrain-disc ({reason})", not_needed("pretrain_disc", params, stage_path(out, run, "pretrain_disc"), reason))
-        return
     pri = planned_input(params, "pretrain_disc", priors_dir, run, "priors")
     done("pretrain-disc", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "pretrain_disc")))
 
@@ -171,15 +177,12 @@ def sweep(run_dir: Optional[Path] = typer.Argument(None, help="run directory: us
           model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt, if_needed: bool = IfNeededOpt,
           params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Score every snapshot and DreamBlend combination of the finetune output (operating points, Pareto front)."""
-    from subjectops.stages.common import not_needed
-    from subjectops.stages.sweep import sweep as stage
-
     params = build_params(params_path, sets, model, method)
     run = run_dir or run
-    reason = if_needed_skip_reason(params, "sweep")
-    if if_needed and reason:
-        done(f"sweep ({reason})", not_needed("sweep", params, stage_path(out, run, "sweep"), reason))
+    if if_needed and skipped_as_not_planned(params, "sweep", stage_path(out, run, "sweep")):
         return
+    from subjectops.stages.sweep import sweep as stage
+
     done("sweep", stage(params, stage_path(refine_dir, run, "refine"), stage_path(finetune_dir, run, "finetune"),
                         stage_path(out, run, "sweep")))
 

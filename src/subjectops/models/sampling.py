@@ -7,16 +7,19 @@ strategies draw one image per call (see `subjectops.inference.plain`)."""
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from PIL import Image
 
-SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
+# Scheduler name -> diffusers class name; the class is looked up when a pipeline switches, so that planning a run
+# (which reads the strategies' requirements) does not import diffusers.
+SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               # second-order multistep DPM-Solver++ (diffusers' default algorithm_type for this class)
-              "dpmsolver++": DPMSolverMultistepScheduler}
+              "dpmsolver++": "DPMSolverMultistepScheduler"}
 
 
 def use_scheduler(pipe, name: str) -> None:
-    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
 @torch.no_grad()
