@@ -84,8 +84,9 @@ def unet_flops(config: dict, resolution: int, tokens: int, width: int) -> dict[s
     """Per image: forward, backward with weight gradients (full fine-tuning), backward to the inputs only."""
     unet = build(config)
     args, extra = unet_inputs(config, resolution, tokens, width, 1)
-    fwd = count(lambda: unet(*args, **extra).sample)
-    out = unet(*args, **extra).sample
+    outs = []
+    fwd = count(lambda: outs.append(unet(*args, **extra).sample))
+    out = outs[0]
     full_bwd = count(lambda: out.sum().backward())
     unet.requires_grad_(False)
     cond = args[2].requires_grad_(True)  # gradients reach the conditioning (embeddings, adapters' inputs)

@@ -27,7 +27,7 @@ if [ -z "${TORCH_INDEX_URL:-}" ]; then
 fi
 
 for tool in buildah runc debootstrap curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: run \`make system-deps\` (as root)"; exit 1; }
+  command -v "$tool" >/dev/null || { echo "missing $tool: run \`make image-deps\` (as root)"; exit 1; }
 done
 [ "$(id -u)" = 0 ] || { echo "debootstrap and runc need root"; exit 1; }
 

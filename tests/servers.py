@@ -219,7 +219,9 @@ def start_postgres(workdir: Path, timeout: float = 60) -> Server:
                            "--no-sync"], capture_output=True, text=True, cwd=home, **as_user)
     if init.returncode != 0:
         raise RuntimeError(f"initdb failed: {init.stderr or init.stdout}")
-    subprocess.run(["mkdir", str(sockets)], check=True, cwd=home, **as_user)
+    sockets.mkdir()
+    if user:
+        shutil.chown(sockets, user, user)
     port = free_port()
     cmd = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"]

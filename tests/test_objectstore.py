@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from servers import free_port, s3_client
+from servers import free_port, s3_client, s3_env
 from subjectops.data.objectstore import MANIFEST, ObjectStoreError, pull, push
 from subjectops.digest import sha256_file
 from subjectops.errors import SubjectError
@@ -21,8 +21,7 @@ def store_env(s3_server):
     client = s3_client(s3_server)
     if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
         client.create_bucket(Bucket=BUCKET)
-    return {"AWS_ENDPOINT_URL": s3_server.url, "AWS_ACCESS_KEY_ID": s3_server.extra["access_key"],
-            "AWS_SECRET_ACCESS_KEY": s3_server.extra["secret_key"], "AWS_DEFAULT_REGION": "us-east-1"}
+    return {**s3_env(s3_server), "AWS_ENDPOINT_URL": s3_server.url}
 
 
 def hashes(folder):

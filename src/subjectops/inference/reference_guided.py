@@ -71,17 +71,18 @@ class ReferenceGuidance:
                  mask: torch.Tensor, t_start: int, t_end: int, phi_steps: int, phi_lr: float):
         self.sampler, self.cond_at, self.phi, self.reference = sampler, cond_at, phi, reference
         self.inside, self.mask = mask.bool(), mask
+        self.any_inside = bool(self.inside.any())  # once: read per step it would wait for the device each step
         self.t_start, self.t_end, self.phi_steps, self.phi_lr = t_start, t_end, phi_steps, phi_lr
         self.phi_h = phi.prompt_embeds.detach()
         self.traj: list[torch.Tensor] = []
 
     def _guided(self, i: int) -> bool:
-        return bool(self.inside.any()) and self.t_end <= self.sampler.steps - i <= self.t_start
+        return self.any_inside and self.t_end <= self.sampler.steps - i <= self.t_start
 
     def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i and self._guided(i - 1):
             x = torch.where(self.inside, self._optimised_step(i - 1, self.traj[-1]), x)
-        if i < self.sampler.steps and self.sampler.steps - i == self.t_start and self.inside.any():
+        if i < self.sampler.steps and self.sampler.steps - i == self.t_start and self.any_inside:
             x = torch.where(self.inside, self.reference[i].to(x), x)  # x_t[M] = x*_t[M]
         self.traj.append(x)
         return x
@@ -208,7 +209,7 @@ class ReferenceGuidedStrategy(Strategy):
         details = dict(reference=warped_image, generated_mask=generated_mask, reference_mask=mask_image,
                        transform=transform.to_dict(ALIGN_SIZE), caption=text, reference_index=k)
         guidance = self.guidance(prompt, warped_image, warped_mask, text)
-        if not guidance.inside.any():
+        if not guidance.any_inside:
             return GuidedImage(plain, plain, "not guided: the warped reference mask covers no latent cell", **details)
         return GuidedImage(plain, sample(self.pipe, prompt, seed, s, guidance), "guided", **details)
 

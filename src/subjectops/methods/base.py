@@ -91,7 +91,7 @@ class Method:
         prior = [TrainExample(p, self.class_prompt(), None, is_prior=True) for p in priors]
         return instance, prior
 
-    def loss(self, batch: Batch, step: int, phase: Phase) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, step: int, phase: Phase) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         raise NotImplementedError
 
     def denoise(self, batch: Batch) -> Denoised:

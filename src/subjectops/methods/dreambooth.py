@@ -65,11 +65,11 @@ class DreamBoothMethod(Method):
         per_sample = losses.per_sample_mse(d.pred, d.target)
         inst = ~batch.is_prior
         loss = self.weighted_mean(per_sample[inst], d.timesteps[inst])
-        terms = {"loss_instance": float(loss.detach())}
+        terms = {"loss_instance": loss.detach()}
         if batch.is_prior.any():
             prior = per_sample[batch.is_prior].mean()
             loss = loss + prior_weight * prior
-            terms["loss_prior"] = float(prior.detach())
+            terms["loss_prior"] = prior.detach()
         return loss, terms
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -169,7 +169,7 @@ class HiFiTunerMethod(Method):
         if self.cfg.mask_guidance and batch.masks is not None:
             mask = latent_mask(batch.masks, tuple(d.pred.shape[-2:])).to(d.pred.device)
         noise_loss = self.weighted_mean(losses.per_sample_mse(d.pred, d.target, mask), d.timesteps)
-        return noise_loss + reg, {"noise": float(noise_loss.detach()), "reg": float(reg.detach())}
+        return noise_loss + reg, {"noise": noise_loss.detach(), "reg": reg.detach()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"c_s": self.subject.c_s, **{f"c_s_step_{k}": row for k, row in enumerate(self.subject.rows)}}

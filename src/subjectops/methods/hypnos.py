@@ -237,12 +237,12 @@ class HypnosMethod(DreamBoothMethod):
             else:
                 l_r = self.weighted_mean(per_sample[inst], d.timesteps[inst])  # DreamBooth's MSE (ablation)
             total = total + cfg.lambda_r * l_r
-            terms["loss_reconstruction"] = float(l_r.detach())
+            terms["loss_reconstruction"] = l_r.detach()
         prior = batch.is_prior.to(per_sample.device)
         if self._uses_priors() and prior.any():
             l_pp = per_sample[prior].mean()  # eq. 4: plain MSE on class latents
             total = total + cfg.lambda_pp * l_pp
-            terms["loss_prior"] = float(l_pp.detach())
+            terms["loss_prior"] = l_pp.detach()
         run_p = self._uses_perceptual() and losses.perceptual_active(step, cfg.perceptual_steps)
         run_ld = self._uses_disc()
         if run_p or run_ld:
@@ -252,14 +252,14 @@ class HypnosMethod(DreamBoothMethod):
             decoded = vae.decode(self.models.vae_unscale(z0).to(vae.dtype)).sample  # D(z0), eq. 5
             l_p = self.perceptual.loss(batch.pixels[inst].to(decoded), decoded).mean()
             total = total + cfg.lambda_p * l_p
-            terms["loss_perceptual"] = float(l_p.detach())
+            terms["loss_perceptual"] = l_p.detach()
         if run_ld:
             if cfg.train_discriminator:
                 terms["loss_discriminator"] = self._discriminator_step(batch.latents[inst], z0.detach())
             scores = self._critic_scores(z0.float())
             l_ld = losses.latent_discriminator_loss(scores)  # eq. 7
             total = total + cfg.lambda_ld * l_ld
-            terms["loss_latent_disc"] = float(l_ld.detach())
+            terms["loss_latent_disc"] = l_ld.detach()
             terms["ld_score"] = float(scores.detach().mean())
         return total, terms
 
@@ -272,7 +272,7 @@ class HypnosMethod(DreamBoothMethod):
         weights = {k: v.detach() for k, v in self.disc.named_parameters()}
         return scores_from_logits(functional_call(self.disc, weights, (z0,)))
 
-    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """One adversarial update of LD (sec. 3.4): instance latents real, the generator's z0 fake. It runs
         before the generator term reads LD, so that term sees the updated weights. Through the accelerator:
         DDP averages LD's gradients across processes, and under fp16 the loss is scaled like the generator's."""
@@ -286,7 +286,7 @@ class HypnosMethod(DreamBoothMethod):
         self._backward(loss)
         self.disc_opt.step()
         self.disc_opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()
 
     def prepare_modules(self, accelerator) -> list[torch.nn.Module]:
         if self.disc is None or not self.cfg.train_discriminator:

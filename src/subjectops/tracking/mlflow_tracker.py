@@ -90,16 +90,14 @@ def mlflow_client(uri: str):
     give that step MLflow credentials and leave every other entry point racing. A tracking server needs nothing
     here: it creates its schema once at start-up, before any client connects, so server URIs skip the lock.
     """
-    import fcntl
-
     from mlflow.tracking import MlflowClient
+
+    from subjectops.runlock import wait_for_lock
 
     db = sqlite_path(uri)
     if db is None:
         return MlflowClient(tracking_uri=uri)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with wait_for_lock(db.with_name(db.name + ".lock")):
         return MlflowClient(tracking_uri=uri)
 
 
