@@ -269,7 +269,7 @@ def check_subject(uri: str) -> dict:
     if spec["kind"] == "local":
         raise SubmitError(
             f"subject {uri!r} is a path on this machine, which the cluster cannot read",
-            fix="upload the photos (aws s3 cp --recursive DIR s3://subjectops-data/subjects/NAME) and pass the s3:// URI, or pass dvc://PATH with --dvc-repo",
+            fix="upload the photos (subjectops data push DIR s3://subjectops-data/subjects/NAME) and pass the s3:// URI, or pass dvc://PATH with --dvc-repo",
         )
     from subjectops.data.subject import check_subject_name
 

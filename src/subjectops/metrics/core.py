@@ -165,13 +165,14 @@ def ssim_pairs(gen: Tensor, refs: Tensor) -> Tensor:
     """(N, M) SSIM of every gen/ref pair (torchmetrics' definition, above). Each image's local means and variances
     are filtered once; per pair, only the cross term E[xy] is (torchmetrics filters five maps per pair)."""
     mx, my = _ssim_window(gen), _ssim_window(refs)
-    vx = (_ssim_window(gen * gen) - mx * mx).clamp_min(0)
-    vy = (_ssim_window(refs * refs) - my * my).clamp_min(0)
+    mx2, my2 = mx * mx, my * my
+    vx = (_ssim_window(gen * gen) - mx2).clamp_min(0)
+    vy = (_ssim_window(refs * refs) - my2).clamp_min(0)
     out = torch.empty(gen.shape[0], refs.shape[0], dtype=torch.float64)
     for j in range(refs.shape[0]):
         mxy = mx * my[j]
         cov = _ssim_window(gen * refs[j]) - mxy
-        ssim = ((2 * mxy + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mx * mx + my[j] * my[j] + SSIM_C1) * (vx + vy[j] + SSIM_C2))
+        ssim = ((2 * mxy + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mx2 + my2[j] + SSIM_C1) * (vx + vy[j] + SSIM_C2))
         out[:, j] = ssim.flatten(1).mean(1).double()
     return out
 

@@ -26,7 +26,7 @@ from subjectops.models.loading import fingerprint, load_pipeline
 from subjectops.models.sampling import generate, use_scheduler
 from subjectops.preflight import require_writable
 from subjectops.runlock import wait_for_lock
-from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
+from subjectops.stages.common import file_hashes, require_stage_dir, stage_output, write_manifest
 
 
 def cache_key(params: Params, class_prompt: str, resolution: int) -> tuple[str, dict]:
@@ -110,7 +110,7 @@ def _fill_entry(params: Params, prompt: str, resolution: int, entry: Path, field
     tmp = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
     _remove_entry(tmp)
     generate_priors(params, prompt, resolution, tmp, pipe)
-    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted((tmp / "images").glob("*.png"))}
+    files = file_hashes(tmp)  # images/*.png: all the folder holds yet
     (tmp / "cache.json").write_text(json.dumps({**fields, "files": files}, indent=2))
     for path in [*tmp.rglob("*"), tmp]:
         path.chmod(0o555 if path.is_dir() else 0o444)
