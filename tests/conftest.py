@@ -39,7 +39,7 @@ def pytest_configure(config):
 # The slowest modules, longest first (pytest --durations=0, two workers). `make test` hands whole modules to its
 # workers in collection order (--no-loadscope-reorder): long ones first, short ones filling in at the end, so the
 # workers finish together. xdist's own order (most tests first) left test_dvc, one test of ~100 s, for last.
-SLOWEST_FIRST = ("test_training", "test_tracking", "test_dvc", "test_kfp_local", "test_kfp_local_branches",
+SLOWEST_FIRST = ("test_training", "test_tracking", "test_dvc", "test_performance", "test_kfp_local", "test_kfp_local_branches",
                  "test_dreamblend", "test_distributed", "test_pipelines_compiled", "test_learning", "test_hifi_tuner",
                  "test_submit", "test_prior_cache", "test_hypnos", "test_reference_guided")
 

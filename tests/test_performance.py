@@ -1,5 +1,5 @@
-"""What the speed-ups may and may not change: the multi-tensor (foreach) AdamW update, the loss read from the device every few
-steps, and the class-prior cache key naming the sampler that made the images."""
+"""What the speed-ups may and may not change: the fused and multi-tensor (foreach) AdamW updates, the loss read from the
+device every few steps, and the class-prior cache key naming the sampler that made the images."""
 
 import json
 
@@ -17,14 +17,15 @@ from test_training import _trainer  # noqa: F401 - the loop test's trainer on th
 from test_training import prepared  # noqa: F401 - fixture
 
 
-def test_foreach_adamw_makes_the_for_loop_update_up_to_float_rounding():
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+def test_multi_tensor_and_fused_adamw_make_the_for_loop_update_up_to_float_rounding(kernel):
     torch.manual_seed(0)
     reference = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.GroupNorm(4, 8), torch.nn.Conv2d(8, 4, 3))
     multi = type(reference)(*[type(m)(*a) for m, a in zip(reference, [(4, 8, 3), (4, 8), (8, 4, 3)])])
     multi.load_state_dict(reference.state_dict())
     kw = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     opts = [torch.optim.AdamW(reference.parameters(), foreach=False, **kw),
-            torch.optim.AdamW(multi.parameters(), foreach=True, **kw)]
+            torch.optim.AdamW(multi.parameters(), **{kernel: True}, **kw)]
     x = torch.randn(2, 4, 12, 12)
     for _ in range(20):
         for model, opt in zip((reference, multi), opts):
@@ -34,6 +35,25 @@ def test_foreach_adamw_makes_the_for_loop_update_up_to_float_rounding():
     for (name, a), b in zip(reference.state_dict().items(), multi.state_dict().values()):
         # float32 rounding of the same operations batched differently; 20 steps of lr 1e-3 move weights ~2e-2
         assert (a - b).abs().max() <= 1e-7, name
+
+
+def test_the_trainer_steps_fused_adamw_except_under_a_gradient_scaler(prepared, tiny_overrides):  # noqa: F811
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    params = load_params(REPO / "params.yaml", tiny_overrides)
+    kernels = []
+    try:
+        for scaler in (None, torch.amp.GradScaler("cpu")):
+            AcceleratorState._reset_state(True)
+            acc = Accelerator(cpu=True)
+            acc.scaler = scaler
+            trainer, _, _ = _trainer(params, prepared, True, accelerator=acc)
+            opt = trainer._optimizer([torch.nn.Parameter(torch.zeros(3))], 1e-3)
+            kernels.append((opt.defaults["fused"], opt.defaults["foreach"]))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert kernels == [(True, False), (False, True)]
 
 
 def test_a_non_finite_loss_read_steps_later_still_names_its_step(prepared, tiny_overrides):  # noqa: F811
@@ -89,3 +109,28 @@ def test_run_loads_the_base_pipeline_once_for_priors_and_finetune_with_the_same_
     weights = "unet/diffusion_pytorch_model.safetensors"
     shared, separate = load_file(out / "finetune" / weights), load_file(alone / weights)
     assert all(torch.equal(shared[k], separate[k]) for k in separate)
+
+
+def test_a_compiled_unet_trains_to_the_eager_weights_within_adamws_step_size(prepared, tiny_overrides):  # noqa: F811
+    """finetune.compile compiles the UNet in place: same parameters and state-dict keys, a compiled graph used, and
+    the same training up to float rounding of the fused kernels. AdamW turns a rounding-level gradient (a bias
+    before a normalization has a zero one) into an lr-sized step, so weights may differ by up to ~lr per step
+    there; the losses agree to float rounding."""
+    import torch._dynamo
+
+    sets = tiny_overrides + ["finetune.dreambooth.steps=3", "finetune.dreambooth.prior_preservation=false",
+                             "finetune.dreambooth.lr=1e-4"]
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        params = load_params(REPO / "params.yaml", sets + [f"finetune.compile={str(compiled).lower()}"])
+        trainer, images, masks = _trainer(params, prepared, True)
+        trainer.train(images, masks, [])
+        losses = [json.loads(line)["loss"] for line in trainer.log_path.read_text().splitlines()]
+        runs[compiled] = (losses, trainer.models.unet.state_dict(), dict(torch._dynamo.utils.counters["stats"]))
+    (eager_losses, eager_w, eager_stats), (comp_losses, comp_w, comp_stats) = runs[False], runs[True]
+    assert comp_stats.get("unique_graphs", 0) > 0 and not eager_stats.get("unique_graphs")
+    assert list(comp_w) == list(eager_w)
+    assert comp_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert max((comp_w[k] - eager_w[k]).abs().max().item() for k in eager_w) <= 3 * 2 * 1e-4

@@ -88,6 +88,8 @@ class TrainingCfg(StrictModel):
         # `dvc exp run -S` rewrites params.yaml as YAML 1.2 (`no` unquoted), which PyYAML reads as False
         return "no" if v is False else v
     gradient_checkpointing: bool = False
+    # torch.compile the UNet in place; the first step pays the compile (params.yaml says what it measured here)
+    compile: bool = False
     use_8bit_adam: bool = False
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)

@@ -127,8 +127,17 @@ class Trainer:
             models.unet.enable_gradient_checkpointing()
             for encoder in models.text_encoders:
                 encoder.activation_checkpointing_enable()
+        if self.cfg.compile:
+            # In place (nn.Module.compile): the module, its parameters and state-dict keys stay as they are, so
+            # preparing, checkpoints and saving see the same UNet; the first step pays the compile.
+            models.unet.compile()
         models.unet.train()
         self.log = StepLog(self.work_dir / "train_log.jsonl")
+        # AdamW's fused kernel reads and writes each weight and its moments once per step (small-sd15's UNet on
+        # this CPU: ~4x faster than foreach, bench/step_profile.py), the same update up to float rounding
+        # (tests/test_performance.py). Under fp16's gradient scaler, foreach: the scaler hands a fused kernel the
+        # overflow flag to skip the step itself, and accelerate then never reports the step as skipped.
+        self.fused_adamw = accelerator.scaler is None
         # What accelerate wrapped each trained module in (DistributedDataParallel under several processes),
         # recorded in the finetune manifest.
         self.prepared: dict[str, str] = {}
@@ -167,11 +176,8 @@ class Trainer:
                 raise SubjectopsError("finetune.use_8bit_adam = true but bitsandbytes is not installed",
                                       fix="pip install bitsandbytes (CUDA), or --set finetune.use_8bit_adam=false") from None
             return bnb.optim.AdamW8bit(params, **kwargs)
-        # foreach: one multi-tensor kernel per operation instead of a Python loop over the tensors (the loop costs
-        # more than the arithmetic when a whole UNet trains); torch's default on CUDA, the same update as the
-        # loop up to float rounding (tests/test_performance.py). Not fused: its kernel takes an fp16 overflow
-        # step itself, hiding the skip from accelerate, and rounds differently from the scaler-free path.
-        return torch.optim.AdamW(params, foreach=True, **kwargs)
+        fused = self.fused_adamw
+        return torch.optim.AdamW(params, fused=fused, foreach=not fused, **kwargs)
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def _save_checkpoint(self, global_step: int, phase_idx: int, optimizer, lr_sched) -> None:
