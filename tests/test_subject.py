@@ -199,3 +199,23 @@ def test_sam_backend_without_checkpoint_names_the_fix(tiny_params, subject, tmp_
     assert "SAM checkpoint" in str(err.value) and "refine.sam_checkpoint" in str(err.value)
     assert "mask_backend=grabcut" in str(err.value)
     assert_nothing_written(tmp_path)
+
+
+def test_grabcut_segments_one_photo_per_core_into_the_masks_it_makes_alone(example_subject):
+    import os
+    import threading
+
+    from subjectops.config import RefineCfg
+    from subjectops.segment import masks
+    from subjectops.segment.grabcut import GrabCutBackend
+
+    backend = GrabCutBackend(RefineCfg())
+    photos = [Image.open(p).convert("RGB").resize((256, 256)) for p in sorted(example_subject.glob("*.jpg"))]
+    alone = [np.asarray(backend.mask(p)) for p in photos]
+    threads = set()
+    segment = backend.mask
+    backend.mask = lambda image: threads.add(threading.get_ident()) or segment(image)
+    together = [np.asarray(m) for m in masks(backend, photos)]
+    assert len(together) == len(photos) >= 4
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))  # same masks, same order
+    assert len(threads) > 1 or len(os.sched_getaffinity(0)) == 1  # photos of 0.1 s each: every core takes some

@@ -34,6 +34,7 @@ from subjectops.data.prompts import strip_identifier
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.metrics import backbones as B
 from subjectops.metrics.definitions import METRICS
+from subjectops.segment import masks as segment_all
 
 DISPLAY = {name: d.display for name, d in METRICS.items()}
 SUBJECT_REGION = {"dino-subject": "dino", "clip-i-subject": "clip"}  # subject-region metric -> its encoder
@@ -373,8 +374,8 @@ class Evaluator:
     def subject_regions(self, pixels: Tensor, masks: Optional[Sequence[np.ndarray]] = None) -> Tensor:
         """Each image reduced to its subject (`subject_region`), segmented with refine's backend unless masks are given."""
         if masks is None:
-            masks = [np.asarray(self.segmenter.mask(Image.fromarray(
-                (p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))) > 127 for p in pixels.cpu()]
+            images = [Image.fromarray((p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for p in pixels.cpu()]
+            masks = [np.asarray(m) > 127 for m in segment_all(self.segmenter, images)]
         return torch.stack([subject_region(p, m) for p, m in zip(pixels.cpu(), masks)])
 
     def references_from_tensor(self, pixels: Tensor, masks: Optional[Sequence[np.ndarray]] = None) -> References:

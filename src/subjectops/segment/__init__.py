@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator, Protocol
 
 from PIL import Image
 
@@ -12,6 +14,9 @@ from subjectops.config import RefineCfg
 
 class MaskBackend(Protocol):
     name: str
+    # True when `mask` runs in native code that releases the GIL and uses one core (GrabCut): then
+    # `masks` segments one image per core at once. Torch backends are already parallel inside.
+    one_core: bool
 
     def mask(self, image: Image.Image) -> Image.Image:
         """An L-mode mask of the image's size, 255 on the subject."""
@@ -25,3 +30,13 @@ def get_backend(cfg: RefineCfg) -> MaskBackend:
     from subjectops.segment.grabcut import GrabCutBackend
 
     return GrabCutBackend(cfg)
+
+
+def masks(backend: MaskBackend, images: Iterable[Image.Image]) -> Iterator[Image.Image]:
+    """The backend's masks of the images, in order: with a one-core backend, one image per available core at
+    once (each mask is computed exactly as alone, so the results are the same)."""
+    if not backend.one_core:
+        yield from map(backend.mask, images)
+        return
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        yield from pool.map(backend.mask, images)

@@ -24,6 +24,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 class GrabCutBackend:
     name = "grabcut"
+    one_core = True  # OpenCV releases the GIL in grabCut, and its RNG (seeded per call below) is per thread
 
     def __init__(self, cfg: RefineCfg):
         self.iterations = cfg.grabcut_iterations

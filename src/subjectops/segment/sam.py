@@ -13,6 +13,7 @@ from subjectops.errors import ModelNotFoundError
 
 class SamBackend:
     name = "sam"
+    one_core = False  # a torch model: parallel inside
 
     def __init__(self, cfg: RefineCfg):
         if not cfg.sam_checkpoint or not Path(cfg.sam_checkpoint).is_file():

@@ -14,6 +14,7 @@ from subjectops.console import console
 from subjectops.data.subject import check_class_word, fit, load_subject
 from subjectops.models.loading import training_resolution
 from subjectops.segment import get_backend
+from subjectops.segment import masks as segment_all
 from subjectops.stages.common import stage_output, write_manifest
 
 SEGMENT_MIN_RESOLUTION = 256
@@ -32,9 +33,12 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
         (work / "images").mkdir()
         (work / "masks").mkdir()
         images, masks, coverage = [], [], []
-        for i, img in enumerate(track(subject.images, description=f"refine: masks ({backend.name})", transient=True)):
-            source = fit(subject.originals[i], seg_res, params.subject.fit) if seg_res > resolution else img
-            mask = backend.mask(source).resize((resolution, resolution), Image.BILINEAR)
+        sources = [fit(original, seg_res, params.subject.fit) if seg_res > resolution else img
+                   for original, img in zip(subject.originals, subject.images)]
+        segmented = track(segment_all(backend, sources), total=len(sources), description=f"refine: masks ({backend.name})",
+                          transient=True)
+        for i, (img, mask) in enumerate(zip(subject.images, segmented)):
+            mask = mask.resize((resolution, resolution), Image.BILINEAR)
             img.save(work / "images" / f"{i:02d}.png")
             mask.save(work / "masks" / f"{i:02d}.png")
             images.append(f"images/{i:02d}.png")
