@@ -190,6 +190,14 @@ def s3_env(server: Server) -> dict:
     }
 
 
+def s3_bucket_env(server: Server, bucket: str) -> dict:
+    """The environment a user of the store sets (credentials and AWS_ENDPOINT_URL), `bucket` made if missing."""
+    client = s3_client(server)
+    if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=bucket)
+    return {**s3_env(server), "AWS_ENDPOINT_URL": server.url}
+
+
 def postgres_bin() -> Path:
     """The directory of Debian's PostgreSQL server binaries (initdb and postgres are not on PATH there)."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))

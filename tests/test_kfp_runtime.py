@@ -207,13 +207,19 @@ def test_benchmark_aggregate_command_against_a_registry(tmp_path, monkeypatch):
     assert data["compared_with_champions"] == [] and data["decision"]["status"] == "passed"
 
 
-def test_fetch_subject_from_a_dvc_repository(tmp_path, example_subject):
-    """dvc://path@rev: `dvc get` from a git repository whose photos live in its DVC remote."""
+def test_fetch_subject_from_a_dvc_repository(tmp_path, example_subject, s3_server, monkeypatch):
+    """dvc://path@rev: `dvc get` from a git repository whose photos live in its DVC remote on S3, the repository
+    made with the README's own commands (dvc add, git add, dvc remote add + modify endpointurl, dvc push)."""
     import shutil
     import subprocess
     import sys
 
-    repo, remote = tmp_path / "repo", tmp_path / "remote"
+    from servers import s3_bucket_env
+
+    bucket = "subjectops-data"
+    for key, value in s3_bucket_env(s3_server, bucket).items():
+        monkeypatch.setenv(key, value)  # the README's credentials, seen by its commands and by the pod's `dvc get`
+    repo = tmp_path / "repo"
     repo.mkdir()
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@example.com", "DVC_NO_ANALYTICS": "1"}
@@ -224,17 +230,20 @@ def test_fetch_subject_from_a_dvc_repository(tmp_path, example_subject):
     dvc = [sys.executable, "-m", "dvc"]
     sh("git", "init", "-q")
     sh(*dvc, "init", "-q")
-    sh(*dvc, "remote", "add", "-d", "store", str(remote))
-    shutil.copytree(example_subject, repo / "subjects" / "teapot", ignore=shutil.ignore_patterns("*.md"))
-    sh(*dvc, "add", "-q", "subjects/teapot")
-    sh(*dvc, "push", "-q")
+    shutil.copytree(example_subject, repo / "data" / "subjects" / "mug", ignore=shutil.ignore_patterns("*.md"))
+    sh(*dvc, "add", "data/subjects/mug")
+    sh("git", "add", "data/subjects/mug.dvc", "data/subjects/.gitignore")
+    sh(*dvc, "remote", "add", "-d", "store", f"s3://{bucket}/dvc-{tmp_path.name}")
+    sh(*dvc, "remote", "modify", "store", "endpointurl", os.environ["AWS_ENDPOINT_URL"])
+    sh(*dvc, "push")
     sh("git", "add", "-A")
-    sh("git", "commit", "-qm", "teapot")
+    sh("git", "commit", "-qm", "subject: mug")
     sh("git", "tag", "v1")
-    shutil.rmtree(repo / "subjects" / "teapot")  # only the remote has the photos now
+    shutil.rmtree(repo / "data" / "subjects" / "mug")  # only the S3 remote has the photos now
     shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
-    target = kr.fetch_subject("dvc://subjects/teapot@v1", tmp_path / "out", dvc_repo=str(repo))
-    assert target.name == "teapot"
+    target = kr.fetch_subject("dvc://data/subjects/mug@v1", tmp_path / "out", dvc_repo=str(repo))
+    assert target.name == "mug"
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in example_subject.glob("*.jpg"))
+    assert all((target / p.name).read_bytes() == p.read_bytes() for p in example_subject.glob("*.jpg"))
     with pytest.raises(SubjectError, match="dvc get"):
-        kr.fetch_subject("dvc://subjects/missing", tmp_path / "out2", dvc_repo=str(repo))
+        kr.fetch_subject("dvc://data/subjects/missing", tmp_path / "out2", dvc_repo=str(repo))

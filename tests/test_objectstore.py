@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from servers import free_port, s3_client, s3_env
+from servers import free_port, s3_bucket_env, s3_client
 from subjectops.data.objectstore import MANIFEST, ObjectStoreError, pull, push
 from subjectops.digest import sha256_file
 from subjectops.errors import SubjectError
@@ -18,10 +18,7 @@ BUCKET = "subjects"
 
 @pytest.fixture(scope="module")
 def store_env(s3_server):
-    client = s3_client(s3_server)
-    if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
-        client.create_bucket(Bucket=BUCKET)
-    return {**s3_env(s3_server), "AWS_ENDPOINT_URL": s3_server.url}
+    return s3_bucket_env(s3_server, BUCKET)
 
 
 def hashes(folder):
