@@ -4,7 +4,10 @@
 #
 #   make images [ENGINE=docker|podman|buildah] [IMAGE_REGISTRY=registry.example.org/team] [IMAGE_TAG=0.1.0]
 #               [BASE_IMAGE=localhost/py311-site:bookworm] [TORCH_INDEX_URL=https://pypi.example.org/simple]
+#               [IMAGES="cpu trainer"]
 #
+# buildah and podman keep images where containers/storage says (CONTAINERS_STORAGE_CONF names another store:
+# `make test-images` builds through this script into its private one).
 # BASE_IMAGE and TORCH_INDEX_URL are passed on only when set (the Dockerfiles' defaults apply otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +29,7 @@ tag=${IMAGE_TAG:-$(python3 -c "import tomllib; print(tomllib.load(open('pyprojec
 args=()
 [ -n "${BASE_IMAGE:-}" ] && args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 [ -n "${TORCH_INDEX_URL:-}" ] && args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
-for image in cpu trainer; do
+for image in ${IMAGES:-cpu trainer}; do
   dockerfile="images/$image.Dockerfile"
   echo "$engine: building $registry/subjectops-$image:$tag"
   case $engine in

@@ -63,13 +63,16 @@ else
   echo "base: debootstrap bookworm in $(seconds_since "$t0") s"
 fi
 
-# 2. The images (the trainer's build stage reuses the CPU image's layers when both take torch from PyPI).
+# 2. The images, built by `make images`'s script into this store (the trainer's build stage reuses the CPU
+# image's layers when both take torch from PyPI).
+printf '[storage]\ndriver = "%s"\ngraphroot = "%s"\nrunroot = "%s"\n' "$STORAGE_DRIVER" "$work/storage" "$work/run" \
+  >"$work/storage.conf"
 declare -A build_seconds
 for image in $IMAGES; do
   t0=$(date +%s)
-  bh bud --quiet --network host --layers -f "images/$image.Dockerfile" --ignorefile "images/$image.Dockerfile.dockerignore" \
-    --build-arg BASE_IMAGE=localhost/subjectops-base:bookworm --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
-    -t "localhost/subjectops-$image:test" . >"$work/build-$image.log" 2>&1 || { tail -30 "$work/build-$image.log"; exit 1; }
+  CONTAINERS_STORAGE_CONF=$work/storage.conf ENGINE=buildah IMAGES=$image IMAGE_REGISTRY=localhost IMAGE_TAG=test \
+    BASE_IMAGE=localhost/subjectops-base:bookworm TORCH_INDEX_URL=$TORCH_INDEX_URL scripts/build_images.sh \
+    >"$work/build-$image.log" 2>&1 || { tail -30 "$work/build-$image.log"; exit 1; }
   build_seconds[$image]=$(seconds_since "$t0")
 done
 
