@@ -33,44 +33,45 @@ done
 
 if [ -n "${IMAGE_STORE:-}" ]; then work=$IMAGE_STORE; mkdir -p "$work"; else work=$(mktemp -d /var/tmp/subjectops-images.XXXXXX); fi
 export BUILDAH_ISOLATION=chroot
-bh() { buildah --root "$work/storage" --runroot "$work/run" --storage-driver "$STORAGE_DRIVER" "$@"; }
+# The private store, for this script's buildah calls and for `make images`' script alike.
+export CONTAINERS_STORAGE_CONF=$work/storage.conf
+printf '[storage]\ndriver = "%s"\ngraphroot = "%s"\nrunroot = "%s"\n' "$STORAGE_DRIVER" "$work/storage" "$work/run" \
+  >"$CONTAINERS_STORAGE_CONF"
 cleanup() {
-  bh unmount --all >/dev/null 2>&1 || true
-  bh rm --all >/dev/null 2>&1 || true
+  buildah unmount --all >/dev/null 2>&1 || true
+  buildah rm --all >/dev/null 2>&1 || true
   # whatever an interrupted debootstrap or runc left mounted there, before anything is deleted
   awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l
   rm -rf "$work/rootfs" "$work"/bundle-*
-  if [ -z "${IMAGE_STORE:-}" ]; then bh rmi --all --force >/dev/null 2>&1 || true; rm -rf "$work"; fi
+  if [ -z "${IMAGE_STORE:-}" ]; then buildah rmi --all --force >/dev/null 2>&1 || true; rm -rf "$work"; fi
 }
 trap cleanup EXIT
 seconds_since() { echo $(( $(date +%s) - $1 )); }
 
 # 1. The base: Debian bookworm's python3, `python` linked to it, the site's CA bundle, PIP_CERT naming it.
 t0=$(date +%s)
-if bh inspect --type image localhost/subjectops-base:bookworm >/dev/null 2>&1; then
+if buildah inspect --type image localhost/subjectops-base:bookworm >/dev/null 2>&1; then
   echo "base: localhost/subjectops-base:bookworm from $work"
 else
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$work/rootfs" "$DEBIAN_MIRROR" \
     >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
   ln -sf python3 "$work/rootfs/usr/bin/python"
   cp "$SITE_CA_BUNDLE" "$work/rootfs/etc/ssl/certs/ca-certificates.crt"
-  base=$(bh from scratch)
-  cp -a "$work/rootfs/." "$(bh mount "$base")/"
-  bh config --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$base"
-  bh commit --quiet "$base" localhost/subjectops-base:bookworm >/dev/null
-  bh rm "$base" >/dev/null
+  base=$(buildah from scratch)
+  cp -a "$work/rootfs/." "$(buildah mount "$base")/"
+  buildah config --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$base"
+  buildah commit --quiet "$base" localhost/subjectops-base:bookworm >/dev/null
+  buildah rm "$base" >/dev/null
   rm -rf "$work/rootfs"
   echo "base: debootstrap bookworm in $(seconds_since "$t0") s"
 fi
 
-# 2. The images, built by `make images`'s script into this store (the trainer's build stage reuses the CPU
+# 2. The images, built by `make images`' script into this store (the trainer's build stage reuses the CPU
 # image's layers when both take torch from PyPI).
-printf '[storage]\ndriver = "%s"\ngraphroot = "%s"\nrunroot = "%s"\n' "$STORAGE_DRIVER" "$work/storage" "$work/run" \
-  >"$work/storage.conf"
 declare -A build_seconds
 for image in $IMAGES; do
   t0=$(date +%s)
-  CONTAINERS_STORAGE_CONF=$work/storage.conf ENGINE=buildah IMAGES=$image IMAGE_REGISTRY=localhost IMAGE_TAG=test \
+  ENGINE=buildah IMAGES=$image IMAGE_REGISTRY=localhost IMAGE_TAG=test \
     BASE_IMAGE=localhost/subjectops-base:bookworm TORCH_INDEX_URL=$TORCH_INDEX_URL scripts/build_images.sh \
     >"$work/build-$image.log" 2>&1 || { tail -30 "$work/build-$image.log"; exit 1; }
   build_seconds[$image]=$(seconds_since "$t0")
@@ -81,11 +82,11 @@ done
 run_in() {  # run_in IMAGE ARGS...: the exit code of ARGS inside IMAGE
   local image=$1; shift
   local ctr bundle
-  ctr=$(bh from "localhost/subjectops-$image:test")
+  ctr=$(buildah from "localhost/subjectops-$image:test")
   bundle="$work/bundle-$ctr"
   mkdir -p "$bundle"
-  bh inspect --type container "$ctr" >"$bundle/container.json"
-  python3 - "$bundle" "$(bh mount "$ctr")" "$PWD/examples/subjects" "$@" <<'EOF'
+  buildah inspect --type container "$ctr" >"$bundle/container.json"
+  python3 - "$bundle" "$(buildah mount "$ctr")" "$PWD/examples/subjects" "$@" <<'EOF'
 import json, sys
 bundle, rootfs, subjects, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 image = json.load(open(f"{bundle}/container.json"))["OCIv1"]["config"]
@@ -116,7 +117,7 @@ EOF
   local rc=0
   runc run --bundle "$bundle" "subjectops-test-$ctr" </dev/null >"$bundle/out.log" 2>&1 || rc=$?
   if [ "$rc" != 0 ]; then tail -15 "$bundle/out.log" >&2; fi
-  bh unmount "$ctr" >/dev/null; bh rm "$ctr" >/dev/null
+  buildah unmount "$ctr" >/dev/null; buildah rm "$ctr" >/dev/null
   echo "$rc"
 }
 
@@ -125,15 +126,15 @@ rc_check=$(run_in cpu subjectops models check)
 rc_refine=$(run_in cpu subjectops refine /data/subjects/teapot --class teapot --model tiny-sd15 --out /work/refine)
 cuda=""
 if [[ " $IMAGES " == *" trainer "* ]]; then
-  ctr=$(bh from localhost/subjectops-trainer:test)
-  cuda=$(bh run --user 10001:10001 "$ctr" -- python -c "import torch; print(torch.version.cuda)")
-  bh rm "$ctr" >/dev/null
+  ctr=$(buildah from localhost/subjectops-trainer:test)
+  cuda=$(buildah run --user 10001:10001 "$ctr" -- python -c "import torch; print(torch.version.cuda)")
+  buildah rm "$ctr" >/dev/null
 fi
 
 echo
 echo "images built with buildah ($STORAGE_DRIVER) from debootstrap bookworm; torch from $TORCH_INDEX_URL"
 for image in $IMAGES; do
-  echo "  subjectops-$image: build ${build_seconds[$image]} s, size $(bh images --format '{{.Size}}' "localhost/subjectops-$image:test")"
+  echo "  subjectops-$image: build ${build_seconds[$image]} s, size $(buildah images --format '{{.Size}}' "localhost/subjectops-$image:test")"
 done
 [ -n "$cuda" ] && echo "  trainer: torch.version.cuda = $cuda"
 echo "inside subjectops-cpu as uid 10001, read-only root filesystem:"

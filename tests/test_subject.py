@@ -206,7 +206,7 @@ def test_grabcut_segments_one_photo_per_core_into_the_masks_it_makes_alone(examp
     import threading
 
     from subjectops.config import RefineCfg
-    from subjectops.segment import masks
+    from subjectops.segment import segment_all
     from subjectops.segment.grabcut import GrabCutBackend
 
     backend = GrabCutBackend(RefineCfg())
@@ -215,7 +215,7 @@ def test_grabcut_segments_one_photo_per_core_into_the_masks_it_makes_alone(examp
     threads = set()
     segment = backend.mask
     backend.mask = lambda image: threads.add(threading.get_ident()) or segment(image)
-    together = [np.asarray(m) for m in masks(backend, photos)]
+    together = [np.asarray(m) for m in segment_all(backend, photos)]
     assert len(together) == len(photos) >= 4
     assert all(np.array_equal(a, b) for a, b in zip(alone, together))  # same masks, same order
     assert len(threads) > 1 or len(os.sched_getaffinity(0)) == 1  # photos of 0.1 s each: every core takes some

@@ -34,7 +34,7 @@ from subjectops.data.prompts import strip_identifier
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.metrics import backbones as B
 from subjectops.metrics.definitions import METRICS
-from subjectops.segment import masks as segment_all
+from subjectops.segment import segment_all
 
 DISPLAY = {name: d.display for name, d in METRICS.items()}
 SUBJECT_REGION = {"dino-subject": "dino", "clip-i-subject": "clip"}  # subject-region metric -> its encoder

@@ -15,7 +15,7 @@ from subjectops.config import RefineCfg
 class MaskBackend(Protocol):
     name: str
     # True when `mask` runs in native code that releases the GIL and uses one core (GrabCut): then
-    # `masks` segments one image per core at once. Torch backends are already parallel inside.
+    # `segment_all` segments one image per core at once. Torch backends are already parallel inside.
     one_core: bool
 
     def mask(self, image: Image.Image) -> Image.Image:
@@ -32,7 +32,7 @@ def get_backend(cfg: RefineCfg) -> MaskBackend:
     return GrabCutBackend(cfg)
 
 
-def masks(backend: MaskBackend, images: Iterable[Image.Image]) -> Iterator[Image.Image]:
+def segment_all(backend: MaskBackend, images: Iterable[Image.Image]) -> Iterator[Image.Image]:
     """The backend's masks of the images, in order: with a one-core backend, one image per available core at
     once (each mask is computed exactly as alone, so the results are the same)."""
     if not backend.one_core:

@@ -13,8 +13,7 @@ from subjectops.config import Params
 from subjectops.console import console
 from subjectops.data.subject import check_class_word, fit, load_subject
 from subjectops.models.loading import training_resolution
-from subjectops.segment import get_backend
-from subjectops.segment import masks as segment_all
+from subjectops.segment import get_backend, segment_all
 from subjectops.stages.common import stage_output, write_manifest
 
 SEGMENT_MIN_RESOLUTION = 256
