@@ -14,6 +14,7 @@ import typer
 from subjectops.cli_common import (IfNeededOpt, MethodOpt, ModelOpt, ParamsOpt, RunOpt, SetOpt, build_params, console, done,
                                    user_errors)
 from subjectops.errors import SubjectopsError
+from subjectops.world.cli import world_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Personalize text-to-image diffusion models from a few photos of one subject.")
@@ -24,6 +25,7 @@ app.add_typer(tokens_app, name="tokens")
 data_app = typer.Typer(no_args_is_help=True, help="Subjects in an object store (S3, MinIO): AWS_ENDPOINT_URL, "
                                                  "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY as in the chart's Secret.")
 app.add_typer(data_app, name="data")
+app.add_typer(world_app, name="world")
 
 
 def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, required: bool = True) -> Optional[Path]:

@@ -1,0 +1,72 @@
+"""Architectures of the world's models: the SD-1.x- and SDXL-shaped pipeline parts, the two in-world CLIPs
+(the generator's text encoder comes from one, the CLIP-I/CLIP-T metric from the other: another seed and
+another architecture) and the DINO-role ViT. Widths are our choice, sized to train on two CPU cores
+(measured: ../INFRA.md's table; the 32/64/128 UNet steps a batch of 32 16x16x4 latents in ~0.3 s)."""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPConfig, ViTConfig
+
+from subjectops.world.draw import SIZE
+
+LATENT = SIZE // 4  # three VAE blocks: a 4x downsampling (SD's four give 8x at 512 px; 64 px needs finer)
+TEXT_DIM = 128
+SDXL_POOLED = 128
+SDXL_TIME_DIM = 8
+
+
+def vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        sample_size=SIZE,
+    )
+
+
+def scheduler() -> DDIMScheduler:
+    # Stable Diffusion's noise schedule (scaled_linear 0.00085..0.012, 1000 steps)
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def clip_config(vocab: int, kind: str) -> CLIPConfig:
+    """kind: 'generator' (its text tower conditions the UNet) or 'metric' (CLIP-I, CLIP-T)."""
+    # the generator's vision tower only teaches its text tower, so it is kept small
+    text_width, text_layers, vision_width, vision_layers = (TEXT_DIM, 4, 64, 3) if kind == "generator" else (96, 2, 96, 3)
+    text = dict(vocab_size=vocab, hidden_size=text_width, intermediate_size=4 * text_width,
+                num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=77,
+                bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, projection_dim=TEXT_DIM)
+    vision = dict(hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
+                  num_attention_heads=4, image_size=SIZE, patch_size=8, projection_dim=TEXT_DIM)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=TEXT_DIM)
+
+
+def dino_config() -> ViTConfig:
+    return ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                     image_size=SIZE, patch_size=8)
+
+
+def unet_sd15() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=LATENT, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def unet_sdxl() -> UNet2DConditionModel:
+    # SDXL's conditioning: both encoders' penultimate states concatenated (cross-attention 2 x 128) and
+    # "text_time": 6 time ids x 8 dims + encoder 2's pooled projection (128).
+    return UNet2DConditionModel(
+        sample_size=LATENT, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=2 * TEXT_DIM, attention_head_dim=8, norm_num_groups=32,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_POOLED,
+    )
