@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from servers import free_port, s3_bucket_env, s3_client
-from subjectops.data.objectstore import MANIFEST, ObjectStoreError, pull, push
+from subjectops.config import SubjectCfg
+from subjectops.data.objectstore import MANIFEST, ObjectStoreError, client_from_env, pull, push
+from subjectops.data.subject import load_subject
 from subjectops.digest import sha256_file
 from subjectops.errors import SubjectError
 from subjectops.kfp_pod import fetch_subject
@@ -86,6 +88,24 @@ def test_pods_fetch_a_pushed_subject_through_the_same_module(tmp_path, example_s
         monkeypatch.setenv(name, value)
     target = fetch_subject(f"s3://{BUCKET}/dreambench/teapot", tmp_path)
     assert target == tmp_path / "teapot" and hashes(target) == hashes(example_subject)
+
+
+def stored_keys(store_env, prefix):
+    return [o.object_name for o in client_from_env(store_env).list_objects(BUCKET, prefix=prefix, recursive=True)]
+
+
+def test_push_refuses_a_link_out_of_the_folder_as_refine_does(tmp_path, example_subject, store_env):
+    """One rule for what a subject folder holds: a photo linking to /etc/passwd is refused, named, by `data push`
+    exactly as by refine's loading, and nothing reaches the store."""
+    folder = tmp_path / "teapot"
+    shutil.copytree(example_subject, folder)
+    (folder / "passwd.jpg").symlink_to("/etc/passwd")
+    with pytest.raises(SubjectError, match="passwd.jpg is a link to /etc/passwd, outside the subject folder") as pushed:
+        push(folder, f"s3://{BUCKET}/linked/teapot", env=store_env)
+    assert pushed.value.fix and stored_keys(store_env, "linked/") == []
+    with pytest.raises(SubjectError) as loaded:
+        load_subject(folder, SubjectCfg(), 64)
+    assert (loaded.value.message, loaded.value.fix) == (pushed.value.message, pushed.value.fix)
 
 
 def test_cli_push_and_pull(tmp_path, example_subject, store_env):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlparse
 
+from subjectops.data.subject import subject_files
 from subjectops.digest import sha256_bytes, sha256_file
 from subjectops.errors import SubjectError, SubjectopsError
 
@@ -106,7 +107,8 @@ def _store_errors(where: S3Location, env: Mapping[str, str]):
 
 
 def _subject_files(subject_dir: Path) -> dict[str, Path]:
-    files = {p.name: p for p in sorted(Path(subject_dir).iterdir()) if p.is_file() and not p.name.startswith(".")}
+    """What refine would read: a push never uploads a file (or a link's target) that refine refuses."""
+    files = {p.name: p for p in subject_files(subject_dir)}
     if not files:
         raise SubjectError(f"{subject_dir} holds no files", fix="point at a folder of the subject's photos")
     return files
