@@ -29,7 +29,7 @@ import yaml
 
 from subjectops.config import ConfigError, Params, apply_overrides, parse_yaml, validate_params
 from subjectops.data import objectstore
-from subjectops.data.objectstore import S3Location
+from subjectops.data.objectstore import S3Location, check_uri_segments
 from subjectops.data.subject import subject_files
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectError, SubjectopsError
@@ -122,6 +122,7 @@ def parse_subject_uri(uri: str) -> dict:
         path = path.strip("/")
         if not path:
             raise SubjectError(f"subject URI {uri!r} names no path", fix="write dvc://path/in/repo[@rev], e.g. dvc://data/subjects/teapot")
+        check_uri_segments(uri, path, "dvc://path/in/repo[@rev]")
         return {"kind": "dvc", "path": path, "rev": rev, "name": subject_name_from_uri(path)}
     if "://" in uri and not uri.startswith("file://"):
         scheme = uri.split("://", 1)[0]

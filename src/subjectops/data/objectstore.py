@@ -41,6 +41,16 @@ RETRIES = 2
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
+def check_uri_segments(uri: str, path: str, form: str) -> None:
+    """Refuse '.', '..' and empty segments in a subject URI's path: a store, a proxy or `dvc get` may resolve
+    them to another place than the one the URI seems to name (s3://subj/../../etc)."""
+    for segment in path.split("/"):
+        if segment in ("", ".", ".."):
+            what = repr(segment) if segment else "an empty"
+            raise SubjectError(f"subject URI {uri!r} has {what} path segment",
+                               fix=f"write {form} with plain names between the slashes (no '.', '..' or '//')")
+
+
 @dataclass(frozen=True)
 class S3Location:
     bucket: str
@@ -50,10 +60,12 @@ class S3Location:
     def parse(cls, uri: str) -> "S3Location":
         if not uri.startswith("s3://"):
             raise SubjectError(f"{uri!r} is not an s3:// URI", fix="write s3://BUCKET/PREFIX")
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        path = uri[len("s3://"):].removesuffix("/")  # s3://BUCKET/PREFIX/ names the same prefix
+        bucket, _, prefix = path.partition("/")
         if not bucket:
             raise SubjectError(f"subject URI {uri!r} names no bucket", fix="write s3://BUCKET/PREFIX")
-        return cls(bucket, prefix.strip("/"))
+        check_uri_segments(uri, path, "s3://BUCKET/PREFIX")
+        return cls(bucket, prefix)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
