@@ -194,8 +194,7 @@ def push(subject_dir: Path, uri: str, force: bool = False, env: Mapping[str, str
 
 def _is_plain_file_name(name: str) -> bool:
     """One path component naming a file directly in the folder: joined to it, it cannot leave it."""
-    return (name not in ("", ".", "..") and "\0" not in name
-            and not any(sep in name for sep in ("/", "\\", os.sep, os.altsep) if sep))
+    return name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0"))
 
 
 def _checked_files(manifest, where: S3Location) -> dict[str, str]:
