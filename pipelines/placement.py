@@ -21,6 +21,8 @@ MLFLOW_SECRET_KEYS = {
     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
 }
+# The pod label the chart's MLflow NetworkPolicy admits (charts/subjectops/templates/networkpolicies.yaml).
+MLFLOW_CLIENT_LABEL = "subjectops.io/mlflow-client"
 S3_SECRET_KEYS = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
@@ -37,6 +39,8 @@ DEFAULT_S3_SECRET = "subjectops-s3"
 
 
 def with_mlflow(task: PipelineTask, mlflow_secret) -> PipelineTask:
+    """MLflow's credentials, and the label the chart's NetworkPolicy admits to MLflow: a pod without it cannot connect."""
+    kubernetes.add_pod_label(task, label_key=MLFLOW_CLIENT_LABEL, label_value="true")
     return kubernetes.use_secret_as_env(task, secret_name=mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS)
 
 

@@ -189,6 +189,58 @@ def test_mlflow_uses_minio_and_a_persistent_backend(helm):
     assert not [d for d in pg if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"].endswith("-db")]
 
 
+def test_rendered_mlflow_server_refuses_anonymous_requests(helm, tmp_path):
+    """The rendered MLflow container, run here (mlflow 3.17.2, its args, environment, Secrets and auth config with the
+    volumes' paths under tmp_path): anonymous and wrong-password requests get 401, the tracking Secret's account 200,
+    each with the Host header of the tracking URI the pipeline's steps use."""
+    import urllib.request
+
+    from servers import Server, _spawn, _wait_http, base_env, free_port
+
+    pytest.importorskip("flask_wtf", reason="mlflow's auth extra (pyproject: mlflow[auth]) is not installed: make install")
+    docs = render(helm)
+    [c] = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-subjectops-mlflow")[
+        "spec"]["template"]["spec"]["containers"]
+    secrets = {d["metadata"]["name"]: {**{k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()},
+                                       **d.get("stringData", {})} for d in docs if d["kind"] == "Secret"}
+    def on_disk(text: str) -> str:  # the PVC's mount point, here
+        return text.replace("sqlite:////mlflow/", f"sqlite:///{tmp_path}/")
+
+    ini = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "t-subjectops-mlflow-auth")
+    (tmp_path / "basic_auth.ini").write_text(on_disk(ini["data"]["basic_auth.ini"]))
+    env = base_env()
+    for e in c["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        env[e["name"]] = secrets[ref["name"]][ref["key"]] if ref else e["value"]
+    env.update(MLFLOW_AUTH_CONFIG_PATH=str(tmp_path / "basic_auth.ini"), HOME=str(tmp_path))
+    port = free_port()
+    local = {"--host=0.0.0.0": "--host=127.0.0.1", "--port=5000": f"--port={port}",
+             "--artifacts-destination=s3://mlflow": f"--artifacts-destination={tmp_path / 'artifacts'}"}
+    args = [on_disk(local.get(a, a)) for a in c["args"]]
+    proc, log = _spawn("mlflow", [str(Path(sys.executable).with_name("mlflow")), *args], tmp_path, env)
+    server = Server("mlflow", proc, port, log, tmp_path)
+    try:
+        _wait_http(server, "/health", 90, ok=lambda status: status == 200)
+        account = secrets["subjectops-mlflow"]
+
+        def status(user=None, password=None) -> int:
+            req = urllib.request.Request(f"{server.url}/api/2.0/mlflow/registered-models/search",
+                                         headers={"Host": "t-subjectops-mlflow.ml.svc:5000"})
+            if user:
+                req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert status() == 401
+        assert status(account["MLFLOW_TRACKING_USERNAME"], "not-the-password") == 401
+        assert status(account["MLFLOW_TRACKING_USERNAME"], account["MLFLOW_TRACKING_PASSWORD"]) == 200, server.log_tail()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "podSecurityContext.runAsNonRoot=false"], "runAsNonRoot"),
     (["--set", "benchmark.cronJob.schedule=0 0 3 * * *"], "schedule"),
@@ -223,7 +275,97 @@ def test_every_resource_is_namespaced_and_every_pod_meets_pod_security_restricte
 
 
 def selects(selector: dict, labels: dict) -> bool:
-    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a label set; {} selects everything."""
+    tests = {"In": lambda k, vs: labels.get(k) in vs, "NotIn": lambda k, vs: labels.get(k) not in vs,
+             "Exists": lambda k, _: k in labels, "DoesNotExist": lambda k, _: k not in labels}
+    return (all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+            and all(tests[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", [])))
+
+
+def reaches(policies: list[dict], target: dict, client: dict, port: int) -> bool:
+    """Whether NetworkPolicies let a client pod connect to a target pod on a port, as the API defines it: a pod no
+    policy selects for Ingress accepts everyone; else some selecting policy must have a rule whose ports include the
+    port (none listed: all) and whose `from` matches the client (none listed: everyone). A peer with a podSelector
+    alone means pods of the policy's namespace. Pods are {"namespace", "namespace_labels", "labels"}."""
+    def peer_matches(peer, policy_ns):
+        in_namespace = (selects(peer["namespaceSelector"], client["namespace_labels"]) if "namespaceSelector" in peer
+                        else client["namespace"] == policy_ns)
+        return "ipBlock" not in peer and in_namespace and selects(peer.get("podSelector", {}), client["labels"])
+
+    selecting = [p for p in policies if p["metadata"]["namespace"] == target["namespace"]
+                 and "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], target["labels"])]
+    return not selecting or any(
+        (not rule.get("ports") or any(pt["port"] == port for pt in rule["ports"]))
+        and (not rule.get("from") or any(peer_matches(peer, p["metadata"]["namespace"]) for peer in rule["from"]))
+        for p in selecting for rule in p["spec"].get("ingress", []))
+
+
+def pod(labels: dict, namespace: str = "ml") -> dict:
+    return {"namespace": namespace, "namespace_labels": {"kubernetes.io/metadata.name": namespace}, "labels": labels}
+
+
+MLFLOW_CLIENT = {"subjectops.io/mlflow-client": "true"}
+
+
+def pipeline_pod_labels(step: str) -> dict:
+    """The labels KFP gives a step's pod: those the compiled personalize pipeline sets on it (kfp-kubernetes)."""
+    platform = list(yaml.safe_load_all((REPO / "pipelines" / "compiled" / "personalize.yaml").read_text()))[1]
+    executor = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].get(f"exec-{step}", {})
+    return executor.get("podMetadata", {}).get("labels", {})
+
+
+def test_mlflow_admits_only_pods_with_the_client_label(helm):
+    """Registered models are code that runs when loaded: a pod of the namespace without the client label must not
+    reach MLflow, the pipeline's register step must, and so may a peer added in networkPolicy.mlflowClients."""
+    docs = render(helm)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    mlflow = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-subjectops-mlflow")
+    target, port = pod(mlflow["spec"]["template"]["metadata"]["labels"]), 5000
+    assert not reaches(policies, target, pod({"app": "notebook"}), port)
+    assert not reaches(policies, target, pod(MLFLOW_CLIENT, namespace="other"), port)
+    assert reaches(policies, target, pod(MLFLOW_CLIENT), port)
+    assert pipeline_pod_labels("register").items() >= MLFLOW_CLIENT.items()
+    assert reaches(policies, target, pod(pipeline_pod_labels("register")), port)
+    assert not reaches(policies, target, pod(pipeline_pod_labels("refine")), port)  # a step that does not use MLflow
+    gateway = render(helm, "--set-json", 'networkPolicy.mlflowClients=[{"namespaceSelector": {"matchLabels": '
+                                         '{"kubernetes.io/metadata.name": "istio-system"}}}]')
+    policies = [d for d in gateway if d["kind"] == "NetworkPolicy"]
+    assert reaches(policies, target, pod({"app": "istio-ingressgateway"}, namespace="istio-system"), port)
+    assert not reaches(policies, target, pod({"app": "notebook"}), port)
+
+
+def test_mlflow_requires_authentication_by_default(helm):
+    """`helm template` with defaults: MLflow runs its basic-auth app, bootstraps its admin from the tracking Secret
+    the pipeline's steps read (so clients send that account's password), and refuses anonymous users' writes."""
+    import configparser
+
+    docs = render(helm)
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-subjectops-mlflow")
+    spec = dep["spec"]["template"]["spec"]
+    [c] = spec["containers"]
+    assert "--app-name=basic-auth" in c["args"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == {"secretKeyRef": {"name": "subjectops-mlflow", "key": "MLFLOW_TRACKING_USERNAME"}}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == {"secretKeyRef": {"name": "subjectops-mlflow", "key": "MLFLOW_TRACKING_PASSWORD"}}
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["secretKeyRef"]["name"] == "t-subjectops-mlflow-auth"
+    # the auth config file is mounted where MLFLOW_AUTH_CONFIG_PATH points, from the chart's ConfigMap
+    folder, file = env["MLFLOW_AUTH_CONFIG_PATH"].rsplit("/", 1)
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == folder)
+    config_map = next(v for v in spec["volumes"] if v["name"] == mount["name"])["configMap"]["name"]
+    ini = configparser.ConfigParser()
+    ini.read_string(next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == config_map)["data"][file])
+    assert ini["mlflow"]["default_permission"] == "READ"
+    assert ini["mlflow"]["database_uri"] == "sqlite:////mlflow/basic_auth.db"  # on the PVC, beside mlflow.db
+    assert "admin_password" not in ini["mlflow"]
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    tracking = secrets["subjectops-mlflow"]
+    assert tracking["stringData"]["MLFLOW_TRACKING_USERNAME"]
+    assert len(base64.b64decode(tracking["data"]["MLFLOW_TRACKING_PASSWORD"])) >= 32
+    # the admin keeps its first password in the auth database (on the kept PVC): so must the Secret
+    assert tracking["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(secrets["t-subjectops-mlflow-auth"]["data"]["flask-secret-key"])) >= 32
+    # the image runs the basic-auth app only with mlflow's `auth` extra (Flask-WTF) installed
+    assert '"mlflow[auth]==' in (REPO / "pyproject.toml").read_text()
 
 
 def test_network_policies_limit_who_reaches_mlflow_and_minio(helm):
@@ -237,16 +379,17 @@ def test_network_policies_limit_who_reaches_mlflow_and_minio(helm):
     assert all(selects(deny["podSelector"], labels) for labels in pods.values()), "every pod of the chart is covered"
     mlflow, minio = policies["t-subjectops-mlflow"], policies["t-subjectops-minio"]
     assert selects(mlflow["podSelector"], pods["t-subjectops-mlflow"]) and not selects(mlflow["podSelector"], pods["t-subjectops-minio"])
-    assert mlflow["ingress"] == [{"from": [{"podSelector": {}}], "ports": [{"port": 5000, "protocol": "TCP"}]}]
+    assert mlflow["ingress"] == [{"from": [{"podSelector": {"matchLabels": MLFLOW_CLIENT}}],
+                                  "ports": [{"port": 5000, "protocol": "TCP"}]}]
     [rule] = minio["ingress"]
     assert rule["ports"] == [{"port": 9000, "protocol": "TCP"}]  # the console port (9001) is reachable by no one
     chart_peers = [peer for peer in rule["from"] if peer["podSelector"]]
     assert {name for name, labels in pods.items() if any(selects(p["podSelector"], labels) for p in chart_peers)} == {
         "t-subjectops-mlflow", "t-subjectops-minio-buckets", "t-subjectops-model-cache-fill"}
 
-    # No clients: MLflow accepts nothing (an empty `from` would have meant everyone), MinIO only the chart's pods.
+    # No clients: MinIO accepts only the chart's pods; MLflow's rule does not depend on them.
     closed = {d["metadata"]["name"]: d["spec"] for d in render(helm, "--set-json", "networkPolicy.clients=[]")
               if d["kind"] == "NetworkPolicy"}
-    assert "ingress" not in closed["t-subjectops-mlflow"]
+    assert closed["t-subjectops-mlflow"] == mlflow
     assert all(peer["podSelector"]["matchLabels"] for peer in closed["t-subjectops-minio"]["ingress"][0]["from"])
     assert not [d for d in render(helm, "--set", "networkPolicy.enabled=false") if d["kind"] == "NetworkPolicy"]

@@ -74,6 +74,18 @@ def test_fetch_subject_from_a_directory(tmp_path, example_subject):
         kr.fetch_subject("dvc://data/teapot", tmp_path / "y")
 
 
+def test_fetch_subject_from_a_directory_refuses_a_link_out_of_it(tmp_path, example_subject):
+    """The pods copy a local subject by refine's rule: the target of a link out of the folder is never copied."""
+    import shutil
+
+    folder = tmp_path / "teapot"
+    shutil.copytree(example_subject, folder)
+    (folder / "passwd.jpg").symlink_to("/etc/passwd")
+    with pytest.raises(SubjectError, match="passwd.jpg is a link to /etc/passwd, outside the subject folder"):
+        kr.fetch_subject(str(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_assemble_run_dir_links_files_not_directories(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()

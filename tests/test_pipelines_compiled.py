@@ -94,6 +94,17 @@ def test_gpu_settings_only_on_gpu_stages(name):
 
 
 @pytest.mark.parametrize("name", pc.PIPELINES)
+def test_steps_with_mlflow_credentials_carry_the_charts_client_label(name):
+    """The chart's NetworkPolicy admits to MLflow only pods labelled as its clients: exactly the steps given its Secret."""
+    _, platform = load(name)
+    for ex, conf in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+        uses_mlflow = any(s["secretNameParameter"]["componentInputParameter"].endswith("mlflow_secret")
+                          for s in conf.get("secretAsEnv", []))
+        labels = conf.get("podMetadata", {}).get("labels", {})
+        assert (labels.get("subjectops.io/mlflow-client") == "true") == uses_mlflow, ex
+
+
+@pytest.mark.parametrize("name", pc.PIPELINES)
 def test_placement_is_parameterised_with_the_charts_defaults(name):
     spec, _ = load(name)
     params = spec["root"]["inputDefinitions"]["parameters"]

@@ -160,6 +160,17 @@ def test_invalid_input_fails_before_anything_is_sent(wire, args, message):
     assert wire.requests == [], "nothing may reach the KFP API"
 
 
+@pytest.mark.parametrize("uri, segment", [("s3://subj/../../etc", "'..'"), ("s3://subj/a/./teapot", "'.'"),
+                                          ("s3://subj//teapot", "an empty"), ("s3://subj/a//teapot", "an empty"),
+                                          ("dvc://data/../../etc", "'..'")])
+def test_subject_uri_with_dot_or_empty_segments_is_refused(wire, uri, segment):
+    result = invoke("submit", uri, "--class", "teapot", "--dvc-repo", "https://git.example/r.git", "--host", HOST)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert f"subject URI {uri!r} has {segment} path segment" in out and "fix:" in out and "Traceback" not in out
+    assert wire.requests == [], "nothing may reach the KFP API"
+
+
 def test_host_must_be_a_url(wire):
     result = invoke("submit", SUBJECT, "--class", "teapot", "--host", "kfp.example:8080")
     assert result.exit_code == 2 and "not an http(s) URL" in result.output

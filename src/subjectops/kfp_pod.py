@@ -29,7 +29,8 @@ import yaml
 
 from subjectops.config import ConfigError, Params, apply_overrides, parse_yaml, validate_params
 from subjectops.data import objectstore
-from subjectops.data.objectstore import S3Location
+from subjectops.data.objectstore import S3Location, check_uri_segments
+from subjectops.data.subject import subject_files
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectError, SubjectopsError
 
@@ -121,6 +122,7 @@ def parse_subject_uri(uri: str) -> dict:
         path = path.strip("/")
         if not path:
             raise SubjectError(f"subject URI {uri!r} names no path", fix="write dvc://path/in/repo[@rev], e.g. dvc://data/subjects/teapot")
+        check_uri_segments(uri, path, "dvc://path/in/repo[@rev]")
         return {"kind": "dvc", "path": path, "rev": rev, "name": subject_name_from_uri(path)}
     if "://" in uri and not uri.startswith("file://"):
         scheme = uri.split("://", 1)[0]
@@ -144,10 +146,10 @@ def fetch_subject(uri: str, dest: Path, *, dvc_repo: str = "", dvc_rev: str = ""
         src = Path(spec["path"])
         if not src.is_dir():
             raise SubjectError(f"subject directory {src} does not exist", fix="pass an existing directory of photos, an s3:// URI or a dvc:// path")
+        files = subject_files(src)  # refine's rule: a link out of the folder is refused, not copied
         target.mkdir(parents=True, exist_ok=True)
-        for f in sorted(src.iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                shutil.copy2(f, target / f.name)
+        for f in files:
+            shutil.copy2(f, target / f.name)
     else:
         if not dvc_repo:
             raise SubjectError(f"subject {uri} is a DVC path but no DVC repository was given",

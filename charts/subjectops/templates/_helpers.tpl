@@ -79,6 +79,11 @@ imagePullSecrets:
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when this chart's MLflow server runs with basic auth, else empty (a template returns a string) */}}
+{{- define "subjectops.mlflow.auth" -}}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth.enabled -}}true{{- end -}}
+{{- end -}}
+
 {{- define "subjectops.trackingUri" -}}
 {{- if .Values.mlflow.enabled -}}
 {{- printf "http://%s.%s.svc:%d" (include "subjectops.mlflow.fullname" .) .Release.Namespace (int .Values.mlflow.port) -}}
@@ -118,7 +123,7 @@ Policy-scanner (checkov) exceptions as annotations, each with its reason: call w
 {{- define "subjectops.scanExceptions" -}}
 {{- $reasons := dict
   "CKV_K8S_43" "images are referenced by release tag: the project builds them per release, so no digest exists when the chart is written; a tag value may carry one (0.1.0@sha256:...)"
-  "CKV_K8S_35" "the server reads its credentials from environment variables only (MinIO root user, boto3 S3 keys); each comes from a Secret key by secretKeyRef into this one container, which runs no shell and logs no environment"
+  "CKV_K8S_35" "the server reads its credentials from environment variables only (MinIO root user, boto3 S3 keys, MLflow's admin account and CSRF key); each comes from a Secret key by secretKeyRef into this one container, which runs no shell and logs no environment"
 -}}
 {{- range $i, $check := . }}
 checkov.io/skip{{ add1 $i }}: {{ printf "%s=%s" $check (get $reasons $check) | quote }}

@@ -7,7 +7,8 @@ A pushed subject is its photos directly under `s3://BUCKET/PREFIX/` and a manife
 naming each file with its SHA-256. The manifest is written first: it claims the prefix, so an
 interrupted push can be repeated, while a push of another subject there is refused unless forced. Every
 transfer is checked against the manifest: a push reads each object back, a pull hashes each download and
-moves the subject into place only when all files match, so a failed pull leaves nothing behind.
+moves the subject into place only when all files match, so a failed pull leaves nothing behind. The manifest is
+only what the bucket holds: a pull refuses it, before writing anything, unless every entry is a plain file name.
 
 Credentials come from the environment the chart's object-store Secret gives the pods: `AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and `AWS_DEFAULT_REGION`, optional).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlparse
 
+from subjectops.data.subject import subject_files
 from subjectops.digest import sha256_bytes, sha256_file
 from subjectops.errors import SubjectError, SubjectopsError
 
@@ -35,6 +38,17 @@ CREDENTIAL_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_K
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 120
 RETRIES = 2
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_uri_segments(uri: str, path: str, form: str) -> None:
+    """Refuse '.', '..' and empty segments in a subject URI's path: a store, a proxy or `dvc get` may resolve
+    them to another place than the one the URI seems to name (s3://subj/../../etc)."""
+    for segment in path.split("/"):
+        if segment in ("", ".", ".."):
+            what = repr(segment) if segment else "an empty"
+            raise SubjectError(f"subject URI {uri!r} has {what} path segment",
+                               fix=f"write {form} with plain names between the slashes (no '.', '..' or '//')")
 
 
 @dataclass(frozen=True)
@@ -46,10 +60,12 @@ class S3Location:
     def parse(cls, uri: str) -> "S3Location":
         if not uri.startswith("s3://"):
             raise SubjectError(f"{uri!r} is not an s3:// URI", fix="write s3://BUCKET/PREFIX")
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        path = uri[len("s3://"):].removesuffix("/")  # s3://BUCKET/PREFIX/ names the same prefix
+        bucket, _, prefix = path.partition("/")
         if not bucket:
             raise SubjectError(f"subject URI {uri!r} names no bucket", fix="write s3://BUCKET/PREFIX")
-        return cls(bucket, prefix.strip("/"))
+        check_uri_segments(uri, path, "s3://BUCKET/PREFIX")
+        return cls(bucket, prefix)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -106,7 +122,8 @@ def _store_errors(where: S3Location, env: Mapping[str, str]):
 
 
 def _subject_files(subject_dir: Path) -> dict[str, Path]:
-    files = {p.name: p for p in sorted(Path(subject_dir).iterdir()) if p.is_file() and not p.name.startswith(".")}
+    """What refine would read: a push never uploads a file (or a link's target) that refine refuses."""
+    files = {p.name: p for p in subject_files(subject_dir)}
     if not files:
         raise SubjectError(f"{subject_dir} holds no files", fix="point at a folder of the subject's photos")
     return files
@@ -125,11 +142,15 @@ def _stored_manifest(client, where: S3Location) -> Optional[dict]:
     from minio.error import S3Error
 
     try:
-        return json.loads(_read_object(client, where, MANIFEST))
+        body = _read_object(client, where, MANIFEST)
     except S3Error as exc:
         if exc.code == "NoSuchKey":
             return None
         raise
+    try:
+        return json.loads(body)
+    except ValueError:  # also undecodable bytes; pull says it is no manifest, a push replaces it
+        return {}
 
 
 def _stored_names(client, where: S3Location) -> set[str]:
@@ -171,6 +192,27 @@ def push(subject_dir: Path, uri: str, force: bool = False, env: Mapping[str, str
     return manifest
 
 
+def _is_plain_file_name(name: str) -> bool:
+    """One path component naming a file directly in the folder: joined to it, it cannot leave it."""
+    return name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0"))
+
+
+def _checked_files(manifest, where: S3Location) -> dict[str, str]:
+    """The manifest's {file name: SHA-256}, every entry checked before anything is downloaded: the manifest is
+    whatever the bucket holds, and a name such as `/etc/x` or `../x` joined to the destination would write outside it."""
+    fix = (f"the manifest was not written by subjectops: check who can write to the bucket, then push the subject "
+           f"again with `subjectops data push --force SUBJECT_DIR {where}`")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(d, str) and SHA256_HEX.fullmatch(d) for d in files.values()):
+        raise ObjectStoreError(f"{where.key(MANIFEST)} is not a subject manifest (a JSON object whose `files` maps "
+                               "each file name to its SHA-256)", fix=fix)
+    for name in files:
+        if not _is_plain_file_name(name):
+            raise ObjectStoreError(f"{where.key(MANIFEST)} names {name!r}, which is not a plain file name "
+                                   "(an absolute path, '..', '.', a path separator or an empty name)", fix=fix)
+    return files
+
+
 def pull(uri: str, dest: Path, force: bool = False, env: Mapping[str, str] = os.environ) -> Path:
     """Download the subject pushed at `uri` into the directory `dest`, each file checked against the
     manifest; `dest` appears only when every file matched (`force` replaces an existing `dest`)."""
@@ -179,15 +221,17 @@ def pull(uri: str, dest: Path, force: bool = False, env: Mapping[str, str] = os.
     if dest.exists() and any(dest.iterdir()) and not force:
         raise SubjectError(f"{dest} already exists and is not empty", fix="pull into a new directory, or pass --force")
     client = client_from_env(env)
+    with _store_errors(where, env):
+        manifest = _stored_manifest(client, where)
+    if manifest is None:
+        raise ObjectStoreError(f"{where} holds no subject (no {MANIFEST})",
+                               fix="upload it with `subjectops data push SUBJECT_DIR " + f"{where}`")
+    files = _checked_files(manifest, where)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pulling-", dir=dest.parent))
     try:
         with _store_errors(where, env):
-            manifest = _stored_manifest(client, where)
-            if manifest is None:
-                raise ObjectStoreError(f"{where} holds no subject (no {MANIFEST})",
-                                       fix="upload it with `subjectops data push SUBJECT_DIR " + f"{where}`")
-            for name, digest in sorted(manifest["files"].items()):
+            for name, digest in sorted(files.items()):
                 client.fget_object(where.bucket, where.key(name), str(staging / name))
                 if sha256_file(staging / name) != digest:
                     raise ObjectStoreError(f"{where.key(name)} does not match the SHA-256 in {MANIFEST}",

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# Kept with the photos (a dataset's own description and licence), never read as images.
+DOCUMENTS = ("README.md", "LICENSE")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CLASS_WORD = re.compile(r"^[A-Za-z][A-Za-z \-']{0,63}$")
 
@@ -56,6 +58,25 @@ def check_class_word(word: str | None) -> str:
     return word
 
 
+def subject_files(subject_dir: Path) -> list[Path]:
+    """The files of a subject folder that subjectops reads: its photos and the documents beside them, hidden files
+    skipped. One rule for every reader (refine, `data push`, the pods' copy), so a folder one accepts the others do;
+    a link out of the folder or a file that is not a photo is refused, named, before any file is read."""
+    entries = sorted(f for f in Path(subject_dir).iterdir() if not f.name.startswith("."))
+    root = Path(subject_dir).resolve()
+    for entry in entries:
+        real = entry.resolve()
+        if not real.is_relative_to(root):
+            raise SubjectError(f"{entry} is a link to {real}, outside the subject folder {subject_dir}",
+                               fix="copy the photo into the subject folder instead of linking to it")
+    files = [f for f in entries if f.is_file()]
+    others = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES and f.name not in DOCUMENTS]
+    if others:
+        raise SubjectError(f"{subject_dir} holds files that are not images: {', '.join(others)}",
+                           fix=f"keep only photos ({', '.join(sorted(IMAGE_SUFFIXES))}) in the subject folder")
+    return files
+
+
 # Alpha is composited on white (a studio backdrop; the class images the model draws are mostly on plain ground),
 # never dropped: a dropped alpha shows whatever colour the editor left under the transparent pixels.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -68,12 +89,8 @@ DIRECT_MODES = {"1": "bilevel", "L": "8-bit grayscale", "P": "palette", "CMYK": 
                 "YCbCr": "YCbCr", "LAB": "CIELAB", "HSV": "HSV"}
 
 
-def check_photo_file(path: Path, subject_dir: Path, cfg: SubjectCfg) -> None:
-    """Where the file really is, its byte size and its declared pixel count, from the header only."""
-    real = path.resolve()
-    if not real.is_relative_to(subject_dir.resolve()):
-        raise SubjectError(f"{path} is a link to {real}, outside the subject folder {subject_dir}",
-                           fix="copy the photo into the subject folder instead of linking to it")
+def check_photo_file(path: Path, cfg: SubjectCfg) -> None:
+    """The file's byte size and its declared pixel count, from the header only."""
     size = path.stat().st_size
     if size == 0:
         raise SubjectError(f"{path} is an empty (zero-byte) file", fix="remove it or replace it with the real photo")
@@ -172,21 +189,16 @@ def load_subject(subject_dir: Path, cfg: SubjectCfg, resolution: int) -> LoadedS
     if not subject_dir.is_dir():
         raise SubjectError(f"subject directory {subject_dir} does not exist", fix="pass a folder of 3-20 photos")
     name = check_subject_name(subject_dir.resolve().name)
-    files = sorted(f for f in subject_dir.iterdir() if not f.name.startswith("."))
-    others = [f.name for f in files if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES and f.name not in ("README.md", "LICENSE")]
-    if others:
-        raise SubjectError(f"{subject_dir} holds files that are not images: {', '.join(others)}",
-                           fix=f"keep only photos ({', '.join(sorted(IMAGE_SUFFIXES))}) in the subject folder")
-    paths = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    paths = [f for f in subject_files(subject_dir) if f.suffix.lower() in IMAGE_SUFFIXES]
     if len(paths) < cfg.min_images:
         raise SubjectError(f"{subject_dir} has {len(paths)} image(s); at least {cfg.min_images} are needed",
                            fix=f"add photos of the subject until there are {cfg.min_images}-{cfg.max_images}")
     if len(paths) > cfg.max_images:
         raise SubjectError(f"{subject_dir} has {len(paths)} images; at most {cfg.max_images} are used",
                            fix=f"keep the best {cfg.max_images} photos")
-    # Every file's location, size and header first: a bad last file fails before any photo is decoded.
+    # Every file's size and header first: a bad last file fails before any photo is decoded.
     for path in paths:
-        check_photo_file(path, subject_dir, cfg)
+        check_photo_file(path, cfg)
     images, originals, sources, notes, conversions, seen = [], [], [], [], [], {}
     for path in paths:
         decoded = _decode(path)
