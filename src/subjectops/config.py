@@ -271,8 +271,8 @@ class GateCfg(StrictModel):
 
     @model_validator(mode="after")
     def _known_metric(self):
-        if self.metric not in METRIC_NAMES:
-            raise ValueError(f"unknown metric {self.metric!r}; gates can use {', '.join(METRIC_NAMES)}")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; gates can use {', '.join(METRICS)}")
         return self
 
 
@@ -304,21 +304,24 @@ class TrackingCfg(StrictModel):
 
 
 class EvaluateBackbonesCfg(StrictModel):
-    # Hub id or local directory (from_pretrained), or `tiny` for a small seeded random encoder.
+    # Hub id or local directory (from_pretrained), `tiny` for a small seeded random encoder, or `world` for the
+    # miniature world's trained encoder of that role (subjectops.world)
     dino: str = "facebook/dino-vits16"
     clip: str = "openai/clip-vit-base-patch32"
     # auto: torch hub cache's pt_inception-2015-12-05-6726825d.pth when present; a path to that file; or none
     inception: str = "auto"
-    lpips: str = "alex"  # alex | vgg | squeeze (torchvision ImageNet weights in the torch hub cache) | tiny
+    lpips: str = "alex"  # alex | vgg | squeeze (torchvision ImageNet weights in the torch hub cache) | tiny | world
 
 
 class EvaluateCfg(StrictModel):
-    # auto: tiny random encoders when model.base is an offline preset (tiny-sd15, tiny-sdxl, small-sd15); true: always; false: never
+    # auto: tiny random encoders when model.base is an offline preset (tiny-sd15, tiny-sdxl, small-sd15), the
+    # world's encoders when it is world-sd15 / world-sdxl; true: always tiny; false: never
     tiny: Literal["auto", True, False] = "auto"
     backbones: EvaluateBackbonesCfg = EvaluateBackbonesCfg()
     metrics: list[Literal[METRIC_NAMES]] = list(METRIC_NAMES)  # type: ignore[valid-type]
     # Features FID's Frechet distance is taken on: auto = Inception when its weights are present, else DINO
-    fid_features: Literal["auto", "inception", "dino", "clip"] = "auto"
+    # (and the world judge's pooled features on the world's models: the world's Inception)
+    fid_features: Literal["auto", "inception", "dino", "clip", "judge"] = "auto"
     batch_size: int = Field(16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from subjectops import world
 from subjectops.errors import ModelNotFoundError
 
 TINY_MARKER = "subjectops_tiny.json"
+WORLD = "world"  # an encoder id: the miniature world's trained encoder of that role (subjectops.world)
 TINY_ENCODER_VERSION = "1"
 TINY_SEED = 0
 TINY_IMAGE_SIZE = 32
@@ -41,11 +43,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class BackboneInfo:
     """What produced a number: recorded next to every metric value."""
 
-    role: str  # dino | clip | inception | lpips
-    id: str  # the configured id (hub id, directory, alex, tiny, ...)
+    role: str  # dino | clip | inception | lpips | judge
+    id: str  # the configured id (hub id, directory, alex, tiny, world, ...)
     pretrained: bool  # False = random weights: the number measures nothing about quality
     source: str  # what was actually loaded (resolved directory, hub id, weight file)
     description: str
+    # pretrained (on real data) | world-pretrained (the miniature world's) | random: the three kinds of numbers,
+    # never compared with each other
+    provenance: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.provenance:
+            object.__setattr__(self, "provenance", "pretrained" if self.pretrained else "random")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,6 +248,8 @@ def _resolve(role: str, model_id: str, key: str) -> tuple[str, bool]:
     """(source for from_pretrained, is_local_dir)."""
     if model_id == "tiny":
         return str(tiny_dino_dir() if role.lower() == "dino" else tiny_clip_dir()), True
+    if model_id == WORLD:
+        return str(world.encoder_dir(role.lower())), True
     path = Path(model_id).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -279,7 +290,9 @@ def load_dino(model_id: str, device: torch.device, cache_dir: Optional[str] = No
     source, local, (model, proc) = _load("DINO", model_id, key, cache_dir, loader)
     random = _is_random(source, local)
     info = BackboneInfo("dino", model_id, not random, source,
-                        "tiny random ViT (seeded)" if random else "DINO ViT CLS embedding")
+                        "tiny random ViT (seeded)" if random else
+                        "world ViT, multi-view instance discrimination (CLS embedding)" if model_id == WORLD else
+                        "DINO ViT CLS embedding", world.PROVENANCE if model_id == WORLD else "")
     return DinoEncoder(model, Preprocess.from_processor(proc), info, device)
 
 
@@ -298,7 +311,9 @@ def load_clip(model_id: str, device: torch.device, cache_dir: Optional[str] = No
     source, local, (model, tok, proc) = _load("CLIP", model_id, key, cache_dir, loader)
     random = _is_random(source, local)
     info = BackboneInfo("clip", model_id, not random, source,
-                        "tiny random CLIP (seeded, project BPE tokenizer)" if random else "CLIP projected embeddings")
+                        "tiny random CLIP (seeded, project BPE tokenizer)" if random else
+                        "world CLIP, contrastive on world images and captions" if model_id == WORLD else
+                        "CLIP projected embeddings", world.PROVENANCE if model_id == WORLD else "")
     return ClipEncoder(model, tok, Preprocess.from_processor(proc), info, device)
 
 
@@ -366,9 +381,53 @@ class LpipsNet:
         return total.float()
 
 
+class WorldLpips(LpipsNet):
+    """LPIPS over the world judge's stage activations (channel-normalized, as LPIPS normalizes AlexNet's), with
+    uniform channel weights: real LPIPS fits its weights to human judgements, which the world does not have
+    (Zhang et al. 2018 report unweighted deep features as a baseline that already tracks perception)."""
+
+    def __init__(self, judge: Any, info: BackboneInfo, device: torch.device):
+        self.net, self.info, self.device = judge.to(device).eval(), info, device
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> list[Tensor]:
+        outs = self.net.stage_features(images.to(self.device))
+        return [o / (o.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for o in outs]
+
+    def _weights(self) -> list[Tensor]:
+        return [torch.ones(w, device=self.device) for w in self.net.widths]
+
+
+class WorldFeatures:
+    """The world judge: pooled features for FID (the world's Inception) and its ground-truth heads."""
+
+    def __init__(self, judge: Any, info: BackboneInfo, device: torch.device):
+        self.net, self.info, self.device = judge.to(device).eval(), info, device
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        return self.net(images.to(self.device))["features"].float()
+
+    @torch.no_grad()
+    def judge(self, images: Tensor) -> dict[str, Tensor]:
+        return self.net(images.to(self.device))
+
+
+def load_world_judge(device: torch.device, role: str = "judge") -> Any:
+    from subjectops.world.judge import WorldJudge
+
+    folder = world.encoder_dir("judge")
+    info = BackboneInfo(role, WORLD, True, str(folder), "world judge CNN (trained on the world's ground truth)",
+                        world.PROVENANCE)
+    judge = WorldJudge.load(folder, device)
+    return WorldLpips(judge, info, device) if role == "lpips" else WorldFeatures(judge, info, device)
+
+
 def load_lpips(setting: str, device: torch.device) -> LpipsNet:
     from torchmetrics.functional.image.lpips import _LPIPS
 
+    if setting == WORLD:
+        return load_world_judge(device, "lpips")
     if setting == "tiny":
         # Random AlexNet backbone (seeded; nothing to download) with torchmetrics' shipped linear weights.
         torch.manual_seed(TINY_SEED)

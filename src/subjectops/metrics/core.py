@@ -33,7 +33,7 @@ from subjectops.config import ConfigError, Params
 from subjectops.data.prompts import strip_identifier
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.metrics import backbones as B
-from subjectops.metrics.definitions import METRICS
+from subjectops.metrics.definitions import METRICS, WORLD_METRICS
 from subjectops.segment import segment_all
 
 DISPLAY = {name: d.display for name, d in METRICS.items()}
@@ -251,6 +251,13 @@ def tiny_mode(params: Params, generated_by: Optional[str] = None) -> bool:
     return bool(t)
 
 
+def world_mode(params: Params, generated_by: Optional[str] = None) -> bool:
+    """evaluate.tiny=auto and the images come from the miniature world's models: its encoders and judge score them."""
+    from subjectops.models.loading import is_world
+
+    return params.evaluate.tiny == "auto" and is_world(generated_by or params.model.base)
+
+
 def pick_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise ConfigError("evaluate.device = cuda but no CUDA device is visible", fix="set evaluate.device=auto or cpu")
@@ -265,11 +272,15 @@ class Encoders:
     def __init__(self, params: Params, metrics: Iterable[str], generated_by: Optional[str] = None):
         cfg = params.evaluate
         self.tiny = tiny_mode(params, generated_by)
+        self.world = world_mode(params, generated_by)
         self.device = pick_device(cfg.device)
         metrics = list(metrics)
         bb = cfg.backbones
-        ids = {role: ("tiny" if self.tiny else getattr(bb, role)) for role in ("dino", "clip", "lpips")}
+        preset = "tiny" if self.tiny else B.WORLD if self.world else None
+        ids = {role: preset or getattr(bb, role) for role in ("dino", "clip", "lpips")}
         self.fid_features = self._fid_features(cfg.fid_features, bb.inception) if "fid" in metrics else None
+        # the world judge: world-accuracy metrics, and FID's features (the world's Inception)
+        self.judge = B.load_world_judge(self.device) if self.world or self.fid_features == "judge" else None
         need_dino = bool({"dino", "dino-subject"} & set(metrics)) or self.fid_features == "dino"
         need_clip = bool({"clip-i", "clip-t", "clip-i-subject"} & set(metrics)) or self.fid_features == "clip"
         cache = params.model.cache_dir
@@ -286,13 +297,15 @@ class Encoders:
         """Encoders built elsewhere (benchmarks, notebooks): same evaluator, no loading."""
         self = cls.__new__(cls)
         self.dino, self.clip, self.lpips, self.inception = dino, clip, lpips, inception
-        self.fid_features, self.tiny = fid_features, tiny
+        self.fid_features, self.tiny, self.world, self.judge = fid_features, tiny, False, None
         self.device = device or torch.device("cpu")
         return self
 
     def _fid_features(self, setting: str, inception_setting: str) -> str:
-        if setting in ("dino", "clip"):
+        if setting in ("dino", "clip", "judge"):
             return setting
+        if self.world:
+            return "judge"
         weights = None if self.tiny else B.find_inception(inception_setting)
         if setting == "inception":
             if self.tiny:
@@ -308,7 +321,7 @@ class Encoders:
 
     def infos(self) -> dict[str, dict[str, Any]]:
         out = {}
-        for name in ("dino", "clip", "lpips", "inception"):
+        for name in ("dino", "clip", "lpips", "inception", "judge"):
             enc = getattr(self, name)
             if enc is not None:
                 out[name] = enc.info.to_dict()
@@ -326,6 +339,9 @@ class References:
     clip: Optional[Tensor] = None
     lpips: Optional[list[Tensor]] = None
     subject: dict[str, Tensor] = field(default_factory=dict)  # encoder role -> embeddings of the subject regions
+    judge: Optional[Tensor] = None  # the world judge's features (FID on the world's models)
+    palette: Optional[list] = None  # a world subject's decal colors (its ground truth, from refine)
+    class_word: str = ""  # the subject's class (world accuracy: is the prompted class shown)
 
 
 class Evaluator:
@@ -340,6 +356,8 @@ class Evaluator:
         if not self.metrics:
             raise ConfigError("evaluate.metrics is empty", fix=f"list some of {list(DISPLAY)}")
         self.enc = encoders or Encoders(params, self.metrics, generated_by)
+        if self.enc.judge is not None and self.enc.world:
+            self.metrics += [m for m in WORLD_METRICS if m not in self.metrics]
         self.batch_size = params.evaluate.batch_size
         want, fidf = set(self.metrics), self.enc.fid_features
         # which encoders this evaluator runs (an Encoders object may hold more, when shared)
@@ -392,6 +410,8 @@ class Evaluator:
         if need["lpips"]:
             parts = [e.lpips.features(b) for b in pixels.split(self.batch_size)]
             refs.lpips = [torch.cat(layer) for layer in zip(*parts)]
+        if e.judge is not None:
+            refs.judge = torch.cat([e.judge.embed(b) for b in pixels.split(self.batch_size)])
         return refs
 
     # -- one prompt set -----------------------------------------------------------------------------
@@ -408,7 +428,9 @@ class Evaluator:
     def score_batches(self, prompt_set: str, version: str, batches: Iterable[Tensor], prompts: Sequence[str],
                       identifiers: Sequence[str], refs: References) -> list[MetricRecord]:
         e, want = self.enc, set(self.metrics)
-        acc: dict[str, list[Tensor]] = {k: [] for k in ("dino", "clip", "lpips", "ssim", "psnr", *SUBJECT_REGION)}
+        acc: dict[str, list[Tensor]] = {k: [] for k in ("dino", "clip", "lpips", "ssim", "psnr", "judge",
+                                                        *SUBJECT_REGION)}
+        judged: dict[str, list[Optional[float]]] = {m: [] for m in WORLD_METRICS}
         if e.inception is not None and "fid" in want:
             e.inception.update(refs.pixels, real=True)
         n = 0
@@ -426,6 +448,16 @@ class Evaluator:
                 acc["psnr"].append(psnr_pairs(gen.to(e.device), refs.pixels.to(e.device)).cpu())
             if e.inception is not None and "fid" in want:
                 e.inception.update(gen, real=False)
+            if e.judge is not None:
+                verdict = e.judge.judge(gen)
+                acc["judge"].append(verdict["features"].float())
+                if e.world:
+                    from subjectops.world.accuracy import score
+
+                    first = n - gen.shape[0]
+                    for metric, values in score(verdict, gen, prompts[first:n], refs.class_word,
+                                                refs.palette).items():
+                        judged[metric] += values
             if self.subject_roles:
                 regions = self.subject_regions(gen)
                 for metric, role in SUBJECT_REGION.items():
@@ -478,5 +510,13 @@ class Evaluator:
                 note = "resized to the references' resolution" if metric != "lpips" else \
                     "LPIPS features computed once per image; all pairs scored from them"
                 rec(metric, torch.cat(acc[metric]), info, cross, note)
+        for metric, values in judged.items():
+            applies = [v for v in values if v is not None]
+            if metric in want and applies:
+                v = torch.tensor(applies, dtype=torch.float64)
+                mean, std = _summary(v)
+                out.append(MetricRecord(metric, prompt_set, version, e.judge.info.id, e.judge.info.pretrained,
+                                        len(applies), m, len(applies), mean, std, f"{len(applies)} images",
+                                        True, METRICS[metric].description, values))
         order = {k: i for i, k in enumerate(DISPLAY)}
         return sorted(out, key=lambda r: order[r.metric])

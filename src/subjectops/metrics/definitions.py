@@ -31,8 +31,16 @@ METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
                      "subject fidelity in the subject region: DINO cosine similarity of the segmented subjects"),
     MetricDefinition("clip-i-subject", "CLIP-I (subject)", True,
                      "subject fidelity in the subject region: CLIP image-embedding cosine similarity of the segmented subjects"),
+    # The miniature world's ground truth as a judge (subjectops.world.accuracy): computed whenever the world
+    # judge is loaded (a run on world-sd15 / world-sdxl), over the images whose prompt states the attribute
+    MetricDefinition("world-class", "class acc.", True, "share of images the world judge sees as the prompted class"),
+    MetricDefinition("world-color", "color acc.", True, "share of images whose object the judge sees in the prompted color"),
+    MetricDefinition("world-scene", "scene acc.", True, "share of images the judge sees in the prompted scene"),
+    MetricDefinition("world-decal", "decal match", True,
+                     "share of images whose object region shows the subject's decal colors (world subjects)"),
 )}
-METRIC_NAMES = tuple(METRICS)
+WORLD_METRICS = ("world-class", "world-color", "world-scene", "world-decal")
+METRIC_NAMES = tuple(m for m in METRICS if m not in WORLD_METRICS)  # what evaluate.metrics may list
 
 
 def direction(name: str) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 from subjectops.config import Params
 from subjectops.errors import ModelNotFoundError
 from subjectops.methods import configured_method
-from subjectops.models.loading import how_to_provide, is_tiny
+from subjectops import world
+from subjectops.models.loading import how_to_provide, is_tiny, is_world
 
 
 @dataclass
@@ -38,11 +39,14 @@ def check_weights(params: Params) -> list[WeightStatus]:
     base = params.model.base
     if is_tiny(params.model):
         rows.append(WeightStatus("base model", base, True, "built offline with random weights (plumbing only)"))
+    elif is_world(params.model):
+        rows.append(WeightStatus("base model", base, _found(lambda: world.model_dir(base)),
+                                 "pretrained on the miniature world: run `subjectops world build`"))
     else:
         rows.append(WeightStatus("base model", base, hub_present(base, params.model.cache_dir), how_to_provide(base)))
     for purpose, ident in (("DINO metric encoder", params.evaluate.backbones.dino),
                            ("CLIP metric encoder", params.evaluate.backbones.clip)):
-        if ident != "tiny":
+        if ident not in ("tiny", "world"):
             rows.append(WeightStatus(purpose, ident, hub_present(ident), how_to_provide(ident)))
     # The method says which weights it loads, from its config (an ablated loss term loads nothing).
     rows += [WeightStatus(need.purpose, need.ident, _found(need.locate), need.how)

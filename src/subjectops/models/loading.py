@@ -16,6 +16,7 @@ import torch
 
 from subjectops.digest import DIGEST_CHARS, sha256_bytes
 from subjectops.errors import ModelNotFoundError
+from subjectops import world
 from subjectops.models.tiny import TINY_PRESETS, tiny_dir
 
 if TYPE_CHECKING:
@@ -44,10 +45,17 @@ def how_to_provide(model_id: str) -> str:
     )
 
 
+def is_world(model: ModelCfg | str) -> bool:
+    """The miniature world's pretrained pipelines (world-sd15, world-sdxl), shipped with the package."""
+    return world.is_world(model if isinstance(model, str) else model.base)
+
+
 def resolve(model: ModelCfg) -> str:
     """The path or hub id `from_pretrained` will receive."""
     if is_tiny(model):
         return str(tiny_dir(model.base))
+    if is_world(model):
+        return str(world.model_dir(model.base))
     path = Path(model.base).expanduser()
     if path.exists():
         if not (path / "model_index.json").exists():
@@ -99,7 +107,7 @@ def fingerprint(model: ModelCfg) -> str:
     Reading 4 GB of weights per run to hash them would dominate a small job; configs, names, sizes
     and the safetensors headers change whenever the weights do in practice.
     """
-    if not is_tiny(model) and not Path(model.base).expanduser().exists():
+    if not is_tiny(model) and not is_world(model) and not Path(model.base).expanduser().exists():
         return sha256_bytes(f"{model.base}@{model.revision}".encode())[:DIGEST_CHARS]
     root = Path(resolve(model))
     h = hashlib.sha256()

@@ -105,7 +105,7 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
     """Log the pyfunc model and the evaluation summary to `run_id`, create a version, alias it `challenger`."""
     from subjectops.config import ModelCfg
     from subjectops.inference import InferenceSpec
-    from subjectops.models.loading import is_tiny, resolve
+    from subjectops.models.loading import is_tiny, is_world, resolve
     from subjectops.tracking.pyfunc import save_pyfunc
 
     run_dir = Path(run_dir)
@@ -135,7 +135,8 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
     }
     tmp = Path(tempfile.mkdtemp(prefix="subjectops-register-"))
     try:
-        base_dir = Path(resolve(ModelCfg(base=base))) if is_tiny(base) else None
+        # presets built or shipped by the project travel with the model: a server may have neither
+        base_dir = Path(resolve(ModelCfg(base=base))) if is_tiny(base) or is_world(base) else None
         model_dir = save_pyfunc(tmp / MODEL_ARTIFACT, model_artifacts(run_dir, spec, base_dir), model_config, _requirements())
         client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
         summary_file = tmp / "summary.json"
