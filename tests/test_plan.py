@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 from subjectops.cli import app, if_needed_skip_reason
 from subjectops.config import ConfigError, apply_overrides, load_params, parse_yaml, validate_params
 from subjectops.methods import METHODS
-from subjectops.methods.plan import plan
-from subjectops.methods.plan import STAGES, TRAINING_OPTIONAL
+from subjectops.stages.plan import branching_stages, plan
+from subjectops.stages.registry import all_stages
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_ORDER = [rule.name for rule in STAGES]
+STAGE_ORDER = [stage.name for stage in all_stages()]
+TRAINING_OPTIONAL = branching_stages()
 
 # Every registered method with its defaults, and each flag that changes a plan.
 CASES = [(m, ()) for m in sorted(METHODS)] + [
