@@ -156,7 +156,7 @@ def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetO
     """Say which real weights are present and how to provide the missing ones."""
     from rich.table import Table
 
-    from subjectops.models.check import check_weights
+    from subjectops.weights_check import check_weights
 
     params = build_params(params_path, sets, model, method)
     table = Table(title="weights")
