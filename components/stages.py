@@ -1,9 +1,10 @@
-"""One Kubeflow component per stage, each calling the same stage function as the CLI.
+"""The Kubeflow components: one per stage of the registry, made by one factory (`stage_component`) from the
+stage's declaration, and the steps around them (configure, fetch-subject, the benchmark's pairs and aggregate).
 
 They are lightweight Python components (`@dsl.component`) whose base image is one of the project's
-images (images/), where the package is installed: the body imports the stage function from
-`subjectops.stages` and calls it on the input artifact directories, writing the stage's output
-directory straight into the output artifact. The same components therefore run
+images (images/), where the package is installed: a stage's body is one call of `subjectops.kfp_pod.run_step`,
+which runs the stage on the input artifact directories, writing its output directory straight into the output
+artifact. The same components therefore run
 
 - on a cluster, inside the images (no `pip install` at run time: `install_kfp_package=False`), and
 - on this machine under `kfp.local.SubprocessRunner(use_venv=False)`, in the current interpreter.
@@ -16,12 +17,17 @@ cache, Secrets) is added by the pipelines, not here, so that it stays a pipeline
 the module-level defaults are what the checked-in compiled YAML uses.
 """
 
+import linecache
 import os
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 from typing import Callable, List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from subjectops.stages.base import Stage
+from subjectops.stages.plan import branching_stages
+from subjectops.stages.registry import all_stages, get_stage
 
 REGISTRY = "ghcr.io/subjectops"
 VERSION = "0.1.0"
@@ -29,10 +35,10 @@ CPU_IMAGE = os.environ.get("SUBJECTOPS_CPU_IMAGE", f"{REGISTRY}/subjectops-cpu:{
 TRAINER_IMAGE = os.environ.get("SUBJECTOPS_TRAINER_IMAGE", f"{REGISTRY}/subjectops-trainer:{VERSION}")
 
 # Components (by name) that run on the GPU node pool in the trainer image.
-GPU_STAGES = ("priors", "pretrain-disc", "finetune", "infer", "sweep", "evaluate")
+GPU_STAGES = tuple(s.command for s in all_stages() if s.gpu)
 
 
-# ------------------------------------------------------------------------------------ CPU components
+# ------------------------------------------------------------------------------------ steps around the stages
 def configure(
     params_yaml: str,
     overrides: List[str],
@@ -69,61 +75,6 @@ def fetch_subject(subject_uri: str, dvc_repo: str, dvc_rev: str, images: Output[
     target = fetch(subject_uri, Path(images.path), dvc_repo=dvc_repo, dvc_rev=dvc_rev)
     images.metadata.update({"subject": target.name, "source": subject_uri})
     return target.name
-
-
-def refine(params: Input[Artifact], images: Input[Dataset], class_word: str, out: Output[Dataset]):
-    from pathlib import Path
-
-    from subjectops.kfp_pod import read_params, single_subdir
-    from subjectops.stages.refine import refine as refine_stage
-
-    refine_stage(read_params(Path(params.path)), single_subdir(Path(images.path)), class_word, Path(out.path))
-
-
-def register(
-    params: Input[Artifact],
-    refine_dir: Input[Dataset],
-    finetune_dir: Input[Model],
-    infer_dir: Input[Dataset],
-    evaluate_dir: Input[Artifact],
-    run_name: str,
-    out: Output[Artifact],
-    priors_dir: Input[Dataset] = None,
-    disc_dir: Input[Model] = None,
-) -> str:
-    """Record the run in MLflow (parent run, one run per stage) and register the model (alias challenger).
-
-    Same code as `subjectops sync RUN_DIR` after a local run: the step's inputs are linked into a run
-    directory named `run_name` (the KFP run's name) and synced. Returns the registered model version as
-    `name/version`.
-    """
-    import json
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from subjectops.kfp_pod import assemble_run_dir, load_registration
-    from subjectops.stages.register import register as register_stage
-    from subjectops.tracking.mlflow_tracker import sync
-
-    tmp = Path(tempfile.mkdtemp(prefix="subjectops-run-"))
-    run_dir = tmp / (run_name or "kfp-run")
-    try:
-        assemble_run_dir(run_dir, {
-            "refine": Path(refine_dir.path),
-            "priors": Path(priors_dir.path) if priors_dir is not None else None,
-            "pretrain_disc": Path(disc_dir.path) if disc_dir is not None else None,
-            "finetune": Path(finetune_dir.path), "infer": Path(infer_dir.path), "evaluate": Path(evaluate_dir.path)})
-        summary = sync(run_dir, register_stage, echo=print)
-        print(json.dumps(summary, indent=2, default=str))
-        if not (run_dir / "register").is_dir():
-            raise RuntimeError(f"MLflow sync recorded the run but registered no model: {summary}")
-        shutil.copytree(run_dir / "register", out.path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    info = load_registration(Path(out.path))
-    out.metadata.update({"model_name": info.get("model_name"), "version": str(info.get("version"))})
-    return f"{info.get('model_name')}/{info.get('version')}"
 
 
 def benchmark_pairs(methods: List[str], subjects: List[dict]) -> List[dict]:
@@ -174,143 +125,68 @@ def benchmark_aggregate(
     check_benchmark(decision, fail_on_refused=fail_on_refused)
 
 
-# ------------------------------------------------------------------------------------ GPU components
-def priors(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Dataset]):
-    from pathlib import Path
-
-    from subjectops.kfp_pod import read_params
-    from subjectops.stages.priors import priors as priors_stage
-
-    priors_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(out.path))
-
-
-def pretrain_disc(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Model], priors_dir: Input[Dataset] = None):
-    from pathlib import Path
-
-    from subjectops.kfp_pod import read_params
-    from subjectops.stages.pretrain_disc import pretrain_disc as pretrain_disc_stage
-
-    pretrain_disc_stage(read_params(Path(params.path)), Path(refine_dir.path),
-                        Path(priors_dir.path) if priors_dir is not None else None, Path(out.path))
+# ------------------------------------------------------------------------------------ the stages
+def _inputs(stage: Stage) -> list[tuple[str, str, bool]]:
+    """(stage, artifact type, optional) of each stage output the component takes: what it reads, and for the tracked
+    stage also every branching stage (so the record of the run is whole); optional when a branch may lack it."""
+    names = list(stage.reads)
+    if stage.tracked:
+        names += [n for n in branching_stages() if n not in names]
+    return [(n, get_stage(n).artifact, n in branching_stages()) for n in names]
 
 
-def finetune(
-    params: Input[Artifact],
-    refine_dir: Input[Dataset],
-    gpu_count: int,
-    accelerator_type: str,
-    run_id: str,
-    out: Output[Model],
-    priors_dir: Input[Dataset] = None,
-    disc_dir: Input[Model] = None,
-):
-    """One GPU: the stage function in-process. Several: `accelerate launch` of the same CLI stage.
-
-    `gpu_count` and `accelerator_type` are the values the pipeline requested for this pod; they are
-    recorded with the model. (Taking `accelerator_type` as an input also makes kfp 2.17 pass that pipeline
-    parameter into the `dsl.If` branches, whose accelerator settings reference it.) Checkpoints go to the
-    model-cache volume under `run_id` (the pipeline run), where the pod of a retry after a preemption finds them.
-    """
-    import subprocess
-    from pathlib import Path
-
-    from subjectops.kfp_pod import PARAMS_FILE, finetune_argv, read_params, run_checkpoint_dir
-    from subjectops.stages.finetune import finetune as finetune_stage
-
-    p = read_params(Path(params.path))
-    priors = Path(priors_dir.path) if priors_dir is not None else None
-    disc = Path(disc_dir.path) if disc_dir is not None else None
-    checkpoints = run_checkpoint_dir(run_id, p, Path(refine_dir.path))
-    if gpu_count > 1:
-        argv = finetune_argv(gpu_count, Path(params.path) / PARAMS_FILE, Path(refine_dir.path), priors, disc, Path(out.path),
-                             checkpoints)
-        print("running:", " ".join(argv), flush=True)
-        subprocess.run(argv, check=True)
+def stage_source(stage: Stage) -> str:
+    """The component function of a stage, as source: kfp reads a lightweight component's source and signature, so
+    the signature is written out from the declaration and the body is one call."""
+    inputs = _inputs(stage)
+    required = [f"{get_stage(n).option.replace('-', '_')}_dir: Input[{t}]" for n, t, opt in inputs if not opt]
+    optional = [f"{get_stage(n).option.replace('-', '_')}_dir: Input[{t}] = None" for n, t, opt in inputs if opt]
+    args = [f"{a.name}: {'Input[Dataset]' if a.folder else 'str'}" for a in stage.arguments if a.kfp]
+    extra = ["gpu_count: int", "accelerator_type: str", "run_id: str"] if stage.multi_gpu else []
+    extra += ["run_name: str"] if stage.tracked else []
+    outputs = [f"out: Output[{stage.artifact}]"] + (["metrics: Output[Metrics]"] if stage.metrics else [])
+    outputs += ["report: Output[HTML]"] if stage.report else []
+    dirs = ", ".join(f'"{n}": {get_stage(n).option.replace("-", "_")}_dir' for n, _, _ in inputs)
+    if stage.tracked:
+        body = f"    return register_step(params, {{{dirs}}}, run_name, out)"
+        call = "register_step"
     else:
-        finetune_stage(p, Path(refine_dir.path), priors, Path(out.path), disc_dir=disc, checkpoint_dir=checkpoints)
-    out.metadata.update({"method": p.finetune.method, "base_model": p.model.base,
-                         "gpu_count": gpu_count, "accelerator_type": accelerator_type})
+        kw = [f"{{{', '.join(f'{chr(34)}{a.name}{chr(34)}: {a.name}' for a in stage.arguments if a.kfp)}}}"]
+        kw += [f"{n}={n}" for n in ("metrics", "report") if getattr(stage, n)]
+        kw += [f"{n}={n}" for n in ("gpu_count", "accelerator_type", "run_id") if stage.multi_gpu]
+        body = f"    run_step({stage.name!r}, params, {{{dirs}}}, out, {', '.join(kw)})"
+        call = "run_step"
+    signature = ", ".join(["params: Input[Artifact]", *required, *args, *extra, *outputs, *optional])
+    returns = " -> str" if stage.tracked else ""
+    return (f"def {stage.name}({signature}){returns}:\n    \"\"\"{stage.help}\"\"\"\n"
+            f"    from subjectops.kfp_pod import {call}\n\n{body}\n")
 
 
-def infer(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Input[Model], out: Output[Dataset]):
-    from pathlib import Path
-
-    from subjectops.kfp_pod import read_params
-    from subjectops.stages.infer import infer as infer_stage
-
-    infer_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(finetune_dir.path), Path(out.path))
-
-
-def sweep(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Input[Model], out: Output[Artifact]):
-    """Every pipeline branch runs this step: when `plan(params)` has no sweep it only records why (as `subjectops
-    sweep --if-needed` does under DVC) and evaluate ignores that record, so the branches need not double."""
-    from pathlib import Path
-
-    from subjectops.kfp_pod import read_params
-    from subjectops.methods.plan import plan
-    from subjectops.stages.common import not_needed
-    from subjectops.stages.sweep import sweep as sweep_stage
-
-    p = read_params(Path(params.path))
-    planned = plan(p)
-    if planned.has("sweep"):
-        sweep_stage(p, Path(refine_dir.path), Path(finetune_dir.path), Path(out.path))
-    else:
-        not_needed("sweep", p, Path(out.path), planned.why_not("sweep"))
+def stage_function(stage: Stage) -> Callable:
+    """The component function of a stage, compiled from `stage_source` so that kfp (and `inspect`) can read its
+    source as they read a written one."""
+    source = stage_source(stage)
+    filename = f"<subjectops component {stage.name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"Input": Input, "Output": Output, "Artifact": Artifact, "Dataset": Dataset, "Model": Model,
+                 "Metrics": Metrics, "HTML": HTML}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own declaration, written out above
+    return namespace[stage.name]
 
 
-def evaluate(
-    params: Input[Artifact],
-    refine_dir: Input[Dataset],
-    infer_dir: Input[Dataset],
-    sweep_dir: Input[Artifact],
-    out: Output[Artifact],
-    metrics: Output[Metrics],
-    report: Output[HTML],
-):
-    import math
-    import shutil
-    from pathlib import Path
-
-    from subjectops.kfp_pod import read_params
-    from subjectops.stages.evaluate import evaluate as evaluate_stage
-    from subjectops.tracking.record import read_eval_records
-
-    evaluate_stage(read_params(Path(params.path)), Path(refine_dir.path), Path(infer_dir.path), Path(out.path),
-                   Path(sweep_dir.path))
-    for r in read_eval_records(Path(out.path) / "metrics.json"):
-        if isinstance(r.get("mean"), (int, float)) and math.isfinite(r["mean"]):
-            metrics.log_metric(f"{r.get('key', r['metric'])}.{r['prompt_set']}.{r['backbone']}", float(r["mean"]))
-    shutil.copyfile(Path(out.path) / "report.html", report.path)
-
+# The stage functions by name (`components.stages.sweep`), as the steps above are.
+globals().update({stage.name: stage_function(stage) for stage in all_stages()})
 
 # -------------------------------------------------------------------------------------------- factory
-CPU_FUNCS: tuple = (configure, fetch_subject, refine, register, benchmark_pairs, benchmark_aggregate)
-GPU_FUNCS: tuple = (priors, pretrain_disc, finetune, infer, sweep, evaluate)
-
-
-@dataclass(frozen=True)
-class Components:
-    configure: Callable
-    fetch_subject: Callable
-    refine: Callable
-    register: Callable
-    benchmark_pairs: Callable
-    benchmark_aggregate: Callable
-    priors: Callable
-    pretrain_disc: Callable
-    finetune: Callable
-    infer: Callable
-    sweep: Callable
-    evaluate: Callable
-    cpu_image: str
-    trainer_image: str
+STEPS: tuple = (configure, fetch_subject, benchmark_pairs, benchmark_aggregate)
+Components = make_dataclass("Components", [f.__name__ for f in STEPS] + [s.name for s in all_stages()]
+                            + ["cpu_image", "trainer_image"], frozen=True)
 
 
 def build_components(cpu_image: str = CPU_IMAGE, trainer_image: str = TRAINER_IMAGE) -> Components:
     """The components with their images; the package (and kfp) are preinstalled there."""
-    made = {}
-    for funcs, image in ((CPU_FUNCS, cpu_image), (GPU_FUNCS, trainer_image)):
-        for f in funcs:
-            made[f.__name__] = dsl.component(f, base_image=image, install_kfp_package=False)
+    made = {f.__name__: dsl.component(f, base_image=cpu_image, install_kfp_package=False) for f in STEPS}
+    for stage in all_stages():
+        made[stage.name] = dsl.component(globals()[stage.name], base_image=trainer_image if stage.gpu else cpu_image,
+                                         install_kfp_package=False)
     return Components(**made, cpu_image=cpu_image, trainer_image=trainer_image)

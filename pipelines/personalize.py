@@ -14,7 +14,8 @@ from kfp import dsl
 from components import Components
 from pipelines import built_on_first_use
 from pipelines import placement as P
-from subjectops.methods.plan import branch_name, branches
+from subjectops.stages.plan import branch_name, branches, branching_stages
+from subjectops.stages.registry import all_stages, get_stage
 
 DEFAULT_PRIORS_CACHE = f"{P.MODEL_CACHE_MOUNT}/cache/priors"
 
@@ -59,34 +60,38 @@ def build_personalize(c: Components):
         fetch.set_display_name("fetch-subject").set_caching_options(False)
         P.with_object_store(fetch, s3_secret)
 
-        ref = c.refine(params=params, images=fetch.outputs["images"], class_word=class_word).set_display_name("refine")
-        refined = ref.outputs["out"]
+        def step(stage, outputs, **given):
+            """One stage's task, fed the outputs of the stages it reads (and, for the tracked stage, of every
+            branching stage the branch ran)."""
+            feeds = [*stage.reads, *(branching_stages() if stage.tracked else ())]
+            inputs = {f"{get_stage(n).option.replace('-', '_')}_dir": outputs[n] for n in dict.fromkeys(feeds)
+                      if n in outputs}
+            extra = {}
+            if stage.multi_gpu:
+                extra = dict(gpu_count=gpu_count, accelerator_type=accelerator_type,
+                             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+            if stage.tracked:
+                extra = dict(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            task = getattr(c, stage.name)(params=params, **inputs, **given, **extra).set_display_name(stage.command)
+            if stage.gpu:
+                gpu(task, **placement)
+            if stage.tracked:
+                task.set_caching_options(False)
+                P.with_mlflow(task, mlflow_secret)
+            return task
 
-        def tail(finetuned, priors_dir, disc_dir):
-            """infer, sweep, evaluate and register one finetune output.
+        # The stages before the first branching stage run once, before the branches (refine, on the fetched photos).
+        first = [s for s in all_stages() if not s.optional][:1]
+        [ref] = [step(s, {}, subject_dir=fetch.outputs["images"], class_word=class_word) for s in first]
+        before = {first[0].name: ref.outputs["out"]}
 
-            They run inside each branch: kfp.local joins branches with `dsl.OneOf` for parameters only, so
-            the branches meet at the register step's `name/version` parameter, not at an artifact.
-            """
-            inf = gpu(c.infer(params=params, refine_dir=refined, finetune_dir=finetuned).set_display_name("infer"),
-                      **placement)
-            sw = gpu(c.sweep(params=params, refine_dir=refined, finetune_dir=finetuned).set_display_name("sweep"),
-                     **placement)
-            ev = gpu(c.evaluate(params=params, refine_dir=refined, infer_dir=inf.outputs["out"],
-                                sweep_dir=sw.outputs["out"]).set_display_name("evaluate"), **placement)
-            optional = {k: v for k, v in (("priors_dir", priors_dir), ("disc_dir", disc_dir)) if v is not None}
-            reg = c.register(params=params, refine_dir=refined, finetune_dir=finetuned, infer_dir=inf.outputs["out"],
-                             evaluate_dir=ev.outputs["out"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **optional)
-            reg.set_display_name("register").set_caching_options(False)
-            P.with_mlflow(reg, mlflow_secret)
-            return reg
-
-        # One branch per combination of optional training stages; `configure` names the one `plan(params)` has.
+        # One branch per combination of branching stages; `configure` names the one `plan(params)` has. Each runs
+        # its stages through the tracked one (register): kfp.local joins branches with `dsl.OneOf` for parameters
+        # only, so the branches meet at the register step's `name/version` parameter, not at an artifact.
         registered = []
         combos = branches()
         for i, optional in enumerate(combos):
             plan = branch_name(optional)
-            with_priors, with_disc = "priors" in optional, "pretrain_disc" in optional
             if i == 0:
                 branch = dsl.If(cfg.outputs["plan"] == plan, name=f"plan-{plan}")
             elif i < len(combos) - 1:
@@ -94,19 +99,15 @@ def build_personalize(c: Components):
             else:
                 branch = dsl.Else(name=f"plan-{plan}")
             with branch:
-                priors_dir = disc_dir = None
-                if with_priors:
-                    priors_dir = gpu(c.priors(params=params, refine_dir=refined).set_display_name("priors"),
-                                     **placement).outputs["out"]
-                if with_disc:
-                    extra = {"priors_dir": priors_dir} if priors_dir is not None else {}
-                    disc_dir = gpu(c.pretrain_disc(params=params, refine_dir=refined, **extra)
-                                   .set_display_name("pretrain-disc"), **placement).outputs["out"]
-                inputs = {k: v for k, v in (("priors_dir", priors_dir), ("disc_dir", disc_dir)) if v is not None}
-                ft = gpu(c.finetune(params=params, refine_dir=refined, gpu_count=gpu_count,
-                                    accelerator_type=accelerator_type, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **inputs)
-                         .set_display_name("finetune"), **placement)
-                registered.append(tail(ft.outputs["out"], priors_dir, disc_dir).outputs["Output"])
+                outputs = dict(before)
+                for stage in all_stages():
+                    if stage.name in outputs or (stage.name in branching_stages() and stage.name not in optional):
+                        continue
+                    task = step(stage, outputs)
+                    if stage.tracked:
+                        registered.append(task.outputs["Output"])
+                    else:
+                        outputs[stage.name] = task.outputs["out"]
         # The registered model version, "name/version", from whichever branch ran.
         return dsl.OneOf(*registered)
 

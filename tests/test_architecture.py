@@ -155,3 +155,35 @@ def test_no_import_cycle_between_project_modules():
     assert len(graph) > 40 and "subjectops.tracking.gates" in graph["subjectops.tracking.registry"]
     cycles = find_cycles(graph)
     assert not cycles, "import cycles between project modules:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+# Who may import whom, by layer (subjectops.<layer>): a layer never imports the layers listed against it.
+LAYERS_BELOW = {
+    "training": ("stages", "cli", "cli_common", "cli_tracking", "tracking"),
+    "methods": ("stages", "cli", "cli_common", "cli_tracking", "tracking"),
+    "inference": ("stages", "cli", "cli_common", "cli_tracking", "tracking"),
+    "tracking": ("stages", "cli", "cli_common", "cli_tracking"),
+    "models": ("methods", "training", "inference"),
+}
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    def layer(module: str) -> str:
+        return module.split(".")[1] if module.count(".") else ""
+
+    return sorted(f"{mod} imports {dep}" for mod, deps in graph.items() for dep in deps
+                  if layer(dep) in LAYERS_BELOW.get(layer(mod), ()))
+
+
+def test_the_layer_reader_names_a_wrong_way_import():
+    graph = {"subjectops.tracking.sync": {"subjectops.stages.register", "subjectops.config"},
+             "subjectops.stages.finetune": {"subjectops.methods", "subjectops.tracking.record"}}
+    assert layer_violations(graph) == ["subjectops.tracking.sync imports subjectops.stages.register"]
+
+
+def test_layers_import_only_downwards():
+    """Stages may use methods, training, inference, models and data; training, methods and inference never import
+    stages, the CLI or tracking; tracking imports no stage and no CLI module; models import no method, training or
+    inference."""
+    violations = layer_violations(import_graph())
+    assert not violations, "imports against the layer order:\n" + "\n".join(violations)

@@ -22,7 +22,7 @@ from subjectops.inference.dreamblend import DreamBlendStrategy
 from subjectops.inference.plain import PlainStrategy
 from subjectops.methods import snapshot_dir, snapshot_steps_in
 from subjectops.methods.lora import LORA_FILE
-from subjectops.methods.plan import plan, snapshot_steps
+from subjectops.stages.plan import plan, snapshot_steps
 
 TINY = ModelCfg(base="tiny-sd15")
 PROMPT = "a photo of sks toy on a beach"

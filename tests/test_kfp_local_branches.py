@@ -26,10 +26,10 @@ def fetch_subject(subject_uri: str, dvc_repo: str, dvc_rev: str, images: Output[
     return name
 
 
-def refine(params: Input[Artifact], images: Input[Dataset], class_word: str, out: Output[Dataset]):
+def refine(params: Input[Artifact], subject_dir: Input[Dataset], class_word: str, out: Output[Dataset]):
     import os
     os.makedirs(out.path)
-    [name] = os.listdir(images.path)
+    [name] = os.listdir(subject_dir.path)
     open(os.path.join(out.path, "subject"), "w").write(f"{name}:{class_word}")
 
 
@@ -148,7 +148,7 @@ def prepared_registrations(tmp_path, monkeypatch) -> dict:
     """Each (subject, method) run registered in a fresh MLflow (sqlite) as `subjectops run` would, from synthetic
     stage outputs (`subject:method` -> `name/version`)."""
     from subjectops.config import validate_params
-    from subjectops.stages.register import register
+    from subjectops.stages.catalog import stage_catalog
     from subjectops.tracking.mlflow_tracker import sync
     from synthetic_runs import write_pipeline_stage
 
@@ -161,7 +161,7 @@ def prepared_registrations(tmp_path, monkeypatch) -> dict:
             run = tmp_path / "runs" / f"{subject}-{method}"
             for stage in ("refine", "finetune", "infer", "evaluate"):
                 write_pipeline_stage(stage, run / stage, params, subject)
-            info = sync(run, register)["registered"]
+            info = sync(run, stage_catalog())["registered"]
             registered[f"{subject}:{method}"] = f"{info['model_name']}/{info['version']}"
     monkeypatch.setenv("SUBJECTOPS_TEST_REGISTRATIONS", json.dumps(registered))
     return registered

@@ -102,13 +102,15 @@ def test_assemble_run_dir_links_files_not_directories(tmp_path):
 
 
 def test_multi_gpu_finetune_goes_through_accelerate(tmp_path):
-    argv = kr.finetune_argv(4, tmp_path / "params.yaml", tmp_path / "refine", tmp_path / "priors", None, tmp_path / "out")
+    argv = kr.launch_argv("finetune", 4, tmp_path / "params.yaml",
+                          {"refine": tmp_path / "refine", "priors": tmp_path / "priors", "pretrain_disc": None},
+                          tmp_path / "out")
     i = argv.index("accelerate.commands.launch")
     assert argv[i + 1:i + 6] == ["--multi_gpu", "--num_processes", "4", "--num_machines", "1"]
     assert Path(argv[i + 6]).name == "subjectops" and argv[i + 7] == "finetune"
     assert argv[argv.index("--priors") + 1] == str(tmp_path / "priors") and "--disc" not in argv
     with pytest.raises(ValueError):
-        kr.finetune_argv(1, tmp_path, tmp_path, None, None, tmp_path)
+        kr.launch_argv("finetune", 1, tmp_path, {"refine": tmp_path}, tmp_path)
 
 
 def _rec(metric, mean, n=10, pretrained=True, ps="prompt-invariant", bb="dino-vits16"):

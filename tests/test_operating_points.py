@@ -104,7 +104,7 @@ def test_the_benchmark_leaderboard_refuses_registered_runs_with_different_seeds(
 
     from subjectops.config import validate_params
     from subjectops.selection.benchmark import benchmark_leaderboard
-    from subjectops.stages.register import register
+    from subjectops.stages.catalog import stage_catalog
     from subjectops.tracking.mlflow_tracker import sync
     from synthetic_runs import write_pipeline_stage
 
@@ -121,7 +121,7 @@ def test_the_benchmark_leaderboard_refuses_registered_runs_with_different_seeds(
         for row in doc["per_image"]:
             row["seed"] += seed_offset
         metrics.write_text(json.dumps(doc))
-        registered.append(sync(run, register)["registered"])
+        registered.append(sync(run, stage_catalog())["registered"])
     with pytest.raises(SubjectopsError, match=r"runs of dog differ in seeds: .*subjectops-dog-v1 has .*\[0, 1, 2, 3\]"
                                               r".*subjectops-dog-v2 has .*\[100, 101, 102, 103\]"):
         benchmark_leaderboard(registered, tmp_path / "board", "subjectops", "refused")

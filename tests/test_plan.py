@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 from subjectops.cli import app, if_needed_skip_reason
 from subjectops.config import ConfigError, apply_overrides, load_params, parse_yaml, validate_params
 from subjectops.methods import METHODS
-from subjectops.methods.plan import plan
-from subjectops.methods.plan import STAGES, TRAINING_OPTIONAL
+from subjectops.stages.plan import branching_stages, plan
+from subjectops.stages.registry import all_stages, get_stage
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_ORDER = [rule.name for rule in STAGES]
+STAGE_ORDER = [stage.name for stage in all_stages()]
+TRAINING_OPTIONAL = branching_stages()
 
 # Every registered method with its defaults, and each flag that changes a plan.
 CASES = [(m, ()) for m in sorted(METHODS)] + [
@@ -224,6 +225,28 @@ def test_dvc_repro_does_the_work_of_the_plan(method, overrides):
     params = params_for(method, overrides)
     # DVC ends at evaluate; `subjectops register runs/dvc` registers (it needs a tracking server).
     assert dvc_working_stages(params) == set(plan(params).names) - {"register"}
+
+
+def test_dvc_yaml_has_each_registered_stage_as_declared():
+    """dvc.yaml is checked against the registry: one DVC stage per stage (registration needs a tracking server),
+    calling its command with every input it reads, depending on those outputs and on its code, listing its params."""
+    stages = [stage for stage in all_stages() if not stage.tracked]
+    assert list(DVC) == [stage.name for stage in stages]
+    for stage in stages:
+        dvc, out = DVC[stage.name], f"runs/dvc/{stage.name}"
+        cmd = dvc["cmd"].split()
+        assert cmd[:2] == ["subjectops", stage.command] and ("--if-needed" in cmd) == stage.optional, stage.name
+        assert cmd[cmd.index("--out") + 1] == out
+        for name in stage.reads:
+            option = f"--{get_stage(name).option}"
+            assert option in cmd and cmd[cmd.index(option) + 1] == f"runs/dvc/{name}", (stage.name, name)
+            assert f"runs/dvc/{name}" in dvc["deps"], (stage.name, name)
+        assert {f"src/subjectops/stages/{stage.name}.py", *stage.code} <= set(dvc["deps"]), stage.name
+        assert set(stage.params) <= set(dvc["params"]), stage.name
+        outs = [f"{out}/{f}" for f in stage.dvc_outs] or [out]
+        assert [o if isinstance(o, str) else next(iter(o)) for o in dvc["outs"]] == outs, stage.name
+        if stage.dvc_metrics:
+            assert dvc["metrics"] == [{f"{out}/{stage.dvc_metrics}": {"cache": False}}]
 
 
 def _leaves(data: dict, prefix: str = "") -> dict:

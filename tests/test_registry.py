@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from subjectops.config import load_params
 from subjectops.pipeline import run as run_pipeline
+from subjectops.stages.catalog import stage_catalog
 from subjectops.tracking.mlflow_tracker import MlflowTracker, RunState
 from subjectops.tracking.pyfunc import decode_image
 from servers import MLFLOW_BUCKET, s3_client
@@ -23,7 +24,7 @@ def test_full_tiny_run_is_tracked_registered_and_loads_by_alias(tmp_path, tracki
 
     params = load_params(repo_root / "params.yaml", tiny_overrides + ["finetune.method=lora", "registry.model_name=tiny-{subject}-{method}"])
     run = tmp_path / "run"
-    tracker = MlflowTracker(experiment="full-tiny-run", echo=lambda m: None)
+    tracker = MlflowTracker(experiment="full-tiny-run", echo=lambda m: None, stages=stage_catalog())
     run_pipeline(params, example_subject, "teapot", run, tracker=tracker)
 
     client = MlflowClient(tracking_uri)

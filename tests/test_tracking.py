@@ -21,7 +21,7 @@ from subjectops.tracking.mlflow_tracker import (
     resolve_tracking_uri,
     sync,
 )
-from subjectops.stages.register import register
+from subjectops.stages.catalog import stage_catalog
 from synthetic_runs import STEPS, synthetic_params, write_stage
 from servers import MLFLOW_BUCKET, s3_client
 
@@ -38,7 +38,7 @@ def fake_pipeline(tracker, params, run: Path, on_stage=None) -> None:
                 if on_stage:
                     on_stage(name)
                 write_stage(run, name, params)
-        tracker.register_model(register, run, run / "register")  # the plan's last stage, as pipeline.run calls it
+        tracker.register_model(stage_catalog().register, run, run / "register")  # the plan's last stage, as pipeline.run calls it
 
 
 def children(client: MlflowClient, parent) -> dict:
@@ -70,7 +70,7 @@ def test_local_default_sqlite_records_a_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     params = synthetic_params()
-    tracker = MlflowTracker(echo=lambda m: None)
+    tracker = MlflowTracker(echo=lambda m: None, stages=stage_catalog())
     with tracker.pipeline(params, tmp_path / "run"):
         with tracker.stage("refine", tmp_path / "run" / "refine"):
             write_stage(tmp_path / "run", "refine", params)
@@ -87,7 +87,7 @@ def test_full_run_parent_nested_params_metrics_artifacts(tmp_path, tracking_uri,
     params = synthetic_params()
     run = tmp_path / "run"
     messages = []
-    tracker = MlflowTracker(experiment="tracking-test", echo=messages.append)
+    tracker = MlflowTracker(experiment="tracking-test", echo=messages.append, stages=stage_catalog())
     fake_pipeline(tracker, params, run)
     client = MlflowClient(tracking_uri)
     state = RunState.load(run)
@@ -170,7 +170,7 @@ def test_server_down_from_the_start_runs_locally_then_sync_uploads(tmp_path, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = synthetic_params(tracking__retries=3, tracking__backoff_seconds=0.1)
     messages, sleeps = [], []
-    tracker = MlflowTracker(experiment="offline-test", echo=messages.append, sleep=sleeps.append)
+    tracker = MlflowTracker(experiment="offline-test", echo=messages.append, sleep=sleeps.append, stages=stage_catalog())
     run = tmp_path / "run"
     fake_pipeline(tracker, params, run)
     assert sleeps == [0.1, 0.2]  # backoff doubles between the tries
@@ -182,11 +182,11 @@ def test_server_down_from_the_start_runs_locally_then_sync_uploads(tmp_path, mon
     # still down: a clear error, nothing changed
     before = state.path.read_text()
     with pytest.raises(TrackingError, match="cannot reach MLflow"):
-        sync(run, register)
+        sync(run, stage_catalog())
     assert state.path.read_text() == before
 
     server = mlflow_factory(port=port)
-    out = sync(run, register)
+    out = sync(run, stage_catalog())
     client = MlflowClient(server.url)
     parent = client.get_run(out["parent_run_id"])
     kids = children(client, parent)
@@ -196,7 +196,7 @@ def test_server_down_from_the_start_runs_locally_then_sync_uploads(tmp_path, mon
     assert out["registered"]["version"] == "1"
     assert RunState.load(run).data["pending"] is False
     # a second sync has nothing left to do and logs nothing twice
-    sync(run, register)
+    sync(run, stage_catalog())
     assert len(client.get_metric_history(kids["finetune"].info.run_id, "train/loss")) == STEPS
 
 
@@ -215,7 +215,7 @@ def test_a_server_that_never_answers_times_out_after_tracking_timeout_seconds(tm
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120"))
         params = synthetic_params(tracking__retries=2, tracking__backoff_seconds=0.1, tracking__timeout_seconds=1)
         messages = []
-        tracker = MlflowTracker(experiment="silent", echo=messages.append)
+        tracker = MlflowTracker(experiment="silent", echo=messages.append, stages=stage_catalog())
         start = time.monotonic()
         with tracker.pipeline(params, tmp_path / "run"):
             pass
@@ -232,7 +232,7 @@ def test_server_stopped_mid_run_finishes_locally_and_sync_uploads_everything(tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     params = synthetic_params(tracking__retries=2, tracking__backoff_seconds=0.1)
     messages = []
-    tracker = MlflowTracker(experiment="midrun-test", echo=messages.append)
+    tracker = MlflowTracker(experiment="midrun-test", echo=messages.append, stages=stage_catalog())
     run = tmp_path / "run"
 
     def stop_during_finetune(name):
@@ -248,7 +248,7 @@ def test_server_stopped_mid_run_finishes_locally_and_sync_uploads_everything(tmp
     assert any("is unavailable" in m for m in messages)
 
     restarted = mlflow_factory(name="mlflow", port=server.port)  # same database, same port
-    out = sync(run, register)
+    out = sync(run, stage_catalog())
     assert out["parent_run_id"] == parent_id  # the run created before the stop is completed, not duplicated
     client = MlflowClient(restarted.url)
     parent = client.get_run(parent_id)
@@ -271,7 +271,7 @@ def test_sync_of_a_run_made_without_tracking(tmp_path, tracking_uri):
     run = tmp_path / "untracked"
     for name in STAGES:
         write_stage(run, name, params)
-    out = sync(run, register)
+    out = sync(run, stage_catalog())
     client = MlflowClient(tracking_uri)
     parent = client.get_run(out["parent_run_id"])
     assert set(children(client, parent)) == set(STAGES) | {"register"}
@@ -280,7 +280,7 @@ def test_sync_of_a_run_made_without_tracking(tmp_path, tracking_uri):
 
 def test_sync_errors_are_clear(tmp_path):
     with pytest.raises(TrackingError, match="does not exist"):
-        sync(tmp_path / "nope", register)
+        sync(tmp_path / "nope", stage_catalog())
     (tmp_path / "empty").mkdir()
     with pytest.raises(TrackingError, match="no stage output"):
-        sync(tmp_path / "empty", register)
+        sync(tmp_path / "empty", stage_catalog())

@@ -1,19 +1,24 @@
-"""`subjectops`: the command line. Every stage command is a thin adapter over one stage function.
-DVC's stages (dvc.yaml) call these commands; Kubeflow components call the stage functions themselves,
-inside the project image (components/stages.py), except multi-GPU finetune, which `accelerate launch`es
-`subjectops finetune`."""
+"""`subjectops`: the command line. One command per stage of the registry, made from its declaration
+(`stage_command`). DVC's stages (dvc.yaml) call these commands; Kubeflow components run the same stages inside
+the project image (components/), except multi-GPU stages, which `accelerate launch` their command."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
 from subjectops.cli_common import (IfNeededOpt, MethodOpt, ModelOpt, ParamsOpt, RunOpt, SetOpt, build_params, console, done,
                                    user_errors)
+from subjectops.config import Params
 from subjectops.errors import SubjectopsError
+from subjectops.stages.base import Stage, StageContext
+from subjectops.stages.common import not_needed
+from subjectops.stages.plan import plan
+from subjectops.stages.registry import all_stages, get_stage
 from subjectops.world.cli import world_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,35 +39,75 @@ def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, requir
     if run is not None and (required or (run / stage).exists()):
         return run / stage
     if required:
-        raise SubjectopsError(f"no directory given for {stage}", fix=f"pass --{stage.replace('_', '-')} DIR or --run RUN_DIR")
+        raise SubjectopsError(f"no directory given for {stage}", fix=f"pass --{get_stage(stage).option} DIR or --run RUN_DIR")
     return None
 
 
 def if_needed_skip_reason(params: Params, stage: str) -> Optional[str]:
     """Why `plan(params)` leaves `stage` out, or None when it is planned (`--if-needed`, for DVC)."""
-    from subjectops.methods.plan import plan
-
     planned = plan(params)
     return None if planned.has(stage) else planned.why_not(stage)
 
 
-def skipped_as_not_planned(params: Params, stage: str, out: Path) -> bool:
-    """`--if-needed`: when the plan leaves `stage` out, write its output that says why, and say it; decided before
-    the stage's module is imported (diffusers and torch: seconds that a skipped DVC stage need not pay)."""
-    reason = if_needed_skip_reason(params, stage)
-    if reason is None:
-        return False
-    from subjectops.stages.common import not_needed
+def _stage_parameters(stage: Stage) -> list[inspect.Parameter]:
+    """The command's parameters: the stage's own arguments, a folder per stage it reads, the output, the run folder,
+    and the options every command shares."""
+    P = inspect.Parameter
+    params = [P(a.name, P.KEYWORD_ONLY, annotation=Path if a.folder else str if a.required else Optional[Path if a.folder else str],
+                default=(typer.Argument(..., help=a.help) if a.flag is None else
+                         typer.Option(... if a.required else None, a.flag, help=a.help)))
+              for a in stage.arguments]
+    if not any(a.flag is None for a in stage.arguments):  # `subjectops evaluate RUN` = `--run RUN`
+        params.append(P("run_dir", P.KEYWORD_ONLY, annotation=Optional[Path],
+                        default=typer.Argument(None, help="run directory: RUN/<stage> for every path not given")))
+    for name in stage.reads:
+        source = get_stage(name)
+        params.append(P(f"{source.option.replace('-', '_')}_dir", P.KEYWORD_ONLY, annotation=Optional[Path],
+                        default=typer.Option(None, f"--{source.option}", help=f"{source.command} output "
+                                             "(required when the plan has it read)")))
+    params += [P("out", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(None, "--out")),
+               P("run", P.KEYWORD_ONLY, annotation=Optional[Path], default=RunOpt),
+               P("model", P.KEYWORD_ONLY, annotation=Optional[str], default=ModelOpt),
+               P("method", P.KEYWORD_ONLY, annotation=Optional[str], default=MethodOpt)]
+    if stage.optional:
+        params.append(P("if_needed", P.KEYWORD_ONLY, annotation=bool, default=IfNeededOpt))
+    params += [P("params_path", P.KEYWORD_ONLY, annotation=Path, default=ParamsOpt),
+               P("sets", P.KEYWORD_ONLY, annotation=Optional[List[str]], default=SetOpt)]
+    return params
 
-    done(f"{stage.replace('_', '-')} ({reason})", not_needed(stage, params, out, reason))
-    return True
+
+def stage_command(stage: Stage) -> Callable:
+    """`subjectops <stage>`: the stage's run on the folders given (or RUN/<stage>); an input the plan leaves out
+    is ignored, and with `--if-needed` a stage the plan leaves out only records why (decided before the stage's
+    work imports torch: seconds that a skipped DVC stage need not pay)."""
+
+    def command(**kw):
+        params = build_params(kw["params_path"], kw["sets"], kw["model"], kw["method"])
+        run = kw.get("run_dir") or kw["run"]
+        out = stage_path(kw["out"], run, stage.name)
+        planned = plan(params)
+        if kw.get("if_needed") and not planned.has(stage.name):
+            reason = planned.why_not(stage.name)
+            done(f"{stage.command} ({reason})", not_needed(stage.name, params, out, reason))
+            return
+        wanted = planned.inputs(stage.name) if planned.has(stage.name) else stage.reads
+        inputs = {name: stage_path(kw[f"{get_stage(name).option.replace('-', '_')}_dir"], run, name,
+                                   required=name in wanted) for name in stage.reads}
+        stage.run(StageContext(params, inputs, out, args={a.name: kw[a.name] for a in stage.arguments}))
+        done(stage.command, out)
+        if stage.report:
+            done("report", out / stage.report)
+
+    command.__signature__ = inspect.Signature(_stage_parameters(stage))
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+    command.__name__ = command.__qualname__ = stage.name
+    command.__doc__ = stage.help
+    return user_errors(command)
 
 
-def planned_input(params: Params, stage: str, explicit: Optional[Path], run: Optional[Path], source: str) -> Optional[Path]:
-    """An input directory of `stage`: required when the plan has `source` feed it, else optional (and ignored)."""
-    from subjectops.methods.plan import plan
-
-    return stage_path(explicit, run, source, required=source in plan(params).inputs(stage))
+for _stage in all_stages():
+    if not _stage.tracked:  # registration is `subjectops register RUN` (cli_tracking.py): it needs the server
+        app.command(_stage.command)(stage_command(_stage))
 
 
 @app.command()
@@ -77,7 +122,7 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     sweep (when the run keeps snapshots), evaluate."""
     from subjectops.pipeline import default_run_dir, run as run_pipeline
     from subjectops.tracking import NullTracker
-    from subjectops.tracking.cli import make_tracker
+    from subjectops.cli_tracking import make_tracker
 
     params = build_params(params_path, sets, model, method)
     if out is None:
@@ -88,125 +133,10 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     for stage, path in dirs.items():
         done(stage, path)
     done("report", dirs["evaluate"] / "report.html")
-    if not track and if_needed_skip_reason(params, "register") is None:
+    from subjectops.stages.catalog import stage_catalog
+
+    if not track and stage_catalog().wants_registration(params):
         console.print(f"register: left for later (--no-track): `subjectops sync {out}` registers the model", highlight=False)
-
-
-@app.command()
-@user_errors
-def refine(subject_dir: Path = typer.Argument(...), class_word: str = typer.Option(..., "--class"),
-           out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-           model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
-    """Validate and normalize the photos, segment the subject, write prompts."""
-    from subjectops.stages.refine import refine as stage
-
-    params = build_params(params_path, sets, model)
-    done("refine", stage(params, subject_dir, class_word, stage_path(out, run, "refine")))
-
-
-@app.command()
-@user_errors
-def priors(refine_dir: Optional[Path] = typer.Option(None, "--refine"), out: Optional[Path] = typer.Option(None, "--out"),
-           run: Optional[Path] = RunOpt, model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt,
-           if_needed: bool = IfNeededOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
-    """Class-prior images from the base model (content-addressed cache)."""
-    params = build_params(params_path, sets, model, method)
-    if if_needed and skipped_as_not_planned(params, "priors", stage_path(out, run, "priors")):
-        return
-    from subjectops.stages.priors import priors as stage
-
-    done("priors", stage(params, stage_path(refine_dir, run, "refine"), stage_path(out, run, "priors")))
-
-
-@app.command("pretrain-disc")
-@user_errors
-def pretrain_disc(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
-                  priors_dir: Optional[Path] = typer.Option(None, "--priors", help="class images (Table 3's fakes)"),
-                  out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-                  model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt, if_needed: bool = IfNeededOpt,
-                  params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
-    """Pretrain Hypnos' latent discriminator on the Table 3 image types (seed 000 app. B.2)."""
-    params = build_params(params_path, sets, model, method)
-    if if_needed and skipped_as_not_planned(params, "pretrain_disc", stage_path(out, run, "pretrain_disc")):
-        return
-    from subjectops.stages.pretrain_disc import pretrain_disc as stage
-
-    pri = planned_input(params, "pretrain_disc", priors_dir, run, "priors")
-    done("pretrain-disc", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "pretrain_disc")))
-
-
-@app.command()
-@user_errors
-def finetune(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
-             priors_dir: Optional[Path] = typer.Option(None, "--priors"),
-             disc_dir: Optional[Path] = typer.Option(None, "--disc", help="pretrain-disc output (Hypnos)"),
-             out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-             checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help="checkpoint folder (default "
-                                                        "OUT.partial/checkpoints), e.g. on a volume a retried pod mounts"),
-             method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt,
-             sets: Optional[List[str]] = SetOpt):
-    """Train the method; resumes from the latest checkpoint of an interrupted run with the same params and inputs.
-    On SIGTERM it finishes the step, writes a checkpoint and exits 75 (run it again to resume)."""
-    from subjectops.stages.finetune import finetune as stage
-
-    params = build_params(params_path, sets, model, method)
-    pri = planned_input(params, "finetune", priors_dir, run, "priors")
-    disc = planned_input(params, "finetune", disc_dir, run, "pretrain_disc")
-    done("finetune", stage(params, stage_path(refine_dir, run, "refine"), pri, stage_path(out, run, "finetune"), disc,
-                           checkpoint_dir=checkpoints))
-
-
-@app.command()
-@user_errors
-def infer(refine_dir: Optional[Path] = typer.Option(None, "--refine"),
-          finetune_dir: Optional[Path] = typer.Option(None, "--finetune"),
-          out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-          model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
-    """Generate the prompt sets with the fine-tuned model."""
-    from subjectops.stages.infer import infer as stage
-
-    params = build_params(params_path, sets, model)
-    done("infer", stage(params, stage_path(refine_dir, run, "refine"), stage_path(finetune_dir, run, "finetune"),
-                        stage_path(out, run, "infer")))
-
-
-@app.command()
-@user_errors
-def sweep(run_dir: Optional[Path] = typer.Argument(None, help="run directory: uses RUN/refine, RUN/finetune, RUN/sweep"),
-          refine_dir: Optional[Path] = typer.Option(None, "--refine"),
-          finetune_dir: Optional[Path] = typer.Option(None, "--finetune"),
-          out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-          model: Optional[str] = ModelOpt, method: Optional[str] = MethodOpt, if_needed: bool = IfNeededOpt,
-          params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
-    """Score every snapshot and DreamBlend combination of the finetune output (operating points, Pareto front)."""
-    params = build_params(params_path, sets, model, method)
-    run = run_dir or run
-    if if_needed and skipped_as_not_planned(params, "sweep", stage_path(out, run, "sweep")):
-        return
-    from subjectops.stages.sweep import sweep as stage
-
-    done("sweep", stage(params, stage_path(refine_dir, run, "refine"), stage_path(finetune_dir, run, "finetune"),
-                        stage_path(out, run, "sweep")))
-
-
-@app.command()
-@user_errors
-def evaluate(run_dir: Optional[Path] = typer.Argument(None, help="run directory: uses RUN/refine, RUN/infer, RUN/sweep, RUN/evaluate"),
-             refine_dir: Optional[Path] = typer.Option(None, "--refine"),
-             infer_dir: Optional[Path] = typer.Option(None, "--infer"),
-             sweep_dir: Optional[Path] = typer.Option(None, "--sweep", help="sweep output whose Pareto front the report draws "
-                                                      "(read when the plan has a sweep)"),
-             out: Optional[Path] = typer.Option(None, "--out"), run: Optional[Path] = RunOpt,
-             model: Optional[str] = ModelOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
-    """Score the generated images (DINO, CLIP-I, CLIP-T, FID, LPIPS, SSIM, PSNR) and write report.html."""
-    from subjectops.stages.evaluate import evaluate as stage
-
-    params = build_params(params_path, sets, model)
-    run = run_dir or run
-    result = stage(params, stage_path(refine_dir, run, "refine"), stage_path(infer_dir, run, "infer"),
-                   stage_path(out, run, "evaluate"), planned_input(params, "evaluate", sweep_dir, run, "sweep"))
-    done("evaluate", result)
-    done("report", result / "report.html")
 
 
 @app.command()
@@ -228,7 +158,7 @@ def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetO
     """Say which real weights are present and how to provide the missing ones."""
     from rich.table import Table
 
-    from subjectops.models.check import check_weights
+    from subjectops.weights_check import check_weights
 
     params = build_params(params_path, sets, model, method)
     table = Table(title="weights")
@@ -327,7 +257,7 @@ def data_pull(uri: str = typer.Argument(..., help="s3://BUCKET/PREFIX written by
 
 
 # register / promote / sync (MLflow registry and tracking)
-from subjectops.tracking.cli import add_tracking_commands  # noqa: E402
+from subjectops.cli_tracking import add_tracking_commands  # noqa: E402
 
 add_tracking_commands(app)
 

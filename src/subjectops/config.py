@@ -105,6 +105,8 @@ class TrainingCfg(StrictModel):
     log_every: int = Field(10, ge=1)
     validation_every: int = Field(200, ge=0)
     validation_prompt: InstancePrompt = "a photo of {token} {class_word}"
+    validation_steps: int = Field(25, ge=1)  # DDIM steps of a validation image
+    validation_guidance_scale: float = Field(7.5, ge=0)
     # Steps at which an inference-ready snapshot is kept (finetune/snapshots/step_NNNNNN/), for sweeps and DreamBlend.
     snapshots: list[int] = []
 

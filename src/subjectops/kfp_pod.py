@@ -9,7 +9,8 @@ installed package, so that the bodies stay a few lines long:
   `configure` step and read by every later step (a bad value fails before any GPU is requested);
 - `fetch_subject`: an S3 prefix, a DVC path or a local directory -> a directory of the subject's photos;
 - `assemble_run_dir`: the steps' artifact directories -> a `RUN/<stage>/` tree for `tracking.sync`;
-- `finetune_argv`: the `accelerate launch` command for multi-GPU fine-tuning;
+- `run_step`, `register_step`: the bodies of the stages' components (components/);
+- `launch_argv`: the `accelerate launch` command of a multi-GPU stage;
 - `run_checkpoint_dir`: where finetune keeps its checkpoints so that a retried pod finds them;
 - `aggregate_summaries` / `benchmark_decision`: the benchmark's aggregate and its gate against the champion.
 """
@@ -73,7 +74,7 @@ def resolve_params(
 def kfp_plan(params: Params):
     """`plan(params)` for the personalize pipeline, whose every branch ends in `register` (its output is the
     registered version, which the benchmark aggregates): a plan without registration is refused here."""
-    from subjectops.methods.plan import plan
+    from subjectops.stages.plan import plan
 
     planned = plan(params)
     if not planned.has("register"):
@@ -220,24 +221,88 @@ def run_checkpoint_dir(run_id: str, params: Params, refine_dir: Path,
     return Path(cache_mount) / "cache" / "checkpoints" / run_id / key
 
 
-def finetune_argv(gpu_count: int, params_file: Path, refine_dir: Path, priors_dir: Optional[Path],
-                  disc_dir: Optional[Path], out: Path, checkpoint_dir: Optional[Path] = None) -> list[str]:
-    """`accelerate launch` over `gpu_count` GPUs of the `subjectops finetune` CLI (same stage function)."""
+def launch_argv(stage: str, gpu_count: int, params_file: Path, inputs: Mapping[str, Optional[Path]], out: Path,
+                checkpoint_dir: Optional[Path] = None) -> list[str]:
+    """`accelerate launch` over `gpu_count` GPUs of the stage's CLI command (the same stage), with its input folders
+    by the options the registry gives them."""
+    from subjectops.stages.registry import get_stage
+
     if gpu_count < 2:
-        raise ValueError("finetune_argv is for two or more GPUs; one GPU calls the stage function in-process")
+        raise ValueError("launch_argv is for two or more GPUs; one GPU runs the stage in-process")
     beside = Path(sys.executable).with_name("subjectops")
     exe = str(beside) if beside.is_file() else shutil.which("subjectops")
     if exe is None:
         raise SubjectopsError("the `subjectops` command is not on PATH", fix="install the package in the image (pip install .)")
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(int(gpu_count)),
-            "--num_machines", "1", exe, "finetune", "--params", str(params_file), "--refine", str(refine_dir), "--out", str(out)]
-    if priors_dir is not None:
-        argv += ["--priors", str(priors_dir)]
-    if disc_dir is not None:
-        argv += ["--disc", str(disc_dir)]
+            "--num_machines", "1", exe, get_stage(stage).command, "--params", str(params_file)]
+    for name, path in inputs.items():
+        if path is not None:
+            argv += [f"--{get_stage(name).option}", str(path)]
+    argv += ["--out", str(out)]
     if checkpoint_dir is not None:
         argv += ["--checkpoints", str(checkpoint_dir)]
     return argv
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def run_step(name: str, params, inputs: Mapping[str, Any], out, args: Mapping[str, Any], *, metrics=None, report=None,
+             gpu_count: int = 1, accelerator_type: str = "", run_id: str = "") -> None:
+    """The body of a stage's component: the stage on the step's artifacts. A folder argument arrives as the
+    artifact holding it (fetch-subject's); a step every branch runs records why when the plan leaves it out; a
+    multi-GPU stage launches its CLI command over the pod's GPUs, its checkpoints on the model-cache volume."""
+    from subjectops.stages.base import StageContext
+    from subjectops.stages.common import not_needed
+    from subjectops.stages.plan import plan
+    from subjectops.stages.registry import get_stage
+
+    stage, p, out_dir = get_stage(name), read_params(Path(params.path)), Path(out.path)
+    dirs = {k: Path(v.path) if v is not None else None for k, v in inputs.items()}
+    args = {k: single_subdir(Path(v.path)) if hasattr(v, "path") else v for k, v in args.items()}
+    planned = plan(p)
+    if not planned.has(name):
+        not_needed(name, p, out_dir, planned.why_not(name))
+        return
+    if stage.multi_gpu:
+        # keyed by the run and what trains: the first input (the refined subject) and the params
+        args["checkpoint_dir"] = run_checkpoint_dir(run_id, p, dirs[stage.reads[0]])
+        out.metadata.update({"method": p.finetune.method, "base_model": p.model.base, "gpu_count": gpu_count,
+                             "accelerator_type": accelerator_type})
+    if stage.multi_gpu and gpu_count > 1:
+        argv = launch_argv(name, gpu_count, Path(params.path) / PARAMS_FILE, dirs, out_dir, args["checkpoint_dir"])
+        print("running:", " ".join(argv), flush=True)
+        subprocess.run(argv, check=True)
+    else:
+        stage.run(StageContext(p, dirs, out_dir, args=args))
+    if metrics is not None:
+        for key, value in stage.metrics(out_dir).items():
+            metrics.log_metric(key, value)
+    if report is not None:
+        shutil.copyfile(out_dir / stage.report, report.path)
+
+
+def register_step(params, inputs: Mapping[str, Any], run_name: str, out) -> str:
+    """The body of the tracked stage's component: record the run in MLflow (parent run, one run per stage) and
+    register the model (alias challenger), as `subjectops sync RUN_DIR` does after a local run: the step's inputs
+    are linked into a run directory named `run_name` (the KFP run's name) and synced. Returns `name/version`."""
+    import tempfile
+
+    from subjectops.stages.catalog import stage_catalog
+    from subjectops.tracking.mlflow_tracker import sync
+
+    tmp = Path(tempfile.mkdtemp(prefix="subjectops-run-"))
+    run_dir = tmp / (run_name or "kfp-run")
+    try:
+        assemble_run_dir(run_dir, {k: Path(v.path) if v is not None else None for k, v in inputs.items()})
+        summary = sync(run_dir, stage_catalog(), echo=print)
+        print(json.dumps(summary, indent=2, default=str))
+        if not (run_dir / "register").is_dir():
+            raise RuntimeError(f"MLflow sync recorded the run but registered no model: {summary}")
+        shutil.copytree(run_dir / "register", out.path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    info = load_registration(Path(out.path))
+    out.metadata.update({"model_name": info.get("model_name"), "version": str(info.get("version"))})
+    return f"{info.get('model_name')}/{info.get('version')}"
 
 
 # ------------------------------------------------------------------------------------------ benchmark

@@ -3,40 +3,20 @@ pipeline is loaded once for the stages that take it."""
 
 from __future__ import annotations
 
-import importlib
 import secrets
 import time
 from pathlib import Path
-from typing import Callable
 
 from subjectops.config import Params
 from subjectops.data.subject import check_class_word, load_subject
-from subjectops.methods.plan import plan
 from subjectops.models.loading import training_resolution
 from subjectops.preflight import require_writable
 from subjectops.runlock import run_lock
+from subjectops.stages.base import StageContext
+from subjectops.stages.plan import plan
+from subjectops.stages.catalog import stage_catalog
+from subjectops.stages.registry import get_stage
 from subjectops.tracking import NullTracker, Tracker
-
-# How each stage function takes the run's inputs: (function, params, subject dir, class word, the planned
-# inputs' directories, output directory, keyword arguments). An input that is not planned is passed as None.
-CALLS: dict[str, Callable] = {
-    "refine": lambda fn, p, subject, cls, i, out, **kw: fn(p, subject, cls, out, **kw),
-    "priors": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], out, **kw),
-    "pretrain_disc": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i.get("priors"), out, **kw),
-    "finetune": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i.get("priors"), out,
-                                                             i.get("pretrain_disc"), **kw),
-    "infer": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i["finetune"], out, **kw),
-    "sweep": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i["finetune"], out, **kw),
-    "evaluate": lambda fn, p, subject, cls, i, out, **kw: fn(p, i["refine"], i["infer"], out, i.get("sweep"), **kw),
-}
-# Stages that take the base pipeline as `pipe=`: one load serves them all, in plan order. finetune trains it in
-# place, so it is the last that may receive it.
-TAKE_BASE_PIPELINE = ("priors", "finetune")
-
-
-def stage_function(name: str) -> Callable:
-    """`subjectops.stages.<name>.<name>`, imported when the stage runs (torch and diffusers load slowly)."""
-    return getattr(importlib.import_module(f"subjectops.stages.{name}"), name)
 
 
 def default_run_dir(subject_dir: Path, params: Params, root: Path = Path("runs")) -> Path:
@@ -72,15 +52,17 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path, tracker: 
         return base[0]
 
     with run_lock(out), tracker.pipeline(params, out):  # one writer per run folder, for the whole run
-        for stage in plan(params).stages:
-            target = out / stage.name
-            inputs = {name: dirs[name] for name in stage.inputs}
-            if stage.name == "register":
-                if tracker.register_model(stage_function("register"), out, target):
-                    dirs["register"] = target
+        for planned in plan(params).stages:
+            stage, target = get_stage(planned.name), out / planned.name
+            if stage.tracked:  # registration needs the tracker's server
+                if tracker.register_model(stage_catalog().register, out, target):
+                    dirs[stage.name] = target
                 continue
             with tracker.stage(stage.name, target):
-                shared = {"pipe": base_pipeline()} if stage.name in TAKE_BASE_PIPELINE else {}
-                CALLS[stage.name](stage_function(stage.name), params, subject_dir, class_word, inputs, target, **shared)
+                # one load of the base pipeline serves the stages that take it, in plan order
+                ctx = StageContext(params, {name: dirs[name] for name in planned.inputs}, target,
+                                   pipe=base_pipeline() if stage.takes_pipe else None,
+                                   args={"subject_dir": Path(subject_dir), "class_word": class_word})
+                stage.run(ctx)
             dirs[stage.name] = target
     return dirs

@@ -24,8 +24,6 @@ from PIL import Image
 from subjectops.inference import blur
 from subjectops.inference.base import InferenceSpec, StageInputs, Strategy
 
-STAGE_IMAGES = ("stage1", "blurred")  # the intermediate images, in pipeline order (the report shows them)
-
 
 def scene_prompt(prompt: str, identifier: str, class_word: str) -> str:
     """The prompt with the identifier replaced by the class word (sec. 3.3), once: "{token} {class}" -> "{class}"."""

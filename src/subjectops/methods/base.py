@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from subjectops.config_base import StrictModel
 
-# What a configured method can need from the stages before finetune (see `subjectops.methods.plan`).
+# What a configured method can need from the stages before finetune (see `subjectops.stages.plan`).
 CLASS_PRIORS = "class_priors"
 LATENT_DISCRIMINATOR = "latent_discriminator"
 
@@ -78,6 +78,15 @@ class Method:
     def required_weights(self) -> list[WeightNeed]:
         """Weights this configuration loads besides the base model."""
         return []
+
+    def receive(self, provided: dict[str, Path]) -> None:
+        """Before `setup`: the outputs of the stages its requirements brought into the plan, by requirement
+        (e.g. `{LATENT_DISCRIMINATOR: RUN/pretrain_disc}`); class priors reach `examples` as images instead."""
+
+    def real_image_augment(self):
+        """The augmentation its instance images get in fine-tuning (a latent discriminator pretrains on the same
+        real images, Hypnos app. B.2); None: none."""
+        return None
 
     # --- training -------------------------------------------------------------------------------
     def setup(self) -> None:

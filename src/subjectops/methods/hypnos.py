@@ -123,7 +123,7 @@ class HypnosMethod(DreamBoothMethod):
 
     def __init__(self, params, class_word, models):
         super().__init__(params, class_word, models)
-        self.disc_dir: Path | None = None  # set by the finetune stage before setup()
+        self.disc_dir: Path | None = None  # the pretrained discriminator (`receive`), read by setup()
         self.disc = None  # the raw module: saved, checkpointed, and (with detached weights) the generator's critic
         self.disc_opt = None
         self.disc_train = None  # what the adversarial update calls: the accelerate-prepared module (DDP) once prepared
@@ -151,6 +151,12 @@ class HypnosMethod(DreamBoothMethod):
 
     def requirements(self) -> set[str]:
         return super().requirements() | ({LATENT_DISCRIMINATOR} if self._uses_disc() else set())
+
+    def receive(self, provided: dict[str, Path]) -> None:
+        self.disc_dir = provided.get(LATENT_DISCRIMINATOR)
+
+    def real_image_augment(self) -> HypnosAugmentCfg:
+        return self.cfg.augment
 
     def required_weights(self) -> list[WeightNeed]:
         from subjectops.models.loading import is_tiny

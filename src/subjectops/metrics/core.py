@@ -38,7 +38,6 @@ from subjectops.segment import segment_all
 
 DISPLAY = {name: d.display for name, d in METRICS.items()}
 SUBJECT_REGION = {"dino-subject": "dino", "clip-i-subject": "clip"}  # subject-region metric -> its encoder
-PAIRWISE_WITH_REFERENCES = ("dino", "clip-i", "lpips", "ssim", "psnr")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,10 +325,6 @@ class Encoders:
             if enc is not None:
                 out[name] = enc.info.to_dict()
         return out
-
-    @property
-    def any_random(self) -> bool:
-        return any(not i["pretrained"] for i in self.infos().values())
 
 
 @dataclass

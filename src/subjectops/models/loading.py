@@ -125,13 +125,6 @@ def fingerprint(model: ModelCfg) -> str:
     return h.hexdigest()[:DIGEST_CHARS]
 
 
-def describe(model: ModelCfg) -> dict:
-    info = {"base": model.base, "revision": model.revision, "tiny": is_tiny(model)}
-    if is_tiny(model):
-        info.update(json.loads((Path(resolve(model)) / "subjectops_tiny.json").read_text()))
-    return info
-
-
 def vae_scale_factor(vae_config) -> int:
     """Pixels per latent along a side, from a VAE config (a dict or the VAE's own `config`): the number
     diffusers pipelines expose as `pipe.vae_scale_factor`, for code that has the VAE or its config alone."""

@@ -6,8 +6,10 @@ strategies draw one image per call (see `subjectops.inference.plain`)."""
 
 from __future__ import annotations
 
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Scheduler name -> diffusers class name; the class is looked up when a pipeline switches, so that planning a run
 # (which reads the strategies' requirements) does not import diffusers.
@@ -22,8 +24,10 @@ def use_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, resolution: int) -> list[Image.Image]:
+    import torch  # here, not at import: the stages that sample are declared in modules every command reads
+
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-                height=resolution, width=resolution).images
+    with torch.no_grad():
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+                    height=resolution, width=resolution).images

@@ -87,9 +87,12 @@ def write_manifest(work: Path, stage: str, params: Params, inputs: dict[str, Pat
 def require_stage_dir(path: Path | None, stage: str, needed_by: str) -> Path:
     """An input stage directory must exist and be complete (have its manifest)."""
     if path is None or not (Path(path) / MANIFEST).exists():
+        from subjectops.stages.registry import get_stage
+
+        source = get_stage(stage)
         raise SubjectopsError(
             f"{needed_by} needs the output of `{stage}`, but {path} is not a complete {stage} output (no {MANIFEST})",
-            fix=f"run `subjectops {stage.replace('_', '-')}` first, or pass the right --{stage.replace('_', '-')} directory",
+            fix=f"run `subjectops {source.command}` first, or pass the right --{source.option} directory",
         )
     return Path(path)
 
@@ -98,21 +101,23 @@ def planned_inputs(params: Params, stage: str, given: dict[str, Path | None]) ->
     """The input directories `stage` reads under `plan(params)`: each planned input must be a complete output
     that did real work; an input the plan leaves out is None, even when given (DVC passes every path, and an
     `--if-needed` stage that was not needed leaves an output that only records why)."""
-    from subjectops.methods.plan import plan
+    from subjectops.stages.plan import plan
+    from subjectops.stages.registry import get_stage
 
     wanted = plan(params).inputs(stage)
+    command = get_stage(stage).command
     resolved: dict[str, Path | None] = {}
     for name, path in given.items():
         if name not in wanted:
             resolved[name] = None
             continue
-        path = require_stage_dir(path, name, stage.replace("_", "-"))
+        path = require_stage_dir(path, name, command)
         skipped = json.loads((path / MANIFEST).read_text()).get("skipped")
         if skipped:
             raise SubjectopsError(
-                f"{stage.replace('_', '-')} needs the output of `{name}` under these params, but {path} records that "
+                f"{command} needs the output of `{name}` under these params, but {path} records that "
                 f"{name} was skipped ({skipped})",
-                fix=f"run `subjectops {name.replace('_', '-')}` again with the same params and --set overrides")
+                fix=f"run `subjectops {get_stage(name).command}` again with the same params and --set overrides")
         resolved[name] = path
     return resolved
 

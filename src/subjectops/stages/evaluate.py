@@ -17,13 +17,16 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
+from typing import TYPE_CHECKING
+
 from subjectops.config import Params
-from subjectops.data.prompts import PromptSet, prompt_sets_from_json
 from subjectops.errors import SubjectopsError
-from subjectops.metrics.core import DISPLAY, Evaluator, MetricRecord
-from subjectops.report.html import RANDOM_WARNING, render_report
-from subjectops.selection.pareto import read_front
+from subjectops.stages.base import Stage
 from subjectops.stages.common import planned_inputs, require_stage_dir, stage_output, versions, write_manifest
+
+if TYPE_CHECKING:
+    from subjectops.data.prompts import PromptSet
+    from subjectops.metrics.core import MetricRecord
 
 SAMPLE_KEYS = ("prompt_set", "prompt", "identifier", "class_word", "seed", "path")
 
@@ -39,6 +42,8 @@ def _read_json(path: Path, what: str) -> Any:
 
 def load_inputs(refine_dir: Path, infer_dir: Path) -> tuple[dict, list[Path], list[dict], list]:
     """Read and check everything before any work: subject + references, samples, prompt sets."""
+    from subjectops.data.prompts import prompt_sets_from_json
+
     refine_dir = require_stage_dir(refine_dir, "refine", "evaluate")
     infer_dir = require_stage_dir(infer_dir, "infer", "evaluate")
     subject = _read_json(refine_dir / "subject.json", "the refine stage's subject description")
@@ -78,6 +83,9 @@ def load_inputs(refine_dir: Path, infer_dir: Path) -> tuple[dict, list[Path], li
 def metrics_document(sets: list[PromptSet], samples: list[dict], records: list[MetricRecord],
                      backbones: dict[str, dict], fid_features: Optional[str]) -> dict[str, Any]:
     """The content of metrics.json: every record with its backbone, the prompt sets, per-image values."""
+    from subjectops.metrics.core import DISPLAY
+    from subjectops.report.html import RANDOM_WARNING
+
     per_image = []
     for pset in sets:
         rows = [s for s in samples if s["prompt_set"] == pset.name]
@@ -109,6 +117,10 @@ def metrics_document(sets: list[PromptSet], samples: list[dict], records: list[M
 
 
 def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep_dir: Path | None = None) -> Path:
+    from subjectops.metrics.core import Evaluator
+    from subjectops.report.html import render_report
+    from subjectops.selection.pareto import read_front
+
     refine_dir, infer_dir, out = Path(refine_dir), Path(infer_dir), Path(out)
     subject, refs, samples, sets = load_inputs(refine_dir, infer_dir)
     if sweep_dir is not None:  # DVC and Kubeflow pass it always: a sweep the plan leaves out only records why
@@ -136,3 +148,50 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
         write_manifest(work, "evaluate", params, {"refine": refine_dir, "infer": infer_dir, "sweep": sweep_dir},
                        random_backbones=metrics["random_backbones"], backbones=backbones)
     return out
+
+
+def record(out_dir: Path, rec, grids: Path) -> None:
+    """Every number of metrics.json as a metric and the backbones as tags (both also on the parent run), and the
+    output's files."""
+    from subjectops.tracking.record import SKIP_DIRS, eval_metric_points, eval_tags, files_in, read_eval_records
+
+    records = read_eval_records(out_dir / "metrics.json")
+    points = eval_metric_points(records)
+    rec.metrics += points
+    rec.parent_metrics += points
+    if records:
+        tags = eval_tags(records)
+        rec.tags.update(tags)
+        rec.parent_tags.update(tags)
+    for p in files_in(out_dir):
+        if p.name == "manifest.json" or p.name in SKIP_DIRS:
+            continue
+        rec.artifacts.append((p, "evaluate" if p.is_file() else f"evaluate/{p.name}"))
+
+
+def summary_metrics(out_dir: Path) -> dict[str, float]:
+    """The finite means of metrics.json, `<metric>.<prompt set>.<backbone>` (the Kubeflow step's metrics)."""
+    import math
+
+    from subjectops.tracking.record import read_eval_records
+
+    return {f"{r.get('key', r['metric'])}.{r['prompt_set']}.{r['backbone']}": float(r["mean"])
+            for r in read_eval_records(Path(out_dir) / "metrics.json")
+            if isinstance(r.get("mean"), (int, float)) and math.isfinite(r["mean"])}
+
+
+STAGE = Stage(
+    name="evaluate",
+    help="Score the generated images (DINO, CLIP-I, CLIP-T, FID, LPIPS, SSIM, PSNR) and write report.html.",
+    run=lambda ctx: evaluate(ctx.params, ctx.inputs["refine"], ctx.inputs["infer"], ctx.out, ctx.inputs.get("sweep")),
+    reads=("refine", "infer", "sweep"),
+    params=("model.cache_dir", "evaluate"),  # model.cache_dir: where the metric encoders' weights are looked up
+    code=("src/subjectops/stages/sweep.py", "src/subjectops/report", "src/subjectops/metrics"),
+    gpu=True,
+    artifact="Artifact",
+    record=record,
+    report="report.html",
+    metrics=summary_metrics,
+    dvc_outs=("report.html", "manifest.json"),
+    dvc_metrics="metrics.json",
+)

@@ -18,27 +18,29 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-
 from subjectops.config import Params
-from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.errors import SubjectopsError
-from subjectops.methods import get_method, snapshot_dir
-from subjectops.methods.plan import snapshot_steps
-from subjectops.models.loading import load_pipeline
-from subjectops.inference.base import InferenceSpec
-from subjectops.inference.plain import sample
-from subjectops.models.sampling import use_scheduler
-from subjectops.digest import digest_json
+from subjectops.stages.base import Argument, Stage
 from subjectops.stages.common import hash_dir, partial_dir, planned_inputs, stage_output, write_manifest
-from subjectops.stages.priors import load_priors
-from subjectops.training.loop import Trainer, replicas_in_sync
-from subjectops.training.models import DiffusionModels
 
 
 def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path, disc_dir: Path | None = None,
              on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: Path | None = None,
              pipe=None) -> Path:
     """`pipe`: the base pipeline already loaded (`subjectops run` hands it on); it is trained in place."""
+    from subjectops.data.subject import RefinedSubject, to_tensor
+    from subjectops.digest import digest_json
+    from subjectops.inference.base import InferenceSpec
+    from subjectops.inference.plain import sample
+    from subjectops.methods import get_method, snapshot_dir
+    from subjectops.models.loading import load_pipeline
+    from subjectops.models.sampling import use_scheduler
+    from subjectops.stages.plan import snapshot_steps
+    from subjectops.stages.priors import load_priors
+    from subjectops.stages.registry import get_stage
+    from subjectops.training.loop import Trainer, replicas_in_sync
+    from subjectops.training.models import DiffusionModels
+
     inputs = planned_inputs(params, "finetune", {"refine": refine_dir, "priors": priors_dir, "pretrain_disc": disc_dir})
     refine_dir, priors_dir, disc_dir = inputs["refine"], inputs["priors"], inputs["pretrain_disc"]
     subject = RefinedSubject.load(refine_dir)
@@ -51,7 +53,9 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
                               f"{models.vae_scale_factor}",
                               fix=f"set subject.resolution to a multiple of {models.vae_scale_factor} and run refine again")
     method = method_cls(params, subject.class_word, models)
-    method.disc_dir = disc_dir
+    # what the method's requirements brought into the plan (Hypnos: its pretrained discriminator), by requirement
+    method.receive({get_stage(name).brought_by: path for name, path in inputs.items()
+                    if path is not None and get_stage(name).optional})
     work = partial_dir(out)
     keep = snapshot_steps(params)
     manifest_inputs = {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir}
@@ -99,8 +103,8 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
             prompt = method.format_prompt(params.finetune.validation_prompt)
             models.unet.eval()
             method.attach_live(pipe)  # e.g. HiFi Tuner's c_s, which lives outside the pipeline's modules
-            spec = InferenceSpec(strategy="plain", scheduler="ddim", steps=25, guidance_scale=7.5,
-                                 resolution=subject.resolution)
+            spec = InferenceSpec(strategy="plain", scheduler="ddim", steps=params.finetune.validation_steps,
+                                 guidance_scale=params.finetune.validation_guidance_scale, resolution=subject.resolution)
             image = sample(pipe, prompt, params.finetune.seed, spec)  # the loop `infer` samples with
             models.unet.train()
             image.save(work / "validation" / f"step_{step:06d}.png")
@@ -118,3 +122,45 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
             record(work, steps, written)
     return Path(out)
 
+
+def record(out_dir: Path, rec, grids: Path) -> None:
+    """method.json as tags (method, base model, identifier also on the parent run), the training log as per-step
+    metrics, the weights as written and the validation images as a grid."""
+    from subjectops.tracking.record import SKIP_DIRS, files_in, image_grid, images_in, read_json, read_train_log
+
+    meth = read_json(out_dir / "method.json") or {}
+    for k, v in meth.items():
+        if isinstance(v, (str, int, float, bool)):
+            rec.tags[f"method.{k}"] = str(v)
+    rec.parent_tags.update({k: v for k, v in rec.tags.items()
+                            if k in ("method.method", "method.base_model", "method.identifier")})
+    rec.metrics += read_train_log(out_dir / "train_log.jsonl")
+    for p in files_in(out_dir):
+        if p.name in SKIP_DIRS or p.name in ("manifest.json", "validation"):
+            continue
+        rec.artifacts.append((p, "finetune" if p.is_file() else f"finetune/{p.name}"))
+    g = image_grid(images_in(out_dir / "validation"), grids / "finetune_validation.png")
+    if g:
+        rec.artifacts.append((g, "grids"))
+
+
+STAGE = Stage(
+    name="finetune",
+    help="Train the method; resumes from the latest checkpoint of an interrupted run with the same params and "
+         "inputs. On SIGTERM it finishes the step, writes a checkpoint and exits 75 (run it again to resume).",
+    run=lambda ctx: finetune(ctx.params, ctx.inputs["refine"], ctx.inputs.get("priors"), ctx.out,
+                             ctx.inputs.get("pretrain_disc"), checkpoint_dir=ctx.args.get("checkpoint_dir"),
+                             pipe=ctx.pipe),
+    reads=("refine", "priors", "pretrain_disc"),
+    # priors.prompt: the class prompt of prior-preservation batches; infer.strategy, infer.dreamblend: the
+    # snapshots the inference strategy reads
+    params=("model", "subject.token", "priors.prompt", "finetune", "infer.strategy", "infer.dreamblend"),
+    code=("src/subjectops/training", "src/subjectops/methods"),
+    gpu=True,
+    takes_pipe=True,  # trained in place: no later stage may take the base pipeline
+    multi_gpu=True,
+    artifact="Model",
+    arguments=(Argument("checkpoint_dir", "--checkpoints", "checkpoint folder (default OUT.partial/checkpoints), "
+                        "e.g. on a volume a retried pod mounts", folder=True, required=False, kfp=False),),
+    record=record,
+)

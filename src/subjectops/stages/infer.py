@@ -7,18 +7,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.progress import Progress
-
 from subjectops.config import Params
-from subjectops.console import console
-from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
-from subjectops.data.subject import RefinedSubject
 from subjectops.errors import SubjectopsError
-from subjectops.inference import StageInputs, get_strategy, load_strategy
+from subjectops.stages.base import Stage
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
 
 
 def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
+    from rich.progress import Progress
+
+    from subjectops.console import console
+    from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
+    from subjectops.data.subject import RefinedSubject
+    from subjectops.inference import StageInputs, get_strategy, load_strategy
+
     refine_dir = require_stage_dir(refine_dir, "refine", "infer")
     subject = RefinedSubject.load(refine_dir)
     finetune_dir = require_stage_dir(finetune_dir, "finetune", "infer")
@@ -57,3 +59,33 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
         write_manifest(work, "infer", params, {"refine": refine_dir, "finetune": finetune_dir},
                        method=info["method"], inference=spec.model_dump(mode="json"))
     return Path(out)
+
+
+def record(out_dir: Path, rec, grids: Path) -> None:
+    """samples.json and prompt_sets.json, a grid per prompt set, and each set's sample count and seeds' hash."""
+    from subjectops.tracking.record import eval_seeds, image_grid, images_in
+
+    for name in ("samples.json", "prompt_sets.json"):
+        if (out_dir / name).is_file():
+            rec.artifacts.append((out_dir / name, "infer"))
+    img_root = out_dir / "images"
+    if img_root.is_dir():
+        for ps in sorted(p for p in img_root.iterdir() if p.is_dir()):
+            g = image_grid(images_in(ps), grids / f"infer_{ps.name}.png")
+            if g:
+                rec.artifacts.append((g, "grids"))
+    for ps, info in eval_seeds(out_dir).items():
+        rec.tags[f"infer.{ps}.samples"] = str(info["n"])
+        rec.tags[f"infer.{ps}.seeds_sha256"] = info["sha256"]
+
+
+STAGE = Stage(
+    name="infer",
+    help="Generate the prompt sets with the fine-tuned model.",
+    run=lambda ctx: infer(ctx.params, ctx.inputs["refine"], ctx.inputs["finetune"], ctx.out),
+    reads=("refine", "finetune"),
+    params=("model", "infer"),
+    code=("src/subjectops/inference", "src/subjectops/data/prompts.py"),
+    gpu=True,
+    record=record,
+)

@@ -14,24 +14,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from rich.progress import Progress
+from typing import TYPE_CHECKING
 
 from subjectops.config import Params
 from subjectops.console import console
-from subjectops.data.augment import IMAGE_TYPES, REAL_TYPES, DiscriminatorSampler
-from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.errors import ModelNotFoundError, SubjectopsError
-from subjectops.models.latent_discriminator import LatentDiscriminator
-from subjectops.models.loading import how_to_provide, offline, resolve, vae_scale_factor
+from subjectops.methods.base import LATENT_DISCRIMINATOR
+from subjectops.stages.base import Stage
 from subjectops.stages.common import planned_inputs, stage_output, write_manifest
 from subjectops.stages.priors import load_priors
+
+if TYPE_CHECKING:
+    import torch
+
+    from subjectops.data.augment import DiscriminatorSampler
+    from subjectops.models.latent_discriminator import LatentDiscriminator
+
 
 def load_vae(model_cfg):
     """The base model's VAE alone (the same weights `load_pipeline` would give), frozen."""
     from diffusers import AutoencoderKL
+
+    from subjectops.models.loading import how_to_provide, offline, resolve
 
     source = resolve(model_cfg)
     kwargs = dict(subfolder="vae", revision=model_cfg.revision, cache_dir=model_cfg.cache_dir, use_safetensors=True)
@@ -60,12 +64,16 @@ class LatentEncoder:
 
     @property
     def factor(self) -> int:
+        from subjectops.models.loading import vae_scale_factor
+
         return vae_scale_factor(self.vae.config)
 
-    @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return (dist.mean.float() - self.shift) * self.scale
+        import torch
+
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+            return (dist.mean.float() - self.shift) * self.scale
 
 
 class LatentPool:
@@ -79,6 +87,10 @@ class LatentPool:
 
     def __init__(self, sampler: DiscriminatorSampler, encode: LatentEncoder, variants_per_type: int,
                  batch_size: int = 32):
+        import torch
+
+        from subjectops.data.augment import IMAGE_TYPES
+
         self.sampler = sampler
         self.latents: dict[str, torch.Tensor] = {}
         for kind, p in zip(IMAGE_TYPES, sampler.probs.tolist()):
@@ -94,6 +106,10 @@ class LatentPool:
                                             for i in range(0, len(pixels), batch_size)])
 
     def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        import torch
+
+        from subjectops.data.augment import REAL_TYPES
+
         g = self.sampler.generator
         kinds = self.sampler.draw_types(n)
         z = torch.stack([self.latents[k][int(torch.randint(0, len(self.latents[k]), (1,), generator=g))]
@@ -102,14 +118,18 @@ class LatentPool:
         return z, labels, kinds
 
 
-@torch.no_grad()
 def evaluate_disc(disc: LatentDiscriminator, pool: LatentPool, n: int, batch_size: int = 64) -> dict:
     """Accuracy (LD(z) > 0.5 means real) overall, on reals, on fakes and per image type."""
+    import torch
+
+    from subjectops.data.augment import IMAGE_TYPES, REAL_TYPES
+
     disc.eval()
     hits: dict[str, list[int]] = {t: [0, 0] for t in IMAGE_TYPES}
     for start in range(0, n, batch_size):
         z, labels, kinds = pool.draw(min(batch_size, n - start))
-        pred = (disc.score(z).cpu() > 0.5).float()
+        with torch.no_grad():
+            pred = (disc.score(z).cpu() > 0.5).float()
         for k, ok in zip(kinds, (pred == labels).tolist()):
             hits[k][0] += int(ok)
             hits[k][1] += 1
@@ -124,6 +144,15 @@ def evaluate_disc(disc: LatentDiscriminator, pool: LatentPool, n: int, batch_siz
 
 
 def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path) -> Path:
+    import torch
+    import torch.nn.functional as F
+    from rich.progress import Progress
+
+    from subjectops.data.augment import DiscriminatorSampler
+    from subjectops.data.subject import RefinedSubject, to_tensor
+    from subjectops.methods import configured_method
+    from subjectops.models.latent_discriminator import LatentDiscriminator
+
     cfg = params.pretrain_disc
     inputs = planned_inputs(params, "pretrain_disc", {"refine": refine_dir, "priors": priors_dir})
     refine_dir, priors_dir = inputs["refine"], inputs["priors"]
@@ -154,7 +183,7 @@ def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out
     disc = LatentDiscriminator(latent_channels=encode.vae.config.latent_channels, latent_size=latent_size,
                                **cfg.model.model_dump()).to(device)
     opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    augment = params.finetune.hypnos.augment  # the same real-image procedure as fine-tuning (app. B.2)
+    augment = configured_method(params).real_image_augment()  # the procedure fine-tuning uses (app. B.2)
     g = torch.Generator().manual_seed(cfg.seed)
     pool = LatentPool(DiscriminatorSampler(images, masks, train_class, proportions, augment, g), encode,
                       cfg.variants_per_type)
@@ -188,3 +217,18 @@ def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out
         write_manifest(work, "pretrain_disc", params, {"refine": Path(refine_dir), "priors": priors_dir},
                        heldout_accuracy=metrics.get("heldout", {}).get("accuracy"), notes=notes)
     return Path(out)
+
+
+STAGE = Stage(
+    name="pretrain_disc",
+    help="Pretrain Hypnos' latent discriminator on the Table 3 image types (seed 000 app. B.2).",
+    run=lambda ctx: pretrain_disc(ctx.params, ctx.inputs["refine"], ctx.inputs.get("priors"), ctx.out),
+    reads=("refine", "priors"),
+    brought_by=LATENT_DISCRIMINATOR,
+    absent_because="method {method} uses no latent discriminator",
+    params=("model", "pretrain_disc", "finetune.hypnos"),
+    code=("src/subjectops/models/latent_discriminator.py",),
+    gpu=True,
+    artifact="Model",
+    flag="disc",
+)

@@ -15,21 +15,20 @@ import os
 import shutil
 from pathlib import Path
 
-from PIL import Image
-from rich.progress import Progress
-
 from subjectops.config import Params
 from subjectops.console import console
-from subjectops.data.subject import RefinedSubject, to_tensor
 from subjectops.digest import digest_json, sha256_file
-from subjectops.models.loading import fingerprint, load_pipeline
+from subjectops.methods.base import CLASS_PRIORS
 from subjectops.models.sampling import generate, use_scheduler
 from subjectops.preflight import require_writable
 from subjectops.runlock import wait_for_lock
+from subjectops.stages.base import Stage
 from subjectops.stages.common import file_hashes, require_stage_dir, stage_output, write_manifest
 
 
 def cache_key(params: Params, class_prompt: str, resolution: int) -> tuple[str, dict]:
+    from subjectops.models.loading import fingerprint
+
     p = params.priors
     fields = {"model": fingerprint(params.model), "prompt": class_prompt, "count": p.num_images,
               "resolution": resolution, "scheduler": p.scheduler, "steps": p.steps,
@@ -41,6 +40,9 @@ def generate_priors(params: Params, prompt: str, resolution: int, target: Path, 
     """Generate the class images into target/images (image i always from seed + i), with the given base
     pipeline (its scheduler is restored afterwards) or one loaded here."""
     import torch
+    from rich.progress import Progress
+
+    from subjectops.models.loading import load_pipeline
 
     p = params.priors
     pipe = pipe if pipe is not None else load_pipeline(params.model)
@@ -60,6 +62,8 @@ def generate_priors(params: Params, prompt: str, resolution: int, target: Path, 
 
 
 def priors(params: Params, refine_dir: Path, out: Path, pipe=None) -> Path:
+    from subjectops.data.subject import RefinedSubject
+
     subject = RefinedSubject.load(require_stage_dir(refine_dir, "refine", "priors"))
     prompt = params.priors.prompt.format(class_word=subject.class_word)
     key, fields = cache_key(params, prompt, subject.resolution)
@@ -129,7 +133,47 @@ def _remove_entry(path: Path) -> None:
 
 def load_priors(priors_dir: Path | None) -> list:
     """The class images of a priors output as (3, H, W) tensors in [-1, 1]; none without a directory."""
+    from PIL import Image
+
+    from subjectops.data.subject import to_tensor
+
     if priors_dir is None:
         return []
     info = json.loads((Path(priors_dir) / "priors.json").read_text())
     return [to_tensor(Image.open(Path(priors_dir) / p).convert("RGB")) for p in info["images"]]
+
+
+def record(out_dir: Path, rec, grids: Path) -> None:
+    """The cache key and the images' hash (also on the parent run), priors.json and the images as a grid."""
+    from subjectops.tracking.record import dir_digest, image_grid, images_in, read_json
+
+    pri = read_json(out_dir / "priors.json") or {}
+    for k in ("class_word", "prompt", "cache_key", "count", "generated"):
+        if k in pri:
+            rec.tags[f"priors.{k}"] = str(pri[k])
+    d = dir_digest(out_dir, "images")
+    if d:
+        rec.tags["data.priors.sha256"] = d
+    if "cache_key" in pri:
+        rec.tags["data.priors.cache_key"] = str(pri["cache_key"])
+    rec.parent_tags.update({k: v for k, v in rec.tags.items() if k.startswith("data.")})
+    if (out_dir / "priors.json").is_file():
+        rec.artifacts.append((out_dir / "priors.json", "priors"))
+    g = image_grid(images_in(out_dir / "images"), grids / "priors.png")
+    if g:
+        rec.artifacts.append((g, "grids"))
+
+
+STAGE = Stage(
+    name="priors",
+    help="Class-prior images from the base model (content-addressed cache).",
+    run=lambda ctx: priors(ctx.params, ctx.inputs["refine"], ctx.out, pipe=ctx.pipe),
+    reads=("refine",),
+    brought_by=CLASS_PRIORS,
+    absent_because="method {method} trains without class-prior images",
+    params=("model", "priors"),
+    code=("src/subjectops/models/sampling.py",),
+    gpu=True,
+    takes_pipe=True,
+    record=record,
+)

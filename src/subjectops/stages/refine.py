@@ -5,21 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from rich.progress import track
-
 from subjectops.config import Params
-from subjectops.console import console
-from subjectops.data.subject import check_class_word, fit, load_subject
-from subjectops.models.loading import training_resolution
-from subjectops.segment import get_backend, segment_all
+from subjectops.stages.base import Argument, Stage
 from subjectops.stages.common import stage_output, write_manifest
 
 SEGMENT_MIN_RESOLUTION = 256
 
 
 def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+    from rich.progress import track
+
+    from subjectops.console import console
+    from subjectops.data.subject import check_class_word, fit, load_subject
+    from subjectops.models.loading import training_resolution
+    from subjectops.segment import get_backend, segment_all
+
     class_word = check_class_word(class_word)
     resolution = training_resolution(params)
     subject = load_subject(Path(subject_dir), params.subject, resolution)  # every check before any write
@@ -65,3 +67,39 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
         write_manifest(work, "refine", params, {"subject": Path(subject_dir)}, subject=info["name"],
                        conversions=subject.conversions)
     return Path(out)
+
+
+def record(out_dir: Path, rec, grids: Path) -> None:
+    """The subject's name, class and content hashes (also on the parent run), its photos and masks as grids."""
+    from subjectops.tracking.record import digest_of, dir_digest, image_grid, images_in, read_json
+
+    subj = read_json(out_dir / "subject.json") or {}
+    for k in ("name", "class_word", "token", "resolution"):
+        if k in subj:
+            rec.tags[f"subject.{k}"] = str(subj[k])
+    sources = [(str(s.get("file")), str(s.get("sha256"))) for s in subj.get("sources", []) if isinstance(s, dict)]
+    if sources:
+        rec.tags["data.subject.sha256"] = digest_of(sources)
+        rec.tags["data.subject.files"] = str(len(sources))
+    refined = dir_digest(out_dir, "images")
+    if refined:
+        rec.tags["data.refined.sha256"] = refined
+    rec.parent_tags.update({k: v for k, v in rec.tags.items() if k.startswith(("data.", "subject."))})
+    if (out_dir / "subject.json").is_file():
+        rec.artifacts.append((out_dir / "subject.json", "refine"))
+    for sub, grid in (("images", "refine_images.png"), ("masks", "refine_masks.png")):
+        g = image_grid(images_in(out_dir / sub), grids / grid)
+        if g:
+            rec.artifacts.append((g, "grids"))
+
+
+STAGE = Stage(
+    name="refine",
+    help="Validate and normalize the photos, segment the subject, write prompts.",
+    run=lambda ctx: refine(ctx.params, ctx.args["subject_dir"], ctx.args["class_word"], ctx.out),
+    params=("model", "subject", "refine", "priors.prompt"),  # model: the native resolution; priors.prompt: prompts.json
+    code=("src/subjectops/segment", "src/subjectops/data/subject.py"),
+    arguments=(Argument("subject_dir", None, "folder of 3-20 photos of one subject", folder=True),
+               Argument("class_word", "--class", "the subject's class, e.g. teapot")),
+    record=record,
+)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from subjectops.config import Params
 from subjectops.errors import SubjectopsError
+from subjectops.stages.base import REGISTRATION, Stage
 from subjectops.stages.common import stage_output, write_manifest
 
 
@@ -72,3 +73,18 @@ def register(
                        {"method.json": method_json, "metrics.json": metrics if metrics.is_file() else None},
                        model_name=info["model_name"], version=info["version"])
     return info
+
+
+STAGE = Stage(
+    name="register",
+    help="Register the run's model in MLflow with alias `challenger`.",
+    # the tracker runs it against its server (`args`: run_dir, and tracking_uri, run_id, client from the tracker)
+    run=lambda ctx: register(ctx.params, ctx.args["run_dir"], ctx.out,
+                             **{k: v for k, v in ctx.args.items() if k != "run_dir"}),
+    reads=("refine", "finetune", "infer", "evaluate"),
+    brought_by=REGISTRATION,
+    absent_because="registry.auto_register is false",
+    params=("registry", "tracking"),
+    artifact="Artifact",
+    tracked=True,
+)

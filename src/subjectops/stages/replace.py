@@ -15,16 +15,19 @@ import json
 import re
 from pathlib import Path
 
-import torch
-from PIL import Image, UnidentifiedImageError
+from typing import TYPE_CHECKING
 
 from subjectops.config import Params
-from subjectops.data.subject import fit
 from subjectops.errors import SubjectopsError
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 
 def open_source(image_path: Path) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
     if not Path(image_path).is_file():
         raise SubjectopsError(f"{image_path} does not exist (or is not a file)",
                               fix="pass the path of a JPEG or PNG photo that contains the subject to replace")
@@ -48,6 +51,9 @@ def caption_span(tokenizer, ids: list[int], word: str, text: str) -> tuple[int, 
 
 
 def replace(params: Params, image_path: Path, run_dir: Path, word: str, out: Path) -> Path:
+    import torch
+
+    from subjectops.data.subject import fit
     from subjectops.inference.ddim import DdimSampler, decode_latents, encode_image, encoder
     from subjectops.inference.prompt_to_prompt import AttentionReuse, source_index
     from subjectops.inference.reference_guided import caption, load_captioner

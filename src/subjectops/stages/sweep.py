@@ -13,8 +13,8 @@ from pathlib import Path
 
 from subjectops.config import Params
 from subjectops.errors import SubjectopsError
+from subjectops.stages.base import SNAPSHOTS, Stage
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
-
 
 
 def sweep_settings(params: Params, finetune_dir: Path) -> list[tuple[str, Params, Path, dict]]:
@@ -87,3 +87,21 @@ def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
         write_manifest(work, "sweep", params, {"refine": refine_dir, "finetune": finetune_dir},
                        points=len(points), chosen=chosen.label)
     return Path(out)
+
+
+STAGE = Stage(
+    name="sweep",
+    help="Score every snapshot and DreamBlend combination of the finetune output (operating points, Pareto front).",
+    run=lambda ctx: sweep(ctx.params, ctx.inputs["refine"], ctx.inputs["finetune"], ctx.out),
+    reads=("refine", "finetune"),
+    brought_by=SNAPSHOTS,
+    absent_because="the run keeps no snapshots (finetune.snapshots is empty and the inference strategy reads none)",
+    # each point samples with the run's prompt sets and seeds and scores with its backbones; registry.choose: the
+    # rule that picks the chosen point
+    params=("model", "infer", "evaluate", "registry.choose"),
+    code=("src/subjectops/stages/infer.py", "src/subjectops/stages/evaluate.py", "src/subjectops/inference",
+          "src/subjectops/metrics", "src/subjectops/selection/pareto.py"),
+    gpu=True,
+    artifact="Artifact",
+    branches=False,  # one more Kubeflow branch per plan for a step that records why when not needed is not worth it
+)

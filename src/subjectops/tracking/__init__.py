@@ -9,6 +9,23 @@ from typing import Callable, Iterator, Protocol
 from subjectops.config import Params
 
 
+class StageCatalog(Protocol):
+    """What a tracker reads of the stage registry (`subjectops.stages.catalog.stage_catalog()`): tracking imports
+    no stage, so it is handed this."""
+
+    order: tuple[str, ...]  # the run order; `sync` uploads in it
+
+    def describe(self, stage: str) -> Callable | None:
+        """The stage's `record(out_dir, rec, grids)`, or None (its small files are logged as they are)."""
+        ...
+
+    def register(self, params: Params, run_dir: Path, out: Path, **tracking) -> dict:
+        """The registration stage, run against the tracker's server."""
+        ...
+
+    def wants_registration(self, params: Params) -> bool: ...
+
+
 class Tracker(Protocol):
     def pipeline(self, params: Params, run_dir: Path) -> contextlib.AbstractContextManager: ...
 

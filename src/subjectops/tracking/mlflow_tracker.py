@@ -26,6 +26,7 @@ import tenacity
 
 from subjectops.config import Params, TrackingCfg
 from subjectops.errors import SubjectopsError
+from subjectops.tracking import StageCatalog
 from subjectops.tracking import record as R
 
 STATE_FILE = "tracking/state.json"
@@ -242,8 +243,11 @@ class MlflowTracker:
         cfg: TrackingCfg | None = None,
         echo: Callable[[str], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        *,
+        stages: StageCatalog | None = None,  # None: a tracker that records no stage (the leaderboard's run)
     ):
         setup_environment()
+        self.stages = stages
         self.explicit_uri = tracking_uri
         self.cfg = cfg
         self.experiment = experiment
@@ -414,7 +418,7 @@ class MlflowTracker:
             metrics: list[R.MetricPoint] = []
             scratch = st.run_dir / "tracking"
             for name in st.data["order"]:
-                rec = R.stage_record(name, Path(st.stage(name)["out_dir"]), scratch / name)
+                rec = R.stage_record(name, Path(st.stage(name)["out_dir"]), scratch / name, self.stages.describe(name))
                 tags.update(rec.parent_tags)
                 metrics += rec.parent_metrics
             params_json = scratch / "params.json"
@@ -460,7 +464,7 @@ class MlflowTracker:
                 self._ensure_stage_run(name)
                 if not s["run_id"]:
                     raise _Offline()
-            rec = R.stage_record(name, Path(s["out_dir"]), st.run_dir / "tracking" / name)
+            rec = R.stage_record(name, Path(s["out_dir"]), st.run_dir / "tracking" / name, self.stages.describe(name))
             rid = s["run_id"]
             tags = dict(rec.tags)
             self._step(s["done"], "tags", f"tagging the {name} run", lambda: self.client.log_batch(
@@ -532,10 +536,10 @@ def _version() -> str:
         return "unknown"
 
 
-def sync(run_dir: Path, register: Callable[..., dict], tracking_uri: str | None = None,
+def sync(run_dir: Path, stages: StageCatalog, tracking_uri: str | None = None,
          echo: Callable[[str], None] | None = None) -> dict:
     """Upload what a run directory recorded locally (or a run made without tracking) to MLflow, and
-    register its model with `register` (the register stage function) when the run wants it and has not.
+    register its model with `stages.register` when the run wants it and has not.
 
     Returns a summary: parent run id, stages uploaded, registration. Raises TrackingError when the
     server is still unreachable (after retries); the local record is left as it was.
@@ -545,8 +549,8 @@ def sync(run_dir: Path, register: Callable[..., dict], tracking_uri: str | None 
         raise TrackingError(f"run directory {run_dir} does not exist", fix="pass the folder `subjectops run --out` wrote")
     st = RunState.load(run_dir)
     if st is None:
-        st = _state_from_directory(run_dir)
-    tr = MlflowTracker(tracking_uri=tracking_uri, echo=echo)
+        st = _state_from_directory(run_dir, stages)
+    tr = MlflowTracker(tracking_uri=tracking_uri, echo=echo, stages=stages)
     tr.params = Params.model_validate(st.data["params"])
     tr.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or st.data.get("tracking_uri") or default_tracking_uri()
     experiment = st.data.get("experiment") or tr.params.tracking.experiment
@@ -581,7 +585,7 @@ def sync(run_dir: Path, register: Callable[..., dict], tracking_uri: str | None 
         and st.data["parent"]["status"] == "FINISHED"
         and (run_dir / "finetune" / "method.json").is_file()
     ):
-        tr.register_model(register, run_dir, run_dir / "register")
+        tr.register_model(stages.register, run_dir, run_dir / "register")
     tr._upload_parent_end()
     st.data["pending"] = not st.everything_uploaded()
     st.save()
@@ -621,13 +625,11 @@ def _forget_missing_runs(tr: MlflowTracker, st: RunState) -> None:
                                 fix="start the tracking server and run `subjectops sync` again") from None
 
 
-def _state_from_directory(run_dir: Path) -> RunState:
+def _state_from_directory(run_dir: Path, stages: StageCatalog) -> RunState:
     """A record for a run directory made without a tracker: its stages, from their manifests."""
-    from subjectops.methods.plan import plan
-
     st = RunState(run_dir)
     params = None
-    for name in R.STAGE_ORDER:
+    for name in stages.order:
         m = run_dir / name / "manifest.json"
         if not m.is_file():
             continue
@@ -644,6 +646,6 @@ def _state_from_directory(run_dir: Path) -> RunState:
     st.data["params"] = p.model_dump(mode="json")
     starts = [s["start"] for s in st.data["stages"].values()]
     st.data["parent"].update(start=min(starts), end=max(starts), status="FINISHED")
-    st.data["register"]["wanted"] = plan(p).has("register") and "register" not in st.data["order"]
+    st.data["register"]["wanted"] = stages.wants_registration(p) and "register" not in st.data["order"]
     st.data["experiment"] = p.tracking.experiment
     return st

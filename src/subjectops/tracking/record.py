@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from subjectops.digest import sha256_bytes, sha256_file
-from subjectops.methods.plan import STAGES
 
-# The order stages run in (the plan's); `sync` uploads them in this order.
-STAGE_ORDER = tuple(rule.name for rule in STAGES)
 # Folders in a stage output that are resume state, not results (not uploaded).
 SKIP_DIRS = {"checkpoints", "cache", "__pycache__"}
 GRID_MAX = 16
@@ -59,7 +55,7 @@ def digest_of(pairs: Iterable[tuple[str, str]]) -> str:
     return sha256_bytes("".join(f"{name}\0{sha}\n" for name, sha in sorted(pairs)).encode())
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -68,7 +64,7 @@ def _read_json(path: Path) -> Any:
 
 def dir_digest(root: Path, sub: str = "images") -> Optional[str]:
     """Hash of the files under root/sub, using manifest.json's output hashes when present."""
-    manifest = _read_json(root / "manifest.json") or {}
+    manifest = read_json(root / "manifest.json") or {}
     outputs = manifest.get("outputs") or {}
     pairs = [(k, v) for k, v in outputs.items() if k.startswith(sub + "/")]
     if not pairs and (root / sub).is_dir():
@@ -143,7 +139,7 @@ def read_eval_records(path: Path) -> list[dict]:
     """The metric rows of the evaluate stage's metrics.json, `metric` being the machine name (dino, clip-t)."""
     from subjectops.tracking.gates import normalize_records
 
-    data = _read_json(path)
+    data = read_json(path)
     return normalize_records(data["metrics"]) if isinstance(data, dict) and "metrics" in data else []
 
 
@@ -179,7 +175,7 @@ def eval_seeds(infer_dir: Path) -> dict[str, dict]:
     """Per prompt set: the seeds and the number of samples, from infer/samples.json."""
     from subjectops.tracking.gates import seeds_digest
 
-    samples = _read_json(infer_dir / "samples.json") or []
+    samples = read_json(infer_dir / "samples.json") or []
     by_set: dict[str, list] = {}
     for s in samples if isinstance(samples, list) else []:
         if isinstance(s, dict) and "prompt_set" in s:
@@ -192,121 +188,35 @@ def evaluation_summary(run_dir: Path) -> dict:
     when the run has no evaluation)."""
     from subjectops.tracking.gates import summary_from_metrics_json
 
-    data = _read_json(run_dir / "evaluate" / "metrics.json")
+    data = read_json(run_dir / "evaluate" / "metrics.json")
     if data is None:
         return {"records": [], "seeds": eval_seeds(run_dir / "infer"), "prompt_sets": {}}
     return summary_from_metrics_json(data)
 
 
-def _files(root: Path) -> list[Path]:
+def files_in(root: Path) -> list[Path]:
     return [p for p in sorted(root.iterdir())] if root.is_dir() else []
 
 
-def _images(d: Path) -> list[Path]:
+def images_in(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file()) if d.is_dir() else []
 
 
-def stage_record(stage: str, out_dir: Path, scratch: Path) -> StageRecord:
-    """What to log for one stage's output directory. `scratch` receives generated grids."""
+def stage_record(stage: str, out_dir: Path, scratch: Path,
+                 describe: Callable[[Path, StageRecord, Path], None] | None = None) -> StageRecord:
+    """What to log for one stage's output directory: its manifest, then what the stage declares (`describe`,
+    its `Stage.record`; without one, every small file of the output). `scratch` receives generated grids."""
     rec = StageRecord(stage, tags={"subjectops.stage": stage, "subjectops.stage_dir": str(out_dir.resolve())})
     if not out_dir.is_dir():
         rec.tags["subjectops.stage_output"] = "missing"
         return rec
     if (out_dir / "manifest.json").is_file():
         rec.artifacts.append((out_dir / "manifest.json", stage))
-    grids = scratch / "grids"
-
-    if stage == "refine":
-        subj = _read_json(out_dir / "subject.json") or {}
-        for k in ("name", "class_word", "token", "resolution"):
-            if k in subj:
-                rec.tags[f"subject.{k}"] = str(subj[k])
-        sources = [(str(s.get("file")), str(s.get("sha256"))) for s in subj.get("sources", []) if isinstance(s, dict)]
-        if sources:
-            rec.tags["data.subject.sha256"] = digest_of(sources)
-            rec.tags["data.subject.files"] = str(len(sources))
-        refined = dir_digest(out_dir, "images")
-        if refined:
-            rec.tags["data.refined.sha256"] = refined
-        rec.parent_tags.update({k: v for k, v in rec.tags.items() if k.startswith(("data.", "subject."))})
-        for name in ("subject.json",):
-            if (out_dir / name).is_file():
-                rec.artifacts.append((out_dir / name, stage))
-        g = image_grid(_images(out_dir / "images"), grids / "refine_images.png")
-        if g:
-            rec.artifacts.append((g, "grids"))
-        g = image_grid(_images(out_dir / "masks"), grids / "refine_masks.png")
-        if g:
-            rec.artifacts.append((g, "grids"))
-
-    elif stage == "priors":
-        pri = _read_json(out_dir / "priors.json") or {}
-        for k in ("class_word", "prompt", "cache_key", "count", "generated"):
-            if k in pri:
-                rec.tags[f"priors.{k}"] = str(pri[k])
-        d = dir_digest(out_dir, "images")
-        if d:
-            rec.tags["data.priors.sha256"] = d
-        if "cache_key" in pri:
-            rec.tags["data.priors.cache_key"] = str(pri["cache_key"])
-        rec.parent_tags.update({k: v for k, v in rec.tags.items() if k.startswith("data.")})
-        if (out_dir / "priors.json").is_file():
-            rec.artifacts.append((out_dir / "priors.json", stage))
-        g = image_grid(_images(out_dir / "images"), grids / "priors.png")
-        if g:
-            rec.artifacts.append((g, "grids"))
-
-    elif stage == "finetune":
-        meth = _read_json(out_dir / "method.json") or {}
-        for k, v in meth.items():
-            if isinstance(v, (str, int, float, bool)):
-                rec.tags[f"method.{k}"] = str(v)
-        rec.parent_tags.update({k: v for k, v in rec.tags.items() if k in ("method.method", "method.base_model", "method.identifier")})
-        rec.metrics += read_train_log(out_dir / "train_log.jsonl")
-        # The trained adapter / checkpoint and its description, as the stage wrote them.
-        for p in _files(out_dir):
-            if p.name in SKIP_DIRS or p.name == "manifest.json" or p.name == "validation":
-                continue
-            rec.artifacts.append((p, "finetune" if p.is_file() else f"finetune/{p.name}"))
-        g = image_grid(_images(out_dir / "validation"), grids / "finetune_validation.png")
-        if g:
-            rec.artifacts.append((g, "grids"))
-
-    elif stage == "infer":
-        for name in ("samples.json", "prompt_sets.json"):
-            if (out_dir / name).is_file():
-                rec.artifacts.append((out_dir / name, stage))
-        img_root = out_dir / "images"
-        if img_root.is_dir():
-            for ps in sorted(p for p in img_root.iterdir() if p.is_dir()):
-                g = image_grid(_images(ps), grids / f"infer_{ps.name}.png")
-                if g:
-                    rec.artifacts.append((g, "grids"))
-        for ps, info in eval_seeds(out_dir).items():
-            rec.tags[f"infer.{ps}.samples"] = str(info["n"])
-            rec.tags[f"infer.{ps}.seeds_sha256"] = info["sha256"]
-
-    elif stage == "evaluate":
-        records = read_eval_records(out_dir / "metrics.json")
-        pts = eval_metric_points(records)
-        rec.metrics += pts
-        rec.parent_metrics += pts
-        if records:
-            t = eval_tags(records)
-            rec.tags.update(t)
-            rec.parent_tags.update(t)
-        for p in _files(out_dir):
-            if p.name == "manifest.json" or p.name in SKIP_DIRS:
-                continue
-            rec.artifacts.append((p, stage if p.is_file() else f"{stage}/{p.name}"))
-
-    else:  # pretrain_disc, register, anything new: small files as they are
-        for p in _files(out_dir):
-            if p.name == "manifest.json" or p.name in SKIP_DIRS:
-                continue
-            rec.artifacts.append((p, stage if p.is_file() else f"{stage}/{p.name}"))
+    if describe is not None:
+        describe(out_dir, rec, scratch / "grids")
+        return rec
+    for p in files_in(out_dir):
+        if p.name == "manifest.json" or p.name in SKIP_DIRS:
+            continue
+        rec.artifacts.append((p, stage if p.is_file() else f"{stage}/{p.name}"))
     return rec
-
-
-def new_scratch() -> Path:
-    return Path(tempfile.mkdtemp(prefix="subjectops-track-"))

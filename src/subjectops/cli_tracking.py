@@ -8,28 +8,30 @@ from typing import List, Optional
 
 import typer
 
+from subjectops.cli_common import ParamsOpt, SetOpt, build_params, console, done, user_errors
+
 UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here)")
 
 
 def make_tracker(params, tracking_uri: Optional[str] = None):
     """The tracker `subjectops run` uses: MLflow, falling back to a local record when the server is down."""
+    from subjectops.stages.catalog import stage_catalog
     from subjectops.tracking.mlflow_tracker import MlflowTracker
 
-    return MlflowTracker(tracking_uri=tracking_uri, cfg=params.tracking)
+    return MlflowTracker(tracking_uri=tracking_uri, cfg=params.tracking, stages=stage_catalog())
 
 
 def add_tracking_commands(app: typer.Typer) -> None:
-    from subjectops.cli_common import ParamsOpt, SetOpt, build_params, console, done, user_errors
 
     @app.command()
     @user_errors
     def sync(run_dir: Path = typer.Argument(..., help="run directory recorded while MLflow was unreachable (or without tracking)"),
              tracking_uri: Optional[str] = UriOpt):
         """Upload a run directory's tracking record to MLflow: what did not reach the server, nothing twice."""
-        from subjectops.stages.register import register as register_stage
+        from subjectops.stages.catalog import stage_catalog
         from subjectops.tracking.mlflow_tracker import sync as do_sync
 
-        out = do_sync(run_dir, register_stage, tracking_uri=tracking_uri, echo=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
+        out = do_sync(run_dir, stage_catalog(), tracking_uri=tracking_uri, echo=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
         done("pipeline run", Path(out["parent_run_id"]))
         for stage, rid in out["stages"].items():
             console.print(f"  {stage}: {rid}", highlight=False)
