@@ -130,6 +130,10 @@ class PromptInvariantCfg(StrictModel):
     num_images: int = Field(50, ge=1)
 
 
+class WorldPromptsCfg(StrictModel):
+    images_per_prompt: int = Field(4, ge=1)  # the `world` set: DreamBench's 8 contexts the world draws
+
+
 class DreamBenchCfg(StrictModel):
     images_per_prompt: int = Field(4, ge=1)
     # auto: the benchmark's live-subject prompts for its live classes (cat, dog), object prompts otherwise
@@ -234,7 +238,7 @@ class ReplaceCfg(StrictModel):
 class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
-    prompt_sets: list[Literal["prompt-invariant", "prompt-varying", "dreambench"]] = ["prompt-invariant"]
+    prompt_sets: list[Literal["prompt-invariant", "prompt-varying", "dreambench", "world"]] = ["prompt-invariant"]
     # auto: the method's own strategy (`Method.default_strategy`: alchemy's two-stage generation for alchemy, plain
     # sampling for the others), resolved when the params are validated
     strategy: Literal[("auto",) + STRATEGY_NAMES] = "auto"  # type: ignore[valid-type]
@@ -245,6 +249,10 @@ class InferCfg(StrictModel):
     prompt_invariant: PromptInvariantCfg = PromptInvariantCfg()
     prompt_varying: PromptVaryingCfg = PromptVaryingCfg()
     dreambench: DreamBenchCfg = DreamBenchCfg()
+    world: WorldPromptsCfg = WorldPromptsCfg()
+    # also draw every prompt with the base model, the identifier removed, same seed (infer/baseline/): the
+    # report shows them side by side and evaluate scores them, so a run shows what personalization changed
+    baseline: bool = False
     reference_guided: ReferenceGuidedCfg = ReferenceGuidedCfg()
     dreamblend: DreamBlendCfg = DreamBlendCfg()
     alchemy: AlchemyInferCfg = AlchemyInferCfg()

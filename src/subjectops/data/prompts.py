@@ -30,13 +30,14 @@ from subjectops.digest import digest_json
 if TYPE_CHECKING:  # pragma: no cover
     from subjectops.config import Params
 
-PROMPT_SET_NAMES = ("prompt-invariant", "prompt-varying", "dreambench")
+PROMPT_SET_NAMES = ("prompt-invariant", "prompt-varying", "dreambench", "world")
 
 # Bump a version whenever the prompts a set produces for the same config change.
 VERSIONS = {
     "prompt-invariant": "1",
     "prompt-varying": "hypnos-fig4-reconstructed.1",
     "dreambench": "dreambooth-25.1",
+    "world": "dreambooth-contexts-8.1",
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,6 +319,23 @@ def dreambench(images_per_prompt: int, identifier: str, class_word: str, seed: i
     )
 
 
+def world_contexts(images_per_prompt: int, identifier: str, class_word: str, seed: int = 0) -> PromptSet:
+    """DreamBench's object prompts that the miniature world can draw: its first eight contexts (world/vocab.py
+    SCENES, word for word), `images_per_prompt` images each; the world judge scores whether each image shows
+    its context."""
+    from subjectops.world.vocab import SCENES
+
+    _check_words(identifier, class_word)
+    items = []
+    for p, scene in enumerate(SCENES):
+        prompt = f"a {identifier} {class_word} {scene}"
+        for j in range(images_per_prompt):
+            items.append(PromptItem(prompt, seed + p * images_per_prompt + j, {"template_index": p}))
+    return PromptSet("world", VERSIONS["world"], items,
+                     {"images_per_prompt": images_per_prompt, "identifier": identifier, "class_word": class_word,
+                      "base_seed": seed, "source": "DreamBench object prompts 1-8 (dreambench_prompts.json)"})
+
+
 def build_prompt_sets(params: "Params", identifier: str, class_word: str) -> list[PromptSet]:
     """The sets named in ``params.infer.prompt_sets``, in that order (called by the infer stage)."""
     cfg = params.infer
@@ -338,6 +356,8 @@ def build_prompt_sets(params: "Params", identifier: str, class_word: str) -> lis
             c = cfg.dreambench
             out.append(dreambench(c.images_per_prompt, identifier, class_word, seed=cfg.seed,
                                   subject_type=c.subject_type))
+        elif name == "world":
+            out.append(world_contexts(cfg.world.images_per_prompt, identifier, class_word, seed=cfg.seed))
         else:  # pragma: no cover - pydantic restricts the names
             raise ConfigError(f"unknown prompt set {name!r}", fix=f"use one of {list(PROMPT_SET_NAMES)}")
     return out

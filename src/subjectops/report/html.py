@@ -27,6 +27,12 @@ RANDOM_WARNING = (
     "They only show that the pipeline runs."
 )
 
+WORLD_NOTE = (
+    "These numbers measure the miniature world, not real photos: the images come from a model pretrained on "
+    "subjectops' procedural world and were scored with encoders trained on that world ({roles}). They compare "
+    "runs in the world with each other, never with numbers from real encoders."
+)
+
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("subjectops.report", "templates"), autoescape=True,
                           trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 
@@ -161,7 +167,9 @@ def render_report(
     of a sweep (points, front, chosen, rule, the plot's uri) when the report is a sweep's."""
     backbones = metrics["backbones"]
     random_roles = [role for role, info in backbones.items() if not info["pretrained"]]
+    world_roles = [role for role, info in backbones.items() if info.get("provenance") == "world-pretrained"]
     page = _ENV.get_template("report.html.j2").render(
+        world_note=WORLD_NOTE.format(roles=", ".join(world_roles)) if world_roles and not random_roles else None,
         title=f"subjectops evaluation: {subject.get('name', 'subject')} ({subject.get('class_word', '')})",
         subject_name=subject.get("name", "the subject"),
         random_roles=random_roles,

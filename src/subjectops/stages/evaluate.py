@@ -99,6 +99,10 @@ def metrics_document(sets: list[PromptSet], samples: list[dict], records: list[M
     return {
         "schema": 1,
         "random_backbones": bool(random_roles),
+        # pretrained | world-pretrained | random: what the numbers measure; never compared across kinds
+        "provenance": "random" if random_roles else (
+            "world-pretrained" if any(i.get("provenance") == "world-pretrained" for i in backbones.values())
+            else "pretrained"),
         "warning": RANDOM_WARNING.format(roles=", ".join(random_roles)) if random_roles else None,
         "backbones": backbones,
         "fid_features": fid_features,
@@ -114,6 +118,27 @@ def metrics_document(sets: list[PromptSet], samples: list[dict], records: list[M
         "summary": {f"{r.prompt_set}/{DISPLAY[r.metric]}": r.to_dict()["mean"] for r in records},
         "per_image": per_image,
     }
+
+
+BASELINE = "@base"  # suffix of the prompt set that holds a set's base-model images (infer.baseline)
+
+
+def baseline_samples(samples: list[dict]) -> list[dict]:
+    """infer.baseline's images as samples of their own prompt set (`<set>@base`): the base model, class word only."""
+    return [dict(s, prompt_set=s["prompt_set"] + BASELINE, path=s["baseline"]["path"], prompt=s["baseline"]["prompt"],
+                 identifier="") for s in samples if isinstance(s.get("baseline"), dict)]
+
+
+def baseline_sets(sets: list[PromptSet], samples: list[dict]) -> list[PromptSet]:
+    from subjectops.data.prompts import PromptItem, PromptSet
+
+    out = []
+    for pset in sets:
+        rows = [s for s in samples if s["prompt_set"] == pset.name and isinstance(s.get("baseline"), dict)]
+        if rows and len(rows) == len(pset.items):
+            out.append(PromptSet(pset.name + BASELINE, pset.version, [PromptItem(s["baseline"]["prompt"], s["seed"])
+                                                                      for s in rows], {"baseline_of": pset.name}))
+    return out
 
 
 def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep_dir: Path | None = None) -> Path:
@@ -133,7 +158,10 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
         generated_by = None
     evaluator = Evaluator(params, generated_by=generated_by)  # loads the encoders: a missing one fails here
     references = evaluator.references(refs, [refine_dir / p for p in subject.get("masks", [])])
+    references.class_word = subject.get("class_word", "")
+    references.palette = (subject.get("world") or {}).get("palette")  # a world subject's decal: its ground truth
 
+    sets, samples = sets + baseline_sets(sets, samples), samples + baseline_samples(samples)
     records = []
     for pset in sets:
         rows = [s for s in samples if s["prompt_set"] == pset.name]

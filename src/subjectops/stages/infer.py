@@ -54,11 +54,35 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
                     sample["details"] = facts
                 samples.append(sample)
                 progress.advance(task)
+        if params.infer.baseline:
+            draw_baseline(params, subject.resolution, samples, work, progress)
         (work / "samples.json").write_text(json.dumps(samples, indent=2))
         (work / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json(sets), indent=2))
         write_manifest(work, "infer", params, {"refine": refine_dir, "finetune": finetune_dir},
                        method=info["method"], inference=spec.model_dump(mode="json"))
     return Path(out)
+
+
+def draw_baseline(params: Params, resolution: int, samples: list[dict], work: Path, progress) -> None:
+    """The base model on every prompt with the identifier removed ("a cup in the snow"), each sample's seed and
+    plain sampling with infer's scheduler, steps and guidance: what the class word alone gives, beside the subject."""
+    from subjectops.data.prompts import strip_identifier
+    from subjectops.inference import get_strategy
+    from subjectops.inference.plain import sample
+    from subjectops.models.loading import load_pipeline
+    from subjectops.models.sampling import use_scheduler
+
+    spec = get_strategy("plain").spec_for(params.infer, resolution)
+    pipe = load_pipeline(params.model)
+    use_scheduler(pipe, spec.scheduler)
+    task = progress.add_task("infer: base model, class word", total=len(samples))
+    for s in samples:
+        rel = Path("baseline") / Path(s["path"]).relative_to("images")
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        prompt = strip_identifier(s["prompt"], s["identifier"])
+        sample(pipe, prompt, s["seed"], spec).save(work / rel)
+        s["baseline"] = {"path": rel.as_posix(), "prompt": prompt}
+        progress.advance(task)
 
 
 def record(out_dir: Path, rec, grids: Path) -> None:

@@ -58,6 +58,9 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
             "conversions": subject.conversions,
             "warnings": subject.warnings,
         }
+        world_truth = _world_truth(Path(subject_dir), subject.sources, work, masks)
+        if world_truth:
+            info["world"] = world_truth
         (work / "subject.json").write_text(json.dumps(info, indent=2))
         prompts = {
             "instance": f"a photo of {params.subject.token} {class_word}",
@@ -67,6 +70,30 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
         write_manifest(work, "refine", params, {"subject": Path(subject_dir)}, subject=info["name"],
                        conversions=subject.conversions)
     return Path(out)
+
+
+def _world_truth(subject_dir: Path, sources: list[dict], work: Path, masks: list[str]) -> dict | None:
+    """A world subject's ground truth (its decal, for evaluate's decal match) and how well the mask backend
+    found the object: IoU of each mask against the world's true mask."""
+    import numpy as np
+    from PIL import Image
+
+    from subjectops.world.subjects import mask_iou, truth_beside
+
+    truth = truth_beside(subject_dir)
+    if truth is None:
+        return None
+    ious = []
+    for source, rel in zip(sources, masks):
+        true_path = truth["masks"].get(source["file"])
+        if true_path is None or not true_path.is_file():
+            return None  # a photo that is not the world's: no ground truth for this folder
+        predicted = Image.open(work / rel).convert("L")
+        true = Image.open(true_path).convert("L").resize(predicted.size, Image.NEAREST)
+        ious.append(round(mask_iou(np.asarray(predicted) > 127, np.asarray(true) > 127), 4))
+    return {"name": truth["name"], "seed": truth["seed"], "class_word": truth["class_word"],
+            "palette": truth["palette"], "layout": truth["layout"], "mask_iou": ious,
+            "mask_iou_mean": round(float(np.mean(ious)), 4)}
 
 
 def record(out_dir: Path, rec, grids: Path) -> None:

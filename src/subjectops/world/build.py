@@ -70,6 +70,21 @@ class BuildConfig:
     sample_every: int = 1000
     workers: int = 2
 
+    def set(self, item: str) -> None:
+        """`key=value` for one setting, typed as the setting is."""
+        from subjectops.config import ConfigError
+
+        key, _, value = item.partition("=")
+        if key not in self.__dataclass_fields__ or not value:
+            raise ConfigError(f"world build setting {item!r} is not KEY=VALUE with a known key",
+                              fix=f"use one of {', '.join(self.__dataclass_fields__)}")
+        kind = type(getattr(self, key))
+        try:
+            setattr(self, key, kind(value))
+        except ValueError:
+            raise ConfigError(f"world build setting {key}={value!r} is not a {kind.__name__}",
+                              fix=f"give {key} a {kind.__name__}") from None
+
     @classmethod
     def smoke(cls) -> "BuildConfig":
         """A few steps of every part (the test of the build)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
@@ -37,6 +38,8 @@ def build(
     smoke: bool = typer.Option(False, "--smoke", help="a few steps of every part (tests)"),
     seed: int = typer.Option(0, "--seed", help="the build's seed"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0 = all cores)"),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help="a build setting, e.g. --set unet_steps=8000 "
+                                                  "(see world/build.py BuildConfig)"),
 ) -> None:
     """Train the world's models from scratch (about an hour on 2 CPU cores; --smoke: a minute)."""
     import torch
@@ -47,6 +50,8 @@ def build(
         torch.set_num_threads(threads)
     cfg = BuildConfig.smoke() if smoke else BuildConfig()
     cfg.seed = seed
+    for item in overrides or []:
+        cfg.set(item)
     b = Build(work, cfg, log=lambda line: print(line, flush=True))
     b.run()
     ship(b, out, "subjectops " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

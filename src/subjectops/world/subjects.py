@@ -126,3 +126,24 @@ def write_subject(seed: int, out: Path, num_photos: int = NUM_PHOTOS, num_heldou
 
 def read_subject(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "subject.json").read_text())
+
+
+def truth_beside(photos_dir: Path) -> dict[str, Any] | None:
+    """A world subject's ground truth when `photos_dir` is the photos/ or heldout/ folder `write_subject` wrote
+    (its subject.json beside it); None for any other subject folder."""
+    photos_dir = Path(photos_dir)
+    path = photos_dir.parent / "subject.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("world_subject") != 1 or photos_dir.name not in ("photos", "heldout"):
+        return None
+    masks = {Path(e["file"]).name: photos_dir.parent / e["mask"] for e in record.get(photos_dir.name, [])}
+    return {"name": record["name"], "seed": record["seed"], "class_word": record["class_word"],
+            "palette": record["decal"]["palette"], "layout": record["decal"]["layout"], "masks": masks}
+
+
+def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    union = np.logical_or(predicted, truth).sum()
+    return float(np.logical_and(predicted, truth).sum() / union) if union else 1.0

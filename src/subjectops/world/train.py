@@ -59,7 +59,7 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, seed: 
         loss.backward()
         opt.step()
         sched.step()
-        progress(step, float(loss))
+        progress(step, loss.item())
     vae.eval()
 
 
@@ -93,7 +93,7 @@ def train_clip(model, images: np.ndarray, token_ids: Tensor, caption_index: np.n
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        progress(step, float(out.loss))
+        progress(step, out.loss.item())
     model.eval()
 
 
@@ -120,7 +120,7 @@ def train_judge(judge, images: np.ndarray, labels: np.ndarray, masks: np.ndarray
         loss.backward()
         opt.step()
         sched.step()
-        progress(step, float(loss))
+        progress(step, loss.item())
     judge.eval()
 
 
@@ -163,7 +163,7 @@ def train_instance_encoder(vit, head, views: np.ndarray, steps: int, batch: int,
         loss.backward()
         opt.step()
         sched.step()
-        progress(step, float(loss))
+        progress(step, loss.item())
     vit.eval()
 
 
@@ -225,7 +225,7 @@ def train_unet(unet, scheduler, latents: tuple[Tensor, Tensor], scaling: float, 
         opt.step()
         sched.step()
         ema.update(unet, step)
-        progress(step, float(loss))
+        progress(step, loss.item())
         if on_step:
             on_step(step + 1, opt)
     unet.eval()
