@@ -6,11 +6,12 @@ The trained weights ship in `weights/` (fp16 safetensors, with `manifest.json`: 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from subjectops.errors import ModelNotFoundError
 
-WEIGHTS = Path(__file__).parent / "weights"
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights"
 WORLD_MODELS = ("world-sd15", "world-sdxl")
 WORLD_ENCODERS = ("clip", "dino", "judge")
 PROVENANCE = "world-pretrained"
@@ -20,8 +21,14 @@ def is_world(name: str) -> bool:
     return name in WORLD_MODELS
 
 
+def weights_root() -> Path:
+    """The shipped weights, or a build of one's own (`subjectops world build --out DIR`) named by
+    SUBJECTOPS_WORLD_WEIGHTS."""
+    return Path(os.environ.get("SUBJECTOPS_WORLD_WEIGHTS") or SHIPPED_WEIGHTS)
+
+
 def _shipped(rel: str, what: str) -> Path:
-    path = WEIGHTS / rel
+    path = weights_root() / rel
     if not (path / ("model_index.json" if rel in WORLD_MODELS else "config.json")).exists():
         raise ModelNotFoundError(f"the world's {what} is not in {path}",
                                  fix="run `subjectops world build` (or `make world`), about an hour on 2 CPU cores")

@@ -10,10 +10,10 @@ from typing import List, Optional
 import typer
 
 from subjectops.cli_common import done, user_errors
+from subjectops.world import SHIPPED_WEIGHTS
 
 world_app = typer.Typer(no_args_is_help=True, help="The miniature world: subjects, and the build of its pretrained "
                                                    "world-sd15 / world-sdxl and metric encoders.")
-SHIPPED_DIR = Path(__file__).parent / "weights"
 
 
 @world_app.command("subject")
@@ -32,7 +32,7 @@ def subject(
 @world_app.command("build")
 @user_errors
 def build(
-    out: Path = typer.Option(SHIPPED_DIR, "--out", help="where the shipped models and manifest.json go"),
+    out: Path = typer.Option(SHIPPED_WEIGHTS, "--out", help="where the shipped models and manifest.json go"),
     work: Path = typer.Option(Path("cache/world-build"), "--work", help="data, checkpoints and finished parts "
                               "(a stopped build resumes from here)"),
     smoke: bool = typer.Option(False, "--smoke", help="a few steps of every part (tests)"),
