@@ -31,8 +31,8 @@ import torch
 
 from subjectops.digest import sha256_file
 from subjectops.world import nets, train
-from subjectops.world.sample import render_batch
-from subjectops.world.subjects import photograph, subject_spec
+from subjectops.world.checks import clip_retrieval, dino_auc, generated_accuracy, instance_views, judge_accuracy
+from subjectops.world.sample import full_caption, render_batch
 from subjectops.world.vocab import CLASSES, COLORS, PATTERNS, SCENES
 
 PARTS = ("data", "vae", "tokenizer", "clip-gen", "judge", "sd15", "clip", "dino", "sdxl")
@@ -142,8 +142,7 @@ class Build:
             np.save(out / f"{name}_masks.npy", b.masks)
             np.save(out / f"{name}_labels.npy", b.labels)
             (out / f"{name}_captions.json").write_text(json.dumps(b.captions))
-            full = [f"a photo of a {t.color} {t.pattern + ' ' if t.pattern != 'plain' else ''}{t.cls} {t.scene}"
-                    .replace("a orange", "an orange") for t in b.truths]
+            full = [full_caption(t).text() for t in b.truths]
             (out / f"{name}_full_captions.json").write_text(json.dumps(full))
         views = instance_views(DINO_TRAIN_SUBJECTS, cfg.dino_instances, cfg.dino_views)
         np.save(out / "instance_views.npy", views)
@@ -385,14 +384,8 @@ class Build:
         measured = {}
         for name in ("val", "heldout"):
             d = self.data(name)
-            caps = d["full_captions"][:n]
-            g = torch.Generator().manual_seed(0)
-            images = pipe(caps, num_inference_steps=25, guidance_scale=5.0, generator=g, output_type="np").images
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-            out = judge(x)
-            y = torch.from_numpy(d["labels"][:n])
-            for i, head in enumerate(("class", "color", "pattern", "scene")):
-                measured[f"{name}_{head}_accuracy"] = round(float((out[head].argmax(1) == y[:, i]).float().mean()), 3)
+            acc, images = generated_accuracy(pipe, judge, d["full_captions"][:n], d["labels"][:n])
+            measured.update({f"{name}_{k}": v for k, v in acc.items()})
             grid = (images[:32] * 255).round().astype(np.uint8)
             rows = [np.concatenate(list(grid[r * 8:(r + 1) * 8]), 1) for r in range(len(grid) // 8)]
             if rows:
@@ -406,11 +399,6 @@ class Build:
 
 
 # ---------------------------------------------------------------------------------------------------
-def instance_views(first_seed: int, count: int, views: int) -> np.ndarray:
-    return np.stack([np.stack([p.image for p in photograph(subject_spec(first_seed + i), views, stream=3)])
-                     for i in range(count)])
-
-
 def warm_start(unet, source: Path) -> int:
     """Copy every tensor of another UNet whose name and shape match (the rest keeps its initialisation)."""
     from safetensors.torch import load_file
@@ -443,62 +431,6 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = torch.tensor(v)
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-@torch.no_grad()
-def judge_accuracy(judge, d: dict[str, Any]) -> dict[str, float]:
-    out = judge(train.as_float(d["images"], np.arange(len(d["images"]))))
-    y = torch.from_numpy(d["labels"])
-    acc = {h: round(float((out[h].argmax(1) == y[:, i]).float().mean()), 4)
-           for i, h in enumerate(("class", "color", "pattern", "scene"))}
-    m = out["mask"] > 0
-    t = torch.from_numpy(d["masks"])
-    acc["mask_iou"] = round(float(((m & t).sum((1, 2)) / (m | t).sum((1, 2)).clamp_min(1)).mean()), 4)
-    return acc
-
-
-@torch.no_grad()
-def clip_retrieval(folder: Path, d: dict[str, Any], seed: int, candidates: int = 10) -> float:
-    """Share of images whose full caption scores highest among itself and 9 other images' captions."""
-    from subjectops.metrics.backbones import load_clip
-
-    clip = load_clip(str(folder), torch.device("cpu"))
-    images = train.as_float(d["images"], np.arange(len(d["images"])))
-    img = torch.nn.functional.normalize(clip.embed(images), dim=-1)
-    caps = d["full_captions"]
-    txt = torch.nn.functional.normalize(clip.embed_text(caps), dim=-1)
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for i in range(len(caps)):
-        others = [j for j in rng.permutation(len(caps)) if caps[j] != caps[i]][:candidates - 1]
-        scores = img[i] @ txt[[i, *others]].T
-        hits += int(scores.argmax() == 0)
-    return round(hits / len(caps), 4)
-
-
-@torch.no_grad()
-def dino_auc(folder: Path, first_seed: int, subjects: int, views: int = 4) -> float:
-    """ROC AUC of DINO-role cosine similarity: same-subject photo pairs against different-subject pairs,
-    on subjects the encoder never saw."""
-    from subjectops.metrics.backbones import load_dino
-
-    dino = load_dino(str(folder), torch.device("cpu"))
-    photos = instance_views(first_seed, subjects, views).reshape(subjects * views, 64, 64, 3)
-    emb = torch.nn.functional.normalize(dino.embed(train.as_float(photos, np.arange(len(photos)))), dim=-1)
-    sim = emb @ emb.T
-    owner = np.repeat(np.arange(subjects), views)
-    iu = np.triu_indices(len(owner), 1)
-    same = owner[iu[0]] == owner[iu[1]]
-    return round(roc_auc(sim.numpy()[iu], same), 4)
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Mann-Whitney U form of the ROC AUC (ties count half)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 # ---------------------------------------------------------------------------------------------------
