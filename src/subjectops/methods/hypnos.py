@@ -149,6 +149,13 @@ class HypnosMethod(DreamBoothMethod):
     def _uses_priors(self) -> bool:
         return self.cfg.prior_preservation and self.cfg.lambda_pp > 0
 
+    def _offline_preset(self) -> bool:
+        """A tiny or world base model: `efficientnet: auto` takes the tiny random network. The world has no
+        ImageNet-trained EfficientNet-B1, so on world-sd15 the perceptual term measures nothing (recorded)."""
+        from subjectops.models.loading import is_tiny, is_world
+
+        return is_tiny(self.params.model) or is_world(self.params.model)
+
     def requirements(self) -> set[str]:
         return super().requirements() | ({LATENT_DISCRIMINATOR} if self._uses_disc() else set())
 
@@ -159,9 +166,7 @@ class HypnosMethod(DreamBoothMethod):
         return self.cfg.augment
 
     def required_weights(self) -> list[WeightNeed]:
-        from subjectops.models.loading import is_tiny
-
-        if not self._uses_perceptual() or self.cfg.efficientnet == "tiny" or is_tiny(self.params.model):
+        if not self._uses_perceptual() or self.cfg.efficientnet == "tiny" or self._offline_preset():
             return []
         from subjectops.models.perceptual import _weight_file, how_to_provide
 
@@ -199,10 +204,9 @@ class HypnosMethod(DreamBoothMethod):
                                               betas=(self.params.finetune.adam_beta1, self.params.finetune.adam_beta2))
             self.disc_train = self.disc
         if self._uses_perceptual():
-            from subjectops.models.loading import is_tiny
             from subjectops.models.perceptual import PerceptualEncoder, load_efficientnet
 
-            net, info = load_efficientnet(cfg.efficientnet, tiny=is_tiny(self.params.model))
+            net, info = load_efficientnet(cfg.efficientnet, tiny=self._offline_preset())
             self.perceptual = PerceptualEncoder(net, cfg.perceptual_blocks, cfg.perceptual_block_weights, info).to(device)
 
     def phases(self) -> list[Phase]:
