@@ -98,6 +98,8 @@ def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any]
     a multi-stage strategy made it from, and how many there are."""
     out = []
     for pset in metrics["prompt_sets"]:
+        if pset.get("config", {}).get("baseline_of"):
+            continue  # a set's base-model images are shown beside it, prompt by prompt
         groups: "OrderedDict[str, list[dict]]" = OrderedDict()
         for s in samples:
             if s["prompt_set"] == pset["name"]:
@@ -105,7 +107,11 @@ def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any]
         out.append({"name": pset["name"], "prompts": [
             {"prompt": prompt, "total": len(items),
              "images": [{"seed": s["seed"], "uri": image_data_uri(Path(infer_dir) / s["path"])}
-                        for s in items[:MAX_PER_PROMPT]]}
+                        for s in items[:MAX_PER_PROMPT]],
+             "baseline": [{"seed": s["seed"], "uri": image_data_uri(Path(infer_dir) / s["baseline"]["path"])}
+                          for s in items[:MAX_PER_PROMPT] if isinstance(s.get("baseline"), dict)],
+             "baseline_prompt": next((s["baseline"]["prompt"] for s in items if isinstance(s.get("baseline"), dict)),
+                                     "")}
             for prompt, items in groups.items()]})
     return out
 
