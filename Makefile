@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install system-deps image-deps demo test test-images images bench scan clean
+.PHONY: install system-deps image-deps demo world test test-images images bench scan clean
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,11 @@ images:
 # 10-40 minutes (debootstrap, a torch install, a read-only run as uid 10001), so not part of `make test`.
 test-images: image-deps
 	scripts/test_images.sh
+
+# The miniature world's pretrained models, trained from scratch on this machine (about an hour on 2 cores; resumes
+# where it stopped). The shipped weights in src/subjectops/world/weights came from this command (their manifest.json).
+world: install
+	$(BIN)/subjectops world build
 
 # The demo shortens the paper schedules (800 steps, 100 class images, 50 samples) so it ends in minutes on a CPU.
 DEMO_SET := --set finetune.dreambooth.steps=200 --set priors.num_images=20 --set infer.prompt_invariant.num_images=12

@@ -12,6 +12,7 @@ UNets also checkpoint inside their loop):
   sd15       UNet of world-sd15 (CFG caption dropout, EMA), assembled into a diffusers pipeline
   sdxl       UNet of world-sdxl (SDXL's two encoders and added conditioning), warm-started from sd15's
              UNet where shapes match, assembled into a diffusers pipeline
+  checks     every model measured with the final judge and encoders (world/checks.py), for the manifest
 The shipped folder holds the pipelines and encoders in fp16 safetensors and `manifest.json` (SHA-256 of
 every file, the command, the seed, wall time and measurements per part).
 """
@@ -35,7 +36,7 @@ from subjectops.world.checks import clip_retrieval, dino_auc, generated_accuracy
 from subjectops.world.sample import full_caption, render_batch
 from subjectops.world.vocab import CLASSES, COLORS, PATTERNS, SCENES
 
-PARTS = ("data", "vae", "tokenizer", "clip-gen", "judge", "sd15", "clip", "dino", "sdxl")
+PARTS = ("data", "vae", "tokenizer", "clip-gen", "judge", "sd15", "clip", "dino", "sdxl", "checks")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DINO_MEAN = (0.485, 0.456, 0.406)
@@ -44,6 +45,7 @@ DINO_STD = (0.229, 0.224, 0.225)
 DINO_TRAIN_SUBJECTS = 1_000_000
 DINO_EVAL_SUBJECTS = 2_000_000
 VALIDATION_STREAM = 50_000_000
+JUDGE_STREAM = 60_000_000
 
 
 @dataclass
@@ -58,6 +60,7 @@ class BuildConfig:
     clip_batch: int = 128
     judge_steps: int = 600
     judge_batch: int = 64
+    n_judge: int = 16_000  # images of any combination (held-out ones included) for the judge
     dino_instances: int = 2000
     dino_views: int = 4
     dino_steps: int = 1000
@@ -88,7 +91,7 @@ class BuildConfig:
     @classmethod
     def smoke(cls) -> "BuildConfig":
         """A few steps of every part (the test of the build)."""
-        return cls(n_train=256, n_val=64, n_heldout=64, vae_steps=4, vae_batch=8, clip_steps=4, clip_batch=16,
+        return cls(n_train=256, n_val=64, n_heldout=64, n_judge=64, vae_steps=4, vae_batch=8, clip_steps=4, clip_batch=16,
                    judge_steps=4, judge_batch=16, dino_instances=16, dino_views=2, dino_steps=3, dino_batch=8,
                    unet_steps=6, unet_batch=4, sdxl_steps=4, checkpoint_every=3, sample_every=0, workers=1)
 
@@ -107,7 +110,8 @@ class Build:
         return (self.part_dir(part) / "done.json").exists()
 
     def finish(self, part: str, started: float, **measured: Any) -> None:
-        record = {"part": part, "wall_seconds": round(time.time() - started, 1), **measured}
+        record = {"part": part, "wall_seconds": round(time.time() - started, 1), "config": asdict(self.cfg),
+                  **measured}
         (self.part_dir(part) / "done.json").write_text(json.dumps(record, indent=1))
         self.log(f"[world build] {part}: done in {record['wall_seconds']} s {json.dumps(measured)}")
 
@@ -121,6 +125,11 @@ class Build:
                 self.log(f"[world build] {part} step {step + 1}/{total} loss {loss:.4f} "
                          f"({rate:.2f} steps/s, eta {eta / 60:.1f} min)")
         return report
+
+    def record_invocation(self, command: str) -> None:
+        with (self.work / "history.jsonl").open("a") as f:
+            f.write(json.dumps({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "config": asdict(self.cfg)}) + "\n")
 
     def run(self, parts: tuple[str, ...] = PARTS) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -240,8 +249,10 @@ class Build:
         torch.manual_seed(cfg.seed + 31)
         judge = WorldJudge()
         d = self.data("train")
-        train.train_judge(judge, d["images"], d["labels"], d["masks"], cfg.judge_steps, cfg.judge_batch, 2e-3,
-                          cfg.seed, self.progress("judge", cfg.judge_steps))
+        extra = render_batch(JUDGE_STREAM, cfg.n_judge, "any", workers=cfg.workers)
+        train.train_judge(judge, np.concatenate([d["images"], extra.images]),
+                          np.concatenate([d["labels"], extra.labels]), np.concatenate([d["masks"], extra.masks]),
+                          cfg.judge_steps, cfg.judge_batch, 2e-3, cfg.seed, self.progress("judge", cfg.judge_steps))
         judge.save(self.part_dir("judge") / "model")
         judge = WorldJudge.load(self.part_dir("judge") / "model")
         measured = {k: judge_accuracy(judge, self.data(k)) for k in ("val", "heldout")}
@@ -369,6 +380,24 @@ class Build:
     def build_sdxl(self) -> None:
         self._build_unet("sdxl", self.cfg.sdxl_steps)
 
+    def build_checks(self) -> None:
+        """The pipelines' generated accuracy (validation and held-out captions) with the final judge."""
+        from diffusers import DiffusionPipeline
+
+        from subjectops.world.judge import WorldJudge
+
+        t0, n = time.time(), 64 if self.cfg.sample_every else 8
+        judge = WorldJudge.load(self.part_dir("judge") / "model")
+        measured: dict[str, Any] = {"judge": {k: judge_accuracy(judge, self.data(k)) for k in ("val", "heldout")}}
+        for kind in ("sd15", "sdxl"):
+            pipe = DiffusionPipeline.from_pretrained(self.part_dir(kind) / "pipeline")
+            pipe.set_progress_bar_config(disable=True)
+            for name in ("val", "heldout"):
+                d = self.data(name)
+                measured[f"{kind}_{name}"], _ = generated_accuracy(pipe, judge, d["full_captions"][:n], d["labels"][:n],
+                                                                   steps=25 if self.cfg.sample_every else 2)
+        self.finish("checks", t0, **measured)
+
     @torch.no_grad()
     def sample_report(self, kind: str, pipe, ema, step: int, n: int = 32) -> dict[str, float]:
         """Samples of validation and held-out captions, scored by the judge; a grid saved to look at."""
@@ -455,8 +484,11 @@ def ship(build: Build, dest: Path, command: str) -> dict:
             save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f)
     files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     parts = {p: json.loads((build.part_dir(p) / "done.json").read_text()) for p in PARTS if build.done(p)}
+    history = build.work / "history.jsonl"
     manifest = {
         "command": command, "seed": build.cfg.seed, "config": asdict(build.cfg), "parts": parts,
+        # every invocation that built a part (a stopped build resumes with the settings of its new command)
+        "history": [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else [],
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
         "provenance": "world-pretrained", "files": files,
     }

@@ -53,6 +53,7 @@ def build(
     for item in overrides or []:
         cfg.set(item)
     b = Build(work, cfg, log=lambda line: print(line, flush=True))
+    b.record_invocation("subjectops " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     b.run()
     ship(b, out, "subjectops " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     done("world models", out)

@@ -91,6 +91,16 @@ def draw_example(seed: int) -> Example:
     return Example(image, mask, truth, random_caption(rng, truth))
 
 
+def draw_any(seed: int) -> Example:
+    """Any combination, held-out ones included: the judge's training images. The judge is the world's measuring
+    instrument, not the generator: like an ImageNet classifier it has seen every class in every setting, so
+    that it can score the generator on the combinations the generator never saw."""
+    rng = np.random.default_rng([seed, 3])
+    truth = Truth(_choice(rng, CLASSES), _choice(rng, list(COLORS)), _choice(rng, PATTERNS), _choice(rng, SCENES))
+    image, mask = draw_object(rng, truth)
+    return Example(image, mask, truth, full_caption(truth))
+
+
 def draw_heldout(seed: int) -> Example:
     """An image of a held-out combination (class x scene or color x class), fully captioned."""
     rng = np.random.default_rng([seed, 2])
@@ -120,7 +130,7 @@ class Batch:
 
 def _render_range(args: tuple[int, int, str]) -> Batch:
     start, count, kind = args
-    fn = draw_heldout if kind == "heldout" else draw_example
+    fn = {"heldout": draw_heldout, "any": draw_any, "train": draw_example}[kind]
     examples = [fn(s) for s in range(start, start + count)]
     return Batch(
         images=np.stack([e.image for e in examples]),
