@@ -219,6 +219,27 @@ def test_a_checkpoint_of_other_photos_is_refused_not_resumed(prepared, tiny_over
     assert checkpoint_steps(ckpts) == [2] and not out.exists()  # the first run's progress is kept, nothing published
 
 
+def test_a_class_s_first_run_resumes_when_its_priors_come_from_the_cache(prepared, tiny_overrides, tmp_path, capsys):
+    """Issue 23 item 2: the first run of a class generates its priors (priors.json: generated true); run again after
+    a kill, priors is a cache hit (generated false) with the same images, and the checkpoint must resume."""
+    params = with_overrides(tiny_overrides, "finetune.checkpoint_every=2")
+    out = tmp_path / "ft"
+
+    def crash_after_step_3(step, record):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    assert json.loads((prepared / "priors" / "priors.json").read_text())["generated"] is True
+    with pytest.raises(RuntimeError):
+        finetune(params, prepared / "refine", prepared / "priors", out, on_step=crash_after_step_3)
+    priors(params, prepared / "refine", prepared / "priors")  # the rerun's priors stage
+    assert json.loads((prepared / "priors" / "priors.json").read_text())["generated"] is False
+    capsys.readouterr()
+    finetune(params, prepared / "refine", prepared / "priors", out)
+    assert "resuming finetune from step 2" in capsys.readouterr().err
+    assert logged_steps(out) == list(range(1, 5))
+
+
 def checkpoint_steps(ckpt_dir):
     """The steps of the complete checkpoints (step_NNNNNN/ directories) in a checkpoint folder."""
     return sorted(int(d.name.split("_")[1]) for d in ckpt_dir.glob("step_*") if d.is_dir() and not d.name.endswith(".tmp"))

@@ -127,6 +127,13 @@ def _remove_entry(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def training_identity(priors_dir: Path) -> str:
+    """What finetune trains on from a priors output: its images' content. Not priors.json, which also says how they
+    were obtained (generated on a class's first run, a cache hit on the next): a checkpoint keyed on that was
+    refused as "other training data" when the run that made it was simply run again."""
+    return digest_json(file_hashes(Path(priors_dir) / "images"), short=False)
+
+
 def load_priors(priors_dir: Path | None) -> list:
     """The class images of a priors output as (3, H, W) tensors in [-1, 1]; none without a directory."""
     if priors_dir is None:
