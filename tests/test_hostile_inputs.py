@@ -189,3 +189,24 @@ def test_a_file_given_as_the_subject_folder(tmp_path):
     photo.write_bytes(b"not really")
     refused(["refine", photo, "--class", "teapot", "--model", "tiny-sd15", "--out", tmp_path / "refine"],
             f"{photo} is a file, not a folder")
+
+
+def test_a_full_disk_while_saving_names_the_folder_and_what_was_kept(example_subject, tmp_path):
+    """`ulimit -f` makes every write past the limit fail as a full disk does (EFBIG; ENOSPC is not reachable
+    without a small filesystem of our own)."""
+    import resource
+    import subprocess
+    import sys
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "refine"
+    result = subprocess.run([sys.executable, "-m", "subjectops.cli", "refine", str(example_subject), "--class", "teapot",
+                             "--set", "subject.resolution=64", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                            preexec_fn=small_files)
+    text = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in text, text
+    assert f"error: no room to write refine in {tmp_path}: File too large; kept: nothing of this attempt" in text
+    assert "fix: free space where" in text and not out.exists() and not (tmp_path / "refine.partial").exists()
+
