@@ -210,3 +210,14 @@ def test_a_full_disk_while_saving_names_the_folder_and_what_was_kept(example_sub
     assert f"error: no room to write refine in {tmp_path}: File too large; kept: nothing of this attempt" in text
     assert "fix: free space where" in text and not out.exists() and not (tmp_path / "refine.partial").exists()
 
+
+def test_weights_that_are_not_the_ones_finetune_wrote_are_not_loaded(tmp_path):
+    from subjectops.errors import SubjectopsError
+    from subjectops.methods import load_finetuned
+
+    finetune = write_stage(tmp_path / "run", "finetune", synthetic_params())
+    weights = finetune / "pytorch_lora_weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))  # same size, other values
+    with pytest.raises(SubjectopsError, match="pytorch_lora_weights.safetensors differs from the file finetune wrote"):
+        load_finetuned(None, finetune)  # refused before the pipeline is touched
