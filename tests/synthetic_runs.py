@@ -141,8 +141,15 @@ def write_stage(run: Path, stage: str, params: Params, metrics: dict | None = No
         _manifest(d, stage, params, inference=get_strategy(params.infer.strategy).spec_for(params.infer, 32).model_dump(mode="json"))
         return d
     elif stage == "evaluate":
-        (d / "metrics.json").write_text(json.dumps(metrics_json(**(metrics or {}))))
+        doc = metrics_json(**(metrics or {}))
+        (d / "metrics.json").write_text(json.dumps(doc))
         (d / "report.html").write_text("<html><body><h1>subjectops report</h1></body></html>")
+        # what evaluate records: the encoders it loaded, and evaluate.tiny=false when they were real ones (the
+        # images come from tiny-sd15, whose `auto` means tiny random encoders)
+        scored = validate_params({**params.model_dump(mode="json"), "evaluate": {
+            **params.evaluate.model_dump(mode="json"), "tiny": not all(b["pretrained"] for b in doc["backbones"].values())}})
+        _manifest(d, stage, scored, backbones=doc["backbones"])
+        return d
     _manifest(d, stage, params)
     return d
 

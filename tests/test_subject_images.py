@@ -3,6 +3,7 @@ and alpha images keep their tones (checked pixel by pixel, not by mode), each co
 manifest, and links out of the folder, oversized files and bombs are refused before any photo is decoded."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -151,9 +152,38 @@ def test_link_out_of_the_subject_folder_is_refused(tiny_params, folder, tmp_path
 
 def test_link_inside_the_subject_folder_is_read(tiny_params, folder):
     (folder / "99.png").symlink_to(folder / "00.png")
-    with pytest.warns(UserWarning, match="duplicate"):
-        pixels, _ = loaded(tiny_params, folder)
-    assert (pixels == noise(0)).all()
+    pixels, subject = loaded(tiny_params, folder)
+    assert (pixels == noise(0)).all() and "99.png is a duplicate of 00.png" in subject.warnings[0]
+
+
+def test_copies_of_one_photo_do_not_count_towards_the_minimum(tiny_params, folder, tmp_path):
+    """Issue 23 item 13: four identical photos passed the 3-photo minimum."""
+    for i in (1, 2, 99):
+        (folder / f"{i:02d}.png").unlink(missing_ok=True)
+        shutil.copy(folder / "00.png", folder / f"{i:02d}.png")
+    refuse(tiny_params, folder, tmp_path, "has 4 photos but only 1 different ones", "at least 3 different photos")
+
+
+def test_a_subfolder_is_refused_not_ignored(tiny_params, folder, tmp_path):
+    (folder / "more").mkdir()
+    Image.fromarray(noise(5)).save(folder / "more" / "05.png")
+    refuse(tiny_params, folder, tmp_path, "holds folders (more): photos inside them would not be read")
+
+
+def test_an_animated_webp_is_refused_not_cut_to_its_first_frame(tiny_params, folder, tmp_path):
+    frames = [Image.fromarray(noise(i)) for i in (7, 8)]
+    frames[0].save(folder / "99.webp", save_all=True, append_images=frames[1:], duration=100)
+    refuse(tiny_params, folder, tmp_path, "99.webp is animated (2 frames)")
+
+
+def test_a_file_as_subject_folder_is_named_a_file(tiny_params, folder, tmp_path):
+    refuse(tiny_params, folder / "00.png", tmp_path, "00.png is a file, not a folder")
+
+
+@pytest.mark.parametrize("word", ["café", "кот", "stuffed animal"])
+def test_class_words_of_any_script_are_letters(tiny_params, folder, tmp_path, word):
+    out = refine(tiny_params, folder, word, tmp_path / "refine")
+    assert json.loads((out / "subject.json").read_text())["class_word"] == word
 
 
 @pytest.fixture

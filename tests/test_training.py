@@ -219,6 +219,69 @@ def test_a_checkpoint_of_other_photos_is_refused_not_resumed(prepared, tiny_over
     assert checkpoint_steps(ckpts) == [2] and not out.exists()  # the first run's progress is kept, nothing published
 
 
+def test_a_class_s_first_run_resumes_when_its_priors_come_from_the_cache(prepared, tiny_overrides, tmp_path, capsys):
+    """Issue 23 item 2: the first run of a class generates its priors (priors.json: generated true); run again after
+    a kill, priors is a cache hit (generated false) with the same images, and the checkpoint must resume."""
+    params = with_overrides(tiny_overrides, "finetune.checkpoint_every=2")
+    out = tmp_path / "ft"
+
+    def crash_after_step_3(step, record):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    assert json.loads((prepared / "priors" / "priors.json").read_text())["generated"] is True
+    with pytest.raises(RuntimeError):
+        finetune(params, prepared / "refine", prepared / "priors", out, on_step=crash_after_step_3)
+    priors(params, prepared / "refine", prepared / "priors")  # the rerun's priors stage
+    assert json.loads((prepared / "priors" / "priors.json").read_text())["generated"] is False
+    capsys.readouterr()
+    finetune(params, prepared / "refine", prepared / "priors", out)
+    assert "resuming finetune from step 2" in capsys.readouterr().err
+    assert logged_steps(out) == list(range(1, 5))
+
+
+def test_a_tampered_checkpoint_is_refused_not_resumed(prepared, tiny_overrides, tmp_path):
+    """Issue 23 item 7: state.json with global_step=1000000000 was resumed ("resuming from step 1000000000"), and the
+    published finetune claimed every step while few were trained."""
+    from subjectops.errors import SubjectopsError
+
+    params = with_overrides(tiny_overrides, "finetune.checkpoint_every=2")
+    out = tmp_path / "ft"
+
+    def crash_after_step_3(step, record):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        finetune(params, prepared / "refine", prepared / "priors", out, on_step=crash_after_step_3)
+    state_file = partial_dir(out) / "checkpoints" / "step_000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "global_step": 1000000000}))
+    with pytest.raises(SubjectopsError) as err:
+        finetune(params, prepared / "refine", prepared / "priors", out)
+    assert "global_step 1000000000 is not a step of this training (1 to 4)" in err.value.message
+    assert "delete" in err.value.fix and not out.exists()
+
+
+@pytest.mark.parametrize("change, problem", [
+    (dict(global_step=True), "global_step True is not a step of this training (1 to 6)"),
+    (dict(global_step=4), "global_step 4 is not the step its folder is named after"),
+    (dict(phase=0), "its phase 0 is not phase 1 (unet), where step 3 falls"),
+    (dict(log=[{"step": 1}, {"step": 3}, {"step": 3}]), "its log does not hold steps 1 to 3 once each"),
+    (dict(tensors={}), "its tensors are not the 1 tensors this method trains"),
+    (dict(tensors={"w": torch.zeros(3)}), "1 of its tensors have another shape or dtype than the trained ones, e.g. w"),
+])
+def test_a_checkpoint_state_must_be_one_its_schedule_and_tensors_allow(tmp_path, change, problem):
+    from subjectops.training.contract import Phase
+    from subjectops.training.resume_check import state_problem
+
+    phases = [Phase("embedding", 2, 1e-3, list), Phase("unet", 4, 1e-5, list)]
+    live = {"w": torch.zeros(2, 2)}
+    state = {"global_step": 3, "phase": 1, "log": [{"step": s} for s in (1, 2, 3)], "tensors": {"w": torch.ones(2, 2)}}
+    assert state_problem(state, tmp_path / "step_000003", phases, live) is None
+    assert problem in state_problem({**state, **change}, tmp_path / "step_000003", phases, live)
+
+
 def checkpoint_steps(ckpt_dir):
     """The steps of the complete checkpoints (step_NNNNNN/ directories) in a checkpoint folder."""
     return sorted(int(d.name.split("_")[1]) for d in ckpt_dir.glob("step_*") if d.is_dir() and not d.name.endswith(".tmp"))

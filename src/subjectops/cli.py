@@ -216,7 +216,7 @@ def tokens_scan(model: Optional[str] = ModelOpt, force: bool = typer.Option(Fals
     params = build_params(params_path, sets, model)
     cfg = params.finetune.alchemy.token_scan
     candidates = None
-    if vocabulary:
+    if vocabulary != 0:
         candidates = rare_tokens.vocabulary_candidates(rare_tokens.tokenizer_vocabulary(params.model),
                                                        rare_tokens.read_dictionary(dictionary), vocabulary, cfg.seed)
     ranking = rare_tokens.scan(cfg, params.model, candidates, force,

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from subjectops.config_base import ClassPrompt, InstancePrompt, ModelCfg, StrictModel, template  # noqa: F401  (ModelCfg: a section of Params)
+from subjectops.config_base import ClassPrompt, InstancePrompt, ModelCfg, Seed, StrictModel, TrainSteps, template  # noqa: F401  (ModelCfg: a section of Params)
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
 from subjectops.methods import METHODS
@@ -60,12 +60,13 @@ class RefineCfg(StrictModel):
 
 
 class PriorsCfg(StrictModel):
-    num_images: int = Field(100, ge=0)
+    # only generated when the method trains with class priors, which then needs at least one
+    num_images: int = Field(100, ge=1)
     prompt: ClassPrompt = "a photo of a {class_word}"
     steps: int = Field(25, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
     scheduler: Literal["dpmsolver++", "ddim", "pndm", "euler"] = "dpmsolver++"
-    seed: int = 0
+    seed: Seed = 0
     batch_size: int = Field(8, ge=1)
     cache_dir: str = "cache/priors"
 
@@ -77,7 +78,7 @@ class TrainingCfg(StrictModel):
     """What every method's training shares; `FinetuneCfg` adds one section per registered method."""
 
     method: Literal[METHOD_NAMES] = "dreambooth"  # type: ignore[valid-type]
-    seed: int = 42
+    seed: Seed = 42
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -144,7 +145,7 @@ class PromptVaryingCfg(StrictModel):
     # Hypnos sec. 3.5 / fig. 4: image type, background-or-composition clause, style chosen by image type
     template: VaryingPrompt = "a {image_type} of {token} {class_word}, {background}, {style}"
     num_images: int = Field(50, ge=1)
-    sampler_seed: int = 0
+    sampler_seed: Seed = 0
 
 
 # DreamBlend (seed 003) supplement sec. 5: edit snapshot -> (classifier-free guidance scale, cross-attention guidance alpha).
@@ -238,14 +239,15 @@ class ReplaceCfg(StrictModel):
 class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
-    prompt_sets: list[Literal["prompt-invariant", "prompt-varying", "dreambench", "world"]] = ["prompt-invariant"]
+    prompt_sets: list[Literal["prompt-invariant", "prompt-varying", "dreambench", "world"]] = Field(
+        ["prompt-invariant"], min_length=1)
     # auto: the method's own strategy (`Method.default_strategy`: alchemy's two-stage generation for alchemy, plain
     # sampling for the others), resolved when the params are validated
     strategy: Literal[("auto",) + STRATEGY_NAMES] = "auto"  # type: ignore[valid-type]
     scheduler: Literal["ddim", "pndm", "euler"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
-    seed: int = 0
+    seed: Seed = 0
     prompt_invariant: PromptInvariantCfg = PromptInvariantCfg()
     prompt_varying: PromptVaryingCfg = PromptVaryingCfg()
     dreambench: DreamBenchCfg = DreamBenchCfg()
@@ -328,7 +330,7 @@ class EvaluateCfg(StrictModel):
     # world's encoders when it is world-sd15 / world-sdxl; true: always tiny; false: never
     tiny: Literal["auto", True, False] = "auto"
     backbones: EvaluateBackbonesCfg = EvaluateBackbonesCfg()
-    metrics: list[Literal[METRIC_NAMES]] = list(METRIC_NAMES)  # type: ignore[valid-type]
+    metrics: list[Literal[METRIC_NAMES]] = Field(list(METRIC_NAMES), min_length=1)  # type: ignore[valid-type]
     # Features FID's Frechet distance is taken on: auto = Inception when its weights are present, else DINO
     # (and the world judge's pooled features on the world's models: the world's Inception)
     fid_features: Literal["auto", "inception", "dino", "clip", "judge"] = "auto"
@@ -378,10 +380,10 @@ class LatentDiscCfg(StrictModel):
 
 
 class PretrainDiscCfg(StrictModel):
-    steps: int = Field(600, ge=1)  # app. B.2
+    steps: TrainSteps = 600  # app. B.2
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(16, ge=1)
-    seed: int = 42  # app. B: all seeds 42
+    seed: Seed = 42  # app. B: all seeds 42
     weight_decay: float = Field(0.01, ge=0)
     heldout_class_fraction: float = Field(0.2, ge=0, lt=1)  # class images kept out of training, for the accuracy
     eval_samples: int = Field(256, ge=0)  # held-out draws (other seed) scored after training
@@ -407,6 +409,22 @@ class Params(StrictModel):
     def _method_strategy(self):
         if self.infer.strategy == "auto":
             self.infer.strategy = METHODS[self.finetune.method].default_strategy
+        return self
+
+    @model_validator(mode="after")
+    def _fid_has_two_images(self):
+        # FID fits a Gaussian to each side: with one image it fails in evaluate, after training and inference
+        if "fid" not in self.evaluate.metrics:
+            return self
+        sizes = {"infer.prompt_invariant.num_images": ("prompt-invariant", self.infer.prompt_invariant.num_images),
+                 "infer.prompt_varying.num_images": ("prompt-varying", self.infer.prompt_varying.num_images)}
+        for key, (prompt_set, n) in sizes.items():
+            if prompt_set in self.infer.prompt_sets and n < 2:
+                raise ValueError(f"{key} is {n}, but FID (in evaluate.metrics) needs at least 2 generated images; "
+                                 f"set it to 2 or more, or drop fid from evaluate.metrics")
+        if self.subject.min_images < 2:
+            raise ValueError(f"subject.min_images is {self.subject.min_images}, but FID (in evaluate.metrics) needs "
+                             "at least 2 reference photos; set it to 2 or more, or drop fid from evaluate.metrics")
         return self
 
     def digest(self, sections: tuple[str, ...] | None = None) -> str:
@@ -459,6 +477,8 @@ class BoundedLoader(yaml.SafeLoader):
         if alias:
             raise ConfigError(f"{self.source}: a YAML alias refers to the node that contains it (an endless document)",
                               fix="remove the recursive alias")
+        if isinstance(node, yaml.MappingNode):
+            self._refuse_duplicate_keys(node)
         if isinstance(node, yaml.ScalarNode):
             size = 1 + len(node.value)
         else:
@@ -469,6 +489,19 @@ class BoundedLoader(yaml.SafeLoader):
                               "and nodes (an alias bomb?)", fix="write the values out instead of nesting aliases")
         self.sizes[id(node)] = size
         return node
+
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        # PyYAML keeps the last of two equal keys: the first value, which the user may be looking at, is ignored
+        first_line: dict[str, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key.start_mark.line + 1
+            if key.value in first_line:
+                raise ConfigError(f"{self.source}: key {key.value!r} appears twice in one section (lines "
+                                  f"{first_line[key.value]} and {line}); only the last would count",
+                                  fix="keep one of the two and delete the other")
+            first_line[key.value] = line
 
 
 def _plain(value: Any, where: str, source: str) -> Any:
@@ -500,7 +533,10 @@ def parse_yaml(text: str, source: str) -> Any:
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}",
+        # the problem and where, never PyYAML's quote of the line: --params may point at a file nobody should see
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source} is not valid YAML: {getattr(exc, 'problem', None) or type(exc).__name__}{where}",
                           fix="correct the YAML; quote a value that holds ': ', '{' or ' #'") from None
 
 
@@ -551,7 +587,12 @@ def load_params(path: Path | str | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path} cannot be read as text ({exc})", fix="pass --params PATH to a params.yaml") from None
         data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, found {type(data).__name__}")
+            raise ConfigError(f"{path} must hold a mapping of sections, found {type(data).__name__}",
+                              fix="pass --params PATH to a params.yaml")
+        if not set(data) & set(Params.model_fields):
+            # its keys are not shown: they are the content of a file that is not ours (--params /etc/shadow)
+            raise ConfigError(f"{path} is not a params file: none of its {len(data)} top-level keys is a section "
+                              f"({', '.join(Params.model_fields)})", fix="pass --params PATH to a params.yaml")
     elif path != DEFAULT_PARAMS:
         raise ConfigError(f"params file {path} does not exist", fix="pass --params PATH to an existing file")
     data = apply_overrides(data, overrides or [])

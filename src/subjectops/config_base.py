@@ -3,15 +3,34 @@ loading reads. It imports nothing of the project, so method modules and model lo
 `subjectops.config` (which reads the method registry)."""
 
 import string
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+# Seeds reach torch, numpy and Python's random: numpy takes at most 2**32 - 1 (a seed of 1e20 failed in torch after
+# refine and priors had run).
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# Training steps: beyond this a run would not end on any machine (ten million steps of the smallest UNet here take
+# days), and `steps: 1e23` is a typo, not a plan.
+MAX_STEPS = 10_000_000
+TrainSteps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 
 
 class StrictModel(BaseModel):
-    """A params.yaml section: unknown keys are errors, and assignments are validated too."""
+    """A params.yaml section: unknown keys are errors, and assignments are validated too. Numbers are finite
+    (`lr: .inf` trained to NaN), and YAML's true/false are not numbers (`steps: true` trained one step)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            annotation = cls.model_fields[info.field_name].annotation
+            types = get_args(annotation) or (annotation,)
+            if bool not in types and (int in types or float in types):
+                raise ValueError(f"{str(value).lower()} is not a number; write the number itself")
+        return value
 
 
 def check_template(text: str, fields: tuple[str, ...]) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -32,3 +34,22 @@ def require_writable(directory: Path, what: str) -> None:
     where = "" if existing == directory else f" (in {existing})"
     raise SubjectopsError(f"{what} {directory} is not writable: {reason}{where}",
                           fix=f"choose a writable location for {what}, or make {existing} writable")
+
+
+# No space, a file past `ulimit -f` (Python ignores SIGXFSZ, so the write fails), a quota; safetensors reports the
+# same errors as text ("... (os error 28)").
+OUT_OF_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+OUT_OF_SPACE_TEXT = re.compile(r"os error (%s)\b" % "|".join(str(e) for e in OUT_OF_SPACE))
+
+
+def out_of_space(exc: BaseException, out: Path, work: Path, work_kept: bool) -> SubjectopsError | None:
+    """The error to show when `exc` is a write that found no room, naming the folder and what is kept; else None."""
+    if not (isinstance(exc, OSError) and exc.errno in OUT_OF_SPACE) and not OUT_OF_SPACE_TEXT.search(str(exc)):
+        return None
+    kept = [f"the earlier complete {out}" if out.exists() else None,
+            f"the work so far in {work} (the next attempt resumes from it)" if work_kept and work.exists() else None]
+    kept_text = " and ".join(k for k in kept if k) or "nothing of this attempt (its partial output was removed)"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    return SubjectopsError(f"no room to write {out.name} in {out.parent}: {reason}; kept: {kept_text}",
+                           fix=f"free space where {out.parent} lives (`df -h {out.parent}`), raise the file size limit "
+                               "(`ulimit -f`), or pass --out on another disk; then run the same command again")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from pydantic import Field
 
-from subjectops.config_base import StrictModel, template
+from subjectops.config_base import Seed, StrictModel, template
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
 
@@ -48,7 +48,7 @@ class TokenScanCfg(StrictModel):
     candidates: list[str] = Field(default_factory=lambda: list(PAPER_TOKENS), min_length=1)
     reference_tokens: list[str] = ["sks"]
     images_per_token: int = Field(4, ge=2)  # K: the mean is over K(K-1)/2 pairs
-    seed: int = 0
+    seed: Seed = 0
     prompt: ScanPrompt = "a photo of {token}"
     steps: int = Field(25, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
@@ -115,6 +115,9 @@ def vocabulary_candidates(vocab: dict[str, int], dictionary: set[str], limit: in
     them drawn with `seed` (CLIP's BPE marks a word's end with `</w>`)."""
     import random
 
+    if limit < 1:
+        raise SubjectopsError(f"--vocabulary {limit} asks for no words to scan",
+                              fix="pass --vocabulary N with N >= 1 (words drawn from the vocabulary), or leave it out")
     words = sorted({m.group(1) for key in vocab if (m := re.fullmatch(r"([a-z]{4,5})</w>", key))} - dictionary)
     return sorted(random.Random(seed).sample(words, min(limit, len(words))))
 

@@ -26,7 +26,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # Kept with the photos (a dataset's own description and licence), never read as images.
 DOCUMENTS = ("README.md", "LICENSE")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-CLASS_WORD = re.compile(r"^[A-Za-z][A-Za-z \-']{0,63}$")
+# Letters of any script (`café`, `кот`): [^\W\d_] is a Unicode letter.
+CLASS_WORD = re.compile(r"^[^\W\d_](?:[^\W\d_]|[ \-']){0,63}$")
 
 
 @dataclass
@@ -69,6 +70,10 @@ def subject_files(subject_dir: Path) -> list[Path]:
         if not real.is_relative_to(root):
             raise SubjectError(f"{entry} is a link to {real}, outside the subject folder {subject_dir}",
                                fix="copy the photo into the subject folder instead of linking to it")
+    folders = [f.name for f in entries if f.is_dir()]
+    if folders:
+        raise SubjectError(f"{subject_dir} holds folders ({', '.join(folders)}): photos inside them would not be read",
+                           fix="move the photos of the subject into the folder itself and remove the subfolders")
     files = [f for f in entries if f.is_file()]
     others = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES and f.name not in DOCUMENTS]
     if others:
@@ -128,6 +133,11 @@ def _decode(path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             img.load()
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            # Pillow hands over the first frame only: a silent choice of which view trains
+            raise SubjectError(f"{path} is animated ({frames} frames); subjectops would use its first frame only",
+                               fix="export the frame that shows the subject as a still JPEG or PNG")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise _unreadable(path, exc) from None
@@ -187,7 +197,8 @@ def fit(img: Image.Image, resolution: int, mode: str) -> Image.Image:
 def load_subject(subject_dir: Path, cfg: SubjectCfg, resolution: int) -> LoadedSubject:
     subject_dir = Path(subject_dir)
     if not subject_dir.is_dir():
-        raise SubjectError(f"subject directory {subject_dir} does not exist", fix="pass a folder of 3-20 photos")
+        problem = "is a file, not a folder" if subject_dir.exists() else "does not exist"
+        raise SubjectError(f"subject directory {subject_dir} {problem}", fix="pass a folder of 3-20 photos")
     name = check_subject_name(subject_dir.resolve().name)
     paths = [f for f in subject_files(subject_dir) if f.suffix.lower() in IMAGE_SUFFIXES]
     if len(paths) < cfg.min_images:
@@ -214,13 +225,15 @@ def load_subject(subject_dir: Path, cfg: SubjectCfg, resolution: int) -> LoadedS
             )
         digest = sha256_bytes(img.tobytes())
         if digest in seen:
-            note = f"{path.name} is a duplicate of {seen[digest]}: it adds nothing and weighs that view twice"
-            warnings.warn(note)
-            notes.append(note)
+            notes.append(f"{path.name} is a duplicate of {seen[digest]}: it adds nothing and weighs that view twice")
         seen.setdefault(digest, path.name)
         originals.append(img)
         images.append(fit(img, resolution, cfg.fit))
         sources.append({"file": path.name, "sha256": sha256_file(path)})
+    if len(seen) < cfg.min_images:
+        raise SubjectError(f"{subject_dir} has {len(paths)} photos but only {len(seen)} different ones "
+                           f"({'; '.join(notes)}); at least {cfg.min_images} different photos are needed",
+                           fix=f"replace the duplicates with other photos of the subject ({cfg.min_images}-{cfg.max_images} in all)")
     return LoadedSubject(name, images, originals, sources, notes, conversions)
 
 

@@ -42,12 +42,33 @@ def load_finetuned(pipe, finetune_dir: Path) -> dict:
         raise SubjectopsError(f"{finetune_dir} is not a finetune output (no method.json)",
                               fix="run `subjectops finetune` first, or pass the right --finetune directory")
     info = json.loads(info_path.read_text())
+    check_weights_recorded(finetune_dir)
     try:
         get_method(info["method"]).apply(pipe, finetune_dir, info)
     except (OSError, ValueError) as exc:  # diffusers and transformers report missing weight files so
         raise SubjectopsError(f"cannot load the finetune output {finetune_dir}: {exc}",
                               fix="subjectops loads safetensors weights only; run `subjectops finetune` again") from None
     return info
+
+
+def check_weights_recorded(finetune_dir: Path) -> None:
+    """Every file finetune wrote (its manifest's outputs: the weights among them) is still the one it hashed: a
+    weight file swapped in a run folder would otherwise be loaded into every image infer makes and register ships."""
+    from subjectops.digest import sha256_file
+
+    manifest_path = finetune_dir / "manifest.json"
+    try:
+        outputs = json.loads(manifest_path.read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SubjectopsError(f"{manifest_path} is missing or unreadable: the weights in {finetune_dir} cannot be "
+                              "checked against what finetune wrote",
+                              fix="run `subjectops finetune` again for this run") from None
+    changed = sorted(name for name, digest in outputs.items()
+                     if not (finetune_dir / name).is_file() or sha256_file(finetune_dir / name) != digest)
+    if changed:
+        raise SubjectopsError(f"{finetune_dir / changed[0]} differs from the file finetune wrote (its hash is not the "
+                              f"one {manifest_path} records)" + (f", and {len(changed) - 1} more" if len(changed) > 1 else ""),
+                              fix="run `subjectops finetune` again for this run; never edit or replace its weights")
 
 
 SNAPSHOTS_DIR = "snapshots"

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
+from subjectops.config_base import TrainSteps
 from subjectops.data.rare_tokens import TOKEN, TokenScanCfg, best_token
 from subjectops.methods.lora import LoraCfg, LoraMethod
 
@@ -24,10 +25,10 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class AlchemyCfg(LoraCfg):
-    steps: int = Field(800, ge=1)
+    steps: TrainSteps = 800
     rank: int = Field(8, ge=1)
     alpha: Optional[float] = Field(None, gt=0)  # null: the rank (scale 1, app. A.4 eq. 5)
-    target_modules: list[Literal[ATTENTION_PROJECTIONS]] = list(ATTENTION_PROJECTIONS)  # type: ignore[valid-type]
+    target_modules: list[Literal[ATTENTION_PROJECTIONS]] = Field(list(ATTENTION_PROJECTIONS), min_length=1)  # type: ignore[valid-type]
     prior_preservation: Literal[False] = False  # sec. 3.2.1: overfit on purpose
     token: Optional[str] = Field(None, pattern=TOKEN)  # null: the best-ranked token of the model's cached scan
     token_scan: TokenScanCfg = TokenScanCfg()

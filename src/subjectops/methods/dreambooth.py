@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from subjectops.config_base import InstancePrompt, StrictModel
+from subjectops.config_base import InstancePrompt, StrictModel, TrainSteps
 from subjectops.methods.base import Batch, Method, Phase
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class PriorPreservationCfg(StrictModel):
     """The DreamBooth objective's settings, shared by full and LoRA fine-tuning."""
 
-    steps: int = Field(800, ge=1)
+    steps: TrainSteps = 800
     prior_preservation: bool = True
     prior_loss_weight: float = Field(1.0, ge=0)  # lambda
     instance_prompt: InstancePrompt = "a photo of {token} {class_word}"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from subjectops.config_base import InstancePrompt, StrictModel
+from subjectops.config_base import InstancePrompt, StrictModel, TrainSteps
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import Batch, Method, Phase
 
@@ -29,7 +29,7 @@ EMBEDS_FILE = "stepwise_embeds.safetensors"
 
 
 class HiFiTunerCfg(StrictModel):
-    steps: int = Field(1000, ge=1)  # sec. 4: c_s for 1000 steps
+    steps: TrainSteps = 1000  # sec. 4: c_s for 1000 steps
     lr: float = Field(5e-3, gt=0)  # sec. 4: Adam, lr 5e-3 (also for alg. 1)
     num_tokens: int = Field(5, ge=1, le=32)  # n (sec. 4: 5 tokens)
     # w_s of eq. 6: the paper gives no value. Our choice: 1e-3 on the summed squared distance (n x d = 3840 terms on

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from subjectops.config_base import StrictModel, template
+from subjectops.config_base import StrictModel, TrainSteps, template
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import LATENT_DISCRIMINATOR, Batch, Phase, TrainExample, WeightNeed
 from subjectops.methods.dreambooth import DreamBoothMethod
@@ -74,7 +74,7 @@ HypnosPrompt = template("token", "placeholder", "class_word", "background")
 class HypnosCfg(StrictModel):
     """Seed 000 (Hypnos): L = l_r L_r + l_pp L_pp + l_p L_p + l_ld L_ld (eq. 1); app. B: 800 steps, seed 42."""
 
-    steps: int = Field(800, ge=1)
+    steps: TrainSteps = 800
     lr: float = Field(2e-6, gt=0)  # not stated by the paper; its DreamBooth baselines use 1e-6 and 2e-6
     train_text_encoder: bool = True  # sec. 3.2: the denoiser and the text encoder are optimised, the VAE frozen
     use_8bit_adam: Literal["auto", True, False] = "auto"  # app. B; auto = when bitsandbytes and CUDA are present

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -16,13 +16,18 @@ if TYPE_CHECKING:
     import torch
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# Linear and conv layers every SD-1.x and SDXL UNet has (the suffixes peft matches): checked when params load, so
+# a misspelt module fails before any work, not in peft after refine and priors ran.
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "time_emb_proj")
 
 
 class LoraCfg(PriorPreservationCfg):
     lr: float = Field(1e-4, gt=0)
     rank: int = Field(4, ge=1)
     alpha: float = Field(4, gt=0)
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    target_modules: list[Literal[UNET_LORA_TARGETS]] = Field(  # type: ignore[valid-type]
+        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
 
 
 class LoraMethod(DreamBoothMethod):

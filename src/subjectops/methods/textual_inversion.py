@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from subjectops.config_base import ClassPrompt, InstancePrompt, StrictModel
+from subjectops.config_base import ClassPrompt, InstancePrompt, StrictModel, TrainSteps
 from subjectops.errors import SubjectopsError
 from subjectops.methods.base import Batch, Method, Phase
 
@@ -25,7 +25,7 @@ SDXL_KEYS = ("clip_l", "clip_g")
 
 
 class TextualInversionCfg(StrictModel):
-    steps: int = Field(3000, ge=1)
+    steps: TrainSteps = 3000
     lr: float = Field(5e-3, gt=0)
     placeholder: str = Field("<subject>", pattern=r"^\S+$")
     initializer: ClassPrompt = "{class_word}"

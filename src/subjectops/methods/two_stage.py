@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from subjectops.config_base import InstancePrompt, StrictModel
+from subjectops.config_base import InstancePrompt, StrictModel, TrainSteps
 from subjectops.methods.base import Phase
 from subjectops.methods.dreambooth import DreamBoothMethod, save_unet
 from subjectops.methods.textual_inversion import TextualInversionMethod
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 
 
 class TwoStageCfg(StrictModel):
-    embedding_steps: int = Field(100, ge=1)
+    embedding_steps: TrainSteps = 100
     embedding_lr: float = Field(5e-4, gt=0)
-    unet_steps: int = Field(400, ge=1)
+    unet_steps: TrainSteps = 400
     unet_lr: float = Field(5e-6, gt=0)
     placeholder: str = Field("<rare>", pattern=r"^\S+$")
     initializer: str = "rare"

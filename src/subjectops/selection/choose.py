@@ -16,6 +16,7 @@ from pathlib import Path
 
 from subjectops.config import Params
 from subjectops.errors import SubjectopsError
+from subjectops.metrics.schema import read_points
 from subjectops.selection.pareto import OperatingPoint, choose
 from subjectops.stages.common import stage_output, write_manifest
 
@@ -38,7 +39,7 @@ def choose_and_register(params: Params, run_dir: Path, min_clip_t: float | None 
     if not points_file.is_file():
         raise SubjectopsError(f"{run_dir} has no sweep ({points_file} is missing)",
                               fix=f"run `subjectops sweep {run_dir}` first")
-    doc = json.loads(points_file.read_text())
+    doc = read_points(points_file)
     points = [OperatingPoint(**p) for p in doc["points"]]
     floor = params.registry.choose.min_clip_t if min_clip_t is None else min_clip_t
     chosen = choose(points, floor)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from subjectops.errors import SubjectopsError
+from subjectops.metrics.schema import read_metrics
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -39,17 +40,28 @@ class RunScores:
         return f"{self.method} / {self.strategy}"
 
 
-def _read(path: Path, fix: str) -> dict:
+def _read(path: Path, fix: str, *keys: str) -> dict:
+    """A JSON object of a run folder that holds `keys` (one a user edited or a copy cut short is refused)."""
     if not path.is_file():
         raise SubjectopsError(f"{path} is missing", fix=fix)
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SubjectopsError(f"{path} is not readable JSON: {exc}", fix=fix) from None
+    lacking = [k for k in keys if not isinstance(data, dict) or not isinstance(data.get(k), (str, dict))]
+    if lacking:
+        raise SubjectopsError(f"{path} lacks {', '.join(lacking)}", fix=fix)
+    return data
 
 
 def load_run(run_dir: Path) -> RunScores:
     run_dir = Path(run_dir)
-    metrics = _read(run_dir / "evaluate" / "metrics.json", f"run `subjectops evaluate {run_dir}` first")
-    method = _read(run_dir / "finetune" / "method.json", "compare needs the run's finetune output")
-    spec = _read(run_dir / "infer" / "manifest.json", f"run `subjectops infer --run {run_dir}` first")["inference"]
+    metrics = read_metrics(run_dir / "evaluate" / "metrics.json")
+    method = _read(run_dir / "finetune" / "method.json", f"run `subjectops finetune --run {run_dir}` again", "method")
+    spec = _read(run_dir / "infer" / "manifest.json", f"run `subjectops infer --run {run_dir}` again", "inference")["inference"]
+    if not isinstance(spec.get("strategy"), str):
+        raise SubjectopsError(f"{run_dir / 'infer' / 'manifest.json'} records no inference strategy",
+                              fix=f"run `subjectops infer --run {run_dir}` again")
     sets = [{k: v for k, v in dict(s["config"], name=s["name"], version=s["version"]).items() if k != "identifier"}
             for s in metrics["prompt_sets"]]
     seeds = {s["name"]: [row["seed"] for row in metrics["per_image"] if row["prompt_set"] == s["name"]]
@@ -61,7 +73,7 @@ def load_run(run_dir: Path) -> RunScores:
                      if row["prompt_set"] == record["prompt_set"] and row.get(record["key"]) is not None]
         if per_image or isinstance(record["mean"], (int, float)):  # a set-level number (FID) is its own only value
             values[f"{record['prompt_set']}/{record['metric']}"] = per_image or [record["mean"]]
-    subject = _read(run_dir / "refine" / "subject.json", "compare needs the run's refine output").get("name", run_dir.name)
+    subject = _read(run_dir / "refine" / "subject.json", f"run `subjectops refine` again into {run_dir / 'refine'}").get("name", run_dir.name)
     return RunScores(run_dir, subject, method["method"], spec["strategy"],
                      {"prompt sets": sets, "seeds": seeds, "backbones": backbones}, values)
 

@@ -6,7 +6,6 @@ Equal points do not dominate each other, so ties on the front are all kept.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -85,6 +84,8 @@ def front_plot(points: Sequence[OperatingPoint], chosen: str | None = None) -> s
 
 def read_front(sweep_dir: Path) -> dict:
     """The operating points of a sweep as the report draws them: points, front, chosen, rule and the plot's uri."""
-    doc = json.loads((Path(sweep_dir) / POINTS_FILE).read_text())
+    from subjectops.metrics.schema import read_points
+
+    doc = read_points(Path(sweep_dir) / POINTS_FILE)
     points = [OperatingPoint(**p) for p in doc["points"]]
     return {**doc, "points": points, "uri": front_plot(points, doc["chosen"])}

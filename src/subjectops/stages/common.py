@@ -15,7 +15,7 @@ from subjectops import __version__
 from subjectops.config import Params
 from subjectops.digest import digest_json, sha256_file
 from subjectops.errors import SubjectopsError
-from subjectops.preflight import require_writable
+from subjectops.preflight import out_of_space, require_writable
 
 MANIFEST = "manifest.json"
 
@@ -58,9 +58,12 @@ def stage_output(out: Path, keep_on_error: bool = False, publish: bool = True) -
     work.mkdir(parents=True, exist_ok=True)
     try:
         yield work
-    except BaseException:
+    except BaseException as exc:
         if not keep_on_error:
             shutil.rmtree(work, ignore_errors=True)
+        full = out_of_space(exc, out, work, keep_on_error)
+        if full is not None:
+            raise full from None
         raise
     if not publish:
         return

@@ -36,7 +36,7 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     from subjectops.models.loading import load_pipeline
     from subjectops.models.sampling import use_scheduler
     from subjectops.stages.plan import snapshot_steps
-    from subjectops.stages.priors import load_priors
+    from subjectops.stages.priors import load_priors, training_identity
     from subjectops.stages.registry import get_stage
     from subjectops.training.loop import Trainer, replicas_in_sync
     from subjectops.training.models import DiffusionModels
@@ -76,7 +76,7 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
 
     # The trainer places the models on the accelerator first, so what setup() adds lands there too.
     data = {"refine": hash_dir(refine_dir), "class_word": digest_json(subject.class_word),
-            "priors": hash_dir(priors_dir) if priors_dir is not None else None,
+            "priors": training_identity(priors_dir) if priors_dir is not None else None,
             "pretrain_disc": hash_dir(disc_dir) if disc_dir is not None else None}
     trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step,
                       on_snapshot=save_snapshot, snapshot_steps=keep, data=data, ckpt_dir=checkpoint_dir)

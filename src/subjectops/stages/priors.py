@@ -71,12 +71,12 @@ def priors(params: Params, refine_dir: Path, out: Path, pipe=None) -> Path:
     generated = False
     require_writable(entry.parent, "the class-image cache (priors.cache_dir)")  # before the lock and the model
     with wait_for_lock(entry.with_name(f"{key}.lock")):  # one process generates an entry; the others wait
-        if params.priors.num_images and not _entry_intact(entry):
+        if not _entry_intact(entry):
             _fill_entry(params, prompt, subject.resolution, entry, fields, pipe)
             generated = True
         with stage_output(out) as work:
             (work / "images").mkdir()
-            names = sorted(p.name for p in (entry / "images").glob("*.png")) if params.priors.num_images else []
+            names = sorted(p.name for p in (entry / "images").glob("*.png"))
             for name in names:  # a copy: a run's images are its own to change, the cache's stay as they are
                 shutil.copyfile(entry / "images" / name, work / "images" / name)
             info = {"class_word": subject.class_word, "prompt": prompt, "cache_key": key, "cache_dir": str(entry),
@@ -129,6 +129,13 @@ def _remove_entry(path: Path) -> None:
         if p.is_dir() and not p.is_symlink():
             p.chmod(0o755)
     shutil.rmtree(path)
+
+
+def training_identity(priors_dir: Path) -> str:
+    """What finetune trains on from a priors output: its images' content. Not priors.json, which also says how they
+    were obtained (generated on a class's first run, a cache hit on the next): a checkpoint keyed on that was
+    refused as "other training data" when the run that made it was simply run again."""
+    return digest_json(file_hashes(Path(priors_dir) / "images"), short=False)
 
 
 def load_priors(priors_dir: Path | None) -> list:

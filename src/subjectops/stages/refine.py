@@ -27,6 +27,8 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
     subject = load_subject(Path(subject_dir), params.subject, resolution)  # every check before any write
     for converted in subject.conversions:
         console.print(f"refine: {converted['file']}: {converted['conversion']}", highlight=False)
+    for note in subject.warnings:
+        console.print(f"[yellow]refine: {note}", highlight=False)
     # Segmentation needs detail that a small training resolution lacks: segment at >= 256 px, then resize.
     seg_res = max(resolution, SEGMENT_MIN_RESOLUTION)
     backend = get_backend(params.refine)

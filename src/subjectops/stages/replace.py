@@ -17,7 +17,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from subjectops.config import Params
+from subjectops.config import Params, SubjectCfg
 from subjectops.errors import SubjectopsError
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
 
@@ -25,12 +25,15 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-def open_source(image_path: Path) -> Image.Image:
+def open_source(image_path: Path, cfg: SubjectCfg) -> Image.Image:
     from PIL import Image, UnidentifiedImageError
+
+    from subjectops.data.subject import check_photo_file
 
     if not Path(image_path).is_file():
         raise SubjectopsError(f"{image_path} does not exist (or is not a file)",
                               fix="pass the path of a JPEG or PNG photo that contains the subject to replace")
+    check_photo_file(Path(image_path), cfg)  # the subject photos' size limits, from the header, before decoding
     try:
         with Image.open(image_path) as img:
             return img.convert("RGB")
@@ -62,6 +65,7 @@ def replace(params: Params, image_path: Path, run_dir: Path, word: str, out: Pat
     from subjectops.models.sampling import use_scheduler
     from subjectops.training.contract import Conditioning
 
+    photo = open_source(image_path, params.subject)
     finetune_dir = require_stage_dir(Path(run_dir) / "finetune", "finetune", "replace")
     info = json.loads((finetune_dir / "method.json").read_text())
     if info["method"] != "hifi-tuner":
@@ -69,7 +73,7 @@ def replace(params: Params, image_path: Path, run_dir: Path, word: str, out: Pat
                               "subject embeddings of hifi-tuner (alg. 3)",
                               fix="pass a run made with --method hifi-tuner")
     resolution = info["resolution"]
-    source = fit(open_source(image_path), resolution, "center-crop")
+    source = fit(photo, resolution, "center-crop")
     cfg = params.replace
     text_r = caption(load_captioner(cfg.captioner), source, f"a photo of a {word}")
     pattern = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)

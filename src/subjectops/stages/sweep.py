@@ -60,6 +60,7 @@ def per_image_stats(metrics: dict, key: str) -> tuple[float, float]:
 
 
 def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
+    from subjectops.metrics.schema import read_metrics
     from subjectops.selection.pareto import POINTS_FILE, OperatingPoint, choose, pareto_front
     from subjectops.stages.evaluate import evaluate
     from subjectops.stages.infer import infer
@@ -73,7 +74,7 @@ def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
             folder = work / "points" / f"{i:02d}"
             infer(point_params, refine_dir, weights, folder / "infer")
             evaluate(point_params, refine_dir, folder / "infer", folder / "evaluate")
-            metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
+            metrics = read_metrics(folder / "evaluate" / "metrics.json")
             clip_t, dino = per_image_stats(metrics, "clip-t"), per_image_stats(metrics, "dino")
             points.append(OperatingPoint(label, point_params.infer.strategy, point_settings, clip_t[0], clip_t[1],
                                          dino[0], dino[1], len(metrics["per_image"]),

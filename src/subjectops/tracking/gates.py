@@ -62,6 +62,8 @@ class Evaluation:
     records: tuple[dict, ...]
     seeds: Mapping[str, Any] = field(default_factory=dict)
     prompt_sets: Mapping[str, Any] = field(default_factory=dict)
+    # why the run's own records contradict its numbers' claims (tracking.provenance): never promoted
+    unverified: tuple[str, ...] = ()
 
     @staticmethod
     def of(obj: "Evaluation | Mapping | Sequence[Mapping] | None") -> "Evaluation | None":
@@ -72,11 +74,12 @@ class Evaluation:
                 if "metrics" not in obj:
                     raise ValueError("an evaluation needs 'records' (a summary) or 'metrics' (a metrics.json document)")
                 obj = summary_from_metrics_json(obj)
-            return Evaluation(tuple(normalize_records(obj["records"])), dict(obj.get("seeds") or {}), dict(obj.get("prompt_sets") or {}))
+            return Evaluation(tuple(normalize_records(obj["records"])), dict(obj.get("seeds") or {}),
+                              dict(obj.get("prompt_sets") or {}), tuple(obj.get("unverified") or ()))
         return Evaluation(tuple(normalize_records(obj)))
 
     def problems(self, who: str, metrics: set[str] | None = None) -> list[str]:
-        out = []
+        out = [f"{who}'s numbers are not quality: {reason}" for reason in self.unverified]
         for i, r in enumerate(self.records):
             if metrics is not None and r.get("metric") not in metrics:
                 continue

@@ -185,13 +185,16 @@ def eval_seeds(infer_dir: Path) -> dict[str, dict]:
 
 def evaluation_summary(run_dir: Path) -> dict:
     """What promotion compares: metric records, seeds and prompt set versions of one run (empty records
-    when the run has no evaluation)."""
+    when the run has no evaluation), and why its numbers cannot count as quality (`unverified`)."""
+    from subjectops.metrics.schema import read_metrics
     from subjectops.tracking.gates import summary_from_metrics_json
+    from subjectops.tracking.provenance import unverified_reasons
 
-    data = read_json(run_dir / "evaluate" / "metrics.json")
-    if data is None:
+    path = run_dir / "evaluate" / "metrics.json"
+    if not path.exists():
         return {"records": [], "seeds": eval_seeds(run_dir / "infer"), "prompt_sets": {}}
-    return summary_from_metrics_json(data)
+    metrics = read_metrics(path)
+    return {**summary_from_metrics_json(metrics), "unverified": unverified_reasons(run_dir, metrics)}
 
 
 def files_in(root: Path) -> list[Path]:

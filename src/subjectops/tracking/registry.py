@@ -169,6 +169,7 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
         "eval.seeds": summary["seeds"],
         "eval.backbones": sorted({f"{r.get('metric')}={r.get('backbone')}" for r in records}),
         "eval.random_backbones": sorted({str(r.get("backbone")) for r in records if r.get("pretrained") is not True}) or "none",
+        "eval.unverified": summary.get("unverified") or "none",
     }
     tags.update({f"inference.{k}": v for k, v in spec.model_dump(mode="json").items()})
     for r in records:
@@ -221,6 +222,21 @@ def _alias_version(client, name: str, alias: str) -> Optional[str]:
         raise
 
 
+def _existing_version(client, name: str, version: str) -> str:
+    """`version` when `name` has it; MLflow answers a missing or non-numeric one with an exception of its own."""
+    if not version.isdigit():
+        raise RegistryError(f"{version!r} is not a version number", fix=f"pass --version N, a version of {name}")
+    try:
+        client.get_model_version(name, version)
+    except Exception as exc:  # noqa: BLE001
+        if getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise RegistryError(f"{name} has no version {version}",
+                                fix=f"pass the --version of an existing version of {name}, or leave it out to promote "
+                                    f"the {CHALLENGER}") from None
+        raise
+    return version
+
+
 def promote(client, name: str, cfg: RegistryCfg, version: str | None = None) -> PromotionResult:
     """Move `champion` to `version` (default: the `challenger` alias) when every gate passes.
 
@@ -236,7 +252,7 @@ def promote(client, name: str, cfg: RegistryCfg, version: str | None = None) -> 
         version = _alias_version(client, name, CHALLENGER)
         if version is None:
             raise RegistryError(f"{name} has no version with alias {CHALLENGER!r}", fix="pass --version or register a run")
-    version = str(version)
+    version = _existing_version(client, name, str(version))
     champion = _alias_version(client, name, CHAMPION)
     if champion == version:
         decision = GateDecision("refused", [f"version {version} is already the champion"], [], False)

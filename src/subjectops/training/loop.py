@@ -41,6 +41,7 @@ from subjectops.console import console
 from subjectops.errors import SubjectopsError
 from subjectops.training.checkpoints import StepLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from subjectops.training.contract import Phase
+from subjectops.training.resume_check import check_resume_state
 from subjectops.training.data import BatchMaker, ExampleSet
 from subjectops.training.models import DiffusionModels
 
@@ -198,12 +199,13 @@ class Trainer:
         if self.is_main:
             save_checkpoint(self.ckpt_dir, global_step, {**state, "log": self.log.read()})
 
-    def latest_checkpoint(self) -> dict | None:
+    def latest_checkpoint(self, phases: list[Phase]) -> dict | None:
         """The newest checkpoint made with this run's training parameters, or None (a fresh start).
 
         Other parameters: the checkpoint is set aside and training starts fresh (a deliberate change of a
         hyperparameter). Other data (subject photos, priors, class word): refused, since that is another run's
-        folder, and starting fresh would delete that run's checkpoints."""
+        folder, and starting fresh would delete that run's checkpoints. A state that is not one this training
+        produces (an edited state.json) is refused too (training/resume_check.py)."""
         found = checkpoint_dirs(self.ckpt_dir)
         if not found:
             return None
@@ -215,9 +217,10 @@ class Trainer:
                 f"checkpoint {found[-1]} was made for other training data ({', '.join(changed)} differ): it belongs "
                 "to another run, and resuming it would label that run's training with this subject",
                 fix=f"use another --out for this subject, or delete {self.ckpt_dir} to discard that run's progress")
-        if state["config"] != self.params.digest(TRAINING_SECTIONS):
+        if state.get("config") != self.params.digest(TRAINING_SECTIONS):
             console.print(f"[yellow]ignoring checkpoint {found[-1].name}: it was made with different parameters")
             return None
+        check_resume_state(state, found[-1], phases, self.method.state_tensors())
         return state
 
     # --- the loop --------------------------------------------------------------------------------------------
@@ -231,7 +234,7 @@ class Trainer:
         inst = self.batches.example_set(inst_examples)
         prior = self.batches.example_set(prior_examples) if prior_examples else None
 
-        resume = self.latest_checkpoint()
+        resume = self.latest_checkpoint(phases)
         start_global = 0
         if resume:
             method.load_state_tensors(resume["tensors"])
