@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
     field_validator, model_validator
 
 from subjectops.errors import SubjectopsError
-from subjectops.metrics.definitions import METRIC_NAMES
+from subjectops.metrics.definitions import METRICS
 
 # Cosine similarities and SSIM lie in [-1, 1] (with float slack); distances and PSNR are not negative. PSNR of an
 # image identical to its reference is +inf, which the evaluator writes as "inf" (a mean) or Infinity (per image).
@@ -73,8 +73,8 @@ class MetricEntry(_Doc):
 
     @model_validator(mode="after")
     def _mean(self):
-        if self.key not in METRIC_NAMES:
-            raise ValueError(f"unknown metric {self.key!r} (known: {', '.join(METRIC_NAMES)})")
+        if self.key not in METRICS:
+            raise ValueError(f"unknown metric {self.key!r} (known: {', '.join(METRICS)})")
         problem = check_value(self.key, self.mean)
         if problem:
             raise ValueError(f"mean of {self.key} on {self.prompt_set}: {problem}")
@@ -88,7 +88,7 @@ class ImageRow(_Doc):
 
     @model_validator(mode="after")
     def _values(self):
-        for metric in METRIC_NAMES:
+        for metric in METRICS:
             value = (self.model_extra or {}).get(metric)
             problem = None if value is None else check_value(metric, value)
             if problem:

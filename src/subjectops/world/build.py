@@ -116,11 +116,12 @@ class Build:
         self.log(f"[world build] {part}: done in {record['wall_seconds']} s {json.dumps(measured)}")
 
     def progress(self, part: str, total: int) -> train.Progress:
-        start, every = time.time(), max(1, total // 20)
+        start, every, first = time.time(), max(1, total // 20), []
 
         def report(step: int, loss: float) -> None:
+            first.append(step) if not first else None  # a resumed loop starts past 0
             if (step + 1) % every == 0 or step + 1 == total:
-                rate = (step + 1) / max(1e-9, time.time() - start)
+                rate = (step + 1 - first[0]) / max(1e-9, time.time() - start)
                 eta = (total - step - 1) / max(rate, 1e-9)
                 self.log(f"[world build] {part} step {step + 1}/{total} loss {loss:.4f} "
                          f"({rate:.2f} steps/s, eta {eta / 60:.1f} min)")
