@@ -46,11 +46,14 @@ test-images: image-deps
 world: install
 	$(BIN)/subjectops world build
 
-# The demo shortens the paper schedules (800 steps, 100 class images, 50 samples) so it ends in minutes on a CPU.
-DEMO_SET := --set finetune.dreambooth.steps=200 --set priors.num_images=20 --set infer.prompt_invariant.num_images=12
+# The demo personalizes a world subject (a teapot with a decal no caption of the world describes) on world-sd15,
+# the Stable-Diffusion-shaped model pretrained on the miniature world (src/subjectops/world), with DreamBooth at the
+# paper's schedule, and draws DreamBench's 8 contexts the world knows, each beside the base model's "a teapot ...".
+DEMO_SUBJECT := src/subjectops/world/shipped_subjects/world-teapot-3
+DEMO_SET := --set infer.prompt_sets=[world] --set infer.baseline=true
 
 demo: install
-	$(BIN)/subjectops run examples/subjects/teapot --class teapot --model tiny-sd15 --out runs/demo $(DEMO_SET)
+	$(BIN)/subjectops run $(DEMO_SUBJECT)/photos --class teapot --model world-sd15 --out runs/demo $(DEMO_SET)
 
 # One pytest worker per core, tests grouped by module so a module's fixtures are built once, the slowest modules
 # first (tests/conftest.py); conftest gives each worker one torch thread (workers of two threads each on two cores

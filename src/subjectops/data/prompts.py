@@ -137,7 +137,7 @@ class PromptItem:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PromptItem":
+    def from_dict(cls, d: dict[str, Any]) -> PromptItem:
         return cls(prompt=str(d["prompt"]), seed=int(d["seed"]), meta=dict(d.get("meta") or {}))
 
 
@@ -164,7 +164,7 @@ class PromptSet:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PromptSet":
+    def from_dict(cls, d: dict[str, Any]) -> PromptSet:
         try:
             return cls(
                 name=str(d["name"]),
@@ -336,7 +336,7 @@ def world_contexts(images_per_prompt: int, identifier: str, class_word: str, see
                       "base_seed": seed, "source": "DreamBench object prompts 1-8 (dreambench_prompts.json)"})
 
 
-def build_prompt_sets(params: "Params", identifier: str, class_word: str) -> list[PromptSet]:
+def build_prompt_sets(params: Params, identifier: str, class_word: str) -> list[PromptSet]:
     """The sets named in ``params.infer.prompt_sets``, in that order (called by the infer stage)."""
     cfg = params.infer
     names = list(cfg.prompt_sets)

@@ -96,7 +96,7 @@ class Preprocess:
     mode: str  # interpolation
 
     @classmethod
-    def from_processor(cls, proc: Any) -> "Preprocess":
+    def from_processor(cls, proc: Any) -> Preprocess:
         size = getattr(proc, "size", None) or {}
         size = dict(size) if not isinstance(size, int) else {"shortest_edge": size}
         crop = getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", False) else None

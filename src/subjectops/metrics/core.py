@@ -292,7 +292,7 @@ class Encoders:
 
     @classmethod
     def from_parts(cls, *, dino=None, clip=None, lpips=None, inception=None, fid_features: Optional[str] = "dino",
-                   device: Optional[torch.device] = None, tiny: bool = False) -> "Encoders":
+                   device: Optional[torch.device] = None, tiny: bool = False) -> Encoders:
         """Encoders built elsewhere (benchmarks, notebooks): same evaluator, no loading."""
         self = cls.__new__(cls)
         self.dino, self.clip, self.lpips, self.inception = dino, clip, lpips, inception

@@ -110,7 +110,7 @@ class LatentDiscriminator(nn.Module):
         return [WEIGHTS, CONFIG]
 
     @classmethod
-    def load(cls, directory: Path) -> "LatentDiscriminator":
+    def load(cls, directory: Path) -> LatentDiscriminator:
         directory = Path(directory)
         if not (directory / WEIGHTS).exists() or not (directory / CONFIG).exists():
             raise SubjectopsError(

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from subjectops import world
 from subjectops.digest import DIGEST_CHARS, sha256_bytes
 from subjectops.errors import ModelNotFoundError
-from subjectops import world
 from subjectops.models.tiny import TINY_PRESETS, tiny_dir
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def load_pipeline(model: ModelCfg, dtype: torch.dtype = torch.float32) -> Diffus
         kwargs["local_files_only"] = True
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         if Path(source).exists():
             raise ModelNotFoundError(f"cannot load the pipeline in {source}: {exc}", fix="check the folder is complete") from None
         raise ModelNotFoundError(

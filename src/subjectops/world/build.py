@@ -89,9 +89,10 @@ class BuildConfig:
                               fix=f"give {key} a {kind.__name__}") from None
 
     @classmethod
-    def smoke(cls) -> "BuildConfig":
+    def smoke(cls) -> BuildConfig:
         """A few steps of every part (the test of the build)."""
-        return cls(n_train=256, n_val=64, n_heldout=64, n_judge=64, vae_steps=4, vae_batch=8, clip_steps=4, clip_batch=16,
+        return cls(n_train=256, n_val=64, n_heldout=64, n_judge=64, vae_steps=4, vae_batch=8, clip_steps=4,
+                   clip_batch=16,
                    judge_steps=4, judge_batch=16, dino_instances=16, dino_views=2, dino_steps=3, dino_batch=8,
                    unet_steps=6, unet_batch=4, sdxl_steps=4, checkpoint_every=3, sample_every=0, workers=1)
 
@@ -395,8 +396,8 @@ class Build:
             pipe.set_progress_bar_config(disable=True)
             for name in ("val", "heldout"):
                 d = self.data(name)
-                measured[f"{kind}_{name}"], _ = generated_accuracy(pipe, judge, d["full_captions"][:n], d["labels"][:n],
-                                                                   steps=25 if self.cfg.sample_every else 2)
+                measured[f"{kind}_{name}"], _ = generated_accuracy(
+                    pipe, judge, d["full_captions"][:n], d["labels"][:n], steps=25 if self.cfg.sample_every else 2)
         self.finish("checks", t0, **measured)
 
     @torch.no_grad()

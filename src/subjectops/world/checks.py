@@ -28,7 +28,8 @@ def instance_views(first_seed: int, count: int, views: int) -> np.ndarray:
 
 @torch.no_grad()
 def generated_accuracy(pipe, judge, captions: list[str], labels: np.ndarray, steps: int = 25,
-                       guidance_scale: float = 5.0, seed: int = 0, batch: int = 32) -> tuple[dict[str, float], np.ndarray]:
+                       guidance_scale: float = 5.0, seed: int = 0,
+                       batch: int = 32) -> tuple[dict[str, float], np.ndarray]:
     """Images of `captions` (one seeded batch at a time) and the share of them whose class, color, pattern and
     scene the judge reads as `labels` says; returns (accuracies, images in [0, 1] as (N, H, W, 3))."""
     images = []

@@ -31,11 +31,13 @@ def measure(run_dir: Path, subject_dir: Path, prompt_set: str = "world") -> dict
     from subjectops.world.subjects import read_subject
 
     run_dir, subject_dir = Path(run_dir), Path(subject_dir)
-    samples = [s for s in json.loads((run_dir / "infer" / "samples.json").read_text()) if s["prompt_set"] == prompt_set]
+    samples = json.loads((run_dir / "infer" / "samples.json").read_text())
+    samples = [s for s in samples if s["prompt_set"] == prompt_set]
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     truth = read_subject(subject_dir)
     dino = load_dino("world", torch.device("cpu"))
-    heldout = torch.nn.functional.normalize(dino.embed(_load([subject_dir / e["file"] for e in truth["heldout"]])), dim=-1)
+    heldout = dino.embed(_load([subject_dir / e["file"] for e in truth["heldout"]]))
+    heldout = torch.nn.functional.normalize(heldout, dim=-1)
     out: dict[str, Any] = {"subject": truth["name"], "class_word": truth["class_word"], "n_images": len(samples)}
     for side, key, set_name in (("subject", "path", prompt_set), ("base", None, prompt_set + "@base")):
         paths = [run_dir / "infer" / (s[key] if key else s["baseline"]["path"]) for s in samples]

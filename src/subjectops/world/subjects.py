@@ -137,7 +137,8 @@ def truth_beside(photos_dir: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("world_subject") != 1 or photos_dir.name not in ("photos", "heldout"):
+    if not isinstance(record, dict) or record.get("world_subject") != 1 or \
+            photos_dir.name not in ("photos", "heldout"):
         return None
     masks = {Path(e["file"]).name: photos_dir.parent / e["mask"] for e in record.get(photos_dir.name, [])}
     return {"name": record["name"], "seed": record["seed"], "class_word": record["class_word"],
