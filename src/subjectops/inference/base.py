@@ -63,6 +63,16 @@ class StageInputs:
         return cls(model=model, **{name: Path(path) for name, path in dirs.items() if name in stages})
 
 
+@dataclass(frozen=True)
+class SweepPoint:
+    """One operating point a strategy offers the `sweep` stage: its label, the infer section it samples with, and
+    the settings recorded in points.json (from which `Strategy.point_weights` finds its weights again)."""
+
+    label: str
+    infer: InferCfg
+    settings: dict
+
+
 class Strategy:
     """Base class; a subclass sets `name`, and `section` and `requires` when it has settings or needs inputs.
 
@@ -99,6 +109,18 @@ class Strategy:
     def snapshot_steps(cls, infer: InferCfg) -> set[int]:
         """The finetune steps whose snapshots this strategy reads under the given config."""
         return set()
+
+    @classmethod
+    def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
+        """The operating points this strategy offers over a finetune output keeping snapshots of `steps`
+        (ascending), under the run's infer section; none by default."""
+        return []
+
+    @classmethod
+    def point_weights(cls, finetune_dir: Path, settings: dict) -> Path:
+        """The weights an operating point of this strategy (its recorded `settings`) is served from: the finetune
+        output by default (a strategy reading snapshots finds them in it)."""
+        return Path(finetune_dir)
 
     @classmethod
     def stage_outputs(cls) -> set[str]:

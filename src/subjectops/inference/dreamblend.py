@@ -38,7 +38,7 @@ from PIL import Image
 
 from subjectops.config import InferCfg
 from subjectops.errors import SubjectopsError
-from subjectops.inference.base import InferenceSpec, StageInputs, Strategy
+from subjectops.inference.base import InferenceSpec, StageInputs, Strategy, SweepPoint
 from subjectops.models.sampling import use_scheduler
 
 AttentionMaps = dict[str, torch.Tensor]  # attn2 layer name -> (heads, queries, tokens)
@@ -147,6 +147,27 @@ class DreamBlendStrategy(Strategy):
     @classmethod
     def snapshot_steps(cls, infer: InferCfg) -> set[int]:
         return {infer.dreamblend.guidance, infer.dreamblend.edit}
+
+    @classmethod
+    def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
+        """Each combination of a guidance snapshot before an edit snapshot, for edit snapshots with sec. 5 settings
+        or the configured one (whose cfg and alpha infer.dreamblend gives)."""
+        from subjectops.config import DREAMBLEND_SEC5, DreamBlendCfg
+
+        blend = infer.dreamblend
+        points = []
+        for edit in steps:
+            guidances = [s for s in steps if s < edit]
+            if not guidances or (edit not in DREAMBLEND_SEC5 and edit != blend.edit):
+                continue
+            own = blend if edit == blend.edit else DreamBlendCfg(edit=edit, guidance=guidances[0], start=blend.start,
+                                                                 max_resolution=blend.max_resolution)
+            for guidance in guidances:
+                cfg = own.model_copy(update={"guidance": guidance})
+                point_infer = infer.model_copy(update={"strategy": cls.name, "scheduler": "ddim", "dreamblend": cfg})
+                points.append(SweepPoint(f"dreamblend {guidance}->{edit} a={cfg.edit_alpha:g} cfg={cfg.edit_cfg:g}",
+                                         point_infer, cfg.model_dump(mode="json")))
+        return points
 
     @classmethod
     def weights(cls, spec: InferenceSpec, inputs: StageInputs) -> Path:

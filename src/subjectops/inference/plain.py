@@ -8,12 +8,14 @@ for bit, by construction.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image
 
-from subjectops.inference.base import InferenceSpec, Strategy
+from subjectops.config import InferCfg
+from subjectops.inference.base import InferenceSpec, Strategy, SweepPoint
 from subjectops.inference.ddim import initial_noise, prompt_conditioning
 
 # at_latent(i, x_i) -> the latent step i starts from (i = 0: x_T; i = steps: x_0, which is decoded).
@@ -66,6 +68,18 @@ class PlainStrategy(Strategy):
     """
 
     name = "plain"
+
+    @classmethod
+    def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
+        """Each kept snapshot, sampled plainly."""
+        plain = infer.model_copy(update={"strategy": cls.name})
+        return [SweepPoint(f"step {s}", plain, {"snapshot": s}) for s in steps]
+
+    @classmethod
+    def point_weights(cls, finetune_dir: Path, settings: dict) -> Path:
+        from subjectops.methods import snapshot_dir
+
+        return snapshot_dir(finetune_dir, settings["snapshot"])
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         return [sample(self.pipe, prompt, seed, self.spec) for prompt, seed in zip(prompts, seeds)]

@@ -28,6 +28,20 @@ def get_method(name: str) -> type[Method]:
         raise SubjectopsError(f"unknown method {name!r}", fix=f"choose one of: {', '.join(sorted(METHODS))}") from None
 
 
+def providers_of(output: str) -> list[str]:
+    """The methods whose finetune output provides `output` (`Method.provides`), by name."""
+    return sorted(name for name, method in METHODS.items() if output in method.provides)
+
+
+def require_provides(finetune_dir: Path, info: dict, output: str, stage: str, why: str) -> None:
+    """Refuse a finetune output whose method does not provide what `stage` reads (`why` says what it is)."""
+    if output not in get_method(info["method"]).provides:
+        makers = providers_of(output)
+        raise SubjectopsError(f"the run in {Path(finetune_dir).parent} was fine-tuned with {info['method']}; "
+                              f"{stage} needs {why} of {', '.join(makers)}",
+                              fix=" or ".join(f"pass a run made with --method {m}" for m in makers))
+
+
 def configured_method(params) -> Method:
     """The configured method without models: what it needs (`requirements`, `required_weights`) is read
     from its config alone."""

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from subjectops.config_base import InstancePrompt, StrictModel
 from subjectops.errors import SubjectopsError
-from subjectops.methods.base import Batch, Method, Phase
+from subjectops.methods.base import STEPWISE_SUBJECT_EMBEDDINGS, Batch, Method, Phase
 
 if TYPE_CHECKING:
     import torch
@@ -105,6 +105,7 @@ class StepwiseSubject:
 
 class HiFiTunerMethod(Method):
     name = "hifi-tuner"
+    provides = frozenset({STEPWISE_SUBJECT_EMBEDDINGS})
     config_key = "hifi_tuner"
     config_model = HiFiTunerCfg
 

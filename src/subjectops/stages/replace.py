@@ -57,17 +57,16 @@ def replace(params: Params, image_path: Path, run_dir: Path, word: str, out: Pat
     from subjectops.inference.ddim import DdimSampler, decode_latents, encode_image, encoder
     from subjectops.inference.prompt_to_prompt import AttentionReuse, source_index
     from subjectops.inference.reference_guided import caption, load_captioner
-    from subjectops.methods import load_finetuned
+    from subjectops.methods import load_finetuned, require_provides
+    from subjectops.methods.base import STEPWISE_SUBJECT_EMBEDDINGS
     from subjectops.models.loading import load_pipeline
     from subjectops.models.sampling import use_scheduler
     from subjectops.training.contract import Conditioning
 
     finetune_dir = require_stage_dir(Path(run_dir) / "finetune", "finetune", "replace")
     info = json.loads((finetune_dir / "method.json").read_text())
-    if info["method"] != "hifi-tuner":
-        raise SubjectopsError(f"the run in {run_dir} was fine-tuned with {info['method']}; replace needs the step-wise "
-                              "subject embeddings of hifi-tuner (alg. 3)",
-                              fix="pass a run made with --method hifi-tuner")
+    require_provides(finetune_dir, info, STEPWISE_SUBJECT_EMBEDDINGS, "replace",
+                     "the step-wise subject embeddings (alg. 3)")
     resolution = info["resolution"]
     source = fit(open_source(image_path), resolution, "center-crop")
     cfg = params.replace
