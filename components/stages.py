@@ -105,12 +105,14 @@ def benchmark_aggregate(
     import shutil
     from pathlib import Path
 
-    from subjectops.kfp_pod import benchmark_aggregate as aggregate, check_benchmark, parse_registration, read_params, registry_summaries
+    from subjectops.kfp_pod import benchmark_aggregate as aggregate
+    from subjectops.kfp_pod import check_benchmark, parse_registration, read_params, registry_summaries
     from subjectops.selection.benchmark import benchmark_leaderboard
 
     p = read_params(Path(params.path))
     registered = [parse_registration(r) for r in registrations]
-    board = benchmark_leaderboard(registered, Path(leaderboard.path), p.tracking.experiment, run_name or "kfp-benchmark")
+    board = benchmark_leaderboard(registered, Path(leaderboard.path), p.tracking.experiment,
+                                  run_name or "kfp-benchmark")
     leaderboard.metadata.update({"rows": list(board.rows), "subjects": board.subjects})
     shutil.copyfile(Path(leaderboard.path) / "leaderboard.html", leaderboard_html.path)
     print(board.markdown())

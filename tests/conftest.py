@@ -27,8 +27,16 @@ sys.path.insert(0, str(REPO))
 EXAMPLE_SUBJECT = REPO / "examples" / "subjects" / "teapot"
 
 # Real servers on 127.0.0.1 (SeaweedFS S3, MLflow), started on demand, stopped by process group.
-from servers import (MLFLOW_BACKENDS, mlflow_backend, mlflow_factory, mlflow_server, mlflow_server_postgresql,  # noqa: E402,F401
-                     postgres_server, s3_server, tracking_uri)
+from servers import (  # noqa: E402,F401
+    MLFLOW_BACKENDS,
+    mlflow_backend,
+    mlflow_factory,
+    mlflow_server,
+    mlflow_server_postgresql,
+    postgres_server,
+    s3_server,
+    tracking_uri,
+)
 
 
 def pytest_configure(config):
@@ -39,7 +47,8 @@ def pytest_configure(config):
 # The slowest modules, longest first (pytest --durations=0, two workers). `make test` hands whole modules to its
 # workers in collection order (--no-loadscope-reorder): long ones first, short ones filling in at the end, so the
 # workers finish together. xdist's own order (most tests first) left test_dvc, one test of ~100 s, for last.
-SLOWEST_FIRST = ("test_training", "test_tracking", "test_dvc", "test_performance", "test_kfp_local", "test_kfp_local_branches",
+SLOWEST_FIRST = ("test_training", "test_tracking", "test_dvc", "test_performance", "test_kfp_local",
+                 "test_kfp_local_branches",
                  "test_dreamblend", "test_distributed", "test_pipelines_compiled", "test_learning", "test_hifi_tuner",
                  "test_submit", "test_prior_cache", "test_hypnos", "test_reference_guided")
 

@@ -103,7 +103,8 @@ def test_bad_inputs_fail_before_any_output(tmp_path):
     (infer / "samples.json").write_text(json.dumps(bad))
     with pytest.raises(SubjectopsError, match="not a file inside"):
         evaluate(params, refine, infer, out)
-    (infer / "samples.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "identifier"} for s in samples]))
+    (infer / "samples.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "identifier"}
+                                                    for s in samples]))
     with pytest.raises(SubjectopsError, match=r"lacks \['identifier'\]"):
         evaluate(params, refine, infer, out)
     (infer / "samples.json").write_text(json.dumps(samples))
@@ -164,7 +165,8 @@ def test_images_from_any_offline_preset_get_tiny_encoders(tmp_path, preset):
     """evaluate.tiny=auto follows models.tiny.TINY_PRESETS (small-sd15 too): random-weight images never
     reach the real encoders, which would be missing offline anyway."""
     params = Params.model_validate({"model": {"base": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
-                                    "infer": {"prompt_sets": ["prompt-invariant"], "prompt_invariant": {"num_images": 2}},
+                                    "infer": {"prompt_sets": ["prompt-invariant"],
+                                              "prompt_invariant": {"num_images": 2}},
                                     "evaluate": {"metrics": ["dino"]}})
     refine, infer = make_run(tmp_path, params)
     (infer / "manifest.json").write_text(json.dumps({"params": {"model": {"base": preset}}}))

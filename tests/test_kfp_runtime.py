@@ -21,7 +21,8 @@ def test_resolve_params_like_the_cli():
     # --method/--model win over --set (as in `subjectops run`); --set wins over the priors-cache default
     assert p.finetune.method == "dreambooth" and p.model.base == "tiny-sd15"
     assert p.finetune.lora.rank == 8 and p.priors.cache_dir == "/x"
-    assert p == load_params(REPO / "params.yaml", ["finetune.lora.rank=8", "priors.cache_dir=/x", "model.base=tiny-sd15",
+    assert p == load_params(REPO / "params.yaml",
+                            ["finetune.lora.rank=8", "priors.cache_dir=/x", "model.base=tiny-sd15",
                                                    "finetune.method=dreambooth"])
     with pytest.raises(ConfigError, match="finetune.method"):
         kr.resolve_params("", [], method="dreamboot")
@@ -47,8 +48,10 @@ def test_kfp_plan_refuses_a_run_that_would_not_register():
 
 
 @pytest.mark.parametrize("uri, expected", [
-    ("s3://bucket/dreambench/teapot", {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
-    ("s3://bucket/dreambench/teapot/", {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
+    ("s3://bucket/dreambench/teapot",
+     {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
+    ("s3://bucket/dreambench/teapot/",
+     {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
     ("dvc://data/subjects/dog@v2", {"kind": "dvc", "path": "data/subjects/dog", "rev": "v2", "name": "dog"}),
     ("file:///tmp/cat", {"kind": "local", "path": "/tmp/cat", "name": "cat"}),
 ])
@@ -137,8 +140,10 @@ def test_aggregate_is_the_mean_over_subjects():
 
 
 def test_benchmark_regression_fails_with_the_numbers():
-    rows = [_row("subjectops-cat", [_rec("dino", 0.60), _rec("clip-t", 0.30)], [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
-            _row("subjectops-dog", [_rec("dino", 0.70), _rec("clip-t", 0.31)], [_rec("dino", 0.72), _rec("clip-t", 0.30)])]
+    rows = [_row("subjectops-cat", [_rec("dino", 0.60), _rec("clip-t", 0.30)],
+                 [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
+            _row("subjectops-dog", [_rec("dino", 0.70), _rec("clip-t", 0.31)],
+                 [_rec("dino", 0.72), _rec("clip-t", 0.30)])]
     result, decision = kr.benchmark_aggregate(rows, GATES)
     assert decision.status == "failed"
     assert result["compared_with_champions"] == ["subjectops-cat/1", "subjectops-dog/1"]
@@ -151,7 +156,8 @@ def test_benchmark_regression_fails_with_the_numbers():
 
 
 def test_benchmark_passes_and_compares_only_subjects_with_a_champion():
-    rows = [_row("subjectops-cat", [_rec("dino", 0.72), _rec("clip-t", 0.30)], [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
+    rows = [_row("subjectops-cat", [_rec("dino", 0.72), _rec("clip-t", 0.30)],
+                 [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
             _row("subjectops-new", [_rec("dino", 0.10), _rec("clip-t", 0.10)], None)]
     result, decision = kr.benchmark_aggregate(rows, GATES)
     assert decision.status == "passed"
@@ -186,7 +192,8 @@ def _register(client, name, records, tmp_path):
         client.create_registered_model(name)
     except Exception:  # noqa: BLE001 - already there
         pass
-    return client.create_model_version(name, source=f"{run.info.artifact_uri}/evaluation", run_id=run.info.run_id).version
+    return client.create_model_version(name, source=f"{run.info.artifact_uri}/evaluation",
+                                       run_id=run.info.run_id).version
 
 
 def test_benchmark_aggregate_command_against_a_registry(tmp_path, monkeypatch):
@@ -206,7 +213,9 @@ def test_benchmark_aggregate_command_against_a_registry(tmp_path, monkeypatch):
         client.set_registered_model_alias(name, "champion", v1)
         _register(client, name, [_rec("dino", chall)], tmp_path)
     out = tmp_path / "aggregate.json"
-    result = CliRunner().invoke(app, ["benchmark", "aggregate", "subjectops-cat/2", "subjectops-dog/2", "--tracking-uri", uri,
+    result = CliRunner().invoke(app,
+                                ["benchmark", "aggregate", "subjectops-cat/2", "subjectops-dog/2", "--tracking-uri",
+                                 uri,
                                       "--params", str(gates), "--output", str(out)])
     assert result.exit_code == 2, result.output
     assert "regressed against the champion" in result.output and "0.65" in result.output and "0.71" in result.output
@@ -214,7 +223,9 @@ def test_benchmark_aggregate_command_against_a_registry(tmp_path, monkeypatch):
     assert data["compared_with_champions"] == ["subjectops-cat/1", "subjectops-dog/1"]
     assert data["decision"]["status"] == "failed"
     # the champions themselves are compared with no one: only absolute floors apply, and there are none
-    result = CliRunner().invoke(app, ["benchmark", "aggregate", "subjectops-cat/1", "subjectops-dog/1", "--tracking-uri", uri,
+    result = CliRunner().invoke(app,
+                                ["benchmark", "aggregate", "subjectops-cat/1", "subjectops-dog/1", "--tracking-uri",
+                                 uri,
                                       "--params", str(gates), "--output", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())

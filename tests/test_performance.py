@@ -1,20 +1,20 @@
-"""What the speed-ups may and may not change: the fused and multi-tensor (foreach) AdamW updates, the loss read from the
-device every few steps, and the class-prior cache key naming the sampler that made the images."""
+"""What the speed-ups may and may not change: the fused and multi-tensor (foreach) AdamW updates, the loss read from
+the device every few steps, and the class-prior cache key naming the sampler that made the images."""
 
 import json
 
 import pytest
 import torch
+from conftest import REPO
+from test_training import (
+    _trainer,  # noqa: F401 - the loop test's trainer on the prepared tiny subject
+    prepared,  # noqa: F401 - fixture
+)
 
 from subjectops.config import load_params
 from subjectops.errors import SubjectopsError
 from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
-
-from conftest import REPO
-
-from test_training import _trainer  # noqa: F401 - the loop test's trainer on the prepared tiny subject
-from test_training import prepared  # noqa: F401 - fixture
 
 
 @pytest.mark.parametrize("kernel", ["foreach", "fused"])
@@ -60,7 +60,7 @@ def test_a_non_finite_loss_read_steps_later_still_names_its_step(prepared, tiny_
     params = load_params(REPO / "params.yaml", tiny_overrides + ["finetune.dreambooth.steps=6"])
     trainer, images, masks = _trainer(params, prepared, True)
     loss = trainer.method.loss
-    trainer.method.loss = lambda b, step, ph: ((lambda l, t: (l * float("nan") if step == 3 else l, t))
+    trainer.method.loss = lambda b, step, ph: ((lambda value, t: (value * float("nan") if step == 3 else value, t))
                                                (*loss(b, step, ph)))
     with pytest.raises(SubjectopsError, match="loss became nan at step 3"):
         trainer.train(images, masks, [])

@@ -7,12 +7,12 @@ import uuid
 
 import pytest
 from mlflow.tracking import MlflowClient
+from synthetic_runs import synthetic_params, write_run
 from typer.testing import CliRunner
 
 from subjectops.cli import app
 from subjectops.stages.register import register
 from subjectops.tracking.registry import RegistryError, promote
-from synthetic_runs import synthetic_params, write_run
 
 
 @pytest.fixture
@@ -91,7 +91,8 @@ def test_different_backbones_prompt_sets_and_random_backbones_are_refused(regist
     assert champion(client, name) == v1
     assert "different prompt sets" in client.get_model_version(name, other_set).tags["promotion.reasons"]
 
-    random_bb = add(dino=0.99, clip_t=0.50, pretrained=False, backbone_dino="tiny-random-dino", backbone_clip="tiny-random-clip")
+    random_bb = add(dino=0.99, clip_t=0.50, pretrained=False, backbone_dino="tiny-random-dino",
+                    backbone_clip="tiny-random-clip")
     res = promote(client, name, params.registry, version=random_bb)
     assert not res.promoted and champion(client, name) == v1
     assert "random (not pretrained) backbone" in client.get_model_version(name, random_bb).tags["promotion.reasons"]

@@ -8,10 +8,10 @@ import subprocess
 import numpy as np
 import pytest
 from PIL import Image
+from test_evaluate import make_run, tiny_params
 
 from subjectops.report.html import RANDOM_WARNING, render_report
 from subjectops.stages.evaluate import evaluate
-from test_evaluate import make_run, tiny_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -113,7 +113,8 @@ def test_a_strategys_intermediate_images_show_with_the_result_and_its_details(re
     metrics = json.loads((report.parent / "metrics.json").read_text())
     infer = report.parent.parent / "infer"
     samples = json.loads((infer / "samples.json").read_text())
-    samples[0]["intermediates"] = {"stage1": samples[1]["path"], "blurred": samples[1]["path"]}  # as alchemy lists them
+    # as alchemy lists them
+    samples[0]["intermediates"] = {"stage1": samples[1]["path"], "blurred": samples[1]["path"]}
     samples[0]["details"] = {"segmenter": "grabcut"}
     refs = sorted((report.parent.parent / "refine" / "images").glob("*.png"))
     page = render_report(tmp_path / "report.html", metrics, refs, samples, infer, {}, {},

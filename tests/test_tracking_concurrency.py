@@ -5,7 +5,6 @@ benchmark under kfp.local do: every one of them gets a working store (without th
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 PROCESSES = 2
 

@@ -14,13 +14,13 @@ from subjectops.console import console
 from subjectops.errors import SubjectopsError
 from subjectops.methods import METHODS
 
-
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml (built-in defaults if absent)")
 SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")
 ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, tiny-sd15 or tiny-sdxl (= model.base)")
 MethodOpt = typer.Option(None, "--method", help=" | ".join(METHODS) + " (= finetune.method)")
 RunOpt = typer.Option(None, "--run", help="run directory: RUN/<stage> for every path not given")
-IfNeededOpt = typer.Option(False, "--if-needed", help="only when the method needs this stage (for DVC); else record why not")
+IfNeededOpt = typer.Option(False, "--if-needed",
+                           help="only when the method needs this stage (for DVC); else record why not")
 
 
 def user_errors(fn: Callable) -> Callable:

@@ -14,7 +14,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from subjectops.config_base import ClassPrompt, InstancePrompt, ModelCfg, StrictModel, template  # noqa: F401  (ModelCfg: a section of Params)
+# ModelCfg: a section of Params
+from subjectops.config_base import ClassPrompt, InstancePrompt, ModelCfg, StrictModel, template  # noqa: F401
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
 from subjectops.methods import METHODS
@@ -143,7 +144,8 @@ class PromptVaryingCfg(StrictModel):
     sampler_seed: int = 0
 
 
-# DreamBlend (seed 003) supplement sec. 5: edit snapshot -> (classifier-free guidance scale, cross-attention guidance alpha).
+# DreamBlend (seed 003) supplement sec. 5: edit snapshot -> (classifier-free guidance scale, cross-attention
+# guidance alpha).
 DREAMBLEND_SEC5 = {100: (3.0, 0.1), 200: (2.0, 0.07)}
 
 
@@ -161,7 +163,8 @@ class DreamBlendCfg(StrictModel):
     @model_validator(mode="after")
     def _sec5_defaults(self):
         if self.guidance >= self.edit:
-            raise ValueError(f"the guidance snapshot ({self.guidance}) must come before the edit snapshot ({self.edit})")
+            raise ValueError(f"the guidance snapshot ({self.guidance}) must come before the edit snapshot "
+                             f"({self.edit})")
         if (self.cfg is None or self.alpha is None) and self.edit not in DREAMBLEND_SEC5:
             raise ValueError(f"supplement sec. 5 gives cfg and alpha for edit snapshots {sorted(DREAMBLEND_SEC5)} "
                              f"only; set infer.dreamblend.cfg and .alpha for edit snapshot {self.edit}")
@@ -257,8 +260,9 @@ class GateCfg(StrictModel):
 
     metric: str = Field(..., min_length=1)
     tolerance: float = Field(0.0, ge=0)
-    # Absolute floor (ceiling when lower is better), also used when there is no champion yet.
-    min_value: Optional[float] = None
+    # An absolute bound: a floor when the metric is higher-is-better, a ceiling when it is lower-is-better; also
+    # applied when there is no champion yet.
+    bound: Optional[float] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -269,6 +273,10 @@ class GateCfg(StrictModel):
             known = f"{metric} is {direction(metric)} by definition; " if metric in METRICS else ""
             raise ValueError(f"higher_is_better is no longer a gate setting: {known}remove this line, the direction "
                              "comes from the metric's definition")
+        if isinstance(data, dict) and "min_value" in data:
+            # renamed: for a lower-is-better metric (fid, lpips) the value is a ceiling, not a minimum
+            raise ValueError("min_value is now called bound (a floor when the metric is higher-is-better, a ceiling "
+                             "when it is lower-is-better): rename the key to bound")
         return data
 
     @model_validator(mode="after")
@@ -345,7 +353,8 @@ class DiscProportionsCfg(StrictModel):
         real = self.instance + self.colored_background + self.colored_background_resize
         fake = sum(self.model_dump().values()) - real
         if real <= 0 or fake <= 0:
-            raise ValueError(f"proportions need at least one real and one fake type above 0 (real {real}, fake {fake})")
+            raise ValueError("proportions need at least one real and one fake type above 0 "
+                             f"(real {real}, fake {fake})")
         return self
 
 
@@ -457,7 +466,8 @@ class BoundedLoader(yaml.SafeLoader):
             children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
             size = 1 + sum(self.sizes[id(c)] for c in children)
         if size > MAX_EXPANDED_SIZE:
-            raise ConfigError(f"{self.source}: YAML aliases expand this document past {MAX_EXPANDED_SIZE:,} characters "
+            raise ConfigError(f"{self.source}: YAML aliases expand this document past {MAX_EXPANDED_SIZE:,} "
+                              "characters "
                               "and nodes (an alias bomb?)", fix="write the values out instead of nesting aliases")
         self.sizes[id(node)] = size
         return node
@@ -475,7 +485,8 @@ def _plain(value: Any, where: str, source: str) -> Any:
         for item in value:
             _plain(item, where, source)
     elif value is not None and not isinstance(value, (str, int, float, bool)):
-        raise ConfigError(f"{source}: {where or 'the document'} holds a YAML {type(value).__name__}, not a params value",
+        raise ConfigError(f"{source}: {where or 'the document'} holds a YAML {type(value).__name__}, not a params "
+                          "value",
                           fix=f"quote the value of {where} if it is meant as text")
     return value
 
@@ -525,7 +536,8 @@ def validate_params(data: dict, source: str = "params") -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source), fix="correct the value in params.yaml or --set") from None
+        raise ConfigError(_format_validation_error(err, source),
+                          fix="correct the value in params.yaml or --set") from None
 
 
 def load_params(path: Path | str | None = None, overrides: list[str] | None = None) -> Params:
@@ -540,7 +552,8 @@ def load_params(path: Path | str | None = None, overrides: list[str] | None = No
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} cannot be read as text ({exc})", fix="pass --params PATH to a params.yaml") from None
+            raise ConfigError(f"{path} cannot be read as text ({exc})",
+                              fix="pass --params PATH to a params.yaml") from None
         data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, found {type(data).__name__}")

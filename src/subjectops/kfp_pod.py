@@ -59,7 +59,8 @@ def resolve_params(
     if params_yaml.strip():
         data = parse_yaml(params_yaml, "the params_yaml pipeline parameter") or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"the params_yaml pipeline parameter must hold a mapping of sections, found {type(data).__name__}")
+            raise ConfigError("the params_yaml pipeline parameter must hold a mapping of sections, found "
+                              f"{type(data).__name__}")
     # Like the CLI: --method and --model win over --set; the priors cache is a default that --set may change.
     shortcuts_before = [f"priors.cache_dir={json.dumps(priors_cache_dir)}"] if priors_cache_dir else []
     shortcuts_after = []
@@ -95,7 +96,8 @@ def write_params(params: Params, out_dir: Path) -> Path:
 def read_params(params_dir: Path) -> Params:
     path = Path(params_dir) / PARAMS_FILE
     if not path.is_file():
-        raise ConfigError(f"{params_dir} holds no {PARAMS_FILE}", fix="wire the `configure` step's `params` output to this step")
+        raise ConfigError(f"{params_dir} holds no {PARAMS_FILE}",
+                          fix="wire the `configure` step's `params` output to this step")
     return validate_params(parse_yaml(path.read_text(), str(path)) or {}, source=str(path))
 
 
@@ -111,10 +113,12 @@ def parse_subject_uri(uri: str) -> dict:
     """`s3://bucket/prefix`, `dvc://path/in/repo[@rev]` or a local directory (`file://` optional)."""
     uri = (uri or "").strip()
     if not uri:
-        raise SubjectError("no subject given", fix="pass the subject's S3 URI (s3://bucket/prefix), DVC path (dvc://path) or directory")
+        raise SubjectError("no subject given",
+                           fix="pass the subject's S3 URI (s3://bucket/prefix), DVC path (dvc://path) or directory")
     if uri.startswith("s3://"):
         where = S3Location.parse(uri)
-        return {"kind": "s3", "bucket": where.bucket, "prefix": where.prefix, "name": subject_name_from_uri(where.prefix or where.bucket)}
+        return {"kind": "s3", "bucket": where.bucket, "prefix": where.prefix,
+                "name": subject_name_from_uri(where.prefix or where.bucket)}
     if uri.startswith("dvc://"):
         path = uri[len("dvc://"):]
         rev = None
@@ -122,7 +126,8 @@ def parse_subject_uri(uri: str) -> dict:
             path, rev = path.rsplit("@", 1)
         path = path.strip("/")
         if not path:
-            raise SubjectError(f"subject URI {uri!r} names no path", fix="write dvc://path/in/repo[@rev], e.g. dvc://data/subjects/teapot")
+            raise SubjectError(f"subject URI {uri!r} names no path",
+                               fix="write dvc://path/in/repo[@rev], e.g. dvc://data/subjects/teapot")
         check_uri_segments(uri, path, "dvc://path/in/repo[@rev]")
         return {"kind": "dvc", "path": path, "rev": rev, "name": subject_name_from_uri(path)}
     if "://" in uri and not uri.startswith("file://"):
@@ -146,7 +151,8 @@ def fetch_subject(uri: str, dest: Path, *, dvc_repo: str = "", dvc_rev: str = ""
     elif spec["kind"] == "local":
         src = Path(spec["path"])
         if not src.is_dir():
-            raise SubjectError(f"subject directory {src} does not exist", fix="pass an existing directory of photos, an s3:// URI or a dvc:// path")
+            raise SubjectError(f"subject directory {src} does not exist",
+                               fix="pass an existing directory of photos, an s3:// URI or a dvc:// path")
         files = subject_files(src)  # refine's rule: a link out of the folder is refused, not copied
         target.mkdir(parents=True, exist_ok=True)
         for f in files:
@@ -162,11 +168,14 @@ def fetch_subject(uri: str, dest: Path, *, dvc_repo: str = "", dvc_rev: str = ""
         target.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SubjectError(f"`dvc get {dvc_repo} {spec['path']}` failed: {proc.stderr.strip() or proc.stdout.strip()}",
-                               fix="check the path, the revision and the DVC remote's credentials (the object-store Secret)")
+            raise SubjectError(f"`dvc get {dvc_repo} {spec['path']}` failed: "
+                               f"{proc.stderr.strip() or proc.stdout.strip()}",
+                               fix="check the path, the revision and the DVC remote's credentials (the object-store "
+                                   "Secret)")
     images = [f for f in target.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
-        raise SubjectError(f"{uri} holds no photos ({', '.join(IMAGE_SUFFIXES)})", fix="point the subject at a folder of 3-20 photos")
+        raise SubjectError(f"{uri} holds no photos ({', '.join(IMAGE_SUFFIXES)})",
+                           fix="point the subject at a folder of 3-20 photos")
     return target
 
 
@@ -232,7 +241,8 @@ def launch_argv(stage: str, gpu_count: int, params_file: Path, inputs: Mapping[s
     beside = Path(sys.executable).with_name("subjectops")
     exe = str(beside) if beside.is_file() else shutil.which("subjectops")
     if exe is None:
-        raise SubjectopsError("the `subjectops` command is not on PATH", fix="install the package in the image (pip install .)")
+        raise SubjectopsError("the `subjectops` command is not on PATH",
+                              fix="install the package in the image (pip install .)")
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(int(gpu_count)),
             "--num_machines", "1", exe, get_stage(stage).command, "--params", str(params_file)]
     for name, path in inputs.items():
@@ -356,7 +366,8 @@ def check_benchmark(decision, *, fail_on_refused: bool = False) -> None:
     if decision.status == "passed" or (decision.status == "refused" and not fail_on_refused):
         return
     what = "regressed against the champion" if decision.status == "failed" else "cannot be compared with the champion"
-    lines = [f"  {g.metric} on {g.prompt_set} ({g.backbone}): {'ok' if g.passed else 'REGRESSED'}: {g.reason}" for g in decision.gates]
+    lines = [f"  {g.metric} on {g.prompt_set} ({g.backbone}): {'ok' if g.passed else 'REGRESSED'}: {g.reason}"
+             for g in decision.gates]
     reasons = [f"  {r}" for r in decision.reasons]
     raise BenchmarkRegression(
         "\n".join([f"benchmark {what}: {decision.status}", *reasons, *(["gates:", *lines] if lines else [])]),
@@ -383,13 +394,15 @@ def registry_summaries(registrations: Sequence[Mapping], tracking_uri: Optional[
         try:
             champion_version: Optional[str] = str(client.get_model_version_by_alias(name, CHAMPION).version)
         except Exception as exc:  # noqa: BLE001 - MLflow raises one exception type for every error
-            if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
+                                                        "NOT_FOUND"):
                 raise
             champion_version = None
         out.append({
             "model_name": name, "version": version, "champion_version": champion_version,
             "challenger": version_summary(client, name, version),
-            "champion": version_summary(client, name, champion_version) if champion_version and champion_version != version else None,
+            "champion": version_summary(client, name, champion_version)
+            if champion_version and champion_version != version else None,
         })
     return out
 

@@ -52,7 +52,8 @@ def _cron_value(text: str, lo: int, hi: int, names: Optional[list[str]], what: s
     if names and text.upper() in names:
         return names.index(text.upper()) + lo
     if not text.isdigit():
-        raise SubmitError(f"cron {expr!r}: {what} value {text!r} is not a number" + (f" or one of {', '.join(names)}" if names else ""))
+        raise SubmitError(f"cron {expr!r}: {what} value {text!r} is not a number"
+                          + (f" or one of {', '.join(names)}" if names else ""))
     v = int(text)
     if not lo <= v <= hi:
         raise SubmitError(f"cron {expr!r}: {what} value {v} is outside {lo}-{hi}")
@@ -74,8 +75,10 @@ def validate_cron(expr: str) -> str:
         if expr.startswith("@every "):
             if _DURATION.match(expr[len("@every "):].strip()):
                 return expr
-            raise SubmitError(f"cron {expr!r}: '@every' needs a Go duration such as 1h30m", fix="e.g. --cron '@every 24h'")
-        raise SubmitError(f"cron {expr!r}: unknown descriptor", fix=f"use one of {', '.join(_DESCRIPTORS)} or '@every DURATION'")
+            raise SubmitError(f"cron {expr!r}: '@every' needs a Go duration such as 1h30m",
+                              fix="e.g. --cron '@every 24h'")
+        raise SubmitError(f"cron {expr!r}: unknown descriptor",
+                          fix=f"use one of {', '.join(_DESCRIPTORS)} or '@every DURATION'")
     parts = expr.split()
     if len(parts) != 6:
         fix = "KFP's cron has six fields: seconds minutes hours day-of-month month day-of-week"
@@ -107,7 +110,7 @@ def kfp_home() -> Path:
     """The folder holding `components/` and `pipelines/` (a checkout, or SUBJECTOPS_KFP_HOME in the image)."""
     candidates = [os.environ.get("SUBJECTOPS_KFP_HOME"), Path.cwd(), Path(__file__).resolve().parents[2]]
     for c in candidates:
-        if c and (Path(c) / "pipelines" / "personalize.py").is_file() and (Path(c) / "components" / "stages.py").is_file():
+        if c and all((Path(c) / part).is_file() for part in ("pipelines/personalize.py", "components/stages.py")):
             return Path(c).resolve()
     raise SubmitError("cannot find the pipeline definitions (pipelines/ and components/)",
                       fix="run from a checkout of the subjectops repository, or set SUBJECTOPS_KFP_HOME to one")
@@ -172,12 +175,14 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def kfp_client(host: str, namespace: Optional[str], token: Optional[str], dry_run: bool) -> Iterator[tuple[Any, Optional[Recorder]]]:
+def kfp_client(host: str, namespace: Optional[str], token: Optional[str],
+               dry_run: bool) -> Iterator[tuple[Any, Optional[Recorder]]]:
     import kfp
     import kfp_server_api
 
     if not re.match(r"^https?://[^/\s]+", host or ""):
-        raise SubmitError(f"--host {host!r} is not an http(s) URL", fix="pass the KFP API URL, e.g. --host http://localhost:8080")
+        raise SubmitError(f"--host {host!r} is not an http(s) URL",
+                          fix="pass the KFP API URL, e.g. --host http://localhost:8080")
     if not dry_run:
         yield kfp.Client(host=host, namespace=namespace, existing_token=token), None
         return
@@ -218,7 +223,11 @@ def _json_option(text: str, what: str, kind: type) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SubmitError(f"{what} is not valid JSON: {exc}", fix=f"pass JSON, e.g. {what} " + ("'{\"pool\": \"gpu\"}'" if kind is dict else "'[{\"key\": \"nvidia.com/gpu\", \"operator\": \"Exists\", \"effect\": \"NoSchedule\"}]'")) from None
+        raise SubmitError(f"{what} is not valid JSON: {exc}",
+                          fix=f"pass JSON, e.g. {what} "
+                          + ("'{\"pool\": \"gpu\"}'" if kind is dict
+                             else "'[{\"key\": \"nvidia.com/gpu\", \"operator\": \"Exists\", \"effect\": "
+                             "\"NoSchedule\"}]'")) from None
     if not isinstance(value, kind):
         raise SubmitError(f"{what} must be a JSON {'object' if kind is dict else 'list'}, got {type(value).__name__}")
     return value
@@ -231,19 +240,26 @@ def make_placement(accelerator_type: str, gpu_count: int, node_selector: str, to
                    mlflow_secret: str, s3_secret: str, priors_cache_dir: str) -> Placement:
     sel = _json_option(node_selector, "--gpu-node-selector", dict)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in sel.items()):
-        raise SubmitError("--gpu-node-selector must map label names to string values", fix="quote values: '{\"gpu\": \"true\"}'")
+        raise SubmitError("--gpu-node-selector must map label names to string values",
+                          fix="quote values: '{\"gpu\": \"true\"}'")
     tols = _json_option(tolerations, "--gpu-tolerations", list)
     for t in tols:
         if not isinstance(t, dict) or set(t) - _TOLERATION_KEYS:
-            raise SubmitError(f"toleration {t!r} is not a Kubernetes toleration", fix=f"use only the keys {', '.join(sorted(_TOLERATION_KEYS))}")
-        if t.get("operator", "Equal") not in ("Equal", "Exists") or t.get("effect", "NoSchedule") not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
-            raise SubmitError(f"toleration {t!r}: operator must be Equal or Exists, effect NoSchedule, PreferNoSchedule or NoExecute")
+            raise SubmitError(f"toleration {t!r} is not a Kubernetes toleration",
+                              fix=f"use only the keys {', '.join(sorted(_TOLERATION_KEYS))}")
+        effects = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+        if t.get("operator", "Equal") not in ("Equal", "Exists") or t.get("effect", "NoSchedule") not in effects:
+            raise SubmitError(f"toleration {t!r}: operator must be Equal or Exists, effect NoSchedule, "
+                              "PreferNoSchedule or NoExecute")
     if gpu_count < 1:
         raise SubmitError(f"--gpu-count {gpu_count} must be at least 1")
-    for what, name in (("--model-cache-pvc", model_cache_pvc), ("--mlflow-secret", mlflow_secret), ("--s3-secret", s3_secret)):
+    for what, name in (("--model-cache-pvc", model_cache_pvc), ("--mlflow-secret", mlflow_secret),
+                       ("--s3-secret", s3_secret)):
         if not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", name or ""):
-            raise SubmitError(f"{what} {name!r} is not a Kubernetes object name", fix="lower-case letters, digits, '-' and '.'")
-    return Placement(accelerator_type, gpu_count, sel, tols, model_cache_pvc, mlflow_secret, s3_secret, priors_cache_dir)
+            raise SubmitError(f"{what} {name!r} is not a Kubernetes object name",
+                              fix="lower-case letters, digits, '-' and '.'")
+    return Placement(accelerator_type, gpu_count, sel, tols, model_cache_pvc, mlflow_secret, s3_secret,
+                     priors_cache_dir)
 
 
 def read_params_text(params_path: Path) -> str:
@@ -269,7 +285,8 @@ def check_subject(uri: str) -> dict:
     if spec["kind"] == "local":
         raise SubmitError(
             f"subject {uri!r} is a path on this machine, which the cluster cannot read",
-            fix="upload the photos (subjectops data push DIR s3://subjectops-data/subjects/NAME) and pass the s3:// URI, or pass dvc://PATH with --dvc-repo",
+            fix="upload the photos (subjectops data push DIR s3://subjectops-data/subjects/NAME) and pass the s3:// "
+                "URI, or pass dvc://PATH with --dvc-repo",
         )
     from subjectops.data.subject import check_subject_name
 
@@ -293,7 +310,8 @@ def submit_run(*, pipeline: str, host: str, arguments: dict, run_name: str, expe
                pipeline_root: Optional[str], cpu_image: Optional[str], trainer_image: Optional[str],
                parallelism: Optional[int] = None, dry_run: bool = False, output: Optional[Path] = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="subjectops-kfp-") as tmp:
-        package = compile_package(pipeline, Path(tmp), cpu_image=cpu_image, trainer_image=trainer_image, parallelism=parallelism)
+        package = compile_package(pipeline, Path(tmp), cpu_image=cpu_image, trainer_image=trainer_image,
+                                  parallelism=parallelism)
         with kfp_client(host, namespace, token, dry_run) as (client, recorder):
             with contextlib.redirect_stdout(sys.stderr):
                 exp = client.create_experiment(name=experiment, namespace=namespace)
@@ -303,7 +321,8 @@ def submit_run(*, pipeline: str, host: str, arguments: dict, run_name: str, expe
                                           pipeline_root=pipeline_root)
     if recorder is not None:
         return _emit(recorder, output, "run")
-    return {"run_id": run.run_id, "experiment_id": exp.experiment_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
+    return {"run_id": run.run_id, "experiment_id": exp.experiment_id,
+            "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}"}
 
 
 def schedule_run(*, pipeline: str, host: str, arguments: dict, name: str, cron: str, experiment: str,
@@ -313,7 +332,8 @@ def schedule_run(*, pipeline: str, host: str, arguments: dict, name: str, cron: 
                  output: Optional[Path] = None) -> dict:
     cron = validate_cron(cron)
     with tempfile.TemporaryDirectory(prefix="subjectops-kfp-") as tmp:
-        package = compile_package(pipeline, Path(tmp), cpu_image=cpu_image, trainer_image=trainer_image, parallelism=parallelism)
+        package = compile_package(pipeline, Path(tmp), cpu_image=cpu_image, trainer_image=trainer_image,
+                                  parallelism=parallelism)
         with kfp_client(host, namespace, token, dry_run) as (client, recorder):
             with contextlib.redirect_stdout(sys.stderr):
                 exp = client.create_experiment(name=experiment, namespace=namespace)
@@ -350,16 +370,21 @@ OutputOpt = typer.Option(None, "--output", help="with --dry-run: write the reque
 CachingOpt = typer.Option(None, "--caching/--no-caching", help="override the steps' caching for this run")
 RootOpt = typer.Option(None, "--pipeline-root", help="artifact root (default: the KFP deployment's)")
 CpuImageOpt = typer.Option(None, "--cpu-image", envvar="SUBJECTOPS_CPU_IMAGE", help="image of the CPU steps")
-TrainerImageOpt = typer.Option(None, "--trainer-image", envvar="SUBJECTOPS_TRAINER_IMAGE", help="image of the GPU steps")
+TrainerImageOpt = typer.Option(None, "--trainer-image", envvar="SUBJECTOPS_TRAINER_IMAGE",
+                               help="image of the GPU steps")
 AccelOpt = typer.Option("nvidia.com/gpu", "--accelerator-type", help="GPU resource name")
 GpuCountOpt = typer.Option(1, "--gpu-count", help="GPUs per GPU step; above 1, finetune runs through accelerate")
-NodeSelOpt = typer.Option('{"nvidia.com/gpu.present": "true"}', "--gpu-node-selector", help="GPU node pool labels (JSON object)")
+NodeSelOpt = typer.Option('{"nvidia.com/gpu.present": "true"}', "--gpu-node-selector",
+                          help="GPU node pool labels (JSON object)")
 TolOpt = typer.Option('[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]', "--gpu-tolerations",
                       help="GPU node pool tolerations (JSON list)")
 PvcOpt = typer.Option("subjectops-model-cache", "--model-cache-pvc", help="model-cache PVC mounted at /models")
-MlflowSecretOpt = typer.Option("subjectops-mlflow", "--mlflow-secret", help="Secret with MLFLOW_TRACKING_URI/USERNAME/PASSWORD")
-S3SecretOpt = typer.Option("subjectops-s3", "--s3-secret", help="Secret with AWS_ACCESS_KEY_ID/SECRET_ACCESS_KEY/ENDPOINT_URL")
-PriorsCacheOpt = typer.Option("/models/cache/priors", "--priors-cache-dir", help="class-prior cache (on the model cache)")
+MlflowSecretOpt = typer.Option("subjectops-mlflow", "--mlflow-secret",
+                               help="Secret with MLFLOW_TRACKING_URI/USERNAME/PASSWORD")
+S3SecretOpt = typer.Option("subjectops-s3", "--s3-secret",
+                           help="Secret with AWS_ACCESS_KEY_ID/SECRET_ACCESS_KEY/ENDPOINT_URL")
+PriorsCacheOpt = typer.Option("/models/cache/priors", "--priors-cache-dir",
+                              help="class-prior cache (on the model cache)")
 DvcRepoOpt = typer.Option("", "--dvc-repo", help="git URL of the DVC repository for dvc:// subjects")
 DvcRevOpt = typer.Option("", "--dvc-rev", help="revision of --dvc-repo")
 
@@ -384,9 +409,11 @@ def submit(
     """Submit a `personalize` run of one subject to Kubeflow Pipelines."""
     spec = check_subject(subject)
     if not class_word.strip():
-        raise SubmitError("the class word is empty", fix="pass --class with the subject's category, e.g. --class teapot")
+        raise SubmitError("the class word is empty",
+                          fix="pass --class with the subject's category, e.g. --class teapot")
     if spec["kind"] == "dvc" and not dvc_repo:
-        raise SubmitError(f"subject {subject} is a DVC path but --dvc-repo is not given", fix="pass --dvc-repo GIT_URL")
+        raise SubmitError(f"subject {subject} is a DVC path but --dvc-repo is not given",
+                          fix="pass --dvc-repo GIT_URL")
     params_yaml, overrides, p = _common(params_path, sets, method, model)
     placement = make_placement(accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations, model_cache_pvc,
                                mlflow_secret, s3_secret, priors_cache_dir)
@@ -402,7 +429,8 @@ def submit(
         _echo(f"submitted run {result['run_id']}: {result['url']}")
 
 
-benchmark_app = typer.Typer(no_args_is_help=True, help="The DreamBench benchmark on Kubeflow: submit, schedule, aggregate.")
+benchmark_app = typer.Typer(no_args_is_help=True,
+                            help="The DreamBench benchmark on Kubeflow: submit, schedule, aggregate.")
 
 
 def _subjects(subjects_file: Optional[Path], subjects_root: str) -> list[dict]:
@@ -414,7 +442,8 @@ def _subjects(subjects_file: Optional[Path], subjects_root: str) -> list[dict]:
     try:
         items = json.loads(subjects_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SubmitError(f"cannot read subjects from {subjects_file}: {exc}", fix='write a JSON list of {"uri": ..., "class_word": ...}') from None
+        raise SubmitError(f"cannot read subjects from {subjects_file}: {exc}",
+                          fix='write a JSON list of {"uri": ..., "class_word": ...}') from None
     if not isinstance(items, list) or not items:
         raise SubmitError(f"{subjects_file} must hold a non-empty JSON list of subjects")
     for it in items:
@@ -424,7 +453,8 @@ def _subjects(subjects_file: Optional[Path], subjects_root: str) -> list[dict]:
     return items
 
 
-def _benchmark_arguments(subjects_file, subjects_root, method, model, params_path, sets, fail_on_refused, dvc_repo, dvc_rev,
+def _benchmark_arguments(subjects_file, subjects_root, method, model, params_path, sets, fail_on_refused, dvc_repo,
+                         dvc_rev,
                          accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations, model_cache_pvc,
                          mlflow_secret, s3_secret, priors_cache_dir, parallelism) -> dict:
     if parallelism < 1:
@@ -438,7 +468,8 @@ def _benchmark_arguments(subjects_file, subjects_root, method, model, params_pat
 
 
 SubjectsFileOpt = typer.Option(None, "--subjects", help='JSON list of {"uri", "class_word"} (default: DreamBench)')
-SubjectsRootOpt = typer.Option("s3://subjectops-data/dreambench", "--subjects-root", help="where the DreamBench subjects are")
+SubjectsRootOpt = typer.Option("s3://subjectops-data/dreambench", "--subjects-root",
+                               help="where the DreamBench subjects are")
 ParallelismOpt = typer.Option(4, "--parallelism", help="subjects trained at once")
 FailRefusedOpt = typer.Option(False, "--fail-on-refused", help="also fail when the numbers cannot be compared")
 
@@ -463,9 +494,11 @@ def benchmark_submit(
 ):
     """Submit one `benchmark` run now (the Helm chart's CronJob calls this)."""
     arguments = _benchmark_arguments(subjects_file, subjects_root, method, model, params_path, sets, fail_on_refused,
-                                     dvc_repo, dvc_rev, accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations,
+                                     dvc_repo, dvc_rev, accelerator_type, gpu_count, gpu_node_selector,
+                                     gpu_tolerations,
                                      model_cache_pvc, mlflow_secret, s3_secret, priors_cache_dir, parallelism)
-    result = submit_run(pipeline="benchmark", host=host, arguments=arguments, run_name=run_name or f"benchmark-{arguments['methods'][0]}",
+    result = submit_run(pipeline="benchmark", host=host, arguments=arguments,
+                        run_name=run_name or f"benchmark-{arguments['methods'][0]}",
                         experiment=experiment, namespace=namespace, token=token, service_account=service_account,
                         enable_caching=caching, pipeline_root=pipeline_root, cpu_image=cpu_image,
                         trainer_image=trainer_image, parallelism=parallelism, dry_run=dry_run, output=output)
@@ -481,7 +514,8 @@ def benchmark_schedule(
     params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
     subjects_file: Optional[Path] = SubjectsFileOpt, subjects_root: str = SubjectsRootOpt,
     parallelism: int = ParallelismOpt, fail_on_refused: bool = FailRefusedOpt,
-    name: Optional[str] = typer.Option(None, "--name", help="recurring run name (default: benchmark-<method>-nightly)"),
+    name: Optional[str] = typer.Option(None, "--name",
+                                       help="recurring run name (default: benchmark-<method>-nightly)"),
     experiment: str = typer.Option(BENCHMARK_EXPERIMENT, "--experiment"),
     namespace: Optional[str] = NamespaceOpt, token: Optional[str] = TokenOpt, service_account: Optional[str] = SAOpt,
     dvc_repo: str = DvcRepoOpt, dvc_rev: str = DvcRevOpt,
@@ -495,9 +529,11 @@ def benchmark_schedule(
     """Create a KFP recurring run of the benchmark: one run at a time (max_concurrency=1), no catch-up."""
     validate_cron(cron)
     arguments = _benchmark_arguments(subjects_file, subjects_root, method, model, params_path, sets, fail_on_refused,
-                                     dvc_repo, dvc_rev, accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations,
+                                     dvc_repo, dvc_rev, accelerator_type, gpu_count, gpu_node_selector,
+                                     gpu_tolerations,
                                      model_cache_pvc, mlflow_secret, s3_secret, priors_cache_dir, parallelism)
-    result = schedule_run(pipeline="benchmark", host=host, arguments=arguments, name=name or f"benchmark-{arguments['methods'][0]}-nightly",
+    result = schedule_run(pipeline="benchmark", host=host, arguments=arguments,
+                          name=name or f"benchmark-{arguments['methods'][0]}-nightly",
                           cron=cron, experiment=experiment, namespace=namespace, token=token,
                           service_account=service_account, enable_caching=caching, pipeline_root=pipeline_root,
                           cpu_image=cpu_image, trainer_image=trainer_image, parallelism=parallelism,
@@ -517,7 +553,8 @@ def benchmark_aggregate(
 ):
     """Aggregate registered versions' evaluations and gate them against their champions (the pipeline's last step)."""
     from subjectops.config import load_params
-    from subjectops.kfp_pod import benchmark_aggregate as aggregate, check_benchmark, parse_registration, registry_summaries
+    from subjectops.kfp_pod import benchmark_aggregate as aggregate
+    from subjectops.kfp_pod import check_benchmark, parse_registration, registry_summaries
 
     p = load_params(params_path, list(sets or []))
     rows = registry_summaries([parse_registration(r) for r in registrations], tracking_uri=tracking_uri)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from subjectops import world
 from subjectops.config import Params
 from subjectops.errors import ModelNotFoundError
 from subjectops.methods import configured_method
-from subjectops import world
 from subjectops.models.loading import how_to_provide, is_tiny, is_world
 
 

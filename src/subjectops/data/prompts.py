@@ -136,7 +136,7 @@ class PromptItem:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PromptItem":
+    def from_dict(cls, d: dict[str, Any]) -> PromptItem:
         return cls(prompt=str(d["prompt"]), seed=int(d["seed"]), meta=dict(d.get("meta") or {}))
 
 
@@ -163,7 +163,7 @@ class PromptSet:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PromptSet":
+    def from_dict(cls, d: dict[str, Any]) -> PromptSet:
         try:
             return cls(
                 name=str(d["name"]),
@@ -269,7 +269,8 @@ def prompt_varying(template: str, num_images: int, sampler_seed: int, identifier
     for i, (image_type, background, style) in enumerate(sample_varying_parts(num_images, sampler_seed)):
         prompt = _format(template, "infer.prompt_varying.template", token=identifier, class_word=class_word,
                          image_type=image_type, background=background, style=style)
-        items.append(PromptItem(prompt, seed + i, {"image_type": image_type, "background": background, "style": style}))
+        items.append(PromptItem(prompt, seed + i,
+                                {"image_type": image_type, "background": background, "style": style}))
     return PromptSet(
         "prompt-varying",
         VERSIONS["prompt-varying"],
@@ -318,7 +319,7 @@ def dreambench(images_per_prompt: int, identifier: str, class_word: str, seed: i
     )
 
 
-def build_prompt_sets(params: "Params", identifier: str, class_word: str) -> list[PromptSet]:
+def build_prompt_sets(params: Params, identifier: str, class_word: str) -> list[PromptSet]:
     """The sets named in ``params.infer.prompt_sets``, in that order (called by the infer stage)."""
     cfg = params.infer
     names = list(cfg.prompt_sets)

@@ -57,7 +57,7 @@ class StageInputs:
     refine: Path | None = None
 
     @classmethod
-    def from_dirs(cls, model: ModelCfg, dirs: Mapping[str, str | Path]) -> "StageInputs":
+    def from_dirs(cls, model: ModelCfg, dirs: Mapping[str, str | Path]) -> StageInputs:
         """From a mapping of stage name -> directory (extra keys, like the packaged base model, are ignored)."""
         stages = {f.name for f in fields(cls)} - {"model"}
         return cls(model=model, **{name: Path(path) for name, path in dirs.items() if name in stages})
@@ -91,7 +91,8 @@ class Strategy:
         self.spec = spec
         self.inputs = inputs
         # the section's pydantic model from config.py validates the recorded settings again when served
-        self.config = InferCfg.model_fields[self.section].annotation.model_validate(spec.config) if self.section else None
+        section = InferCfg.model_fields[self.section].annotation if self.section else None
+        self.config = section.model_validate(spec.config) if section else None
 
     @classmethod
     def spec_for(cls, infer: InferCfg, resolution: int) -> InferenceSpec:
@@ -128,7 +129,7 @@ class Strategy:
         return {"finetune"} | {REQUIREMENTS[r] for r in cls.requires}
 
     @classmethod
-    def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> "Strategy":
+    def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> Strategy:
         use_scheduler(pipe, spec.scheduler)
         return cls(pipe, spec, inputs)
 

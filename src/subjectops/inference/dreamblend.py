@@ -90,7 +90,8 @@ def cross_attention_maps(pipe, latents: torch.Tensor, t, cond: torch.Tensor, max
     with recording(pipe.unet, max_resolution) as maps:
         pipe.unet(pipe.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond, return_dict=False)
     if not maps:
-        raise SubjectopsError(f"no cross-attention layer has a latent grid of at most {max_resolution}x{max_resolution}",
+        raise SubjectopsError("no cross-attention layer has a latent grid of at most "
+                              f"{max_resolution}x{max_resolution}",
                               fix="raise infer.dreamblend.max_resolution")
     return dict(maps)
 
@@ -176,18 +177,20 @@ class DreamBlendStrategy(Strategy):
         return require_snapshot(inputs.finetune, spec.config["edit"])
 
     @classmethod
-    def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> "DreamBlendStrategy":
+    def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> DreamBlendStrategy:
         from subjectops.inference import finetuned_pipeline
         from subjectops.methods import require_snapshot
 
         if spec.scheduler != "ddim":
-            raise SubjectopsError(f"dreamblend inverts and samples with DDIM, but infer.scheduler is {spec.scheduler!r}",
+            raise SubjectopsError("dreamblend inverts and samples with DDIM, but infer.scheduler is "
+                                  f"{spec.scheduler!r}",
                                   fix="--set infer.scheduler=ddim")
         if getattr(pipe, "text_encoder_2", None) is not None:
             raise SubjectopsError("dreamblend is implemented for SD-1.x-shaped pipelines (one text encoder)",
                                   fix="use an SD-1.x base model, or infer.strategy=plain")
         strategy = super().load(pipe, spec, inputs)
-        strategy.guidance_pipe = finetuned_pipeline(inputs.model, require_snapshot(inputs.finetune, strategy.config.guidance))
+        strategy.guidance_pipe = finetuned_pipeline(inputs.model,
+                                                    require_snapshot(inputs.finetune, strategy.config.guidance))
         use_scheduler(strategy.guidance_pipe, spec.scheduler)
         return strategy
 
@@ -212,7 +215,8 @@ class DreamBlendStrategy(Strategy):
                               cross_attention_maps(guide, latents, t, g_cond, cfg.max_resolution).items()})
             return latents
 
-        image_u = sample(guide, x_T, g_cond, g_uncond, s.guidance_scale, s.steps, s.resolution, record, "latent").images
+        image_u = sample(guide, x_T, g_cond, g_uncond, s.guidance_scale, s.steps, s.resolution, record,
+                         "latent").images
         # 2. the edit model's start latent
         cond, uncond = self._embeds(edit, prompt)
         start = x_T if cfg.start == "noise" else ddim_invert(edit, image_u, cond, s.steps)

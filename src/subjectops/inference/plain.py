@@ -43,7 +43,8 @@ def sample(pipe, prompt: str, seed: int, spec: InferenceSpec, at_latent: LatentH
     def step_end(pipeline, i, _t, tensors):
         if stepwise and i + 1 < len(timesteps):
             c = cond_at(i + 1).prompt_embeds
-            tensors["prompt_embeds"] = torch.cat([uncond.prompt_embeds, c]) if pipeline.do_classifier_free_guidance else c
+            tensors["prompt_embeds"] = torch.cat([uncond.prompt_embeds,
+                                                  c]) if pipeline.do_classifier_free_guidance else c
         tensors["latents"] = at_latent(i + 1, tensors["latents"])
         return tensors
 

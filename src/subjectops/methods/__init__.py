@@ -60,7 +60,8 @@ def load_finetuned(pipe, finetune_dir: Path) -> dict:
         get_method(info["method"]).apply(pipe, finetune_dir, info)
     except (OSError, ValueError) as exc:  # diffusers and transformers report missing weight files so
         raise SubjectopsError(f"cannot load the finetune output {finetune_dir}: {exc}",
-                              fix="subjectops loads safetensors weights only; run `subjectops finetune` again") from None
+                              fix="subjectops loads safetensors weights only; run `subjectops finetune` again",
+                              ) from None
     return info
 
 
@@ -81,6 +82,7 @@ def snapshot_steps_in(finetune_dir: Path) -> list[int]:
 def require_snapshot(finetune_dir: Path, step: int) -> Path:
     path = snapshot_dir(finetune_dir, step)
     if not (path / "method.json").is_file():
-        raise SubjectopsError(f"{finetune_dir} keeps no snapshot of step {step} (it has {snapshot_steps_in(finetune_dir)})",
+        raise SubjectopsError(f"{finetune_dir} keeps no snapshot of step {step} (it has "
+                              f"{snapshot_steps_in(finetune_dir)})",
                               fix=f"add {step} to finetune.snapshots (or pick a kept step) and run finetune again")
     return path

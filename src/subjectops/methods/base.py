@@ -101,7 +101,8 @@ class Method:
     def phases(self) -> list[Phase]:
         raise NotImplementedError
 
-    def examples(self, images: list[torch.Tensor], masks: list[torch.Tensor], priors: list[torch.Tensor]) -> tuple[list[TrainExample], list[TrainExample]]:
+    def examples(self, images: list[torch.Tensor], masks: list[torch.Tensor],
+                 priors: list[torch.Tensor]) -> tuple[list[TrainExample], list[TrainExample]]:
         instance = [TrainExample(img, self.instance_prompt(), m) for img, m in zip(images, masks)]
         prior = [TrainExample(p, self.class_prompt(), None, is_prior=True) for p in priors]
         return instance, prior

@@ -198,7 +198,8 @@ class HiFiTunerMethod(Method):
         from safetensors.torch import save_file
 
         timesteps, embeds = self.stepwise()
-        save_file({"timesteps": timesteps, "embeds": embeds.contiguous(), "c_s": self.subject.c_s.detach().float().cpu(),
+        save_file({"timesteps": timesteps, "embeds": embeds.contiguous(),
+                   "c_s": self.subject.c_s.detach().float().cpu(),
                    "phi_s": self.subject.phi_s.cpu()}, out_dir / EMBEDS_FILE,
                   metadata={"reg_weight": str(self.cfg.reg_weight), "num_tokens": str(self.cfg.num_tokens)})
         return [EMBEDS_FILE]

@@ -92,7 +92,7 @@ def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any]
     a multi-stage strategy made it from, and how many there are."""
     out = []
     for pset in metrics["prompt_sets"]:
-        groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+        groups: OrderedDict[str, list[dict]] = OrderedDict()
         for s in samples:
             if s["prompt_set"] == pset["name"]:
                 groups.setdefault(s["prompt"], []).append(s)
@@ -130,7 +130,7 @@ def _metric_tables(metrics: dict[str, Any]) -> list[dict]:
 
 def _plots(metrics: dict[str, Any]) -> list[dict]:
     """One plot per metric, over the prompt sets."""
-    per_metric: "OrderedDict[str, list[dict]]" = OrderedDict()
+    per_metric: OrderedDict[str, list[dict]] = OrderedDict()
     for rec in metrics["metrics"]:
         per_metric.setdefault(rec["metric"], []).append(rec)
     plots = []

@@ -27,7 +27,8 @@ def benchmark_pairs(methods: Sequence[str], subjects: Sequence[Mapping]) -> list
                               f"{len(subjects)} subject(s)", fix="pass at least one of each")
     for method in methods:
         get_method(method)
-    return [{"method": m, "uri": s["uri"], "class_word": s["class_word"]} for m in dict.fromkeys(methods) for s in subjects]
+    return [{"method": m, "uri": s["uri"], "class_word": s["class_word"]} for m in dict.fromkeys(methods)
+            for s in subjects]
 
 
 def fetch_registered_run(client, model_name: str, version: str, dest: Path) -> Path:

@@ -45,7 +45,8 @@ def choose_and_register(params: Params, run_dir: Path, min_clip_t: float | None 
     rule = "max DINO" + (f" subject to CLIP-T >= {floor}" if floor is not None else "")
     point_dir = run_dir / "sweep" / chosen.path
     weights = get_strategy(chosen.strategy).point_weights(run_dir / "finetune", chosen.settings)
-    decision = {"chosen": chosen.to_dict(), "rule": rule, "front": [p.to_dict() for p in points if p.label in doc["front"]]}
+    decision = {"chosen": chosen.to_dict(), "rule": rule,
+                "front": [p.to_dict() for p in points if p.label in doc["front"]]}
     out = run_dir / "choose"
     with stage_output(out) as work:
         (work / "decision.json").write_text(json.dumps(decision, indent=2))

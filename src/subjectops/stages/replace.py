@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from subjectops.config import Params

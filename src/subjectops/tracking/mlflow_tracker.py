@@ -180,14 +180,15 @@ class RunState:
         return self.run_dir / STATE_FILE
 
     @classmethod
-    def load(cls, run_dir: Path) -> "RunState | None":
+    def load(cls, run_dir: Path) -> RunState | None:
         p = Path(run_dir) / STATE_FILE
         if not p.is_file():
             return None
         try:
             return cls(run_dir, json.loads(p.read_text()))
         except ValueError as exc:
-            raise TrackingError(f"{p} is not valid JSON ({exc})", fix="delete it and run `subjectops sync` to rebuild the record") from None
+            raise TrackingError(f"{p} is not valid JSON ({exc})",
+                                fix="delete it and run `subjectops sync` to rebuild the record") from None
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,7 +303,7 @@ class MlflowTracker:
                 if exp.lifecycle_stage == "deleted":
                     raise TrackingError(
                         f"MLflow experiment {experiment!r} at {uri} is deleted",
-                        fix=f"restore it (`mlflow experiments restore`) or set tracking.experiment to another name",
+                        fix="restore it (`mlflow experiments restore`) or set tracking.experiment to another name",
                     )
                 return exp.experiment_id
             try:
@@ -318,12 +319,13 @@ class MlflowTracker:
             raise
         except Exception as exc:  # noqa: BLE001
             if _is_client_error(exc):
-                raise TrackingError(f"MLflow at {uri}: {describe_error(exc, uri)}", fix="check MLFLOW_TRACKING_URI and the credentials") from None
+                raise TrackingError(f"MLflow at {uri}: {describe_error(exc, uri)}",
+                                    fix="check MLFLOW_TRACKING_URI and the credentials") from None
             raise _ConnectFailed(describe_error(exc, uri)) from None
 
     # ---- Tracker protocol --------------------------------------------------------------------
     @contextlib.contextmanager
-    def pipeline(self, params: Params, run_dir: Path) -> Iterator["MlflowTracker"]:
+    def pipeline(self, params: Params, run_dir: Path) -> Iterator[MlflowTracker]:
         run_dir = Path(run_dir)
         self.params = params
         self.uri = resolve_tracking_uri(self.explicit_uri)
@@ -354,12 +356,13 @@ class MlflowTracker:
             st.data["pending"] = not st.everything_uploaded()
             st.save()
             if st.data["pending"]:
-                self.echo(f"run recorded locally in {run_dir} (not all of it reached MLflow); upload it with `subjectops sync {run_dir}`")
+                self.echo(f"run recorded locally in {run_dir} (not all of it reached MLflow); upload it with "
+                          f"`subjectops sync {run_dir}`")
             else:
                 self.echo(f"run {st.data['parent']['run_id']} logged to {self.uri}")
 
     @contextlib.contextmanager
-    def stage(self, name: str, out_dir: Path) -> Iterator["MlflowTracker"]:
+    def stage(self, name: str, out_dir: Path) -> Iterator[MlflowTracker]:
         assert self.state is not None, "stage() must be used inside pipeline()"
         st = self.state.add_stage(name, out_dir)
         self.state.save()
@@ -399,7 +402,7 @@ class MlflowTracker:
             flat = sorted((k, R.param_value(v)) for k, v in R.flatten(st.data["params"]).items())
             for i in range(0, len(flat), PARAMS_PER_BATCH):
                 chunk = flat[i : i + PARAMS_PER_BATCH]
-                self._step(parent["done"], f"params:{i}", "logging params", lambda: self.client.log_batch(
+                self._step(parent["done"], f"params:{i}", "logging params", lambda chunk=chunk: self.client.log_batch(
                     parent["run_id"], params=[Param(k, v[:6000]) for k, v in chunk], synchronous=True))
         except _Offline:
             pass
@@ -424,13 +427,16 @@ class MlflowTracker:
             params_json = scratch / "params.json"
             params_json.write_text(json.dumps(st.data["params"], indent=1, sort_keys=True))
             self._step(parent["done"], "tags", "tagging the pipeline run", lambda: self.client.log_batch(
-                parent["run_id"], tags=[RunTag(k, v[:5000]) for k, v in tags.items()], synchronous=True) if tags else None)
+                parent["run_id"], tags=[RunTag(k, v[:5000]) for k, v in tags.items()], synchronous=True) if tags
+                       else None)
             ts = parent["end"] or now_ms()
             for i in range(0, len(metrics), METRICS_PER_BATCH):
                 chunk = metrics[i : i + METRICS_PER_BATCH]
-                self._step(parent["done"], f"metrics:{i}", "logging pipeline metrics", lambda: self.client.log_batch(
+                self._step(parent["done"], f"metrics:{i}", "logging pipeline metrics",
+                           lambda chunk=chunk: self.client.log_batch(
                     parent["run_id"], metrics=[Metric(p.key, p.value, ts, p.step) for p in chunk], synchronous=True))
-            self._step(parent["done"], "params.json", "uploading params.json", lambda: self.client.log_artifact(parent["run_id"], str(params_json)))
+            self._step(parent["done"], "params.json", "uploading params.json",
+                       lambda: self.client.log_artifact(parent["run_id"], str(params_json)))
             if parent["status"] != "RUNNING":
                 self._step(parent["done"], "end", "ending the pipeline run", lambda: self.client.set_terminated(
                     parent["run_id"], status=parent["status"], end_time=parent["end"]))
@@ -472,7 +478,8 @@ class MlflowTracker:
             ts = s["end"] or now_ms()
             for i in range(0, len(rec.metrics), METRICS_PER_BATCH):
                 chunk = rec.metrics[i : i + METRICS_PER_BATCH]
-                self._step(s["done"], f"metrics:{i}", f"logging {name} metrics", lambda: self.client.log_batch(
+                self._step(s["done"], f"metrics:{i}", f"logging {name} metrics",
+                           lambda chunk=chunk: self.client.log_batch(
                     rid, metrics=[Metric(p.key, p.value, p.timestamp or ts, p.step) for p in chunk], synchronous=True))
             for local, dest in rec.artifacts:
                 key = f"artifact:{dest}/{local.name}"
@@ -485,7 +492,8 @@ class MlflowTracker:
 
                 self._step(s["done"], key, f"uploading {local.name} of {name}", up)
             if s["status"] != "RUNNING":
-                self._step(s["done"], "end", f"ending the {name} run", lambda: self.client.set_terminated(rid, status=s["status"], end_time=s["end"]))
+                self._step(s["done"], "end", f"ending the {name} run",
+                           lambda: self.client.set_terminated(rid, status=s["status"], end_time=s["end"]))
         except _Offline:
             pass
 
@@ -546,13 +554,15 @@ def sync(run_dir: Path, stages: StageCatalog, tracking_uri: str | None = None,
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise TrackingError(f"run directory {run_dir} does not exist", fix="pass the folder `subjectops run --out` wrote")
+        raise TrackingError(f"run directory {run_dir} does not exist",
+                            fix="pass the folder `subjectops run --out` wrote")
     st = RunState.load(run_dir)
     if st is None:
         st = _state_from_directory(run_dir, stages)
     tr = MlflowTracker(tracking_uri=tracking_uri, echo=echo, stages=stages)
     tr.params = Params.model_validate(st.data["params"])
-    tr.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or st.data.get("tracking_uri") or default_tracking_uri()
+    tr.uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or st.data.get("tracking_uri")
+              or default_tracking_uri())
     experiment = st.data.get("experiment") or tr.params.tracking.experiment
     try:
         exp_id = tr._connect(tr.uri, experiment)
@@ -591,7 +601,8 @@ def sync(run_dir: Path, stages: StageCatalog, tracking_uri: str | None = None,
     st.save()
     if tr.offline or st.data["pending"]:
         raise TrackingError(
-            f"sync of {run_dir} stopped before the end ({st.data.get('offline_reason') or 'incomplete'}); what was uploaded is recorded",
+            f"sync of {run_dir} stopped before the end ({st.data.get('offline_reason') or 'incomplete'}); what was "
+            "uploaded is recorded",
             fix="run `subjectops sync` again when the server is reachable",
         )
     return {
@@ -637,11 +648,13 @@ def _state_from_directory(run_dir: Path, stages: StageCatalog) -> RunState:
         params = params or manifest.get("params")
         mtime = int(m.stat().st_mtime * 1000)
         created = manifest.get("created")
-        st.data["stages"][name] = {"out_dir": str((run_dir / name).resolve()), "run_id": None, "start": mtime, "end": mtime,
+        st.data["stages"][name] = {"out_dir": str((run_dir / name).resolve()), "run_id": None, "start": mtime,
+                                   "end": mtime,
                                    "status": "FINISHED", "done": [], "created": created}
         st.data["order"].append(name)
     if not st.data["order"]:
-        raise TrackingError(f"{run_dir} holds no stage output (no */manifest.json)", fix="pass a run directory written by `subjectops run`")
+        raise TrackingError(f"{run_dir} holds no stage output (no */manifest.json)",
+                            fix="pass a run directory written by `subjectops run`")
     p = Params.model_validate(params or {})
     st.data["params"] = p.model_dump(mode="json")
     starts = [s["start"] for s in st.data["stages"].values()]

@@ -54,12 +54,14 @@ def decal_match(image: Tensor, region: Tensor, palette: Sequence[Sequence[int]])
 def score(judged: dict[str, Tensor], images: Tensor, prompts: Sequence[str], class_word: str,
           palette: Optional[Sequence[Sequence[int]]]) -> dict[str, list[Optional[float]]]:
     """Per image 1.0 / 0.0 for each world metric, None where it does not apply."""
-    out: dict[str, list[Optional[float]]] = {"world-class": [], "world-color": [], "world-scene": [], "world-decal": []}
+    out: dict[str, list[Optional[float]]] = {"world-class": [], "world-color": [], "world-scene": [],
+                                             "world-decal": []}
     for i, prompt in enumerate(prompts):
         want = prompted(prompt, class_word)
         for head in ("class", "color", "scene"):
             target = want[head]
             out[f"world-{head}"].append(None if target is None else float(int(judged[head][i].argmax()) == target))
         region = judged["mask"][i] > 0
-        out["world-decal"].append(None if palette is None else float(decal_match(images[i].cpu(), region.cpu(), palette)))
+        out["world-decal"].append(None if palette is None
+                                  else float(decal_match(images[i].cpu(), region.cpu(), palette)))
     return out

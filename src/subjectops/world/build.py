@@ -71,7 +71,7 @@ class BuildConfig:
     workers: int = 2
 
     @classmethod
-    def smoke(cls) -> "BuildConfig":
+    def smoke(cls) -> BuildConfig:
         """A few steps of every part (the test of the build)."""
         return cls(n_train=256, n_val=64, n_heldout=64, vae_steps=4, vae_batch=8, clip_steps=4, clip_batch=16,
                    judge_steps=4, judge_batch=16, dino_instances=16, dino_views=2, dino_steps=3, dino_batch=8,

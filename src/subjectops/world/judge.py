@@ -77,7 +77,7 @@ class WorldJudge(nn.Module):
         }, indent=1))
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device | str = "cpu") -> "WorldJudge":
+    def load(cls, folder: Path, device: torch.device | str = "cpu") -> WorldJudge:
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text())
         net = cls(tuple(cfg["widths"]))

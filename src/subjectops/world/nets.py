@@ -34,7 +34,8 @@ def scheduler() -> DDIMScheduler:
 def clip_config(vocab: int, kind: str) -> CLIPConfig:
     """kind: 'generator' (its text tower conditions the UNet) or 'metric' (CLIP-I, CLIP-T)."""
     # the generator's vision tower only teaches its text tower, so it is kept small
-    text_width, text_layers, vision_width, vision_layers = (TEXT_DIM, 4, 64, 3) if kind == "generator" else (96, 2, 96, 3)
+    text_width, text_layers, vision_width, vision_layers = (TEXT_DIM, 4, 64, 3) if kind == "generator" else (96, 2, 96,
+                                                                                                             3)
     text = dict(vocab_size=vocab, hidden_size=text_width, intermediate_size=4 * text_width,
                 num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=77,
                 bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, projection_dim=TEXT_DIM)

@@ -189,7 +189,8 @@ class Ema:
 def train_unet(unet, scheduler, latents: tuple[Tensor, Tensor], scaling: float, cond: dict[str, Tensor],
                caption_index: np.ndarray, uncond: dict[str, Tensor], steps: int, batch: int, lr: float, seed: int,
                progress: Progress, ema: Ema, start: int = 0, opt_state: Optional[dict] = None,
-               on_step: Optional[Callable[[int, torch.optim.Optimizer], None]] = None, drop: float = 0.1, snr_gamma: float = 5.0,
+               on_step: Optional[Callable[[int, torch.optim.Optimizer], None]] = None, drop: float = 0.1,
+               snr_gamma: float = 5.0,
                added: Optional[Callable[[dict[str, Tensor]], dict]] = None):
     """Epsilon prediction under SD's schedule, Min-SNR-5 weighting (Hang et al. 2023: faster convergence),
     classifier-free-guidance caption dropout (`drop`: the caption becomes the unconditional one). `cond`
