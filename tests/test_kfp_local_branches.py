@@ -160,7 +160,7 @@ def prepared_registrations(tmp_path, monkeypatch) -> dict:
 
     from subjectops.config import validate_params
     from subjectops.stages.catalog import stage_catalog
-    from subjectops.tracking.mlflow_tracker import sync
+    from subjectops.tracking.sync import sync
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     monkeypatch.chdir(tmp_path)  # the local MLflow artifact store lands here

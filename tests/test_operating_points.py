@@ -112,7 +112,7 @@ def test_the_benchmark_leaderboard_refuses_registered_runs_with_different_seeds(
     from subjectops.config import validate_params
     from subjectops.selection.benchmark import benchmark_leaderboard
     from subjectops.stages.catalog import stage_catalog
-    from subjectops.tracking.mlflow_tracker import sync
+    from subjectops.tracking.sync import sync
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     monkeypatch.chdir(tmp_path)  # the local MLflow artifact store lands here

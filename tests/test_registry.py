@@ -14,8 +14,9 @@ from test_tracking import artifact_paths, children
 from subjectops.config import load_params
 from subjectops.pipeline import run as run_pipeline
 from subjectops.stages.catalog import stage_catalog
-from subjectops.tracking.mlflow_tracker import MlflowTracker, RunState
+from subjectops.tracking.mlflow_tracker import MlflowTracker
 from subjectops.tracking.pyfunc import decode_image
+from subjectops.tracking.run_state import RunState
 
 
 def test_full_tiny_run_is_tracked_registered_and_loads_by_alias(tmp_path, tracking_uri, s3_server, example_subject,

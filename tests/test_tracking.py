@@ -16,14 +16,10 @@ from servers import MLFLOW_BUCKET, s3_client
 from synthetic_runs import STEPS, synthetic_params, write_stage
 
 from subjectops.stages.catalog import stage_catalog
-from subjectops.tracking.mlflow_tracker import (
-    MlflowTracker,
-    RunState,
-    TrackingError,
-    default_tracking_uri,
-    resolve_tracking_uri,
-    sync,
-)
+from subjectops.tracking.client import TrackingError, default_tracking_uri, resolve_tracking_uri
+from subjectops.tracking.mlflow_tracker import MlflowTracker
+from subjectops.tracking.run_state import RunState
+from subjectops.tracking.sync import sync
 
 STAGES = ("refine", "priors", "finetune", "infer", "evaluate")
 # What a server stores (a whole run, a sync) is checked on both backend stores, sqlite and PostgreSQL; what the

@@ -32,7 +32,7 @@ def add_tracking_commands(app: typer.Typer) -> None:
              tracking_uri: Optional[str] = UriOpt):
         """Upload a run directory's tracking record to MLflow: what did not reach the server, nothing twice."""
         from subjectops.stages.catalog import stage_catalog
-        from subjectops.tracking.mlflow_tracker import sync as do_sync
+        from subjectops.tracking.sync import sync as do_sync
 
         out = do_sync(run_dir, stage_catalog(), tracking_uri=tracking_uri,
                       echo=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
@@ -70,7 +70,7 @@ def add_tracking_commands(app: typer.Typer) -> None:
         Exit 0: promoted; 1: not promoted (a gate failed, or the numbers are not comparable). The decision
         and its numbers are written to the version's tags (promotion.*).
         """
-        from subjectops.tracking.mlflow_tracker import mlflow_client, resolve_tracking_uri, setup_environment
+        from subjectops.tracking.client import mlflow_client, resolve_tracking_uri, setup_environment
         from subjectops.tracking.registry import promote as do_promote
 
         params = build_params(params_path, sets)

@@ -297,7 +297,7 @@ def register_step(params, inputs: Mapping[str, Any], run_name: str, out) -> str:
     import tempfile
 
     from subjectops.stages.catalog import stage_catalog
-    from subjectops.tracking.mlflow_tracker import sync
+    from subjectops.tracking.sync import sync
 
     tmp = Path(tempfile.mkdtemp(prefix="subjectops-run-"))
     run_dir = tmp / (run_name or "kfp-run")
@@ -383,7 +383,7 @@ def registry_summaries(registrations: Sequence[Mapping], tracking_uri: Optional[
     """
     from mlflow.tracking import MlflowClient
 
-    from subjectops.tracking.mlflow_tracker import resolve_tracking_uri, setup_environment
+    from subjectops.tracking.client import resolve_tracking_uri, setup_environment
     from subjectops.tracking.registry import CHAMPION, version_summary
 
     setup_environment()

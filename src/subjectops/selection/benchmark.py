@@ -57,7 +57,8 @@ def fetch_registered_run(client, model_name: str, version: str, dest: Path) -> P
 
 def log_leaderboard(board_dir: Path, experiment: str, run_name: str, tracking_uri: Optional[str] = None) -> str:
     """One MLflow run holding the leaderboard's files under `leaderboard/`; returns its id."""
-    from subjectops.tracking.mlflow_tracker import MlflowTracker, resolve_tracking_uri
+    from subjectops.tracking.client import resolve_tracking_uri
+    from subjectops.tracking.mlflow_tracker import MlflowTracker
 
     uri = resolve_tracking_uri(tracking_uri)
     tracker = MlflowTracker(tracking_uri=uri)
@@ -73,7 +74,7 @@ def benchmark_leaderboard(registrations: Sequence[Mapping], out: Path, experimen
     """The leaderboard of the registered versions (refused unless comparable), written to `out` and to MLflow.
 
     `out/runs/` keeps the fetched files the intervals were computed from, one folder per version."""
-    from subjectops.tracking.mlflow_tracker import mlflow_client, resolve_tracking_uri, setup_environment
+    from subjectops.tracking.client import mlflow_client, resolve_tracking_uri, setup_environment
 
     setup_environment()
     client = mlflow_client(resolve_tracking_uri(tracking_uri))

@@ -30,7 +30,7 @@ def register(
     model_name: str | None = None,
     client=None,
 ) -> dict:
-    from subjectops.tracking.mlflow_tracker import (
+    from subjectops.tracking.client import (
         TrackingError,
         describe_error,
         mlflow_client,
