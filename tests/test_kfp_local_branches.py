@@ -186,7 +186,7 @@ def test_benchmark_runs_every_method_and_subject_and_writes_the_leaderboard(stan
     from mlflow.tracking import MlflowClient
 
     from pipelines.benchmark import build_benchmark
-    from subjectops.selection.benchmark import LEADERBOARD_STAGE
+    from subjectops.benchmark.leaderboard import LEADERBOARD_STAGE
 
     components = dataclasses.replace(
         stand_ins, register=dsl.component(register_prepared, base_image="stand-in", install_kfp_package=False),

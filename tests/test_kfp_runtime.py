@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from subjectops import kfp_pod as kr
+from subjectops.benchmark import aggregate as bench
 from subjectops.config import ConfigError, GateCfg, RegistryCfg, load_params
+from subjectops.data import sources
 from subjectops.errors import SubjectError, SubjectopsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,25 +58,25 @@ def test_kfp_plan_refuses_a_run_that_would_not_register():
     ("file:///tmp/cat", {"kind": "local", "path": "/tmp/cat", "name": "cat"}),
 ])
 def test_parse_subject_uri(uri, expected):
-    assert kr.parse_subject_uri(uri) == expected
+    assert sources.parse_subject_uri(uri) == expected
 
 
 @pytest.mark.parametrize("uri, message", [("", "no subject"), ("gs://b/x", "not supported"), ("s3:///x", "no bucket"),
                                           ("dvc://", "no path")])
 def test_parse_subject_uri_errors(uri, message):
     with pytest.raises(SubjectError, match=message):
-        kr.parse_subject_uri(uri)
+        sources.parse_subject_uri(uri)
 
 
 def test_fetch_subject_from_a_directory(tmp_path, example_subject):
-    target = kr.fetch_subject(str(example_subject), tmp_path)
+    target = sources.fetch_subject(str(example_subject), tmp_path)
     assert target == tmp_path / "teapot"
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in example_subject.iterdir())
     assert kr.single_subdir(tmp_path) == target
     with pytest.raises(SubjectError, match="does not exist"):
-        kr.fetch_subject(str(tmp_path / "missing"), tmp_path / "x")
+        sources.fetch_subject(str(tmp_path / "missing"), tmp_path / "x")
     with pytest.raises(SubjectError, match="--dvc-repo|dvc_repo"):
-        kr.fetch_subject("dvc://data/teapot", tmp_path / "y")
+        sources.fetch_subject("dvc://data/teapot", tmp_path / "y")
 
 
 def test_fetch_subject_from_a_directory_refuses_a_link_out_of_it(tmp_path, example_subject):
@@ -85,7 +87,7 @@ def test_fetch_subject_from_a_directory_refuses_a_link_out_of_it(tmp_path, examp
     shutil.copytree(example_subject, folder)
     (folder / "passwd.jpg").symlink_to("/etc/passwd")
     with pytest.raises(SubjectError, match="passwd.jpg is a link to /etc/passwd, outside the subject folder"):
-        kr.fetch_subject(str(folder), tmp_path / "out")
+        sources.fetch_subject(str(folder), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -130,7 +132,7 @@ def _row(name, challenger, champion):
 
 
 def test_aggregate_is_the_mean_over_subjects():
-    agg = kr.aggregate_summaries([{"records": [_rec("dino", 0.5), _rec("clip-t", 0.3)]},
+    agg = bench.aggregate_summaries([{"records": [_rec("dino", 0.5), _rec("clip-t", 0.3)]},
                                   {"records": [_rec("dino", 0.7), _rec("clip-t", 0.1, pretrained=False)]}])
     by = {r["metric"]: r for r in agg["records"]}
     assert by["dino"]["mean"] == pytest.approx(0.6) and by["dino"]["n_pairs"] == 20 and by["dino"]["n_subjects"] == 2
@@ -144,11 +146,11 @@ def test_benchmark_regression_fails_with_the_numbers():
                  [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
             _row("subjectops-dog", [_rec("dino", 0.70), _rec("clip-t", 0.31)],
                  [_rec("dino", 0.72), _rec("clip-t", 0.30)])]
-    result, decision = kr.benchmark_aggregate(rows, GATES)
+    result, decision = bench.benchmark_aggregate(rows, GATES)
     assert decision.status == "failed"
     assert result["compared_with_champions"] == ["subjectops-cat/1", "subjectops-dog/1"]
-    with pytest.raises(kr.BenchmarkRegression) as err:
-        kr.check_benchmark(decision)
+    with pytest.raises(bench.BenchmarkRegression) as err:
+        bench.check_benchmark(decision)
     msg = str(err.value)
     assert "regressed against the champion" in msg and "dino" in msg
     assert "0.65" in msg and "0.71" in msg  # challenger and champion aggregates
@@ -159,25 +161,25 @@ def test_benchmark_passes_and_compares_only_subjects_with_a_champion():
     rows = [_row("subjectops-cat", [_rec("dino", 0.72), _rec("clip-t", 0.30)],
                  [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
             _row("subjectops-new", [_rec("dino", 0.10), _rec("clip-t", 0.10)], None)]
-    result, decision = kr.benchmark_aggregate(rows, GATES)
+    result, decision = bench.benchmark_aggregate(rows, GATES)
     assert decision.status == "passed"
     assert result["challenger"]["n_subjects"] == 1  # paired with the champions that exist
-    kr.check_benchmark(decision)
+    bench.check_benchmark(decision)
 
 
 def test_random_backbones_are_refused_not_failed_unless_asked():
     rows = [_row("subjectops-cat", [_rec("dino", 0.1, pretrained=False), _rec("clip-t", 0.1, pretrained=False)], None)]
-    _, decision = kr.benchmark_aggregate(rows, GATES)
+    _, decision = bench.benchmark_aggregate(rows, GATES)
     assert decision.status == "refused"
-    kr.check_benchmark(decision)
-    with pytest.raises(kr.BenchmarkRegression, match="cannot be compared"):
-        kr.check_benchmark(decision, fail_on_refused=True)
+    bench.check_benchmark(decision)
+    with pytest.raises(bench.BenchmarkRegression, match="cannot be compared"):
+        bench.check_benchmark(decision, fail_on_refused=True)
 
 
 def test_parse_registration():
-    assert kr.parse_registration("subjectops-teapot/3") == {"model_name": "subjectops-teapot", "version": "3"}
+    assert bench.parse_registration("subjectops-teapot/3") == {"model_name": "subjectops-teapot", "version": "3"}
     with pytest.raises(SubjectopsError, match="MODEL_NAME/VERSION"):
-        kr.parse_registration("subjectops-teapot")
+        bench.parse_registration("subjectops-teapot")
 
 
 def _register(client, name, records, tmp_path):
@@ -266,9 +268,9 @@ def test_fetch_subject_from_a_dvc_repository(tmp_path, example_subject, s3_serve
     sh("git", "tag", "v1")
     shutil.rmtree(repo / "data" / "subjects" / "mug")  # only the S3 remote has the photos now
     shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
-    target = kr.fetch_subject("dvc://data/subjects/mug@v1", tmp_path / "out", dvc_repo=str(repo))
+    target = sources.fetch_subject("dvc://data/subjects/mug@v1", tmp_path / "out", dvc_repo=str(repo))
     assert target.name == "mug"
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in example_subject.glob("*.jpg"))
     assert all((target / p.name).read_bytes() == p.read_bytes() for p in example_subject.glob("*.jpg"))
     with pytest.raises(SubjectError, match="dvc get"):
-        kr.fetch_subject("dvc://data/subjects/missing", tmp_path / "out2", dvc_repo=str(repo))
+        sources.fetch_subject("dvc://data/subjects/missing", tmp_path / "out2", dvc_repo=str(repo))

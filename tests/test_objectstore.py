@@ -14,10 +14,10 @@ from servers import free_port, s3_bucket_env, s3_client
 
 from subjectops.config import SubjectCfg
 from subjectops.data.objectstore import MANIFEST, ObjectStoreError, client_from_env, pull, push
+from subjectops.data.sources import fetch_subject
 from subjectops.data.subject import load_subject
 from subjectops.digest import sha256_file
 from subjectops.errors import SubjectError
-from subjectops.kfp_pod import fetch_subject
 
 BUCKET = "subjects"
 

@@ -109,8 +109,8 @@ def test_the_benchmark_leaderboard_refuses_registered_runs_with_different_seeds(
 
     from synthetic_runs import write_pipeline_stage
 
+    from subjectops.benchmark.leaderboard import benchmark_leaderboard
     from subjectops.config import validate_params
-    from subjectops.selection.benchmark import benchmark_leaderboard
     from subjectops.stages.catalog import stage_catalog
     from subjectops.tracking.sync import sync
 

@@ -42,13 +42,8 @@ def user_errors(fn: Callable) -> Callable:
 
 def build_params(params_path: Path, sets: Optional[List[str]], model: Optional[str] = None,
                  method: Optional[str] = None) -> Params:
-    """params.yaml with the `--set` overrides, and `--model` / `--method` as overrides of their keys."""
-    overrides = list(sets or [])
-    if model:
-        overrides.append(f"model.base={model}")
-    if method:
-        overrides.append(f"finetune.method={method}")
-    return load_params(params_path, overrides)
+    """The CLI's options (`--params`, `--set`, `--model`, `--method`) through `config.load_params`."""
+    return load_params(params_path, list(sets or []), model=model or "", method=method or "")
 
 
 def done(what: str, path: Path) -> None:

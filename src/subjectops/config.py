@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
@@ -540,8 +540,16 @@ def validate_params(data: dict, source: str = "params") -> Params:
                           fix="correct the value in params.yaml or --set") from None
 
 
-def load_params(path: Path | str | None = None, overrides: list[str] | None = None) -> Params:
-    """Read params.yaml (or the built-in defaults when it does not exist) and apply overrides."""
+def load_params(path: Path | str | None = None, overrides: Sequence[str] | None = None, *, text: str | None = None,
+                method: str = "", model: str = "", defaults: Sequence[str] = ()) -> Params:
+    """The one way every entry point (the CLI, DVC's commands, the Kubeflow steps, `subjectops submit`) gets its
+    params: params.yaml at `path` (the built-in defaults when the default path does not exist), or its `text` as a
+    pipeline parameter carries it; then `defaults` (e.g. the pods' priors cache, which an override may change),
+    the `overrides` (`--set key.path=value`) and `method` / `model` (`--method`, `--model`: they win over
+    `--set`); validated, a bad value naming its key."""
+    if text is not None:
+        return _params_from_text(text, [*defaults, *(overrides or []), *_shortcuts(method, model)])
+    overrides = [*defaults, *(overrides or []), *_shortcuts(method, model)]
     path = Path(path) if path else DEFAULT_PARAMS
     data: dict = {}
     if path.exists():
@@ -559,5 +567,22 @@ def load_params(path: Path | str | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path} must hold a mapping of sections, found {type(data).__name__}")
     elif path != DEFAULT_PARAMS:
         raise ConfigError(f"params file {path} does not exist", fix="pass --params PATH to an existing file")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides)
     return validate_params(data, source=f"{path}" + (" with --set overrides" if overrides else ""))
+
+
+def _shortcuts(method: str, model: str) -> list[str]:
+    """`--method` and `--model` as overrides of their keys (quoted: a name is a string, whatever YAML makes of it)."""
+    return ([f"finetune.method={json.dumps(method)}"] if method else []) + (
+        [f"model.base={json.dumps(model)}"] if model else [])
+
+
+def _params_from_text(text: str, overrides: list[str]) -> Params:
+    data: Any = {}
+    if text.strip():
+        data = parse_yaml(text, "the params_yaml pipeline parameter") or {}
+        if not isinstance(data, dict):
+            raise ConfigError("the params_yaml pipeline parameter must hold a mapping of sections, found "
+                              f"{type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    return validate_params(data, source="pipeline parameters (params_yaml, method, model, overrides)")

@@ -99,13 +99,13 @@ def read_params_text(params_path: Path) -> str:
 
 def check_params(params_yaml: str, overrides: list[str], method: str, model: str):
     """Validate exactly as the pipeline's `configure` step will: a bad value fails before anything is sent."""
-    from subjectops.kfp_pod import resolve_params
+    from subjectops.config import load_params
 
-    return resolve_params(params_yaml, overrides, method=method, model=model)
+    return load_params(text=params_yaml, overrides=overrides, method=method, model=model)
 
 
 def check_subject(uri: str) -> dict:
-    from subjectops.kfp_pod import parse_subject_uri
+    from subjectops.data.sources import parse_subject_uri
 
     spec = parse_subject_uri(uri)
     if spec["kind"] == "local":
@@ -350,9 +350,9 @@ def benchmark_aggregate(
     output: Optional[Path] = typer.Option(None, "--output", help="write the aggregate and the decision as JSON"),
 ):
     """Aggregate registered versions' evaluations and gate them against their champions (the pipeline's last step)."""
+    from subjectops.benchmark.aggregate import benchmark_aggregate as aggregate
+    from subjectops.benchmark.aggregate import check_benchmark, parse_registration, registry_summaries
     from subjectops.config import load_params
-    from subjectops.kfp_pod import benchmark_aggregate as aggregate
-    from subjectops.kfp_pod import check_benchmark, parse_registration, registry_summaries
 
     p = load_params(params_path, list(sets or []))
     rows = registry_summaries([parse_registration(r) for r in registrations], tracking_uri=tracking_uri)

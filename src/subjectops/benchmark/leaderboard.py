@@ -62,7 +62,7 @@ def log_leaderboard(board_dir: Path, experiment: str, run_name: str, tracking_ur
 
     uri = resolve_tracking_uri(tracking_uri)
     tracker = MlflowTracker(tracking_uri=uri)
-    experiment_id = tracker._connect(uri, experiment)
+    experiment_id = tracker.connect(uri, experiment)
     run = tracker.client.create_run(experiment_id, run_name=run_name, tags={"subjectops.stage": LEADERBOARD_STAGE})
     tracker.client.log_artifacts(run.info.run_id, str(board_dir), "leaderboard")
     tracker.client.set_terminated(run.info.run_id)
