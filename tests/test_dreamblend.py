@@ -36,7 +36,7 @@ def snapshot_run(tmp_path_factory, repo_root):
     """`subjectops run` end to end on DreamBench's robot toy (not the bundled teapot) with --method lora and
     infer.strategy=dreamblend: a tiny LoRA finetune of 3 steps keeping snapshots at steps 1 and 2 (DreamBlend's
     guidance and edit), then infer, the sweep over them and evaluate."""
-    from conftest import TINY_OVERRIDES
+    from helpers import TINY_OVERRIDES
     from typer.testing import CliRunner
 
     from subjectops.cli import app

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subjectops_run
+from helpers import subjectops_run
 from PIL import Image
 from safetensors.torch import load_file
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, subjectops_run
+from helpers import TINY_OVERRIDES, subjectops_run
 from torch import nn
 
 from subjectops.config import Params, load_params

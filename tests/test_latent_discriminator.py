@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES
 from safetensors.torch import load_file
 
 from subjectops.config import load_params

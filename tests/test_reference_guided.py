@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import subjectops_run
+from helpers import subjectops_run
 from PIL import Image
 
 from subjectops.config import ModelCfg, load_params

@@ -7,9 +7,9 @@ import json
 
 import pandas as pd
 import pytest
+from helpers import artifact_paths, children
 from mlflow.tracking import MlflowClient
 from servers import MLFLOW_BUCKET, s3_client
-from test_tracking import artifact_paths, children
 
 from subjectops.config import load_params
 from subjectops.pipeline import run as run_pipeline

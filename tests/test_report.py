@@ -7,8 +7,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from helpers import eval_params, make_run
 from PIL import Image
-from test_evaluate import make_run, tiny_params
 
 from subjectops.report.html import RANDOM_WARNING, render_report
 from subjectops.stages.evaluate import evaluate
@@ -37,7 +37,7 @@ def report(tmp_path_factory):
 
     os.environ.setdefault("SUBJECTOPS_HOME", str(tmp_path_factory.getbasetemp() / "home"))
     root = tmp_path_factory.mktemp("run")
-    params = tiny_params(prompt_sets=["prompt-invariant", "prompt-varying"])
+    params = eval_params(prompt_sets=["prompt-invariant", "prompt-varying"])
     refine, infer = make_run(root, params)
     out = evaluate(params, refine, infer, root / "evaluate")
     return out / "report.html"

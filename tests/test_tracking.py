@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import artifact_paths, children
 from mlflow.tracking import MlflowClient
 from servers import MLFLOW_BUCKET, s3_client
 from synthetic_runs import STEPS, synthetic_params, write_stage
@@ -36,21 +37,6 @@ def fake_pipeline(tracker, params, run: Path, on_stage=None) -> None:
                 write_stage(run, name, params)
         # the plan's last stage, as pipeline.run calls it
         tracker.register_model(stage_catalog().register, run, run / "register")
-
-
-def children(client: MlflowClient, parent) -> dict:
-    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    return {r.data.tags["subjectops.stage"]: r for r in runs}
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    out = set()
-    for f in client.list_artifacts(run_id, path):
-        if f.is_dir:
-            out |= artifact_paths(client, run_id, f.path)
-        else:
-            out.add(f.path)
-    return out
 
 
 def test_default_tracking_uri_is_sqlite_in_project_dir_and_env_overrides(tmp_path, monkeypatch):

@@ -13,29 +13,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import make_trainer
 from safetensors.torch import load_file
 
 from subjectops.config import load_params
-from subjectops.data.subject import RefinedSubject, to_tensor
-from subjectops.methods import get_method
+from subjectops.data.subject import to_tensor
 from subjectops.models.loading import load_pipeline
 from subjectops.stages.common import partial_dir
 from subjectops.stages.finetune import finetune
 from subjectops.stages.infer import infer
 from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
-from subjectops.training.loop import Trainer
 from subjectops.training.losses import NoiseSchedule, min_snr_weights
-from subjectops.training.models import DiffusionModels
-
-
-@pytest.fixture
-def prepared(tiny_params, example_subject, tmp_path):
-    """refine + priors on the example subject, shared by the tests below."""
-    run = tmp_path / "run"
-    refine(tiny_params, example_subject, "teapot", run / "refine")
-    priors(tiny_params, run / "refine", run / "priors")
-    return run
 
 
 def with_overrides(tiny_overrides, *extra):
@@ -57,7 +46,7 @@ RESUME_STEPS = 20
 def resume_case(tmp_path_factory, example_subject):
     """refine + priors, the `finetune` command of a run checkpointing every 5 steps, and that run's
     uninterrupted result: the one reference the SIGKILL and SIGTERM tests compare against."""
-    from conftest import TINY_OVERRIDES
+    from helpers import TINY_OVERRIDES
 
     root = tmp_path_factory.mktemp("resume")
     # every step logged as it ends, so a signal can be sent at a chosen step
@@ -227,26 +216,13 @@ def checkpoint_steps(ckpt_dir):
                   if d.is_dir() and not d.name.endswith(".tmp"))
 
 
-def _trainer(params, subject_dir, cache, accelerator=None):
-    pipe = load_pipeline(params.model)
-    models = DiffusionModels.from_pipeline(pipe)
-    subject = RefinedSubject.load(subject_dir / "refine")
-    method = get_method(params.finetune.method)(params, subject.class_word, models)
-    method.setup()
-    trainer = Trainer(params, models, method, subject.resolution, subject_dir / f"work-{cache}",
-                      cache_latents=cache, cache_text=cache, show_progress=False, accelerator=accelerator)
-    images = [to_tensor(i) for i in subject.images()]
-    masks = [to_tensor(m) for m in subject.masks()]
-    return trainer, images, masks
-
-
 def test_cached_latents_and_text_give_the_same_losses_as_encoding_every_step(prepared, tiny_overrides):
     params = with_overrides(tiny_overrides, "finetune.dreambooth.steps=6",
                             "finetune.dreambooth.prior_preservation=false",
                             "finetune.center_flip=true", "finetune.offset_noise=0.1", "finetune.snr_gamma=5.0")
     losses = {}
     for cache in (True, False):
-        trainer, images, masks = _trainer(params, prepared, cache)
+        trainer, images, masks = make_trainer(params, prepared, cache)
         trainer.train(images, masks, [])
         losses[cache] = [json.loads(line)["loss"] for line in trainer.log_path.read_text().splitlines()]
     assert len(losses[True]) == 6
@@ -268,7 +244,7 @@ def test_min_snr_weights_match_the_formula():
 
 def test_lora_adapter_reloads_with_diffusers_and_matches_in_memory(prepared, tiny_overrides, tmp_path):
     params = with_overrides(tiny_overrides, "finetune.method=lora", "finetune.lora.steps=5", "finetune.lora.lr=0.05")
-    trainer, images, masks = _trainer(params, prepared, True)
+    trainer, images, masks = make_trainer(params, prepared, True)
     trainer.train(images, masks, [to_tensor(i) for i in _prior_images(prepared)])
 
     def sample(pipe):
@@ -351,7 +327,7 @@ def test_each_method_trains_saves_and_infers(prepared, tiny_overrides, tmp_path,
 
 def test_textual_inversion_changes_only_the_new_token_rows(prepared, tiny_overrides):
     params = with_overrides(tiny_overrides, "finetune.method=textual-inversion", "finetune.textual_inversion.lr=0.5")
-    trainer, images, masks = _trainer(params, prepared, True)
+    trainer, images, masks = make_trainer(params, prepared, True)
     before = trainer.models.text_encoder.get_input_embeddings().weight.detach().clone()
     trainer.train(images, masks, [])
     after = trainer.models.text_encoder.get_input_embeddings().weight.detach()
@@ -397,7 +373,7 @@ def test_gradient_checkpointing_saves_memory_without_changing_the_result(prepare
     for gc in (False, True):
         params = with_overrides(tiny_overrides, "finetune.method=dreambooth", "finetune.dreambooth.steps=3",
                                 "finetune.dreambooth.train_text_encoder=true", f"finetune.gradient_checkpointing={gc}")
-        trainer, images, masks = _trainer(params, prepared, True)
+        trainer, images, masks = make_trainer(params, prepared, True)
         assert trainer.models.unet.is_gradient_checkpointing == gc
         trainer.train(images, masks, [to_tensor(i) for i in _prior_images(prepared)])
         losses[gc] = [json.loads(line)["loss"] for line in trainer.log_path.read_text().splitlines()]
@@ -467,7 +443,7 @@ def test_fp16_loss_scaling_unscales_before_the_update_and_skips_an_overflow_step
             acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
         else:
             acc = Accelerator(cpu=True)
-        trainer, images, masks = _trainer(params, prepared, True, accelerator=acc)
+        trainer, images, masks = make_trainer(params, prepared, True, accelerator=acc)
         # The unscaled run steps the scaled runs' AdamW kernel, so only the scaling differs: a bias before a
         # normalization has a zero gradient up to rounding, which AdamW turns into an lr-sized step, so kernels
         # that round differently drift ~lr apart there (fused vs foreach: 1.3e-4 after 2 steps).
