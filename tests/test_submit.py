@@ -101,6 +101,23 @@ def test_dry_run_is_what_a_real_submission_sends(tmp_path, wire):
                                                                             for r in doc["requests"]]
 
 
+def test_a_dry_run_records_on_its_own_client_and_leaves_kfps_classes_alone(tmp_path, monkeypatch):
+    """While the dry run sends, kfp's ApiClient class keeps its own call_api: only the dry-run client's instance
+    answers from the recorder (another kfp client in the same process would still reach its server)."""
+    original = kfp_server_api.ApiClient.call_api
+    seen = []
+    record = kfp_submit.Recorder.call_api
+
+    def checking(self, api_client, *args, **kwargs):
+        seen.append(kfp_server_api.ApiClient.call_api is original and "call_api" in vars(api_client))
+        return record(self, api_client, *args, **kwargs)
+
+    monkeypatch.setattr(kfp_submit.Recorder, "call_api", checking)
+    doc = dry(tmp_path, "submit", "--host", HOST, SUBJECT, "--class", "teapot")
+    assert seen and all(seen) and len(seen) == len(doc["requests"])
+    assert kfp_server_api.ApiClient.call_api is original
+
+
 def test_schedule_dry_run_request_field_by_field(tmp_path):
     doc = dry(tmp_path, "benchmark", "schedule", "--cron", "0 0 3 * * *", "--host", HOST, "--namespace", "team-a",
               "--method", "lora", "--parallelism", "2", "--set", "finetune.lora.steps=100")
