@@ -60,6 +60,7 @@ demo: install
 # spin against each other). A third worker on this 2-core machine measured slower.
 TEST_WORKERS ?= $(shell nproc)
 test: install system-deps
+	$(BIN)/ruff check src tests components pipelines bench scripts
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 bench: install

@@ -53,7 +53,8 @@ def write_snapshots(finetune_dir: Path, model: ModelCfg) -> None:
                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
         type(pipe).save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
-        (directory / "method.json").write_text(json.dumps({"method": "lora", "base_model": model.base, "identifier": "sks",
+        (directory / "method.json").write_text(json.dumps({"method": "lora", "base_model": model.base,
+                                                           "identifier": "sks",
                                                            "steps": step, "weights": [LORA_FILE]}))
 
 
@@ -69,11 +70,13 @@ def main() -> None:
     finetune_dir = Path(tempfile.mkdtemp(prefix="bench-dreamblend-")) / "finetune"
     write_snapshots(finetune_dir, model)
     infer = InferCfg(strategy="dreamblend", steps=args.steps,
-                     dreamblend={"guidance": GUIDANCE, "edit": EDIT, "start": args.start})  # sec. 5: cfg 3.0, alpha 0.1
+                     # sec. 5: cfg 3.0, alpha 0.1
+                     dreamblend={"guidance": GUIDANCE, "edit": EDIT, "start": args.start})
     from subjectops.models.loading import load_pipeline
 
     resolution = load_pipeline(model).unet.config.sample_size * 8
-    blend = load_strategy(DreamBlendStrategy.spec_for(infer, resolution), StageInputs(model=model, finetune=finetune_dir))
+    blend = load_strategy(DreamBlendStrategy.spec_for(infer, resolution),
+                          StageInputs(model=model, finetune=finetune_dir))
     # plain sampling with the edit snapshot at the edit model's CFG scale: DreamBlend's alpha = 0 baseline
     plain_spec = blend.spec.model_copy(update={"strategy": "plain", "config": {},
                                                "guidance_scale": blend.config.edit_cfg})
@@ -91,7 +94,8 @@ def main() -> None:
     per_image = {name: s / args.images for name, s in seconds.items()}
     print(json.dumps({
         "model": args.model, "resolution": resolution, "steps": args.steps, "images": args.images, "start": args.start,
-        "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else platform.processor() or "cpu",
         "seconds_per_image": {k: round(v, 3) for k, v in per_image.items()},
         "dreamblend_over_plain": round(per_image["dreamblend"] / per_image["plain"], 2),
     }, indent=2))

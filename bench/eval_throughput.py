@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
-import statistics
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,7 +37,6 @@ from PIL import Image  # noqa: E402
 from subjectops.config import METRIC_NAMES, Params  # noqa: E402
 from subjectops.metrics import backbones as B  # noqa: E402
 from subjectops.metrics.core import Encoders, Evaluator  # noqa: E402
-
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench" / "subjects"
@@ -102,7 +101,8 @@ def main() -> int:
     ap.add_argument("--backbones", choices=("full", "tiny"), default="full")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (together, then separate)")
-    ap.add_argument("--photos", type=Path, default=DREAMBENCH if DREAMBENCH.is_dir() else REPO / "examples" / "subjects",
+    ap.add_argument("--photos", type=Path,
+                    default=DREAMBENCH if DREAMBENCH.is_dir() else REPO / "examples" / "subjects",
                     help="a folder of subject folders of photos")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -135,13 +135,15 @@ def main() -> int:
     b = {r.metric: r.mean for r in rec_s}
     same = all(abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])) or a[k] == b[k] for k in a)
     ratios = [s_ / t_ for t_, s_ in zip(t_together, t_separate)]
-    print(f"eval throughput: {args.n} generated x {args.refs} references at {args.size} px, backbones={args.backbones}, "
+    print(f"eval throughput: {args.n} generated x {args.refs} references at {args.size} px, "
+          f"backbones={args.backbones}, "
           f"device={device}, torch {torch.__version__}, {os.cpu_count()} cpus, python {platform.python_version()}")
     print(f"  per-metric passes (best of {args.rounds}): "
           + ", ".join(f"{m} {per_metric[m]:.2f}s" for m in metrics))
     for name, times in (("together", t_together), ("separate", t_separate)):
         med = statistics.median(times)
-        print(f"  {name}: median {med:.2f} s = {args.n / med:.2f} images/s  (rounds: {', '.join(f'{t:.2f}' for t in times)})")
+        print(f"  {name}: median {med:.2f} s = {args.n / med:.2f} images/s  (rounds: "
+              f"{', '.join(f'{t:.2f}' for t in times)})")
     print(f"  ratio together/separate throughput: median {statistics.median(ratios):.2f}x, range "
           f"{min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds   same numbers: {same}")
     return 0 if same else 1

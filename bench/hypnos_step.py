@@ -87,10 +87,12 @@ def bench_preset(preset: str, steps: int, rounds: int, tmp: Path) -> dict:
         # hyp[i] is the time of step i + 2; steps 2..s_p ran the perceptual loss, s_p + 1.. did not
         before = hyp[: s_p - 1][WARMUP - 1:]
         after = hyp[s_p - 1:][WARMUP:]
-        med = lambda xs: statistics.median(xs)
+        def med(xs):
+            return statistics.median(xs)
         rows.append({"dreambooth": med(db[WARMUP - 1:]), "dreambooth+te": med(db_te[WARMUP - 1:]),
                      "hypnos_before_sp": med(before), "hypnos_after_sp": med(after)})
-    ratio = lambda a, b: statistics.median([row[a] / row[b] for row in rows])
+    def ratio(a, b):
+        return statistics.median([row[a] / row[b] for row in rows])
     result = {
         "preset": preset, "steps": steps, "s_p": s_p, "rounds": rounds,
         "seconds_per_step": {k: statistics.median([row[k] for row in rows]) for k in rows[0]},

@@ -44,7 +44,8 @@ def timed_process(cmd: list[str], marks: Path, log: Path) -> dict:
     full = [sys.executable, str(TIMER), str(marks), *cmd]
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONPATH": _pythonpath()})
+        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT,
+                                env=os.environ | {"PYTHONPATH": _pythonpath()})
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -124,7 +125,8 @@ def compare(name: str, make_ours, make_peer, rate_key: str, units: int, unit: st
           f"  -> x{spread(result['wall_speedup'])} faster\n"
           f"  {unit:13s} ours {spread([m['rate'] for m in o])}, peer {spread([m['rate'] for m in p])}"
           f"  -> x{spread(result['rate_ratio'])}\n"
-          f"  peak memory   ours {spread([m['peak_mib'] for m in o])} MiB, peer {spread([m['peak_mib'] for m in p])} MiB"
+          f"  peak memory   ours {spread([m['peak_mib'] for m in o])} MiB, peer {spread([m['peak_mib'] for m in p])} "
+          "MiB"
           f"  -> x{spread(result['peak_ratio'])} of the peer's", flush=True)
     return result
 
@@ -144,7 +146,8 @@ def main() -> int:
     if args.peer_script is None or not args.peer_script.is_file():
         print("No peer script given. Fetch diffusers (git clone https://github.com/huggingface/diffusers, ideally the "
               "tag of the installed diffusers version) outside this repository and run\n"
-              "  python bench/peer_dreambooth.py --peer-script /path/to/diffusers/examples/dreambooth/train_dreambooth.py")
+              "  python bench/peer_dreambooth.py --peer-script "
+              "/path/to/diffusers/examples/dreambooth/train_dreambooth.py")
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from subjectops.config import load_params
@@ -154,7 +157,8 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        params = load_params(REPO / "params.yaml", [f"model.base={args.preset}", f"subject.resolution={args.resolution}"])
+        params = load_params(REPO / "params.yaml",
+                             [f"model.base={args.preset}", f"subject.resolution={args.resolution}"])
         refine_dir = refine(params, SUBJECT, CLASS_WORD, tmp / "refine")
         model_dir = tiny_dir(args.preset)
         for name_, (make_ours, make_peer, key, units, unit) in pairs(args, tmp, refine_dir, model_dir).items():

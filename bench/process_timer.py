@@ -23,9 +23,8 @@ def main() -> None:
     out, target, *args = sys.argv[1:]
     marks: dict[str, list[float]] = {"optimizer_steps": [], "pipeline_calls": []}
 
-    import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     register_optimizer_step_post_hook(
         lambda *_: marks["optimizer_steps"].append(time.perf_counter()))

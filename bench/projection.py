@@ -174,7 +174,8 @@ def main() -> None:
     for stage in rows[0][4]:
         cells = [f"{r[4][stage] / (p * args.mfu):,.0f}" for r in rows for p in GPUS.values()]
         print(f"| {stage} | {work[stage]} | " + " | ".join(cells) + " |")
-    print("| evaluate | 50 + 4 images, DINO ViT-S/16 + CLIP ViT-B/32 | " + " | ".join(["< 0.1"] * len(rows) * len(GPUS)) + " |")
+    print("| evaluate | 50 + 4 images, DINO ViT-S/16 + CLIP ViT-B/32 | "
+          + " | ".join(["< 0.1"] * len(rows) * len(GPUS)) + " |")
     print("\n| training memory, fp16, batch 2 | gradient checkpointing | weights + grads + AdamW (GiB) "
           "| saved activations (GiB) | total (GiB) |")
     print("|---|---|---|---|---|")

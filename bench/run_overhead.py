@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--method", default="dreambooth")
     args = ap.parse_args()
 
+    from dataclasses import replace
+
     from diffusers import DiffusionPipeline
 
     from subjectops import pipeline
@@ -38,18 +40,18 @@ def main() -> None:
 
     stage_seconds: dict[str, float] = {}
     loads: list[float] = []
-    stage_function = pipeline.stage_function
+    get_stage = pipeline.get_stage  # the registry lookup `pipeline.run` makes for each planned stage
 
     def timed_stage(name: str):
-        fn = stage_function(name)
+        stage = get_stage(name)
 
-        def call(*a, **kw):
+        def call(ctx):
             start = time.perf_counter()
             try:
-                return fn(*a, **kw)
+                return stage.run(ctx)
             finally:
                 stage_seconds[name] = stage_seconds.get(name, 0.0) + time.perf_counter() - start
-        return call
+        return replace(stage, run=call)
 
     real_load = DiffusionPipeline.from_pretrained.__func__
 
@@ -60,7 +62,7 @@ def main() -> None:
         finally:
             loads.append(time.perf_counter() - start)
 
-    pipeline.stage_function = timed_stage
+    pipeline.get_stage = timed_stage
     DiffusionPipeline.from_pretrained = classmethod(counted_load)
     shares = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -94,14 +94,17 @@ def main() -> int:
     for _ in range(args.rounds):
         for name, (kernel, memory_format) in VARIANTS.items():
             rows[name].append(step_parts(unet, kernel, memory_format, batch, args.steps))
-    print(f"\nstep of {args.preset}, {args.resolution} px, batch {args.batch_size}, {torch.get_num_threads()} threads: "
+    print(f"\nstep of {args.preset}, {args.resolution} px, batch {args.batch_size}, {torch.get_num_threads()} "
+          "threads: "
           f"ms, median (range) over {args.rounds} rounds; speed-up against foreach/contiguous in the same round")
-    print(f"{'variant':24s} {'forward':>18s} {'backward':>18s} {'optimizer':>18s} {'step':>18s} {'step speed-up':>18s}")
+    print(f"{'variant':24s} {'forward':>18s} {'backward':>18s} {'optimizer':>18s} {'step':>18s} "
+          f"{'step speed-up':>18s}")
     reference = [sum(r.values()) for r in rows["foreach"]]
     for name, runs in rows.items():
         ms = {part: [1000 * r[part] for r in runs] for part in ("forward", "backward", "optimizer")}
         step = [sum(r.values()) for r in runs]
-        print(f"{name:24s} " + " ".join(f"{spread(v, '{:.0f}'):>18s}" for v in [*ms.values(), [1000 * s for s in step]])
+        print(f"{name:24s} " + " ".join(f"{spread(v, '{:.0f}'):>18s}"
+                                        for v in [*ms.values(), [1000 * s for s in step]])
               + f" {'x' + spread([a / b for a, b in zip(reference, step)]):>18s}")
     return 0
 

@@ -73,16 +73,19 @@ def one_run(uri: str, experiment_id: str, index: int, steps: int, call: Calls, s
     parent = call("create parent run", client.create_run, experiment_id, run_name=f"load-{index}",
                   tags={"subjectops.load_index": str(index)}).info.run_id
     sent["runs"] += 1
-    call("log params", client.log_batch, parent, params=[Param(f"p{k}", str(k * index)) for k in range(PARAMS_PER_RUN)])
+    call("log params", client.log_batch, parent,
+         params=[Param(f"p{k}", str(k * index)) for k in range(PARAMS_PER_RUN)])
     for stage in STAGES:
         child = call(f"create {stage} run", client.create_run, experiment_id, run_name=stage,
                      tags={"mlflow.parentRunId": parent, "subjectops.stage": stage}).info.run_id
         sent["runs"] += 1
-        call(f"{stage} params", client.log_batch, child, params=[Param(f"{stage}.{k}", str(k)) for k in range(PARAMS_PER_STAGE)])
+        call(f"{stage} params", client.log_batch, child,
+             params=[Param(f"{stage}.{k}", str(k)) for k in range(PARAMS_PER_STAGE)])
         if stage == "finetune":
             now = int(time.time() * 1000)
             for start in range(0, steps, STEPS_PER_BATCH):
-                batch = [Metric("loss", 1.0 / (s + 1), now, s) for s in range(start, min(start + STEPS_PER_BATCH, steps))]
+                batch = [Metric("loss", 1.0 / (s + 1), now, s)
+                         for s in range(start, min(start + STEPS_PER_BATCH, steps))]
                 call("per-step metrics", client.log_batch, child, metrics=batch)
                 sent["steps"] += len(batch)
         for k in range(ARTIFACTS_PER_STAGE):
@@ -129,7 +132,8 @@ def count_back(uri: str, experiment_id: str, sent: list[dict], steps: int) -> di
         index = s["index"]
         alias = client.get_model_version_by_alias(MODEL_NAME, f"run-{index}")
         run = parents.get(alias.run_id)
-        aliases_ok += int(alias.version == s["version"] and run is not None and run.data.tags["subjectops.load_index"] == str(index))
+        aliases_ok += int(alias.version == s["version"] and run is not None
+                          and run.data.tags["subjectops.load_index"] == str(index))
     return {"runs": len(runs), "steps": steps_back, "artifacts": artifacts_back, "versions": len(by_version),
             "aliases": aliases_ok}
 
@@ -141,7 +145,8 @@ def load(backend: str, runs: int, steps: int, time_limit: float, workdir: Path) 
     server = None
     try:
         store = postgres_database(postgres, "mlflow_load") if postgres else None
-        server = start_mlflow(workdir / f"mlflow-{backend}", str(workdir / f"artifacts-{backend}"), backend_store_uri=store)
+        server = start_mlflow(workdir / f"mlflow-{backend}", str(workdir / f"artifacts-{backend}"),
+                              backend_store_uri=store)
         experiment_id = MlflowClient(server.url).create_experiment(f"load-{backend}")
         call = Calls(time.monotonic() + time_limit)
         scratch = workdir / f"files-{backend}"
@@ -149,7 +154,8 @@ def load(backend: str, runs: int, steps: int, time_limit: float, workdir: Path) 
         sent = [{"index": i, "runs": 0, "steps": 0, "artifacts": 0, "version": None} for i in range(runs)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=runs) as pool:
-            futures = [pool.submit(one_run, server.url, experiment_id, i, steps, call, scratch, sent[i]) for i in range(runs)]
+            futures = [pool.submit(one_run, server.url, experiment_id, i, steps, call, scratch, sent[i])
+                       for i in range(runs)]
         elapsed = time.perf_counter() - t0
         back = count_back(server.url, experiment_id, sent, steps)
         totals = {k: sum(s[k] for s in sent) for k in ("runs", "steps", "artifacts")}

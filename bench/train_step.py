@@ -75,7 +75,8 @@ def bench_preset(preset: str, steps: int, rounds: int, tmp: Path) -> dict:
         "loss_max_rel_diff": worst, "loss_curve_equal": worst < 1e-5,
         "final_loss": c_loss[-1],
     }
-    print(f"{preset:11s} cached {result['cached_steps_per_s']:6.2f} it/s  uncached {result['uncached_steps_per_s']:6.2f} it/s"
+    print(f"{preset:11s} cached {result['cached_steps_per_s']:6.2f} it/s  uncached "
+          f"{result['uncached_steps_per_s']:6.2f} it/s"
           f"  speedup x{result['speedup_median']:.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})"
           f"  loss curves max rel diff {worst:.2e}", flush=True)
     return result

@@ -1,7 +1,8 @@
 """Image-Alchemy two-stage generation against plain LoRA sampling: seconds per image, in one process, with the same
 LoRA finetune, scheduler, steps, guidance and resolution, and where the two-stage time goes.
 
-    python bench/two_stage.py [--model tiny-sdxl] [--steps 25] [--images 4] [--rounds 3] [--strength 0.6] [--json out.json]
+    python bench/two_stage.py [--model tiny-sdxl] [--steps 25] [--images 4] [--rounds 3] [--strength 0.6] [--json
+    out.json]
 
 Rounds alternate plain / two-stage and the ratio is taken per round, so machine-speed drift cancels; the median
 ratio is quoted. The two-stage time is split into its parts (stage-1 sampling, segmentation, blur, img2img,
@@ -27,8 +28,7 @@ from PIL import Image
 import subjectops.inference.alchemy as alchemy_module
 import subjectops.models.sampling as sampling
 from subjectops.config import InferCfg, ModelCfg, RefineCfg, load_params
-from subjectops.inference import StageInputs, get_strategy, load_strategy
-from subjectops.inference import blur
+from subjectops.inference import StageInputs, blur, get_strategy, load_strategy
 from subjectops.models.loading import native_resolution
 from subjectops.segment import get_backend
 from subjectops.stages.finetune import finetune

@@ -70,7 +70,7 @@ def fetch_subject(subject_uri: str, dvc_repo: str, dvc_rev: str, images: Output[
     """The subject's photos from S3, DVC or a directory; returns the subject's name."""
     from pathlib import Path
 
-    from subjectops.kfp_pod import fetch_subject as fetch
+    from subjectops.data.sources import fetch_subject as fetch
 
     target = fetch(subject_uri, Path(images.path), dvc_repo=dvc_repo, dvc_rev=dvc_rev)
     images.metadata.update({"subject": target.name, "source": subject_uri})
@@ -82,7 +82,7 @@ def benchmark_pairs(methods: List[str], subjects: List[dict]) -> List[dict]:
 
     One flat loop rather than nested ParallelFor loops over methods and subjects, so that one `parallelism` caps
     the concurrent personalize runs (GPU pods) of the whole benchmark."""
-    from subjectops.selection.benchmark import benchmark_pairs as pairs
+    from subjectops.benchmark.leaderboard import benchmark_pairs as pairs
 
     return pairs(methods, subjects)
 
@@ -100,29 +100,9 @@ def benchmark_aggregate(
     """The leaderboard of the registered versions (`name/version` each) across methods and subjects, to this
     step's `leaderboard` artifact (html, markdown, json) and to MLflow; then the aggregate against the champions,
     failing on a regression."""
-    import json
-    import math
-    import shutil
-    from pathlib import Path
+    from subjectops.benchmark.step import aggregate_step
 
-    from subjectops.kfp_pod import benchmark_aggregate as aggregate, check_benchmark, parse_registration, read_params, registry_summaries
-    from subjectops.selection.benchmark import benchmark_leaderboard
-
-    p = read_params(Path(params.path))
-    registered = [parse_registration(r) for r in registrations]
-    board = benchmark_leaderboard(registered, Path(leaderboard.path), p.tracking.experiment, run_name or "kfp-benchmark")
-    leaderboard.metadata.update({"rows": list(board.rows), "subjects": board.subjects})
-    shutil.copyfile(Path(leaderboard.path) / "leaderboard.html", leaderboard_html.path)
-    print(board.markdown())
-    rows = registry_summaries(registered)
-    result, decision = aggregate(rows, p.registry)
-    Path(out.path).mkdir(parents=True, exist_ok=True)
-    (Path(out.path) / "aggregate.json").write_text(json.dumps(result, indent=2, default=str))
-    for r in result["challenger"]["records"]:
-        if math.isfinite(r["mean"]):
-            metrics.log_metric(f"{r['metric']}.{r['prompt_set']}.{r['backbone']}", r["mean"])
-    print(decision.summary())
-    check_benchmark(decision, fail_on_refused=fail_on_refused)
+    aggregate_step(registrations, params, fail_on_refused, run_name, out, metrics, leaderboard, leaderboard_html)
 
 
 # ------------------------------------------------------------------------------------ the stages

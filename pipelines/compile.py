@@ -21,7 +21,8 @@ COMPILED = Path(__file__).resolve().parent / "compiled"
 PIPELINES = ("personalize", "benchmark")
 
 
-def build(name: str, *, cpu_image: str = CPU_IMAGE, trainer_image: str = TRAINER_IMAGE, parallelism: int = DEFAULT_PARALLELISM):
+def build(name: str, *, cpu_image: str = CPU_IMAGE, trainer_image: str = TRAINER_IMAGE,
+          parallelism: int = DEFAULT_PARALLELISM):
     comps = build_components(cpu_image=cpu_image, trainer_image=trainer_image)
     if name == "personalize":
         return build_personalize(comps)
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
             compile_pipeline(name, target)
             print(f"wrote {target}")
     if stale:
-        print(f"\nstale: {', '.join(stale)}; run `python -m pipelines.compile` and commit pipelines/compiled/", file=sys.stderr)
+        print(f"\nstale: {', '.join(stale)}; run `python -m pipelines.compile` and commit pipelines/compiled/",
+              file=sys.stderr)
         return 1
     return 0
 

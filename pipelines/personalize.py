@@ -2,9 +2,10 @@
 
 The `configure` step validates the params and names the branch of `plan(params)`, the same plan
 `subjectops run` follows: the discriminator pretraining runs only when the method needs it, the class
-priors only when it trains with them. `dsl.If`/`Elif`/`Else` on that name select one branch, which runs its stages through register; the
-pipeline returns the registered version (`name/version`) of whichever branch ran (`dsl.OneOf`). Every branch runs the
-sweep step, which records why and does nothing when the plan has no sweep (a run without snapshots).
+priors only when it trains with them. `dsl.If`/`Elif`/`Else` on that name select one branch, which runs its stages
+through register; the pipeline returns the registered version (`name/version`) of whichever branch ran
+(`dsl.OneOf`). Every branch runs the sweep step, which records why and does nothing when the plan has no sweep (a
+run without snapshots).
 """
 
 from typing import List
@@ -21,7 +22,8 @@ DEFAULT_PRIORS_CACHE = f"{P.MODEL_CACHE_MOUNT}/cache/priors"
 
 
 def build_personalize(c: Components):
-    def gpu(task, accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations, model_cache_pvc, mlflow_secret, s3_secret):
+    def gpu(task, accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations, model_cache_pvc, mlflow_secret,
+            s3_secret):
         return P.on_gpu(task, accelerator_type=accelerator_type, gpu_count=gpu_count, node_selector=gpu_node_selector,
                         tolerations=gpu_tolerations, model_cache_pvc=model_cache_pvc, mlflow_secret=mlflow_secret,
                         s3_secret=s3_secret)

@@ -39,7 +39,8 @@ DEFAULT_S3_SECRET = "subjectops-s3"
 
 
 def with_mlflow(task: PipelineTask, mlflow_secret) -> PipelineTask:
-    """MLflow's credentials, and the label the chart's NetworkPolicy admits to MLflow: a pod without it cannot connect."""
+    """MLflow's credentials, and the label the chart's NetworkPolicy admits to MLflow: a pod without it cannot
+    connect."""
     kubernetes.add_pod_label(task, label_key=MLFLOW_CLIENT_LABEL, label_value="true")
     return kubernetes.use_secret_as_env(task, secret_name=mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS)
 
@@ -51,7 +52,8 @@ def with_object_store(task: PipelineTask, s3_secret) -> PipelineTask:
 def on_gpu(task: PipelineTask, *, accelerator_type, gpu_count, node_selector, tolerations,
            model_cache_pvc, mlflow_secret, s3_secret) -> PipelineTask:
     """Put a step on the GPU node pool with the model cache, the credentials it needs and a retry policy."""
-    task.set_retry(num_retries=GPU_RETRIES, backoff_duration=GPU_RETRY_BACKOFF, backoff_factor=GPU_RETRY_BACKOFF_FACTOR,
+    task.set_retry(num_retries=GPU_RETRIES, backoff_duration=GPU_RETRY_BACKOFF,
+                   backoff_factor=GPU_RETRY_BACKOFF_FACTOR,
                    backoff_max_duration=GPU_RETRY_MAX_DURATION)
     task.set_accelerator_type(accelerator_type)
     task.set_accelerator_limit(gpu_count)

@@ -39,7 +39,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["lora", "textual-inversion"])
     ap.add_argument("--subjects", nargs="+", default=["can", "dog"], help=f"DreamBench subjects under {DREAMBENCH}")
-    ap.add_argument("--out", type=Path, default=None, help="where everything goes (default: a new temporary directory)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where everything goes (default: a new temporary directory)")
     ap.add_argument("--parallelism", type=int, default=2, help="concurrent personalize runs (default 2: two cores)")
     args = ap.parse_args()
 

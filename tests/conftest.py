@@ -1,37 +1,43 @@
 """Shared pytest fixtures. Offline always: no test may reach a model hub."""
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ["DVC_NO_ANALYTICS"] = "1"
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs one worker per core: one compute thread each (subprocesses inherit it), not one per core each.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["MKL_NUM_THREADS"] = "1"
-# Tiny presets are built once per test session into this folder (subprocesses inherit it).
-os.environ.setdefault("SUBJECTOPS_HOME", tempfile.mkdtemp(prefix="subjectops-home-"))
-# Runs made by tests are tracked in a throwaway store, never in the project's mlruns.db (tests that check
-# the default location unset this themselves).
-os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='subjectops-mlflow-')}/mlruns.db"
-
-REPO = Path(__file__).resolve().parents[1]
-# The KFP components and pipelines are top-level packages of the repository, not of the installed project.
-sys.path.insert(0, str(REPO))
-EXAMPLE_SUBJECT = REPO / "examples" / "subjects" / "teapot"
+from helpers import EXAMPLE_SUBJECT, REPO, TINY_OVERRIDES
 
 # Real servers on 127.0.0.1 (SeaweedFS S3, MLflow), started on demand, stopped by process group.
-from servers import (MLFLOW_BACKENDS, mlflow_backend, mlflow_factory, mlflow_server, mlflow_server_postgresql,  # noqa: E402,F401
-                     postgres_server, s3_server, tracking_uri)
+from servers import (  # noqa: F401
+    MLFLOW_BACKENDS,
+    mlflow_backend,
+    mlflow_factory,
+    mlflow_server,
+    mlflow_server_postgresql,
+    postgres_server,
+    s3_server,
+    tracking_uri,
+)
 
 
 def pytest_configure(config):
+    """Before any test module is collected (and imports huggingface_hub or mlflow): offline always, no test may
+    reach a model hub; a throwaway tracking store and tiny-preset home. The repository root (components/,
+    pipelines/) is on sys.path through pyproject's `pythonpath`."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    os.environ["DO_NOT_TRACK"] = "1"
+    os.environ["DVC_NO_ANALYTICS"] = "1"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs one worker per core: one compute thread each (subprocesses inherit it), not one per
+        # core each.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["MKL_NUM_THREADS"] = "1"
+    # Tiny presets are built once per test session into this folder (subprocesses inherit it).
+    os.environ.setdefault("SUBJECTOPS_HOME", tempfile.mkdtemp(prefix="subjectops-home-"))
+    # Runs made by tests are tracked in a throwaway store, never in the project's mlruns.db (tests that check
+    # the default location unset this themselves).
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='subjectops-mlflow-')}/mlruns.db"
     config.addinivalue_line("markers", "mlflow_backends: run against an MLflow server on each backend store "
                                        "(sqlite and PostgreSQL)")
 
@@ -39,7 +45,8 @@ def pytest_configure(config):
 # The slowest modules, longest first (pytest --durations=0, two workers). `make test` hands whole modules to its
 # workers in collection order (--no-loadscope-reorder): long ones first, short ones filling in at the end, so the
 # workers finish together. xdist's own order (most tests first) left test_dvc, one test of ~100 s, for last.
-SLOWEST_FIRST = ("test_training", "test_tracking", "test_dvc", "test_performance", "test_kfp_local", "test_kfp_local_branches",
+SLOWEST_FIRST = ("test_training", "test_tracking", "test_dvc", "test_performance", "test_kfp_local",
+                 "test_kfp_local_branches",
                  "test_dreamblend", "test_distributed", "test_pipelines_compiled", "test_learning", "test_hifi_tuner",
                  "test_submit", "test_prior_cache", "test_hypnos", "test_reference_guided")
 
@@ -65,32 +72,6 @@ def example_subject() -> Path:
     return EXAMPLE_SUBJECT
 
 
-def subjectops_run(subject: Path, class_word: str, method: str, out: Path, sets: list[str]):
-    """`subjectops run` as a user types it (a new process, from the repository root); returns the finished process."""
-    import subprocess
-
-    args = [sys.executable, "-m", "subjectops.cli", "run", str(subject), "--class", class_word, "--method", method,
-            "--out", str(out), "--params", "params.yaml"] + [a for s in sets for a in ("--set", s)]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
-
-
-# Small enough to run every stage in seconds on 2 CPU cores with the tiny preset.
-TINY_OVERRIDES = [
-    "model.base=tiny-sd15",
-    "priors.num_images=2",
-    "priors.steps=2",
-    "priors.batch_size=2",
-    "finetune.dreambooth.steps=4",
-    "finetune.lora.steps=4",
-    "finetune.textual_inversion.steps=4",
-    "finetune.two_stage.embedding_steps=2",
-    "finetune.two_stage.unet_steps=2",
-    "finetune.checkpoint_every=0",
-    "infer.steps=2",
-    "infer.prompt_invariant.num_images=2",
-]
-
-
 @pytest.fixture
 def tiny_overrides(tmp_path) -> list[str]:
     """--set overrides for a fast tiny run, with a private class-prior cache."""
@@ -102,3 +83,15 @@ def tiny_params(tiny_overrides):
     from subjectops.config import load_params
 
     return load_params(REPO / "params.yaml", tiny_overrides)
+
+
+@pytest.fixture
+def prepared(tiny_params, example_subject, tmp_path):
+    """refine + priors on the example subject (the training loop's tests)."""
+    from subjectops.stages.priors import priors
+    from subjectops.stages.refine import refine
+
+    run = tmp_path / "run"
+    refine(tiny_params, example_subject, "teapot", run / "refine")
+    priors(tiny_params, run / "refine", run / "priors")
+    return run

@@ -104,7 +104,8 @@ def _wait_http(server: Server, path: str, timeout: float, ok=lambda status: stat
     last = None
     while time.monotonic() < deadline:
         if not server.alive():
-            raise RuntimeError(f"{server.name} exited with {server.proc.returncode} while starting:\n{server.log_tail()}")
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode} while "
+                               f"starting:\n{server.log_tail()}")
         try:
             with urllib.request.urlopen(server.url + path, timeout=2) as r:
                 if ok(r.status):
@@ -127,7 +128,8 @@ def base_env() -> dict:
     return env
 
 
-def start_seaweedfs(workdir: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, timeout: float = 60) -> Server:
+def start_seaweedfs(workdir: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY,
+                    timeout: float = 60) -> Server:
     """`weed mini` with S3 on a free port; one admin identity; buckets must be created (like MinIO)."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
@@ -165,7 +167,7 @@ def start_seaweedfs(workdir: Path, access_key: str = ACCESS_KEY, secret_key: str
         except Exception as exc:  # noqa: BLE001
             if time.monotonic() > deadline or not server.alive():
                 server.stop()
-                raise RuntimeError(f"SeaweedFS S3 does not accept writes: {exc}\n{server.log_tail()}")
+                raise RuntimeError(f"SeaweedFS S3 does not accept writes: {exc}\n{server.log_tail()}") from exc
             time.sleep(0.5)
     return server
 
@@ -177,7 +179,8 @@ def s3_client(server: Server):
     return boto3.client(
         "s3", endpoint_url=server.url, aws_access_key_id=server.extra["access_key"],
         aws_secret_access_key=server.extra["secret_key"], region_name="us-east-1",
-        config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30, s3={"addressing_style": "path"}),
+        config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30,
+                      s3={"addressing_style": "path"}),
     )
 
 
@@ -239,7 +242,8 @@ def start_postgres(workdir: Path, timeout: float = 60) -> Server:
                                 start_new_session=True, **as_user)
     server = Server("postgres", proc, port, log, workdir, {"home": home})
     deadline = time.monotonic() + timeout
-    while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:
+    while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                         capture_output=True).returncode != 0:
         if not server.alive() or time.monotonic() > deadline:
             server.stop()
             raise RuntimeError(f"PostgreSQL did not accept connections within {timeout:.0f} s:\n{server.log_tail()}")
@@ -280,14 +284,16 @@ def start_mlflow(workdir: Path, artifacts_destination: str, extra_env: dict | No
     ]
     proc, log = _spawn("mlflow", cmd, workdir, env)
     server = Server("mlflow", proc, port, log, workdir, {"artifacts_destination": artifacts_destination,
-                                                           "env": dict(extra_env or {}), "backend_store_uri": backend_store_uri})
+                                                           "env": dict(extra_env or {}),
+                                                         "backend_store_uri": backend_store_uri})
     _wait_http(server, "/health", timeout, ok=lambda s: s == 200)
     return server
 
 
 def restart_mlflow(old: Server, timeout: float = 90) -> Server:
     """Start a server again on the same port and database (after `stop()`)."""
-    return start_mlflow(old.workdir, old.extra["artifacts_destination"], old.extra.get("env"), port=old.port, timeout=timeout,
+    return start_mlflow(old.workdir, old.extra["artifacts_destination"], old.extra.get("env"), port=old.port,
+                        timeout=timeout,
                         backend_store_uri=old.extra["backend_store_uri"])
 
 
@@ -329,7 +335,8 @@ def postgres_server(tmp_path_factory):
 
 
 def _session_mlflow(backend: str, request, s3_server, tmp_path_factory):
-    uri = postgres_database(request.getfixturevalue("postgres_server"), "mlflow_session") if backend == "postgresql" else None
+    uri = postgres_database(request.getfixturevalue("postgres_server"),
+                            "mlflow_session") if backend == "postgresql" else None
     server = start_mlflow(tmp_path_factory.mktemp(f"mlflow-{backend}"), f"s3://{MLFLOW_BUCKET}/shared-{backend}",
                           s3_env(s3_server), backend_store_uri=uri)
     try:
@@ -367,9 +374,11 @@ def mlflow_factory(s3_server, tmp_path, mlflow_backend, request):
         uri = None
         if mlflow_backend == "postgresql":
             if name not in databases:
-                databases[name] = postgres_database(request.getfixturevalue("postgres_server"), f"{tmp_path.name}-{name}")
+                databases[name] = postgres_database(request.getfixturevalue("postgres_server"),
+                                                    f"{tmp_path.name}-{name}")
             uri = databases[name]
-        server = start_mlflow(tmp_path / name, f"s3://{MLFLOW_BUCKET}/{tmp_path.name}-{name}", s3_env(s3_server), port=port,
+        server = start_mlflow(tmp_path / name, f"s3://{MLFLOW_BUCKET}/{tmp_path.name}-{name}", s3_env(s3_server),
+                              port=port,
                               backend_store_uri=uri)
         started.append(server)
         return server

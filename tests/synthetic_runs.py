@@ -49,9 +49,11 @@ def _img(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> None:
 
 
 def _manifest(d: Path, stage: str, params: Params, **extra) -> None:
-    outputs = {p.relative_to(d).as_posix(): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    outputs = {p.relative_to(d).as_posix(): sha256_file(p) for p in sorted(d.rglob("*"))
+               if p.is_file() and p.name != "manifest.json"}
     (d / "manifest.json").write_text(json.dumps({"stage": stage, "created": "2026-01-01T00:00:00Z",
-                                                 "params": params.model_dump(mode="json"), "inputs": {}, "outputs": outputs,
+                                                 "params": params.model_dump(mode="json"), "inputs": {},
+                                                 "outputs": outputs,
                                                  "versions": {}, **extra}))
 
 
@@ -120,13 +122,16 @@ def write_stage(run: Path, stage: str, params: Params, metrics: dict | None = No
     elif stage == "priors":
         for i in range(4):
             _img(d / "images" / f"{i:04d}.png", 100 + i)
-        (d / "priors.json").write_text(json.dumps({"class_word": "teapot", "prompt": "a photo of a teapot", "cache_key": "abc123",
-                                                   "count": 4, "images": [f"images/{i:04d}.png" for i in range(4)], "generated": True}))
+        (d / "priors.json").write_text(json.dumps({"class_word": "teapot", "prompt": "a photo of a teapot",
+                                                   "cache_key": "abc123",
+                                                   "count": 4, "images": [f"images/{i:04d}.png" for i in range(4)],
+                                                   "generated": True}))
     elif stage == "finetune":
         write_lora(d, params, seed)
         with (d / "train_log.jsonl").open("w") as fh:
             for step in range(1, STEPS + 1):
-                fh.write(json.dumps({"step": step, "loss": 1.0 / step, "terms": {"instance": 0.8 / step, "prior": 0.2 / step}}) + "\n")
+                fh.write(json.dumps({"step": step, "loss": 1.0 / step,
+                                     "terms": {"instance": 0.8 / step, "prior": 0.2 / step}}) + "\n")
         _img(d / "validation" / "step_00010.png", 7)
         (d / "checkpoints" / "step_000010").mkdir(parents=True, exist_ok=True)
         (d / "checkpoints" / "step_000010" / "state.json").write_text('{"note": "resume state, not uploaded"}')
@@ -138,7 +143,8 @@ def write_stage(run: Path, stage: str, params: Params, metrics: dict | None = No
         (d / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json([_prompt_set()])))
         from subjectops.inference import get_strategy
 
-        _manifest(d, stage, params, inference=get_strategy(params.infer.strategy).spec_for(params.infer, 32).model_dump(mode="json"))
+        _manifest(d, stage, params,
+                  inference=get_strategy(params.infer.strategy).spec_for(params.infer, 32).model_dump(mode="json"))
         return d
     elif stage == "evaluate":
         doc = metrics_json(**(metrics or {}))
@@ -147,7 +153,8 @@ def write_stage(run: Path, stage: str, params: Params, metrics: dict | None = No
         # what evaluate records: the encoders it loaded, and evaluate.tiny=false when they were real ones (the
         # images come from tiny-sd15, whose `auto` means tiny random encoders)
         scored = validate_params({**params.model_dump(mode="json"), "evaluate": {
-            **params.evaluate.model_dump(mode="json"), "tiny": not all(b["pretrained"] for b in doc["backbones"].values())}})
+            **params.evaluate.model_dump(mode="json"),
+            "tiny": not all(b["pretrained"] for b in doc["backbones"].values())}})
         _manifest(d, stage, scored, backbones=doc["backbones"])
         return d
     _manifest(d, stage, params)
@@ -165,7 +172,8 @@ def write_lora(d: Path, params: Params, seed: int = 0) -> None:
         _LORA_CACHE[key] = (d / "pytorch_lora_weights.safetensors").read_bytes()
     (d / "pytorch_lora_weights.safetensors").write_bytes(_LORA_CACHE[key])
     (d / "method.json").write_text(json.dumps({"method": "lora", "base_model": params.model.base, "identifier": "sks",
-                                               "instance_prompt": "a photo of sks teapot", "class_word": "teapot", "steps": STEPS}))
+                                               "instance_prompt": "a photo of sks teapot", "class_word": "teapot",
+                                               "steps": STEPS}))
 
 
 def _build_lora(d: Path, params: Params, seed: int) -> None:
@@ -178,7 +186,8 @@ def _build_lora(d: Path, params: Params, seed: int) -> None:
 
     torch.manual_seed(seed)
     pipe = load_pipeline(params.model)
-    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     type(pipe).save_lora_weights(d, unet_lora_layers=layers, safe_serialization=True)
 
@@ -201,7 +210,8 @@ def write_pipeline_stage(stage: str, out: Path, params: Params, subject: str) ->
         if stage == "finetune":
             d = Path(tmp) / stage
             d.mkdir()
-            (d / "method.json").write_text(json.dumps({"method": params.finetune.method, "base_model": params.model.base,
+            (d / "method.json").write_text(json.dumps({"method": params.finetune.method,
+                                                       "base_model": params.model.base,
                                                        "identifier": "sks", "class_word": subject}))
             _manifest(d, stage, params)
         else:

@@ -14,8 +14,7 @@ from PIL import Image
 from subjectops.config import InferCfg, ModelCfg, load_params
 from subjectops.data import rare_tokens
 from subjectops.errors import SubjectopsError
-from subjectops.inference import StageInputs, load_strategy
-from subjectops.inference import blur
+from subjectops.inference import StageInputs, blur, load_strategy
 from subjectops.inference.alchemy import AlchemyStrategy, img2img, scene_prompt, segment_scene
 from subjectops.methods.alchemy import AlchemyMethod
 from subjectops.models.loading import load_pipeline
@@ -88,14 +87,20 @@ def test_identifier_is_the_given_token_or_the_best_of_the_cached_scan(repo_root,
     extra = method.manifest_extra()["alchemy"]
     assert extra["token_source"] == f"token scan {path}" and extra["open_in_paper"]["alpha"] == 8
     given = AlchemyMethod(alchemy_params(repo_root, "finetune.alchemy.token=koval"), "dog", models=None)
-    assert given.identifier() == "koval" and given.manifest_extra()["alchemy"]["token_source"] == "finetune.alchemy.token"
+    assert given.identifier() == "koval"
+    assert given.manifest_extra()["alchemy"]["token_source"] == "finetune.alchemy.token"
 
 
 @pytest.fixture(scope="module")
 def tiny_clipseg(tmp_path_factory):
     """A CLIPSeg with random weights, saved like a downloaded one (the tiny preset's CLIP tokenizer)."""
-    from transformers import (CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer,
-                              ViTImageProcessor)
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        CLIPTokenizer,
+        ViTImageProcessor,
+    )
 
     from subjectops.models.loading import resolve
 
@@ -111,7 +116,8 @@ def tiny_clipseg(tmp_path_factory):
     return out
 
 
-def test_auto_segmenter_is_clipseg_when_its_weights_are_present_and_prompted_with_the_class_word(tiny_clipseg, tmp_path):
+def test_auto_segmenter_is_clipseg_when_its_weights_are_present_and_prompted_with_the_class_word(tiny_clipseg,
+                                                                                                 tmp_path):
     from subjectops.segment.clipseg import ClipSegBackend
 
     present = InferCfg(alchemy={"clipseg_model": str(tiny_clipseg)})
@@ -200,7 +206,8 @@ def test_finetune_then_infer_save_the_adapter_the_token_and_each_image_with_its_
     refine_dir = refine(params, example_subject, "dog", tmp_path / "refine")
     ft = finetune(params, refine_dir, None, tmp_path / "finetune")
     info = json.loads((ft / "method.json").read_text())
-    assert (info["method"], info["identifier"], info["weights"]) == ("alchemy", "immen", ["pytorch_lora_weights.safetensors"])
+    assert (info["method"], info["identifier"], info["weights"]) == ("alchemy", "immen",
+                                                                     ["pytorch_lora_weights.safetensors"])
     recorded = json.loads((ft / "manifest.json").read_text())["alchemy"]
     assert recorded == {"token": "immen", "token_source": "finetune.alchemy.token",
                         "open_in_paper": {"rank": 8, "alpha": 8.0, "lr": 0.05, "steps": 3}}

@@ -64,7 +64,7 @@ def test_blur_weight_decreases_monotonically_with_distance():
     weight = blur.decay_weight(mask, 5.0)
     d = blur.distance_from_mask(mask)
     order = np.argsort(d, axis=None, kind="stable")
-    w_sorted, d_sorted = weight.ravel()[order], d.ravel()[order]
+    w_sorted = weight.ravel()[order]
     assert (np.diff(w_sorted) <= 1e-7).all()
     assert (weight[mask] == 1).all() and weight[~mask].max() < 1
     np.testing.assert_allclose(weight, np.exp(-5.0 * d / SIZE), rtol=1e-5)

@@ -4,7 +4,6 @@ import torch
 from scipy.stats import chisquare
 
 from subjectops.config import Params
-from subjectops.methods.hypnos import HypnosAugmentCfg
 from subjectops.data.augment import (
     IMAGE_TYPES,
     REAL_TYPES,
@@ -16,6 +15,7 @@ from subjectops.data.augment import (
     replace_background,
     resize_subject,
 )
+from subjectops.methods.hypnos import HypnosAugmentCfg
 
 
 def _subject(h=16):
@@ -41,7 +41,8 @@ def test_negative_and_masked_foreground_alter_only_the_subject():
     masked = mask_foreground(img, mask, (0, 0, 0))
     assert torch.allclose(masked[:, 4:12, 4:12], torch.full((3, 8, 8), -1.0))
     assert torch.equal(masked[:, :4], img[:, :4])
-    assert torch.allclose(color_tensor((255, 128, 0), img).flatten(), torch.tensor([1.0, 128 / 127.5 - 1, -1.0]), atol=1e-6)
+    assert torch.allclose(color_tensor((255, 128, 0), img).flatten(), torch.tensor([1.0, 128 / 127.5 - 1, -1.0]),
+                          atol=1e-6)
 
 
 def test_resize_subject_shrinks_subject_and_mask_on_colour_canvas():

@@ -111,10 +111,12 @@ def test_read_only_output_and_cache_are_refused_before_work(example_subject, tmp
     locked = tmp_path / "locked"
     (locked / "cache").mkdir(parents=True)
     # One interpreter runs both commands (an import of the CLI and the photo checks cost seconds each).
-    commands = [["--out", f"{locked}/run"], ["--out", f"{tmp_path}/run", "--set", f"priors.cache_dir={locked}/cache/priors"]]
+    commands = [["--out", f"{locked}/run"],
+                ["--out", f"{tmp_path}/run", "--set", f"priors.cache_dir={locked}/cache/priors"]]
     program = ("from typer.testing import CliRunner; from subjectops.cli import app\n"
                f"for extra in {commands!r}:\n"
-               f"    r = CliRunner().invoke(app, ['run', '{example_subject}', '--class', 'teapot', '--model', 'tiny-sd15',"
+               f"    r = CliRunner().invoke(app, ['run', '{example_subject}', '--class', 'teapot', '--model', "
+               "'tiny-sd15',"
                " '--no-track', *extra])\n"
                "    print(r.output, 'rc=%d' % r.exit_code, repr(r.exception) if r.exit_code != 2 else '')\n")
     script = f"mount --bind -o ro {locked} {locked} || exit 99\nexec {sys.executable} -c \"$0\""

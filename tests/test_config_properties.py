@@ -26,7 +26,9 @@ PLACEHOLDERS = ["{token}", "{class_word}", "{placeholder}", "{class_word.__class
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**12), st.floats(allow_nan=True),
                     st.text(max_size=12), st.sampled_from(PLACEHOLDERS))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+values = st.recursive(scalars,
+                      lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                       max_leaves=6)
 
 
@@ -113,5 +115,6 @@ def test_generated_params_files_validate_or_name_a_key(tmp_path):
 
     check()
     cases = outcomes["valid"] + outcomes["refused"]
-    print(f"params files: {cases} cases ({outcomes['valid']} valid, {outcomes['refused']} refused naming a key or the file)")
+    print(f"params files: {cases} cases ({outcomes['valid']} valid, {outcomes['refused']} refused naming a key or the "
+          "file)")
     assert cases >= 250 and outcomes["valid"] >= 10 and outcomes["refused"] >= 10

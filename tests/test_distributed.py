@@ -5,13 +5,12 @@ import subprocess
 import sys
 
 import pytest
-
 from servers import free_port
+
 from subjectops.config import load_params
 from subjectops.stages.pretrain_disc import pretrain_disc
 from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
-
 
 # What DDP must wrap per method: Hypnos trains DreamBooth's UNet and text encoder and, inside the step, its latent
 # discriminator (so it covers DreamBooth's case too); HiFi Tuner only its subject embeddings c_s and c_s^t (module
@@ -22,10 +21,12 @@ PREPARED = {"hypnos": ["UNet2DConditionModel", "CLIPTextModel", "LatentDiscrimin
 
 @pytest.mark.parametrize("method", sorted(PREPARED))
 def test_two_processes_average_gradients_and_publish_once(tiny_overrides, example_subject, tmp_path, method):
-    overrides = tiny_overrides + [f"finetune.method={method}", "finetune.dreambooth.steps=3", "finetune.hypnos.steps=3",
+    overrides = tiny_overrides + [f"finetune.method={method}", "finetune.dreambooth.steps=3",
+                                  "finetune.hypnos.steps=3",
                                   "finetune.hifi_tuner.steps=1", "finetune.hifi_tuner.stepwise_steps=1",
                                   "finetune.hifi_tuner.ddim_steps=2",
-                                  "finetune.validation_every=0", "pretrain_disc.steps=2", "pretrain_disc.eval_samples=0"]
+                                  "finetune.validation_every=0", "pretrain_disc.steps=2",
+                                  "pretrain_disc.eval_samples=0"]
     params = load_params("params.yaml", overrides)
     run = tmp_path / "run"
     refine(params, example_subject, "teapot", run / "refine")
@@ -48,5 +49,5 @@ def test_two_processes_average_gradients_and_publish_once(tiny_overrides, exampl
     # publishes) mean the gradients were averaged
     prepared = json.loads((run / "finetune" / "manifest.json").read_text())["prepared"]
     assert prepared == {name: "DistributedDataParallel" for name in PREPARED[method]}
-    steps = [json.loads(l)["step"] for l in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run / "finetune" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]  # one log, written by the main process only

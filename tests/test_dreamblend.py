@@ -36,9 +36,9 @@ def snapshot_run(tmp_path_factory, repo_root):
     """`subjectops run` end to end on DreamBench's robot toy (not the bundled teapot) with --method lora and
     infer.strategy=dreamblend: a tiny LoRA finetune of 3 steps keeping snapshots at steps 1 and 2 (DreamBlend's
     guidance and edit), then infer, the sweep over them and evaluate."""
+    from helpers import TINY_OVERRIDES
     from typer.testing import CliRunner
 
-    from conftest import TINY_OVERRIDES
     from subjectops.cli import app
 
     run = tmp_path_factory.mktemp("snapshots")
@@ -160,8 +160,10 @@ def test_sweep_scores_every_snapshot_and_blend_on_the_same_prompts_seeds_and_bac
     drawn, backbones = set(), set()
     for p in doc["points"]:
         folder = run / "sweep" / p["path"]
-        drawn.add(json.dumps([(s["prompt"], s["seed"]) for s in json.loads((folder / "infer" / "samples.json").read_text())]))
-        backbones.add(json.dumps(json.loads((folder / "evaluate" / "metrics.json").read_text())["backbones"], sort_keys=True))
+        drawn.add(json.dumps([(s["prompt"], s["seed"])
+                              for s in json.loads((folder / "infer" / "samples.json").read_text())]))
+        backbones.add(json.dumps(json.loads((folder / "evaluate" / "metrics.json").read_text())["backbones"],
+                                 sort_keys=True))
         assert p["n_images"] == 2 and p["clip_t_std"] >= 0 and p["dino_std"] >= 0
     assert len(drawn) == 1 and len(backbones) == 1
     coords = [(p["clip_t"], p["dino"]) for p in doc["points"]]
@@ -171,12 +173,14 @@ def test_sweep_scores_every_snapshot_and_blend_on_the_same_prompts_seeds_and_bac
 
 
 def test_the_runs_report_draws_the_front_with_the_chosen_point_marked(snapshot_run):
-    """The report `subjectops run` points to (evaluate's) embeds the front's plot and marks the sweep's chosen point."""
+    """The report `subjectops run` points to (evaluate's) embeds the front's plot and marks the sweep's chosen
+    point."""
     _, run = snapshot_run
     doc = json.loads((run / "sweep" / "points.json").read_text())
     report = (run / "evaluate" / "report.html").read_text()
     assert 'id="operating-points"' in report
-    assert re.search(r'<img class="plot" alt="operating points in CLIP-T and DINO[^"]*" src="data:image/png;base64,[A-Za-z0-9+/]{1000,}', report)
+    assert re.search(r'<img class="plot" alt="operating points in CLIP-T and DINO[^"]*" '
+                     r'src="data:image/png;base64,[A-Za-z0-9+/]{1000,}', report)
     rows = re.findall(r"<tr><td>([^<]*)</td>.*?<td>(yes|)</td><td>(chosen|)</td></tr>", report)
     assert [html.unescape(label) for label, _, _ in rows] == [p["label"] for p in doc["points"]]
     assert [html.unescape(label) for label, _, chosen in rows if chosen] == [doc["chosen"]]
@@ -213,7 +217,8 @@ def test_choose_registers_the_chosen_blend_and_serves_its_images(snapshot_run, t
     assert info["chosen"] == blend["label"] and info["rule"] == "max DINO subject to CLIP-T >= 0.4"
     tags = MlflowClient(tracking_uri).get_model_version("chosen-robot-toy", info["version"]).tags
     assert tags["choose.point"] == blend["label"] and tags["inference.strategy"] == "dreamblend"
-    assert json.loads(tags["choose.front"]) == [{"label": blend["label"], "clip_t": 0.5, "clip_t_std": blend["clip_t_std"],
+    assert json.loads(tags["choose.front"]) == [{"label": blend["label"], "clip_t": 0.5,
+                                                 "clip_t_std": blend["clip_t_std"],
                                                  "dino": 0.9, "dino_std": blend["dino_std"]}]
     sample = json.loads((run / "sweep" / blend["path"] / "infer" / "samples.json").read_text())[0]
     model = mlflow.pyfunc.load_model("models:/chosen-robot-toy@challenger")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from servers import BIN, DVC_BUCKET, base_env, free_port
 
 STAGES = ["refine", "priors", "pretrain_disc", "finetune", "infer", "sweep", "evaluate"]
@@ -34,9 +33,11 @@ def deep_update(d: dict, u: dict) -> dict:
 
 
 def sh(cmd: list[str], cwd: Path, env: dict, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited "
+                             f"{p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
 
 

@@ -2,19 +2,14 @@
 
 import json
 import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import eval_params, make_run
 
 from subjectops.config import Params
-from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.models.tiny import TINY_PRESETS
 from subjectops.stages.evaluate import evaluate
-
-RES = 64
 
 
 @pytest.fixture(autouse=True)
@@ -22,45 +17,8 @@ def _home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SUBJECTOPS_HOME", str(tmp_path_factory.getbasetemp() / "home"))
 
 
-def _img(path: Path, seed: int, size: int = RES) -> None:
-    rng = np.random.default_rng(seed)
-    low = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(low).resize((size, size), Image.BICUBIC).save(path)
-
-
-def make_run(root: Path, params: Params, n_refs: int = 3, gen_size: int = RES) -> tuple[Path, Path]:
-    refine, infer = root / "refine", root / "infer"
-    names = [f"images/{i:02d}.png" for i in range(n_refs)]
-    for i, n in enumerate(names):
-        _img(refine / n, i)
-    (refine / "subject.json").write_text(json.dumps({
-        "name": "teapot", "class_word": "teapot", "token": "sks", "resolution": RES, "images": names,
-        "masks": [], "sources": []}))
-    (refine / "manifest.json").write_text("{}")
-    sets = build_prompt_sets(params, "sks", "teapot")
-    samples = []
-    for pset in sets:
-        for i, item in enumerate(pset.items):
-            rel = f"images/{pset.name}/{i:04d}.png"
-            _img(infer / rel, 1000 + item.seed + 7 * i, gen_size)
-            samples.append({"prompt_set": pset.name, "prompt": item.prompt, "identifier": "sks",
-                            "class_word": "teapot", "seed": item.seed, "path": rel})
-    (infer / "samples.json").write_text(json.dumps(samples))
-    (infer / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json(sets)))
-    (infer / "manifest.json").write_text("{}")
-    return refine, infer
-
-
-def tiny_params(**infer) -> Params:
-    base = {"prompt_sets": ["prompt-invariant", "prompt-varying"], "prompt_invariant": {"num_images": 4},
-            "prompt_varying": {"num_images": 6}}
-    base.update(infer)
-    return Params.model_validate({"model": {"base": "tiny-sd15"}, "infer": base, "evaluate": {"batch_size": 4}})
-
-
 def test_evaluate_writes_metrics_report_and_manifest(tmp_path):
-    params = tiny_params()
+    params = eval_params()
     refine, infer = make_run(tmp_path, params, gen_size=96)  # generated larger than references: resized
     out = evaluate(params, refine, infer, tmp_path / "evaluate")
     assert out == tmp_path / "evaluate" and not (tmp_path / "evaluate.partial").exists()
@@ -90,7 +48,7 @@ def test_evaluate_writes_metrics_report_and_manifest(tmp_path):
 
 
 def test_bad_inputs_fail_before_any_output(tmp_path):
-    params = tiny_params()
+    params = eval_params()
     refine, infer = make_run(tmp_path, params)
     out = tmp_path / "evaluate"
     with pytest.raises(SubjectopsError, match="no manifest.json"):
@@ -103,18 +61,19 @@ def test_bad_inputs_fail_before_any_output(tmp_path):
     (infer / "samples.json").write_text(json.dumps(bad))
     with pytest.raises(SubjectopsError, match="not a file inside"):
         evaluate(params, refine, infer, out)
-    (infer / "samples.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "identifier"} for s in samples]))
+    (infer / "samples.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "identifier"}
+                                                    for s in samples]))
     with pytest.raises(SubjectopsError, match=r"lacks \['identifier'\]"):
         evaluate(params, refine, infer, out)
     (infer / "samples.json").write_text(json.dumps(samples))
-    real = Params.model_validate({**tiny_params().model_dump(), "model": {"base": "some/real-model"}})
+    real = Params.model_validate({**eval_params().model_dump(), "model": {"base": "some/real-model"}})
     with pytest.raises(ModelNotFoundError, match="evaluate.tiny=true"):
         evaluate(real, refine, infer, out)
     assert not out.exists() and not (tmp_path / "evaluate.partial").exists()
 
 
 def test_a_failed_rerun_keeps_the_earlier_complete_output(tmp_path):
-    params = tiny_params(prompt_sets=["prompt-invariant"])
+    params = eval_params(prompt_sets=["prompt-invariant"])
     refine, infer = make_run(tmp_path, params)
     out = evaluate(params, refine, infer, tmp_path / "evaluate")
     before = (out / "metrics.json").read_text()
@@ -125,7 +84,7 @@ def test_a_failed_rerun_keeps_the_earlier_complete_output(tmp_path):
 
 
 def test_metrics_subset_and_clip_fid_features(tmp_path):
-    params = tiny_params(prompt_sets=["prompt-invariant"])
+    params = eval_params(prompt_sets=["prompt-invariant"])
     params = params.model_copy(update={"evaluate": params.evaluate.model_copy(
         update={"metrics": ["clip-t", "fid"], "fid_features": "clip"})})
     refine, infer = make_run(tmp_path, params)
@@ -140,7 +99,7 @@ def test_cli_evaluate_run_dir_ends_with_the_report_path(tmp_path, monkeypatch):
 
     from subjectops.cli import app
 
-    params = tiny_params(prompt_sets=["prompt-invariant"])
+    params = eval_params(prompt_sets=["prompt-invariant"])
     refine, infer = make_run(tmp_path / "run", params)
     # infer's manifest records the tiny base model: evaluate.tiny=auto follows it even without --model
     (infer / "manifest.json").write_text(json.dumps({"params": {"model": {"base": "tiny-sd15"}}}))
@@ -164,7 +123,8 @@ def test_images_from_any_offline_preset_get_tiny_encoders(tmp_path, preset):
     """evaluate.tiny=auto follows models.tiny.TINY_PRESETS (small-sd15 too): random-weight images never
     reach the real encoders, which would be missing offline anyway."""
     params = Params.model_validate({"model": {"base": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
-                                    "infer": {"prompt_sets": ["prompt-invariant"], "prompt_invariant": {"num_images": 2}},
+                                    "infer": {"prompt_sets": ["prompt-invariant"],
+                                              "prompt_invariant": {"num_images": 2}},
                                     "evaluate": {"metrics": ["dino"]}})
     refine, infer = make_run(tmp_path, params)
     (infer / "manifest.json").write_text(json.dumps({"params": {"model": {"base": preset}}}))

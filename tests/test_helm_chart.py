@@ -28,7 +28,8 @@ def helm() -> str:
         found = shutil.which("helm")
         if found:
             return found
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "get_helm.sh")], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "get_helm.sh")], capture_output=True, text=True,
+                              timeout=600)
         assert proc.returncode == 0, f"scripts/get_helm.sh failed:\n{proc.stdout}\n{proc.stderr}"
     assert local.is_file()
     return str(local)
@@ -39,7 +40,8 @@ def _kv():
 
 
 def render(helm, *args, kube_version="1.33.0") -> list[dict]:
-    proc = subprocess.run([helm, "template", "t", str(CHART), "--namespace", "ml", "--kube-version", kube_version, *args],
+    proc = subprocess.run([helm, "template", "t", str(CHART), "--namespace", "ml", "--kube-version", kube_version,
+                           *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
@@ -62,7 +64,8 @@ def pod_specs(docs):
 
 def test_lint_strict(helm):
     for extra in ([], ALL_FEATURES):
-        proc = subprocess.run([helm, "lint", "--strict", str(CHART), *extra], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([helm, "lint", "--strict", str(CHART), *extra], capture_output=True, text=True,
+                              timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "0 chart(s) failed" in proc.stdout
 
@@ -73,7 +76,8 @@ def test_every_manifest_validates_strictly(helm, tmp_path, kube_version):
         "default": [],
         "all-features": ALL_FEATURES,
         "bucket-fill-postgres": ["--set", "modelCache.fill.enabled=true", "--set", "modelCache.fill.source=bucket",
-                                 "--set", "mlflow.backendStore.type=postgresql", "--set", "mlflow.backendStore.existingSecret=pg"],
+                                 "--set", "mlflow.backendStore.type=postgresql", "--set",
+                                 "mlflow.backendStore.existingSecret=pg"],
     }
     kinds = set()
     for name, args in variants.items():
@@ -83,7 +87,8 @@ def test_every_manifest_validates_strictly(helm, tmp_path, kube_version):
             path = tmp_path / f"{name}-{i:02d}-{doc['kind']}.yaml"
             path.write_text(yaml.safe_dump(doc))
         files = sorted(str(p) for p in tmp_path.glob(f"{name}-*.yaml"))
-        proc = subprocess.run([_kv(), "--strict", "--quiet", "-k", kube_version, *files], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([_kv(), "--strict", "--quiet", "-k", kube_version, *files], capture_output=True,
+                              text=True, timeout=300)
         assert proc.returncode == 0, f"{name}: {proc.stdout}\n{proc.stderr}"
     assert {"Deployment", "StatefulSet", "Service", "PersistentVolumeClaim", "Secret", "Job", "CronJob",
             "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy"} <= kinds
@@ -94,7 +99,8 @@ def test_validation_catches_a_wrong_field(tmp_path):
     bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
            "spec": {"ports": [{"port": 80, "targetPortt": 8080}]}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    proc = subprocess.run([_kv(), "--strict", "--quiet", "-k", "1.33.0", str(tmp_path / "bad.yaml")], capture_output=True, text=True)
+    proc = subprocess.run([_kv(), "--strict", "--quiet", "-k", "1.33.0", str(tmp_path / "bad.yaml")],
+                          capture_output=True, text=True)
     assert proc.returncode != 0
     assert "targetPortt" in proc.stdout + proc.stderr
 
@@ -112,7 +118,8 @@ def test_every_pod_is_non_root_read_only_and_bounded(helm):
             assert csc["readOnlyRootFilesystem"] is True, c["name"]
             assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"]
             for section in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(c["resources"][section]), f"{owner['metadata']['name']}/{c['name']} lacks {section}"
+                assert {"cpu", "memory"} <= set(c["resources"][section]), \
+                    f"{owner['metadata']['name']}/{c['name']} lacks {section}"
             # a read-only root needs a writable /tmp
             assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), c["name"]
     assert sorted(seen) == ["CronJob", "Deployment", "Job", "Job", "StatefulSet"]
@@ -123,7 +130,8 @@ def test_credentials_are_generated_not_committed(helm):
     b = {d["metadata"]["name"]: d for d in render(helm) if d["kind"] == "Secret"}
     root = a["t-subjectops-minio-root"]["data"]
     password = base64.b64decode(root["root-password"]).decode()
-    assert len(password) >= 32 and password != base64.b64decode(b["t-subjectops-minio-root"]["data"]["root-password"]).decode()
+    other = base64.b64decode(b["t-subjectops-minio-root"]["data"]["root-password"]).decode()
+    assert len(password) >= 32 and password != other
     s3 = a["subjectops-s3"]
     assert len(base64.b64decode(s3["data"]["AWS_SECRET_ACCESS_KEY"])) >= 32
     assert s3["stringData"]["AWS_ENDPOINT_URL"] == "http://t-subjectops-minio.ml.svc:9000"
@@ -167,8 +175,10 @@ def test_gpu_node_pool_values_reach_the_benchmark_runs(helm):
     sel = next(a for a in args if a.startswith("--gpu-node-selector="))
     assert yaml.safe_load(sel.split("=", 1)[1]) == {"nvidia.com/gpu.present": "true", "pool": "a100"}
     assert '--gpu-tolerations=[{"effect":"NoSchedule","key":"nvidia.com/gpu","operator":"Exists"}]' in args
-    assert "--model-cache-pvc=subjectops-model-cache" in args and "--service-account=subjectops-pipeline-runner" in args
-    pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "subjectops-model-cache")
+    assert "--model-cache-pvc=subjectops-model-cache" in args
+    assert "--service-account=subjectops-pipeline-runner" in args
+    pvc = next(d for d in docs
+               if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "subjectops-model-cache")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
@@ -176,9 +186,11 @@ def test_mlflow_uses_minio_and_a_persistent_backend(helm):
     docs = render(helm)
     dep = next(d for d in docs if d["kind"] == "Deployment")
     c = dep["spec"]["template"]["spec"]["containers"][0]
-    assert "--backend-store-uri=sqlite:////mlflow/mlflow.db" in c["args"] and "--artifacts-destination=s3://mlflow" in c["args"]
+    assert "--backend-store-uri=sqlite:////mlflow/mlflow.db" in c["args"]
+    assert "--artifacts-destination=s3://mlflow" in c["args"]
     assert dep["spec"]["strategy"]["type"] == "Recreate" and dep["spec"]["replicas"] == 1
-    claim = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "db")["persistentVolumeClaim"]["claimName"]
+    claim = next(v for v in dep["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == "db")["persistentVolumeClaim"]["claimName"]
     assert claim in {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
     job = next(d for d in docs if d["kind"] == "Job" and "buckets" in d["metadata"]["name"])
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
@@ -197,7 +209,8 @@ def test_rendered_mlflow_server_refuses_anonymous_requests(helm, tmp_path):
 
     from servers import Server, _spawn, _wait_http, base_env, free_port
 
-    pytest.importorskip("flask_wtf", reason="mlflow's auth extra (pyproject: mlflow[auth]) is not installed: make install")
+    pytest.importorskip("flask_wtf",
+                        reason="mlflow's auth extra (pyproject: mlflow[auth]) is not installed: make install")
     docs = render(helm)
     [c] = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-subjectops-mlflow")[
         "spec"]["template"]["spec"]["containers"]
@@ -236,7 +249,8 @@ def test_rendered_mlflow_server_refuses_anonymous_requests(helm, tmp_path):
 
         assert status() == 401
         assert status(account["MLFLOW_TRACKING_USERNAME"], "not-the-password") == 401
-        assert status(account["MLFLOW_TRACKING_USERNAME"], account["MLFLOW_TRACKING_PASSWORD"]) == 200, server.log_tail()
+        assert status(account["MLFLOW_TRACKING_USERNAME"],
+                      account["MLFLOW_TRACKING_PASSWORD"]) == 200, server.log_tail()
     finally:
         server.stop()
 
@@ -345,15 +359,18 @@ def test_mlflow_requires_authentication_by_default(helm):
     [c] = spec["containers"]
     assert "--app-name=basic-auth" in c["args"]
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
-    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == {"secretKeyRef": {"name": "subjectops-mlflow", "key": "MLFLOW_TRACKING_USERNAME"}}
-    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == {"secretKeyRef": {"name": "subjectops-mlflow", "key": "MLFLOW_TRACKING_PASSWORD"}}
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == {"secretKeyRef": {"name": "subjectops-mlflow",
+                                                                  "key": "MLFLOW_TRACKING_USERNAME"}}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == {"secretKeyRef": {"name": "subjectops-mlflow",
+                                                                  "key": "MLFLOW_TRACKING_PASSWORD"}}
     assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["secretKeyRef"]["name"] == "t-subjectops-mlflow-auth"
     # the auth config file is mounted where MLFLOW_AUTH_CONFIG_PATH points, from the chart's ConfigMap
     folder, file = env["MLFLOW_AUTH_CONFIG_PATH"].rsplit("/", 1)
     mount = next(m for m in c["volumeMounts"] if m["mountPath"] == folder)
     config_map = next(v for v in spec["volumes"] if v["name"] == mount["name"])["configMap"]["name"]
     ini = configparser.ConfigParser()
-    ini.read_string(next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == config_map)["data"][file])
+    ini.read_string(next(d for d in docs
+                         if d["kind"] == "ConfigMap" and d["metadata"]["name"] == config_map)["data"][file])
     assert ini["mlflow"]["default_permission"] == "READ"
     assert ini["mlflow"]["database_uri"] == "sqlite:////mlflow/basic_auth.db"  # on the PVC, beside mlflow.db
     assert "admin_password" not in ini["mlflow"]
@@ -374,11 +391,13 @@ def test_network_policies_limit_who_reaches_mlflow_and_minio(helm):
     assert set(policies) == {"t-subjectops-default-deny-ingress", "t-subjectops-mlflow", "t-subjectops-minio"}
     deny = policies["t-subjectops-default-deny-ingress"]
     assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
-    pods = {owner["metadata"]["name"]: (owner["spec"].get("jobTemplate", {}).get("spec", owner["spec"]))["template"]["metadata"]["labels"]
+    pods = {owner["metadata"]["name"]: (owner["spec"].get("jobTemplate", {}).get("spec",
+                                                                                 owner["spec"]))["template"]["metadata"]["labels"]
             for owner, _ in pod_specs(docs)}
     assert all(selects(deny["podSelector"], labels) for labels in pods.values()), "every pod of the chart is covered"
     mlflow, minio = policies["t-subjectops-mlflow"], policies["t-subjectops-minio"]
-    assert selects(mlflow["podSelector"], pods["t-subjectops-mlflow"]) and not selects(mlflow["podSelector"], pods["t-subjectops-minio"])
+    assert selects(mlflow["podSelector"], pods["t-subjectops-mlflow"]) and not selects(mlflow["podSelector"],
+                                                                                       pods["t-subjectops-minio"])
     assert mlflow["ingress"] == [{"from": [{"podSelector": {"matchLabels": MLFLOW_CLIENT}}],
                                   "ports": [{"port": 5000, "protocol": "TCP"}]}]
     [rule] = minio["ingress"]

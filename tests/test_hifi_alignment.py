@@ -4,8 +4,15 @@ import math
 
 import torch
 
-from subjectops.inference.alignment import (Similarity, fit_similarity, mask_points, one_sided_distance,
-                                            similarity_matrix, symmetric_distance, warp)
+from subjectops.inference.alignment import (
+    Similarity,
+    fit_similarity,
+    mask_points,
+    one_sided_distance,
+    similarity_matrix,
+    symmetric_distance,
+    warp,
+)
 
 SIZE = 64
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import subjectops_run
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import subjectops_run
 from subjectops.config import load_params
 from subjectops.methods import get_method
 from subjectops.methods.hifi_tuner import EMBEDS_FILE, embedding_regularization, latent_mask, with_subject
@@ -70,7 +70,8 @@ def test_a_large_w_s_keeps_c_s_closer_to_phi_s_and_alg1_saves_one_embedding_per_
     assert saved["embeds"].shape == (3, 5, held.subject.phi_s.shape[-1])
     assert saved["timesteps"].tolist() == held.ddim_timesteps() and saved["timesteps"][0] > saved["timesteps"][-1]
     # alg. 1: each c_s^t started from c_s^{t+1} and moved on its own
-    assert not torch.equal(saved["embeds"][0], saved["c_s"]) and not torch.equal(saved["embeds"][1], saved["embeds"][0])
+    assert not torch.equal(saved["embeds"][0], saved["c_s"]) and not torch.equal(saved["embeds"][1],
+                                                                                 saved["embeds"][0])
 
 
 def test_a_validation_image_is_what_infer_samples_from_the_learned_subject(tmp_path, example_subject):

@@ -9,10 +9,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+from synthetic_runs import synthetic_params, write_stage
 from typer.testing import CliRunner
 
 from subjectops.cli import app
-from synthetic_runs import synthetic_params, write_stage
 
 
 @pytest.fixture
@@ -35,7 +35,8 @@ def refused(args: list[str], *fragments: str) -> str:
 
 # --- params: values that passed validation and failed after work (items 10, 11) ----------------------------------
 @pytest.mark.parametrize("override, named", [
-    ("finetune.seed=99999999999999999999", "finetune.seed = 99999999999999999999: Input should be less than 4294967296"),
+    ("finetune.seed=99999999999999999999",
+     "finetune.seed = 99999999999999999999: Input should be less than 4294967296"),
     ("priors.num_images=0", "priors.num_images = 0"),
     ("evaluate.metrics=[]", "evaluate.metrics = []: List should have at least 1 item"),
     ("infer.prompt_sets=[]", "infer.prompt_sets = []: List should have at least 1 item"),
@@ -109,12 +110,14 @@ def _edit_metrics(run: Path, change) -> None:
 
 
 @pytest.mark.parametrize("change, problem", [
-    (lambda doc: doc["metrics"][0].update(mean=float("nan")), "metrics.0: mean of dino on prompt-invariant: nan is not a finite number"),
-    (lambda doc: doc["metrics"][2].update(mean="0.3"), "metrics.2: mean of clip-t on prompt-invariant: '0.3' is not a number"),
+    (lambda doc: doc["metrics"][0].update(mean=float("nan")),
+     "metrics.0: mean of dino on prompt-invariant: nan is not a finite number"),
+    (lambda doc: doc["metrics"][2].update(mean="0.3"),
+     "metrics.2: mean of clip-t on prompt-invariant: '0.3' is not a number"),
     (lambda doc: doc["per_image"][1].update({"dino": 1e308}), "per_image.1: dino of images/prompt-invariant/0001.png: "
                                                               "1e+308 is outside [-1, 1]"),
-    (lambda doc: doc["per_image"][0].update({"clip-t": float("inf")}), "per_image.0: clip-t of images/prompt-invariant/"
-                                                                       "0000.png: inf is not a finite number"),
+    (lambda doc: doc["per_image"][0].update({"clip-t": float("inf")}),
+     "per_image.0: clip-t of images/prompt-invariant/0000.png: inf is not a finite number"),
 ])
 def test_compare_refuses_impossible_numbers(scored_run, change, problem):
     _edit_metrics(scored_run, change)
@@ -133,7 +136,6 @@ def test_compare_refuses_truncated_and_malformed_files(scored_run):
 def test_register_refuses_a_truncated_metrics_file(tmp_path, monkeypatch, params_file):
     """`sync` and `register` read the same summary: a truncated file registered a version and moved challenger."""
     from mlflow.tracking import MlflowClient
-
     from synthetic_runs import write_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
@@ -145,8 +147,8 @@ def test_register_refuses_a_truncated_metrics_file(tmp_path, monkeypatch, params
 
 
 def _points(run: Path, **changes) -> None:
-    point = {"label": "step 100", "strategy": "plain", "settings": {"snapshot": 100}, "clip_t": 0.3, "clip_t_std": 0.01,
-             "dino": 0.6, "dino_std": 0.02, "n_images": 4, "path": "points/00"}
+    point = {"label": "step 100", "strategy": "plain", "settings": {"snapshot": 100}, "clip_t": 0.3,
+             "clip_t_std": 0.01, "dino": 0.6, "dino_std": 0.02, "n_images": 4, "path": "points/00"}
     sweep = run / "sweep"
     sweep.mkdir(parents=True, exist_ok=True)
     (sweep / "points.json").write_text(json.dumps({"points": [{**point, **changes}, {**point, "label": "other"}],
@@ -173,7 +175,8 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+            + chunk(b"IEND", b""))
 
 
 def test_replace_refuses_a_decompression_bomb_before_decoding(tmp_path):
@@ -202,9 +205,9 @@ def test_a_full_disk_while_saving_names_the_folder_and_what_was_kept(example_sub
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
     out = tmp_path / "refine"
-    result = subprocess.run([sys.executable, "-m", "subjectops.cli", "refine", str(example_subject), "--class", "teapot",
-                             "--set", "subject.resolution=64", "--out", str(out)], capture_output=True, text=True, timeout=300,
-                            preexec_fn=small_files)
+    result = subprocess.run([sys.executable, "-m", "subjectops.cli", "refine", str(example_subject),
+                             "--class", "teapot", "--set", "subject.resolution=64", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, preexec_fn=small_files)
     text = " ".join(result.stderr.split())
     assert result.returncode == 2 and "Traceback" not in text, text
     assert f"error: no room to write refine in {tmp_path}: File too large; kept: nothing of this attempt" in text

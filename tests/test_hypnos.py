@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, subjectops_run
+from helpers import TINY_OVERRIDES, subjectops_run
 from torch import nn
 
 from subjectops.config import Params, load_params
@@ -19,6 +19,7 @@ from subjectops.stages.pretrain_disc import pretrain_disc
 from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
 from subjectops.training.contract import Denoised
+from subjectops.training.loop import Trainer
 from subjectops.training.losses import (
     fit_sigma,
     inverse_gaussian,
@@ -26,7 +27,6 @@ from subjectops.training.losses import (
     perceptual_active,
     reconstruction_loss,
 )
-from subjectops.training.loop import Trainer
 from subjectops.training.models import DiffusionModels
 
 SMALL_DISC = ["pretrain_disc.steps=5", "pretrain_disc.model.dim=32", "pretrain_disc.variants_per_type=2",
@@ -73,8 +73,11 @@ def test_eq1_combines_reconstruction_and_plain_mse_prior_with_their_weights(hypn
     method, trainer, *_ = _setup(params, hypnos_run)
     latents = torch.zeros(2, 4, 8, 8)
     pred = torch.cat([torch.ones(1, 4, 8, 8), torch.full((1, 4, 8, 8), 0.5)])  # instance error 1, prior 0.5
-    fixed = lambda batch: Denoised(torch.zeros_like(batch.latents), torch.tensor([10, 10]), batch.latents, pred,  # noqa: E731
-                                   torch.zeros_like(batch.latents))
+
+    def fixed(batch):
+        return Denoised(torch.zeros_like(batch.latents), torch.tensor([10, 10]), batch.latents, pred,
+                        torch.zeros_like(batch.latents))
+
     method.denoise = fixed
     from subjectops.methods.base import Batch, Conditioning
 
@@ -135,7 +138,7 @@ def test_tiny_efficientnet_has_b1_block_structure_and_real_b1_loads_from_a_file(
 
     real, tiny = efficientnet_b1(weights=None), tiny_efficientnet()
     assert len(tiny.features) == len(real.features) == 9
-    for i, (e, k, s, *_rest) in enumerate(B_STAGES, start=1):
+    for i, (_e, k, s, *_rest) in enumerate(B_STAGES, start=1):
         for net in (real, tiny):
             dw = [m for m in net.features[i].modules() if isinstance(m, nn.Conv2d) and m.groups > 1][0]
             assert dw.kernel_size == (k, k) and dw.stride == (s, s)
@@ -213,7 +216,8 @@ def test_examples_are_a_seeded_pool_with_two_clause_prompts(hypnos_run):
     assert len(inst) == 50 and len(prior) == 1 and prior[0].prompt == "a photo of a teapot"
     colored = [e.prompt for e in inst if not e.prompt.endswith(", zwx background")]
     assert len(colored) == 33  # 0.66 of the pool
-    assert all(p.startswith("a photo of sks teapot, ") and p.split(", ")[1].split()[0] in params.finetune.hypnos.augment.colors
+    assert all(p.startswith("a photo of sks teapot, ")
+               and p.split(", ")[1].split()[0] in params.finetune.hypnos.augment.colors
                for p in colored)
     assert method.instance_prompt() == "a photo of sks teapot, zwx background"
 

@@ -15,7 +15,8 @@ HADOLINT = str(Path(sys.executable).with_name("hadolint"))
 
 def instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in path.read_text().splitlines() if not l.lstrip().startswith("#")))
+    kept = (line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+    text = re.sub(r"\\\n", " ", "\n".join(kept))
     return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)]
 
 
@@ -54,7 +55,8 @@ def test_image_contract(dockerfile):
     env = " ".join(a for k, a in ins if k == "ENV")
     assert "HF_HOME=/models/" in env and "HF_HUB_CACHE=/models/" in env
     assert "HF_HUB_OFFLINE=${HF_HUB_OFFLINE}" in env
-    assert any(k == "ARG" and a.startswith("HF_HUB_OFFLINE=") for k, a in ins), "HF_HUB_OFFLINE is settable at build time"
+    assert any(k == "ARG" and a.startswith("HF_HUB_OFFLINE=") for k,
+               a in ins), "HF_HUB_OFFLINE is settable at build time"
     # pinned installs: torch by version, the package with its pinned dependencies and the kube extra
     runs = " ".join(a for k, a in ins if k == "RUN")
     assert '"torch==${TORCH_VERSION}"' in runs and "TORCH_VERSION=2.14.1" in " ".join(a for k, a in ins if k == "ARG")

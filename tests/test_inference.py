@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from synthetic_runs import synthetic_params, write_run, write_stage
 
 from subjectops.config import STRATEGY_NAMES, ConfigError, InferCfg, ModelCfg, load_params
 from subjectops.data.subject import RefinedSubject
@@ -17,7 +18,6 @@ from subjectops.inference import REQUIREMENTS, STRATEGIES, InferenceSpec, StageI
 from subjectops.inference.plain import PlainStrategy
 from subjectops.tracking.pyfunc import decode_image
 from subjectops.tracking.registry import RegistryError, infer_manifest
-from synthetic_runs import synthetic_params, write_run, write_stage
 
 TINY = ModelCfg(base="tiny-sd15")
 
@@ -64,7 +64,8 @@ def test_plain_image_depends_on_its_prompt_and_seed_only(tmp_path):
     assert not np.array_equal(pixels(strategy.generate(prompts[1:2], [5])[0]), alone)  # the seed matters
 
 
-def test_served_model_returns_the_infer_image_for_its_prompt_and_seed(tmp_path, tracking_uri, example_subject, repo_root,
+def test_served_model_returns_the_infer_image_for_its_prompt_and_seed(tmp_path, tracking_uri, example_subject,
+                                                                      repo_root,
                                                                        tiny_overrides):
     """A tiny run inferred with a non-default scheduler, steps and guidance, registered in a real MLflow server:
     the model loaded by alias generates, for an infer sample's prompt and seed, exactly the infer PNG."""
@@ -92,14 +93,16 @@ def test_served_model_returns_the_infer_image_for_its_prompt_and_seed(tmp_path, 
     assert (today.infer.scheduler, today.infer.steps) != ("euler", 3)
     register(today, run, run / "register", tracking_uri=tracking_uri, model_name="served-teapot")
     tags = MlflowClient(tracking_uri).get_model_version_by_alias("served-teapot", "challenger").tags
-    assert (tags["inference.strategy"], tags["inference.scheduler"], tags["inference.steps"]) == ("plain", "euler", "3")
+    assert (tags["inference.strategy"], tags["inference.scheduler"], tags["inference.steps"]) == ("plain", "euler",
+                                                                                                  "3")
 
     model = mlflow.pyfunc.load_model("models:/served-teapot@challenger")
     assert model.model_config["inference"] == recorded
     samples = json.loads((run / "infer" / "samples.json").read_text())
     assert len(samples) == 2 and samples[0]["seed"] != samples[1]["seed"]
     # one request with both samples in reverse order: a different batch than infer drew them in
-    request = pd.DataFrame({"prompt": [s["prompt"] for s in samples[::-1]], "seed": [s["seed"] for s in samples[::-1]]})
+    request = pd.DataFrame({"prompt": [s["prompt"] for s in samples[::-1]],
+                            "seed": [s["seed"] for s in samples[::-1]]})
     out = model.predict(request)
     expected = {s["seed"]: pixels(Image.open(run / "infer" / s["path"])) for s in samples}
     for row in out.itertuples():
@@ -109,7 +112,8 @@ def test_served_model_returns_the_infer_image_for_its_prompt_and_seed(tmp_path, 
     served = model.unwrap_python_model().strategy
     assert served.inputs.finetune != run / "finetune"  # the model's packaged copy, not the run's directory
     default = served.spec.model_copy(update={"scheduler": InferCfg().scheduler})
-    other = get_strategy("plain").load(served.pipe, default, served.inputs).generate([samples[0]["prompt"]], [samples[0]["seed"]])[0]
+    other = get_strategy("plain").load(served.pipe, default, served.inputs).generate([samples[0]["prompt"]],
+                                                                                     [samples[0]["seed"]])[0]
     assert not np.array_equal(pixels(other), expected[samples[0]["seed"]])
 
 
@@ -145,8 +149,10 @@ def test_a_strategy_that_needs_references_gets_them_packaged_with_the_model(tmp_
     assert isinstance(served, ReferenceReading)
     assert served.inputs.refine is not None and served.inputs.refine != run / "refine"
     assert len(served.references) == len(served.masks) == 3
-    assert [pixels(im).tolist() for im in served.references] == [pixels(im).tolist() for im in RefinedSubject.load(run / "refine").images()]
-    assert decode_image(model.predict(pd.DataFrame({"prompt": ["a photo of {subject}"], "seed": [1]})).loc[0, "image"]).size == (32, 32)
+    refined = RefinedSubject.load(run / "refine").images()
+    assert [pixels(im).tolist() for im in served.references] == [pixels(im).tolist() for im in refined]
+    predicted = model.predict(pd.DataFrame({"prompt": ["a photo of {subject}"], "seed": [1]}))
+    assert decode_image(predicted.loc[0, "image"]).size == (32, 32)
 
 
 def test_registering_a_run_without_an_inference_spec_fails_clearly(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from conftest import TINY_OVERRIDES  # noqa: E402
+from helpers import TINY_OVERRIDES  # noqa: E402
 
 STAGE_TASKS = ("refine", "priors", "finetune", "infer", "evaluate")
 

@@ -39,7 +39,8 @@ def priors(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Data
     open(os.path.join(out.path, "made-by"), "w").write("priors")
 
 
-def pretrain_disc(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Model], priors_dir: Input[Dataset] = None):
+def pretrain_disc(params: Input[Artifact], refine_dir: Input[Dataset], out: Output[Model],
+                  priors_dir: Input[Dataset] = None):
     import os
     os.makedirs(out.path)
     open(os.path.join(out.path, "made-by"), "w").write("pretrain_disc")
@@ -65,18 +66,21 @@ def sweep(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Inp
     os.makedirs(out.path)
 
 
-def evaluate(params: Input[Artifact], refine_dir: Input[Dataset], infer_dir: Input[Dataset], sweep_dir: Input[Artifact],
+def evaluate(params: Input[Artifact], refine_dir: Input[Dataset], infer_dir: Input[Dataset],
+             sweep_dir: Input[Artifact],
              out: Output[Artifact], metrics: Output[Metrics], report: Output[HTML]):
     import shutil
     shutil.copytree(infer_dir.path, out.path)
     open(report.path, "w").write("<html></html>")
 
 
-def register(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Input[Model], infer_dir: Input[Dataset],
+def register(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Input[Model],
+             infer_dir: Input[Dataset],
              evaluate_dir: Input[Artifact], run_name: str, out: Output[Artifact], priors_dir: Input[Dataset] = None,
              disc_dir: Input[Model] = None) -> str:
     import json
     import os
+
     import yaml
     method = yaml.safe_load(open(os.path.join(params.path, "params.yaml")))["finetune"]["method"]
     seen = json.load(open(os.path.join(evaluate_dir.path, "inputs.json")))
@@ -100,8 +104,10 @@ def stand_ins() -> Components:
 
     return Components(configure=dsl.component(stages.configure, base_image="stand-in", install_kfp_package=False),
                    fetch_subject=comp(fetch_subject), refine=comp(refine), register=comp(register),
-                   benchmark_pairs=dsl.component(stages.benchmark_pairs, base_image="stand-in", install_kfp_package=False),
-                   benchmark_aggregate=comp(benchmark_aggregate), priors=comp(priors), pretrain_disc=comp(pretrain_disc),
+                   benchmark_pairs=dsl.component(stages.benchmark_pairs, base_image="stand-in",
+                                                 install_kfp_package=False),
+                   benchmark_aggregate=comp(benchmark_aggregate), priors=comp(priors),
+                      pretrain_disc=comp(pretrain_disc),
                    finetune=comp(finetune), infer=comp(infer), sweep=comp(sweep), evaluate=comp(evaluate),
                    cpu_image="stand-in", trainer_image="stand-in")
 
@@ -118,11 +124,13 @@ def pipeline(stand_ins):
 ])
 def test_the_planned_branch_runs(pipeline, tmp_path, method, overrides, expected):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), raise_on_error=True)
-    task = pipeline(subject_uri="s3://b/teapot", class_word="teapot", method=method, overrides=overrides, priors_cache_dir="")
+    task = pipeline(subject_uri="s3://b/teapot", class_word="teapot", method=method, overrides=overrides,
+                    priors_cache_dir="")
     got, seen = task.output.split("/", 1)
     assert got == f"teapot:teapot:{method}"
     assert json.loads(seen) == expected
-    ran = {p.name.rsplit("-", 1)[0] if p.name.rsplit("-", 1)[-1].isdigit() else p.name for p in tmp_path.glob("*/*") if p.is_dir()}
+    ran = {p.name.rsplit("-", 1)[0] if p.name.rsplit("-", 1)[-1].isdigit() else p.name for p in tmp_path.glob("*/*")
+           if p.is_dir()}
     assert ("pretrain-disc" in ran) == bool(expected["disc"])
     assert ("priors" in ran) == bool(expected["priors"])
 
@@ -133,6 +141,7 @@ def register_prepared(params: Input[Artifact], refine_dir: Input[Dataset], finet
     """The version registered beforehand for this subject and method (`prepared_registrations`)."""
     import json
     import os
+
     import yaml
     method = yaml.safe_load(open(os.path.join(params.path, "params.yaml")))["finetune"]["method"]
     subject = open(os.path.join(refine_dir.path, "subject")).read().split(":")[0]
@@ -147,10 +156,11 @@ BENCHMARK_SUBJECTS = ["dog", "can"]
 def prepared_registrations(tmp_path, monkeypatch) -> dict:
     """Each (subject, method) run registered in a fresh MLflow (sqlite) as `subjectops run` would, from synthetic
     stage outputs (`subject:method` -> `name/version`)."""
+    from synthetic_runs import write_pipeline_stage
+
     from subjectops.config import validate_params
     from subjectops.stages.catalog import stage_catalog
-    from subjectops.tracking.mlflow_tracker import sync
-    from synthetic_runs import write_pipeline_stage
+    from subjectops.tracking.sync import sync
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     monkeypatch.chdir(tmp_path)  # the local MLflow artifact store lands here
@@ -167,7 +177,8 @@ def prepared_registrations(tmp_path, monkeypatch) -> dict:
     return registered
 
 
-def test_benchmark_runs_every_method_and_subject_and_writes_the_leaderboard(stand_ins, prepared_registrations, tmp_path):
+def test_benchmark_runs_every_method_and_subject_and_writes_the_leaderboard(stand_ins, prepared_registrations,
+                                                                            tmp_path):
     """Every (method, subject) pair runs its planned branch; the real aggregation step reads the registered versions
     back from MLflow and writes the leaderboard across methods and subjects, as an artifact and to MLflow."""
     import dataclasses
@@ -175,11 +186,12 @@ def test_benchmark_runs_every_method_and_subject_and_writes_the_leaderboard(stan
     from mlflow.tracking import MlflowClient
 
     from pipelines.benchmark import build_benchmark
-    from subjectops.selection.benchmark import LEADERBOARD_STAGE
+    from subjectops.benchmark.leaderboard import LEADERBOARD_STAGE
 
     components = dataclasses.replace(
         stand_ins, register=dsl.component(register_prepared, base_image="stand-in", install_kfp_package=False),
-        benchmark_aggregate=dsl.component(stages.benchmark_aggregate, base_image="stand-in", install_kfp_package=False))
+        benchmark_aggregate=dsl.component(stages.benchmark_aggregate, base_image="stand-in",
+                                          install_kfp_package=False))
     root = tmp_path / "root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     subjects = [{"uri": f"s3://b/dreambench/{s}", "class_word": s} for s in BENCHMARK_SUBJECTS]

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from subjectops import kfp_pod as kr
+from subjectops.benchmark import aggregate as bench
 from subjectops.config import ConfigError, GateCfg, RegistryCfg, load_params
+from subjectops.data import sources
 from subjectops.errors import SubjectError, SubjectopsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +23,8 @@ def test_resolve_params_like_the_cli():
     # --method/--model win over --set (as in `subjectops run`); --set wins over the priors-cache default
     assert p.finetune.method == "dreambooth" and p.model.base == "tiny-sd15"
     assert p.finetune.lora.rank == 8 and p.priors.cache_dir == "/x"
-    assert p == load_params(REPO / "params.yaml", ["finetune.lora.rank=8", "priors.cache_dir=/x", "model.base=tiny-sd15",
+    assert p == load_params(REPO / "params.yaml",
+                            ["finetune.lora.rank=8", "priors.cache_dir=/x", "model.base=tiny-sd15",
                                                    "finetune.method=dreambooth"])
     with pytest.raises(ConfigError, match="finetune.method"):
         kr.resolve_params("", [], method="dreamboot")
@@ -47,31 +50,33 @@ def test_kfp_plan_refuses_a_run_that_would_not_register():
 
 
 @pytest.mark.parametrize("uri, expected", [
-    ("s3://bucket/dreambench/teapot", {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
-    ("s3://bucket/dreambench/teapot/", {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
+    ("s3://bucket/dreambench/teapot",
+     {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
+    ("s3://bucket/dreambench/teapot/",
+     {"kind": "s3", "bucket": "bucket", "prefix": "dreambench/teapot", "name": "teapot"}),
     ("dvc://data/subjects/dog@v2", {"kind": "dvc", "path": "data/subjects/dog", "rev": "v2", "name": "dog"}),
     ("file:///tmp/cat", {"kind": "local", "path": "/tmp/cat", "name": "cat"}),
 ])
 def test_parse_subject_uri(uri, expected):
-    assert kr.parse_subject_uri(uri) == expected
+    assert sources.parse_subject_uri(uri) == expected
 
 
 @pytest.mark.parametrize("uri, message", [("", "no subject"), ("gs://b/x", "not supported"), ("s3:///x", "no bucket"),
                                           ("dvc://", "no path")])
 def test_parse_subject_uri_errors(uri, message):
     with pytest.raises(SubjectError, match=message):
-        kr.parse_subject_uri(uri)
+        sources.parse_subject_uri(uri)
 
 
 def test_fetch_subject_from_a_directory(tmp_path, example_subject):
-    target = kr.fetch_subject(str(example_subject), tmp_path)
+    target = sources.fetch_subject(str(example_subject), tmp_path)
     assert target == tmp_path / "teapot"
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in example_subject.iterdir())
     assert kr.single_subdir(tmp_path) == target
     with pytest.raises(SubjectError, match="does not exist"):
-        kr.fetch_subject(str(tmp_path / "missing"), tmp_path / "x")
+        sources.fetch_subject(str(tmp_path / "missing"), tmp_path / "x")
     with pytest.raises(SubjectError, match="--dvc-repo|dvc_repo"):
-        kr.fetch_subject("dvc://data/teapot", tmp_path / "y")
+        sources.fetch_subject("dvc://data/teapot", tmp_path / "y")
 
 
 def test_fetch_subject_from_a_directory_refuses_a_link_out_of_it(tmp_path, example_subject):
@@ -82,7 +87,7 @@ def test_fetch_subject_from_a_directory_refuses_a_link_out_of_it(tmp_path, examp
     shutil.copytree(example_subject, folder)
     (folder / "passwd.jpg").symlink_to("/etc/passwd")
     with pytest.raises(SubjectError, match="passwd.jpg is a link to /etc/passwd, outside the subject folder"):
-        kr.fetch_subject(str(folder), tmp_path / "out")
+        sources.fetch_subject(str(folder), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -127,7 +132,7 @@ def _row(name, challenger, champion):
 
 
 def test_aggregate_is_the_mean_over_subjects():
-    agg = kr.aggregate_summaries([{"records": [_rec("dino", 0.5), _rec("clip-t", 0.3)]},
+    agg = bench.aggregate_summaries([{"records": [_rec("dino", 0.5), _rec("clip-t", 0.3)]},
                                   {"records": [_rec("dino", 0.7), _rec("clip-t", 0.1, pretrained=False)]}])
     by = {r["metric"]: r for r in agg["records"]}
     assert by["dino"]["mean"] == pytest.approx(0.6) and by["dino"]["n_pairs"] == 20 and by["dino"]["n_subjects"] == 2
@@ -137,13 +142,15 @@ def test_aggregate_is_the_mean_over_subjects():
 
 
 def test_benchmark_regression_fails_with_the_numbers():
-    rows = [_row("subjectops-cat", [_rec("dino", 0.60), _rec("clip-t", 0.30)], [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
-            _row("subjectops-dog", [_rec("dino", 0.70), _rec("clip-t", 0.31)], [_rec("dino", 0.72), _rec("clip-t", 0.30)])]
-    result, decision = kr.benchmark_aggregate(rows, GATES)
+    rows = [_row("subjectops-cat", [_rec("dino", 0.60), _rec("clip-t", 0.30)],
+                 [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
+            _row("subjectops-dog", [_rec("dino", 0.70), _rec("clip-t", 0.31)],
+                 [_rec("dino", 0.72), _rec("clip-t", 0.30)])]
+    result, decision = bench.benchmark_aggregate(rows, GATES)
     assert decision.status == "failed"
     assert result["compared_with_champions"] == ["subjectops-cat/1", "subjectops-dog/1"]
-    with pytest.raises(kr.BenchmarkRegression) as err:
-        kr.check_benchmark(decision)
+    with pytest.raises(bench.BenchmarkRegression) as err:
+        bench.check_benchmark(decision)
     msg = str(err.value)
     assert "regressed against the champion" in msg and "dino" in msg
     assert "0.65" in msg and "0.71" in msg  # challenger and champion aggregates
@@ -151,27 +158,28 @@ def test_benchmark_regression_fails_with_the_numbers():
 
 
 def test_benchmark_passes_and_compares_only_subjects_with_a_champion():
-    rows = [_row("subjectops-cat", [_rec("dino", 0.72), _rec("clip-t", 0.30)], [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
+    rows = [_row("subjectops-cat", [_rec("dino", 0.72), _rec("clip-t", 0.30)],
+                 [_rec("dino", 0.70), _rec("clip-t", 0.30)]),
             _row("subjectops-new", [_rec("dino", 0.10), _rec("clip-t", 0.10)], None)]
-    result, decision = kr.benchmark_aggregate(rows, GATES)
+    result, decision = bench.benchmark_aggregate(rows, GATES)
     assert decision.status == "passed"
     assert result["challenger"]["n_subjects"] == 1  # paired with the champions that exist
-    kr.check_benchmark(decision)
+    bench.check_benchmark(decision)
 
 
 def test_random_backbones_are_refused_not_failed_unless_asked():
     rows = [_row("subjectops-cat", [_rec("dino", 0.1, pretrained=False), _rec("clip-t", 0.1, pretrained=False)], None)]
-    _, decision = kr.benchmark_aggregate(rows, GATES)
+    _, decision = bench.benchmark_aggregate(rows, GATES)
     assert decision.status == "refused"
-    kr.check_benchmark(decision)
-    with pytest.raises(kr.BenchmarkRegression, match="cannot be compared"):
-        kr.check_benchmark(decision, fail_on_refused=True)
+    bench.check_benchmark(decision)
+    with pytest.raises(bench.BenchmarkRegression, match="cannot be compared"):
+        bench.check_benchmark(decision, fail_on_refused=True)
 
 
 def test_parse_registration():
-    assert kr.parse_registration("subjectops-teapot/3") == {"model_name": "subjectops-teapot", "version": "3"}
+    assert bench.parse_registration("subjectops-teapot/3") == {"model_name": "subjectops-teapot", "version": "3"}
     with pytest.raises(SubjectopsError, match="MODEL_NAME/VERSION"):
-        kr.parse_registration("subjectops-teapot")
+        bench.parse_registration("subjectops-teapot")
 
 
 def _register(client, name, records, tmp_path):
@@ -186,7 +194,8 @@ def _register(client, name, records, tmp_path):
         client.create_registered_model(name)
     except Exception:  # noqa: BLE001 - already there
         pass
-    return client.create_model_version(name, source=f"{run.info.artifact_uri}/evaluation", run_id=run.info.run_id).version
+    return client.create_model_version(name, source=f"{run.info.artifact_uri}/evaluation",
+                                       run_id=run.info.run_id).version
 
 
 def test_benchmark_aggregate_command_against_a_registry(tmp_path, monkeypatch):
@@ -206,7 +215,9 @@ def test_benchmark_aggregate_command_against_a_registry(tmp_path, monkeypatch):
         client.set_registered_model_alias(name, "champion", v1)
         _register(client, name, [_rec("dino", chall)], tmp_path)
     out = tmp_path / "aggregate.json"
-    result = CliRunner().invoke(app, ["benchmark", "aggregate", "subjectops-cat/2", "subjectops-dog/2", "--tracking-uri", uri,
+    result = CliRunner().invoke(app,
+                                ["benchmark", "aggregate", "subjectops-cat/2", "subjectops-dog/2", "--tracking-uri",
+                                 uri,
                                       "--params", str(gates), "--output", str(out)])
     assert result.exit_code == 2, result.output
     assert "regressed against the champion" in result.output and "0.65" in result.output and "0.71" in result.output
@@ -214,7 +225,9 @@ def test_benchmark_aggregate_command_against_a_registry(tmp_path, monkeypatch):
     assert data["compared_with_champions"] == ["subjectops-cat/1", "subjectops-dog/1"]
     assert data["decision"]["status"] == "failed"
     # the champions themselves are compared with no one: only absolute floors apply, and there are none
-    result = CliRunner().invoke(app, ["benchmark", "aggregate", "subjectops-cat/1", "subjectops-dog/1", "--tracking-uri", uri,
+    result = CliRunner().invoke(app,
+                                ["benchmark", "aggregate", "subjectops-cat/1", "subjectops-dog/1", "--tracking-uri",
+                                 uri,
                                       "--params", str(gates), "--output", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
@@ -255,9 +268,9 @@ def test_fetch_subject_from_a_dvc_repository(tmp_path, example_subject, s3_serve
     sh("git", "tag", "v1")
     shutil.rmtree(repo / "data" / "subjects" / "mug")  # only the S3 remote has the photos now
     shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
-    target = kr.fetch_subject("dvc://data/subjects/mug@v1", tmp_path / "out", dvc_repo=str(repo))
+    target = sources.fetch_subject("dvc://data/subjects/mug@v1", tmp_path / "out", dvc_repo=str(repo))
     assert target.name == "mug"
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in example_subject.glob("*.jpg"))
     assert all((target / p.name).read_bytes() == p.read_bytes() for p in example_subject.glob("*.jpg"))
     with pytest.raises(SubjectError, match="dvc get"):
-        kr.fetch_subject("dvc://data/subjects/missing", tmp_path / "out2", dvc_repo=str(repo))
+        sources.fetch_subject("dvc://data/subjects/missing", tmp_path / "out2", dvc_repo=str(repo))

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES
 from safetensors.torch import load_file
 
 from subjectops.config import load_params
@@ -108,7 +108,8 @@ def test_cli_pretrain_disc_command(teapot_run, tmp_path):
                     "pretrain_disc.eval_samples=16"]
     flags = [a for s in small for a in ("--set", s)]
     out = tmp_path / "pd"
-    result = CliRunner().invoke(app, ["pretrain-disc", "--refine", str(root / "refine"), "--priors", str(root / "priors"),
+    result = CliRunner().invoke(app,
+                                ["pretrain-disc", "--refine", str(root / "refine"), "--priors", str(root / "priors"),
                                       "--out", str(out), *flags])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "latent_discriminator.json").read_text())["pretrained_steps"] == 3

@@ -9,7 +9,8 @@ from subjectops.training.losses import NoiseSchedule
 
 
 def _schedule(prediction_type="epsilon"):
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type)
     return sched, NoiseSchedule.from_scheduler(sched)
 
 
@@ -21,7 +22,8 @@ def _draw(seed=0):
 def test_noising_and_velocity_match_diffusers():
     sched, schedule = _schedule("v_prediction")
     z0, eps, t = _draw()
-    torch.testing.assert_close(losses.add_noise(schedule, z0, eps, t), sched.add_noise(z0, eps, t), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses.add_noise(schedule, z0, eps, t), sched.add_noise(z0, eps, t), rtol=1e-6,
+                               atol=1e-6)
     torch.testing.assert_close(losses.diffusion_target(schedule, z0, eps, t), sched.get_velocity(z0, eps, t),
                                rtol=1e-6, atol=1e-6)
 

@@ -84,8 +84,8 @@ def test_models_check_lists_present_and_missing(tmp_path):
                                 env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert any("tiny-sd15" in l and "present" in l for l in lines)
-    assert any("facebook/dino-vits16" in l and "missing" in l for l in lines)
+    assert any("tiny-sd15" in line and "present" in line for line in lines)
+    assert any("facebook/dino-vits16" in line and "missing" in line for line in lines)
 
 
 def test_models_check_finds_hypnos_and_fid_weight_files(tmp_path):
@@ -100,7 +100,10 @@ def test_models_check_finds_hypnos_and_fid_weight_files(tmp_path):
     absent = CliRunner().invoke(app, args + ["--set", f"finetune.hypnos.efficientnet={tmp_path / 'nope.pth'}"],
                                 env={"COLUMNS": "300"})
     assert found.exit_code == absent.exit_code == 0, found.output
-    row = lambda out: next(l for l in out.splitlines() if "EfficientNet-B1" in l)
+
+    def row(out):
+        return next(line for line in out.splitlines() if "EfficientNet-B1" in line)
+
     assert "present" in row(found.output) and "missing" in row(absent.output)
-    assert any("base model" in l and "present" in l for l in found.output.splitlines())  # a local directory
-    assert any("Inception" in l and "missing" in l for l in found.output.splitlines())
+    assert any("base model" in line and "present" in line for line in found.output.splitlines())  # a local directory
+    assert any("Inception" in line and "missing" in line for line in found.output.splitlines())

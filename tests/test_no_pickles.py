@@ -53,7 +53,8 @@ def test_a_finetune_output_with_pickled_weights_is_refused(tiny_params, tmp_path
     (finetuned / "unet").mkdir(parents=True)
     shutil.copy(pathlib.Path(resolve(tiny_params.model)) / "unet" / "config.json", finetuned / "unet")
     plant(finetuned / "unet" / "diffusion_pytorch_model.bin", marker)
-    (finetuned / "method.json").write_text(json.dumps({"method": "dreambooth", "identifier": "sks", "class_word": "teapot"}))
+    (finetuned / "method.json").write_text(json.dumps({"method": "dreambooth", "identifier": "sks",
+                                                       "class_word": "teapot"}))
     with pytest.raises(SubjectopsError) as err:
         load_finetuned(pipe, finetuned)
     assert f"cannot load the finetune output {finetuned}" in str(err.value)
@@ -72,7 +73,8 @@ def test_a_pickle_planted_in_the_prior_cache_is_never_read_and_the_entry_is_rege
     plant(entry / "images" / "0001.png", marker)  # replaces a class image
     capsys.readouterr()
     priors(tiny_params, tmp_path / "refine", tmp_path / "b")
-    assert f"prior cache entry {entry} failed verification (images/0001.png differ" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"prior cache entry {entry} failed verification (images/0001.png differ" in err
     assert json.loads((tmp_path / "b" / "priors.json").read_text())["generated"] is True
 
 

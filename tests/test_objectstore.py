@@ -10,14 +10,14 @@ import subprocess
 import sys
 
 import pytest
-
 from servers import free_port, s3_bucket_env, s3_client
+
 from subjectops.config import SubjectCfg
 from subjectops.data.objectstore import MANIFEST, ObjectStoreError, client_from_env, pull, push
+from subjectops.data.sources import fetch_subject
 from subjectops.data.subject import load_subject
 from subjectops.digest import sha256_file
 from subjectops.errors import SubjectError
-from subjectops.kfp_pod import fetch_subject
 
 BUCKET = "subjects"
 
@@ -49,7 +49,8 @@ def test_push_over_a_different_subject_is_refused_unless_forced(tmp_path, exampl
     shutil.copy(example_subject / "00.jpg", other / "a.jpg")
     with pytest.raises(ObjectStoreError, match="already holds a different subject \\('teapot'"):
         push(other, uri, env=store_env)
-    assert hashes(pull(uri, tmp_path / "still-teapot", env=store_env)) == push(example_subject, uri, env=store_env)["files"]
+    assert hashes(pull(uri, tmp_path / "still-teapot", env=store_env)) == push(example_subject, uri,
+                                                                               env=store_env)["files"]
     push(other, uri, force=True, env=store_env)  # replaces the whole subject: the teapot's files are gone
     assert hashes(pull(uri, tmp_path / "now-mug", env=store_env)) == hashes(other)
 
@@ -75,7 +76,8 @@ def test_a_dead_store_gives_a_clear_error_and_leaves_nothing_locally(tmp_path, e
 
 def test_missing_credentials_bucket_and_subject_are_named(tmp_path, example_subject, store_env):
     with pytest.raises(ObjectStoreError, match="AWS_SECRET_ACCESS_KEY") as info:
-        push(example_subject, f"s3://{BUCKET}/x", env={k: v for k, v in store_env.items() if k != "AWS_SECRET_ACCESS_KEY"})
+        push(example_subject, f"s3://{BUCKET}/x",
+             env={k: v for k, v in store_env.items() if k != "AWS_SECRET_ACCESS_KEY"})
     assert "Secret" in info.value.fix
     with pytest.raises(ObjectStoreError, match="bucket 'no-such-bucket' does not exist"):
         push(example_subject, "s3://no-such-bucket/x", env=store_env)
@@ -86,7 +88,8 @@ def test_missing_credentials_bucket_and_subject_are_named(tmp_path, example_subj
         pull("https://example.org/x", tmp_path / "y", env=store_env)
 
 
-def test_pods_fetch_a_pushed_subject_through_the_same_module(tmp_path, example_subject, store_env, s3_server, monkeypatch):
+def test_pods_fetch_a_pushed_subject_through_the_same_module(tmp_path, example_subject, store_env, s3_server,
+                                                             monkeypatch):
     push(example_subject, f"s3://{BUCKET}/dreambench/teapot", env=store_env)
     for name, value in store_env.items():  # as the chart's object-store Secret sets them in the pod
         monkeypatch.setenv(name, value)
@@ -104,7 +107,8 @@ def test_push_refuses_a_link_out_of_the_folder_as_refine_does(tmp_path, example_
     folder = tmp_path / "teapot"
     shutil.copytree(example_subject, folder)
     (folder / "passwd.jpg").symlink_to("/etc/passwd")
-    with pytest.raises(SubjectError, match="passwd.jpg is a link to /etc/passwd, outside the subject folder") as pushed:
+    with pytest.raises(SubjectError,
+                       match="passwd.jpg is a link to /etc/passwd, outside the subject folder") as pushed:
         push(folder, f"s3://{BUCKET}/linked/teapot", env=store_env)
     assert pushed.value.fix and stored_keys(store_env, "linked/") == []
     with pytest.raises(SubjectError) as loaded:
@@ -126,7 +130,8 @@ def test_pull_never_writes_outside_the_destination(tmp_path, store_env):
     outside = tmp_path / "outside" / "x"
     planted = b"planted by the bucket"
     plant(store_env, "absolute", {f"absolute/{outside}": planted}, {str(outside): hashlib.sha256(planted).hexdigest()})
-    with pytest.raises(ObjectStoreError, match=f"names {re.escape(repr(str(outside)))}, which is not a plain file name") as info:
+    with pytest.raises(ObjectStoreError,
+                       match=f"names {re.escape(repr(str(outside)))}, which is not a plain file name") as info:
         pull(f"s3://{BUCKET}/absolute", tmp_path / "dest" / "teapot", env=store_env)
     assert "data push --force" in info.value.fix
     assert os.listdir(tmp_path) == []  # neither the outside file nor a staging folder
@@ -135,7 +140,8 @@ def test_pull_never_writes_outside_the_destination(tmp_path, store_env):
 def test_pods_fetch_of_a_hostile_manifest_writes_nothing(tmp_path, store_env, monkeypatch):
     """The pods' fetch-subject step pulls through the same function, so it refuses the same manifest."""
     outside = tmp_path / "outside" / "x"
-    plant(store_env, "pod-absolute", {f"pod-absolute/{outside}": b"x"}, {str(outside): hashlib.sha256(b"x").hexdigest()})
+    plant(store_env, "pod-absolute", {f"pod-absolute/{outside}": b"x"},
+          {str(outside): hashlib.sha256(b"x").hexdigest()})
     for name, value in store_env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ObjectStoreError, match="which is not a plain file name"):
@@ -168,7 +174,8 @@ def test_pull_refuses_a_malformed_manifest(tmp_path, store_env, manifest):
 def test_cli_pull_of_a_hostile_manifest_exits_2_without_a_traceback(tmp_path, store_env):
     plant(store_env, "dotdot", {"escaped.jpg": b"photo"}, {"../escaped.jpg": hashlib.sha256(b"photo").hexdigest()})
     env = dict(os.environ, **store_env)
-    proc = subprocess.run([sys.executable, "-m", "subjectops.cli", "data", "pull", f"s3://{BUCKET}/dotdot", str(tmp_path / "t")],
+    proc = subprocess.run([sys.executable, "-m", "subjectops.cli", "data", "pull", f"s3://{BUCKET}/dotdot",
+                           str(tmp_path / "t")],
                           env=env, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
@@ -180,11 +187,14 @@ def test_cli_pull_of_a_hostile_manifest_exits_2_without_a_traceback(tmp_path, st
 def test_cli_push_and_pull(tmp_path, example_subject, store_env):
     env = dict(os.environ, **store_env)
     cli = [sys.executable, "-m", "subjectops.cli", "data"]
-    pushed = subprocess.run(cli + ["push", str(example_subject), f"s3://{BUCKET}/cli/teapot"], env=env, capture_output=True, text=True)
+    pushed = subprocess.run(cli + ["push", str(example_subject), f"s3://{BUCKET}/cli/teapot"], env=env,
+                            capture_output=True, text=True)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     assert f"pushed: {len(hashes(example_subject))} files of 'teapot'" in pushed.stdout + pushed.stderr
-    refused = subprocess.run(cli + ["pull", f"s3://{BUCKET}/cli/teapot", str(example_subject)], env=env, capture_output=True, text=True)
+    refused = subprocess.run(cli + ["pull", f"s3://{BUCKET}/cli/teapot", str(example_subject)], env=env,
+                             capture_output=True, text=True)
     assert refused.returncode == 2 and "not empty" in refused.stdout + refused.stderr
-    pulled = subprocess.run(cli + ["pull", f"s3://{BUCKET}/cli/teapot", str(tmp_path / "t")], env=env, capture_output=True, text=True)
+    pulled = subprocess.run(cli + ["pull", f"s3://{BUCKET}/cli/teapot", str(tmp_path / "t")], env=env,
+                            capture_output=True, text=True)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     assert hashes(tmp_path / "t") == hashes(example_subject)

@@ -30,7 +30,8 @@ def test_front_is_exactly_the_non_dominated_set_with_ties():
 
 
 def points() -> list[OperatingPoint]:
-    return [OperatingPoint(label, "plain", {}, clip_t, 0.01, dino, 0.01, 4) for label, (clip_t, dino) in HAND_MADE.items()]
+    return [OperatingPoint(label, "plain", {}, clip_t, 0.01, dino, 0.01, 4) for label,
+            (clip_t, dino) in HAND_MADE.items()]
 
 
 def test_choose_maximises_dino_subject_to_the_clip_t_floor():
@@ -74,8 +75,10 @@ def test_compare_gives_one_leaderboard_of_three_methods(tmp_path):
 
     from subjectops.cli import app
 
-    runs = {m: comparable_run(tmp_path / m, m, shift=i * 0.1) for i, m in enumerate(["dreambooth", "lora", "two-stage"])}
-    result = CliRunner().invoke(app, ["compare", *[str(r) for r, _ in runs.values()], "--out", str(tmp_path / "board")])
+    runs = {m: comparable_run(tmp_path / m, m, shift=i * 0.1) for i,
+            m in enumerate(["dreambooth", "lora", "two-stage"])}
+    result = CliRunner().invoke(app,
+                                ["compare", *[str(r) for r, _ in runs.values()], "--out", str(tmp_path / "board")])
     assert result.exit_code == 0, result.output
     board = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
     assert list(board["rows"]) == ["dreambooth / plain", "lora / plain", "two-stage / plain"]
@@ -93,7 +96,9 @@ def test_compare_refuses_runs_with_different_seeds_naming_them(tmp_path):
 
     first, _ = comparable_run(tmp_path / "a", "lora")
     other, _ = comparable_run(tmp_path / "b", "dreambooth", seed_offset=100)
-    with pytest.raises(SubjectopsError, match=r"runs of teapot differ in seeds: .*/a has .*\[0, 1, 2, 3\].*/b has .*\[100, 101, 102, 103\]"):
+    with pytest.raises(SubjectopsError,
+                       match=r"runs of teapot differ in seeds: .*/a has .*\[0, 1, 2, 3\].*/b has .*\[100, 101, 102, "
+                             r"103\]"):
         leaderboard([first, other])
 
 
@@ -102,11 +107,12 @@ def test_the_benchmark_leaderboard_refuses_registered_runs_with_different_seeds(
     when two runs of one subject were generated from different seeds."""
     import json
 
-    from subjectops.config import validate_params
-    from subjectops.selection.benchmark import benchmark_leaderboard
-    from subjectops.stages.catalog import stage_catalog
-    from subjectops.tracking.mlflow_tracker import sync
     from synthetic_runs import write_pipeline_stage
+
+    from subjectops.benchmark.leaderboard import benchmark_leaderboard
+    from subjectops.config import validate_params
+    from subjectops.stages.catalog import stage_catalog
+    from subjectops.tracking.sync import sync
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     monkeypatch.chdir(tmp_path)  # the local MLflow artifact store lands here

@@ -1,20 +1,16 @@
-"""What the speed-ups may and may not change: the fused and multi-tensor (foreach) AdamW updates, the loss read from the
-device every few steps, and the class-prior cache key naming the sampler that made the images."""
+"""What the speed-ups may and may not change: the fused and multi-tensor (foreach) AdamW updates, the loss read from
+the device every few steps, and the class-prior cache key naming the sampler that made the images."""
 
 import json
 
 import pytest
 import torch
+from helpers import REPO, make_trainer
 
 from subjectops.config import load_params
 from subjectops.errors import SubjectopsError
 from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
-
-from conftest import REPO
-
-from test_training import _trainer  # noqa: F401 - the loop test's trainer on the prepared tiny subject
-from test_training import prepared  # noqa: F401 - fixture
 
 
 @pytest.mark.parametrize("kernel", ["foreach", "fused"])
@@ -37,7 +33,7 @@ def test_multi_tensor_and_fused_adamw_make_the_for_loop_update_up_to_float_round
         assert (a - b).abs().max() <= 1e-7, name
 
 
-def test_the_trainer_steps_fused_adamw_except_under_a_gradient_scaler(prepared, tiny_overrides):  # noqa: F811
+def test_the_trainer_steps_fused_adamw_except_under_a_gradient_scaler(prepared, tiny_overrides):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -48,7 +44,7 @@ def test_the_trainer_steps_fused_adamw_except_under_a_gradient_scaler(prepared, 
             AcceleratorState._reset_state(True)
             acc = Accelerator(cpu=True)
             acc.scaler = scaler
-            trainer, _, _ = _trainer(params, prepared, True, accelerator=acc)
+            trainer, _, _ = make_trainer(params, prepared, True, accelerator=acc)
             opt = trainer._optimizer([torch.nn.Parameter(torch.zeros(3))], 1e-3)
             kernels.append((opt.defaults["fused"], opt.defaults["foreach"]))
     finally:
@@ -56,11 +52,11 @@ def test_the_trainer_steps_fused_adamw_except_under_a_gradient_scaler(prepared, 
     assert kernels == [(True, False), (False, True)]
 
 
-def test_a_non_finite_loss_read_steps_later_still_names_its_step(prepared, tiny_overrides):  # noqa: F811
+def test_a_non_finite_loss_read_steps_later_still_names_its_step(prepared, tiny_overrides):
     params = load_params(REPO / "params.yaml", tiny_overrides + ["finetune.dreambooth.steps=6"])
-    trainer, images, masks = _trainer(params, prepared, True)
+    trainer, images, masks = make_trainer(params, prepared, True)
     loss = trainer.method.loss
-    trainer.method.loss = lambda b, step, ph: ((lambda l, t: (l * float("nan") if step == 3 else l, t))
+    trainer.method.loss = lambda b, step, ph: ((lambda value, t: (value * float("nan") if step == 3 else value, t))
                                                (*loss(b, step, ph)))
     with pytest.raises(SubjectopsError, match="loss became nan at step 3"):
         trainer.train(images, masks, [])
@@ -111,7 +107,7 @@ def test_run_loads_the_base_pipeline_once_for_priors_and_finetune_with_the_same_
     assert all(torch.equal(shared[k], separate[k]) for k in separate)
 
 
-def test_a_compiled_unet_trains_to_the_eager_weights_within_adamws_step_size(prepared, tiny_overrides):  # noqa: F811
+def test_a_compiled_unet_trains_to_the_eager_weights_within_adamws_step_size(prepared, tiny_overrides):
     """finetune.compile compiles the UNet in place: same parameters and state-dict keys, a compiled graph used, and
     the same training up to float rounding of the fused kernels. AdamW turns a rounding-level gradient (a bias
     before a normalization has a zero one) into an lr-sized step, so weights may differ by up to ~lr per step
@@ -125,7 +121,7 @@ def test_a_compiled_unet_trains_to_the_eager_weights_within_adamws_step_size(pre
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         params = load_params(REPO / "params.yaml", sets + [f"finetune.compile={str(compiled).lower()}"])
-        trainer, images, masks = _trainer(params, prepared, True)
+        trainer, images, masks = make_trainer(params, prepared, True)
         trainer.train(images, masks, [])
         losses = [json.loads(line)["loss"] for line in trainer.log_path.read_text().splitlines()]
         runs[compiled] = (losses, trainer.models.unet.state_dict(), dict(torch._dynamo.utils.counters["stats"]))

@@ -68,16 +68,21 @@ def test_gpu_settings_only_on_gpu_stages(name):
         stage = stage_of(ex)
         container = body["container"]
         conf = k8s.get(ex, {})
-        secrets = {s["secretNameParameter"]["componentInputParameter"].replace("pipelinechannel--", ""): {k["secretKey"] for k in s["keyToEnv"]}
+        secrets = {s["secretNameParameter"]["componentInputParameter"].replace("pipelinechannel--",
+                                                                               ""): {k["secretKey"]
+                                                                                     for k in s["keyToEnv"]}
                    for s in conf.get("secretAsEnv", [])}
         if stage in GPU:
             acc = container["resources"]["accelerator"]
             assert acc["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpu_count']}}", ex
             assert acc["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}", ex
-            assert conf["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"].endswith("gpu_node_selector"), ex
-            assert [t["tolerationJson"]["componentInputParameter"].replace("pipelinechannel--", "") for t in conf["tolerations"]] == ["gpu_tolerations"]
+            selector = conf["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]
+            assert selector.endswith("gpu_node_selector"), ex
+            assert [t["tolerationJson"]["componentInputParameter"].replace("pipelinechannel--", "")
+                    for t in conf["tolerations"]] == ["gpu_tolerations"]
             [pvc] = conf["pvcMount"]
-            assert pvc["mountPath"] == "/models" and pvc["pvcNameParameter"]["componentInputParameter"].endswith("model_cache_pvc")
+            assert pvc["mountPath"] == "/models"
+            assert pvc["pvcNameParameter"]["componentInputParameter"].endswith("model_cache_pvc")
             assert secrets == {"mlflow_secret": MLFLOW_KEYS, "s3_secret": S3_KEYS}, ex
             assert container["image"].endswith("/subjectops-trainer:0.1.0")
         else:
@@ -95,7 +100,8 @@ def test_gpu_settings_only_on_gpu_stages(name):
 
 @pytest.mark.parametrize("name", pc.PIPELINES)
 def test_steps_with_mlflow_credentials_carry_the_charts_client_label(name):
-    """The chart's NetworkPolicy admits to MLflow only pods labelled as its clients: exactly the steps given its Secret."""
+    """The chart's NetworkPolicy admits to MLflow only pods labelled as its clients: exactly the steps given its
+    Secret."""
     _, platform = load(name)
     for ex, conf in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
         uses_mlflow = any(s["secretNameParameter"]["componentInputParameter"].endswith("mlflow_secret")
@@ -147,7 +153,8 @@ def test_personalize_runs_optional_stages_only_when_planned():
         assert ev["inputs"]["artifacts"]["sweep_dir"]["taskOutputArtifact"]["producerTask"].startswith("sweep")
         plans[frozenset(stages - tail)] = cond
         assert tail <= stages
-    assert set(plans) == {frozenset({"priors", "pretrain-disc"}), frozenset({"priors"}), frozenset({"pretrain-disc"}), frozenset()}
+    assert set(plans) == {frozenset({"priors", "pretrain-disc"}), frozenset({"priors"}), frozenset({"pretrain-disc"}),
+                          frozenset()}
     assert "'priors+pretrain_disc'" in plans[frozenset({"priors", "pretrain-disc"})]
     assert plans[frozenset()].count("!(") == 3  # the Else branch: none of the others
     # the pipeline returns the registered version from whichever branch ran
@@ -164,12 +171,14 @@ def test_benchmark_fans_out_methods_x_subjects_with_a_limit_and_gates_the_aggreg
     items = loop["parameterIterator"]["items"]["inputParameter"]
     pairs = loop["inputs"]["parameters"][items]["taskOutputParameter"]
     assert pairs["producerTask"] == "benchmark-pairs"
-    assert {k: v["componentInputParameter"] for k, v in root["dag"]["tasks"]["benchmark-pairs"]["inputs"]["parameters"].items()} == {
+    assert {k: v["componentInputParameter"] for k,
+            v in root["dag"]["tasks"]["benchmark-pairs"]["inputs"]["parameters"].items()} == {
         "methods": "methods", "subjects": "subjects"}
     params = root["inputDefinitions"]["parameters"]
     assert params["methods"]["defaultValue"] == ["dreambooth"] and "method" not in params
     subjects = params["subjects"]["defaultValue"]
-    assert len(subjects) == 30 and {"uri": "s3://subjectops-data/dreambench/teapot", "class_word": "teapot"} in subjects
+    assert len(subjects) == 30 and {"uri": "s3://subjectops-data/dreambench/teapot",
+                                    "class_word": "teapot"} in subjects
     agg = root["dag"]["tasks"]["benchmark-aggregate"]
     assert agg["inputs"]["parameters"]["registrations"]["taskOutputParameter"]["producerTask"] == loop_name
     assert agg["cachingOptions"] == {} or agg["cachingOptions"].get("enableCache") is not True
@@ -179,11 +188,13 @@ def test_benchmark_fans_out_methods_x_subjects_with_a_limit_and_gates_the_aggreg
 
 
 def test_other_images_and_parallelism_compile(tmp_path):
-    path = pc.compile_pipeline("benchmark", tmp_path / "b.yaml", cpu_image="reg.example/cpu:1", trainer_image="reg.example/gpu:1", parallelism=2)
+    path = pc.compile_pipeline("benchmark", tmp_path / "b.yaml", cpu_image="reg.example/cpu:1",
+                               trainer_image="reg.example/gpu:1", parallelism=2)
     spec, _ = yaml.safe_load_all(path.read_text())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"reg.example/cpu:1", "reg.example/gpu:1"}
-    assert next(t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t)["iteratorPolicy"]["parallelismLimit"] == 2
+    assert next(t for t in spec["root"]["dag"]["tasks"].values()
+                if "parameterIterator" in t)["iteratorPolicy"]["parallelismLimit"] == 2
 
 
 def all_tasks(spec):

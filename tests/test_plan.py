@@ -63,7 +63,8 @@ REGISTER = ("register", ("refine", "finetune", "infer", "evaluate"))
     ("dreambooth", (), [("refine", ()), ("priors", ("refine",)), ("finetune", ("refine", "priors")),
                         ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer")), REGISTER]),
     ("textual-inversion", ("registry.auto_register=false",),
-     [("refine", ()), ("finetune", ("refine",)), ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer"))]),
+     [("refine", ()), ("finetune", ("refine",)), ("infer", ("refine", "finetune")),
+      ("evaluate", ("refine", "infer"))]),
     ("hypnos", (), [("refine", ()), ("priors", ("refine",)), ("pretrain_disc", ("refine", "priors")),
                     ("finetune", ("refine", "priors", "pretrain_disc")), ("infer", ("refine", "finetune")),
                     ("evaluate", ("refine", "infer")), REGISTER]),
@@ -166,8 +167,9 @@ def test_kfp_configure_returns_the_plan(method, overrides, tmp_path):
 
     artifact = SimpleNamespace(path=str(tmp_path / "params"), metadata={})
     expected = plan(params_for(method, overrides))
-    call = lambda: configure(params_yaml=(REPO / "params.yaml").read_text(), overrides=list(overrides), method=method,
-                             model="", priors_cache_dir="", params=artifact)
+    def call():
+        return configure(params_yaml=(REPO / "params.yaml").read_text(), overrides=list(overrides), method=method,
+                                 model="", priors_cache_dir="", params=artifact)
     if not expected.has("register"):  # every pipeline branch ends in register: refused before any GPU
         with pytest.raises(ConfigError, match="registry.auto_register"):
             call()
@@ -194,7 +196,8 @@ def test_the_pipeline_branch_named_by_configure_runs_the_plan():
         tasks = compiled["components"][branches[f"plan-{p.branch}"]]["dag"]["tasks"].values()
         steps = {t["taskInfo"]["name"] for t in tasks}
         assert KFP_IF_NEEDED <= steps
-        assert steps - KFP_IF_NEEDED == {s.replace("_", "-") for s in p.names} - {"refine"} - KFP_IF_NEEDED, (method, overrides)
+        assert steps - KFP_IF_NEEDED == {s.replace("_", "-") for s in p.names} - {"refine"} - KFP_IF_NEEDED, (method,
+                                                                                                              overrides)
         assert {"configure", "refine"} <= set(root)
 
 
@@ -204,8 +207,10 @@ def test_the_kfp_sweep_step_records_why_when_the_plan_has_no_sweep(tmp_path):
 
     params = params_for("lora")
     write_params(params, tmp_path / "params")
-    artifact = lambda name: SimpleNamespace(path=str(tmp_path / name), metadata={})
-    sweep(params=artifact("params"), refine_dir=artifact("refine"), finetune_dir=artifact("finetune"), out=artifact("sweep"))
+    def artifact(name):
+        return SimpleNamespace(path=str(tmp_path / name), metadata={})
+    sweep(params=artifact("params"), refine_dir=artifact("refine"), finetune_dir=artifact("finetune"),
+          out=artifact("sweep"))
     manifest = json.loads((tmp_path / "sweep" / "manifest.json").read_text())
     assert manifest["skipped"] == plan(params).why_not("sweep") and manifest["inputs"] == {}
 

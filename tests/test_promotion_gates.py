@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from synthetic_runs import metrics_json, metrics_records
 
 from subjectops.config import ConfigError, GateCfg, RegistryCfg, load_params, validate_params
 from subjectops.tracking.gates import evaluate_gates
-from synthetic_runs import metrics_json, metrics_records
 
 CFG = RegistryCfg(gates=[GateCfg(metric="dino", tolerance=0.02), GateCfg(metric="clip-t", tolerance=0.01)])
 
@@ -39,7 +39,8 @@ def test_small_drop_within_tolerance_passes_larger_drop_fails():
 def test_fid_and_lpips_gates_treat_lower_as_better(metric, better, worse, champ, tmp_path):
     """From a params file through the evaluate stage's metrics.json to the decision: direction from the definition."""
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(f"registry:\n  gates:\n    - metric: {metric}\n      tolerance: 1.0e-3\n      min_value: {champ + 5}\n")
+    params_file.write_text(f"registry:\n  gates:\n    - metric: {metric}\n      tolerance: 1.0e-3\n      bound: "
+                           f"{champ + 5}\n")
     gates = load_params(params_file).registry
     champion = metrics_json(**{metric: champ})
     up = evaluate_gates(metrics_json(**{metric: better}), champion, gates)
@@ -56,12 +57,19 @@ def _num(x: float) -> str:
 
 
 def test_a_gate_cannot_set_its_own_direction():
-    with pytest.raises(ConfigError, match=r"registry\.gates\.0.*fid is lower is better by definition; remove this line"):
+    with pytest.raises(ConfigError,
+                       match=r"registry\.gates\.0.*fid is lower is better by definition; remove this line"):
         validate_params({"registry": {"gates": [{"metric": "fid", "higher_is_better": True}]}})
 
 
+def test_the_old_min_value_key_is_refused_naming_bound():
+    with pytest.raises(ConfigError,
+                       match=r"registry\.gates\.0.*min_value is now called bound.*rename the key to bound"):
+        validate_params({"registry": {"gates": [{"metric": "fid", "min_value": 30.0}]}})
+
+
 def test_absolute_floor():
-    floor = [GateCfg(metric="dino", min_value=0.65)]
+    floor = [GateCfg(metric="dino", bound=0.65)]
     d = evaluate_gates(summary(dino=0.6), None, floor)
     assert d.status == "failed" and "below the floor 0.65" in d.reasons[0]
     first = evaluate_gates(summary(dino=0.7), None, floor)

@@ -47,7 +47,8 @@ def test_known_scores_are_reused_and_only_missing_tokens_render():
 
 
 def test_vocabulary_candidates_are_short_whole_words_outside_the_dictionary():
-    vocab = {"immen</w>": 1, "table</w>": 2, "pasqu</w>": 3, "abc</w>": 4, "toolong</w>": 5, "iklan": 6, "Rapid</w>": 7}
+    vocab = {"immen</w>": 1, "table</w>": 2, "pasqu</w>": 3, "abc</w>": 4, "toolong</w>": 5, "iklan": 6,
+             "Rapid</w>": 7}
     assert rare_tokens.vocabulary_candidates(vocab, {"table"}, 10, 0) == ["immen", "pasqu"]
     assert len(rare_tokens.vocabulary_candidates(vocab, set(), 1, 0)) == 1
 
@@ -89,4 +90,5 @@ def test_cli_scan_prints_the_ranking_and_the_reference_tokens_prior(tmp_path, re
     cached = json.loads(next(tmp_path.glob("*.json")).read_text())["scores"]
     best = min(("immen", "pasqu", "iklan"), key=lambda t: (cached[t], t))
     assert f"best: {best}" in result.output and "sks" in result.output
-    assert ("strong" if cached["sks"] > sorted(cached[t] for t in ("immen", "pasqu", "iklan"))[1] else "weak") in result.output
+    assert ("strong" if cached["sks"] > sorted(cached[t] for t in ("immen", "pasqu", "iklan"))[1]
+            else "weak") in result.output

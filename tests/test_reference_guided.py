@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import subjectops_run
 from PIL import Image
 
-from conftest import subjectops_run
 from subjectops.config import ModelCfg, load_params
 from subjectops.inference import InferenceSpec, StageInputs
 from subjectops.inference.ddim import DdimSampler, encoder, initial_noise, prompt_conditioning

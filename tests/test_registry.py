@@ -7,22 +7,24 @@ import json
 
 import pandas as pd
 import pytest
+from helpers import artifact_paths, children
 from mlflow.tracking import MlflowClient
+from servers import MLFLOW_BUCKET, s3_client
 
 from subjectops.config import load_params
 from subjectops.pipeline import run as run_pipeline
 from subjectops.stages.catalog import stage_catalog
-from subjectops.tracking.mlflow_tracker import MlflowTracker, RunState
+from subjectops.tracking.mlflow_tracker import MlflowTracker
 from subjectops.tracking.pyfunc import decode_image
-from servers import MLFLOW_BUCKET, s3_client
-from test_tracking import artifact_paths, children
+from subjectops.tracking.run_state import RunState
 
 
 def test_full_tiny_run_is_tracked_registered_and_loads_by_alias(tmp_path, tracking_uri, s3_server, example_subject,
                                                                   repo_root, tiny_overrides):
     import mlflow.pyfunc
 
-    params = load_params(repo_root / "params.yaml", tiny_overrides + ["finetune.method=lora", "registry.model_name=tiny-{subject}-{method}"])
+    params = load_params(repo_root / "params.yaml",
+                         tiny_overrides + ["finetune.method=lora", "registry.model_name=tiny-{subject}-{method}"])
     run = tmp_path / "run"
     tracker = MlflowTracker(experiment="full-tiny-run", echo=lambda m: None, stages=stage_catalog())
     run_pipeline(params, example_subject, "teapot", run, tracker=tracker)
@@ -37,7 +39,8 @@ def test_full_tiny_run_is_tracked_registered_and_loads_by_alias(tmp_path, tracki
     kids = children(client, parent)
     assert {"refine", "priors", "finetune", "infer", "evaluate", "register"} <= set(kids)
 
-    steps = [json.loads(l)["step"] for l in (run / "finetune" / "train_log.jsonl").read_text().splitlines() if l.strip()]
+    steps = [json.loads(line)["step"] for line in (run / "finetune" / "train_log.jsonl").read_text().splitlines()
+             if line.strip()]
     hist = client.get_metric_history(kids["finetune"].info.run_id, "train/loss")
     assert sorted(m.step for m in hist) == sorted(steps) and len(steps) == params.finetune.lora.steps
 
@@ -46,7 +49,8 @@ def test_full_tiny_run_is_tracked_registered_and_loads_by_alias(tmp_path, tracki
     assert records
     ev = kids["evaluate"]
     for r in records:
-        assert ev.data.metrics[f"{r['key']}/{r['prompt_set']}/{r['backbone'] or 'none'}/mean"] == pytest.approx(r["mean"])
+        key = f"{r['key']}/{r['prompt_set']}/{r['backbone'] or 'none'}/mean"
+        assert ev.data.metrics[key] == pytest.approx(r["mean"])
     assert ev.data.tags["eval.random_backbones"] != "none"  # tiny encoders are random, and said so
     assert "evaluate/report.html" in artifact_paths(client, ev.info.run_id)
     assert "finetune/pytorch_lora_weights.safetensors" in artifact_paths(client, kids["finetune"].info.run_id)
@@ -70,4 +74,5 @@ def test_full_tiny_run_is_tracked_registered_and_loads_by_alias(tmp_path, tracki
     from subjectops.tracking.registry import promote
 
     res = promote(client, "tiny-teapot-lora", params.registry)
-    assert not res.promoted and "random (not pretrained) backbone" in client.get_model_version("tiny-teapot-lora", mv.version).tags["promotion.reasons"]
+    assert not res.promoted and "random (not pretrained) backbone" in client.get_model_version("tiny-teapot-lora",
+                                                                                               mv.version).tags["promotion.reasons"]

@@ -7,11 +7,11 @@ import subprocess
 
 import numpy as np
 import pytest
+from helpers import eval_params, make_run
 from PIL import Image
 
 from subjectops.report.html import RANDOM_WARNING, render_report
 from subjectops.stages.evaluate import evaluate
-from test_evaluate import make_run, tiny_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -37,7 +37,7 @@ def report(tmp_path_factory):
 
     os.environ.setdefault("SUBJECTOPS_HOME", str(tmp_path_factory.getbasetemp() / "home"))
     root = tmp_path_factory.mktemp("run")
-    params = tiny_params(prompt_sets=["prompt-invariant", "prompt-varying"])
+    params = eval_params(prompt_sets=["prompt-invariant", "prompt-varying"])
     refine, infer = make_run(root, params)
     out = evaluate(params, refine, infer, root / "evaluate")
     return out / "report.html"
@@ -113,7 +113,8 @@ def test_a_strategys_intermediate_images_show_with_the_result_and_its_details(re
     metrics = json.loads((report.parent / "metrics.json").read_text())
     infer = report.parent.parent / "infer"
     samples = json.loads((infer / "samples.json").read_text())
-    samples[0]["intermediates"] = {"stage1": samples[1]["path"], "blurred": samples[1]["path"]}  # as alchemy lists them
+    # as alchemy lists them
+    samples[0]["intermediates"] = {"stage1": samples[1]["path"], "blurred": samples[1]["path"]}
     samples[0]["details"] = {"segmenter": "grabcut"}
     refs = sorted((report.parent.parent / "refine" / "images").glob("*.png"))
     page = render_report(tmp_path / "report.html", metrics, refs, samples, infer, {}, {},

@@ -128,7 +128,8 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND",
+                                                                                                             b"")
 
 
 def test_decompression_bomb(tiny_params, subject, tmp_path):
@@ -144,7 +145,8 @@ def test_duplicate_images_warn(tiny_params, subject, tmp_path, capsys):
     out = run_refine(tiny_params, subject, tmp_path)
     import json
 
-    assert "refine: 05.jpg is a duplicate of 00.jpg" in " ".join(capsys.readouterr().err.split())  # said, not a raw UserWarning
+    # said, not a raw UserWarning
+    assert "refine: 05.jpg is a duplicate of 00.jpg" in " ".join(capsys.readouterr().err.split())
     assert any("duplicate" in w for w in json.loads((out / "subject.json").read_text())["warnings"])
 
 

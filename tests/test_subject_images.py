@@ -79,7 +79,8 @@ def test_rgba_subject_is_composited_on_the_documented_background(tiny_params, fo
     ground[0, 0] = False
     assert (pixels[ground] == ALPHA_BACKGROUND).all()  # no green anywhere
     assert np.abs(pixels[0, 0].astype(int) - (255, 127, 127)).max() <= 1  # 128/255 red over white
-    assert subject.conversions[0]["mode"] == "RGBA" and "composited on RGB (255, 255, 255)" in subject.conversions[0]["conversion"]
+    assert subject.conversions[0]["mode"] == "RGBA"
+    assert "composited on RGB (255, 255, 255)" in subject.conversions[0]["conversion"]
 
 
 def test_mostly_transparent_image_is_refused(tiny_params, folder, tmp_path):
@@ -124,7 +125,8 @@ def test_palette_grayscale_and_bilevel_keep_their_values(tiny_params, folder):
     Image.fromarray(gray, "L").save(folder / "99.png")
     pixels, subject = loaded(tiny_params, folder)
     assert (pixels == gray[..., None]).all()
-    assert subject.conversions == [{"file": "99.png", "mode": "L", "conversion": "L (8-bit grayscale) converted to RGB"}]
+    assert subject.conversions == [{"file": "99.png", "mode": "L",
+                                    "conversion": "L (8-bit grayscale) converted to RGB"}]
 
     Image.fromarray(gray > 127).save(folder / "99.png")
     assert Image.open(folder / "99.png").mode == "1"
@@ -207,14 +209,17 @@ def big_photo(path):
 def test_oversized_file_is_refused_before_any_photo_is_decoded(tiny_params, folder, tmp_path, decoded):
     big_photo(folder / "99.png")
     size = (folder / "99.png").stat().st_size
-    params = tiny_params.model_copy(update={"subject": tiny_params.subject.model_copy(update={"max_file_bytes": size - 1})})
-    refuse(params, folder, tmp_path, f"99.png is {size:,} bytes, above the limit of {size - 1:,}", "subject.max_file_bytes")
+    subject = tiny_params.subject.model_copy(update={"max_file_bytes": size - 1})
+    params = tiny_params.model_copy(update={"subject": subject})
+    refuse(params, folder, tmp_path, f"99.png is {size:,} bytes, above the limit of {size - 1:,}",
+           "subject.max_file_bytes")
     assert decoded == []
 
 
 def test_bomb_as_last_file_is_refused_before_any_photo_is_decoded(tiny_params, folder, tmp_path, decoded):
     big_photo(folder / "99.png")
-    params = tiny_params.model_copy(update={"subject": tiny_params.subject.model_copy(update={"max_pixels": 200 * 160 - 1})})
+    subject = tiny_params.subject.model_copy(update={"max_pixels": 200 * 160 - 1})
+    params = tiny_params.model_copy(update={"subject": subject})
     refuse(params, folder, tmp_path, "99.png declares 200x160 = 32,000 pixels", "decompression bomb")
     assert decoded == []
 

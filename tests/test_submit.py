@@ -76,14 +76,17 @@ def test_submit_dry_run_request_field_by_field(tmp_path):
         "accelerator_type": "nvidia.com/gpu", "gpu_count": 2,
         "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
         "gpu_tolerations": [{"key": "gpu", "operator": "Equal", "value": "l4", "effect": "NoSchedule"}],
-        "model_cache_pvc": "subjectops-model-cache", "mlflow_secret": "subjectops-mlflow", "s3_secret": "subjectops-s3",
+        "model_cache_pvc": "subjectops-model-cache", "mlflow_secret": "subjectops-mlflow",
+        "s3_secret": "subjectops-s3",
         "priors_cache_dir": "/models/cache/priors"}}
     spec = body["pipeline_spec"]
     assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "subjectops-personalize"
-    assert set(spec["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]) == set(body["runtime_config"]["parameters"])
+    inputs = spec["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]
+    assert set(inputs) == set(body["runtime_config"]["parameters"])
     assert "exec-finetune" in spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     # the sent spec is the checked-in compiled pipeline
-    checked_in = list(yaml.safe_load_all((Path(__file__).resolve().parents[1] / "pipelines/compiled/personalize.yaml").read_text()))
+    compiled = Path(__file__).resolve().parents[1] / "pipelines/compiled/personalize.yaml"
+    checked_in = list(yaml.safe_load_all(compiled.read_text()))
     assert spec["pipeline_spec"]["deploymentSpec"] == checked_in[0]["deploymentSpec"]
 
 
@@ -94,7 +97,25 @@ def test_dry_run_is_what_a_real_submission_sends(tmp_path, wire):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "DRY-RUN-RUN-ID" in result.output  # the run id the fake API answered
-    assert [(r["method"], r["path"], r["body"]) for r in wire.requests] == [(r["method"], r["path"], r["body"]) for r in doc["requests"]]
+    assert [(r["method"], r["path"], r["body"]) for r in wire.requests] == [(r["method"], r["path"], r["body"])
+                                                                            for r in doc["requests"]]
+
+
+def test_a_dry_run_records_on_its_own_client_and_leaves_kfps_classes_alone(tmp_path, monkeypatch):
+    """While the dry run sends, kfp's ApiClient class keeps its own call_api: only the dry-run client's instance
+    answers from the recorder (another kfp client in the same process would still reach its server)."""
+    original = kfp_server_api.ApiClient.call_api
+    seen = []
+    record = kfp_submit.Recorder.call_api
+
+    def checking(self, api_client, *args, **kwargs):
+        seen.append(kfp_server_api.ApiClient.call_api is original and "call_api" in vars(api_client))
+        return record(self, api_client, *args, **kwargs)
+
+    monkeypatch.setattr(kfp_submit.Recorder, "call_api", checking)
+    doc = dry(tmp_path, "submit", "--host", HOST, SUBJECT, "--class", "teapot")
+    assert seen and all(seen) and len(seen) == len(doc["requests"])
+    assert kfp_server_api.ApiClient.call_api is original
 
 
 def test_schedule_dry_run_request_field_by_field(tmp_path):
@@ -113,7 +134,8 @@ def test_schedule_dry_run_request_field_by_field(tmp_path):
     params = body["runtime_config"]["parameters"]
     assert params["methods"] == ["lora"] and params["overrides"] == ["finetune.lora.steps=100"]
     assert params["fail_on_refused"] is False
-    assert len(params["subjects"]) == 30 and params["subjects"][0] == {"uri": "s3://subjectops-data/dreambench/backpack", "class_word": "backpack"}
+    assert len(params["subjects"]) == 30
+    assert params["subjects"][0] == {"uri": "s3://subjectops-data/dreambench/backpack", "class_word": "backpack"}
     spec = body["pipeline_spec"]["pipeline_spec"]
     assert spec["pipelineInfo"]["name"] == "subjectops-benchmark"
     loop = next(t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t)
@@ -122,8 +144,10 @@ def test_schedule_dry_run_request_field_by_field(tmp_path):
 
 def test_benchmark_submit_with_own_subjects(tmp_path):
     subjects = tmp_path / "subjects.json"
-    subjects.write_text(json.dumps([{"uri": "s3://b/s/mug", "class_word": "mug"}, {"uri": "s3://b/s/dog", "class_word": "dog"}]))
-    doc = dry(tmp_path, "benchmark", "submit", "--host", HOST, "--namespace", "n", "--subjects", str(subjects), "--fail-on-refused")
+    subjects.write_text(json.dumps([{"uri": "s3://b/s/mug", "class_word": "mug"},
+                                    {"uri": "s3://b/s/dog", "class_word": "dog"}]))
+    doc = dry(tmp_path, "benchmark", "submit", "--host", HOST, "--namespace", "n", "--subjects", str(subjects),
+              "--fail-on-refused")
     body = doc["requests"][-1]["body"]
     assert doc["requests"][-1]["path"] == "/apis/v2beta1/runs"
     assert body["runtime_config"]["parameters"]["subjects"] == json.loads(subjects.read_text())
@@ -183,7 +207,9 @@ def test_valid_kfp_crons(expr):
     assert kfp_submit.validate_cron(expr) == expr
 
 
-@pytest.mark.parametrize("expr", ["", "* * * * *", "0 0 3 * * 7", "0 0 5-3 * * *", "? 0 3 * * *", "0 0 3 * 13 *", "@every soon", "0 0 3 ,1 * *"])
+@pytest.mark.parametrize("expr",
+                         ["", "* * * * *", "0 0 3 * * 7", "0 0 5-3 * * *", "? 0 3 * * *", "0 0 3 * 13 *",
+                          "@every soon", "0 0 3 ,1 * *"])
 def test_invalid_kfp_crons(expr):
     with pytest.raises(kfp_submit.SubmitError):
         kfp_submit.validate_cron(expr)

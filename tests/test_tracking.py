@@ -11,19 +11,16 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import artifact_paths, children
 from mlflow.tracking import MlflowClient
-
-from subjectops.tracking.mlflow_tracker import (
-    MlflowTracker,
-    RunState,
-    TrackingError,
-    default_tracking_uri,
-    resolve_tracking_uri,
-    sync,
-)
-from subjectops.stages.catalog import stage_catalog
-from synthetic_runs import STEPS, synthetic_params, write_stage
 from servers import MLFLOW_BUCKET, s3_client
+from synthetic_runs import STEPS, synthetic_params, write_stage
+
+from subjectops.stages.catalog import stage_catalog
+from subjectops.tracking.client import TrackingError, default_tracking_uri, resolve_tracking_uri
+from subjectops.tracking.mlflow_tracker import MlflowTracker
+from subjectops.tracking.run_state import RunState
+from subjectops.tracking.sync import sync
 
 STAGES = ("refine", "priors", "finetune", "infer", "evaluate")
 # What a server stores (a whole run, a sync) is checked on both backend stores, sqlite and PostgreSQL; what the
@@ -38,22 +35,8 @@ def fake_pipeline(tracker, params, run: Path, on_stage=None) -> None:
                 if on_stage:
                     on_stage(name)
                 write_stage(run, name, params)
-        tracker.register_model(stage_catalog().register, run, run / "register")  # the plan's last stage, as pipeline.run calls it
-
-
-def children(client: MlflowClient, parent) -> dict:
-    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    return {r.data.tags["subjectops.stage"]: r for r in runs}
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    out = set()
-    for f in client.list_artifacts(run_id, path):
-        if f.is_dir:
-            out |= artifact_paths(client, run_id, f.path)
-        else:
-            out.add(f.path)
-    return out
+        # the plan's last stage, as pipeline.run calls it
+        tracker.register_model(stage_catalog().register, run, run / "register")
 
 
 def test_default_tracking_uri_is_sqlite_in_project_dir_and_env_overrides(tmp_path, monkeypatch):
@@ -146,7 +129,8 @@ def test_full_run_parent_nested_params_metrics_artifacts(tmp_path, tracking_uri,
     assert "grids/infer_prompt-invariant.png" in artifact_paths(client, kids["infer"].info.run_id)
     assert {"grids/refine_images.png", "grids/refine_masks.png"} <= artifact_paths(client, kids["refine"].info.run_id)
     keys = [o["Key"] for o in s3_client(s3_server).list_objects_v2(Bucket=MLFLOW_BUCKET, MaxKeys=1000)["Contents"]]
-    assert any(k.endswith(f"{kids['finetune'].info.run_id}/artifacts/finetune/pytorch_lora_weights.safetensors") for k in keys)
+    assert any(k.endswith(f"{kids['finetune'].info.run_id}/artifacts/finetune/pytorch_lora_weights.safetensors")
+               for k in keys)
 
     # a model version, alias challenger, pointing to the register run
     reg = json.loads((run / "register" / "registration.json").read_text())
@@ -170,7 +154,8 @@ def test_server_down_from_the_start_runs_locally_then_sync_uploads(tmp_path, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = synthetic_params(tracking__retries=3, tracking__backoff_seconds=0.1)
     messages, sleeps = [], []
-    tracker = MlflowTracker(experiment="offline-test", echo=messages.append, sleep=sleeps.append, stages=stage_catalog())
+    tracker = MlflowTracker(experiment="offline-test", echo=messages.append, sleep=sleeps.append,
+                            stages=stage_catalog())
     run = tmp_path / "run"
     fake_pipeline(tracker, params, run)
     assert sleeps == [0.1, 0.2]  # backoff doubles between the tries
@@ -260,7 +245,8 @@ def test_server_stopped_mid_run_finishes_locally_and_sync_uploads_everything(tmp
     recs = json.loads((run / "evaluate" / "metrics.json").read_text())["metrics"]
     assert len([k for k in kids["evaluate"].data.metrics if k.endswith("/mean")]) == len(recs)
     assert "evaluate/report.html" in artifact_paths(client, kids["evaluate"].info.run_id)
-    assert client.get_model_version_by_alias(out["registered"]["model_name"], "challenger").run_id == kids["register"].info.run_id
+    assert client.get_model_version_by_alias(out["registered"]["model_name"],
+                                             "challenger").run_id == kids["register"].info.run_id
     runs = client.search_runs([parent.info.experiment_id])
     assert len(runs) == len(STAGES) + 2  # parent + stages + register: nothing twice
 

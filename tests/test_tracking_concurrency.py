@@ -1,11 +1,10 @@
 """Several processes opening one fresh sqlite MLflow store at the same moment, as the parallel register steps of a
 benchmark under kfp.local do: every one of them gets a working store (without the lock in
-`tracking.mlflow_tracker.mlflow_client`, all but one fail while MLflow creates the tables)."""
+`tracking.client.mlflow_client`, all but one fail while MLflow creates the tables)."""
 
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 PROCESSES = 2
 
@@ -14,7 +13,7 @@ WORKER = """
 import sys, time
 from pathlib import Path
 
-from subjectops.tracking.mlflow_tracker import mlflow_client
+from subjectops.tracking.client import mlflow_client
 
 uri, gate, ready = sys.argv[1:]
 Path(ready).touch()

@@ -13,29 +13,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import make_trainer
 from safetensors.torch import load_file
 
 from subjectops.config import load_params
-from subjectops.data.subject import RefinedSubject, to_tensor
-from subjectops.methods import get_method
+from subjectops.data.subject import to_tensor
 from subjectops.models.loading import load_pipeline
 from subjectops.stages.common import partial_dir
 from subjectops.stages.finetune import finetune
 from subjectops.stages.infer import infer
 from subjectops.stages.priors import priors
 from subjectops.stages.refine import refine
-from subjectops.training.loop import Trainer
 from subjectops.training.losses import NoiseSchedule, min_snr_weights
-from subjectops.training.models import DiffusionModels
-
-
-@pytest.fixture
-def prepared(tiny_params, example_subject, tmp_path):
-    """refine + priors on the example subject, shared by the tests below."""
-    run = tmp_path / "run"
-    refine(tiny_params, example_subject, "teapot", run / "refine")
-    priors(tiny_params, run / "refine", run / "priors")
-    return run
 
 
 def with_overrides(tiny_overrides, *extra):
@@ -57,7 +46,7 @@ RESUME_STEPS = 20
 def resume_case(tmp_path_factory, example_subject):
     """refine + priors, the `finetune` command of a run checkpointing every 5 steps, and that run's
     uninterrupted result: the one reference the SIGKILL and SIGTERM tests compare against."""
-    from conftest import TINY_OVERRIDES
+    from helpers import TINY_OVERRIDES
 
     root = tmp_path_factory.mktemp("resume")
     # every step logged as it ends, so a signal can be sent at a chosen step
@@ -76,7 +65,8 @@ def resume_case(tmp_path_factory, example_subject):
 def interrupt(case, out, sig, ready):
     """Start finetune into `out`, send `sig` once `ready(work_dir)` holds; returns (process, its output,
     the number of steps logged when the signal was sent, seconds from the signal to the exit)."""
-    proc = subprocess.Popen(cli(*case.args, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cli(*case.args, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     work = partial_dir(out)
     deadline = time.monotonic() + 240
     while not ready(work) and time.monotonic() < deadline and proc.poll() is None:
@@ -187,7 +177,8 @@ def test_a_kfp_local_task_retried_after_sigterm_resumes_and_matches_uninterrupte
     [out] = [p.parent.parent for p in root.rglob("out/unet/diffusion_pytorch_model.safetensors")]
     a, b = resume_case.reference, unet_weights(out)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"SIGTERM after step {step}; resumed from {resumed_from.group(1)}; the retried task ended with max |retried - uninterrupted| = {worst:.3e}")
+    print(f"SIGTERM after step {step}; resumed from {resumed_from.group(1)}; the retried task ended with max |retried "
+          f"- uninterrupted| = {worst:.3e}")
     assert worst < 1e-6
     assert logged_steps(out) == list(range(1, RESUME_STEPS + 1))
 
@@ -269,7 +260,8 @@ def test_a_tampered_checkpoint_is_refused_not_resumed(prepared, tiny_overrides, 
     (dict(phase=0), "its phase 0 is not phase 1 (unet), where step 3 falls"),
     (dict(log=[{"step": 1}, {"step": 3}, {"step": 3}]), "its log does not hold steps 1 to 3 once each"),
     (dict(tensors={}), "its tensors are not the 1 tensors this method trains"),
-    (dict(tensors={"w": torch.zeros(3)}), "1 of its tensors have another shape or dtype than the trained ones, e.g. w"),
+    (dict(tensors={"w": torch.zeros(3)}),
+     "1 of its tensors have another shape or dtype than the trained ones, e.g. w"),
 ])
 def test_a_checkpoint_state_must_be_one_its_schedule_and_tensors_allow(tmp_path, change, problem):
     from subjectops.training.contract import Phase
@@ -284,30 +276,19 @@ def test_a_checkpoint_state_must_be_one_its_schedule_and_tensors_allow(tmp_path,
 
 def checkpoint_steps(ckpt_dir):
     """The steps of the complete checkpoints (step_NNNNNN/ directories) in a checkpoint folder."""
-    return sorted(int(d.name.split("_")[1]) for d in ckpt_dir.glob("step_*") if d.is_dir() and not d.name.endswith(".tmp"))
-
-
-def _trainer(params, subject_dir, cache, accelerator=None):
-    pipe = load_pipeline(params.model)
-    models = DiffusionModels.from_pipeline(pipe)
-    subject = RefinedSubject.load(subject_dir / "refine")
-    method = get_method(params.finetune.method)(params, subject.class_word, models)
-    method.setup()
-    trainer = Trainer(params, models, method, subject.resolution, subject_dir / f"work-{cache}",
-                      cache_latents=cache, cache_text=cache, show_progress=False, accelerator=accelerator)
-    images = [to_tensor(i) for i in subject.images()]
-    masks = [to_tensor(m) for m in subject.masks()]
-    return trainer, images, masks
+    return sorted(int(d.name.split("_")[1]) for d in ckpt_dir.glob("step_*")
+                  if d.is_dir() and not d.name.endswith(".tmp"))
 
 
 def test_cached_latents_and_text_give_the_same_losses_as_encoding_every_step(prepared, tiny_overrides):
-    params = with_overrides(tiny_overrides, "finetune.dreambooth.steps=6", "finetune.dreambooth.prior_preservation=false",
+    params = with_overrides(tiny_overrides, "finetune.dreambooth.steps=6",
+                            "finetune.dreambooth.prior_preservation=false",
                             "finetune.center_flip=true", "finetune.offset_noise=0.1", "finetune.snr_gamma=5.0")
     losses = {}
     for cache in (True, False):
-        trainer, images, masks = _trainer(params, prepared, cache)
+        trainer, images, masks = make_trainer(params, prepared, cache)
         trainer.train(images, masks, [])
-        losses[cache] = [json.loads(l)["loss"] for l in trainer.log_path.read_text().splitlines()]
+        losses[cache] = [json.loads(line)["loss"] for line in trainer.log_path.read_text().splitlines()]
     assert len(losses[True]) == 6
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
 
@@ -327,7 +308,7 @@ def test_min_snr_weights_match_the_formula():
 
 def test_lora_adapter_reloads_with_diffusers_and_matches_in_memory(prepared, tiny_overrides, tmp_path):
     params = with_overrides(tiny_overrides, "finetune.method=lora", "finetune.lora.steps=5", "finetune.lora.lr=0.05")
-    trainer, images, masks = _trainer(params, prepared, True)
+    trainer, images, masks = make_trainer(params, prepared, True)
     trainer.train(images, masks, [to_tensor(i) for i in _prior_images(prepared)])
 
     def sample(pipe):
@@ -374,7 +355,9 @@ def test_second_subject_of_the_same_class_reuses_the_prior_cache(tiny_params, ex
     assert a["generated"] is True and b["generated"] is False and a["cache_key"] == b["cache_key"]
     man_a = json.loads((tmp_path / "a" / "priors" / "manifest.json").read_text())["outputs"]
     man_b = json.loads((tmp_path / "b" / "priors" / "manifest.json").read_text())["outputs"]
-    assert {k: v for k, v in man_a.items() if k.startswith("images/")} == {k: v for k, v in man_b.items() if k.startswith("images/")}
+    assert {k: v for k, v in man_a.items() if k.startswith("images/")} == {k: v for k,
+                                                                           v in man_b.items()
+                                                                           if k.startswith("images/")}
 
     # a different class prompt is a different key: generates again
     refine(tiny_params, second, "kettle", tmp_path / "c" / "refine")
@@ -408,7 +391,7 @@ def test_each_method_trains_saves_and_infers(prepared, tiny_overrides, tmp_path,
 
 def test_textual_inversion_changes_only_the_new_token_rows(prepared, tiny_overrides):
     params = with_overrides(tiny_overrides, "finetune.method=textual-inversion", "finetune.textual_inversion.lr=0.5")
-    trainer, images, masks = _trainer(params, prepared, True)
+    trainer, images, masks = make_trainer(params, prepared, True)
     before = trainer.models.text_encoder.get_input_embeddings().weight.detach().clone()
     trainer.train(images, masks, [])
     after = trainer.models.text_encoder.get_input_embeddings().weight.detach()
@@ -454,10 +437,10 @@ def test_gradient_checkpointing_saves_memory_without_changing_the_result(prepare
     for gc in (False, True):
         params = with_overrides(tiny_overrides, "finetune.method=dreambooth", "finetune.dreambooth.steps=3",
                                 "finetune.dreambooth.train_text_encoder=true", f"finetune.gradient_checkpointing={gc}")
-        trainer, images, masks = _trainer(params, prepared, True)
+        trainer, images, masks = make_trainer(params, prepared, True)
         assert trainer.models.unet.is_gradient_checkpointing == gc
         trainer.train(images, masks, [to_tensor(i) for i in _prior_images(prepared)])
-        losses[gc] = [json.loads(l)["loss"] for l in trainer.log_path.read_text().splitlines()]
+        losses[gc] = [json.loads(line)["loss"] for line in trainer.log_path.read_text().splitlines()]
         weights[gc] = {k: v.detach().clone() for k, v in trainer.method.state_tensors().items()}
         trainer.log_path.unlink()
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
@@ -481,11 +464,12 @@ def test_bf16_mixed_precision_runs_under_autocast(prepared, tiny_overrides, tmp_
     steps = tiny_overrides + ["finetune.dreambooth.steps=2"]
     sets = [a for s in steps + ["finetune.mixed_precision=bf16"] for a in ("--set", s)]
     subprocess.run(cli("finetune", "--refine", str(prepared / "refine"), "--priors", str(prepared / "priors"),
-                       "--out", str(tmp_path / "bf16"), "--params", "params.yaml", *sets), check=True, capture_output=True,
+                       "--out", str(tmp_path / "bf16"), "--params", "params.yaml", *sets), check=True,
+                   capture_output=True,
                    timeout=300)
     finetune(with_overrides(steps, "finetune.mixed_precision=no"), prepared / "refine", prepared / "priors",
              tmp_path / "no")
-    losses = {p: [json.loads(l)["loss"] for l in (tmp_path / p / "train_log.jsonl").read_text().splitlines()]
+    losses = {p: [json.loads(line)["loss"] for line in (tmp_path / p / "train_log.jsonl").read_text().splitlines()]
               for p in ("no", "bf16")}
     assert len(losses["bf16"]) == 2 and all(np.isfinite(losses["bf16"]))
     assert losses["bf16"] != losses["no"]  # the UNet ran in bfloat16 ...
@@ -511,7 +495,8 @@ def test_fp16_loss_scaling_unscales_before_the_update_and_skips_an_overflow_step
     from accelerate.state import AcceleratorState
     from accelerate.utils import AutocastKwargs
 
-    params = with_overrides(tiny_overrides, "finetune.dreambooth.steps=3", "finetune.dreambooth.prior_preservation=false",
+    params = with_overrides(tiny_overrides, "finetune.dreambooth.steps=3",
+                            "finetune.dreambooth.prior_preservation=false",
                             "finetune.dreambooth.lr=1e-3")
 
     def run(scaled: bool, overflow_step: int | None = None):
@@ -522,14 +507,14 @@ def test_fp16_loss_scaling_unscales_before_the_update_and_skips_an_overflow_step
             acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
         else:
             acc = Accelerator(cpu=True)
-        trainer, images, masks = _trainer(params, prepared, True, accelerator=acc)
+        trainer, images, masks = make_trainer(params, prepared, True, accelerator=acc)
         # The unscaled run steps the scaled runs' AdamW kernel, so only the scaling differs: a bias before a
         # normalization has a zero gradient up to rounding, which AdamW turns into an lr-sized step, so kernels
         # that round differently drift ~lr apart there (fused vs foreach: 1.3e-4 after 2 steps).
         trainer.fused_adamw = False
         loss = trainer.method.loss
-        trainer.method.loss = lambda b, step, ph: ((lambda l, t: (_InfGradient.apply(l) if step == overflow_step else l, t))
-                                                   (*loss(b, step, ph)))
+        trainer.method.loss = lambda b, step, ph: (
+            (lambda value, t: (_InfGradient.apply(value) if step == overflow_step else value, t))(*loss(b, step, ph)))
         seen = []
         trainer.on_step = lambda step, rec: seen.append(
             (rec, {k: v.detach().clone() for k, v in trainer.models.unet.named_parameters()},
@@ -564,7 +549,8 @@ def test_fp16_loss_scaling_unscales_before_the_update_and_skips_an_overflow_step
 
 
 @pytest.mark.parametrize("planted", ["step_000004.pt", "step_000004/optimizer.bin", "step_000004/tensors.safetensors"])
-def test_a_crafted_pickle_in_the_checkpoint_folder_is_refused_and_never_runs(prepared, tiny_overrides, tmp_path, planted):
+def test_a_crafted_pickle_in_the_checkpoint_folder_is_refused_and_never_runs(prepared, tiny_overrides, tmp_path,
+                                                                             planted):
     import pathlib
     import pickle
 
@@ -600,7 +586,8 @@ def test_checkpoint_state_round_trips_exactly(tmp_path):
     opt = torch.optim.AdamW([param], lr=1e-3, betas=(0.9, 0.99))
     param.grad = torch.randn(3, 2)
     opt.step()
-    state = {"optimizer": opt.state_dict(), "rng": torch.Generator().manual_seed(3).get_state(), "nested": {"t": (1, 2.5)}}
+    state = {"optimizer": opt.state_dict(), "rng": torch.Generator().manual_seed(3).get_state(),
+             "nested": {"t": (1, 2.5)}}
     for step in (5, 10, 15):
         save_checkpoint(tmp_path, step, state)
     assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_000010", "step_000015"]  # the newest two are kept

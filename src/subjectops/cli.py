@@ -11,8 +11,18 @@ from typing import Callable, List, Optional
 
 import typer
 
-from subjectops.cli_common import (IfNeededOpt, MethodOpt, ModelOpt, ParamsOpt, RunOpt, SetOpt, build_params, console, done,
-                                   user_errors)
+from subjectops.cli_common import (
+    IfNeededOpt,
+    MethodOpt,
+    ModelOpt,
+    ParamsOpt,
+    RunOpt,
+    SetOpt,
+    build_params,
+    console,
+    done,
+    user_errors,
+)
 from subjectops.config import Params
 from subjectops.errors import SubjectopsError
 from subjectops.stages.base import Stage, StageContext
@@ -39,7 +49,8 @@ def stage_path(explicit: Optional[Path], run: Optional[Path], stage: str, requir
     if run is not None and (required or (run / stage).exists()):
         return run / stage
     if required:
-        raise SubjectopsError(f"no directory given for {stage}", fix=f"pass --{get_stage(stage).option} DIR or --run RUN_DIR")
+        raise SubjectopsError(f"no directory given for {stage}",
+                              fix=f"pass --{get_stage(stage).option} DIR or --run RUN_DIR")
     return None
 
 
@@ -53,7 +64,8 @@ def _stage_parameters(stage: Stage) -> list[inspect.Parameter]:
     """The command's parameters: the stage's own arguments, a folder per stage it reads, the output, the run folder,
     and the options every command shares."""
     P = inspect.Parameter
-    params = [P(a.name, P.KEYWORD_ONLY, annotation=Path if a.folder else str if a.required else Optional[Path if a.folder else str],
+    params = [P(a.name, P.KEYWORD_ONLY,
+                annotation=Path if a.folder else str if a.required else Optional[Path if a.folder else str],
                 default=(typer.Argument(..., help=a.help) if a.flag is None else
                          typer.Option(... if a.required else None, a.flag, help=a.help)))
               for a in stage.arguments]
@@ -117,12 +129,15 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt,
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run-id>)"),
         params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
-        track: bool = typer.Option(True, "--track/--no-track", help="log to MLflow and register the model (MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")):
+        track: bool = typer.Option(True, "--track/--no-track",
+                                   help="log to MLflow and register the model (MLFLOW_TRACKING_URI, else "
+                                        "sqlite:///mlruns.db)")):
     """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer,
     sweep (when the run keeps snapshots), evaluate."""
-    from subjectops.pipeline import default_run_dir, run as run_pipeline
-    from subjectops.tracking import NullTracker
     from subjectops.cli_tracking import make_tracker
+    from subjectops.pipeline import default_run_dir
+    from subjectops.pipeline import run as run_pipeline
+    from subjectops.tracking import NullTracker
 
     params = build_params(params_path, sets, model, method)
     if out is None:
@@ -136,7 +151,8 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     from subjectops.stages.catalog import stage_catalog
 
     if not track and stage_catalog().wants_registration(params):
-        console.print(f"register: left for later (--no-track): `subjectops sync {out}` registers the model", highlight=False)
+        console.print(f"register: left for later (--no-track): `subjectops sync {out}` registers the model",
+                      highlight=False)
 
 
 @app.command()
@@ -145,7 +161,8 @@ def replace(image: Path = typer.Argument(..., help="photo whose subject is repla
             run: Path = typer.Option(..., "--run", help="a run fine-tuned with --method hifi-tuner"),
             word: str = typer.Option(..., "--word", help="the word for the subject to replace, e.g. cat"),
             out: Path = typer.Option(..., "--out"), params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
-    """Replace the subject of a photo with the run's subject (HiFi Tuner alg. 3: null-text inversion, prompt-to-prompt)."""
+    """Replace the subject of a photo with the run's subject (HiFi Tuner alg. 3: null-text inversion,
+    prompt-to-prompt)."""
     from subjectops.stages.replace import replace as stage
 
     done("replace", stage(build_params(params_path, sets), image, run, word, out))
@@ -173,8 +190,10 @@ def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetO
 @app.command()
 @user_errors
 def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (`subjectops sweep RUN`)"),
-           min_clip_t: Optional[float] = typer.Option(None, "--min-clip-t", help="CLIP-T floor (default registry.choose.min_clip_t)"),
-           name: Optional[str] = typer.Option(None, "--name", help="registered model name (default registry.model_name)"),
+           min_clip_t: Optional[float] = typer.Option(None, "--min-clip-t",
+                                                      help="CLIP-T floor (default registry.choose.min_clip_t)"),
+           name: Optional[str] = typer.Option(None, "--name",
+                                              help="registered model name (default registry.model_name)"),
            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
            params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Choose the operating point with the highest DINO at CLIP-T >= the floor and register it (writes RUN/choose/)."""
@@ -202,7 +221,8 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="run directories (se
 
 @tokens_app.command("scan")
 @user_errors
-def tokens_scan(model: Optional[str] = ModelOpt, force: bool = typer.Option(False, "--force", help="rescore cached tokens"),
+def tokens_scan(model: Optional[str] = ModelOpt,
+                force: bool = typer.Option(False, "--force", help="rescore cached tokens"),
                 vocabulary: int = typer.Option(0, "--vocabulary", help="scan N words of the tokenizer's vocabulary "
                                                "instead of finetune.alchemy.token_scan.candidates"),
                 dictionary: Optional[Path] = typer.Option(None, "--dictionary", help="word list (one a line) whose "
@@ -242,7 +262,8 @@ def data_push(subject_dir: Path = typer.Argument(..., help="folder of the subjec
     from subjectops.data.objectstore import push
 
     manifest = push(subject_dir, uri, force=force)
-    console.print(f"[green]pushed:[/] {len(manifest['files'])} files of {manifest['subject']!r} to {uri}", highlight=False)
+    console.print(f"[green]pushed:[/] {len(manifest['files'])} files of {manifest['subject']!r} to {uri}",
+                  highlight=False)
 
 
 @data_app.command("pull")

@@ -14,13 +14,13 @@ from subjectops.console import console
 from subjectops.errors import SubjectopsError
 from subjectops.methods import METHODS
 
-
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml (built-in defaults if absent)")
 SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")
 ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, tiny-sd15 or tiny-sdxl (= model.base)")
 MethodOpt = typer.Option(None, "--method", help=" | ".join(METHODS) + " (= finetune.method)")
 RunOpt = typer.Option(None, "--run", help="run directory: RUN/<stage> for every path not given")
-IfNeededOpt = typer.Option(False, "--if-needed", help="only when the method needs this stage (for DVC); else record why not")
+IfNeededOpt = typer.Option(False, "--if-needed",
+                           help="only when the method needs this stage (for DVC); else record why not")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -42,13 +42,8 @@ def user_errors(fn: Callable) -> Callable:
 
 def build_params(params_path: Path, sets: Optional[List[str]], model: Optional[str] = None,
                  method: Optional[str] = None) -> Params:
-    """params.yaml with the `--set` overrides, and `--model` / `--method` as overrides of their keys."""
-    overrides = list(sets or [])
-    if model:
-        overrides.append(f"model.base={model}")
-    if method:
-        overrides.append(f"finetune.method={method}")
-    return load_params(params_path, overrides)
+    """The CLI's options (`--params`, `--set`, `--model`, `--method`) through `config.load_params`."""
+    return load_params(params_path, list(sets or []), model=model or "", method=method or "")
 
 
 def done(what: str, path: Path) -> None:

@@ -10,7 +10,8 @@ import typer
 
 from subjectops.cli_common import ParamsOpt, SetOpt, build_params, console, done, user_errors
 
-UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here)")
+UriOpt = typer.Option(None, "--tracking-uri",
+                      help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here)")
 
 
 def make_tracker(params, tracking_uri: Optional[str] = None):
@@ -25,13 +26,16 @@ def add_tracking_commands(app: typer.Typer) -> None:
 
     @app.command()
     @user_errors
-    def sync(run_dir: Path = typer.Argument(..., help="run directory recorded while MLflow was unreachable (or without tracking)"),
+    def sync(run_dir: Path = typer.Argument(...,
+                                            help="run directory recorded while MLflow was unreachable (or without "
+                                                 "tracking)"),
              tracking_uri: Optional[str] = UriOpt):
         """Upload a run directory's tracking record to MLflow: what did not reach the server, nothing twice."""
         from subjectops.stages.catalog import stage_catalog
-        from subjectops.tracking.mlflow_tracker import sync as do_sync
+        from subjectops.tracking.sync import sync as do_sync
 
-        out = do_sync(run_dir, stage_catalog(), tracking_uri=tracking_uri, echo=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
+        out = do_sync(run_dir, stage_catalog(), tracking_uri=tracking_uri,
+                      echo=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
         done("pipeline run", Path(out["parent_run_id"]))
         for stage, rid in out["stages"].items():
             console.print(f"  {stage}: {rid}", highlight=False)
@@ -42,8 +46,10 @@ def add_tracking_commands(app: typer.Typer) -> None:
     @app.command()
     @user_errors
     def register(run_dir: Path = typer.Argument(..., help="run directory with finetune/ (and evaluate/, infer/)"),
-                 name: Optional[str] = typer.Option(None, "--name", help="registered model name (default registry.model_name)"),
-                 tracking_uri: Optional[str] = UriOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+                 name: Optional[str] = typer.Option(None, "--name",
+                                                    help="registered model name (default registry.model_name)"),
+                 tracking_uri: Optional[str] = UriOpt, params_path: Path = ParamsOpt,
+                 sets: Optional[List[str]] = SetOpt):
         """Register RUN's finetuned model as a new version with alias `challenger` (writes RUN/register/)."""
         from subjectops.stages.register import register as register_stage
 
@@ -55,14 +61,16 @@ def add_tracking_commands(app: typer.Typer) -> None:
     @app.command()
     @user_errors
     def promote(name: str = typer.Argument(..., help="registered model name"),
-                version: Optional[str] = typer.Option(None, "--version", help="version to promote (default: alias challenger)"),
-                tracking_uri: Optional[str] = UriOpt, params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+                version: Optional[str] = typer.Option(None, "--version",
+                                                      help="version to promote (default: alias challenger)"),
+                tracking_uri: Optional[str] = UriOpt, params_path: Path = ParamsOpt,
+                sets: Optional[List[str]] = SetOpt):
         """Move alias `champion` to the challenger only if every gate in params.yaml (registry.gates) passes.
 
         Exit 0: promoted; 1: not promoted (a gate failed, or the numbers are not comparable). The decision
         and its numbers are written to the version's tags (promotion.*).
         """
-        from subjectops.tracking.mlflow_tracker import mlflow_client, resolve_tracking_uri, setup_environment
+        from subjectops.tracking.client import mlflow_client, resolve_tracking_uri, setup_environment
         from subjectops.tracking.registry import promote as do_promote
 
         params = build_params(params_path, sets)
@@ -70,12 +78,15 @@ def add_tracking_commands(app: typer.Typer) -> None:
         result = do_promote(mlflow_client(resolve_tracking_uri(tracking_uri)), name, params.registry, version)
         for g in result.decision.gates:
             mark = "[green]pass[/]" if g.passed else "[red]fail[/]"
-            console.print(f"  {mark} {g.metric} on {g.prompt_set} ({g.backbone}): {g.reason}", highlight=False, soft_wrap=True)
+            console.print(f"  {mark} {g.metric} on {g.prompt_set} ({g.backbone}): {g.reason}", highlight=False,
+                          soft_wrap=True)
         against = f"champion v{result.champion_before}" if result.champion_before else "no champion yet"
         if result.promoted:
-            console.print(f"[bold green]promoted[/] {name} v{result.version} to champion (against {against})", highlight=False)
+            console.print(f"[bold green]promoted[/] {name} v{result.version} to champion (against {against})",
+                          highlight=False)
         else:
-            console.print(f"[bold red]not promoted[/] {name} v{result.version} ({against}): {result.decision.summary()}",
+            console.print(f"[bold red]not promoted[/] {name} v{result.version} ({against}): "
+                          f"{result.decision.summary()}",
                           highlight=False, soft_wrap=True)
         typer.echo(json.dumps(result.to_dict(), sort_keys=True, default=str))
         if not result.promoted:

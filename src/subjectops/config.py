@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
@@ -148,7 +148,8 @@ class PromptVaryingCfg(StrictModel):
     sampler_seed: Seed = 0
 
 
-# DreamBlend (seed 003) supplement sec. 5: edit snapshot -> (classifier-free guidance scale, cross-attention guidance alpha).
+# DreamBlend (seed 003) supplement sec. 5: edit snapshot -> (classifier-free guidance scale, cross-attention
+# guidance alpha).
 DREAMBLEND_SEC5 = {100: (3.0, 0.1), 200: (2.0, 0.07)}
 
 
@@ -166,7 +167,8 @@ class DreamBlendCfg(StrictModel):
     @model_validator(mode="after")
     def _sec5_defaults(self):
         if self.guidance >= self.edit:
-            raise ValueError(f"the guidance snapshot ({self.guidance}) must come before the edit snapshot ({self.edit})")
+            raise ValueError(f"the guidance snapshot ({self.guidance}) must come before the edit snapshot "
+                             f"({self.edit})")
         if (self.cfg is None or self.alpha is None) and self.edit not in DREAMBLEND_SEC5:
             raise ValueError(f"supplement sec. 5 gives cfg and alpha for edit snapshots {sorted(DREAMBLEND_SEC5)} "
                              f"only; set infer.dreamblend.cfg and .alpha for edit snapshot {self.edit}")
@@ -267,8 +269,9 @@ class GateCfg(StrictModel):
 
     metric: str = Field(..., min_length=1)
     tolerance: float = Field(0.0, ge=0)
-    # Absolute floor (ceiling when lower is better), also used when there is no champion yet.
-    min_value: Optional[float] = None
+    # An absolute bound: a floor when the metric is higher-is-better, a ceiling when it is lower-is-better; also
+    # applied when there is no champion yet.
+    bound: Optional[float] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -279,6 +282,10 @@ class GateCfg(StrictModel):
             known = f"{metric} is {direction(metric)} by definition; " if metric in METRICS else ""
             raise ValueError(f"higher_is_better is no longer a gate setting: {known}remove this line, the direction "
                              "comes from the metric's definition")
+        if isinstance(data, dict) and "min_value" in data:
+            # renamed: for a lower-is-better metric (fid, lpips) the value is a ceiling, not a minimum
+            raise ValueError("min_value is now called bound (a floor when the metric is higher-is-better, a ceiling "
+                             "when it is lower-is-better): rename the key to bound")
         return data
 
     @model_validator(mode="after")
@@ -355,7 +362,8 @@ class DiscProportionsCfg(StrictModel):
         real = self.instance + self.colored_background + self.colored_background_resize
         fake = sum(self.model_dump().values()) - real
         if real <= 0 or fake <= 0:
-            raise ValueError(f"proportions need at least one real and one fake type above 0 (real {real}, fake {fake})")
+            raise ValueError("proportions need at least one real and one fake type above 0 "
+                             f"(real {real}, fake {fake})")
         return self
 
 
@@ -485,7 +493,8 @@ class BoundedLoader(yaml.SafeLoader):
             children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
             size = 1 + sum(self.sizes[id(c)] for c in children)
         if size > MAX_EXPANDED_SIZE:
-            raise ConfigError(f"{self.source}: YAML aliases expand this document past {MAX_EXPANDED_SIZE:,} characters "
+            raise ConfigError(f"{self.source}: YAML aliases expand this document past {MAX_EXPANDED_SIZE:,} "
+                              "characters "
                               "and nodes (an alias bomb?)", fix="write the values out instead of nesting aliases")
         self.sizes[id(node)] = size
         return node
@@ -516,7 +525,8 @@ def _plain(value: Any, where: str, source: str) -> Any:
         for item in value:
             _plain(item, where, source)
     elif value is not None and not isinstance(value, (str, int, float, bool)):
-        raise ConfigError(f"{source}: {where or 'the document'} holds a YAML {type(value).__name__}, not a params value",
+        raise ConfigError(f"{source}: {where or 'the document'} holds a YAML {type(value).__name__}, not a params "
+                          "value",
                           fix=f"quote the value of {where} if it is meant as text")
     return value
 
@@ -569,11 +579,20 @@ def validate_params(data: dict, source: str = "params") -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source), fix="correct the value in params.yaml or --set") from None
+        raise ConfigError(_format_validation_error(err, source),
+                          fix="correct the value in params.yaml or --set") from None
 
 
-def load_params(path: Path | str | None = None, overrides: list[str] | None = None) -> Params:
-    """Read params.yaml (or the built-in defaults when it does not exist) and apply overrides."""
+def load_params(path: Path | str | None = None, overrides: Sequence[str] | None = None, *, text: str | None = None,
+                method: str = "", model: str = "", defaults: Sequence[str] = ()) -> Params:
+    """The one way every entry point (the CLI, DVC's commands, the Kubeflow steps, `subjectops submit`) gets its
+    params: params.yaml at `path` (the built-in defaults when the default path does not exist), or its `text` as a
+    pipeline parameter carries it; then `defaults` (e.g. the pods' priors cache, which an override may change),
+    the `overrides` (`--set key.path=value`) and `method` / `model` (`--method`, `--model`: they win over
+    `--set`); validated, a bad value naming its key."""
+    if text is not None:
+        return _params_from_text(text, [*defaults, *(overrides or []), *_shortcuts(method, model)])
+    overrides = [*defaults, *(overrides or []), *_shortcuts(method, model)]
     path = Path(path) if path else DEFAULT_PARAMS
     data: dict = {}
     if path.exists():
@@ -584,7 +603,8 @@ def load_params(path: Path | str | None = None, overrides: list[str] | None = No
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} cannot be read as text ({exc})", fix="pass --params PATH to a params.yaml") from None
+            raise ConfigError(f"{path} cannot be read as text ({exc})",
+                              fix="pass --params PATH to a params.yaml") from None
         data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, found {type(data).__name__}",
@@ -595,5 +615,22 @@ def load_params(path: Path | str | None = None, overrides: list[str] | None = No
                               f"({', '.join(Params.model_fields)})", fix="pass --params PATH to a params.yaml")
     elif path != DEFAULT_PARAMS:
         raise ConfigError(f"params file {path} does not exist", fix="pass --params PATH to an existing file")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides)
     return validate_params(data, source=f"{path}" + (" with --set overrides" if overrides else ""))
+
+
+def _shortcuts(method: str, model: str) -> list[str]:
+    """`--method` and `--model` as overrides of their keys (quoted: a name is a string, whatever YAML makes of it)."""
+    return ([f"finetune.method={json.dumps(method)}"] if method else []) + (
+        [f"model.base={json.dumps(model)}"] if model else [])
+
+
+def _params_from_text(text: str, overrides: list[str]) -> Params:
+    data: Any = {}
+    if text.strip():
+        data = parse_yaml(text, "the params_yaml pipeline parameter") or {}
+        if not isinstance(data, dict):
+            raise ConfigError("the params_yaml pipeline parameter must hold a mapping of sections, found "
+                              f"{type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    return validate_params(data, source="pipeline parameters (params_yaml, method, model, overrides)")

@@ -13,8 +13,8 @@ from subjectops.models.loading import training_resolution
 from subjectops.preflight import require_writable
 from subjectops.runlock import run_lock
 from subjectops.stages.base import StageContext
-from subjectops.stages.plan import plan
 from subjectops.stages.catalog import stage_catalog
+from subjectops.stages.plan import plan
 from subjectops.stages.registry import get_stage
 from subjectops.tracking import NullTracker, Tracker
 
@@ -26,7 +26,8 @@ def default_run_dir(subject_dir: Path, params: Params, root: Path = Path("runs")
     return root / f"{stamp}-{secrets.token_hex(6)}-{Path(subject_dir).resolve().name}-{params.finetune.method}"
 
 
-def run(params: Params, subject_dir: Path, class_word: str, out: Path, tracker: Tracker | None = None) -> dict[str, Path]:
+def run(params: Params, subject_dir: Path, class_word: str, out: Path,
+        tracker: Tracker | None = None) -> dict[str, Path]:
     """Run every stage of `plan(params)`; returns the output directory of each stage that ran.
 
     `register` runs through the tracker, which knows the MLflow server; a NullTracker (`--no-track`)

@@ -39,7 +39,7 @@ def require_writable(directory: Path, what: str) -> None:
 # No space, a file past `ulimit -f` (Python ignores SIGXFSZ, so the write fails), a quota; safetensors reports the
 # same errors as text ("... (os error 28)").
 OUT_OF_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-OUT_OF_SPACE_TEXT = re.compile(r"os error (%s)\b" % "|".join(str(e) for e in OUT_OF_SPACE))
+OUT_OF_SPACE_TEXT = re.compile(r"os error ({})\b".format("|".join(str(e) for e in OUT_OF_SPACE)))
 
 
 def out_of_space(exc: BaseException, out: Path, work: Path, work_kept: bool) -> SubjectopsError | None:
@@ -51,5 +51,5 @@ def out_of_space(exc: BaseException, out: Path, work: Path, work_kept: bool) -> 
     kept_text = " and ".join(k for k in kept if k) or "nothing of this attempt (its partial output was removed)"
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
     return SubjectopsError(f"no room to write {out.name} in {out.parent}: {reason}; kept: {kept_text}",
-                           fix=f"free space where {out.parent} lives (`df -h {out.parent}`), raise the file size limit "
-                               "(`ulimit -f`), or pass --out on another disk; then run the same command again")
+                           fix=f"free space where {out.parent} lives (`df -h {out.parent}`), raise the file size "
+                               "limit (`ulimit -f`), or pass --out on another disk; then run the same command again")

@@ -153,10 +153,12 @@ class DiscriminatorSampler:
             raise SubjectopsError(f"unknown discriminator image types {sorted(unknown)}",
                                   fix=f"use the Table 3 types: {', '.join(IMAGE_TYPES)}")
         if not images:
-            raise SubjectopsError("the discriminator sampler needs instance images", fix="run `subjectops refine` first")
+            raise SubjectopsError("the discriminator sampler needs instance images",
+                                  fix="run `subjectops refine` first")
         weights = torch.tensor([float(proportions.get(t, 0.0)) for t in IMAGE_TYPES], dtype=torch.float64)
         if weights[IMAGE_TYPES.index("class_image")] > 0 and not class_images:
-            raise SubjectopsError("the discriminator's class_image proportion is above 0 but there are no class images",
+            raise SubjectopsError("the discriminator's class_image proportion is above 0 but there are no class "
+                                  "images",
                                   fix="run `subjectops priors` (priors.num_images > 0) or set "
                                       "pretrain_disc.proportions.class_image=0")
         self.probs = weights / weights.sum()

@@ -57,7 +57,7 @@ class S3Location:
     prefix: str  # without leading or trailing "/"; "" for the bucket's top level
 
     @classmethod
-    def parse(cls, uri: str) -> "S3Location":
+    def parse(cls, uri: str) -> S3Location:
         if not uri.startswith("s3://"):
             raise SubjectError(f"{uri!r} is not an s3:// URI", fix="write s3://BUCKET/PREFIX")
         path = uri[len("s3://"):].removesuffix("/")  # s3://BUCKET/PREFIX/ names the same prefix
@@ -88,7 +88,8 @@ def client_from_env(env: Mapping[str, str] = os.environ):
     if missing:
         raise ObjectStoreError(f"object-store settings missing from the environment: {', '.join(missing)}",
                                fix="export AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000), AWS_ACCESS_KEY_ID and "
-                                   "AWS_SECRET_ACCESS_KEY; in the cluster they come from the chart's object-store Secret")
+                                   "AWS_SECRET_ACCESS_KEY; in the cluster they come from the chart's object-store "
+                               "Secret")
     endpoint = urlparse(env["AWS_ENDPOINT_URL"])
     if endpoint.scheme not in ("http", "https") or not endpoint.netloc:
         raise ObjectStoreError(f"AWS_ENDPOINT_URL={env['AWS_ENDPOINT_URL']!r} is not an http(s) URL",
@@ -164,7 +165,8 @@ def push(subject_dir: Path, uri: str, force: bool = False, env: Mapping[str, str
     """Upload the subject's photos under `uri`, each read back and checked; returns the manifest."""
     subject_dir = Path(subject_dir)
     if not subject_dir.is_dir():
-        raise SubjectError(f"subject directory {subject_dir} does not exist", fix="pass a folder of the subject's photos")
+        raise SubjectError(f"subject directory {subject_dir} does not exist",
+                           fix="pass a folder of the subject's photos")
     where = S3Location.parse(uri)
     files = _subject_files(subject_dir)
     manifest = {"subject": subject_dir.resolve().name, "files": {name: sha256_file(p) for name, p in files.items()}}
@@ -181,7 +183,8 @@ def push(subject_dir: Path, uri: str, force: bool = False, env: Mapping[str, str
             raise ObjectStoreError(f"{where} already holds {what}",
                                    fix="push to another prefix, or pass --force to replace what is there")
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        client.put_object(where.bucket, where.key(MANIFEST), io.BytesIO(body), len(body), content_type="application/json")
+        client.put_object(where.bucket, where.key(MANIFEST), io.BytesIO(body), len(body),
+                          content_type="application/json")
         for name in sorted(stored_names - set(files) - {MANIFEST}):  # a forced push replaces the whole subject
             client.remove_object(where.bucket, where.key(name))
         for name, path in files.items():
@@ -199,7 +202,8 @@ def _is_plain_file_name(name: str) -> bool:
 
 def _checked_files(manifest, where: S3Location) -> dict[str, str]:
     """The manifest's {file name: SHA-256}, every entry checked before anything is downloaded: the manifest is
-    whatever the bucket holds, and a name such as `/etc/x` or `../x` joined to the destination would write outside it."""
+    whatever the bucket holds, and a name such as `/etc/x` or `../x` joined to the destination would write outside
+    it."""
     fix = (f"the manifest was not written by subjectops: check who can write to the bucket, then push the subject "
            f"again with `subjectops data push --force SUBJECT_DIR {where}`")
     files = manifest.get("files") if isinstance(manifest, dict) else None

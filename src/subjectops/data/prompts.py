@@ -270,7 +270,8 @@ def prompt_varying(template: str, num_images: int, sampler_seed: int, identifier
     for i, (image_type, background, style) in enumerate(sample_varying_parts(num_images, sampler_seed)):
         prompt = _format(template, "infer.prompt_varying.template", token=identifier, class_word=class_word,
                          image_type=image_type, background=background, style=style)
-        items.append(PromptItem(prompt, seed + i, {"image_type": image_type, "background": background, "style": style}))
+        items.append(PromptItem(prompt, seed + i,
+                                {"image_type": image_type, "background": background, "style": style}))
     return PromptSet(
         "prompt-varying",
         VERSIONS["prompt-varying"],

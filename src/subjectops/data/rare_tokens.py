@@ -79,7 +79,7 @@ class TokenRanking:
         return score.score > statistics.median(s.score for s in self.candidates)
 
 
-def mean_pairwise_ssim(images: Sequence["Image.Image"]) -> float:
+def mean_pairwise_ssim(images: Sequence[Image.Image]) -> float:
     """Mean SSIM over every unordered pair of the images (sec. 3.1's variability measure), with evaluate's SSIM
     settings (torchmetrics: gaussian 11x11, sigma 1.5, data range 1)."""
     import numpy as np
@@ -94,7 +94,7 @@ def mean_pairwise_ssim(images: Sequence["Image.Image"]) -> float:
     return float(ssim(pixels[first], pixels[second], data_range=1.0, reduction="none").double().mean())
 
 
-def rank_tokens(render: Callable[[str, list[int]], list["Image.Image"]], candidates: Sequence[str],
+def rank_tokens(render: Callable[[str, list[int]], list[Image.Image]], candidates: Sequence[str],
                 references: Sequence[str], seeds: list[int], known: dict[str, float] | None = None,
                 on_score: Callable[[str, float], None] | None = None) -> tuple[list[TokenScore], list[TokenScore]]:
     """Score every token by the mean pairwise SSIM of `render(token, seeds)` (scores in `known` are reused) and
@@ -122,7 +122,7 @@ def vocabulary_candidates(vocab: dict[str, int], dictionary: set[str], limit: in
     return sorted(random.Random(seed).sample(words, min(limit, len(words))))
 
 
-def tokenizer_vocabulary(model: "ModelCfg") -> dict[str, int]:
+def tokenizer_vocabulary(model: ModelCfg) -> dict[str, int]:
     """The base model's (first) CLIP tokenizer vocabulary."""
     from transformers import CLIPTokenizer
 
@@ -136,7 +136,8 @@ def read_dictionary(path: Path | None) -> set[str]:
     """A word list, one word a line: the words that have a meaning (so are not rare)."""
     if path is None or not Path(path).is_file():
         raise SubjectopsError(f"a vocabulary scan needs a dictionary word list; {path} is not a file",
-                              fix="pass --dictionary PATH to a word list with one word a line (e.g. /usr/share/dict/words)")
+                              fix="pass --dictionary PATH to a word list with one word a line (e.g. "
+                                  "/usr/share/dict/words)")
     return {w.strip().lower() for w in Path(path).read_text(errors="replace").splitlines() if w.strip()}
 
 
@@ -147,7 +148,7 @@ def settings_key(cfg: TokenScanCfg, fingerprint: str, resolution: int) -> dict:
             "resolution": resolution}
 
 
-def cache_file(cfg: TokenScanCfg, model: "ModelCfg") -> tuple[Path, dict]:
+def cache_file(cfg: TokenScanCfg, model: ModelCfg) -> tuple[Path, dict]:
     from subjectops.models.loading import fingerprint, native_resolution
 
     key = settings_key(cfg, fingerprint(model), cfg.resolution or native_resolution(model))
@@ -164,7 +165,7 @@ def _read_cache(path: Path) -> dict[str, float]:
                               fix=f"delete {path} and run `subjectops tokens scan` again") from None
 
 
-def scan(cfg: TokenScanCfg, model: "ModelCfg", candidates: Sequence[str] | None = None, force: bool = False,
+def scan(cfg: TokenScanCfg, model: ModelCfg, candidates: Sequence[str] | None = None, force: bool = False,
          on_score: Callable[[str, float], None] | None = None) -> TokenRanking:
     """Rank `candidates` (default: cfg.candidates) with the unmodified base model, scoring only tokens the cache
     lacks (all of them when `force`); the cache is rewritten after each token, so a stopped scan resumes."""
@@ -179,7 +180,7 @@ def scan(cfg: TokenScanCfg, model: "ModelCfg", candidates: Sequence[str] | None 
     known = {} if force else _read_cache(path)
     pipe = None
 
-    def render(token: str, seeds: list[int]) -> list["Image.Image"]:
+    def render(token: str, seeds: list[int]) -> list[Image.Image]:
         nonlocal pipe
         if pipe is None:  # loaded only when some score is missing
             pipe = load_pipeline(model)
@@ -201,7 +202,7 @@ def scan(cfg: TokenScanCfg, model: "ModelCfg", candidates: Sequence[str] | None 
     return TokenRanking(ranked, refs, path)
 
 
-def best_token(cfg: TokenScanCfg, model: "ModelCfg") -> str:
+def best_token(cfg: TokenScanCfg, model: ModelCfg) -> str:
     """The best-ranked candidate of the cached scan for this model and these settings."""
     path, _ = cache_file(cfg, model)
     scores = _read_cache(path)

@@ -52,7 +52,8 @@ def check_subject_name(name: str) -> str:
 def check_class_word(word: str | None) -> str:
     word = (word or "").strip()
     if not word:
-        raise SubjectError("the class word is empty", fix="pass --class with the subject's category, e.g. --class teapot")
+        raise SubjectError("the class word is empty",
+                           fix="pass --class with the subject's category, e.g. --class teapot")
     if not CLASS_WORD.match(word):
         raise SubjectError(f"class word {word!r} must be plain words (letters, spaces, hyphens)",
                            fix="pass a category such as 'teapot', 'dog' or 'stuffed animal'")
@@ -153,7 +154,8 @@ def _composite(img: Image.Image, path: Path, what: str) -> tuple[Image.Image, st
     if opaque < MIN_OPAQUE_FRACTION:
         raise SubjectError(
             f"{path} is {1 - opaque:.0%} transparent: on the {ALPHA_BACKGROUND} background the subject would be lost",
-            fix="use a photo of the subject with its background, or a cut-out where the subject fills more of the frame",
+            fix="use a photo of the subject with its background, or a cut-out where the subject fills more of the "
+                "frame",
         )
     background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
     return (Image.alpha_composite(background, rgba).convert("RGB"),
@@ -233,7 +235,8 @@ def load_subject(subject_dir: Path, cfg: SubjectCfg, resolution: int) -> LoadedS
     if len(seen) < cfg.min_images:
         raise SubjectError(f"{subject_dir} has {len(paths)} photos but only {len(seen)} different ones "
                            f"({'; '.join(notes)}); at least {cfg.min_images} different photos are needed",
-                           fix=f"replace the duplicates with other photos of the subject ({cfg.min_images}-{cfg.max_images} in all)")
+                           fix=f"replace the duplicates with other photos of the subject "
+                               f"({cfg.min_images}-{cfg.max_images} in all)")
     return LoadedSubject(name, images, originals, sources, notes, conversions)
 
 
@@ -245,10 +248,11 @@ class RefinedSubject:
     info: dict
 
     @classmethod
-    def load(cls, refine_dir: Path) -> "RefinedSubject":
+    def load(cls, refine_dir: Path) -> RefinedSubject:
         path = Path(refine_dir) / "subject.json"
         if not path.exists():
-            raise SubjectError(f"{refine_dir} is not a refine output (no subject.json)", fix="run `subjectops refine` first")
+            raise SubjectError(f"{refine_dir} is not a refine output (no subject.json)",
+                               fix="run `subjectops refine` first")
         return cls(Path(refine_dir), json.loads(path.read_text()))
 
     @property

@@ -14,7 +14,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     s.name: s for s in (PlainStrategy, ReferenceGuidedStrategy, DreamBlendStrategy, AlchemyStrategy)
 }
 
-__all__ = ["REQUIREMENTS", "STRATEGIES", "InferenceSpec", "StageInputs", "Strategy", "finetuned_pipeline", "get_strategy",
+__all__ = ["REQUIREMENTS", "STRATEGIES", "InferenceSpec", "StageInputs", "Strategy", "finetuned_pipeline",
+           "get_strategy",
            "load_strategy"]
 
 

@@ -57,10 +57,20 @@ class StageInputs:
     refine: Path | None = None
 
     @classmethod
-    def from_dirs(cls, model: ModelCfg, dirs: Mapping[str, str | Path]) -> "StageInputs":
+    def from_dirs(cls, model: ModelCfg, dirs: Mapping[str, str | Path]) -> StageInputs:
         """From a mapping of stage name -> directory (extra keys, like the packaged base model, are ignored)."""
         stages = {f.name for f in fields(cls)} - {"model"}
         return cls(model=model, **{name: Path(path) for name, path in dirs.items() if name in stages})
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One operating point a strategy offers the `sweep` stage: its label, the infer section it samples with, and
+    the settings recorded in points.json (from which `Strategy.point_weights` finds its weights again)."""
+
+    label: str
+    infer: InferCfg
+    settings: dict
 
 
 class Strategy:
@@ -81,7 +91,8 @@ class Strategy:
         self.spec = spec
         self.inputs = inputs
         # the section's pydantic model from config.py validates the recorded settings again when served
-        self.config = InferCfg.model_fields[self.section].annotation.model_validate(spec.config) if self.section else None
+        section = InferCfg.model_fields[self.section].annotation if self.section else None
+        self.config = section.model_validate(spec.config) if section else None
 
     @classmethod
     def spec_for(cls, infer: InferCfg, resolution: int) -> InferenceSpec:
@@ -101,12 +112,24 @@ class Strategy:
         return set()
 
     @classmethod
+    def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
+        """The operating points this strategy offers over a finetune output keeping snapshots of `steps`
+        (ascending), under the run's infer section; none by default."""
+        return []
+
+    @classmethod
+    def point_weights(cls, finetune_dir: Path, settings: dict) -> Path:
+        """The weights an operating point of this strategy (its recorded `settings`) is served from: the finetune
+        output by default (a strategy reading snapshots finds them in it)."""
+        return Path(finetune_dir)
+
+    @classmethod
     def stage_outputs(cls) -> set[str]:
         """The stage outputs the registered model must carry: the finetune, and whatever provides `requires`."""
         return {"finetune"} | {REQUIREMENTS[r] for r in cls.requires}
 
     @classmethod
-    def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> "Strategy":
+    def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> Strategy:
         use_scheduler(pipe, spec.scheduler)
         return cls(pipe, spec, inputs)
 

@@ -48,7 +48,8 @@ def blend(image: np.ndarray, other: np.ndarray, weight: np.ndarray) -> np.ndarra
     return w * np.asarray(other, dtype=np.float32) + (1 - w) * np.asarray(image, dtype=np.float32)
 
 
-def gaussian_blur_region(image: np.ndarray, mask: np.ndarray, kernel_size: int = 151, sigma: float = 100.0) -> np.ndarray:
+def gaussian_blur_region(image: np.ndarray, mask: np.ndarray, kernel_size: int = 151,
+                         sigma: float = 100.0) -> np.ndarray:
     """App. A.1, first technique: the Gaussian blur applied uniformly inside the mask, nothing outside."""
     return blend(image, gaussian(image, kernel_size, sigma), np.asarray(mask, dtype=np.float32))
 

@@ -70,7 +70,7 @@ class DdimSampler:
     guidance: float
 
     @classmethod
-    def from_pipe(cls, pipe, steps: int, guidance: float) -> "DdimSampler":
+    def from_pipe(cls, pipe, steps: int, guidance: float) -> DdimSampler:
         from diffusers import DDIMScheduler
 
         sched = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -88,7 +88,8 @@ class DdimSampler:
 
     def eps(self, x: torch.Tensor, i: int, cond: Conditioning) -> torch.Tensor:
         t = self.timesteps[i]
-        pred = self.unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
+        pred = self.unet(x, t, encoder_hidden_states=cond.prompt_embeds,
+                         added_cond_kwargs=cond.added_cond_kwargs).sample
         return to_epsilon(pred.float(), x, self.alpha(i).to(x), self.prediction_type)
 
     def step(self, x: torch.Tensor, i: int, cond: Conditioning, uncond: Conditioning,
@@ -130,7 +131,8 @@ class DdimSampler:
             opt = torch.optim.Adam([phi], lr=lr)
             for _ in range(inner_steps):
                 opt.zero_grad()
-                loss = masked_sq_error(traj[i + 1], self.step(x, i, cond_at(i), Conditioning(phi, uncond.added_cond_kwargs)))
+                loss = masked_sq_error(traj[i + 1],
+                                       self.step(x, i, cond_at(i), Conditioning(phi, uncond.added_cond_kwargs)))
                 loss.backward()
                 opt.step()
             phi = phi.detach()
@@ -180,7 +182,8 @@ def prompt_conditioning(pipe, prompt: str, timesteps: list[int], resolution: int
                                  do_classifier_free_guidance=True)
     if sdxl:
         c, u, pooled, u_pooled = encoded
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=c.dtype, device=c.device)
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=c.dtype,
+                                device=c.device)
         cond = Conditioning(c, {"text_embeds": pooled, "time_ids": time_ids})
         uncond = Conditioning(u, {"text_embeds": u_pooled, "time_ids": time_ids})
     else:

@@ -38,7 +38,7 @@ from PIL import Image
 
 from subjectops.config import InferCfg
 from subjectops.errors import SubjectopsError
-from subjectops.inference.base import InferenceSpec, StageInputs, Strategy
+from subjectops.inference.base import InferenceSpec, StageInputs, Strategy, SweepPoint
 from subjectops.models.sampling import use_scheduler
 
 AttentionMaps = dict[str, torch.Tensor]  # attn2 layer name -> (heads, queries, tokens)
@@ -90,7 +90,8 @@ def cross_attention_maps(pipe, latents: torch.Tensor, t, cond: torch.Tensor, max
     with recording(pipe.unet, max_resolution) as maps:
         pipe.unet(pipe.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond, return_dict=False)
     if not maps:
-        raise SubjectopsError(f"no cross-attention layer has a latent grid of at most {max_resolution}x{max_resolution}",
+        raise SubjectopsError("no cross-attention layer has a latent grid of at most "
+                              f"{max_resolution}x{max_resolution}",
                               fix="raise infer.dreamblend.max_resolution")
     return dict(maps)
 
@@ -149,24 +150,47 @@ class DreamBlendStrategy(Strategy):
         return {infer.dreamblend.guidance, infer.dreamblend.edit}
 
     @classmethod
+    def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
+        """Each combination of a guidance snapshot before an edit snapshot, for edit snapshots with sec. 5 settings
+        or the configured one (whose cfg and alpha infer.dreamblend gives)."""
+        from subjectops.config import DREAMBLEND_SEC5, DreamBlendCfg
+
+        blend = infer.dreamblend
+        points = []
+        for edit in steps:
+            guidances = [s for s in steps if s < edit]
+            if not guidances or (edit not in DREAMBLEND_SEC5 and edit != blend.edit):
+                continue
+            own = blend if edit == blend.edit else DreamBlendCfg(edit=edit, guidance=guidances[0], start=blend.start,
+                                                                 max_resolution=blend.max_resolution)
+            for guidance in guidances:
+                cfg = own.model_copy(update={"guidance": guidance})
+                point_infer = infer.model_copy(update={"strategy": cls.name, "scheduler": "ddim", "dreamblend": cfg})
+                points.append(SweepPoint(f"dreamblend {guidance}->{edit} a={cfg.edit_alpha:g} cfg={cfg.edit_cfg:g}",
+                                         point_infer, cfg.model_dump(mode="json")))
+        return points
+
+    @classmethod
     def weights(cls, spec: InferenceSpec, inputs: StageInputs) -> Path:
         from subjectops.methods import require_snapshot
 
         return require_snapshot(inputs.finetune, spec.config["edit"])
 
     @classmethod
-    def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> "DreamBlendStrategy":
+    def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> DreamBlendStrategy:
         from subjectops.inference import finetuned_pipeline
         from subjectops.methods import require_snapshot
 
         if spec.scheduler != "ddim":
-            raise SubjectopsError(f"dreamblend inverts and samples with DDIM, but infer.scheduler is {spec.scheduler!r}",
+            raise SubjectopsError("dreamblend inverts and samples with DDIM, but infer.scheduler is "
+                                  f"{spec.scheduler!r}",
                                   fix="--set infer.scheduler=ddim")
         if getattr(pipe, "text_encoder_2", None) is not None:
             raise SubjectopsError("dreamblend is implemented for SD-1.x-shaped pipelines (one text encoder)",
                                   fix="use an SD-1.x base model, or infer.strategy=plain")
         strategy = super().load(pipe, spec, inputs)
-        strategy.guidance_pipe = finetuned_pipeline(inputs.model, require_snapshot(inputs.finetune, strategy.config.guidance))
+        strategy.guidance_pipe = finetuned_pipeline(inputs.model,
+                                                    require_snapshot(inputs.finetune, strategy.config.guidance))
         use_scheduler(strategy.guidance_pipe, spec.scheduler)
         return strategy
 
@@ -191,7 +215,8 @@ class DreamBlendStrategy(Strategy):
                               cross_attention_maps(guide, latents, t, g_cond, cfg.max_resolution).items()})
             return latents
 
-        image_u = sample(guide, x_T, g_cond, g_uncond, s.guidance_scale, s.steps, s.resolution, record, "latent").images
+        image_u = sample(guide, x_T, g_cond, g_uncond, s.guidance_scale, s.steps, s.resolution, record,
+                         "latent").images
         # 2. the edit model's start latent
         cond, uncond = self._embeds(edit, prompt)
         start = x_T if cfg.start == "noise" else ddim_invert(edit, image_u, cond, s.steps)

@@ -8,12 +8,14 @@ for bit, by construction.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image
 
-from subjectops.inference.base import InferenceSpec, Strategy
+from subjectops.config import InferCfg
+from subjectops.inference.base import InferenceSpec, Strategy, SweepPoint
 from subjectops.inference.ddim import initial_noise, prompt_conditioning
 
 # at_latent(i, x_i) -> the latent step i starts from (i = 0: x_T; i = steps: x_0, which is decoded).
@@ -41,7 +43,8 @@ def sample(pipe, prompt: str, seed: int, spec: InferenceSpec, at_latent: LatentH
     def step_end(pipeline, i, _t, tensors):
         if stepwise and i + 1 < len(timesteps):
             c = cond_at(i + 1).prompt_embeds
-            tensors["prompt_embeds"] = torch.cat([uncond.prompt_embeds, c]) if pipeline.do_classifier_free_guidance else c
+            tensors["prompt_embeds"] = torch.cat([uncond.prompt_embeds,
+                                                  c]) if pipeline.do_classifier_free_guidance else c
         tensors["latents"] = at_latent(i + 1, tensors["latents"])
         return tensors
 
@@ -66,6 +69,18 @@ class PlainStrategy(Strategy):
     """
 
     name = "plain"
+
+    @classmethod
+    def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
+        """Each kept snapshot, sampled plainly."""
+        plain = infer.model_copy(update={"strategy": cls.name})
+        return [SweepPoint(f"step {s}", plain, {"snapshot": s}) for s in steps]
+
+    @classmethod
+    def point_weights(cls, finetune_dir: Path, settings: dict) -> Path:
+        from subjectops.methods import snapshot_dir
+
+        return snapshot_dir(finetune_dir, settings["snapshot"])
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         return [sample(self.pipe, prompt, seed, self.spec) for prompt, seed in zip(prompts, seeds)]

@@ -25,8 +25,15 @@ from PIL import Image
 
 from subjectops.errors import SubjectopsError
 from subjectops.inference.base import Strategy
-from subjectops.inference.ddim import (CondAt, DdimSampler, encode_image, encoder, masked_sq_error,
-                                       prompt_conditioning, require_ddim)
+from subjectops.inference.ddim import (
+    CondAt,
+    DdimSampler,
+    encode_image,
+    encoder,
+    masked_sq_error,
+    prompt_conditioning,
+    require_ddim,
+)
 from subjectops.inference.plain import sample
 from subjectops.training.contract import Conditioning
 
@@ -131,7 +138,7 @@ class ReferenceGuidedStrategy(Strategy):
     requires = frozenset({"references", "masks"})
 
     @classmethod
-    def load(cls, pipe, spec, inputs) -> "ReferenceGuidedStrategy":
+    def load(cls, pipe, spec, inputs) -> ReferenceGuidedStrategy:
         strategy = super().load(pipe, spec, inputs)
         strategy.prepare()
         return strategy
@@ -146,8 +153,10 @@ class ReferenceGuidedStrategy(Strategy):
         require_ddim(self.pipe, "reference-guided generation")
         self.models = encoder(self.pipe)  # freezes the modules: eq. 10's backward pass reaches phi_h only
         if cfg.t_start > self.spec.steps:
-            raise SubjectopsError(f"infer.reference_guided.t_start = {cfg.t_start} exceeds infer.steps = {self.spec.steps}",
-                                  fix="t_start and t_end count DDIM steps down from infer.steps: lower them or raise infer.steps")
+            raise SubjectopsError(f"infer.reference_guided.t_start = {cfg.t_start} exceeds infer.steps = "
+                                  f"{self.spec.steps}",
+                                  fix="t_start and t_end count DDIM steps down from infer.steps: lower them or raise "
+                                      "infer.steps")
         subject = RefinedSubject.load(self.inputs.refine)
         self.class_word = subject.class_word
         self.references, self.reference_masks = subject.images(), subject.masks()

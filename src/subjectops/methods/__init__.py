@@ -28,6 +28,20 @@ def get_method(name: str) -> type[Method]:
         raise SubjectopsError(f"unknown method {name!r}", fix=f"choose one of: {', '.join(sorted(METHODS))}") from None
 
 
+def providers_of(output: str) -> list[str]:
+    """The methods whose finetune output provides `output` (`Method.provides`), by name."""
+    return sorted(name for name, method in METHODS.items() if output in method.provides)
+
+
+def require_provides(finetune_dir: Path, info: dict, output: str, stage: str, why: str) -> None:
+    """Refuse a finetune output whose method does not provide what `stage` reads (`why` says what it is)."""
+    if output not in get_method(info["method"]).provides:
+        makers = providers_of(output)
+        raise SubjectopsError(f"the run in {Path(finetune_dir).parent} was fine-tuned with {info['method']}; "
+                              f"{stage} needs {why} of {', '.join(makers)}",
+                              fix=" or ".join(f"pass a run made with --method {m}" for m in makers))
+
+
 def configured_method(params) -> Method:
     """The configured method without models: what it needs (`requirements`, `required_weights`) is read
     from its config alone."""
@@ -47,7 +61,8 @@ def load_finetuned(pipe, finetune_dir: Path) -> dict:
         get_method(info["method"]).apply(pipe, finetune_dir, info)
     except (OSError, ValueError) as exc:  # diffusers and transformers report missing weight files so
         raise SubjectopsError(f"cannot load the finetune output {finetune_dir}: {exc}",
-                              fix="subjectops loads safetensors weights only; run `subjectops finetune` again") from None
+                              fix="subjectops loads safetensors weights only; run `subjectops finetune` again",
+                              ) from None
     return info
 
 
@@ -67,7 +82,8 @@ def check_weights_recorded(finetune_dir: Path) -> None:
                      if not (finetune_dir / name).is_file() or sha256_file(finetune_dir / name) != digest)
     if changed:
         raise SubjectopsError(f"{finetune_dir / changed[0]} differs from the file finetune wrote (its hash is not the "
-                              f"one {manifest_path} records)" + (f", and {len(changed) - 1} more" if len(changed) > 1 else ""),
+                              f"one {manifest_path} records)"
+                              + (f", and {len(changed) - 1} more" if len(changed) > 1 else ""),
                               fix="run `subjectops finetune` again for this run; never edit or replace its weights")
 
 
@@ -88,6 +104,7 @@ def snapshot_steps_in(finetune_dir: Path) -> list[int]:
 def require_snapshot(finetune_dir: Path, step: int) -> Path:
     path = snapshot_dir(finetune_dir, step)
     if not (path / "method.json").is_file():
-        raise SubjectopsError(f"{finetune_dir} keeps no snapshot of step {step} (it has {snapshot_steps_in(finetune_dir)})",
+        raise SubjectopsError(f"{finetune_dir} keeps no snapshot of step {step} (it has "
+                              f"{snapshot_steps_in(finetune_dir)})",
                               fix=f"add {step} to finetune.snapshots (or pick a kept step) and run finetune again")
     return path

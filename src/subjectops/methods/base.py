@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 CLASS_PRIORS = "class_priors"
 LATENT_DISCRIMINATOR = "latent_discriminator"
 
+# What a method's finetune output can hold besides weights that sampling reads, for stages that need it
+# (`Method.provides`): HiFi Tuner's step-wise subject embeddings c_s^t, which `replace` (alg. 3) swaps in.
+STEPWISE_SUBJECT_EMBEDDINGS = "stepwise_subject_embeddings"
+
 
 @dataclass(frozen=True)
 class WeightNeed:
@@ -46,6 +50,8 @@ class Method:
     config_key: ClassVar[str]  # the section of params.yaml's `finetune:` this method reads
     config_model: ClassVar[type[StrictModel]]
     default_strategy: ClassVar[str] = "plain"  # what `infer.strategy: auto` means for this method
+    # What its finetune output provides to stages beyond the weights (e.g. STEPWISE_SUBJECT_EMBEDDINGS).
+    provides: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params, class_word: str, models):  # params: the validated subjectops.config.Params
         self.params = params
@@ -95,7 +101,8 @@ class Method:
     def phases(self) -> list[Phase]:
         raise NotImplementedError
 
-    def examples(self, images: list[torch.Tensor], masks: list[torch.Tensor], priors: list[torch.Tensor]) -> tuple[list[TrainExample], list[TrainExample]]:
+    def examples(self, images: list[torch.Tensor], masks: list[torch.Tensor],
+                 priors: list[torch.Tensor]) -> tuple[list[TrainExample], list[TrainExample]]:
         instance = [TrainExample(img, self.instance_prompt(), m) for img, m in zip(images, masks)]
         prior = [TrainExample(p, self.class_prompt(), None, is_prior=True) for p in priors]
         return instance, prior

@@ -91,9 +91,11 @@ class DreamBoothMethod(Method):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         # safetensors only: a finetune output may sit on a shared volume or come from the registry
-        pipe.unet = UNet2DConditionModel.from_pretrained(finetune_dir / "unet", dtype=pipe.unet.dtype, use_safetensors=True)
+        pipe.unet = UNet2DConditionModel.from_pretrained(finetune_dir / "unet", dtype=pipe.unet.dtype,
+                                                         use_safetensors=True)
         if (finetune_dir / "text_encoder").exists():
-            pipe.text_encoder = CLIPTextModel.from_pretrained(finetune_dir / "text_encoder", dtype=pipe.text_encoder.dtype,
+            pipe.text_encoder = CLIPTextModel.from_pretrained(finetune_dir / "text_encoder",
+                                                              dtype=pipe.text_encoder.dtype,
                                                               use_safetensors=True)
         if (finetune_dir / "text_encoder_2").exists():
             pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from subjectops.config_base import InstancePrompt, StrictModel, TrainSteps
 from subjectops.errors import SubjectopsError
-from subjectops.methods.base import Batch, Method, Phase
+from subjectops.methods.base import STEPWISE_SUBJECT_EMBEDDINGS, Batch, Method, Phase
 
 if TYPE_CHECKING:
     import torch
@@ -105,6 +105,7 @@ class StepwiseSubject:
 
 class HiFiTunerMethod(Method):
     name = "hifi-tuner"
+    provides = frozenset({STEPWISE_SUBJECT_EMBEDDINGS})
     config_key = "hifi_tuner"
     config_model = HiFiTunerCfg
 
@@ -197,7 +198,8 @@ class HiFiTunerMethod(Method):
         from safetensors.torch import save_file
 
         timesteps, embeds = self.stepwise()
-        save_file({"timesteps": timesteps, "embeds": embeds.contiguous(), "c_s": self.subject.c_s.detach().float().cpu(),
+        save_file({"timesteps": timesteps, "embeds": embeds.contiguous(),
+                   "c_s": self.subject.c_s.detach().float().cpu(),
                    "phi_s": self.subject.phi_s.cpu()}, out_dir / EMBEDS_FILE,
                   metadata={"reg_weight": str(self.cfg.reg_weight), "num_tokens": str(self.cfg.num_tokens)})
         return [EMBEDS_FILE]

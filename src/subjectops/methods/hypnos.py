@@ -20,7 +20,6 @@ in `subjectops.training.losses`.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
@@ -171,7 +170,8 @@ class HypnosMethod(DreamBoothMethod):
         from subjectops.models.perceptual import _weight_file, how_to_provide
 
         ident = self.cfg.efficientnet
-        return [WeightNeed("EfficientNet-B1 (Hypnos perceptual loss)", ident, lambda: _weight_file(ident), how_to_provide())]
+        return [WeightNeed("EfficientNet-B1 (Hypnos perceptual loss)", ident, lambda: _weight_file(ident),
+                           how_to_provide())]
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -186,9 +186,11 @@ class HypnosMethod(DreamBoothMethod):
 
             if self.disc_dir is None:
                 raise SubjectopsError(
-                    "Hypnos needs the pretrained latent discriminator (eq. 7) but no pretrain-disc directory was given",
-                    fix="run `subjectops pretrain-disc --refine RUN/refine --priors RUN/priors --out RUN/pretrain_disc` "
-                        "and pass --disc RUN/pretrain_disc (or --set finetune.hypnos.latent_discriminator=false)")
+                    "Hypnos needs the pretrained latent discriminator (eq. 7) but no pretrain-disc directory was "
+                    "given",
+                    fix="run `subjectops pretrain-disc --refine RUN/refine --priors RUN/priors --out "
+                        "RUN/pretrain_disc` and pass --disc RUN/pretrain_disc "
+                        "(or --set finetune.hypnos.latent_discriminator=false)")
             self.disc = LatentDiscriminator.load(Path(self.disc_dir)).to(device)
             channels = self.models.vae.config.latent_channels
             if self.disc.config["latent_channels"] != channels:
@@ -207,7 +209,8 @@ class HypnosMethod(DreamBoothMethod):
             from subjectops.models.perceptual import PerceptualEncoder, load_efficientnet
 
             net, info = load_efficientnet(cfg.efficientnet, tiny=self._offline_preset())
-            self.perceptual = PerceptualEncoder(net, cfg.perceptual_blocks, cfg.perceptual_block_weights, info).to(device)
+            self.perceptual = PerceptualEncoder(net, cfg.perceptual_blocks, cfg.perceptual_block_weights,
+                                                info).to(device)
 
     def phases(self) -> list[Phase]:
         return [Phase("hypnos", self.cfg.steps, self.cfg.lr, self._named, text_changes=self._train_text(),
@@ -228,7 +231,8 @@ class HypnosMethod(DreamBoothMethod):
             if module is not None and device is not None:
                 module.to(device)
         instance = [TrainExample(v.pixels, self.prompt_for(v.background), v.mask) for v in variants]
-        prior = [TrainExample(p, self.class_prompt(), None, is_prior=True) for p in priors] if self._uses_priors() else []
+        prior = [TrainExample(p, self.class_prompt(), None, is_prior=True)
+                 for p in priors] if self._uses_priors() else []
         return instance, prior
 
     # --- the loss (eq. 1) ------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ format, so `pipe.load_lora_weights(dir)` loads it."""
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field

@@ -7,7 +7,6 @@ initialised from a word, with everything else frozen:
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -125,5 +124,6 @@ class TextualInversionMethod(Method):
         from safetensors.torch import load_file
 
         state = load_file(path)
-        for key, enc, tok in zip(SDXL_KEYS, (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)):
+        for key, enc, tok in zip(SDXL_KEYS, (pipe.text_encoder, pipe.text_encoder_2),
+                                 (pipe.tokenizer, pipe.tokenizer_2)):
             pipe.load_textual_inversion(state[key], token=token, text_encoder=enc, tokenizer=tok)

@@ -11,7 +11,6 @@ without prior preservation:
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from pydantic import Field

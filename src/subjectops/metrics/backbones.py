@@ -163,7 +163,8 @@ class ClipEncoder:
     """CLIP ViT-B/32: projected image embeddings (CLIP-I) and text embeddings (CLIP-T)."""
 
     def __init__(self, model: Any, tokenizer: Any, pre: Preprocess, info: BackboneInfo, device: torch.device):
-        self.model, self.tokenizer, self.pre, self.info, self.device = model.to(device).eval(), tokenizer, pre, info, device
+        self.model, self.tokenizer, self.pre = model.to(device).eval(), tokenizer, pre
+        self.info, self.device = info, device
 
     @property
     def dim(self) -> int:
@@ -446,7 +447,8 @@ def load_lpips(setting: str, device: torch.device) -> LpipsNet:
         raise ModelNotFoundError(
             f"LPIPS backbone '{setting}' needs torchvision's ImageNet weights {file.name}, which are not in "
             f"the torch hub cache ({file.parent}); nothing is downloaded",
-            fix=f"on a machine with network run `python -c \"import torchvision; torchvision.models.{LPIPS_NETS[setting]}"
+            fix="on a machine with network run `python -c \"import torchvision; "
+                f"torchvision.models.{LPIPS_NETS[setting]}"
                 f"(weights='DEFAULT')\"` and copy {file.name} into {file.parent} (or set TORCH_HOME), "
                 f"or set evaluate.backbones.lpips=tiny for a smoke test")
     net = _LPIPS(pretrained=True, net=setting, pnet_rand=False, use_dropout=True)  # loads from the cache file

@@ -259,7 +259,8 @@ def world_mode(params: Params, generated_by: Optional[str] = None) -> bool:
 
 def pick_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("evaluate.device = cuda but no CUDA device is visible", fix="set evaluate.device=auto or cpu")
+        raise ConfigError("evaluate.device = cuda but no CUDA device is visible",
+                          fix="set evaluate.device=auto or cpu")
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
@@ -312,7 +313,8 @@ class Encoders:
             if weights is None:
                 raise ModelNotFoundError(
                     "evaluate.fid_features = inception but the Inception weights are not present "
-                    f"({B.hub_checkpoint(B.INCEPTION_FILE)} missing, evaluate.backbones.inception = {inception_setting})",
+                    f"({B.hub_checkpoint(B.INCEPTION_FILE)} missing, evaluate.backbones.inception = "
+                    f"{inception_setting})",
                     fix=f"copy torch-fidelity's {B.INCEPTION_FILE} into that folder or point "
                         "evaluate.backbones.inception at it; or set evaluate.fid_features=auto to use DINO features")
             return "inception"
@@ -385,9 +387,11 @@ class Evaluator:
         return self.references_from_tensor(pixels, masks)
 
     def subject_regions(self, pixels: Tensor, masks: Optional[Sequence[np.ndarray]] = None) -> Tensor:
-        """Each image reduced to its subject (`subject_region`), segmented with refine's backend unless masks are given."""
+        """Each image reduced to its subject (`subject_region`), segmented with refine's backend unless masks are
+        given."""
         if masks is None:
-            images = [Image.fromarray((p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for p in pixels.cpu()]
+            images = [Image.fromarray((p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                      for p in pixels.cpu()]
             masks = [np.asarray(m) > 127 for m in segment_all(self.segmenter, images)]
         return torch.stack([subject_region(p, m) for p, m in zip(pixels.cpu(), masks)])
 
@@ -498,7 +502,8 @@ class Evaluator:
             if metric in want:
                 rec(metric, cosine_matrix(torch.cat(acc[metric]), refs.subject[role]).cpu(), getattr(e, role).info,
                     cross, f"subject regions (mask bounding box, background gray): generated images segmented with "
-                           f"{self.segmenter.name}; references with refine's masks when given, else {self.segmenter.name}")
+                           f"{self.segmenter.name}; references with refine's masks when given, else "
+                    f"{self.segmenter.name}")
         for metric in ("lpips", "ssim", "psnr"):
             if metric in want:
                 info = e.lpips.info if metric == "lpips" else None

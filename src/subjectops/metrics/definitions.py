@@ -20,8 +20,10 @@ class MetricDefinition:
 
 METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
     MetricDefinition("dino", "DINO", True, "subject fidelity: DINO ViT-S/16 cosine similarity to the references"),
-    MetricDefinition("clip-i", "CLIP-I", True, "subject fidelity: CLIP image-embedding cosine similarity to the references"),
-    MetricDefinition("clip-t", "CLIP-T", True, "prompt fidelity: CLIP image-text cosine similarity, identifier removed"),
+    MetricDefinition("clip-i", "CLIP-I", True,
+                     "subject fidelity: CLIP image-embedding cosine similarity to the references"),
+    MetricDefinition("clip-t", "CLIP-T", True,
+                     "prompt fidelity: CLIP image-text cosine similarity, identifier removed"),
     MetricDefinition("fid", "FID", False, "Frechet distance between reference and generated feature distributions"),
     MetricDefinition("lpips", "LPIPS", False, "learned perceptual distance to the references"),
     MetricDefinition("ssim", "SSIM", True, "structural similarity to the references"),
@@ -30,11 +32,13 @@ METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
     MetricDefinition("dino-subject", "DINO (subject)", True,
                      "subject fidelity in the subject region: DINO cosine similarity of the segmented subjects"),
     MetricDefinition("clip-i-subject", "CLIP-I (subject)", True,
-                     "subject fidelity in the subject region: CLIP image-embedding cosine similarity of the segmented subjects"),
+                     "subject fidelity in the subject region: CLIP image-embedding cosine similarity of the segmented "
+                     "subjects"),
     # The miniature world's ground truth as a judge (subjectops.world.accuracy): computed whenever the world
     # judge is loaded (a run on world-sd15 / world-sdxl), over the images whose prompt states the attribute
     MetricDefinition("world-class", "class acc.", True, "share of images the world judge sees as the prompted class"),
-    MetricDefinition("world-color", "color acc.", True, "share of images whose object the judge sees in the prompted color"),
+    MetricDefinition("world-color", "color acc.", True,
+                     "share of images whose object the judge sees in the prompted color"),
     MetricDefinition("world-scene", "scene acc.", True, "share of images the judge sees in the prompted scene"),
     MetricDefinition("world-decal", "decal match", True,
                      "share of images whose object region shows the subject's decal colors (world subjects)"),

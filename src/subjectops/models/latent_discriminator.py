@@ -84,7 +84,8 @@ class LatentDiscriminator(nn.Module):
         """z: (B, C, h, w) scaled VAE latents -> (B, mlp_heads) real/fake logits."""
         if z.shape[-1] != self.config["latent_size"] or z.shape[-2] != self.config["latent_size"]:
             raise SubjectopsError(
-                f"the latent discriminator was pretrained on {self.config['latent_size']}x{self.config['latent_size']} "
+                "the latent discriminator was pretrained on "
+                f"{self.config['latent_size']}x{self.config['latent_size']} "
                 f"latents but got {tuple(z.shape[-2:])}",
                 fix="run `subjectops pretrain-disc` again on the refine output used for finetune")
         x = torch.cat([self.conv(z), z], dim=1)  # fig. 3a: conv features concatenated with the latent

@@ -84,7 +84,8 @@ def load_pipeline(model: ModelCfg, dtype: torch.dtype = torch.float32) -> Diffus
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         if Path(source).exists():
-            raise ModelNotFoundError(f"cannot load the pipeline in {source}: {exc}", fix="check the folder is complete") from None
+            raise ModelNotFoundError(f"cannot load the pipeline in {source}: {exc}",
+                                     fix="check the folder is complete") from None
         raise ModelNotFoundError(
             f"base model '{source}' is not available on this machine"
             + (" (HF_HUB_OFFLINE=1: no download is attempted)" if offline() else f": {exc}"),
@@ -141,8 +142,10 @@ def native_resolution(model: ModelCfg) -> int:
         else:
             from huggingface_hub import hf_hub_download
 
-            get = lambda sub: json.loads(Path(hf_hub_download(source, f"{sub}/config.json", revision=model.revision,
-                                                              cache_dir=model.cache_dir, local_files_only=offline())).read_text())
+            def get(sub):
+                return json.loads(Path(hf_hub_download(source, f"{sub}/config.json", revision=model.revision,
+                                                                          cache_dir=model.cache_dir,
+                                                                          local_files_only=offline())).read_text())
             unet, vae = get("unet"), get("vae")
     except Exception as exc:  # noqa: BLE001 - every failure here means "the configs are not available"
         raise ModelNotFoundError(

@@ -24,7 +24,8 @@ def use_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, resolution: int) -> list[Image.Image]:
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
+             resolution: int) -> list[Image.Image]:
     import torch  # here, not at import: the stages that sample are declared in modules every command reads
 
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]

@@ -47,7 +47,8 @@ def _vae(channels=(32, 32, 64, 64), layers: int = 1, sample_size: int = 64) -> A
     )
 
 
-def _text_config(vocab_size: int, projection_dim: int | None = None, hidden: int = 32, layers: int = 2) -> CLIPTextConfig:
+def _text_config(vocab_size: int, projection_dim: int | None = None, hidden: int = 32,
+                 layers: int = 2) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,

@@ -17,7 +17,8 @@ from pathlib import Path
 import regex
 
 # CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py).
-CLIP_PATTERN = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+CLIP_PATTERN = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                             r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 
 # Words our prompts use, so that common words are single tokens, as in the real CLIP vocabulary.
 CORPUS = """

@@ -38,7 +38,8 @@ class GrabCutBackend:
         labels = np.zeros((h, w), np.uint8)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         cv2.setRNGSeed(0)  # GrabCut's GMM initialisation is random: masks must be reproducible
-        cv2.grabCut(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), labels, rect, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_RECT)
+        cv2.grabCut(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), labels, rect, bgd, fgd, self.iterations,
+                    cv2.GC_INIT_WITH_RECT)
         fg = np.where((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD), 255, 0).astype(np.uint8)
         if fg.sum() == 0:  # GrabCut found nothing: fall back to the initial rectangle
             fg[my : h - my, mx : w - mx] = 255

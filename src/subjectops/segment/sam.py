@@ -20,7 +20,8 @@ class SamBackend:
             raise ModelNotFoundError(
                 f"refine.mask_backend = sam but the SAM checkpoint {cfg.sam_checkpoint!r} is not a file",
                 fix=f"download sam_{cfg.sam_model_type} (.pth) from the segment-anything release on a machine with "
-                "network access, then --set refine.sam_checkpoint=/path/to/sam.pth; or use refine.mask_backend=grabcut",
+                "network access, then --set refine.sam_checkpoint=/path/to/sam.pth; or use "
+                "refine.mask_backend=grabcut",
             )
         import torch
         from segment_anything import SamPredictor, sam_model_registry

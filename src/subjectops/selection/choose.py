@@ -29,7 +29,7 @@ def _link(view: Path, name: str, target: Path) -> None:
 
 def choose_and_register(params: Params, run_dir: Path, min_clip_t: float | None = None, *,
                         tracking_uri: str | None = None, model_name: str | None = None) -> dict:
-    from subjectops.methods import snapshot_dir
+    from subjectops.inference import get_strategy
     from subjectops.selection.pareto import POINTS_FILE
     from subjectops.stages.register import register
     from subjectops.tracking.registry import _tag
@@ -45,9 +45,9 @@ def choose_and_register(params: Params, run_dir: Path, min_clip_t: float | None 
     chosen = choose(points, floor)
     rule = "max DINO" + (f" subject to CLIP-T >= {floor}" if floor is not None else "")
     point_dir = run_dir / "sweep" / chosen.path
-    weights = snapshot_dir(run_dir / "finetune", chosen.settings["snapshot"]) if chosen.strategy == "plain" \
-        else run_dir / "finetune"
-    decision = {"chosen": chosen.to_dict(), "rule": rule, "front": [p.to_dict() for p in points if p.label in doc["front"]]}
+    weights = get_strategy(chosen.strategy).point_weights(run_dir / "finetune", chosen.settings)
+    decision = {"chosen": chosen.to_dict(), "rule": rule,
+                "front": [p.to_dict() for p in points if p.label in doc["front"]]}
     out = run_dir / "choose"
     with stage_output(out) as work:
         (work / "decision.json").write_text(json.dumps(decision, indent=2))

@@ -58,7 +58,8 @@ def load_run(run_dir: Path) -> RunScores:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / "evaluate" / "metrics.json")
     method = _read(run_dir / "finetune" / "method.json", f"run `subjectops finetune --run {run_dir}` again", "method")
-    spec = _read(run_dir / "infer" / "manifest.json", f"run `subjectops infer --run {run_dir}` again", "inference")["inference"]
+    spec = _read(run_dir / "infer" / "manifest.json", f"run `subjectops infer --run {run_dir}` again",
+                 "inference")["inference"]
     if not isinstance(spec.get("strategy"), str):
         raise SubjectopsError(f"{run_dir / 'infer' / 'manifest.json'} records no inference strategy",
                               fix=f"run `subjectops infer --run {run_dir}` again")
@@ -73,7 +74,8 @@ def load_run(run_dir: Path) -> RunScores:
                      if row["prompt_set"] == record["prompt_set"] and row.get(record["key"]) is not None]
         if per_image or isinstance(record["mean"], (int, float)):  # a set-level number (FID) is its own only value
             values[f"{record['prompt_set']}/{record['metric']}"] = per_image or [record["mean"]]
-    subject = _read(run_dir / "refine" / "subject.json", f"run `subjectops refine` again into {run_dir / 'refine'}").get("name", run_dir.name)
+    subject = _read(run_dir / "refine" / "subject.json",
+                    f"run `subjectops refine` again into {run_dir / 'refine'}").get("name", run_dir.name)
     return RunScores(run_dir, subject, method["method"], spec["strategy"],
                      {"prompt sets": sets, "seeds": seeds, "backbones": backbones}, values)
 
@@ -89,9 +91,11 @@ def check_comparable(runs: list[RunScores]) -> None:
             for what, value in first.comparable.items():
                 if other.comparable[what] != value:
                     raise SubjectopsError(
-                        f"runs of {subject} differ in {what}: {first.run_dir} has {json.dumps(value, sort_keys=True)}, "
+                        f"runs of {subject} differ in {what}: {first.run_dir} has "
+                        f"{json.dumps(value, sort_keys=True)}, "
                         f"{other.run_dir} has {json.dumps(other.comparable[what], sort_keys=True)}",
-                        fix=f"compare runs made with the same {what} (infer.prompt_sets, infer.seed, evaluate.backbones)")
+                        fix=f"compare runs made with the same {what} (infer.prompt_sets, infer.seed, "
+                            "evaluate.backbones)")
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:

@@ -67,8 +67,9 @@ def front_plot(points: Sequence[OperatingPoint], chosen: str | None = None) -> s
     front = set(pareto_front([(p.clip_t, p.dino) for p in points]))
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=96)
     for i, p in enumerate(points):
-        color = "#1a7f37" if p.strategy == "dreamblend" else "#57606a"
-        ax.errorbar(p.clip_t, p.dino, xerr=p.clip_t_std, yerr=p.dino_std, fmt="o", color=color, alpha=0.9 if i in front else 0.45,
+        color = "#57606a" if "snapshot" in p.settings else "#1a7f37"  # one snapshot, or a blend of several
+        ax.errorbar(p.clip_t, p.dino, xerr=p.clip_t_std, yerr=p.dino_std, fmt="o", color=color,
+                    alpha=0.9 if i in front else 0.45,
                     capsize=2, markersize=6)
         ax.annotate(p.label, (p.clip_t, p.dino), textcoords="offset points", xytext=(5, 4), fontsize=7)
         if p.label == chosen:

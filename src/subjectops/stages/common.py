@@ -33,7 +33,8 @@ def hash_dir(root: Path) -> str:
 
 def versions() -> dict[str, str]:
     # read from the installed distributions: importing diffusers to ask its version costs a light stage 4 s
-    return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "diffusers", "transformers")},
+    return {"python": platform.python_version(),
+            **{name: version(name) for name in ("torch", "diffusers", "transformers")},
             "subjectops": __version__}
 
 

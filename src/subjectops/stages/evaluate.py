@@ -62,7 +62,8 @@ def load_inputs(refine_dir: Path, infer_dir: Path) -> tuple[dict, list[Path], li
                                   fix=f"each sample needs {list(SAMPLE_KEYS)}; re-run `subjectops infer`")
         p = (infer_dir / s["path"]).resolve()
         if not p.is_relative_to(infer_dir.resolve()) or not p.is_file():
-            raise SubjectopsError(f"{infer_dir}/samples.json entry {i}: image {s['path']} is not a file inside {infer_dir}",
+            raise SubjectopsError(f"{infer_dir}/samples.json entry {i}: image {s['path']} is not a file inside "
+                                  f"{infer_dir}",
                                   fix="re-run `subjectops infer`")
     sets = prompt_sets_from_json(_read_json(infer_dir / "prompt_sets.json", "the prompt sets"))
     names = [s.name for s in sets]

@@ -41,7 +41,8 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     from subjectops.training.loop import Trainer, replicas_in_sync
     from subjectops.training.models import DiffusionModels
 
-    inputs = planned_inputs(params, "finetune", {"refine": refine_dir, "priors": priors_dir, "pretrain_disc": disc_dir})
+    inputs = planned_inputs(params, "finetune",
+                            {"refine": refine_dir, "priors": priors_dir, "pretrain_disc": disc_dir})
     refine_dir, priors_dir, disc_dir = inputs["refine"], inputs["priors"], inputs["pretrain_disc"]
     subject = RefinedSubject.load(refine_dir)
     method_cls = get_method(params.finetune.method)
@@ -51,7 +52,8 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     if subject.resolution % models.vae_scale_factor:
         raise SubjectopsError(f"subject resolution {subject.resolution} is not a multiple of the VAE's scale factor "
                               f"{models.vae_scale_factor}",
-                              fix=f"set subject.resolution to a multiple of {models.vae_scale_factor} and run refine again")
+                              fix=f"set subject.resolution to a multiple of {models.vae_scale_factor} and run refine "
+                                  "again")
     method = method_cls(params, subject.class_word, models)
     # what the method's requirements brought into the plan (Hypnos: its pretrained discriminator), by requirement
     method.receive({get_stage(name).brought_by: path for name, path in inputs.items()
@@ -104,7 +106,8 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
             models.unet.eval()
             method.attach_live(pipe)  # e.g. HiFi Tuner's c_s, which lives outside the pipeline's modules
             spec = InferenceSpec(strategy="plain", scheduler="ddim", steps=params.finetune.validation_steps,
-                                 guidance_scale=params.finetune.validation_guidance_scale, resolution=subject.resolution)
+                                 guidance_scale=params.finetune.validation_guidance_scale,
+                                 resolution=subject.resolution)
             image = sample(pipe, prompt, params.finetune.seed, spec)  # the loop `infer` samples with
             models.unet.train()
             image.save(work / "validation" / f"step_{step:06d}.png")

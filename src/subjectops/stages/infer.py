@@ -27,7 +27,8 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
     info = json.loads((finetune_dir / "method.json").read_text())
     if info["base_model"] != params.model.base:
         raise SubjectopsError(
-            f"the finetune in {finetune_dir} was trained on {info['base_model']!r}, but model.base is {params.model.base!r}",
+            f"the finetune in {finetune_dir} was trained on {info['base_model']!r}, but model.base is "
+            f"{params.model.base!r}",
             fix=f"pass --model {info['base_model']} (an adapter only works on the base it was trained on)",
         )
     sets = build_prompt_sets(params, info["identifier"], subject.class_word)
@@ -48,7 +49,8 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
                 if intermediates or facts:  # what the strategy did for this image, for the report; the
                     # intermediate images sit outside images/, so nothing scores them
                     (work / "stages" / pset.name).mkdir(parents=True, exist_ok=True)
-                    sample["intermediates"] = {name: f"stages/{pset.name}/{i:04d}_{name}.png" for name in intermediates}
+                    sample["intermediates"] = {name: f"stages/{pset.name}/{i:04d}_{name}.png"
+                                               for name in intermediates}
                     for name, extra in intermediates.items():
                         extra.save(work / sample["intermediates"][name])
                     sample["details"] = facts

@@ -43,7 +43,7 @@ def load_vae(model_cfg):
         kwargs["local_files_only"] = True
     try:
         vae = AutoencoderKL.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"cannot load the VAE of '{source}' ({exc.__class__.__name__})",
                                  fix=how_to_provide(source)) from None
     vae.requires_grad_(False)
@@ -137,7 +137,8 @@ def evaluate_disc(disc: LatentDiscriminator, pool: LatentPool, n: int, batch_siz
     total = sum(c for c, _ in hits.values()), sum(m for _, m in hits.values())
     real = [hits[t] for t in IMAGE_TYPES if t in REAL_TYPES]
     fake = [hits[t] for t in IMAGE_TYPES if t not in REAL_TYPES]
-    acc = lambda pairs: (sum(c for c, _ in pairs) / max(1, sum(m for _, m in pairs)))
+    def acc(pairs):
+        return (sum(c for c, _ in pairs) / max(1, sum(m for _, m in pairs)))
     return {"accuracy": total[0] / max(1, total[1]), "samples": total[1], "accuracy_real": acc(real),
             "accuracy_fake": acc(fake),
             "per_type": {t: {"accuracy": c / m, "samples": m} for t, (c, m) in hits.items() if m}}

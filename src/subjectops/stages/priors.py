@@ -54,7 +54,8 @@ def generate_priors(params: Params, prompt: str, resolution: int, target: Path, 
         task = progress.add_task(f"priors: {prompt!r}", total=p.num_images)
         for start in range(0, p.num_images, p.batch_size):
             idx = list(range(start, min(start + p.batch_size, p.num_images)))
-            images = generate(pipe, [prompt] * len(idx), [p.seed + i for i in idx], p.steps, p.guidance_scale, resolution)
+            images = generate(pipe, [prompt] * len(idx), [p.seed + i for i in idx], p.steps, p.guidance_scale,
+                              resolution)
             for i, img in zip(idx, images):
                 img.save(target / "images" / f"{i:04d}.png")
             progress.advance(task, len(idx))
@@ -102,7 +103,8 @@ def _entry_intact(entry: Path) -> bool:
         name for name in set(recorded) & set(found) if sha256_file(found[name]) != recorded[name])
     if damaged or not recorded:
         console.print(f"[yellow]prior cache entry {entry} failed verification "
-                      f"({', '.join(damaged) or 'no hashes recorded'} differ from its cache.json): generating it again",
+                      f"({', '.join(damaged) or 'no hashes recorded'} differ from its cache.json): "
+                      "generating it again",
                       highlight=False, soft_wrap=True)
         _remove_entry(entry)
         return False

@@ -38,7 +38,8 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
         images, masks, coverage = [], [], []
         sources = [fit(original, seg_res, params.subject.fit) if seg_res > resolution else img
                    for original, img in zip(subject.originals, subject.images)]
-        segmented = track(segment_all(backend, sources), total=len(sources), description=f"refine: masks ({backend.name})",
+        segmented = track(segment_all(backend, sources), total=len(sources),
+                          description=f"refine: masks ({backend.name})",
                           transient=True)
         for i, (img, mask) in enumerate(zip(subject.images, segmented)):
             mask = mask.resize((resolution, resolution), Image.BILINEAR)
@@ -126,7 +127,8 @@ STAGE = Stage(
     name="refine",
     help="Validate and normalize the photos, segment the subject, write prompts.",
     run=lambda ctx: refine(ctx.params, ctx.args["subject_dir"], ctx.args["class_word"], ctx.out),
-    params=("model", "subject", "refine", "priors.prompt"),  # model: the native resolution; priors.prompt: prompts.json
+    # model: the native resolution; priors.prompt: prompts.json
+    params=("model", "subject", "refine", "priors.prompt"),
     code=("src/subjectops/segment", "src/subjectops/data/subject.py"),
     arguments=(Argument("subject_dir", None, "folder of 3-20 photos of one subject", folder=True),
                Argument("class_word", "--class", "the subject's class, e.g. teapot")),

@@ -30,14 +30,20 @@ def register(
     model_name: str | None = None,
     client=None,
 ) -> dict:
-    from subjectops.tracking.mlflow_tracker import (TrackingError, describe_error, mlflow_client, resolve_tracking_uri,
-                                                    setup_environment)
+    from subjectops.tracking.client import (
+        TrackingError,
+        describe_error,
+        mlflow_client,
+        resolve_tracking_uri,
+        setup_environment,
+    )
     from subjectops.tracking.registry import register_version
 
     run_dir, out = Path(run_dir), Path(out)
     method_json = run_dir / "finetune" / "method.json"
     if not method_json.is_file():
-        raise SubjectopsError(f"{run_dir}/finetune has no method.json: nothing to register", fix="run the finetune stage first")
+        raise SubjectopsError(f"{run_dir}/finetune has no method.json: nothing to register",
+                              fix="run the finetune stage first")
     setup_environment()
     uri = resolve_tracking_uri(tracking_uri)
     if client is None:
@@ -47,7 +53,8 @@ def register(
             exp = client.get_experiment_by_name(params.tracking.experiment)
             exp_id = exp.experiment_id if exp is not None else client.create_experiment(params.tracking.experiment)
             run = client.create_run(exp_id, run_name=f"register {run_dir.name}",
-                                    tags={"subjectops.stage": "register", "subjectops.run_dir": str(run_dir.resolve())})
+                                    tags={"subjectops.stage": "register",
+                                          "subjectops.run_dir": str(run_dir.resolve())})
             run_id = run.info.run_id
             own_run = True
         else:

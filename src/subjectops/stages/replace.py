@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from subjectops.config import Params, SubjectCfg
@@ -53,34 +52,55 @@ def caption_span(tokenizer, ids: list[int], word: str, text: str) -> tuple[int, 
                               fix="pass --word exactly as the caption writes the subject (one word of it)") from None
 
 
+def _captions(params: Params, source, image_path: Path, word: str, class_word: str) -> tuple[str, str]:
+    """c^r, the source's caption (it must name `word`), and c^g, the caption with `word` swapped for the run's
+    class word w_g."""
+    from subjectops.inference.reference_guided import caption, load_captioner
+
+    text_r = caption(load_captioner(params.replace.captioner), source, f"a photo of a {word}")
+    pattern = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+    if not pattern.search(text_r):
+        raise SubjectopsError(f"the caption of {image_path} ({text_r!r}) does not name {word!r}",
+                              fix="pass --word with the word the caption uses for the subject to replace")
+    return text_r, pattern.sub(class_word, text_r, count=1)
+
+
+def _regenerate(pipe, sampler, traj, phis, c_r, c_g, attention):
+    """Alg. 3's loop: x^r regenerated with phi_t* while a_t^{r*} is recorded, x^g with [c^g, c_s^t] reusing it."""
+    import torch
+
+    from subjectops.training.contract import Conditioning
+
+    subject = pipe.subject_embeddings
+    with torch.no_grad():
+        x_r, x_g = traj[0], traj[0]
+        for i, t in enumerate(sampler.timesteps):
+            x_r = sampler.step(x_r, i, c_r, phis[i], attention.recording(i))  # A^(t): x_{t-1}^r and a_t^{r*}
+            c_gs = Conditioning(subject.apply(c_g.prompt_embeds, t), c_g.added_cond_kwargs)
+            x_g = sampler.step(x_g, i, c_gs, phis[i], attention.reusing(i))  # F~ with [c^g, c_s^t]
+    return x_r, x_g
+
+
 def replace(params: Params, image_path: Path, run_dir: Path, word: str, out: Path) -> Path:
     import torch
 
     from subjectops.data.subject import fit
     from subjectops.inference.ddim import DdimSampler, decode_latents, encode_image, encoder
     from subjectops.inference.prompt_to_prompt import AttentionReuse, source_index
-    from subjectops.inference.reference_guided import caption, load_captioner
-    from subjectops.methods import load_finetuned
+    from subjectops.methods import load_finetuned, require_provides
+    from subjectops.methods.base import STEPWISE_SUBJECT_EMBEDDINGS
     from subjectops.models.loading import load_pipeline
     from subjectops.models.sampling import use_scheduler
-    from subjectops.training.contract import Conditioning
 
     photo = open_source(image_path, params.subject)
     finetune_dir = require_stage_dir(Path(run_dir) / "finetune", "finetune", "replace")
     info = json.loads((finetune_dir / "method.json").read_text())
-    if info["method"] != "hifi-tuner":
-        raise SubjectopsError(f"the run in {run_dir} was fine-tuned with {info['method']}; replace needs the step-wise "
-                              "subject embeddings of hifi-tuner (alg. 3)",
-                              fix="pass a run made with --method hifi-tuner")
+    require_provides(finetune_dir, info, STEPWISE_SUBJECT_EMBEDDINGS, "replace",
+                     "the step-wise subject embeddings (alg. 3)")
     resolution = info["resolution"]
     source = fit(photo, resolution, "center-crop")
     cfg = params.replace
-    text_r = caption(load_captioner(cfg.captioner), source, f"a photo of a {word}")
-    pattern = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
-    if not pattern.search(text_r):
-        raise SubjectopsError(f"the caption of {image_path} ({text_r!r}) does not name {word!r}",
-                              fix="pass --word with the word the caption uses for the subject to replace")
-    text_g = pattern.sub(info["class_word"], text_r, count=1)
+    text_r, text_g = _captions(params, source, image_path, word, info["class_word"])
 
     pipe = load_pipeline(params.model.model_copy(update={"base": info["base_model"]}), dtype=torch.float32)
     load_finetuned(pipe, finetune_dir)
@@ -99,18 +119,12 @@ def replace(params: Params, image_path: Path, run_dir: Path, word: str, out: Pat
     traj = sampler.invert(x0, c_r)  # eq. 3
     phis = sampler.null_text(traj, lambda i: c_r, phi, cfg.null_text_steps, cfg.null_text_lr)  # eq. 4
 
-    subject = pipe.subject_embeddings
-    n = subject.embeds.shape[1]
+    n = pipe.subject_embeddings.embeds.shape[1]
     fresh = torch.zeros(len(ids_g), dtype=torch.bool)
     fresh[span_g[0]:span_g[1]] = True  # w_g
     fresh[-n:] = True  # c_s^t
     attention = AttentionReuse(pipe.unet, fresh, source_index(len(ids_g), span_g, span_r))
-    with torch.no_grad():
-        x_r, x_g = traj[0], traj[0]
-        for i, t in enumerate(sampler.timesteps):
-            x_r = sampler.step(x_r, i, c_r, phis[i], attention.recording(i))  # A^(t): x_{t-1}^r and a_t^{r*}
-            c_gs = Conditioning(subject.apply(c_g.prompt_embeds, t), c_g.added_cond_kwargs)
-            x_g = sampler.step(x_g, i, c_gs, phis[i], attention.reusing(i))  # F~ with [c^g, c_s^t]
+    x_r, x_g = _regenerate(pipe, sampler, traj, phis, c_r, c_g, attention)
     error = float((x_r - x0).pow(2).mean())
 
     with stage_output(out) as work:

@@ -18,35 +18,19 @@ from subjectops.stages.common import require_stage_dir, stage_output, write_mani
 
 
 def sweep_settings(params: Params, finetune_dir: Path) -> list[tuple[str, Params, Path, dict]]:
-    """(label, params, weights, settings) per operating point: each kept snapshot with plain sampling, and each DreamBlend
-    combination of a guidance snapshot before an edit snapshot, for edit snapshots with sec. 5 settings or the
-    configured one (whose cfg and alpha infer.dreamblend gives)."""
-    from subjectops.config import DREAMBLEND_SEC5, DreamBlendCfg
-    from subjectops.methods import snapshot_dir, snapshot_steps_in
+    """(label, params, weights, settings) per operating point: the points every inference strategy offers over the
+    kept snapshots (`Strategy.sweep_points`: each snapshot with plain sampling, DreamBlend's guidance < edit
+    combinations), in the strategies' registry order."""
+    from subjectops.inference import STRATEGIES
+    from subjectops.methods import snapshot_steps_in
 
     steps = snapshot_steps_in(finetune_dir)
     if not steps:
         raise SubjectopsError(f"{finetune_dir} keeps no snapshots, so there is nothing to sweep",
                               fix="set finetune.snapshots (e.g. [100, 200, 400, 800]) and run finetune again")
-    blend = params.infer.dreamblend
-
-    def with_infer(**update) -> Params:
-        return params.model_copy(update={"infer": params.infer.model_copy(update=update)})
-
-    points = [(f"step {s}", with_infer(strategy="plain"), snapshot_dir(finetune_dir, s), {"snapshot": s})
-              for s in steps]
-    for edit in steps:
-        guidances = [s for s in steps if s < edit]
-        if not guidances or (edit not in DREAMBLEND_SEC5 and edit != blend.edit):
-            continue
-        own = blend if edit == blend.edit else DreamBlendCfg(edit=edit, guidance=guidances[0], start=blend.start,
-                                                             max_resolution=blend.max_resolution)
-        for guidance in guidances:
-            cfg = own.model_copy(update={"guidance": guidance})
-            points.append((f"dreamblend {guidance}->{edit} a={cfg.edit_alpha:g} cfg={cfg.edit_cfg:g}",
-                           with_infer(strategy="dreamblend", scheduler="ddim", dreamblend=cfg), Path(finetune_dir),
-                           cfg.model_dump(mode="json")))
-    return points
+    return [(point.label, params.model_copy(update={"infer": point.infer}),
+             strategy.point_weights(finetune_dir, point.settings), point.settings)
+            for strategy in STRATEGIES.values() for point in strategy.sweep_points(params.infer, steps)]
 
 
 def per_image_stats(metrics: dict, key: str) -> tuple[float, float]:

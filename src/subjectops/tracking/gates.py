@@ -66,13 +66,14 @@ class Evaluation:
     unverified: tuple[str, ...] = ()
 
     @staticmethod
-    def of(obj: "Evaluation | Mapping | Sequence[Mapping] | None") -> "Evaluation | None":
+    def of(obj: Evaluation | Mapping | Sequence[Mapping] | None) -> Evaluation | None:
         if obj is None or isinstance(obj, Evaluation):
             return obj
         if isinstance(obj, Mapping):
             if "records" not in obj:
                 if "metrics" not in obj:
-                    raise ValueError("an evaluation needs 'records' (a summary) or 'metrics' (a metrics.json document)")
+                    raise ValueError("an evaluation needs 'records' (a summary) or 'metrics' "
+                                     "(a metrics.json document)")
                 obj = summary_from_metrics_json(obj)
             return Evaluation(tuple(normalize_records(obj["records"])), dict(obj.get("seeds") or {}),
                               dict(obj.get("prompt_sets") or {}), tuple(obj.get("unverified") or ()))
@@ -86,13 +87,16 @@ class Evaluation:
             missing = [k for k in REQUIRED_FIELDS if k not in r]
             if missing:
                 out.append(f"{who} metrics record {i} lacks {', '.join(missing)}")
-            elif not isinstance(r["mean"], (int, float)) or isinstance(r["mean"], bool) or not math.isfinite(r["mean"]):
-                out.append(f"{who} {r['metric']} on {r['prompt_set']} ({r['backbone']}) is not a finite number: {r['mean']!r}")
+            elif not isinstance(r["mean"], (int, float)) or isinstance(r["mean"],
+                                                                       bool) or not math.isfinite(r["mean"]):
+                out.append(f"{who} {r['metric']} on {r['prompt_set']} ({r['backbone']}) is not a finite number: "
+                           f"{r['mean']!r}")
         return out
 
     def select(self, metric: str, prompt_set: str) -> dict[str, dict]:
         """Records of one metric on one prompt set, by backbone."""
-        return {str(r["backbone"]): r for r in self.records if r.get("metric") == metric and r.get("prompt_set") == prompt_set}
+        return {str(r["backbone"]): r for r in self.records
+                if r.get("metric") == metric and r.get("prompt_set") == prompt_set}
 
     def prompt_set_names(self) -> list[str]:
         return sorted({str(r["prompt_set"]) for r in self.records if "prompt_set" in r})
@@ -105,7 +109,7 @@ class GateResult:
     backbone: str
     higher_is_better: bool
     tolerance: float
-    min_value: Optional[float]
+    bound: Optional[float]  # the gate's floor (higher is better) or ceiling (lower is better)
     challenger: Optional[float]
     champion: Optional[float]
     # challenger - champion, signed so that positive is better (None without a champion)
@@ -178,7 +182,9 @@ def evaluate_gates(
     if refusals:
         return GateDecision("refused", refusals, [], cp is not None)
     if not gates:
-        return GateDecision("refused", ["no gates are configured (registry.gates is empty): nothing justifies a promotion"], [], cp is not None)
+        return GateDecision("refused",
+                            ["no gates are configured (registry.gates is empty): nothing justifies a promotion"], [],
+                            cp is not None)
 
     sets = list(prompt_sets or cfg_sets or ch.prompt_set_names())
     if not sets:
@@ -211,7 +217,8 @@ def evaluate_gates(
         for ps in sets:
             mine = ch.select(gate.metric, ps)
             if not mine:
-                refusals.append(f"the challenger has no {gate.metric!r} on prompt set {ps!r}: the gate cannot be judged")
+                refusals.append(f"the challenger has no {gate.metric!r} on prompt set {ps!r}: the gate cannot be "
+                                "judged")
                 continue
             random_bb = sorted(b for b, r in mine.items() if r.get("pretrained") is not True)
             if random_bb:
@@ -250,26 +257,30 @@ def evaluate_gates(
                 if improvement is not None and improvement < -gate.tolerance - 1e-12:
                     ok = False
                     why.append(
-                        f"{gate.metric} {_fmt(c_val)} is {_fmt(-improvement)} {'below' if higher_is_better else 'above'} "
+                        f"{gate.metric} {_fmt(c_val)} is {_fmt(-improvement)} "
+                        f"{'below' if higher_is_better else 'above'} "
                         f"the champion's {_fmt(p_val)} (tolerance {_fmt(gate.tolerance)})"
                     )
-                if gate.min_value is not None:
-                    bad = c_val < gate.min_value if higher_is_better else c_val > gate.min_value
+                if gate.bound is not None:
+                    bad = c_val < gate.bound if higher_is_better else c_val > gate.bound
                     if bad:
                         ok = False
                         why.append(
-                            f"{gate.metric} {_fmt(c_val)} is {'below the floor' if higher_is_better else 'above the ceiling'} "
-                            f"{_fmt(gate.min_value)}"
+                            f"{gate.metric} {_fmt(c_val)} is "
+                            f"{'below the floor' if higher_is_better else 'above the ceiling'} "
+                            f"{_fmt(gate.bound)}"
                         )
                 if ok:
                     if improvement is None:
                         why.append(f"{gate.metric} {_fmt(c_val)}, no champion to compare with")
                     else:
                         why.append(
-                            f"{gate.metric} {_fmt(c_val)} vs champion {_fmt(p_val)} (change {improvement:+.6g}, tolerance {_fmt(gate.tolerance)})"
+                            f"{gate.metric} {_fmt(c_val)} vs champion {_fmt(p_val)} (change {improvement:+.6g}, "
+                            f"tolerance {_fmt(gate.tolerance)})"
                         )
                 results.append(
-                    GateResult(gate.metric, ps, bb, higher_is_better, gate.tolerance, gate.min_value, c_val, p_val, improvement, ok, "; ".join(why))
+                    GateResult(gate.metric, ps, bb, higher_is_better, gate.tolerance, gate.bound, c_val, p_val,
+                               improvement, ok, "; ".join(why))
                 )
 
     if refusals:

@@ -1,15 +1,12 @@
 """MLflow implementation of the `Tracker` protocol, with a local record that survives a dead server.
 
 One parent run per pipeline run, one nested run per stage. Everything logged is derived from the run
-directory (`subjectops.tracking.record`), and each upload step is checked off in
-`RUN/tracking/state.json`. When the tracking server is down or stops answering (`tracking.timeout_seconds`
-per request), every call is retried by one policy (`retry_policy`: `tracking.retries` tries with exponential
-backoff from `tracking.backoff_seconds`); after the last try the
-run goes on without the server, says so, and `subjectops sync RUN` uploads whatever is not checked
-off yet, later, with the original start and end times. Nothing is logged twice.
-
-Tracking URI: the `tracking_uri` argument, else `MLFLOW_TRACKING_URI`, else `sqlite:///mlruns.db`
-in the current (project) directory.
+directory (`subjectops.tracking.record`), and each upload step is checked off in `RUN/tracking/state.json`
+(`run_state.RunState`). When the tracking server is down or stops answering (`tracking.timeout_seconds` per
+request), every call is retried by one policy (`retry.retry_policy`); after the last try the run goes on
+without the server, says so, and `subjectops sync RUN` (`tracking.sync`) uploads whatever is not checked off
+yet, later, with the original start and end times, through this tracker's public methods (`resume`, the
+`upload_*` steps, `register_model`). Nothing is logged twice.
 """
 
 from __future__ import annotations
@@ -28,197 +25,30 @@ from subjectops.config import Params, TrackingCfg
 from subjectops.errors import SubjectopsError
 from subjectops.tracking import StageCatalog
 from subjectops.tracking import record as R
+from subjectops.tracking.client import (
+    TrackingError,
+    default_tracking_uri,
+    describe_error,
+    error_code,
+    is_client_error,
+    local_artifact_root,
+    mlflow_client,
+    resolve_tracking_uri,
+    setup_environment,
+)
+from subjectops.tracking.retry import retry_policy
+from subjectops.tracking.run_state import RunState, now_ms
 
-STATE_FILE = "tracking/state.json"
 METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
-# MLflow error codes that retrying cannot fix.
-CLIENT_ERRORS = {
-    "INVALID_PARAMETER_VALUE",
-    "RESOURCE_ALREADY_EXISTS",
-    "RESOURCE_DOES_NOT_EXIST",
-    "PERMISSION_DENIED",
-    "UNAUTHENTICATED",
-    "BAD_REQUEST",
-    "INVALID_STATE",
-}
-
-
-class TrackingError(SubjectopsError):
-    """The tracking server cannot be used (and retrying will not help)."""
 
 
 class _Offline(Exception):
     """Internal: the tracker is recording locally only."""
 
 
-def setup_environment() -> None:
-    """Telemetry off; MLflow's own HTTP retries short, since the tracker retries with backoff itself."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-
-def default_tracking_uri(project_dir: Path | None = None) -> str:
-    return f"sqlite:///{(project_dir or Path.cwd()).resolve() / 'mlruns.db'}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` tracking URI; None for a server or another database."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):]).resolve()
-
-
-def local_artifact_root(uri: str) -> str | None:
-    """For a local sqlite store, artifacts go next to the database (`mlruns/` beside `mlruns.db`), not into
-    whatever directory the run happened to start in; a server decides for itself (None)."""
-    db = sqlite_path(uri)
-    return None if db is None else (db.parent / "mlruns").as_uri()
-
-
-def mlflow_client(uri: str):
-    """An `MlflowClient` for `uri`, safe to open from several processes at once on a fresh sqlite store.
-
-    The client opens its store on construction, and MLflow's SQL stores create a missing schema right there
-    (tables, then every alembic migration) without a lock, so two processes opening a new `mlruns.db` at once
-    (the parallel register steps of a benchmark under kfp.local, two `subjectops run`s) both create tables and
-    one fails. Opening the first store under an exclusive lock beside the database serialises that creation;
-    later opens find the schema complete and only wait for the lock briefly. A retry instead would rerun
-    migrations over another process's half-built schema; creating the store in a pipeline's first step would
-    give that step MLflow credentials and leave every other entry point racing. A tracking server needs nothing
-    here: it creates its schema once at start-up, before any client connects, so server URIs skip the lock.
-    """
-    from mlflow.tracking import MlflowClient
-
-    from subjectops.runlock import wait_for_lock
-
-    db = sqlite_path(uri)
-    if db is None:
-        return MlflowClient(tracking_uri=uri)
-    with wait_for_lock(db.with_name(db.name + ".lock")):
-        return MlflowClient(tracking_uri=uri)
-
-
-def resolve_tracking_uri(uri: str | None = None, project_dir: Path | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(project_dir)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def retry_policy(cfg: TrackingCfg, what: str, uri: str | None, echo: Callable[[str], None],
-                 sleep: Callable[[float], None] = time.sleep) -> tenacity.Retrying:
-    """The one retry policy for MLflow calls: `tracking.retries` tries, waits of `tracking.backoff_seconds`
-    doubling after each failure, no retry of what retrying cannot fix (our own errors, 4xx answers)."""
-
-    def retryable(exc: BaseException) -> bool:
-        return not isinstance(exc, SubjectopsError) and not _is_client_error(exc)
-
-    def announce(state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception()
-        echo(f"{what} failed ({describe_error(exc, uri)}); retry {state.attempt_number}/{cfg.retries - 1} "
-             f"in {state.next_action.sleep:g} s")
-
-    return tenacity.Retrying(stop=tenacity.stop_after_attempt(cfg.retries),
-                             wait=tenacity.wait_exponential(multiplier=cfg.backoff_seconds, exp_base=2),
-                             retry=tenacity.retry_if_exception(retryable), before_sleep=announce, sleep=sleep,
-                             reraise=True)
-
-
-def _error_code(exc: BaseException) -> str | None:
-    return getattr(exc, "error_code", None)
-
-
-def _is_client_error(exc: BaseException) -> bool:
-    code = _error_code(exc)
-    if code in CLIENT_ERRORS:
-        return True
-    try:
-        status = exc.get_http_status_code()  # type: ignore[attr-defined]
-    except Exception:
-        return False
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
-
-
-def describe_error(exc: BaseException, uri: str) -> str:
-    text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-    code = _error_code(exc)
-    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or " 401" in text or " 403" in text:
-        return (
-            f"the MLflow server at {uri} refused the credentials ({text}); set MLFLOW_TRACKING_USERNAME and "
-            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
-        )
-    return text
-
-
-class RunState:
-    """`RUN/tracking/state.json`: which MLflow runs exist for this run directory and what is uploaded."""
-
-    def __init__(self, run_dir: Path, data: dict | None = None):
-        self.run_dir = Path(run_dir)
-        self.data = data or {
-            "version": 1,
-            "tracking_uri": None,
-            "experiment": None,
-            "experiment_id": None,
-            "params": {},
-            "parent": {"run_id": None, "start": None, "end": None, "status": "RUNNING", "done": []},
-            "stages": {},
-            "order": [],
-            "offline": False,
-            "offline_reason": None,
-            "register": {"wanted": False, "done": False},
-            "pending": True,
-        }
-
-    @property
-    def path(self) -> Path:
-        return self.run_dir / STATE_FILE
-
-    @classmethod
-    def load(cls, run_dir: Path) -> "RunState | None":
-        p = Path(run_dir) / STATE_FILE
-        if not p.is_file():
-            return None
-        try:
-            return cls(run_dir, json.loads(p.read_text()))
-        except ValueError as exc:
-            raise TrackingError(f"{p} is not valid JSON ({exc})", fix="delete it and run `subjectops sync` to rebuild the record") from None
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        tmp.replace(self.path)
-
-    def stage(self, name: str) -> dict:
-        return self.data["stages"][name]
-
-    def add_stage(self, name: str, out_dir: Path) -> dict:
-        st = self.data["stages"].get(name)
-        if st is None or st.get("end") is not None:
-            # a stage re-run inside the same run directory gets a fresh record
-            st = {"out_dir": str(Path(out_dir).resolve()), "run_id": None, "start": now_ms(), "end": None,
-                  "status": "RUNNING", "done": []}
-            self.data["stages"][name] = st
-            if name in self.data["order"]:
-                self.data["order"].remove(name)
-            self.data["order"].append(name)
-        return st
-
-    def everything_uploaded(self) -> bool:
-        parent = self.data["parent"]
-        if "end" not in parent["done"]:
-            return False
-        if any("end" not in s["done"] for s in self.data["stages"].values()):
-            return False
-        reg = self.data["register"]
-        return not (reg.get("wanted") and not reg.get("done"))
-
+class ConnectFailed(Exception):
+    """The tracking server could not be reached (after retries)."""
 
 
 @contextlib.contextmanager
@@ -291,7 +121,7 @@ class MlflowTracker:
             f"{self.state.path}; upload it later with `subjectops sync {self.state.run_dir}`"
         )
 
-    def _connect(self, uri: str, experiment: str) -> str:
+    def connect(self, uri: str, experiment: str) -> str:
         # MLflow reads its HTTP timeout from the environment on every request.
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(self._cfg().timeout_seconds)
         self.client = mlflow_client(uri)
@@ -302,13 +132,13 @@ class MlflowTracker:
                 if exp.lifecycle_stage == "deleted":
                     raise TrackingError(
                         f"MLflow experiment {experiment!r} at {uri} is deleted",
-                        fix=f"restore it (`mlflow experiments restore`) or set tracking.experiment to another name",
+                        fix="restore it (`mlflow experiments restore`) or set tracking.experiment to another name",
                     )
                 return exp.experiment_id
             try:
                 return self.client.create_experiment(experiment, artifact_location=local_artifact_root(uri))
             except Exception as exc:
-                if _error_code(exc) == "RESOURCE_ALREADY_EXISTS":  # created concurrently
+                if error_code(exc) == "RESOURCE_ALREADY_EXISTS":  # created concurrently
                     return self.client.get_experiment_by_name(experiment).experiment_id
                 raise
 
@@ -317,13 +147,14 @@ class MlflowTracker:
         except TrackingError:
             raise
         except Exception as exc:  # noqa: BLE001
-            if _is_client_error(exc):
-                raise TrackingError(f"MLflow at {uri}: {describe_error(exc, uri)}", fix="check MLFLOW_TRACKING_URI and the credentials") from None
-            raise _ConnectFailed(describe_error(exc, uri)) from None
+            if is_client_error(exc):
+                raise TrackingError(f"MLflow at {uri}: {describe_error(exc, uri)}",
+                                    fix="check MLFLOW_TRACKING_URI and the credentials") from None
+            raise ConnectFailed(describe_error(exc, uri)) from None
 
     # ---- Tracker protocol --------------------------------------------------------------------
     @contextlib.contextmanager
-    def pipeline(self, params: Params, run_dir: Path) -> Iterator["MlflowTracker"]:
+    def pipeline(self, params: Params, run_dir: Path) -> Iterator[MlflowTracker]:
         run_dir = Path(run_dir)
         self.params = params
         self.uri = resolve_tracking_uri(self.explicit_uri)
@@ -334,13 +165,13 @@ class MlflowTracker:
         self.state = st
         st.save()
         try:
-            st.data["experiment_id"] = self._connect(self.uri, experiment)
-        except _ConnectFailed as exc:
+            st.data["experiment_id"] = self.connect(self.uri, experiment)
+        except ConnectFailed as exc:
             self._go_offline(f"cannot reach the tracking server: {exc}")
         st.save()
         if not self.offline:
             self.echo(f"tracking to {self.uri}, experiment {experiment!r}")
-        self._upload_parent_start()
+        self.upload_parent_start()
         outcome = {"status": "FINISHED"}
         try:
             with _record_outcome(outcome):
@@ -350,16 +181,17 @@ class MlflowTracker:
             st.data["parent"]["end"] = now_ms()
             st.data["parent"]["status"] = status
             st.save()
-            self._upload_parent_end()
+            self.upload_parent_end()
             st.data["pending"] = not st.everything_uploaded()
             st.save()
             if st.data["pending"]:
-                self.echo(f"run recorded locally in {run_dir} (not all of it reached MLflow); upload it with `subjectops sync {run_dir}`")
+                self.echo(f"run recorded locally in {run_dir} (not all of it reached MLflow); upload it with "
+                          f"`subjectops sync {run_dir}`")
             else:
                 self.echo(f"run {st.data['parent']['run_id']} logged to {self.uri}")
 
     @contextlib.contextmanager
-    def stage(self, name: str, out_dir: Path) -> Iterator["MlflowTracker"]:
+    def stage(self, name: str, out_dir: Path) -> Iterator[MlflowTracker]:
         assert self.state is not None, "stage() must be used inside pipeline()"
         st = self.state.add_stage(name, out_dir)
         self.state.save()
@@ -372,7 +204,50 @@ class MlflowTracker:
             st["end"] = now_ms()
             st["status"] = outcome["status"]
             self.state.save()
-            self._upload_stage(name)
+            self.upload_stage(name)
+
+    # ---- a recorded run, uploaded later (`subjectops sync`) --------------------------------------
+    def resume(self, st: RunState) -> None:
+        """Take over a run directory's record to upload what it holds: connect to the tracking URI (the argument,
+        else MLFLOW_TRACKING_URI, else the recorded one, else the default), forget run ids that mean nothing on
+        that server, and leave the offline state. Raises TrackingError when the server is unreachable (after
+        retries), leaving the record as it was."""
+        self.params = Params.model_validate(st.data["params"])
+        self.uri = (self.explicit_uri or os.environ.get("MLFLOW_TRACKING_URI") or st.data.get("tracking_uri")
+                    or default_tracking_uri())
+        experiment = st.data.get("experiment") or self.params.tracking.experiment
+        try:
+            exp_id = self.connect(self.uri, experiment)
+        except ConnectFailed as exc:
+            raise TrackingError(
+                f"cannot reach MLflow at {self.uri}: {exc}; nothing was uploaded and {st.run_dir} is unchanged",
+                fix="start the tracking server (or set MLFLOW_TRACKING_URI) and run `subjectops sync` again",
+            ) from None
+        if st.data.get("tracking_uri") != self.uri or st.data.get("experiment_id") != exp_id:
+            # another server or experiment: the old run ids mean nothing there
+            if st.data.get("tracking_uri") and st.data.get("tracking_uri") != self.uri:
+                st.forget_runs()
+            st.data.update(tracking_uri=self.uri, experiment_id=exp_id, experiment=experiment)
+        st.data["offline"] = False
+        st.data["offline_reason"] = None
+        self.state = st
+        self._forget_missing_runs()
+        st.save()
+
+    def _forget_missing_runs(self) -> None:
+        """Run ids recorded before a server was wiped or replaced are dropped and their runs re-created."""
+        st = self.state
+        rid = st.data["parent"]["run_id"]
+        if not rid:
+            return
+        try:
+            self.client.get_run(rid)
+        except Exception as exc:  # noqa: BLE001
+            if error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+                st.forget_runs()
+            elif not is_client_error(exc):
+                raise TrackingError(f"cannot reach MLflow at {self.uri}: {describe_error(exc, self.uri)}",
+                                    fix="start the tracking server and run `subjectops sync` again") from None
 
     # ---- upload steps (shared with sync) -----------------------------------------------------
     def _step(self, done: list, key: str, what: str, fn: Callable[[], Any]) -> None:
@@ -382,7 +257,7 @@ class MlflowTracker:
         done.append(key)
         self.state.save()
 
-    def _upload_parent_start(self) -> None:
+    def upload_parent_start(self) -> None:
         st = self.state
         parent = st.data["parent"]
         try:
@@ -399,17 +274,17 @@ class MlflowTracker:
             flat = sorted((k, R.param_value(v)) for k, v in R.flatten(st.data["params"]).items())
             for i in range(0, len(flat), PARAMS_PER_BATCH):
                 chunk = flat[i : i + PARAMS_PER_BATCH]
-                self._step(parent["done"], f"params:{i}", "logging params", lambda: self.client.log_batch(
+                self._step(parent["done"], f"params:{i}", "logging params", lambda chunk=chunk: self.client.log_batch(
                     parent["run_id"], params=[Param(k, v[:6000]) for k, v in chunk], synchronous=True))
         except _Offline:
             pass
 
-    def _upload_parent_end(self) -> None:
+    def upload_parent_end(self) -> None:
         st = self.state
         parent = st.data["parent"]
         try:
             if not parent["run_id"]:
-                self._upload_parent_start()
+                self.upload_parent_start()
                 if not parent["run_id"]:
                     return
             from mlflow.entities import Metric, RunTag
@@ -424,13 +299,16 @@ class MlflowTracker:
             params_json = scratch / "params.json"
             params_json.write_text(json.dumps(st.data["params"], indent=1, sort_keys=True))
             self._step(parent["done"], "tags", "tagging the pipeline run", lambda: self.client.log_batch(
-                parent["run_id"], tags=[RunTag(k, v[:5000]) for k, v in tags.items()], synchronous=True) if tags else None)
+                parent["run_id"], tags=[RunTag(k, v[:5000]) for k, v in tags.items()], synchronous=True) if tags
+                       else None)
             ts = parent["end"] or now_ms()
             for i in range(0, len(metrics), METRICS_PER_BATCH):
                 chunk = metrics[i : i + METRICS_PER_BATCH]
-                self._step(parent["done"], f"metrics:{i}", "logging pipeline metrics", lambda: self.client.log_batch(
+                self._step(parent["done"], f"metrics:{i}", "logging pipeline metrics",
+                           lambda chunk=chunk: self.client.log_batch(
                     parent["run_id"], metrics=[Metric(p.key, p.value, ts, p.step) for p in chunk], synchronous=True))
-            self._step(parent["done"], "params.json", "uploading params.json", lambda: self.client.log_artifact(parent["run_id"], str(params_json)))
+            self._step(parent["done"], "params.json", "uploading params.json",
+                       lambda: self.client.log_artifact(parent["run_id"], str(params_json)))
             if parent["status"] != "RUNNING":
                 self._step(parent["done"], "end", "ending the pipeline run", lambda: self.client.set_terminated(
                     parent["run_id"], status=parent["status"], end_time=parent["end"]))
@@ -454,7 +332,7 @@ class MlflowTracker:
         except _Offline:
             pass
 
-    def _upload_stage(self, name: str) -> None:
+    def upload_stage(self, name: str) -> None:
         from mlflow.entities import Metric, RunTag
 
         st = self.state
@@ -472,7 +350,8 @@ class MlflowTracker:
             ts = s["end"] or now_ms()
             for i in range(0, len(rec.metrics), METRICS_PER_BATCH):
                 chunk = rec.metrics[i : i + METRICS_PER_BATCH]
-                self._step(s["done"], f"metrics:{i}", f"logging {name} metrics", lambda: self.client.log_batch(
+                self._step(s["done"], f"metrics:{i}", f"logging {name} metrics",
+                           lambda chunk=chunk: self.client.log_batch(
                     rid, metrics=[Metric(p.key, p.value, p.timestamp or ts, p.step) for p in chunk], synchronous=True))
             for local, dest in rec.artifacts:
                 key = f"artifact:{dest}/{local.name}"
@@ -485,7 +364,8 @@ class MlflowTracker:
 
                 self._step(s["done"], key, f"uploading {local.name} of {name}", up)
             if s["status"] != "RUNNING":
-                self._step(s["done"], "end", f"ending the {name} run", lambda: self.client.set_terminated(rid, status=s["status"], end_time=s["end"]))
+                self._step(s["done"], "end", f"ending the {name} run",
+                           lambda: self.client.set_terminated(rid, status=s["status"], end_time=s["end"]))
         except _Offline:
             pass
 
@@ -523,10 +403,6 @@ class MlflowTracker:
         return False
 
 
-class _ConnectFailed(Exception):
-    pass
-
-
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -536,116 +412,3 @@ def _version() -> str:
         return "unknown"
 
 
-def sync(run_dir: Path, stages: StageCatalog, tracking_uri: str | None = None,
-         echo: Callable[[str], None] | None = None) -> dict:
-    """Upload what a run directory recorded locally (or a run made without tracking) to MLflow, and
-    register its model with `stages.register` when the run wants it and has not.
-
-    Returns a summary: parent run id, stages uploaded, registration. Raises TrackingError when the
-    server is still unreachable (after retries); the local record is left as it was.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise TrackingError(f"run directory {run_dir} does not exist", fix="pass the folder `subjectops run --out` wrote")
-    st = RunState.load(run_dir)
-    if st is None:
-        st = _state_from_directory(run_dir, stages)
-    tr = MlflowTracker(tracking_uri=tracking_uri, echo=echo, stages=stages)
-    tr.params = Params.model_validate(st.data["params"])
-    tr.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or st.data.get("tracking_uri") or default_tracking_uri()
-    experiment = st.data.get("experiment") or tr.params.tracking.experiment
-    try:
-        exp_id = tr._connect(tr.uri, experiment)
-    except _ConnectFailed as exc:
-        raise TrackingError(
-            f"cannot reach MLflow at {tr.uri}: {exc}; nothing was uploaded and {run_dir} is unchanged",
-            fix="start the tracking server (or set MLFLOW_TRACKING_URI) and run `subjectops sync` again",
-        ) from None
-    if st.data.get("tracking_uri") != tr.uri or st.data.get("experiment_id") != exp_id:
-        # another server or experiment: the old run ids mean nothing there
-        if st.data.get("tracking_uri") and st.data.get("tracking_uri") != tr.uri:
-            _forget_runs(st)
-        st.data.update(tracking_uri=tr.uri, experiment_id=exp_id, experiment=experiment)
-    st.data["offline"] = False
-    st.data["offline_reason"] = None
-    tr.state = st
-    _forget_missing_runs(tr, st)
-    st.save()
-    tr._upload_parent_start()
-    for name in list(st.data["order"]):
-        if name == "register" and not (run_dir / "register" / "registration.json").is_file():
-            continue
-        tr._ensure_stage_run(name)
-        tr._upload_stage(name)
-    reg = st.data["register"]
-    if (
-        not tr.offline
-        and reg.get("wanted")
-        and not reg.get("done")
-        and st.data["parent"]["status"] == "FINISHED"
-        and (run_dir / "finetune" / "method.json").is_file()
-    ):
-        tr.register_model(stages.register, run_dir, run_dir / "register")
-    tr._upload_parent_end()
-    st.data["pending"] = not st.everything_uploaded()
-    st.save()
-    if tr.offline or st.data["pending"]:
-        raise TrackingError(
-            f"sync of {run_dir} stopped before the end ({st.data.get('offline_reason') or 'incomplete'}); what was uploaded is recorded",
-            fix="run `subjectops sync` again when the server is reachable",
-        )
-    return {
-        "tracking_uri": tr.uri,
-        "parent_run_id": st.data["parent"]["run_id"],
-        "stages": {n: st.stage(n)["run_id"] for n in st.data["order"]},
-        "registered": {k: reg.get(k) for k in ("model_name", "version") if reg.get(k)},
-    }
-
-
-def _forget_runs(st: RunState) -> None:
-    st.data["parent"].update(run_id=None, done=[])
-    for s in st.data["stages"].values():
-        s.update(run_id=None, done=[])
-    if st.data["register"].get("done"):
-        st.data["register"]["done"] = False
-
-
-def _forget_missing_runs(tr: MlflowTracker, st: RunState) -> None:
-    """Run ids recorded before a server was wiped or replaced are dropped and their runs re-created."""
-    rid = st.data["parent"]["run_id"]
-    if not rid:
-        return
-    try:
-        tr.client.get_run(rid)
-    except Exception as exc:  # noqa: BLE001
-        if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
-            _forget_runs(st)
-        elif not _is_client_error(exc):
-            raise TrackingError(f"cannot reach MLflow at {tr.uri}: {describe_error(exc, tr.uri)}",
-                                fix="start the tracking server and run `subjectops sync` again") from None
-
-
-def _state_from_directory(run_dir: Path, stages: StageCatalog) -> RunState:
-    """A record for a run directory made without a tracker: its stages, from their manifests."""
-    st = RunState(run_dir)
-    params = None
-    for name in stages.order:
-        m = run_dir / name / "manifest.json"
-        if not m.is_file():
-            continue
-        manifest = json.loads(m.read_text())
-        params = params or manifest.get("params")
-        mtime = int(m.stat().st_mtime * 1000)
-        created = manifest.get("created")
-        st.data["stages"][name] = {"out_dir": str((run_dir / name).resolve()), "run_id": None, "start": mtime, "end": mtime,
-                                   "status": "FINISHED", "done": [], "created": created}
-        st.data["order"].append(name)
-    if not st.data["order"]:
-        raise TrackingError(f"{run_dir} holds no stage output (no */manifest.json)", fix="pass a run directory written by `subjectops run`")
-    p = Params.model_validate(params or {})
-    st.data["params"] = p.model_dump(mode="json")
-    starts = [s["start"] for s in st.data["stages"].values()]
-    st.data["parent"].update(start=min(starts), end=max(starts), status="FINISHED")
-    st.data["register"]["wanted"] = stages.wants_registration(p) and "register" not in st.data["order"]
-    st.data["experiment"] = p.tracking.experiment
-    return st

@@ -38,7 +38,8 @@ def unverified_reasons(run_dir: Path, metrics: dict) -> list[str]:
     evaluate_dir = Path(run_dir) / "evaluate"
     manifest = _json(evaluate_dir / "manifest.json")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("params"), dict):
-        return [f"{evaluate_dir / 'manifest.json'} is missing or unreadable: nothing shows which encoders scored the run"]
+        return [f"{evaluate_dir / 'manifest.json'} is missing or unreadable: "
+                "nothing shows which encoders scored the run"]
     if (manifest.get("outputs") or {}).get("metrics.json") != sha256_file(evaluate_dir / "metrics.json"):
         return [f"{evaluate_dir / 'metrics.json'} is not the file evaluate wrote (its hash differs from the one "
                 "evaluate's manifest recorded): it was edited"]
@@ -65,5 +66,6 @@ def unverified_reasons(run_dir: Path, metrics: dict) -> list[str]:
             pretrained_ids.add(info["id"])
     unknown = sorted({r["backbone"] for r in metrics["metrics"] if r.get("pretrained") is not None} - pretrained_ids)
     if unknown:
-        reasons.append(f"numbers name backbone(s) {', '.join(unknown)}, which are not pretrained backbones evaluate loaded")
+        reasons.append(f"numbers name backbone(s) {', '.join(unknown)}, "
+                       "which are not pretrained backbones evaluate loaded")
     return reasons

@@ -30,8 +30,10 @@ class PersonalizedDiffusion(mlflow.pyfunc.PythonModel):
 
         cfg = dict(context.model_config or {})
         base_dir = context.artifacts.get("base")
-        model = ModelCfg(base=str(base_dir), revision=None) if base_dir else ModelCfg(base=cfg["base_model"], revision=cfg.get("revision"))
-        self.strategy = load_strategy(InferenceSpec.model_validate(cfg["inference"]), StageInputs.from_dirs(model, context.artifacts))
+        model = ModelCfg(base=str(base_dir), revision=None) if base_dir else ModelCfg(base=cfg["base_model"],
+                                                                                      revision=cfg.get("revision"))
+        self.strategy = load_strategy(InferenceSpec.model_validate(cfg["inference"]),
+                                      StageInputs.from_dirs(model, context.artifacts))
         self.cfg = cfg
 
     def _prompt(self, text: str) -> str:

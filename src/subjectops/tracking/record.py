@@ -68,7 +68,8 @@ def dir_digest(root: Path, sub: str = "images") -> Optional[str]:
     outputs = manifest.get("outputs") or {}
     pairs = [(k, v) for k, v in outputs.items() if k.startswith(sub + "/")]
     if not pairs and (root / sub).is_dir():
-        pairs = [(p.relative_to(root).as_posix(), sha256_file(p)) for p in sorted((root / sub).rglob("*")) if p.is_file()]
+        pairs = [(p.relative_to(root).as_posix(), sha256_file(p)) for p in sorted((root / sub).rglob("*"))
+                 if p.is_file()]
     return digest_of(pairs) if pairs else None
 
 
@@ -151,12 +152,14 @@ def eval_metric_points(records: list[dict]) -> list[MetricPoint]:
         for fld in ("mean", "std", "n_pairs"):
             v = r.get(fld)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), fld), float(v)))
+                points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), fld),
+                                          float(v)))
         for k, v in r.items():  # any further numbers the evaluator adds
             if k in ("mean", "std", "n_pairs", "pretrained", "higher_is_better") or isinstance(v, bool):
                 continue
             if isinstance(v, (int, float)) and math.isfinite(v):
-                points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), k), float(v)))
+                points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), k),
+                                          float(v)))
     return points
 
 
@@ -202,7 +205,8 @@ def files_in(root: Path) -> list[Path]:
 
 
 def images_in(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file()) if d.is_dir() else []
+    return sorted(p for p in d.rglob("*")
+                  if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file()) if d.is_dir() else []
 
 
 def stage_record(stage: str, out_dir: Path, scratch: Path,

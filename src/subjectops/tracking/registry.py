@@ -3,7 +3,8 @@
 Each version carries, as tags, what it was trained and evaluated with (method, base model, inference spec,
 prompt sets and their versions, seeds, backbones, every mean), and as an artifact of its run
 `evaluation/summary.json`, the numbers promotion compares. The model serves the inference spec the run's
-infer stage recorded (strategy, scheduler, steps, guidance, resolution), so it generates what was evaluated. Every promotion decision is written to
+infer stage recorded (strategy, scheduler, steps, guidance, resolution), so it generates what was evaluated. Every
+promotion decision is written to
 the version's tags (`promotion.*`) with the numbers that led to it.
 """
 
@@ -48,9 +49,11 @@ def model_name_for(params: Params, run_dir: Path, override: str | None = None) -
         pass
     template = override or params.registry.model_name
     try:
-        name = template.format(subject=subj.get("name") or run_dir.name, method=method.get("method") or params.finetune.method)
+        name = template.format(subject=subj.get("name") or run_dir.name,
+                               method=method.get("method") or params.finetune.method)
     except (KeyError, IndexError) as exc:
-        raise RegistryError(f"registry.model_name {template!r} uses an unknown field {exc}", fix="use only {subject} and {method}") from None
+        raise RegistryError(f"registry.model_name {template!r} uses an unknown field {exc}",
+                            fix="use only {subject} and {method}") from None
     return re.sub(r"[^A-Za-z0-9_.\-]", "-", name)
 
 
@@ -63,7 +66,8 @@ def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for pkg in ("subjectops", "torch", "diffusers", "transformers", "peft", "safetensors", "mlflow", "pandas", "pillow"):
+    for pkg in ("subjectops", "torch", "diffusers", "transformers", "peft", "safetensors", "mlflow", "pandas",
+                "pillow"):
         try:
             reqs.append(f"{pkg}=={version(pkg)}")
         except PackageNotFoundError:
@@ -80,7 +84,8 @@ def infer_manifest(run_dir: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     if "inference" not in manifest:
         raise RegistryError(
-            f"{manifest_path} records no inference spec: the registered model must serve what infer generated and evaluate scored",
+            f"{manifest_path} records no inference spec: the registered model must serve what infer generated and "
+            "evaluate scored",
             fix="run the infer stage (again) on this run, then register it",
         )
     return manifest
@@ -91,10 +96,12 @@ def model_artifacts(run_dir: Path, spec, base_dir: Path | None) -> dict[str, Pat
     from subjectops.inference import get_strategy
 
     # resolved: a chosen operating point's run view links its stage outputs (subjectops.selection.choose)
-    artifacts = {stage: (Path(run_dir) / stage).resolve() for stage in sorted(get_strategy(spec.strategy).stage_outputs())}
+    artifacts = {stage: (Path(run_dir) / stage).resolve()
+                 for stage in sorted(get_strategy(spec.strategy).stage_outputs())}
     missing = [str(d) for d in artifacts.values() if not d.is_dir()]
     if missing:
-        raise RegistryError(f"the {spec.strategy!r} inference strategy needs {', '.join(missing)}, which does not exist",
+        raise RegistryError(f"the {spec.strategy!r} inference strategy needs {', '.join(missing)}, which does not "
+                            "exist",
                             fix="register the run directory that infer read these stage outputs from")
     if base_dir is not None:
         artifacts["base"] = base_dir
@@ -112,7 +119,8 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
     ft = run_dir / "finetune"
     method_json = ft / "method.json"
     if not method_json.is_file():
-        raise RegistryError(f"{ft} has no method.json: there is no finetuned model to register", fix="run the finetune stage first")
+        raise RegistryError(f"{ft} has no method.json: there is no finetuned model to register",
+                            fix="run the finetune stage first")
     method = json.loads(method_json.read_text())
     subject = {}
     if (run_dir / "refine" / "subject.json").is_file():
@@ -137,7 +145,8 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
     try:
         # presets built or shipped by the project travel with the model: a server may have neither
         base_dir = Path(resolve(ModelCfg(base=base))) if is_tiny(base) or is_world(base) else None
-        model_dir = save_pyfunc(tmp / MODEL_ARTIFACT, model_artifacts(run_dir, spec, base_dir), model_config, _requirements())
+        model_dir = save_pyfunc(tmp / MODEL_ARTIFACT, model_artifacts(run_dir, spec, base_dir), model_config,
+                                _requirements())
         client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
         summary_file = tmp / "summary.json"
         summary_file.write_text(json.dumps(summary, indent=1, sort_keys=True))
@@ -168,7 +177,8 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
         "eval.prompt_sets": summary["prompt_sets"] or sorted({r.get("prompt_set") for r in records}),
         "eval.seeds": summary["seeds"],
         "eval.backbones": sorted({f"{r.get('metric')}={r.get('backbone')}" for r in records}),
-        "eval.random_backbones": sorted({str(r.get("backbone")) for r in records if r.get("pretrained") is not True}) or "none",
+        "eval.random_backbones": sorted({str(r.get("backbone")) for r in records
+                                         if r.get("pretrained") is not True}) or "none",
         "eval.unverified": summary.get("unverified") or "none",
     }
     tags.update({f"inference.{k}": v for k, v in spec.model_dump(mode="json").items()})
@@ -193,7 +203,8 @@ def version_summary(client, name: str, version: str) -> dict:
         return json.loads(Path(path).read_text())
     except Exception as exc:  # noqa: BLE001
         raise RegistryError(
-            f"{name} version {version} has no evaluation summary ({SUMMARY_ARTIFACT} in run {mv.run_id}): {str(exc).splitlines()[0]}",
+            f"{name} version {version} has no evaluation summary ({SUMMARY_ARTIFACT} in run {mv.run_id}): "
+            f"{str(exc).splitlines()[0]}",
             fix="register versions with `subjectops register RUN_DIR` after the evaluate stage",
         ) from None
     finally:
@@ -246,12 +257,14 @@ def promote(client, name: str, cfg: RegistryCfg, version: str | None = None) -> 
         client.get_registered_model(name)
     except Exception as exc:  # noqa: BLE001
         if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no registered model named {name!r}", fix="check the name (`registry.model_name`) or register a run first") from None
+            raise RegistryError(f"no registered model named {name!r}",
+                                fix="check the name (`registry.model_name`) or register a run first") from None
         raise
     if version is None:
         version = _alias_version(client, name, CHALLENGER)
         if version is None:
-            raise RegistryError(f"{name} has no version with alias {CHALLENGER!r}", fix="pass --version or register a run")
+            raise RegistryError(f"{name} has no version with alias {CHALLENGER!r}",
+                                fix="pass --version or register a run")
     version = _existing_version(client, name, str(version))
     champion = _alias_version(client, name, CHAMPION)
     if champion == version:
@@ -270,7 +283,8 @@ def promote(client, name: str, cfg: RegistryCfg, version: str | None = None) -> 
     return PromotionResult(name, version, champion, promoted, decision)
 
 
-def _write_decision(client, name: str, version: str, decision: GateDecision, champion: Optional[str], promoted: bool, gates_cfg: RegistryCfg) -> None:
+def _write_decision(client, name: str, version: str, decision: GateDecision, champion: Optional[str], promoted: bool,
+                    gates_cfg: RegistryCfg) -> None:
     tags = {
         "promotion.decision": "promoted" if promoted else ("refused" if decision.status == "refused" else "rejected"),
         "promotion.status": decision.status,
@@ -279,13 +293,16 @@ def _write_decision(client, name: str, version: str, decision: GateDecision, cha
         "promotion.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "promotion.gates_config": [g.model_dump() for g in gates_cfg.gates],
         "promotion.numbers": [
-            {k: getattr(g, k) for k in ("metric", "prompt_set", "backbone", "challenger", "champion", "improvement", "tolerance", "min_value", "passed")}
+            {k: getattr(g, k)
+             for k in ("metric", "prompt_set", "backbone", "challenger", "champion", "improvement", "tolerance",
+                       "bound", "passed")}
             for g in decision.gates
         ],
     }
     for g in decision.gates:
         key = "promotion.gate." + R.metric_key(g.metric, g.prompt_set, g.backbone)
         tags[key] = ("pass" if g.passed else "fail") + f": challenger={g.challenger} champion={g.champion} " \
-            f"improvement={g.improvement} tolerance={g.tolerance}" + (f" min_value={g.min_value}" if g.min_value is not None else "")
+            f"improvement={g.improvement} tolerance={g.tolerance}" + (f" bound={g.bound}"
+                                                                      if g.bound is not None else "")
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, _tag(v))

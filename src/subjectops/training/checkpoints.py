@@ -51,7 +51,8 @@ def flatten_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             return [walk(v, f"{path}.{i}") for i, v in enumerate(value)]
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
-        raise TypeError(f"checkpoint state at {path!r} is a {type(value).__name__}; only tensors and JSON values are saved")
+        raise TypeError(f"checkpoint state at {path!r} is a {type(value).__name__}; only tensors and JSON values are "
+                        "saved")
 
     return walk(state, "state"), tensors
 
@@ -124,7 +125,8 @@ def load_checkpoint(path: Path) -> dict:
         data = json.loads((path / STATE_FILE).read_text())
     except (OSError, SafetensorError, ValueError) as exc:
         raise SubjectopsError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})",
-                              fix=f"delete {path}; finetune then resumes from an earlier checkpoint or starts over") from None
+                              fix=f"delete {path}; finetune then resumes from an earlier checkpoint or starts over",
+                              ) from None
     return unflatten_state(data, tensors)
 
 
@@ -139,7 +141,7 @@ class StepLog:
         self.path = Path(path)
         self._fh = None
 
-    def open(self, kept: list[dict]) -> "StepLog":
+    def open(self, kept: list[dict]) -> StepLog:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

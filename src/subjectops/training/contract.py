@@ -41,14 +41,14 @@ class Conditioning:
     prompt_embeds: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
 
-    def index(self, idx: list[int]) -> "Conditioning":
+    def index(self, idx: list[int]) -> Conditioning:
         extra = None
         if self.added_cond_kwargs:
             extra = {k: v[idx] for k, v in self.added_cond_kwargs.items()}
         return Conditioning(self.prompt_embeds[idx], extra)
 
     @staticmethod
-    def cat(items: list["Conditioning"]) -> "Conditioning":
+    def cat(items: list[Conditioning]) -> Conditioning:
         import torch
 
         extra = None

@@ -21,9 +21,9 @@ again, or a retried pipeline task, resumes from that checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
-import contextlib
 import math
 import shutil
 import signal
@@ -41,9 +41,9 @@ from subjectops.console import console
 from subjectops.errors import SubjectopsError
 from subjectops.training.checkpoints import StepLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from subjectops.training.contract import Phase
-from subjectops.training.resume_check import check_resume_state
 from subjectops.training.data import BatchMaker, ExampleSet
 from subjectops.training.models import DiffusionModels
+from subjectops.training.resume_check import check_resume_state
 
 if TYPE_CHECKING:
     from subjectops.config import Params
@@ -86,7 +86,7 @@ class Trainer:
     a checkpoint made for other data is refused, never resumed. `ckpt_dir` is where checkpoints live (default
     `work_dir/checkpoints`; the Kubeflow component puts them on the model-cache volume, keyed by run)."""
 
-    def __init__(self, params: "Params", models: DiffusionModels, method: "Method", resolution: int, work_dir: Path,
+    def __init__(self, params: Params, models: DiffusionModels, method: Method, resolution: int, work_dir: Path,
                  cache_latents: bool = True, cache_text: bool = True,
                  on_step: Callable[[int, dict], None] | None = None, show_progress: bool = True,
                  accelerator: Accelerator | None = None,
@@ -175,7 +175,8 @@ class Trainer:
                 import bitsandbytes as bnb
             except ImportError:
                 raise SubjectopsError("finetune.use_8bit_adam = true but bitsandbytes is not installed",
-                                      fix="pip install bitsandbytes (CUDA), or --set finetune.use_8bit_adam=false") from None
+                                      fix="pip install bitsandbytes (CUDA), or --set finetune.use_8bit_adam=false",
+                                      ) from None
             return bnb.optim.AdamW8bit(params, **kwargs)
         fused = self.fused_adamw
         return torch.optim.AdamW(params, fused=fused, foreach=not fused, **kwargs)
@@ -280,7 +281,8 @@ class Trainer:
         optimizer = self._optimizer(params, phase.lr, phase.use_8bit_adam)
         # accelerate steps a prepared scheduler once per process per optimizer step (its schedules count
         # per-process batches), so the schedule is stated in those units, as diffusers' scripts do.
-        lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=self.cfg.lr_warmup_steps * self.world,
+        lr_sched = get_scheduler("constant_with_warmup", optimizer,
+                                 num_warmup_steps=self.cfg.lr_warmup_steps * self.world,
                                  num_training_steps=phase.steps * self.world)
         *wrapped, optimizer, lr_sched = acc.prepare(*owners, optimizer, lr_sched)
         owned = self.method.prepare_modules(acc)
@@ -326,7 +328,8 @@ class Trainer:
                 # The log (and the non-finite check) trails the step by under finetune.log_every steps, and is
                 # complete before anything is saved from these weights (a checkpoint carries the log); a per-step
                 # callback sees each step as it ends (the live weights of that step).
-                if len(pending) >= self.cfg.log_every or self.on_step or checkpoint or snapshot or validation or stopping:
+                if (len(pending) >= self.cfg.log_every or self.on_step or checkpoint or snapshot or validation
+                        or stopping):
                     publish()
                 if checkpoint or stopping:
                     self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)

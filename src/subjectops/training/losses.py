@@ -30,7 +30,7 @@ class NoiseSchedule:
     num_train_timesteps: int
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> "NoiseSchedule":
+    def from_scheduler(cls, scheduler) -> NoiseSchedule:
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
@@ -54,13 +54,15 @@ def sample_timesteps(count: int, schedule: NoiseSchedule, generator: torch.Gener
     return torch.randint(0, schedule.num_train_timesteps, (count,), generator=generator)
 
 
-def add_noise(schedule: NoiseSchedule, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def add_noise(schedule: NoiseSchedule, latents: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor) -> torch.Tensor:
     """z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps."""
     a = schedule.alpha(timesteps, latents)
     return a.sqrt() * latents + (1 - a).sqrt() * noise
 
 
-def diffusion_target(schedule: NoiseSchedule, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def diffusion_target(schedule: NoiseSchedule, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
     """What the network is trained to output at z_t, for the scheduler's prediction type."""
     if schedule.prediction_type == "epsilon":
         return noise
@@ -70,7 +72,8 @@ def diffusion_target(schedule: NoiseSchedule, latents: torch.Tensor, noise: torc
     return a.sqrt() * noise - (1 - a).sqrt() * latents  # v
 
 
-def predict_x0(schedule: NoiseSchedule, noisy: torch.Tensor, pred: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def predict_x0(schedule: NoiseSchedule, noisy: torch.Tensor, pred: torch.Tensor,
+               timesteps: torch.Tensor) -> torch.Tensor:
     """The one-step z_0 estimate from z_t and the prediction: (z_t - sqrt(1 - a_t) eps) / sqrt(a_t) for eps."""
     if schedule.prediction_type == "sample":
         return pred

@@ -27,7 +27,7 @@ class DiffusionModels:
     _wrappers: dict[int, Callable] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "DiffusionModels":
+    def from_pipeline(cls, pipe) -> DiffusionModels:
         encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
         tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
         for m in [pipe.unet, pipe.vae, *encoders]:

@@ -27,7 +27,8 @@ def benchmark_pairs(methods: Sequence[str], subjects: Sequence[Mapping]) -> list
                               f"{len(subjects)} subject(s)", fix="pass at least one of each")
     for method in methods:
         get_method(method)
-    return [{"method": m, "uri": s["uri"], "class_word": s["class_word"]} for m in dict.fromkeys(methods) for s in subjects]
+    return [{"method": m, "uri": s["uri"], "class_word": s["class_word"]} for m in dict.fromkeys(methods)
+            for s in subjects]
 
 
 def fetch_registered_run(client, model_name: str, version: str, dest: Path) -> Path:
@@ -56,11 +57,12 @@ def fetch_registered_run(client, model_name: str, version: str, dest: Path) -> P
 
 def log_leaderboard(board_dir: Path, experiment: str, run_name: str, tracking_uri: Optional[str] = None) -> str:
     """One MLflow run holding the leaderboard's files under `leaderboard/`; returns its id."""
-    from subjectops.tracking.mlflow_tracker import MlflowTracker, resolve_tracking_uri
+    from subjectops.tracking.client import resolve_tracking_uri
+    from subjectops.tracking.mlflow_tracker import MlflowTracker
 
     uri = resolve_tracking_uri(tracking_uri)
     tracker = MlflowTracker(tracking_uri=uri)
-    experiment_id = tracker._connect(uri, experiment)
+    experiment_id = tracker.connect(uri, experiment)
     run = tracker.client.create_run(experiment_id, run_name=run_name, tags={"subjectops.stage": LEADERBOARD_STAGE})
     tracker.client.log_artifacts(run.info.run_id, str(board_dir), "leaderboard")
     tracker.client.set_terminated(run.info.run_id)
@@ -72,7 +74,7 @@ def benchmark_leaderboard(registrations: Sequence[Mapping], out: Path, experimen
     """The leaderboard of the registered versions (refused unless comparable), written to `out` and to MLflow.
 
     `out/runs/` keeps the fetched files the intervals were computed from, one folder per version."""
-    from subjectops.tracking.mlflow_tracker import mlflow_client, resolve_tracking_uri, setup_environment
+    from subjectops.tracking.client import mlflow_client, resolve_tracking_uri, setup_environment
 
     setup_environment()
     client = mlflow_client(resolve_tracking_uri(tracking_uri))

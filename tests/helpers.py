@@ -1,0 +1,125 @@
+"""Helpers shared by test modules (fixtures live in conftest.py): the repository's paths, a tiny run's overrides
+and `subjectops run` as a user types it, a trainer on a prepared subject, MLflow run lookups, and a fake run
+directory for evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_SUBJECT = REPO / "examples" / "subjects" / "teapot"
+
+
+def subjectops_run(subject: Path, class_word: str, method: str, out: Path, sets: list[str]):
+    """`subjectops run` as a user types it (a new process, from the repository root); returns the finished process."""
+    args = [sys.executable, "-m", "subjectops.cli", "run", str(subject), "--class", class_word, "--method", method,
+            "--out", str(out), "--params", "params.yaml"] + [a for s in sets for a in ("--set", s)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+# Small enough to run every stage in seconds on 2 CPU cores with the tiny preset.
+TINY_OVERRIDES = [
+    "model.base=tiny-sd15",
+    "priors.num_images=2",
+    "priors.steps=2",
+    "priors.batch_size=2",
+    "finetune.dreambooth.steps=4",
+    "finetune.lora.steps=4",
+    "finetune.textual_inversion.steps=4",
+    "finetune.two_stage.embedding_steps=2",
+    "finetune.two_stage.unet_steps=2",
+    "finetune.checkpoint_every=0",
+    "infer.steps=2",
+    "infer.prompt_invariant.num_images=2",
+]
+
+
+# ------------------------------------------------------------------------------------------ training
+def make_trainer(params, subject_dir, cache, accelerator=None):
+    """A Trainer of the configured method on a subject `prepared` (conftest) refined, with its images and masks."""
+    from subjectops.data.subject import RefinedSubject, to_tensor
+    from subjectops.methods import get_method
+    from subjectops.models.loading import load_pipeline
+    from subjectops.training.loop import Trainer
+    from subjectops.training.models import DiffusionModels
+
+    pipe = load_pipeline(params.model)
+    models = DiffusionModels.from_pipeline(pipe)
+    subject = RefinedSubject.load(subject_dir / "refine")
+    method = get_method(params.finetune.method)(params, subject.class_word, models)
+    method.setup()
+    trainer = Trainer(params, models, method, subject.resolution, subject_dir / f"work-{cache}",
+                      cache_latents=cache, cache_text=cache, show_progress=False, accelerator=accelerator)
+    images = [to_tensor(i) for i in subject.images()]
+    masks = [to_tensor(m) for m in subject.masks()]
+    return trainer, images, masks
+
+
+# ------------------------------------------------------------------------------------------- MLflow
+def children(client, parent) -> dict:
+    """The stage runs under a pipeline run, by stage name."""
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {r.data.tags["subjectops.stage"]: r for r in runs}
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        if f.is_dir:
+            out |= artifact_paths(client, run_id, f.path)
+        else:
+            out.add(f.path)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+RES = 64
+
+
+def _img(path: Path, seed: int, size: int = RES) -> None:
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(low).resize((size, size), Image.BICUBIC).save(path)
+
+
+def make_run(root: Path, params, n_refs: int = 3, gen_size: int = RES) -> tuple[Path, Path]:
+    """A fake refine and infer output (random images, the params' prompt sets) for evaluate."""
+    from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
+
+    refine, infer = root / "refine", root / "infer"
+    names = [f"images/{i:02d}.png" for i in range(n_refs)]
+    for i, n in enumerate(names):
+        _img(refine / n, i)
+    (refine / "subject.json").write_text(json.dumps({
+        "name": "teapot", "class_word": "teapot", "token": "sks", "resolution": RES, "images": names,
+        "masks": [], "sources": []}))
+    (refine / "manifest.json").write_text("{}")
+    sets = build_prompt_sets(params, "sks", "teapot")
+    samples = []
+    for pset in sets:
+        for i, item in enumerate(pset.items):
+            rel = f"images/{pset.name}/{i:04d}.png"
+            _img(infer / rel, 1000 + item.seed + 7 * i, gen_size)
+            samples.append({"prompt_set": pset.name, "prompt": item.prompt, "identifier": "sks",
+                            "class_word": "teapot", "seed": item.seed, "path": rel})
+    (infer / "samples.json").write_text(json.dumps(samples))
+    (infer / "prompt_sets.json").write_text(json.dumps(prompt_sets_to_json(sets)))
+    (infer / "manifest.json").write_text("{}")
+    return refine, infer
+
+
+def eval_params(**infer):
+    """Params of a small evaluation on tiny-sd15 (two prompt sets), with `infer` settings replaced."""
+    from subjectops.config import Params
+
+    base = {"prompt_sets": ["prompt-invariant", "prompt-varying"], "prompt_invariant": {"num_images": 4},
+            "prompt_varying": {"num_images": 6}}
+    base.update(infer)
+    return Params.model_validate({"model": {"base": "tiny-sd15"}, "infer": base, "evaluate": {"batch_size": 4}})
