@@ -123,3 +123,12 @@ def eval_params(**infer):
             "prompt_varying": {"num_images": 6}}
     base.update(infer)
     return Params.model_validate({"model": {"base": "tiny-sd15"}, "infer": base, "evaluate": {"batch_size": 4}})
+
+
+def record_outputs(folder: Path) -> None:
+    """A manifest.json whose outputs hash every file of `folder`, as a stage writes one (finetune outputs built by
+    hand in tests must pass the check that their weights are the ones finetune wrote)."""
+    from subjectops.digest import sha256_file
+
+    outputs = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / "manifest.json").write_text(json.dumps({"outputs": outputs}))

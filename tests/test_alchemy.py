@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import record_outputs
 from PIL import Image
 
 from subjectops.config import InferCfg, ModelCfg, load_params
@@ -52,6 +53,7 @@ def lora_finetune(tmp_path_factory, repo_root):
     method.save(out)
     (out / "method.json").write_text(json.dumps({"method": "alchemy", "identifier": "immen", "class_word": "dog",
                                                  "base_model": "tiny-sdxl"}))
+    record_outputs(out)
     return out
 
 

@@ -162,7 +162,8 @@ def test_replace_refuses_a_file_that_is_not_an_image_or_does_not_exist(tmp_path)
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not a photo")
     err = _replace_error(tmp_path, not_an_image, run)
-    assert "notes.jpg is not an image subjectops replace can use" in str(err) and "JPEG or PNG" in err.fix
+    # refused by the subject photos' own check (header and size limits before decoding)
+    assert "notes.jpg is not a readable image" in str(err) and "JPEG or PNG" in err.fix
     err = _replace_error(tmp_path, tmp_path / "missing.jpg", run)
     assert "missing.jpg does not exist" in str(err) and "JPEG or PNG" in err.fix
 

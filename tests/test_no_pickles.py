@@ -8,6 +8,7 @@ import pickle
 import shutil
 
 import pytest
+from helpers import record_outputs
 
 from subjectops.errors import SubjectopsError
 from subjectops.models.loading import load_pipeline, resolve
@@ -55,6 +56,7 @@ def test_a_finetune_output_with_pickled_weights_is_refused(tiny_params, tmp_path
     plant(finetuned / "unet" / "diffusion_pytorch_model.bin", marker)
     (finetuned / "method.json").write_text(json.dumps({"method": "dreambooth", "identifier": "sks",
                                                        "class_word": "teapot"}))
+    record_outputs(finetuned)  # its manifest matches: the pickle itself must be what is refused
     with pytest.raises(SubjectopsError) as err:
         load_finetuned(pipe, finetuned)
     assert f"cannot load the finetune output {finetuned}" in str(err.value)

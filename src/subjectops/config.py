@@ -609,7 +609,7 @@ def load_params(path: Path | str | None = None, overrides: Sequence[str] | None 
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, found {type(data).__name__}",
                               fix="pass --params PATH to a params.yaml")
-        if not set(data) & set(Params.model_fields):
+        if data and not set(data) & set(Params.model_fields):  # an empty file is a params file of defaults
             # its keys are not shown: they are the content of a file that is not ours (--params /etc/shadow)
             raise ConfigError(f"{path} is not a params file: none of its {len(data)} top-level keys is a section "
                               f"({', '.join(Params.model_fields)})", fix="pass --params PATH to a params.yaml")

@@ -64,6 +64,7 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
         world_truth = _world_truth(Path(subject_dir), subject.sources, work, masks)
         if world_truth:
             info["world"] = world_truth
+            info["name"] = world_truth["name"]  # its folder is photos/: the subject's own name says which it is
         (work / "subject.json").write_text(json.dumps(info, indent=2))
         prompts = {
             "instance": f"a photo of {params.subject.token} {class_word}",
