@@ -49,25 +49,22 @@ def dino_config() -> ViTConfig:
                      image_size=SIZE, patch_size=8)
 
 
+# The two UNets' shared layout: three levels, cross-attention in the first two (our widths, see the module doc)
+UNET_LAYOUT = dict(
+    sample_size=LATENT, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8, norm_num_groups=32,
+)
+
+
 def unet_sd15() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=LATENT, in_channels=4, out_channels=4,
-        block_out_channels=(32, 64, 128), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=32,
-    )
+    return UNet2DConditionModel(**UNET_LAYOUT, cross_attention_dim=TEXT_DIM)
 
 
 def unet_sdxl() -> UNet2DConditionModel:
     # SDXL's conditioning: both encoders' penultimate states concatenated (cross-attention 2 x 128) and
     # "text_time": 6 time ids x 8 dims + encoder 2's pooled projection (128).
     return UNet2DConditionModel(
-        sample_size=LATENT, in_channels=4, out_channels=4,
-        block_out_channels=(32, 64, 128), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=2 * TEXT_DIM, attention_head_dim=8, norm_num_groups=32,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
-        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_POOLED,
+        **UNET_LAYOUT, cross_attention_dim=2 * TEXT_DIM, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_DIM, projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_POOLED,
     )

@@ -30,6 +30,14 @@ def optimizer(params, lr: float, steps: int, warmup: int = 100, weight_decay: fl
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(warmup, steps // 5 + 1), steps))
 
 
+def apply(opt, sched, loss: Tensor) -> None:
+    """One optimizer step on `loss` and one scheduler step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def as_float(images_u8: np.ndarray, idx: np.ndarray) -> Tensor:
     """(N, 64, 64, 3) uint8 rows -> (B, 3, 64, 64) float in [0, 1]."""
     return torch.from_numpy(images_u8[idx]).permute(0, 3, 1, 2).float().div_(255.0)
@@ -55,10 +63,7 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, seed: 
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        apply(opt, sched, loss)
         progress(step, loss.item())
     vae.eval()
 
@@ -87,10 +92,7 @@ def train_clip(model, images: np.ndarray, token_ids: Tensor, caption_index: np.n
         idx = rng.integers(len(images), size=batch)
         pixels = (hflip(as_float(images, idx), rng) - m) / s
         out = model(input_ids=token_ids[caption_index[idx]], pixel_values=pixels, return_loss=True)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        sched.step()
+        apply(opt, sched, out.loss)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         progress(step, out.loss.item())
@@ -116,10 +118,7 @@ def train_judge(judge, images: np.ndarray, labels: np.ndarray, masks: np.ndarray
         out = judge(x)
         loss = sum(F.cross_entropy(out[k], y[:, i]) for i, k in enumerate(HEADS))
         loss = loss + F.binary_cross_entropy_with_logits(out["mask"], mk)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        apply(opt, sched, loss)
         progress(step, loss.item())
     judge.eval()
 
@@ -159,10 +158,7 @@ def train_instance_encoder(vit, head, views: np.ndarray, steps: int, batch: int,
         logits.fill_diagonal_(float("-inf"))
         target = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)])
         loss = F.cross_entropy(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        apply(opt, sched, loss)
         progress(step, loss.item())
     vit.eval()
 
