@@ -32,7 +32,14 @@ import torch
 
 from subjectops.digest import sha256_file
 from subjectops.world import nets, train
-from subjectops.world.checks import clip_retrieval, dino_auc, generated_accuracy, instance_views, judge_accuracy
+from subjectops.world.checks import (
+    clip_retrieval,
+    dino_auc,
+    generated_accuracy,
+    instance_views,
+    judge_accuracy,
+    vae_roundtrip,
+)
 from subjectops.world.sample import full_caption, render_batch
 from subjectops.world.vocab import CLASSES, COLORS, PATTERNS, SCENES
 
@@ -65,9 +72,9 @@ class BuildConfig:
     dino_views: int = 4
     dino_steps: int = 1000
     dino_batch: int = 64
-    unet_steps: int = 5000
+    unet_steps: int = 7000
     unet_batch: int = 32
-    unet_lr: float = 3e-4
+    unet_lr: float = 5e-4
     sdxl_steps: int = 1500
     checkpoint_every: int = 1000
     sample_every: int = 1000
@@ -258,6 +265,8 @@ class Build:
         judge.save(self.part_dir("judge") / "model")
         judge = WorldJudge.load(self.part_dir("judge") / "model")
         measured = {k: judge_accuracy(judge, self.data(k)) for k in ("val", "heldout")}
+        # the ceiling a generated image meets: the judge on the world VAE's reconstructions
+        measured["val_vae_roundtrip"] = judge_accuracy(judge, vae_roundtrip(self.vae(), self.data("val")))
         self.finish("judge", t0, **measured)
 
     # -- DINO role -----------------------------------------------------------------------------------

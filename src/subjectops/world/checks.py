@@ -45,6 +45,17 @@ def generated_accuracy(pipe, judge, captions: list[str], labels: np.ndarray, ste
 
 
 @torch.no_grad()
+def vae_roundtrip(vae, d: dict[str, Any], batch: int = 256) -> dict[str, Any]:
+    """`d` with its images replaced by the VAE's reconstructions (labels and masks kept)."""
+    out = []
+    for i in range(0, len(d["images"]), batch):
+        x = as_float(d["images"], np.arange(i, min(i + batch, len(d["images"])))) * 2 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((rec / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
+    return {**d, "images": np.concatenate(out)}
+
+
+@torch.no_grad()
 def judge_accuracy(judge, d: dict[str, Any]) -> dict[str, float]:
     out = judge(as_float(d["images"], np.arange(len(d["images"]))))
     y = torch.from_numpy(d["labels"])
