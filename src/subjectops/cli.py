@@ -4,6 +4,7 @@ the project image (components/), except multi-GPU stages, which `accelerate laun
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from subjectops.cli_common import (
     ModelOpt,
     ParamsOpt,
     RunOpt,
+    RunParamsOpt,
     SetOpt,
     build_params,
     console,
@@ -25,10 +27,14 @@ from subjectops.cli_common import (
 )
 from subjectops.config import Params
 from subjectops.errors import SubjectopsError
+from subjectops.run_folder import run_params_file
+from subjectops.runlock import is_main_process, run_lock
 from subjectops.stages.base import Stage, StageContext
 from subjectops.stages.common import not_needed
+from subjectops.stages.incremental import run_stage
 from subjectops.stages.plan import plan
 from subjectops.stages.registry import all_stages, get_stage
+from subjectops.stopping import sigterm_requests_stop
 from subjectops.world.cli import world_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -83,7 +89,7 @@ def _stage_parameters(stage: Stage) -> list[inspect.Parameter]:
                P("method", P.KEYWORD_ONLY, annotation=Optional[str], default=MethodOpt)]
     if stage.optional:
         params.append(P("if_needed", P.KEYWORD_ONLY, annotation=bool, default=IfNeededOpt))
-    params += [P("params_path", P.KEYWORD_ONLY, annotation=Path, default=ParamsOpt),
+    params += [P("params_path", P.KEYWORD_ONLY, annotation=Optional[Path], default=RunParamsOpt),
                P("sets", P.KEYWORD_ONLY, annotation=Optional[List[str]], default=SetOpt)]
     return params
 
@@ -94,18 +100,22 @@ def stage_command(stage: Stage) -> Callable:
     work imports torch: seconds that a skipped DVC stage need not pay)."""
 
     def command(**kw):
-        params = build_params(kw["params_path"], kw["sets"], kw["model"], kw["method"])
         run = kw.get("run_dir") or kw["run"]
+        # a run folder's own params (what `subjectops run` resolved), unless a params file is given
+        params_path = kw["params_path"] or run_params_file(run) or Path("params.yaml")
+        params = build_params(params_path, kw["sets"], kw["model"], kw["method"])
         out = stage_path(kw["out"], run, stage.name)
         planned = plan(params)
-        if kw.get("if_needed") and not planned.has(stage.name):
-            reason = planned.why_not(stage.name)
-            done(f"{stage.command} ({reason})", not_needed(stage.name, params, out, reason))
-            return
-        wanted = planned.inputs(stage.name) if planned.has(stage.name) else stage.reads
-        inputs = {name: stage_path(kw[f"{get_stage(name).option.replace('-', '_')}_dir"], run, name,
-                                   required=name in wanted) for name in stage.reads}
-        stage.run(StageContext(params, inputs, out, args={a.name: kw[a.name] for a in stage.arguments}))
+        # one writer per run folder, as `subjectops run` holds it (the output's folder when no run is given)
+        with run_lock(run or out.parent) if is_main_process() else contextlib.nullcontext(), sigterm_requests_stop():
+            if kw.get("if_needed") and not planned.has(stage.name):
+                reason = planned.why_not(stage.name)
+                done(f"{stage.command} ({reason})", not_needed(stage.name, params, out, reason))
+                return
+            wanted = planned.inputs(stage.name) if planned.has(stage.name) else stage.reads
+            inputs = {name: stage_path(kw[f"{get_stage(name).option.replace('-', '_')}_dir"], run, name,
+                                       required=name in wanted) for name in stage.reads}
+            run_stage(stage, StageContext(params, inputs, out, args={a.name: kw[a.name] for a in stage.arguments}))
         done(stage.command, out)
         if stage.report:
             done("report", out / stage.report)
@@ -127,7 +137,10 @@ for _stage in all_stages():
 def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of one subject"),
         class_word: str = typer.Option(..., "--class", help="the subject's class, e.g. teapot"),
         method: Optional[str] = MethodOpt, model: Optional[str] = ModelOpt,
-        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run-id>)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run-id>); a finished "
+                                           "run of the subject there is rerun where something changed"),
+        force: bool = typer.Option(False, "--force", help="write into an --out that is not this subject's run "
+                                   "(files subjectops did not write are kept)"),
         params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
         track: bool = typer.Option(True, "--track/--no-track",
                                    help="log to MLflow and register the model (MLFLOW_TRACKING_URI, else "
@@ -144,7 +157,8 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         out = default_run_dir(subject_dir, params)
         # named up front: resuming after a preemption (exit 75) means running again with --out of this folder
         console.print(f"run folder: {out}", highlight=False)
-    dirs = run_pipeline(params, subject_dir, class_word, out, tracker=make_tracker(params) if track else NullTracker())
+    dirs = run_pipeline(params, subject_dir, class_word, out, tracker=make_tracker(params) if track else NullTracker(),
+                        force=force)
     for stage, path in dirs.items():
         done(stage, path)
     done("report", dirs["evaluate"] / "report.html")

@@ -18,6 +18,8 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml (bui
 SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")
 ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, tiny-sd15 or tiny-sdxl (= model.base)")
 MethodOpt = typer.Option(None, "--method", help=" | ".join(METHODS) + " (= finetune.method)")
+RunParamsOpt = typer.Option(None, "--params", help="params.yaml (default: the run folder's own params.yaml when a "
+                            "run folder is given, else ./params.yaml; built-in defaults if absent)")
 RunOpt = typer.Option(None, "--run", help="run directory: RUN/<stage> for every path not given")
 IfNeededOpt = typer.Option(False, "--if-needed",
                            help="only when the method needs this stage (for DVC); else record why not")
@@ -40,7 +42,7 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def build_params(params_path: Path, sets: Optional[List[str]], model: Optional[str] = None,
+def build_params(params_path: Path | None, sets: Optional[List[str]], model: Optional[str] = None,
                  method: Optional[str] = None) -> Params:
     """The CLI's options (`--params`, `--set`, `--model`, `--method`) through `config.load_params`."""
     return load_params(params_path, list(sets or []), model=model or "", method=method or "")

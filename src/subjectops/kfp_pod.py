@@ -169,6 +169,7 @@ def run_step(name: str, params, inputs: Mapping[str, Any], out, args: Mapping[st
     from subjectops.stages.common import not_needed
     from subjectops.stages.plan import plan
     from subjectops.stages.registry import get_stage
+    from subjectops.stopping import sigterm_requests_stop
 
     stage, p, out_dir = get_stage(name), read_params(Path(params.path)), Path(out.path)
     dirs = {k: Path(v.path) if v is not None else None for k, v in inputs.items()}
@@ -187,7 +188,8 @@ def run_step(name: str, params, inputs: Mapping[str, Any], out, args: Mapping[st
         print("running:", " ".join(argv), flush=True)
         subprocess.run(argv, check=True)
     else:
-        stage.run(StageContext(p, dirs, out_dir, args=args))
+        with sigterm_requests_stop():  # a preempted pod's stage ends its unit of work and exits 75
+            stage.run(StageContext(p, dirs, out_dir, args=args))
     if metrics is not None:
         for key, value in stage.metrics(out_dir).items():
             metrics.log_metric(key, value)

@@ -1,21 +1,26 @@
-"""The whole DAG in-process on one machine: each planned stage once, in order, each into RUN/<stage>/; the base
-pipeline is loaded once for the stages that take it."""
+"""The whole DAG in-process on one machine: each planned stage once, in order, each into RUN/<stage>/ (kept when
+nothing it is made from changed); the base pipeline is loaded once for the stages that take it."""
 
 from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from subjectops.config import Params
+from subjectops.console import console
 from subjectops.data.subject import check_class_word, load_subject
 from subjectops.models.loading import training_resolution
 from subjectops.preflight import require_writable
+from subjectops.run_folder import check_out_folder, write_run_record
 from subjectops.runlock import run_lock
 from subjectops.stages.base import StageContext
 from subjectops.stages.catalog import stage_catalog
+from subjectops.stages.incremental import NO_OUTPUT, ContentHashes, reason_to_run, run_stage
 from subjectops.stages.plan import plan
 from subjectops.stages.registry import get_stage
+from subjectops.stopping import sigterm_requests_stop, stop_if_requested
 from subjectops.tracking import NullTracker, Tracker
 
 
@@ -27,9 +32,11 @@ def default_run_dir(subject_dir: Path, params: Params, root: Path = Path("runs")
 
 
 def run(params: Params, subject_dir: Path, class_word: str, out: Path,
-        tracker: Tracker | None = None) -> dict[str, Path]:
-    """Run every stage of `plan(params)`; returns the output directory of each stage that ran.
+        tracker: Tracker | None = None, force: bool = False) -> dict[str, Path]:
+    """Run every stage of `plan(params)`; returns the output directory of each stage.
 
+    A stage whose finished output in `out` was made from the same inputs, params and code is kept
+    (`stages/incremental.py`), and the run says so. `force` writes into an `out` that is not this subject's run.
     `register` runs through the tracker, which knows the MLflow server; a NullTracker (`--no-track`)
     has none, so registration is left to `subjectops sync RUN` (or `subjectops register RUN`).
     """
@@ -38,6 +45,8 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path,
     check_class_word(class_word)
     load_subject(Path(subject_dir), params.subject, training_resolution(params))
     out = Path(out)
+    planned_stages = plan(params).stages
+    check_out_folder(out, subject_dir, class_word, [s.name for s in planned_stages], force)
     require_writable(out, "the run folder (--out)")
     if plan(params).has("priors"):
         require_writable(Path(params.priors.cache_dir), "the class-image cache (priors.cache_dir)")
@@ -52,18 +61,27 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path,
             base.append(load_pipeline(params.model))
         return base[0]
 
-    with run_lock(out), tracker.pipeline(params, out):  # one writer per run folder, for the whole run
-        for planned in plan(params).stages:
+    hashes = ContentHashes()
+    with run_lock(out), tracker.pipeline(params, out), sigterm_requests_stop():  # one writer per run folder
+        write_run_record(out, params, subject_dir, class_word)
+        for planned in planned_stages:
             stage, target = get_stage(planned.name), out / planned.name
             if stage.tracked:  # registration needs the tracker's server
                 if tracker.register_model(stage_catalog().register, out, target):
                     dirs[stage.name] = target
                 continue
             with tracker.stage(stage.name, target):
-                # one load of the base pipeline serves the stages that take it, in plan order
                 ctx = StageContext(params, {name: dirs[name] for name in planned.inputs}, target,
-                                   pipe=base_pipeline() if stage.takes_pipe else None,
                                    args={"subject_dir": Path(subject_dir), "class_word": class_word})
-                stage.run(ctx)
+                reason = reason_to_run(stage, ctx, hashes)
+                if reason is None:
+                    console.print(f"{stage.command}: kept from the earlier run (inputs, params and code unchanged)",
+                                  highlight=False, soft_wrap=True)
+                else:
+                    if reason != NO_OUTPUT:
+                        console.print(f"{stage.command}: runs again ({reason})", highlight=False, soft_wrap=True)
+                    # one load of the base pipeline serves the stages that take it, in plan order
+                    run_stage(stage, replace(ctx, pipe=base_pipeline() if stage.takes_pipe else None), hashes)
             dirs[stage.name] = target
+            stop_if_requested("the run", f"after {stage.command} finished")
     return dirs

@@ -44,6 +44,12 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
         yield path
 
 
+def is_main_process() -> bool:
+    """False in the other processes of a distributed launch (torchrun and accelerate set RANK): the main process
+    alone holds the lock and writes the published output."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextlib.contextmanager
 def wait_for_lock(path: Path) -> Iterator[None]:
     """Hold the lock file `path` while the block runs, waiting for any other holder to finish first (one
@@ -51,6 +57,13 @@ def wait_for_lock(path: Path) -> Iterator[None]:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with _flock(path, wait=True):
         yield
+
+
+@contextlib.contextmanager
+def lock_if_free(path: Path) -> Iterator[bool]:
+    """Hold the lock file `path` while the block runs when no other process holds it; yields whether it does."""
+    with _flock(path, wait=False) as fd:
+        yield fd is not None
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ class Argument:
     folder: bool = False  # a folder (a Path on the CLI, an input artifact in Kubeflow) rather than a string
     required: bool = True
     kfp: bool = True  # False: set on the command line only (the Kubeflow step decides it itself)
+    shapes_output: bool = True  # False: where the work is kept, not what it makes (a rerun ignores a change)
 
 
 @dataclass(frozen=True)

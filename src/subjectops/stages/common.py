@@ -13,6 +13,7 @@ from typing import Iterator
 
 from subjectops import __version__
 from subjectops.config import Params
+from subjectops.console import console
 from subjectops.digest import digest_json, sha256_file
 from subjectops.errors import SubjectopsError
 from subjectops.preflight import out_of_space, require_writable
@@ -69,8 +70,22 @@ def stage_output(out: Path, keep_on_error: bool = False, publish: bool = True) -
     if not publish:
         return
     if out.exists():
-        shutil.rmtree(out)
+        _remove_earlier(out)
     work.rename(out)
+
+
+def _remove_earlier(out: Path) -> None:
+    """Delete an earlier output, unless it holds files its stage did not write: then it is renamed aside, whole."""
+    from subjectops.run_folder import foreign_files
+
+    foreign = foreign_files(out)
+    if not foreign:
+        shutil.rmtree(out)
+        return
+    aside = out.with_name(f"{out.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(aside)
+    console.print(f"[yellow]{out} held files {out.name} did not write ({', '.join(foreign[:5])}): "
+                  f"the earlier folder is kept as {aside}", highlight=False, soft_wrap=True)
 
 
 def write_manifest(work: Path, stage: str, params: Params, inputs: dict[str, Path | None], **extra) -> dict:

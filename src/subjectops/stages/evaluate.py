@@ -21,6 +21,7 @@ from subjectops.config import Params
 from subjectops.errors import SubjectopsError
 from subjectops.stages.base import Stage
 from subjectops.stages.common import planned_inputs, require_stage_dir, stage_output, versions, write_manifest
+from subjectops.stopping import stop_if_requested
 
 if TYPE_CHECKING:
     from subjectops.data.prompts import PromptSet
@@ -166,6 +167,7 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
         rows = [s for s in samples if s["prompt_set"] == pset.name]
         records += evaluator.score_paths(pset.name, pset.version, [infer_dir / s["path"] for s in rows],
                                          [s["prompt"] for s in rows], [s["identifier"] for s in rows], references)
+        stop_if_requested("evaluate", f"after scoring prompt set {pset.name}")
     backbones = evaluator.enc.infos()
     metrics = metrics_document(sets, samples, records, backbones, evaluator.enc.fid_features)
     with stage_output(out) as work:

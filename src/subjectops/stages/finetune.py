@@ -164,6 +164,7 @@ STAGE = Stage(
     multi_gpu=True,
     artifact="Model",
     arguments=(Argument("checkpoint_dir", "--checkpoints", "checkpoint folder (default OUT.partial/checkpoints), "
-                        "e.g. on a volume a retried pod mounts", folder=True, required=False, kfp=False),),
+                        "e.g. on a volume a retried pod mounts", folder=True, required=False, kfp=False,
+                        shapes_output=False),),
     record=record,
 )

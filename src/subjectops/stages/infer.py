@@ -11,6 +11,7 @@ from subjectops.config import Params
 from subjectops.errors import SubjectopsError
 from subjectops.stages.base import Stage
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
+from subjectops.stopping import stop_if_requested
 
 
 def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
@@ -56,6 +57,7 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
                     sample["details"] = facts
                 samples.append(sample)
                 progress.advance(task)
+                stop_if_requested("infer", f"after image {i + 1} of {len(pset.items)} of prompt set {pset.name}")
         if params.infer.baseline:
             draw_baseline(params, subject.resolution, samples, work, progress)
         (work / "samples.json").write_text(json.dumps(samples, indent=2))

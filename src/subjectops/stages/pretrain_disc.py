@@ -23,6 +23,7 @@ from subjectops.methods.base import LATENT_DISCRIMINATOR
 from subjectops.stages.base import Stage
 from subjectops.stages.common import planned_inputs, stage_output, write_manifest
 from subjectops.stages.priors import load_priors
+from subjectops.stopping import stop_if_requested
 
 if TYPE_CHECKING:
     import torch
@@ -203,6 +204,7 @@ def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out
                 acc = float(((torch.sigmoid(logits.detach()).mean(1) > 0.5).float() == labels).float().mean())
                 log.write(json.dumps({"step": step, "loss": float(loss.detach()), "batch_accuracy": acc}) + "\n")
                 progress.advance(task)
+                stop_if_requested("pretrain-disc", f"after step {step} of {cfg.steps}")
         metrics: dict = {"steps": cfg.steps, "proportions": proportions, "class_images_train": len(train_class),
                          "class_images_heldout": len(held_class) if n_held else 0, "notes": notes}
         if cfg.eval_samples:

@@ -21,9 +21,12 @@ from subjectops.digest import digest_json, sha256_file
 from subjectops.methods.base import CLASS_PRIORS
 from subjectops.models.sampling import generate, use_scheduler
 from subjectops.preflight import require_writable
-from subjectops.runlock import wait_for_lock
+from subjectops.runlock import lock_if_free, wait_for_lock
 from subjectops.stages.base import Stage
 from subjectops.stages.common import file_hashes, require_stage_dir, stage_output, write_manifest
+from subjectops.stopping import stop_if_requested
+
+PARTIAL = ".partial-"  # <key>.partial-<pid>: an entry being generated
 
 
 def cache_key(params: Params, class_prompt: str, resolution: int) -> tuple[str, dict]:
@@ -59,6 +62,7 @@ def generate_priors(params: Params, prompt: str, resolution: int, target: Path, 
             for i, img in zip(idx, images):
                 img.save(target / "images" / f"{i:04d}.png")
             progress.advance(task, len(idx))
+            stop_if_requested("priors", f"after class image {idx[-1] + 1} of {p.num_images}")
     pipe.scheduler = scheduler
 
 
@@ -71,6 +75,7 @@ def priors(params: Params, refine_dir: Path, out: Path, pipe=None) -> Path:
     entry = Path(params.priors.cache_dir) / key
     generated = False
     require_writable(entry.parent, "the class-image cache (priors.cache_dir)")  # before the lock and the model
+    remove_stale_partials(entry.parent)
     with wait_for_lock(entry.with_name(f"{key}.lock")):  # one process generates an entry; the others wait
         if not _entry_intact(entry):
             _fill_entry(params, prompt, subject.resolution, entry, fields, pipe)
@@ -113,14 +118,30 @@ def _entry_intact(entry: Path) -> bool:
 
 def _fill_entry(params: Params, prompt: str, resolution: int, entry: Path, fields: dict, pipe=None) -> None:
     """Generate into a temporary folder, record the hashes, make it read-only and rename it into place."""
-    tmp = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
+    tmp = entry.with_name(f"{entry.name}{PARTIAL}{os.getpid()}")
     _remove_entry(tmp)
-    generate_priors(params, prompt, resolution, tmp, pipe)
+    try:
+        generate_priors(params, prompt, resolution, tmp, pipe)
+    except BaseException:  # SIGTERM (Stopped), an error: no half entry is left behind
+        _remove_entry(tmp)
+        raise
     files = file_hashes(tmp)  # images/*.png: all the folder holds yet
     (tmp / "cache.json").write_text(json.dumps({**fields, "files": files}, indent=2))
     for path in [*tmp.rglob("*"), tmp]:
         path.chmod(0o555 if path.is_dir() else 0o444)
     tmp.rename(entry)
+
+
+def remove_stale_partials(cache_dir: Path) -> None:
+    """Remove the temporary folders of generations that died (kill -9, a lost node): a partial whose entry's lock
+    no process holds is no one's work in progress, on this host or another sharing the volume."""
+    for partial in sorted(Path(cache_dir).glob(f"*{PARTIAL}*")):
+        key = partial.name.split(PARTIAL)[0]
+        with lock_if_free(partial.with_name(f"{key}.lock")) as free:
+            if free and partial.exists():
+                console.print(f"prior cache: removing {partial.name}, left by a generation that did not finish",
+                              highlight=False)
+                _remove_entry(partial)
 
 
 def _remove_entry(path: Path) -> None:

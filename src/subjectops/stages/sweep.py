@@ -15,6 +15,7 @@ from subjectops.config import Params
 from subjectops.errors import SubjectopsError
 from subjectops.stages.base import SNAPSHOTS, Stage
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
+from subjectops.stopping import stop_if_requested
 
 
 def sweep_settings(params: Params, finetune_dir: Path) -> list[tuple[str, Params, Path, dict]]:
@@ -63,6 +64,7 @@ def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
             points.append(OperatingPoint(label, point_params.infer.strategy, point_settings, clip_t[0], clip_t[1],
                                          dino[0], dino[1], len(metrics["per_image"]),
                                          folder.relative_to(work).as_posix()))
+            stop_if_requested("sweep", f"after operating point {i + 1} of {len(settings)}")
         min_clip_t = params.registry.choose.min_clip_t
         chosen = choose(points, min_clip_t)
         front = [points[i].label for i in pareto_front([(p.clip_t, p.dino) for p in points])]

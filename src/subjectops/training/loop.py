@@ -21,15 +21,13 @@ again, or a retried pipeline task, resumes from that checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import math
 import shutil
-import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -39,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from subjectops.console import console
 from subjectops.errors import SubjectopsError
+from subjectops.stopping import EXIT_STOPPED, Stopped, sigterm_requests_stop
 from subjectops.training.checkpoints import StepLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from subjectops.training.contract import Phase
 from subjectops.training.data import BatchMaker, ExampleSet
@@ -52,28 +51,11 @@ if TYPE_CHECKING:
 # The config sections a finetune reads: a checkpoint resumes only under the same values.
 TRAINING_SECTIONS = ("model", "subject", "priors", "finetune")
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: "try again later"; the CLI exits with it on SIGTERM
+EXIT_PREEMPTED = EXIT_STOPPED  # sysexits EX_TEMPFAIL: "try again later"; the CLI exits with it on SIGTERM
 
 
-class Preempted(SubjectopsError):
+class Preempted(Stopped):
     """finetune stopped on SIGTERM after writing a checkpoint; running it again resumes."""
-
-    exit_code = EXIT_PREEMPTED
-
-
-@contextlib.contextmanager
-def sigterm_requests_stop() -> Iterator[threading.Event]:
-    """An event set by SIGTERM while the block runs (the previous handler is restored afterwards). Signals
-    reach only the main thread; elsewhere (a test's worker thread) the event is never set."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class Trainer:
