@@ -62,13 +62,13 @@ def test_a_rerun_keeps_what_did_not_change_and_reruns_evaluate_alone_for_an_eval
     before = files_of(out, (*EARLIER_STAGES, "evaluate"))
     capsys.readouterr()
     run(load_params(REPO / "params.yaml", finished[1]), example_subject, "teapot", out)
-    said = " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().err.split())
     assert files_of(out, (*EARLIER_STAGES, "evaluate")) == before  # nothing changed: every stage kept
     for stage in (*EARLIER_STAGES, "evaluate"):
         assert f"{stage}: kept from the earlier run" in said, said
 
     run(load_params(REPO / "params.yaml", finished[1] + ["evaluate.batch_size=3"]), example_subject, "teapot", out)
-    said = " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().err.split())
     assert files_of(out) == {k: v for k, v in before.items() if not k.startswith("evaluate/")}
     for stage in EARLIER_STAGES:
         assert f"{stage}: kept from the earlier run" in said, said
@@ -104,7 +104,7 @@ def test_a_run_stopped_during_infer_exits_75_and_resumes_without_redoing_finishe
     assert "infer: runs again (params changed: infer.prompt_invariant.num_images)" in said, said
     assert files_of(out, ("refine", "priors", "finetune")) == before  # finetune was not trained again
     samples = json.loads((out / "infer" / "samples.json").read_text())
-    assert len([s for s in samples if s["prompt_set"] == "prompt_invariant"]) == 6
+    assert len([s for s in samples if s["prompt_set"] == "prompt-invariant"]) == 6
 
 
 def test_evaluate_on_a_copied_run_folder_uses_the_runs_own_params(finished, tmp_path, monkeypatch):
@@ -166,7 +166,7 @@ def test_files_subjectops_did_not_write_in_a_stage_folder_are_refused_and_kept_w
     refused(["run", example_subject, "--class", "teapot", "--no-track", "--out", out, "--params", REPO / "params.yaml",
              *[a for s in finished[1] for a in ("--set", s)]], "evaluate/thesis.txt")
     run(load_params(REPO / "params.yaml", finished[1]), example_subject, "teapot", out, force=True)
-    said = " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().err.split())
     assert "evaluate: runs again (its output's files changed since it was made)" in said, said
     kept = list(out.glob("evaluate.kept-*/thesis.txt"))
     assert [p.read_text() for p in kept] == ["three years of work"]
