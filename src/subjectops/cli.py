@@ -33,6 +33,27 @@ from subjectops.world.cli import world_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Personalize text-to-image diffusion models from a few photos of one subject.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from subjectops import __version__
+
+        typer.echo(f"subjectops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+@user_errors
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
+    """Before any command: the compute threads for this process, from its CPU quota and affinity (or
+    SUBJECTOPS_THREADS), chosen once (subjectops.threads)."""
+    from subjectops import threads
+
+    threads.configure()
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Base models and metric encoders.")
 app.add_typer(models_app, name="models")
 tokens_app = typer.Typer(no_args_is_help=True, help="Rare identifier tokens (Image-Alchemy sec. 3.1).")
