@@ -123,9 +123,12 @@ def stage_command(stage: Stage) -> Callable:
             reason = planned.why_not(stage.name)
             done(f"{stage.command} ({reason})", not_needed(stage.name, params, out, reason))
             return
+        from subjectops.preflight import require_stage_ready
+
         wanted = planned.inputs(stage.name) if planned.has(stage.name) else stage.reads
         inputs = {name: stage_path(kw[f"{get_stage(name).option.replace('-', '_')}_dir"], run, name,
                                    required=name in wanted) for name in stage.reads}
+        require_stage_ready(params, stage.name, out, inputs)  # the weights it loads, its output: all listed at once
         stage.run(StageContext(params, inputs, out, args={a.name: kw[a.name] for a in stage.arguments}))
         done(stage.command, out)
         if stage.report:
@@ -193,19 +196,34 @@ def replace(image: Path = typer.Argument(..., help="photo whose subject is repla
 @user_errors
 def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt, model: Optional[str] = ModelOpt,
                  method: Optional[str] = MethodOpt):
-    """Say which real weights are present and how to provide the missing ones."""
-    from rich.table import Table
+    """Say which weights the configured plan loads (base model, method, segmentation, inference, every metric
+    encoder), with the key that names each, whether each is here and how to provide it. Exits 1 when one is
+    missing."""
+    from rich.markup import escape
 
     from subjectops.weights_check import check_weights
 
     params = build_params(params_path, sets, model, method)
-    table = Table(title="weights")
-    for col in ("purpose", "id or path", "status", "how to provide"):
-        table.add_column(col)
     rows = check_weights(params)
+    # One line each, never wrapped or cut (soft_wrap): ids, paths and commands stay copyable at any terminal width.
     for row in rows:
-        table.add_row(row.purpose, row.ident, "[green]present" if row.present else "[red]missing", row.how)
-    console.print(table)
+        status = ("[green]present[/]" if row.present else "[yellow]absent (optional)[/]" if row.optional
+                  else "[red]missing[/]")
+        line = f"{row.purpose} ({row.stage or 'run'}): {row.key} = {row.ident}"
+        console.print(f"{status}  {escape(line)}", highlight=False, soft_wrap=True)
+    absent = [row for row in rows if not row.present]
+    for row in absent:
+        console.print(f"\n[bold]{escape(row.purpose)}[/] {escape(f'({row.key} = {row.ident})')}:", highlight=False,
+                      soft_wrap=True)
+        console.print(f"  {'optional' if row.optional else 'fix'}: {row.how}", highlight=False, soft_wrap=True,
+                      markup=False)
+    missing = [row for row in rows if row.missing]
+    if missing:
+        console.print(f"\n[red]{len(missing)} missing[/] of {len(rows)}: "
+                      f"{', '.join(row.key for row in missing)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"\n[green]all {len(rows)} present[/] for method {params.finetune.method} on {params.model.base}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

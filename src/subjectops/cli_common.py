@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from rich.markup import escape
 
 from subjectops.config import Params, load_params
 from subjectops.console import console
@@ -32,9 +33,10 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except SubjectopsError as exc:
-            console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            # escaped: a message's own brackets (`[evaluate.backbones.dino]`, `lacks ['identifier']`) are not markup
+            console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
             if exc.fix:
-                console.print(f"[bold]fix:[/] {exc.fix}", highlight=False, soft_wrap=True)
+                console.print(f"[bold]fix:[/] {escape(exc.fix)}", highlight=False, soft_wrap=True)
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
 
     return wrapper
