@@ -21,6 +21,7 @@ from subjectops.cli_common import (
     build_params,
     console,
     done,
+    run_folder,
     user_errors,
 )
 from subjectops.config import Params
@@ -98,7 +99,8 @@ def _stage_parameters(stage: Stage) -> list[inspect.Parameter]:
         params.append(P(f"{source.option.replace('-', '_')}_dir", P.KEYWORD_ONLY, annotation=Optional[Path],
                         default=typer.Option(None, f"--{source.option}", help=f"{source.command} output "
                                              "(required when the plan has it read)")))
-    params += [P("out", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(None, "--out")),
+    params += [P("out", P.KEYWORD_ONLY, annotation=Optional[Path],
+                 default=typer.Option(None, "--out", help=f"output folder (default RUN/{stage.name})")),
                P("run", P.KEYWORD_ONLY, annotation=Optional[Path], default=RunOpt),
                P("model", P.KEYWORD_ONLY, annotation=Optional[str], default=ModelOpt),
                P("method", P.KEYWORD_ONLY, annotation=Optional[str], default=MethodOpt)]
@@ -116,7 +118,7 @@ def stage_command(stage: Stage) -> Callable:
 
     def command(**kw):
         params = build_params(kw["params_path"], kw["sets"], kw["model"], kw["method"])
-        run = kw.get("run_dir") or kw["run"]
+        run = run_folder(kw.get("run_dir"), kw["run"], required=False)
         out = stage_path(kw["out"], run, stage.name)
         planned = plan(params)
         if kw.get("if_needed") and not planned.has(stage.name):
@@ -155,7 +157,10 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
         track: bool = typer.Option(True, "--track/--no-track",
                                    help="log to MLflow and register the model (MLFLOW_TRACKING_URI, else "
-                                        "sqlite:///mlruns.db)")):
+                                        "sqlite:///mlruns.db)"),
+        tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                                        "sqlite:///mlruns.db here)")):
     """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer,
     sweep (when the run keeps snapshots), evaluate."""
     from subjectops.cli_tracking import make_tracker
@@ -168,7 +173,11 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         out = default_run_dir(subject_dir, params)
         # named up front: resuming after a preemption (exit 75) means running again with --out of this folder
         console.print(f"run folder: {out}", highlight=False)
-    dirs = run_pipeline(params, subject_dir, class_word, out, tracker=make_tracker(params) if track else NullTracker())
+    if tracking_uri and not track:
+        raise SubjectopsError("--tracking-uri with --no-track: nothing would be sent to it",
+                              fix="drop one of the two")
+    tracker = make_tracker(params, tracking_uri) if track else NullTracker()
+    dirs = run_pipeline(params, subject_dir, class_word, out, tracker=tracker)
     for stage, path in dirs.items():
         done(stage, path)
     done("report", dirs["evaluate"] / "report.html")
@@ -184,7 +193,8 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
 def replace(image: Path = typer.Argument(..., help="photo whose subject is replaced"),
             run: Path = typer.Option(..., "--run", help="a run fine-tuned with --method hifi-tuner"),
             word: str = typer.Option(..., "--word", help="the word for the subject to replace, e.g. cat"),
-            out: Path = typer.Option(..., "--out"), params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+            out: Path = typer.Option(..., "--out", help="folder for the edited photo and its record"),
+            params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Replace the subject of a photo with the run's subject (HiFi Tuner alg. 3: null-text inversion,
     prompt-to-prompt)."""
     from subjectops.stages.replace import replace as stage
@@ -228,7 +238,9 @@ def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetO
 
 @app.command()
 @user_errors
-def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (`subjectops sweep RUN`)"),
+def choose(run_dir: Optional[Path] = typer.Argument(None, help="run directory with sweep/ (`subjectops sweep RUN`), "
+                                                          "or --run"),
+           run: Optional[Path] = RunOpt,
            min_clip_t: Optional[float] = typer.Option(None, "--min-clip-t",
                                                       help="CLIP-T floor (default registry.choose.min_clip_t)"),
            name: Optional[str] = typer.Option(None, "--name",
@@ -238,6 +250,7 @@ def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (
     """Choose the operating point with the highest DINO at CLIP-T >= the floor and register it (writes RUN/choose/)."""
     from subjectops.selection.choose import choose_and_register
 
+    run_dir = run_folder(run_dir, run)
     info = choose_and_register(build_params(params_path, sets), run_dir, min_clip_t, tracking_uri=tracking_uri,
                                model_name=name)
     console.print(f"chosen: {info['chosen']} ({info['rule']})", highlight=False)

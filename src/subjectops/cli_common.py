@@ -17,7 +17,8 @@ from subjectops.methods import METHODS
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml (built-in defaults if absent)")
 SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")
-ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, tiny-sd15 or tiny-sdxl (= model.base)")
+ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, or a preset: tiny-sd15, tiny-sdxl, "
+                        "small-sd15 (random weights), world-sd15, world-sdxl (the miniature world's) (= model.base)")
 MethodOpt = typer.Option(None, "--method", help=" | ".join(METHODS) + " (= finetune.method)")
 RunOpt = typer.Option(None, "--run", help="run directory: RUN/<stage> for every path not given")
 IfNeededOpt = typer.Option(False, "--if-needed",
@@ -50,3 +51,15 @@ def build_params(params_path: Path, sets: Optional[List[str]], model: Optional[s
 
 def done(what: str, path: Path) -> None:
     console.print(f"[green]{what}:[/] {path}", highlight=False)
+
+
+def run_folder(positional: Optional[Path], option: Optional[Path], required: bool = True) -> Optional[Path]:
+    """The run folder of a command that takes one: `--run RUN` on every such command, or the same folder as its
+    first argument where the run is its only argument (`subjectops evaluate RUN`); two different ones are refused."""
+    if positional is not None and option is not None and Path(positional) != Path(option):
+        raise SubjectopsError(f"two run folders given: {positional} and --run {option}",
+                              fix="give the run folder once, as --run RUN_DIR")
+    run = positional if positional is not None else option
+    if run is None and required:
+        raise SubjectopsError("no run folder given", fix="pass --run RUN_DIR")
+    return run
