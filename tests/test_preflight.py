@@ -69,7 +69,7 @@ def test_a_stage_command_checks_the_weights_it_loads(tmp_path):
 
 def test_evaluate_needs_only_what_its_metrics_use():
     only_pixels = load_params(None, ["evaluate.metrics=[ssim,psnr]"])
-    assert [r.stage for r in check_weights(only_pixels)] == ["run"]  # the base model alone
+    assert [r.key for r in check_weights(only_pixels)] == ["model.base (--model)"]  # the base model alone
     fid = roles(check_weights(load_params(None, ["evaluate.metrics=[fid]"])))
     # FID with fid_features=auto: Inception when present, else DINO features (then DINO is needed)
     assert fid["evaluate.backbones.inception"].optional
