@@ -133,6 +133,12 @@ def choose(env: Mapping[str, str] = os.environ, cgroup_root: Path = CGROUP_ROOT,
                         quota, cpus)
 
 
+def cpus() -> int:
+    """CPUs' worth of parallel work this process may do: the quota and affinity, or SUBJECTOPS_THREADS; not
+    OMP_NUM_THREADS, which sizes OpenMP's pools (one-core native work such as GrabCut runs one image per CPU)."""
+    return choose(env={ENV: os.environ.get(ENV, "")}).threads
+
+
 _CHOSEN: Optional[ThreadChoice] = None
 
 

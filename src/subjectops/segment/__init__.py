@@ -37,7 +37,7 @@ def segment_all(backend: MaskBackend, images: Iterable[Image.Image]) -> Iterator
     if not backend.one_core:
         yield from map(backend.mask, images)
         return
-    from subjectops.threads import configure
+    from subjectops.threads import cpus
 
-    with ThreadPoolExecutor(max_workers=configure().threads) as pool:  # the process's compute threads
+    with ThreadPoolExecutor(max_workers=cpus()) as pool:  # the CPU quota and affinity, not every core of the node
         yield from pool.map(backend.mask, images)
