@@ -151,9 +151,10 @@ def check_run(params, out: Path, *, track: bool = False, tracking_uri: Optional[
 
     planned = plan(params)
     problems = weight_problems(params)
-    problems += _writable(Path(out), "the run folder", "--out")
+    problems += _writable(Path(out), "the run folder (--out)", "--out")
     if planned.has("priors"):
-        problems += _writable(Path(params.priors.cache_dir), "the class-image cache", "priors.cache_dir")
+        problems += _writable(Path(params.priors.cache_dir), "the class-image cache (priors.cache_dir)",
+                              "priors.cache_dir")
     alchemy = params.finetune.alchemy
     if params.finetune.method == "alchemy" and alchemy.token is None:
         problems += _writable(Path(alchemy.token_scan.cache_dir), "the token-scan cache",
