@@ -12,7 +12,7 @@ Both use the same code and encoders (loaded once, outside the timings) and must 
 --backbones full: randomly initialised encoders of the real shapes (DINO ViT-S/16 at 224 px, CLIP ViT-B/32
 with a 12-layer text tower, AlexNet LPIPS), so the compute is that of a real evaluation; no weights are
 needed. --backbones tiny: the tiny test encoders (dominated by image decoding and SSIM).
-Images are real photos (the DreamBench subjects beside the repository, else the example subject), resized to
+Images are real photos (the DreamBench subjects shipped in examples/subjects/), resized to
 --size: the subject-region metrics segment every image, and GrabCut on noise images takes ~10x longer than on
 photos. Rounds interleave the two modes; the ratio is taken within each round, and the median and range printed.
 Images per second = generated images scored / wall time. Numbers say nothing about quality.
@@ -39,7 +39,7 @@ from subjectops.metrics import backbones as B  # noqa: E402
 from subjectops.metrics.core import Encoders, Evaluator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench" / "subjects"
+SUBJECTS = REPO / "examples" / "subjects"  # DreamBench photos shipped with the repository (CC-BY 4.0)
 
 
 def make_images(photos: Path, root: Path, n: int, refs: int, size: int) -> tuple[list[Path], list[Path]]:
@@ -102,7 +102,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (together, then separate)")
     ap.add_argument("--photos", type=Path,
-                    default=DREAMBENCH if DREAMBENCH.is_dir() else REPO / "examples" / "subjects",
+                    default=SUBJECTS,
                     help="a folder of subject folders of photos")
     args = ap.parse_args()
     torch.set_grad_enabled(False)

@@ -31,7 +31,7 @@ from subjectops.models.loading import load_pipeline  # noqa: E402
 from subjectops.stages.refine import refine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SUBJECT = REPO.parent / "shared" / "data" / "dreambench" / "subjects" / "can"
+DEFAULT_SUBJECT = REPO / "examples" / "subjects" / "can"  # DreamBench's can (CC-BY 4.0, shipped)
 
 
 def seconds_per_image(strategy, n: int) -> float:

@@ -4,7 +4,8 @@ The suite's kfp.local test runs this pipeline with stand-in stage steps (seconds
 real steps chain: refine, priors when the plan asks, finetune, infer, evaluate and register for each pair, in
 parallel, then the aggregation step that writes the leaderboard. It takes 8-20 minutes on 2 CPU cores.
 
-    python scripts/benchmark_local.py [--methods lora textual-inversion] [--subjects can dog] [--out DIR]
+    python scripts/benchmark_local.py [--methods lora textual-inversion] [--subjects can teapot] [--out DIR]
+                                      [--subjects-dir DIR]
 
 Everything it writes goes under `--out` (a fresh temporary directory by default): the KFP pipeline root, a private
 MLflow store (`mlruns.db`) and the class-image cache. It prints where the leaderboard artifact is and its markdown.
@@ -20,7 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench" / "subjects"
+# DreamBench subjects shipped with the repository (CC-BY 4.0, examples/subjects/README.md); --subjects-dir points at
+# a full copy of the dataset's `dataset/` folder for the others.
+SUBJECTS_DIR = REPO / "examples" / "subjects"
 # The shortest settings that still run every stage of these methods (tests/conftest.py TINY_OVERRIDES).
 SHORT_RUN = [
     "model.base=tiny-sd15",
@@ -38,7 +41,10 @@ SHORT_RUN = [
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["lora", "textual-inversion"])
-    ap.add_argument("--subjects", nargs="+", default=["can", "dog"], help=f"DreamBench subjects under {DREAMBENCH}")
+    ap.add_argument("--subjects", nargs="+", default=["can", "teapot"],
+                    help="DreamBench subjects under --subjects-dir")
+    ap.add_argument("--subjects-dir", type=Path, default=SUBJECTS_DIR,
+                    help=f"a folder of DreamBench subject folders (default {SUBJECTS_DIR.relative_to(REPO)})")
     ap.add_argument("--out", type=Path, default=None,
                     help="where everything goes (default: a new temporary directory)")
     ap.add_argument("--parallelism", type=int, default=2, help="concurrent personalize runs (default 2: two cores)")
@@ -60,11 +66,13 @@ def main() -> int:
     from subjectops.console import console
     from subjectops.errors import SubjectopsError
 
-    known = {Path(s["uri"]).name: s for s in dreambench_subjects(str(DREAMBENCH))}
-    missing = [name for name in args.subjects if name not in known or not (DREAMBENCH / name).is_dir()]
+    root_dir = args.subjects_dir.resolve()
+    known = {Path(s["uri"]).name: s for s in dreambench_subjects(str(root_dir))}
+    missing = [name for name in args.subjects if name not in known or not (root_dir / name).is_dir()]
     if missing:
-        raise SubjectopsError(f"no DreamBench subject {', '.join(missing)} in {DREAMBENCH}",
-                              fix=f"choose among {', '.join(sorted(p.name for p in DREAMBENCH.iterdir()))}")
+        present = sorted(p.name for p in root_dir.iterdir() if p.is_dir()) if root_dir.is_dir() else []
+        raise SubjectopsError(f"no DreamBench subject {', '.join(missing)} in {root_dir}",
+                              fix=f"choose among {', '.join(present) or '(none)'}, or pass --subjects-dir")
     root = out / "pipeline-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     benchmark = build_benchmark(build_components(), parallelism=args.parallelism)

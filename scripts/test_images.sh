@@ -122,7 +122,7 @@ EOF
 }
 
 rc_help=$(run_in cpu subjectops --help)
-rc_check=$(run_in cpu subjectops models check)
+rc_check=$(run_in cpu subjectops models check --model tiny-sd15)  # exit 1 when a weight the plan needs is missing
 rc_refine=$(run_in cpu subjectops refine /data/subjects/teapot --class teapot --model tiny-sd15 --out /work/refine)
 cuda=""
 if [[ " $IMAGES " == *" trainer "* ]]; then
@@ -139,6 +139,6 @@ done
 [ -n "$cuda" ] && echo "  trainer: torch.version.cuda = $cuda"
 echo "inside subjectops-cpu as uid 10001, read-only root filesystem:"
 echo "  subjectops --help                   exit $rc_help"
-echo "  subjectops models check             exit $rc_check"
+echo "  subjectops models check (tiny)      exit $rc_check"
 echo "  subjectops refine (bundled teapot)  exit $rc_refine"
 [ "$rc_help$rc_check$rc_refine" = 000 ]

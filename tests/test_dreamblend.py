@@ -28,7 +28,7 @@ TINY = ModelCfg(base="tiny-sd15")
 PROMPT = "a photo of sks toy on a beach"
 
 
-ROBOT_TOY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "subjects" / "robot_toy"
+ROBOT_TOY = Path(__file__).resolve().parents[1] / "examples" / "subjects" / "robot_toy"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from subjectops.methods import get_method
 from subjectops.methods.hifi_tuner import EMBEDS_FILE, embedding_regularization, latent_mask, with_subject
 
 REPO = Path(__file__).resolve().parents[1]
-CAN = REPO.parent / "shared" / "data" / "dreambench" / "subjects" / "can"
+CAN = REPO / "examples" / "subjects" / "can"
 FAST = ["model.base=tiny-sd15", "finetune.method=hifi-tuner", "finetune.checkpoint_every=0",
         "finetune.hifi_tuner.steps=3", "finetune.hifi_tuner.stepwise_steps=1", "finetune.hifi_tuner.ddim_steps=3"]
 

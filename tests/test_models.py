@@ -76,16 +76,28 @@ def test_stub_tokenizer_is_refused(tmp_path):
 
 
 def test_models_check_lists_present_and_missing(tmp_path):
+    """tiny-sd15 evaluates with tiny encoders: everything is present (exit 0). A real base model's plan needs the
+    real encoders: each missing one is named by its key, with a fix on one whole line, and the exit is 1."""
     from typer.testing import CliRunner
 
     from subjectops.cli import app
 
     result = CliRunner().invoke(app, ["models", "check", "--params", "params.yaml", "--model", "tiny-sd15"],
-                                env={"COLUMNS": "250"})
+                                env={"COLUMNS": "60"})
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert any("tiny-sd15" in line and "present" in line for line in lines)
-    assert any("facebook/dino-vits16" in line and "missing" in line for line in lines)
+    assert not any("missing" in line for line in lines) and not any("facebook/dino-vits16" in line for line in lines)
+
+    real = CliRunner().invoke(app, ["models", "check", "--params", "params.yaml"], env={"COLUMNS": "60"})
+    assert real.exit_code == 1, real.output
+    lines = real.output.splitlines()
+    assert any(line.startswith("missing") and "evaluate.backbones.dino = facebook/dino-vits16" in line
+               for line in lines)
+    # the fix names the encoder's own key, not the base model's flag, and its command is never cut or wrapped
+    fix = next(line for line in lines if "`hf download facebook/dino-vits16`" in line)
+    assert "evaluate.backbones.dino=/path/to/folder" in fix and "--model" not in fix
+    assert " missing of " in lines[-1] and "evaluate.backbones.dino" in lines[-1]
 
 
 def test_models_check_finds_hypnos_and_fid_weight_files(tmp_path):
@@ -99,11 +111,13 @@ def test_models_check_finds_hypnos_and_fid_weight_files(tmp_path):
     found = CliRunner().invoke(app, args + ["--set", f"finetune.hypnos.efficientnet={b1}"], env={"COLUMNS": "300"})
     absent = CliRunner().invoke(app, args + ["--set", f"finetune.hypnos.efficientnet={tmp_path / 'nope.pth'}"],
                                 env={"COLUMNS": "300"})
-    assert found.exit_code == absent.exit_code == 0, found.output
+    # a local folder is a real base model: evaluate needs the real encoders, which are missing here (exit 1)
+    assert found.exit_code == absent.exit_code == 1, found.output
 
     def row(out):
         return next(line for line in out.splitlines() if "EfficientNet-B1" in line)
 
     assert "present" in row(found.output) and "missing" in row(absent.output)
     assert any("base model" in line and "present" in line for line in found.output.splitlines())  # a local directory
-    assert any("Inception" in line and "missing" in line for line in found.output.splitlines())
+    assert any("Inception" in line and "absent (optional)" in line for line in found.output.splitlines())
+    assert "finetune.hypnos.efficientnet" in row(absent.output)

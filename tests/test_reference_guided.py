@@ -19,7 +19,7 @@ from subjectops.models.sampling import use_scheduler
 STEPS, T_START, T_END, RES, PROMPT, SEED = 5, 3, 2, 64, "a photo of sks can", 0
 SPEC = InferenceSpec(strategy="plain", scheduler="ddim", steps=STEPS, guidance_scale=7.5, resolution=RES)
 REPO = Path(__file__).resolve().parents[1]
-CAN = REPO.parent / "shared" / "data" / "dreambench" / "subjects" / "can"
+CAN = REPO / "examples" / "subjects" / "can"
 
 
 def recording(traj):

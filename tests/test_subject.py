@@ -204,12 +204,12 @@ def test_sam_backend_without_checkpoint_names_the_fix(tiny_params, subject, tmp_
 
 
 def test_grabcut_segments_one_photo_per_core_into_the_masks_it_makes_alone(example_subject):
-    import os
     import threading
 
     from subjectops.config import RefineCfg
     from subjectops.segment import segment_all
     from subjectops.segment.grabcut import GrabCutBackend
+    from subjectops.threads import cpus
 
     backend = GrabCutBackend(RefineCfg())
     photos = [Image.open(p).convert("RGB").resize((256, 256)) for p in sorted(example_subject.glob("*.jpg"))]
@@ -220,4 +220,5 @@ def test_grabcut_segments_one_photo_per_core_into_the_masks_it_makes_alone(examp
     together = [np.asarray(m) for m in segment_all(backend, photos)]
     assert len(together) == len(photos) >= 4
     assert all(np.array_equal(a, b) for a, b in zip(alone, together))  # same masks, same order
-    assert len(threads) > 1 or len(os.sched_getaffinity(0)) == 1  # photos of 0.1 s each: every core takes some
+    # photos of 0.1 s each: every CPU the quota and affinity give takes some (subjectops.threads.cpus)
+    assert len(threads) > 1 or cpus() == 1

@@ -23,6 +23,7 @@ from subjectops.cli_common import (
     build_params,
     console,
     done,
+    run_folder,
     user_errors,
 )
 from subjectops.config import Params
@@ -39,6 +40,27 @@ from subjectops.world.cli import world_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Personalize text-to-image diffusion models from a few photos of one subject.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from subjectops import __version__
+
+        typer.echo(f"subjectops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+@user_errors
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
+    """Before any command: the compute threads for this process, from its CPU quota and affinity (or
+    SUBJECTOPS_THREADS), chosen once (subjectops.threads)."""
+    from subjectops import threads
+
+    threads.configure()
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Base models and metric encoders.")
 app.add_typer(models_app, name="models")
 tokens_app = typer.Typer(no_args_is_help=True, help="Rare identifier tokens (Image-Alchemy sec. 3.1).")
@@ -83,7 +105,8 @@ def _stage_parameters(stage: Stage) -> list[inspect.Parameter]:
         params.append(P(f"{source.option.replace('-', '_')}_dir", P.KEYWORD_ONLY, annotation=Optional[Path],
                         default=typer.Option(None, f"--{source.option}", help=f"{source.command} output "
                                              "(required when the plan has it read)")))
-    params += [P("out", P.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(None, "--out")),
+    params += [P("out", P.KEYWORD_ONLY, annotation=Optional[Path],
+                 default=typer.Option(None, "--out", help=f"output folder (default RUN/{stage.name})")),
                P("run", P.KEYWORD_ONLY, annotation=Optional[Path], default=RunOpt),
                P("model", P.KEYWORD_ONLY, annotation=Optional[str], default=ModelOpt),
                P("method", P.KEYWORD_ONLY, annotation=Optional[str], default=MethodOpt)]
@@ -100,7 +123,7 @@ def stage_command(stage: Stage) -> Callable:
     work imports torch: seconds that a skipped DVC stage need not pay)."""
 
     def command(**kw):
-        run = kw.get("run_dir") or kw["run"]
+        run = run_folder(kw.get("run_dir"), kw["run"], required=False)
         # a run folder's own params (what `subjectops run` resolved), unless a params file is given
         params_path = kw["params_path"] or run_params_file(run) or Path("params.yaml")
         params = build_params(params_path, kw["sets"], kw["model"], kw["method"])
@@ -112,9 +135,12 @@ def stage_command(stage: Stage) -> Callable:
                 reason = planned.why_not(stage.name)
                 done(f"{stage.command} ({reason})", not_needed(stage.name, params, out, reason))
                 return
+            from subjectops.preflight import require_stage_ready
+
             wanted = planned.inputs(stage.name) if planned.has(stage.name) else stage.reads
             inputs = {name: stage_path(kw[f"{get_stage(name).option.replace('-', '_')}_dir"], run, name,
                                        required=name in wanted) for name in stage.reads}
+            require_stage_ready(params, stage.name, out, inputs)  # the weights it loads, its output: all at once
             run_stage(stage, StageContext(params, inputs, out, args={a.name: kw[a.name] for a in stage.arguments}))
         done(stage.command, out)
         if stage.report:
@@ -144,7 +170,10 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
         track: bool = typer.Option(True, "--track/--no-track",
                                    help="log to MLflow and register the model (MLFLOW_TRACKING_URI, else "
-                                        "sqlite:///mlruns.db)")):
+                                        "sqlite:///mlruns.db)"),
+        tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                                        "sqlite:///mlruns.db here)")):
     """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer,
     sweep (when the run keeps snapshots), evaluate."""
     from subjectops.cli_tracking import make_tracker
@@ -157,8 +186,11 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         out = default_run_dir(subject_dir, params)
         # named up front: resuming after a preemption (exit 75) means running again with --out of this folder
         console.print(f"run folder: {out}", highlight=False)
-    dirs = run_pipeline(params, subject_dir, class_word, out, tracker=make_tracker(params) if track else NullTracker(),
-                        force=force)
+    if tracking_uri and not track:
+        raise SubjectopsError("--tracking-uri with --no-track: nothing would be sent to it",
+                              fix="drop one of the two")
+    tracker = make_tracker(params, tracking_uri) if track else NullTracker()
+    dirs = run_pipeline(params, subject_dir, class_word, out, tracker=tracker, force=force)
     for stage, path in dirs.items():
         done(stage, path)
     done("report", dirs["evaluate"] / "report.html")
@@ -174,7 +206,8 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
 def replace(image: Path = typer.Argument(..., help="photo whose subject is replaced"),
             run: Path = typer.Option(..., "--run", help="a run fine-tuned with --method hifi-tuner"),
             word: str = typer.Option(..., "--word", help="the word for the subject to replace, e.g. cat"),
-            out: Path = typer.Option(..., "--out"), params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
+            out: Path = typer.Option(..., "--out", help="folder for the edited photo and its record"),
+            params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Replace the subject of a photo with the run's subject (HiFi Tuner alg. 3: null-text inversion,
     prompt-to-prompt)."""
     from subjectops.stages.replace import replace as stage
@@ -186,24 +219,41 @@ def replace(image: Path = typer.Argument(..., help="photo whose subject is repla
 @user_errors
 def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt, model: Optional[str] = ModelOpt,
                  method: Optional[str] = MethodOpt):
-    """Say which real weights are present and how to provide the missing ones."""
-    from rich.table import Table
+    """Say which weights the configured plan loads (base model, method, segmentation, inference, every metric
+    encoder), with the key that names each, whether each is here and how to provide it. Exits 1 when one is
+    missing."""
+    from rich.markup import escape
 
     from subjectops.weights_check import check_weights
 
     params = build_params(params_path, sets, model, method)
-    table = Table(title="weights")
-    for col in ("purpose", "id or path", "status", "how to provide"):
-        table.add_column(col)
     rows = check_weights(params)
+    # One line each, never wrapped or cut (soft_wrap): ids, paths and commands stay copyable at any terminal width.
     for row in rows:
-        table.add_row(row.purpose, row.ident, "[green]present" if row.present else "[red]missing", row.how)
-    console.print(table)
+        status = ("[green]present[/]" if row.present else "[yellow]absent (optional)[/]" if row.optional
+                  else "[red]missing[/]")
+        line = f"{row.purpose} ({row.stage or 'run'}): {row.key} = {row.ident}"
+        console.print(f"{status}  {escape(line)}", highlight=False, soft_wrap=True)
+    absent = [row for row in rows if not row.present]
+    for row in absent:
+        console.print(f"\n[bold]{escape(row.purpose)}[/] {escape(f'({row.key} = {row.ident})')}:", highlight=False,
+                      soft_wrap=True)
+        console.print(f"  {'optional' if row.optional else 'fix'}: {row.how}", highlight=False, soft_wrap=True,
+                      markup=False)
+    missing = [row for row in rows if row.missing]
+    if missing:
+        console.print(f"\n[red]{len(missing)} missing[/] of {len(rows)}: "
+                      f"{', '.join(row.key for row in missing)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"\n[green]all {len(rows)} present[/] for method {params.finetune.method} on {params.model.base}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
 @user_errors
-def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (`subjectops sweep RUN`)"),
+def choose(run_dir: Optional[Path] = typer.Argument(None, help="run directory with sweep/ (`subjectops sweep RUN`), "
+                                                          "or --run"),
+           run: Optional[Path] = RunOpt,
            min_clip_t: Optional[float] = typer.Option(None, "--min-clip-t",
                                                       help="CLIP-T floor (default registry.choose.min_clip_t)"),
            name: Optional[str] = typer.Option(None, "--name",
@@ -213,6 +263,7 @@ def choose(run_dir: Path = typer.Argument(..., help="run directory with sweep/ (
     """Choose the operating point with the highest DINO at CLIP-T >= the floor and register it (writes RUN/choose/)."""
     from subjectops.selection.choose import choose_and_register
 
+    run_dir = run_folder(run_dir, run)
     info = choose_and_register(build_params(params_path, sets), run_dir, min_clip_t, tracking_uri=tracking_uri,
                                model_name=name)
     console.print(f"chosen: {info['chosen']} ({info['rule']})", highlight=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from rich.markup import escape
 
 from subjectops.config import Params, load_params
 from subjectops.console import console
@@ -16,7 +17,8 @@ from subjectops.methods import METHODS
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml (built-in defaults if absent)")
 SetOpt = typer.Option(None, "--set", help="override, e.g. --set finetune.lora.lr=1e-4 (repeatable)")
-ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, tiny-sd15 or tiny-sdxl (= model.base)")
+ModelOpt = typer.Option(None, "--model", help="hub id, local diffusers dir, or a preset: tiny-sd15, tiny-sdxl, "
+                        "small-sd15 (random weights), world-sd15, world-sdxl (the miniature world's) (= model.base)")
 MethodOpt = typer.Option(None, "--method", help=" | ".join(METHODS) + " (= finetune.method)")
 RunParamsOpt = typer.Option(None, "--params", help="params.yaml (default: the run folder's own params.yaml when a "
                             "run folder is given, else ./params.yaml; built-in defaults if absent)")
@@ -34,9 +36,10 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except SubjectopsError as exc:
-            console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            # escaped: a message's own brackets (`[evaluate.backbones.dino]`, `lacks ['identifier']`) are not markup
+            console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
             if exc.fix:
-                console.print(f"[bold]fix:[/] {exc.fix}", highlight=False, soft_wrap=True)
+                console.print(f"[bold]fix:[/] {escape(exc.fix)}", highlight=False, soft_wrap=True)
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
 
     return wrapper
@@ -50,3 +53,15 @@ def build_params(params_path: Path | None, sets: Optional[List[str]], model: Opt
 
 def done(what: str, path: Path) -> None:
     console.print(f"[green]{what}:[/] {path}", highlight=False)
+
+
+def run_folder(positional: Optional[Path], option: Optional[Path], required: bool = True) -> Optional[Path]:
+    """The run folder of a command that takes one: `--run RUN` on every such command, or the same folder as its
+    first argument where the run is its only argument (`subjectops evaluate RUN`); two different ones are refused."""
+    if positional is not None and option is not None and Path(positional) != Path(option):
+        raise SubjectopsError(f"two run folders given: {positional} and --run {option}",
+                              fix="give the run folder once, as --run RUN_DIR")
+    run = positional if positional is not None else option
+    if run is None and required:
+        raise SubjectopsError("no run folder given", fix="pass --run RUN_DIR")
+    return run

@@ -8,7 +8,16 @@ from typing import List, Optional
 
 import typer
 
-from subjectops.cli_common import ParamsOpt, SetOpt, build_params, console, done, user_errors
+from subjectops.cli_common import (
+    ParamsOpt,
+    RunOpt,
+    SetOpt,
+    build_params,
+    console,
+    done,
+    run_folder,
+    user_errors,
+)
 
 UriOpt = typer.Option(None, "--tracking-uri",
                       help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here)")
@@ -26,14 +35,14 @@ def add_tracking_commands(app: typer.Typer) -> None:
 
     @app.command()
     @user_errors
-    def sync(run_dir: Path = typer.Argument(...,
-                                            help="run directory recorded while MLflow was unreachable (or without "
-                                                 "tracking)"),
-             tracking_uri: Optional[str] = UriOpt):
+    def sync(run_dir: Optional[Path] = typer.Argument(None, help="run directory recorded while MLflow was "
+                                                                "unreachable (or without tracking), or --run"),
+             run: Optional[Path] = RunOpt, tracking_uri: Optional[str] = UriOpt):
         """Upload a run directory's tracking record to MLflow: what did not reach the server, nothing twice."""
         from subjectops.stages.catalog import stage_catalog
         from subjectops.tracking.sync import sync as do_sync
 
+        run_dir = run_folder(run_dir, run)
         out = do_sync(run_dir, stage_catalog(), tracking_uri=tracking_uri,
                       echo=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
         done("pipeline run", Path(out["parent_run_id"]))
@@ -45,7 +54,9 @@ def add_tracking_commands(app: typer.Typer) -> None:
 
     @app.command()
     @user_errors
-    def register(run_dir: Path = typer.Argument(..., help="run directory with finetune/ (and evaluate/, infer/)"),
+    def register(run_dir: Optional[Path] = typer.Argument(None, help="run directory with finetune/ (and evaluate/, "
+                                                                    "infer/), or --run"),
+                 run: Optional[Path] = RunOpt,
                  name: Optional[str] = typer.Option(None, "--name",
                                                     help="registered model name (default registry.model_name)"),
                  tracking_uri: Optional[str] = UriOpt, params_path: Path = ParamsOpt,
@@ -53,6 +64,7 @@ def add_tracking_commands(app: typer.Typer) -> None:
         """Register RUN's finetuned model as a new version with alias `challenger` (writes RUN/register/)."""
         from subjectops.stages.register import register as register_stage
 
+        run_dir = run_folder(run_dir, run)
         params = build_params(params_path, sets)
         info = register_stage(params, run_dir, Path(run_dir) / "register", tracking_uri=tracking_uri, model_name=name)
         done("registered", Path(f"models:/{info['model_name']}/{info['version']}"))

@@ -8,11 +8,12 @@ the value and what is allowed, before a stage does any work.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from subjectops.config_base import ClassPrompt, InstancePrompt, ModelCfg, Seed, StrictModel, TrainSteps, template  # noqa: F401  (ModelCfg: a section of Params)
 from subjectops.digest import digest_json
@@ -443,6 +444,40 @@ class Params(StrictModel):
         return digest_json(data)
 
 
+def _section_fields(loc: tuple) -> dict:
+    """The fields of the section at `loc` (a path of names from Params), or {} when it is not a section."""
+    model: Any = Params
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return {}
+        model = field.annotation
+    return getattr(model, "model_fields", {})
+
+
+def _near_key(loc: tuple) -> Optional[str]:
+    """The key an unknown key was meant to be: the same words with '_' for '-' (or the reverse), or a close
+    spelling, in the same section."""
+    import difflib
+
+    *parent, name = loc
+    if not isinstance(name, str):
+        return None
+    fields = list(_section_fields(tuple(parent)))
+    for candidate in (name.replace("-", "_"), name.replace("_", "-"), name.lower().replace("-", "_")):
+        if candidate in fields:
+            return ".".join([*map(str, parent), candidate])
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.7)
+    return ".".join([*map(str, parent), close[0]]) if close else None
+
+
+def _near_value(value: str, allowed: Optional[str]) -> Optional[str]:
+    """An allowed value that differs only by '_' / '-' or case (`textual_inversion` for `textual-inversion`)."""
+    options = re.findall(r"'([^']*)'", allowed or "")
+    wanted = value.lower().replace("_", "-")
+    return next((o for o in options if o.lower().replace("_", "-") == wanted and o != value), None)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for e in err.errors():
@@ -452,7 +487,16 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         allowed = e.get("ctx", {}).get("expected")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling against params.yaml)"
+            near = _near_key(e["loc"])
+            hyphen = near and "-" in str(e["loc"][-1])
+            msg = ("unknown key (check the spelling against params.yaml)" if not near else
+                   f"unknown key; did you mean {near}? (keys write '_' where method names write '-': "
+                   "--method textual-inversion, --set finetune.textual_inversion.steps=...)" if hyphen else
+                   f"unknown key; did you mean {near}?")
+        elif e["type"] == "literal_error" and isinstance(value, str):
+            near = _near_value(value, allowed)
+            if near:
+                msg = f"{msg}; did you mean {near!r}?"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
         line = f"  {key} = {value!r}: {msg}" if key else f"  {msg}"

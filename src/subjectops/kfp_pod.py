@@ -165,12 +165,14 @@ def run_step(name: str, params, inputs: Mapping[str, Any], out, args: Mapping[st
     """The body of a stage's component: the stage on the step's artifacts. A folder argument arrives as the
     artifact holding it (fetch-subject's); a step every branch runs records why when the plan leaves it out; a
     multi-GPU stage launches its CLI command over the pod's GPUs, its checkpoints on the model-cache volume."""
+    from subjectops import threads
     from subjectops.stages.base import StageContext
     from subjectops.stages.common import not_needed
     from subjectops.stages.plan import plan
     from subjectops.stages.registry import get_stage
     from subjectops.stopping import sigterm_requests_stop
 
+    threads.configure()  # the pod's CPU limit, not the node's cores (before the stage imports torch)
     stage, p, out_dir = get_stage(name), read_params(Path(params.path)), Path(out.path)
     dirs = {k: Path(v.path) if v is not None else None for k, v in inputs.items()}
     args = {k: single_subdir(Path(v.path)) if hasattr(v, "path") else v for k, v in args.items()}

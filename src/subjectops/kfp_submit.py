@@ -235,7 +235,7 @@ def submit(
     subject: str = typer.Argument(..., help="s3://bucket/prefix of the photos, or dvc://path[@rev] with --dvc-repo"),
     class_word: str = typer.Option(..., "--class", help="the subject's class, e.g. teapot"),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="default: personalize-<subject>-<method>"),
-    experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment"),
+    experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="KFP experiment the run is filed under"),
 ):
     """Submit a `personalize` run of one subject to Kubeflow Pipelines."""
     spec = check_subject(subject)
@@ -307,7 +307,8 @@ def benchmark_submit(
     subjects_file: Optional[Path] = SubjectsFileOpt, subjects_root: str = SubjectsRootOpt,
     parallelism: int = ParallelismOpt, fail_on_refused: bool = FailRefusedOpt,
     run_name: Optional[str] = typer.Option(None, "--run-name", help="default: benchmark-<method>"),
-    experiment: str = typer.Option(BENCHMARK_EXPERIMENT, "--experiment"),
+    experiment: str = typer.Option(BENCHMARK_EXPERIMENT, "--experiment",
+                                   help="KFP experiment the benchmark runs are filed under"),
 ):
     """Submit one `benchmark` run now (the Helm chart's CronJob calls this)."""
     arguments = _benchmark_arguments(opts, subjects_file, subjects_root, fail_on_refused, parallelism)
@@ -328,7 +329,8 @@ def benchmark_schedule(
     parallelism: int = ParallelismOpt, fail_on_refused: bool = FailRefusedOpt,
     name: Optional[str] = typer.Option(None, "--name",
                                        help="recurring run name (default: benchmark-<method>-nightly)"),
-    experiment: str = typer.Option(BENCHMARK_EXPERIMENT, "--experiment"),
+    experiment: str = typer.Option(BENCHMARK_EXPERIMENT, "--experiment",
+                                   help="KFP experiment the benchmark runs are filed under"),
 ):
     """Create a KFP recurring run of the benchmark: one run at a time (max_concurrency=1), no catch-up."""
     validate_cron(cron)

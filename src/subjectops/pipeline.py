@@ -12,7 +12,7 @@ from subjectops.config import Params
 from subjectops.console import console
 from subjectops.data.subject import check_class_word, load_subject
 from subjectops.models.loading import training_resolution
-from subjectops.preflight import require_writable
+from subjectops.preflight import require_ready
 from subjectops.run_folder import check_out_folder, write_run_record
 from subjectops.runlock import run_lock
 from subjectops.stages.base import StageContext
@@ -41,16 +41,16 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path,
     has none, so registration is left to `subjectops sync RUN` (or `subjectops register RUN`).
     """
     # Every input check first (refine repeats them; it takes a second), so a bad photo or a typo fails
-    # before minutes of work, before the run folder exists and before a tracking run is opened.
+    # before minutes of work, before the run folder exists and before a tracking run is opened; then the
+    # preflight: every weight the plan loads, every folder it writes, the tracking server, all listed at once.
     check_class_word(class_word)
-    load_subject(Path(subject_dir), params.subject, training_resolution(params))
     out = Path(out)
     planned_stages = plan(params).stages
     check_out_folder(out, subject_dir, class_word, [s.name for s in planned_stages], force)
-    require_writable(out, "the run folder (--out)")
-    if plan(params).has("priors"):
-        require_writable(Path(params.priors.cache_dir), "the class-image cache (priors.cache_dir)")
     tracker = tracker or NullTracker()
+    require_ready(params, out, track=getattr(tracker, "tracks", False),
+                  tracking_uri=getattr(tracker, "explicit_uri", None))
+    load_subject(Path(subject_dir), params.subject, training_resolution(params))
     dirs: dict[str, Path] = {}
     base: list = []  # the base pipeline, once a stage has needed it
 

@@ -41,6 +41,7 @@ class WeightNeed:
     ident: str
     locate: Callable[[], object]  # returns the file, or None / raises ModelNotFoundError when it is absent
     how: str
+    key: str = ""  # the params key that names it (what `models check` and the preflight tell the user to set)
 
 
 class Method:

@@ -171,7 +171,7 @@ class HypnosMethod(DreamBoothMethod):
 
         ident = self.cfg.efficientnet
         return [WeightNeed("EfficientNet-B1 (Hypnos perceptual loss)", ident, lambda: _weight_file(ident),
-                           how_to_provide())]
+                           how_to_provide(), key="finetune.hypnos.efficientnet")]
 
     def setup(self) -> None:
         cfg = self.cfg

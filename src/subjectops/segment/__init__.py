@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Protocol
 
@@ -38,5 +37,7 @@ def segment_all(backend: MaskBackend, images: Iterable[Image.Image]) -> Iterator
     if not backend.one_core:
         yield from map(backend.mask, images)
         return
-    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+    from subjectops.threads import cpus
+
+    with ThreadPoolExecutor(max_workers=cpus()) as pool:  # the CPU quota and affinity, not every core of the node
         yield from pool.map(backend.mask, images)

@@ -11,7 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator
 
-from subjectops import __version__
+from subjectops import __version__, threads
 from subjectops.config import Params
 from subjectops.console import console
 from subjectops.digest import digest_json, sha256_file
@@ -97,6 +97,7 @@ def write_manifest(work: Path, stage: str, params: Params, inputs: dict[str, Pat
                    for name, path in inputs.items() if path is not None},
         "outputs": file_hashes(work),
         "versions": versions(),
+        "threads": threads.record(),  # the compute threads this process chose, and why (subjectops.threads)
         **extra,
     }
     (Path(work) / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -39,6 +39,8 @@ class Tracker(Protocol):
 class NullTracker:
     """Tracks nothing: the run directory alone is the record."""
 
+    tracks = False  # no server for the preflight to reach
+
     @contextlib.contextmanager
     def pipeline(self, params: Params, run_dir: Path) -> Iterator[None]:
         yield

@@ -66,6 +66,8 @@ def _record_outcome(outcome: dict) -> Iterator[None]:
 class MlflowTracker:
     """Tracker for `subjectops.pipeline.run`: parent run + one nested run per stage, local fallback."""
 
+    tracks = True  # the preflight checks that its server answers before the run starts
+
     def __init__(
         self,
         tracking_uri: str | None = None,
