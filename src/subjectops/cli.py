@@ -24,6 +24,7 @@ from subjectops.cli_common import (
     user_errors,
 )
 from subjectops.config import Params
+from subjectops.console import log, timed
 from subjectops.errors import SubjectopsError
 from subjectops.stages.base import Stage, StageContext
 from subjectops.stages.common import not_needed
@@ -105,7 +106,8 @@ def stage_command(stage: Stage) -> Callable:
         wanted = planned.inputs(stage.name) if planned.has(stage.name) else stage.reads
         inputs = {name: stage_path(kw[f"{get_stage(name).option.replace('-', '_')}_dir"], run, name,
                                    required=name in wanted) for name in stage.reads}
-        stage.run(StageContext(params, inputs, out, args={a.name: kw[a.name] for a in stage.arguments}))
+        with timed(stage.command):
+            stage.run(StageContext(params, inputs, out, args={a.name: kw[a.name] for a in stage.arguments}))
         done(stage.command, out)
         if stage.report:
             done("report", out / stage.report)
@@ -135,7 +137,7 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer,
     sweep (when the run keeps snapshots), evaluate."""
     from subjectops.cli_tracking import make_tracker
-    from subjectops.pipeline import default_run_dir
+    from subjectops.pipeline import default_run_dir, summary
     from subjectops.pipeline import run as run_pipeline
     from subjectops.tracking import NullTracker
 
@@ -147,12 +149,12 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     dirs = run_pipeline(params, subject_dir, class_word, out, tracker=make_tracker(params) if track else NullTracker())
     for stage, path in dirs.items():
         done(stage, path)
-    done("report", dirs["evaluate"] / "report.html")
+    for line in summary(out):
+        log(f"summary: {line}")
     from subjectops.stages.catalog import stage_catalog
 
     if not track and stage_catalog().wants_registration(params):
-        console.print(f"register: left for later (--no-track): `subjectops sync {out}` registers the model",
-                      highlight=False)
+        log(f"register: left for later (--no-track): `subjectops sync {out}` registers the model")
 
 
 @app.command()
@@ -239,8 +241,7 @@ def tokens_scan(model: Optional[str] = ModelOpt,
     if vocabulary != 0:
         candidates = rare_tokens.vocabulary_candidates(rare_tokens.tokenizer_vocabulary(params.model),
                                                        rare_tokens.read_dictionary(dictionary), vocabulary, cfg.seed)
-    ranking = rare_tokens.scan(cfg, params.model, candidates, force,
-                               on_score=lambda t, s: console.print(f"  {t}: {s:.4f}", highlight=False))
+    ranking = rare_tokens.scan(cfg, params.model, candidates, force)
     table = Table(title=f"tokens for {params.model.base} (mean pairwise SSIM of {cfg.images_per_token} images)")
     for col in ("rank", "token", "score", "reference token's prior"):
         table.add_column(col)

@@ -47,4 +47,4 @@ def build_params(params_path: Path, sets: Optional[List[str]], model: Optional[s
 
 
 def done(what: str, path: Path) -> None:
-    console.print(f"[green]{what}:[/] {path}", highlight=False)
+    console.print(f"[green]{what}:[/] {path}", highlight=False, soft_wrap=True)
