@@ -170,6 +170,43 @@ def replace(image: Path = typer.Argument(..., help="photo whose subject is repla
     done("replace", stage(build_params(params_path, sets), image, run, word, out))
 
 
+@app.command()
+@user_errors
+def generate(prompt: str = typer.Option(..., "--prompt", help="what to draw; {subject} stands for the identifier and "
+                                        "class word, e.g. \"a {subject} on a beach\""),
+             out: Path = typer.Option(..., "--out", help="folder for NNNN.png and generated.json (new, or an earlier "
+                                      "generate's)"),
+             run: Optional[Path] = typer.Option(None, "--run", help="a finished run folder (its infer settings)"),
+             model_uri: Optional[str] = typer.Option(None, "--model-uri", help="a registered model, e.g. "
+                                                     "models:/NAME@champion"),
+             negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt",
+                                                           help="what to steer away from (plain strategy)"),
+             seed: Optional[int] = typer.Option(None, "--seed", help="first seed (default: infer's first seed); "
+                                                "image i uses seed + i"),
+             num_images: int = typer.Option(1, "--num-images", min=1, help="images to draw"),
+             attention_slicing: bool = typer.Option(False, "--attention-slicing",
+                                                    help="attention in slices: less GPU memory, a little slower"),
+             vae_tiling: bool = typer.Option(False, "--vae-tiling", help="decode in tiles (large images)"),
+             cpu_offload: bool = typer.Option(False, "--cpu-offload",
+                                              help="keep each model on the GPU only while it runs (needs a GPU)"),
+             tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI for "
+                                                        "--model-uri (default: MLFLOW_TRACKING_URI, else "
+                                                        "sqlite:///mlruns.db)")):
+    """Draw images of the subject from a run or a registered model, with the strategy, scheduler and steps infer
+    used: the same prompt and seed give infer's image."""
+    from subjectops.config import MemoryCfg
+    from subjectops.generate import from_model_uri, from_run
+    from subjectops.generate import generate as draw
+
+    if (run is None) == (model_uri is None):
+        raise SubjectopsError("generate draws from one model: a run folder or a registered model",
+                              fix="pass either --run RUN or --model-uri models:/NAME@champion")
+    memory = MemoryCfg(attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload)
+    source = from_run(run, memory) if run is not None else from_model_uri(model_uri, memory, tracking_uri)
+    images = draw(source, prompt, out, negative_prompt, seed, num_images)
+    done(f"generated {len(images)} image(s)", out)
+
+
 @models_app.command("check")
 @user_errors
 def models_check(params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt, model: Optional[str] = ModelOpt,
