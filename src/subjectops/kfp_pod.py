@@ -165,6 +165,7 @@ def run_step(name: str, params, inputs: Mapping[str, Any], out, args: Mapping[st
     """The body of a stage's component: the stage on the step's artifacts. A folder argument arrives as the
     artifact holding it (fetch-subject's); a step every branch runs records why when the plan leaves it out; a
     multi-GPU stage launches its CLI command over the pod's GPUs, its checkpoints on the model-cache volume."""
+    from subjectops.console import timed
     from subjectops.stages.base import StageContext
     from subjectops.stages.common import not_needed
     from subjectops.stages.plan import plan
@@ -187,7 +188,8 @@ def run_step(name: str, params, inputs: Mapping[str, Any], out, args: Mapping[st
         print("running:", " ".join(argv), flush=True)
         subprocess.run(argv, check=True)
     else:
-        stage.run(StageContext(p, dirs, out_dir, args=args))
+        with timed(f"stage {stage.command}"):  # the pod's log says when the stage ran and for how long
+            stage.run(StageContext(p, dirs, out_dir, args=args))
     if metrics is not None:
         for key, value in stage.metrics(out_dir).items():
             metrics.log_metric(key, value)
