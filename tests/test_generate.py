@@ -139,3 +139,26 @@ def test_card_snippets_load_each_method_s_weights(tmp_path):
     assert get_method("dreambooth").diffusers_code(tmp_path, info)[-1] == \
         'pipe.unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet")'
     assert get_method("hifi-tuner").diffusers_code(tmp_path, info) is None  # step-wise embeddings: subjectops only
+
+
+def test_the_card_marks_the_output_s_own_weights_and_leaves_nested_snapshots_alone(tmp_path):
+    """A snapshot inside the finetune folder was carded (and hashed in its own manifest) before the final weights:
+    writing the final card must not touch its files."""
+    import torch
+    from safetensors.torch import save_file
+
+    from subjectops.digest import sha256_file
+    from subjectops.methods.card import card_facts, write_card
+
+    snapshot = tmp_path / "snapshots" / "step_000001"
+    snapshot.mkdir(parents=True)
+    for folder in (tmp_path, snapshot):
+        save_file({"w": torch.zeros(2)}, folder / "pytorch_lora_weights.safetensors", metadata={"format": "pt"})
+    before = sha256_file(snapshot / "pytorch_lora_weights.safetensors")
+    info = {"method": "lora", "base_model": "tiny-sd15", "identifier": "sks", "class_word": "teapot",
+            "instance_prompt": "a photo of sks teapot", "steps": 2, "weights": ["pytorch_lora_weights.safetensors"]}
+    write_card(tmp_path, tmp_path, info, card_facts(info, 4, "ab" * 32), "tiny-sd15")
+    with safe_open(tmp_path / "pytorch_lora_weights.safetensors", "pt") as f:
+        assert f.metadata()["rank"] == "4" and f.metadata()["format"] == "pt"
+        assert torch.equal(f.get_tensor("w"), torch.zeros(2))
+    assert sha256_file(snapshot / "pytorch_lora_weights.safetensors") == before

@@ -53,7 +53,7 @@ def snippet(folder: Path, info: dict, base: str) -> str | None:
 
 def write_card(directory: Path, published: Path, info: dict, facts: dict[str, str], base: str) -> None:
     """README.md in `directory` (a finetune output being written; `published` is where it will live) and `facts`
-    added to the metadata of every safetensors file in it."""
+    added to the metadata of every safetensors file of the weights `save` wrote (method.json's `weights`)."""
     code = snippet(published, info, base)
     how = (f"```python\n{code}\n```\n" if code is not None else
            f"The {info['method']} weights need subjectops' sampler (they are not a format diffusers loads): use "
@@ -70,8 +70,12 @@ def write_card(directory: Path, published: Path, info: dict, facts: dict[str, st
         "`subjectops generate --run RUN --prompt \"a {subject} on a beach\" --out DIR` draws with the run's own "
         "inference strategy and settings (what was evaluated); `--model-uri models:/NAME@champion` does the same "
         "for a registered version.\n")
-    for weights in sorted(directory.rglob("*.safetensors")):
-        add_metadata(weights, facts)
+    # only what `save` wrote: never a snapshot nested in the folder, whose own manifest already hashed its files
+    for written in info["weights"]:
+        path = directory / written
+        for weights in sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]:
+            if weights.suffix == ".safetensors":
+                add_metadata(weights, facts)
 
 
 def add_metadata(path: Path, extra: dict[str, str]) -> None:
