@@ -89,7 +89,7 @@ def test_finetune_keeps_an_inference_ready_adapter_at_each_snapshot_step(snapsho
         info = json.loads((snap / "method.json").read_text())
         manifest = json.loads((snap / "manifest.json").read_text())
         assert info["steps"] == step and info["weights"] == [LORA_FILE] and manifest["step"] == step
-        assert set(manifest["outputs"]) == {"method.json", LORA_FILE}  # adapter only
+        assert set(manifest["outputs"]) == {"method.json", "README.md", LORA_FILE}  # adapter only, and its card
         weights[step] = load_file(snap / LORA_FILE)
     final = load_file(ft / LORA_FILE)
     assert any(not torch.equal(weights[1][k], weights[2][k]) for k in final)  # training went on between them

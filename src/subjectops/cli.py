@@ -27,6 +27,7 @@ from subjectops.cli_common import (
     user_errors,
 )
 from subjectops.config import Params
+from subjectops.console import log, timed
 from subjectops.errors import SubjectopsError
 from subjectops.run_folder import run_params_file
 from subjectops.runlock import is_main_process, run_lock
@@ -141,7 +142,9 @@ def stage_command(stage: Stage) -> Callable:
             inputs = {name: stage_path(kw[f"{get_stage(name).option.replace('-', '_')}_dir"], run, name,
                                        required=name in wanted) for name in stage.reads}
             require_stage_ready(params, stage.name, out, inputs)  # the weights it loads, its output: all at once
-            run_stage(stage, StageContext(params, inputs, out, args={a.name: kw[a.name] for a in stage.arguments}))
+            with timed(stage.command):
+                run_stage(stage, StageContext(params, inputs, out,
+                                              args={a.name: kw[a.name] for a in stage.arguments}))
         done(stage.command, out)
         if stage.report:
             done("report", out / stage.report)
@@ -177,7 +180,7 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer,
     sweep (when the run keeps snapshots), evaluate."""
     from subjectops.cli_tracking import make_tracker
-    from subjectops.pipeline import default_run_dir
+    from subjectops.pipeline import default_run_dir, summary
     from subjectops.pipeline import run as run_pipeline
     from subjectops.tracking import NullTracker
 
@@ -193,12 +196,12 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
     dirs = run_pipeline(params, subject_dir, class_word, out, tracker=tracker, force=force)
     for stage, path in dirs.items():
         done(stage, path)
-    done("report", dirs["evaluate"] / "report.html")
+    for line in summary(out):
+        log(f"summary: {line}")
     from subjectops.stages.catalog import stage_catalog
 
     if not track and stage_catalog().wants_registration(params):
-        console.print(f"register: left for later (--no-track): `subjectops sync {out}` registers the model",
-                      highlight=False)
+        log(f"register: left for later (--no-track): `subjectops sync {out}` registers the model")
 
 
 @app.command()
@@ -213,6 +216,43 @@ def replace(image: Path = typer.Argument(..., help="photo whose subject is repla
     from subjectops.stages.replace import replace as stage
 
     done("replace", stage(build_params(params_path, sets), image, run, word, out))
+
+
+@app.command()
+@user_errors
+def generate(prompt: str = typer.Option(..., "--prompt", help="what to draw; {subject} stands for the identifier and "
+                                        "class word, e.g. \"a {subject} on a beach\""),
+             out: Path = typer.Option(..., "--out", help="folder for NNNN.png and generated.json (new, or an earlier "
+                                      "generate's)"),
+             run: Optional[Path] = typer.Option(None, "--run", help="a finished run folder (its infer settings)"),
+             model_uri: Optional[str] = typer.Option(None, "--model-uri", help="a registered model, e.g. "
+                                                     "models:/NAME@champion"),
+             negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt",
+                                                           help="what to steer away from (plain strategy)"),
+             seed: Optional[int] = typer.Option(None, "--seed", help="first seed (default: infer's first seed); "
+                                                "image i uses seed + i"),
+             num_images: int = typer.Option(1, "--num-images", min=1, help="images to draw"),
+             attention_slicing: bool = typer.Option(False, "--attention-slicing",
+                                                    help="attention in slices: less GPU memory, a little slower"),
+             vae_tiling: bool = typer.Option(False, "--vae-tiling", help="decode in tiles (large images)"),
+             cpu_offload: bool = typer.Option(False, "--cpu-offload",
+                                              help="keep each model on the GPU only while it runs (needs a GPU)"),
+             tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI for "
+                                                        "--model-uri (default: MLFLOW_TRACKING_URI, else "
+                                                        "sqlite:///mlruns.db)")):
+    """Draw images of the subject from a run or a registered model, with the strategy, scheduler and steps infer
+    used: the same prompt and seed give infer's image."""
+    from subjectops.config import MemoryCfg
+    from subjectops.generate import from_model_uri, from_run
+    from subjectops.generate import generate as draw
+
+    if (run is None) == (model_uri is None):
+        raise SubjectopsError("generate draws from one model: a run folder or a registered model",
+                              fix="pass either --run RUN or --model-uri models:/NAME@champion")
+    memory = MemoryCfg(attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload)
+    source = from_run(run, memory) if run is not None else from_model_uri(model_uri, memory, tracking_uri)
+    images = draw(source, prompt, out, negative_prompt, seed, num_images)
+    done(f"generated {len(images)} image(s)", out)
 
 
 @models_app.command("check")
@@ -304,8 +344,7 @@ def tokens_scan(model: Optional[str] = ModelOpt,
     if vocabulary != 0:
         candidates = rare_tokens.vocabulary_candidates(rare_tokens.tokenizer_vocabulary(params.model),
                                                        rare_tokens.read_dictionary(dictionary), vocabulary, cfg.seed)
-    ranking = rare_tokens.scan(cfg, params.model, candidates, force,
-                               on_score=lambda t, s: console.print(f"  {t}: {s:.4f}", highlight=False))
+    ranking = rare_tokens.scan(cfg, params.model, candidates, force)
     table = Table(title=f"tokens for {params.model.base} (mean pairwise SSIM of {cfg.images_per_token} images)")
     for col in ("rank", "token", "score", "reference token's prior"):
         table.add_column(col)

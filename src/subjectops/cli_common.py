@@ -52,7 +52,7 @@ def build_params(params_path: Path | None, sets: Optional[List[str]], model: Opt
 
 
 def done(what: str, path: Path) -> None:
-    console.print(f"[green]{what}:[/] {path}", highlight=False)
+    console.print(f"[green]{what}:[/] {path}", highlight=False, soft_wrap=True)
 
 
 def run_folder(positional: Optional[Path], option: Optional[Path], required: bool = True) -> Optional[Path]:

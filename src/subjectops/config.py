@@ -239,6 +239,16 @@ class ReplaceCfg(StrictModel):
     captioner: Optional[str] = None  # BLIP-2 id or directory; None: "a photo of a {word}"
 
 
+class MemoryCfg(StrictModel):
+    """diffusers' inference memory savers, for a GPU too small for the base model (not part of what decides an
+    image: the registered model samples without them). Attention slicing and VAE tiling can move pixels by float
+    rounding; CPU offload needs a GPU."""
+
+    attention_slicing: bool = False  # attention in slices: less peak memory, a little slower
+    vae_tiling: bool = False  # the VAE decodes in overlapping tiles (large images)
+    cpu_offload: bool = False  # each model moves to the GPU only while it runs (diffusers' model CPU offload)
+
+
 class InferCfg(StrictModel):
     """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
 
@@ -261,6 +271,7 @@ class InferCfg(StrictModel):
     reference_guided: ReferenceGuidedCfg = ReferenceGuidedCfg()
     dreamblend: DreamBlendCfg = DreamBlendCfg()
     alchemy: AlchemyInferCfg = AlchemyInferCfg()
+    memory: MemoryCfg = MemoryCfg()
 
 
 class GateCfg(StrictModel):

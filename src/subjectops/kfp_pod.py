@@ -166,6 +166,7 @@ def run_step(name: str, params, inputs: Mapping[str, Any], out, args: Mapping[st
     artifact holding it (fetch-subject's); a step every branch runs records why when the plan leaves it out; a
     multi-GPU stage launches its CLI command over the pod's GPUs, its checkpoints on the model-cache volume."""
     from subjectops import threads
+    from subjectops.console import timed
     from subjectops.stages.base import StageContext
     from subjectops.stages.common import not_needed
     from subjectops.stages.plan import plan
@@ -190,7 +191,7 @@ def run_step(name: str, params, inputs: Mapping[str, Any], out, args: Mapping[st
         print("running:", " ".join(argv), flush=True)
         subprocess.run(argv, check=True)
     else:
-        with sigterm_requests_stop():  # a preempted pod's stage ends its unit of work and exits 75
+        with sigterm_requests_stop(), timed(f"stage {stage.command}"):  # preempted: exit 75; the log says how long
             stage.run(StageContext(p, dirs, out_dir, args=args))
     if metrics is not None:
         for key, value in stage.metrics(out_dir).items():

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from subjectops.config import Params
-from subjectops.console import console
+from subjectops.console import console, timed
 from subjectops.data.subject import check_class_word, load_subject
 from subjectops.models.loading import training_resolution
 from subjectops.preflight import require_ready
@@ -66,11 +66,14 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path,
         write_run_record(out, params, subject_dir, class_word)
         for planned in planned_stages:
             stage, target = get_stage(planned.name), out / planned.name
-            if stage.tracked:  # registration needs the tracker's server
-                if tracker.register_model(stage_catalog().register, out, target):
-                    dirs[stage.name] = target
+            if stage.tracked:  # registration needs the tracker's server (a NullTracker has none: said at the end)
+                if isinstance(tracker, NullTracker):
+                    continue
+                with timed(f"stage {stage.command}"):
+                    if tracker.register_model(stage_catalog().register, out, target):
+                        dirs[stage.name] = target
                 continue
-            with tracker.stage(stage.name, target):
+            with timed(f"stage {stage.command}"), tracker.stage(stage.name, target):
                 ctx = StageContext(params, {name: dirs[name] for name in planned.inputs}, target,
                                    args={"subject_dir": Path(subject_dir), "class_word": class_word})
                 reason = reason_to_run(stage, ctx, hashes)
@@ -85,3 +88,34 @@ def run(params: Params, subject_dir: Path, class_word: str, out: Path,
             dirs[stage.name] = target
             stop_if_requested("the run", f"after {stage.command} finished")
     return dirs
+
+
+def summary(run_dir: Path) -> list[str]:
+    """What a finished run comes to, as the lines `subjectops run` ends its log with: the identifier that stands for
+    the subject in prompts, each evaluated mean (marked when its backbone is random: plumbing, not quality), the
+    registered model's URI and the report."""
+    import json
+
+    from subjectops.metrics.schema import read_metrics
+
+    run_dir = Path(run_dir)
+    lines = []
+    method = run_dir / "finetune" / "method.json"
+    if method.is_file():
+        info = json.loads(method.read_text())
+        lines.append(f"identifier: {info['identifier']} (prompt: \"{info['instance_prompt']}\", method "
+                     f"{info['method']}, base {info['base_model']})")
+    metrics = run_dir / "evaluate" / "metrics.json"
+    if metrics.is_file():
+        for r in read_metrics(metrics)["metrics"]:
+            if r.get("mean") is not None:
+                mean = f"{r['mean']:.4f}" if isinstance(r["mean"], (int, float)) else str(r["mean"])
+                random = " (random backbone: plumbing only)" if r.get("pretrained") is False else ""
+                lines.append(f"metric {r['prompt_set']}/{r['key']}: {mean}{random}")
+    registration = run_dir / "register" / "registration.json"
+    if registration.is_file():
+        info = json.loads(registration.read_text())
+        lines.append(f"model: {info['model_uri']} (alias {info['alias_uri']})")
+    if (run_dir / "evaluate" / "report.html").is_file():
+        lines.append(f"report: {run_dir / 'evaluate' / 'report.html'}")
+    return lines

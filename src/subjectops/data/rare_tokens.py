@@ -165,10 +165,12 @@ def _read_cache(path: Path) -> dict[str, float]:
                               fix=f"delete {path} and run `subjectops tokens scan` again") from None
 
 
-def scan(cfg: TokenScanCfg, model: ModelCfg, candidates: Sequence[str] | None = None, force: bool = False,
-         on_score: Callable[[str, float], None] | None = None) -> TokenRanking:
+def scan(cfg: TokenScanCfg, model: ModelCfg, candidates: Sequence[str] | None = None,
+         force: bool = False) -> TokenRanking:
     """Rank `candidates` (default: cfg.candidates) with the unmodified base model, scoring only tokens the cache
-    lacks (all of them when `force`); the cache is rewritten after each token, so a stopped scan resumes."""
+    lacks (all of them when `force`); the cache is rewritten after each token, so a stopped scan resumes. Each
+    score is shown as it comes, with the scan's progress and ETA (a token takes seconds to minutes)."""
+    from subjectops.console import counted_columns, progress
     from subjectops.models.loading import load_pipeline
     from subjectops.models.sampling import generate, use_scheduler
 
@@ -194,11 +196,13 @@ def scan(cfg: TokenScanCfg, model: ModelCfg, candidates: Sequence[str] | None = 
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"settings": key, "base": model.base, "scores": known}, indent=2, sort_keys=True))
         tmp.replace(path)
-        if on_score:
-            on_score(token, score)
+        shown.update(task, advance=1, last=f"{token}: {score:.4f}")
 
     seeds = [cfg.seed + i for i in range(cfg.images_per_token)]
-    ranked, refs = rank_tokens(render, candidates, cfg.reference_tokens, seeds, known, record)
+    to_score = [t for t in dict.fromkeys([*candidates, *cfg.reference_tokens]) if t not in known]
+    with progress(*counted_columns("last")) as shown:
+        task = shown.add_task(f"token scan of {model.base}", total=len(to_score), last="")
+        ranked, refs = rank_tokens(render, candidates, cfg.reference_tokens, seeds, known, record)
     return TokenRanking(ranked, refs, path)
 
 
@@ -212,6 +216,6 @@ def best_token(cfg: TokenScanCfg, model: ModelCfg) -> str:
 
         console.print(f"token scan for {model.base}: scoring {len(missing)} of {len(cfg.candidates)} candidates "
                       f"(cached in {path}; set finetune.alchemy.token to skip)", highlight=False)
-        scan(cfg, model, on_score=lambda t, s: console.print(f"  {t}: {s:.4f}", highlight=False))
+        scan(cfg, model)
         scores = _read_cache(path)
     return min(cfg.candidates, key=lambda t: (scores[t], t))

@@ -3,6 +3,8 @@ registering its class here and its name in `subjectops.config.STRATEGY_NAMES`.""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from subjectops.errors import SubjectopsError
 from subjectops.inference.alchemy import AlchemyStrategy
 from subjectops.inference.base import REQUIREMENTS, InferenceSpec, StageInputs, Strategy
@@ -15,8 +17,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 __all__ = ["REQUIREMENTS", "STRATEGIES", "InferenceSpec", "StageInputs", "Strategy", "finetuned_pipeline",
-           "get_strategy",
-           "load_strategy"]
+           "get_strategy", "load_strategy", "memory_savers"]
 
 
 def get_strategy(name: str) -> type[Strategy]:
@@ -47,3 +48,24 @@ def finetuned_pipeline(model, finetune_dir):
         pipe = pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def memory_savers(memory) -> Callable[[object], None]:
+    """What applies `infer.memory` (a MemoryCfg) to a loaded pipeline, checked before anything loads: CPU offload
+    moves each model to a GPU while it runs, so it is refused where there is none."""
+    import torch
+
+    if memory.cpu_offload and not torch.cuda.is_available():
+        raise SubjectopsError("CPU offload (infer.memory.cpu_offload, --cpu-offload) moves each model to the GPU "
+                              "while it runs, and there is no GPU here",
+                              fix="drop --cpu-offload (or set infer.memory.cpu_offload=false) on a CPU machine")
+
+    def apply(pipe) -> None:
+        if memory.attention_slicing:
+            pipe.enable_attention_slicing()
+        if memory.vae_tiling:
+            pipe.vae.enable_tiling()
+        if memory.cpu_offload:
+            pipe.enable_model_cpu_offload()
+
+    return apply

@@ -85,11 +85,14 @@ class Strategy:
     section: ClassVar[str | None] = None
     # Keys of REQUIREMENTS; the planner runs (and the registered model packages) the stages that provide them.
     requires: ClassVar[frozenset[str]] = frozenset()
+    # whether `generate` honours `negative_prompt` (`subjectops generate --negative-prompt`); infer leaves it None
+    takes_negative_prompt: ClassVar[bool] = False
 
     def __init__(self, pipe, spec: InferenceSpec, inputs: StageInputs):
         self.pipe = pipe
         self.spec = spec
         self.inputs = inputs
+        self.negative_prompt: str | None = None
         # the section's pydantic model from config.py validates the recorded settings again when served
         section = InferCfg.model_fields[self.section].annotation if self.section else None
         self.config = section.model_validate(spec.config) if section else None
@@ -141,3 +144,9 @@ class Strategy:
         """The image of `generate`, plus named intermediate images and facts for the report (infer stores both
         beside the image; a strategy without intermediates returns empty ones)."""
         return self.generate([prompt], [seed])[0], {}, {}
+
+
+def fill_subject(prompt: str, identifier: str, class_word: str) -> str:
+    """A user's prompt with `{subject}` standing for the identifier and class word ("a {subject} on a beach" ->
+    "a sks teapot on a beach"), as the registered model and `subjectops generate` read prompts."""
+    return str(prompt).replace("{subject}", f"{identifier} {class_word}".strip())

@@ -172,14 +172,15 @@ def encoder(pipe):
 
 
 @torch.no_grad()
-def prompt_conditioning(pipe, prompt: str, timesteps: list[int], resolution: int) -> tuple[CondAt, Conditioning]:
+def prompt_conditioning(pipe, prompt: str, timesteps: list[int], resolution: int,
+                        negative_prompt: str | None = None) -> tuple[CondAt, Conditioning]:
     """cond_at and phi for a prompt, encoded by the pipeline's own `encode_prompt` (so they are what a pipeline call
-    with the prompt would use: textual-inversion tokens expanded, SDXL's zero negative). With HiFi Tuner's
-    step-wise subject embeddings on the pipeline (`pipe.subject_embeddings`, set by its `apply`), sampling step i's
-    conditioning is [c, c_s^t] at timesteps[i] (eq. 7)."""
+    with the prompt would use: textual-inversion tokens expanded, SDXL's zero negative unless a negative prompt is
+    given). With HiFi Tuner's step-wise subject embeddings on the pipeline (`pipe.subject_embeddings`, set by its
+    `apply`), sampling step i's conditioning is [c, c_s^t] at timesteps[i] (eq. 7)."""
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     encoded = pipe.encode_prompt(prompt, device=pipe.unet.device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=True)
+                                 do_classifier_free_guidance=True, negative_prompt=negative_prompt)
     if sdxl:
         c, u, pooled, u_pooled = encoded
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=c.dtype,

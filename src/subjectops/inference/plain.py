@@ -32,12 +32,13 @@ def scheduler_timesteps(pipe, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def sample(pipe, prompt: str, seed: int, spec: InferenceSpec, at_latent: LatentHook = unchanged) -> Image.Image:
+def sample(pipe, prompt: str, seed: int, spec: InferenceSpec, at_latent: LatentHook = unchanged,
+           negative_prompt: str | None = None) -> Image.Image:
     """One image from the seed's noise through the pipeline's denoising loop. The conditioning is
     `prompt_conditioning`'s: with HiFi Tuner's step-wise subject embeddings, step i's caption holds c_s^t (eq. 7),
     swapped in after each step."""
     timesteps = scheduler_timesteps(pipe, spec.steps)
-    cond_at, uncond = prompt_conditioning(pipe, prompt, timesteps, spec.resolution)
+    cond_at, uncond = prompt_conditioning(pipe, prompt, timesteps, spec.resolution, negative_prompt)
     stepwise = getattr(pipe, "subject_embeddings", None) is not None
 
     def step_end(pipeline, i, _t, tensors):
@@ -69,6 +70,7 @@ class PlainStrategy(Strategy):
     """
 
     name = "plain"
+    takes_negative_prompt = True
 
     @classmethod
     def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
@@ -83,4 +85,5 @@ class PlainStrategy(Strategy):
         return snapshot_dir(finetune_dir, settings["snapshot"])
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        return [sample(self.pipe, prompt, seed, self.spec) for prompt, seed in zip(prompts, seeds)]
+        return [sample(self.pipe, prompt, seed, self.spec, negative_prompt=self.negative_prompt)
+                for prompt, seed in zip(prompts, seeds)]

@@ -49,14 +49,19 @@ class AlchemyMethod(LoraMethod):
 
     def identifier(self) -> str:
         if not hasattr(self, "_token"):  # the scan cache is read once per run
+            from subjectops.console import log
+
             self._token = self.cfg.token or best_token(self.cfg.token_scan, self.params.model)
+            log(f"alchemy: identifier token {self._token!r} (chosen by {self.token_source()})")
         return self._token
 
-    def manifest_extra(self) -> dict:
+    def token_source(self) -> str:
         from subjectops.data.rare_tokens import cache_file
 
-        source = ("finetune.alchemy.token" if self.cfg.token
-                  else f"token scan {cache_file(self.cfg.token_scan, self.params.model)[0]}")
-        return {"alchemy": {"token": self.identifier(), "token_source": source,
+        return ("finetune.alchemy.token" if self.cfg.token
+                else f"token scan {cache_file(self.cfg.token_scan, self.params.model)[0]}")
+
+    def manifest_extra(self) -> dict:
+        return {"alchemy": {"token": self.identifier(), "token_source": self.token_source(),
                             "open_in_paper": {"rank": self.cfg.rank, "alpha": self.cfg.alpha, "lr": self.cfg.lr,
                                               "steps": self.cfg.steps}}}

@@ -167,6 +167,13 @@ class Method:
         """Load what `save` wrote into a freshly loaded base pipeline, for inference."""
         raise NotImplementedError
 
+    @classmethod
+    def diffusers_code(cls, folder: Path, info: dict) -> list[str] | None:
+        """Python lines that load what `save` wrote in `folder` into a diffusers pipeline `pipe`, the string
+        variable `folder` naming the folder (the model card's snippet); None when only subjectops' sampler can use
+        the weights."""
+        return None
+
     def attach_live(self, pipe) -> None:
         """Put what sampling needs beyond the trained modules on the training pipeline, for a validation image
         mid-training (the trained modules are the pipeline's own, trained in place: nothing to do)."""

@@ -102,6 +102,19 @@ class DreamBoothMethod(Method):
                 finetune_dir / "text_encoder_2", dtype=pipe.text_encoder_2.dtype, use_safetensors=True)
 
 
+    @classmethod
+    def diffusers_code(cls, folder: Path, info: dict) -> list[str] | None:
+        lines = ["from diffusers import UNet2DConditionModel",
+                 'pipe.unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet")']
+        if (folder / "text_encoder").is_dir():
+            lines += ["from transformers import CLIPTextModel",
+                      'pipe.text_encoder = CLIPTextModel.from_pretrained(f"{folder}/text_encoder")']
+        if (folder / "text_encoder_2").is_dir():
+            lines += ["from transformers import CLIPTextModelWithProjection",
+                      'pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(f"{folder}/text_encoder_2")']
+        return lines
+
+
 def save_unet(unet, directory: Path, half: bool) -> None:
     """The UNet in diffusers' format; `half` stores float16 tensors (a snapshot: half the disk, and
     `apply` loads it back in the pipeline's dtype)."""

@@ -56,3 +56,7 @@ class LoraMethod(DreamBoothMethod):
     @classmethod
     def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
         pipe.load_lora_weights(str(finetune_dir), weight_name=LORA_FILE)
+
+    @classmethod
+    def diffusers_code(cls, folder: Path, info: dict) -> list[str] | None:
+        return [f'pipe.load_lora_weights(folder, weight_name="{LORA_FILE}")']

@@ -115,6 +115,22 @@ class TextualInversionMethod(Method):
         return [EMBEDS_FILE]
 
     @classmethod
+    def diffusers_code(cls, folder: Path, info: dict) -> list[str] | None:
+        from safetensors import safe_open
+
+        token = info["identifier"]
+        with safe_open(folder / EMBEDS_FILE, "pt") as f:
+            sdxl = set(SDXL_KEYS) <= set(f.keys())
+        if not sdxl:
+            return [f'pipe.load_textual_inversion(f"{{folder}}/{EMBEDS_FILE}", token="{token}")']
+        return ["from safetensors.torch import load_file",
+                f'embeds = load_file(f"{{folder}}/{EMBEDS_FILE}")',
+                f'pipe.load_textual_inversion(embeds["{SDXL_KEYS[0]}"], token="{token}", '
+                "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+                f'pipe.load_textual_inversion(embeds["{SDXL_KEYS[1]}"], token="{token}", '
+                "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"]
+
+    @classmethod
     def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
         path = finetune_dir / EMBEDS_FILE
         token = info["identifier"]

@@ -59,3 +59,7 @@ class TwoStageMethod(TextualInversionMethod):
     def apply(cls, pipe, finetune_dir: Path, info: dict) -> None:
         DreamBoothMethod.apply(pipe, finetune_dir, info)
         TextualInversionMethod.apply(pipe, finetune_dir, info)
+
+    @classmethod
+    def diffusers_code(cls, folder: Path, info: dict) -> list[str] | None:
+        return DreamBoothMethod.diffusers_code(folder, info) + TextualInversionMethod.diffusers_code(folder, info)

@@ -33,7 +33,8 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     from subjectops.inference.base import InferenceSpec
     from subjectops.inference.plain import sample
     from subjectops.methods import get_method, snapshot_dir
-    from subjectops.models.loading import load_pipeline
+    from subjectops.methods.card import card_facts, write_card
+    from subjectops.models.loading import load_pipeline, resolve
     from subjectops.models.sampling import use_scheduler
     from subjectops.stages.plan import snapshot_steps
     from subjectops.stages.priors import load_priors, training_identity
@@ -68,6 +69,10 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
                 "resolution": subject.resolution, "weights": written, "processes": trainer.world,
                 "native_resolution": models.native_resolution}
         (directory / "method.json").write_text(json.dumps(info, indent=2))
+        # the card and the weights' metadata, before the manifest hashes them; its snippet names the folder as
+        # published (the work folder is renamed to `out` at the end)
+        write_card(directory, Path(out).resolve() / directory.relative_to(work), info,
+                   card_facts(info, getattr(method.cfg, "rank", None), data["refine"]), resolve(params.model))
         write_manifest(directory, "finetune", params, manifest_inputs, method=method.name, processes=trainer.world,
                        prepared=trainer.prepared, step=steps, **method.manifest_extra())
 

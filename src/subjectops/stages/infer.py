@@ -15,12 +15,10 @@ from subjectops.stopping import stop_if_requested
 
 
 def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
-    from rich.progress import Progress
-
-    from subjectops.console import console
+    from subjectops.console import progress as progress_display
     from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
     from subjectops.data.subject import RefinedSubject
-    from subjectops.inference import StageInputs, get_strategy, load_strategy
+    from subjectops.inference import StageInputs, get_strategy, load_strategy, memory_savers
 
     refine_dir = require_stage_dir(refine_dir, "refine", "infer")
     subject = RefinedSubject.load(refine_dir)
@@ -34,8 +32,10 @@ def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
         )
     sets = build_prompt_sets(params, info["identifier"], subject.class_word)
     spec = get_strategy(params.infer.strategy).spec_for(params.infer, subject.resolution)
+    save_memory = memory_savers(params.infer.memory)
     strategy = load_strategy(spec, StageInputs(model=params.model, finetune=finetune_dir, refine=refine_dir))
-    with stage_output(out) as work, Progress(console=console, transient=True) as progress:
+    save_memory(strategy.pipe)
+    with stage_output(out) as work, progress_display(transient=True) as progress:
         samples = []
         for pset in sets:
             folder = work / "images" / pset.name

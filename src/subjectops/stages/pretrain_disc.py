@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from subjectops.config import Params
 from subjectops.console import console
+from subjectops.console import progress as progress_display
 from subjectops.errors import ModelNotFoundError, SubjectopsError
 from subjectops.methods.base import LATENT_DISCRIMINATOR
 from subjectops.stages.base import Stage
@@ -148,7 +149,6 @@ def evaluate_disc(disc: LatentDiscriminator, pool: LatentPool, n: int, batch_siz
 def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path) -> Path:
     import torch
     import torch.nn.functional as F
-    from rich.progress import Progress
 
     from subjectops.data.augment import DiscriminatorSampler
     from subjectops.data.subject import RefinedSubject, to_tensor
@@ -191,7 +191,8 @@ def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out
                       cfg.variants_per_type)
 
     with stage_output(out) as work:
-        with Progress(transient=True, console=console) as progress, (work / "train_log.jsonl").open("w") as log:
+        with (progress_display(transient=True, every=max(1, cfg.steps // 20)) as progress,
+              (work / "train_log.jsonl").open("w") as log):
             task = progress.add_task("pretrain-disc", total=cfg.steps)
             for step in range(1, cfg.steps + 1):
                 z, labels, kinds = pool.draw(cfg.batch_size)

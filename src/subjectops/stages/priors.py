@@ -43,8 +43,8 @@ def generate_priors(params: Params, prompt: str, resolution: int, target: Path, 
     """Generate the class images into target/images (image i always from seed + i), with the given base
     pipeline (its scheduler is restored afterwards) or one loaded here."""
     import torch
-    from rich.progress import Progress
 
+    from subjectops.console import progress as progress_display
     from subjectops.models.loading import load_pipeline
 
     p = params.priors
@@ -53,7 +53,7 @@ def generate_priors(params: Params, prompt: str, resolution: int, target: Path, 
     use_scheduler(pipe, p.scheduler)
     (target / "images").mkdir(parents=True)
     # inference mode: no autograd bookkeeping at all (no_grad still tracks versions and views)
-    with Progress(transient=True) as progress, torch.inference_mode():
+    with progress_display(transient=True, every=10) as progress, torch.inference_mode():
         task = progress.add_task(f"priors: {prompt!r}", total=p.num_images)
         for start in range(0, p.num_images, p.batch_size):
             idx = list(range(start, min(start + p.batch_size, p.num_images)))

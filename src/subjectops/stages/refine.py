@@ -15,9 +15,8 @@ SEGMENT_MIN_RESOLUTION = 256
 def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Path:
     import numpy as np
     from PIL import Image
-    from rich.progress import track
 
-    from subjectops.console import console
+    from subjectops.console import console, track
     from subjectops.data.subject import check_class_word, fit, load_subject
     from subjectops.models.loading import training_resolution
     from subjectops.segment import get_backend, segment_all
@@ -38,9 +37,7 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
         images, masks, coverage = [], [], []
         sources = [fit(original, seg_res, params.subject.fit) if seg_res > resolution else img
                    for original, img in zip(subject.originals, subject.images)]
-        segmented = track(segment_all(backend, sources), total=len(sources),
-                          description=f"refine: masks ({backend.name})",
-                          transient=True)
+        segmented = track(segment_all(backend, sources), len(sources), f"refine: masks ({backend.name})")
         for i, (img, mask) in enumerate(zip(subject.images, segmented)):
             mask = mask.resize((resolution, resolution), Image.BILINEAR)
             img.save(work / "images" / f"{i:02d}.png")

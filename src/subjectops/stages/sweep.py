@@ -45,6 +45,7 @@ def per_image_stats(metrics: dict, key: str) -> tuple[float, float]:
 
 
 def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
+    from subjectops.console import counted_columns, progress
     from subjectops.metrics.schema import read_metrics
     from subjectops.selection.pareto import POINTS_FILE, OperatingPoint, choose, pareto_front
     from subjectops.stages.evaluate import evaluate
@@ -53,7 +54,9 @@ def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
     refine_dir = require_stage_dir(refine_dir, "refine", "sweep")
     finetune_dir = require_stage_dir(finetune_dir, "finetune", "sweep")
     settings = sweep_settings(params, finetune_dir)
-    with stage_output(out) as work:
+    with stage_output(out) as work, progress(*counted_columns("last")) as shown:
+        # each point is a whole infer and evaluate (DreamBlend's: minutes each): its numbers and the ETA as it ends
+        task = shown.add_task("sweep: operating points", total=len(settings), last="")
         points = []
         for i, (label, point_params, weights, point_settings) in enumerate(settings):
             folder = work / "points" / f"{i:02d}"
@@ -64,6 +67,7 @@ def sweep(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Pa
             points.append(OperatingPoint(label, point_params.infer.strategy, point_settings, clip_t[0], clip_t[1],
                                          dino[0], dino[1], len(metrics["per_image"]),
                                          folder.relative_to(work).as_posix()))
+            shown.update(task, advance=1, last=f"{label}: CLIP-T {clip_t[0]:.4f} DINO {dino[0]:.4f}")
             stop_if_requested("sweep", f"after operating point {i + 1} of {len(settings)}")
         min_clip_t = params.registry.choose.min_clip_t
         chosen = choose(points, min_clip_t)

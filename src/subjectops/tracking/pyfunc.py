@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 
 class PersonalizedDiffusion(mlflow.pyfunc.PythonModel):
@@ -37,12 +38,13 @@ class PersonalizedDiffusion(mlflow.pyfunc.PythonModel):
         self.cfg = cfg
 
     def _prompt(self, text: str) -> str:
-        subject = f"{self.cfg.get('identifier', '')} {self.cfg.get('class_word', '')}".strip()
-        return str(text).replace("{subject}", subject)
+        from subjectops.inference.base import fill_subject
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
+        return fill_subject(text, self.cfg.get("identifier") or "", self.cfg.get("class_word") or "")
 
+    # the hint is MLflow's "no schema from the hint" type: the explicit signature (below) validates the input, and
+    # MLflow's "add type hints to predict" warning has nothing to ask for
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if isinstance(model_input, str):
             model_input = [model_input]
         if isinstance(model_input, (list, tuple)):
@@ -92,8 +94,9 @@ def save_pyfunc(path: Path, artifacts: dict[str, Path], model_config: dict, pip_
     import warnings
 
     with warnings.catch_warnings():
-        # mlflow suggests type hints and an input example; the explicit signature covers both here
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+        # an input example would make MLflow load the base model and draw an image while saving; the explicit
+        # signature is what validates requests
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         mlflow.pyfunc.save_model(
             path=str(path),
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # model from code: nothing pickled

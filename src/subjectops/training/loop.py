@@ -33,9 +33,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from diffusers.optimization import get_scheduler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from subjectops.console import console
+from subjectops.console import console, counted_columns
+from subjectops.console import progress as progress_display
 from subjectops.errors import SubjectopsError
 from subjectops.stopping import EXIT_STOPPED, Stopped, sigterm_requests_stop
 from subjectops.training.checkpoints import StepLog, checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -233,13 +233,12 @@ class Trainer:
 
         total = sum(p.steps for p in phases)
         global_step = 0
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
-                            TimeRemainingColumn(), console=console, disable=not (self.show_progress and self.is_main))
+        # a terminal gets the live bar; a file gets a line every finetune.log_every steps. The loss shows once read.
+        progress = progress_display(*counted_columns("loss"), every=self.cfg.log_every,
+                                    disable=not (self.show_progress and self.is_main))
         try:
             with progress, sigterm_requests_stop() as stop:
-                task = progress.add_task(f"finetune {method.name}", total=total, completed=start_global,
-                                         loss=float("nan"))
+                task = progress.add_task(f"finetune {method.name}", total=total, completed=start_global, loss="")
                 for phase_idx, phase in enumerate(phases):
                     phase_start = global_step
                     global_step += phase.steps
@@ -291,7 +290,7 @@ class Trainer:
                     self.log.write(record)
                 if self.on_step:
                     self.on_step(record["step"], record)
-                progress.update(task, advance=1, loss=record["loss"])
+                progress.update(task, advance=1, loss=f"loss {record['loss']:.4f}")
             pending.clear()
 
         with self.models.calling_through(dict(zip(owners, wrapped))):
