@@ -178,8 +178,8 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
 
 
 def record(out_dir: Path, rec, grids: Path) -> None:
-    """Every number of metrics.json as a metric and the backbones as tags (both also on the parent run), and the
-    output's files."""
+    """Every number of metrics.json as a metric, the backbones and counts as tags (all also on the parent run), and
+    the output's files (report.html also on the parent run)."""
     from subjectops.tracking.record import SKIP_DIRS, eval_metric_points, eval_tags, files_in, read_eval_records
 
     records = read_eval_records(out_dir / "metrics.json")
@@ -194,6 +194,8 @@ def record(out_dir: Path, rec, grids: Path) -> None:
         if p.name == "manifest.json" or p.name in SKIP_DIRS:
             continue
         rec.artifacts.append((p, "evaluate" if p.is_file() else f"evaluate/{p.name}"))
+    if (out_dir / "report.html").is_file():  # at the top of the pipeline run: the first thing to open
+        rec.parent_artifacts.append((out_dir / "report.html", ""))
 
 
 def summary_metrics(out_dir: Path) -> dict[str, float]:
