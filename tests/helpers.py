@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,40 @@ def record_outputs(folder: Path) -> None:
 
     outputs = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / "manifest.json").write_text(json.dumps({"outputs": outputs}))
+
+
+# ----------------------------------------------------------------------------------------- reports
+class Outline(HTMLParser):
+    """The page's elements in document order as (tag, attributes), and each table's rows as text cells (by the
+    table's id, else `table N`, in document order)."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.elements, self.tables, self._cells = [], {}, None
+        self._table = None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.elements.append((tag, attrs))
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs.get("id") or f"table {len(self.tables)}", [])
+        elif tag == "tr" and self._table is not None:
+            self._table.append([])
+        elif tag in ("td", "th") and self._table is not None:
+            self._table[-1].append("")
+            self._cells = self._table[-1]
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self._cells = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cells is not None:
+            self._cells[-1] += data
+
+    def position(self, tag: str, **attrs) -> list[int]:
+        return [i for i, (t, a) in enumerate(self.elements)
+                if t == tag and all(v in (a.get(k) or "").split() or a.get(k) == v for k, v in attrs.items())]

@@ -179,7 +179,7 @@ def test_the_runs_report_draws_the_front_with_the_chosen_point_marked(snapshot_r
     doc = json.loads((run / "sweep" / "points.json").read_text())
     report = (run / "evaluate" / "report.html").read_text()
     assert 'id="operating-points"' in report
-    assert re.search(r'<img class="plot" alt="operating points in CLIP-T and DINO[^"]*" '
+    assert re.search(r'<img class="front" alt="operating points in CLIP-T and DINO[^"]*" '
                      r'src="data:image/png;base64,[A-Za-z0-9+/]{1000,}', report)
     rows = re.findall(r"<tr><td>([^<]*)</td>.*?<td>(yes|)</td><td>(chosen|)</td></tr>", report)
     assert [html.unescape(label) for label, _, _ in rows] == [p["label"] for p in doc["points"]]

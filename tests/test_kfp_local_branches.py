@@ -66,8 +66,8 @@ def sweep(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Inp
     os.makedirs(out.path)
 
 
-def evaluate(params: Input[Artifact], refine_dir: Input[Dataset], infer_dir: Input[Dataset],
-             sweep_dir: Input[Artifact],
+def evaluate(params: Input[Artifact], refine_dir: Input[Dataset], finetune_dir: Input[Model],
+             infer_dir: Input[Dataset], sweep_dir: Input[Artifact],
              out: Output[Artifact], metrics: Output[Metrics], report: Output[HTML]):
     import shutil
     shutil.copytree(infer_dir.path, out.path)
@@ -208,7 +208,9 @@ def test_benchmark_runs_every_method_and_subject_and_writes_the_leaderboard(stan
     assert all(len(runs) == 2 for runs in data["runs"].values())  # each row pools its run of each subject
     assert {"prompt-invariant/DINO", "prompt-invariant/CLIP-T"} <= set(data["columns"])
     cells = [cell for row in data["rows"].values() for cell in row.values()]
-    assert all(c["low"] <= c["mean"] <= c["high"] for c in cells)
+    assert all(c["low"] <= c["mean"] <= c["high"] for c in cells if c["low"] is not None)
+    # FID is one distance between two image sets: no per-image values, no interval
+    assert all(c["low"] is None for row in data["rows"].values() for col, c in row.items() if col.endswith("/FID"))
     for row in data["rows"].values():  # per-image values that vary give real bootstrap intervals
         assert row["prompt-invariant/DINO"]["low"] < row["prompt-invariant/DINO"]["high"]
     markdown = (board / "leaderboard.md").read_text()

@@ -61,22 +61,22 @@ REGISTER = ("register", ("refine", "finetune", "infer", "evaluate"))
 
 @pytest.mark.parametrize("method, overrides, expected", [
     ("dreambooth", (), [("refine", ()), ("priors", ("refine",)), ("finetune", ("refine", "priors")),
-                        ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer")), REGISTER]),
+                        ("infer", ("refine", "finetune")), ("evaluate", ("refine", "finetune", "infer")), REGISTER]),
     ("textual-inversion", ("registry.auto_register=false",),
      [("refine", ()), ("finetune", ("refine",)), ("infer", ("refine", "finetune")),
-      ("evaluate", ("refine", "infer"))]),
+      ("evaluate", ("refine", "finetune", "infer"))]),
     ("hypnos", (), [("refine", ()), ("priors", ("refine",)), ("pretrain_disc", ("refine", "priors")),
                     ("finetune", ("refine", "priors", "pretrain_disc")), ("infer", ("refine", "finetune")),
-                    ("evaluate", ("refine", "infer")), REGISTER]),
+                    ("evaluate", ("refine", "finetune", "infer")), REGISTER]),
     ("hypnos", ("finetune.hypnos.prior_preservation=false",),
      [("refine", ()), ("pretrain_disc", ("refine",)), ("finetune", ("refine", "pretrain_disc")),
-      ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer")), REGISTER]),
+      ("infer", ("refine", "finetune")), ("evaluate", ("refine", "finetune", "infer")), REGISTER]),
     ("hypnos", ("finetune.hypnos.lambda_ld=0",),
      [("refine", ()), ("priors", ("refine",)), ("finetune", ("refine", "priors")),
-      ("infer", ("refine", "finetune")), ("evaluate", ("refine", "infer")), REGISTER]),
+      ("infer", ("refine", "finetune")), ("evaluate", ("refine", "finetune", "infer")), REGISTER]),
     ("lora", ("finetune.lora.prior_preservation=false", "infer.strategy=dreamblend"),
      [("refine", ()), ("finetune", ("refine",)), ("infer", ("refine", "finetune")), ("sweep", ("refine", "finetune")),
-      ("evaluate", ("refine", "infer", "sweep")), REGISTER]),
+      ("evaluate", ("refine", "finetune", "infer", "sweep")), REGISTER]),
 ])
 def test_plan_lists_the_expected_stages_and_inputs(method, overrides, expected):
     assert stages_and_inputs(plan(params_for(method, overrides))) == expected
@@ -93,11 +93,11 @@ def test_every_plan_is_consistent(method, overrides):
             assert p.inputs(always) == inputs
     for i, stage in enumerate(p.stages):
         assert set(stage.inputs) <= set(names[:i])  # reads only earlier planned stages
-    # finetune reads every optional training stage that runs, evaluate the sweep when it runs (a run that keeps
-    # snapshots), and the plan serializes
+    # finetune reads every optional training stage that runs, evaluate the training (its report's loss curve) and
+    # the sweep when it runs (a run that keeps snapshots), and the plan serializes
     assert set(p.inputs("finetune")) == {"refine"} | {s for s in TRAINING_OPTIONAL if s in names}
     assert p.has("sweep") == ("snapshots" in p.requirements)
-    assert p.inputs("evaluate") == ("refine", "infer", "sweep")[:3 if p.has("sweep") else 2]
+    assert p.inputs("evaluate") == ("refine", "finetune", "infer", "sweep")[:4 if p.has("sweep") else 3]
     assert json.loads(json.dumps(p.to_dict()))["stages"][0] == {"name": "refine", "inputs": []}
     assert p.has("register") == ("registry.auto_register=false" not in overrides)
 

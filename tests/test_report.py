@@ -1,5 +1,7 @@
 """report.html renders in headless Chromium (no network): text, tables, and every embedded image loads."""
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -7,7 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from helpers import eval_params, make_run
+from helpers import Outline, eval_params, make_run
 from PIL import Image
 
 from subjectops.report.html import RANDOM_WARNING, render_report
@@ -31,6 +33,38 @@ def _chromium(tmp_path, *args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+TRAIN_STEPS = 40
+VALIDATION_STEPS = (20, 40)
+
+
+def add_training_record(root, params):
+    """What refine, finetune and infer record beside their images: masks, the loss log, validation images,
+    method.json, and infer's manifest (method, strategy, input hashes)."""
+    refine, finetune, infer = root / "refine", root / "finetune", root / "infer"
+    subject = json.loads((refine / "subject.json").read_text())
+    for i in range(len(subject["images"])):
+        (refine / "masks").mkdir(exist_ok=True)
+        Image.fromarray(np.full((64, 64), 255 * (i % 2), np.uint8), "L").save(refine / "masks" / f"{i:02d}.png")
+    subject.update(masks=[f"masks/{i:02d}.png" for i in range(len(subject["images"]))], mask_backend="grabcut",
+                   mask_coverage=[0.25, 0.5, 0.75], sources=[{"file": f"{i}.jpg", "sha256": f"{i:064d}"}
+                                                              for i in range(3)])
+    (refine / "subject.json").write_text(json.dumps(subject))
+    (finetune / "validation").mkdir(parents=True)
+    for step in VALIDATION_STEPS:
+        Image.fromarray(np.full((64, 64, 3), step, np.uint8)).save(finetune / "validation" / f"step_{step:06d}.png")
+    (finetune / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n"
+                                                      for s in range(1, TRAIN_STEPS + 1)))
+    (finetune / "method.json").write_text(json.dumps({
+        "method": "lora", "base_model": "tiny-sd15", "identifier": "sks", "instance_prompt": "a photo of sks teapot",
+        "class_word": "teapot", "steps": TRAIN_STEPS}))
+    (finetune / "manifest.json").write_text("{}")
+    (infer / "manifest.json").write_text(json.dumps({
+        "params": params.model_dump(mode="json"), "method": "lora",
+        "inference": {"strategy": "plain", "scheduler": "ddim", "steps": 7, "guidance_scale": 7.5, "resolution": 64},
+        "inputs": {"refine": {"sha256": "a" * 64}, "finetune": {"sha256": "f" * 64}}}))
+    return finetune
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     import os
@@ -39,7 +73,8 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     params = eval_params(prompt_sets=["prompt-invariant", "prompt-varying"])
     refine, infer = make_run(root, params)
-    out = evaluate(params, refine, infer, root / "evaluate")
+    finetune = add_training_record(root, params)
+    out = evaluate(params, refine, infer, root / "evaluate", finetune_dir=finetune)
     return out / "report.html"
 
 
@@ -124,3 +159,63 @@ def test_a_strategys_intermediate_images_show_with_the_result_and_its_details(re
     assert section.count('<img class="explained"') == 3  # the result and its two intermediates
     assert f'alt="stage1 for &quot;{samples[0]["prompt"]}&quot;, seed {samples[0]["seed"]}"' in section
     assert "segmenter: grabcut" in section
+
+def test_the_run_header_says_what_was_trained_before_any_picture(report):
+    page = Outline(report.read_text())
+    facts = dict(page.tables["run"])
+    assert facts["method"] == "lora" and facts["base model"] == "tiny-sd15"
+    assert facts["inference strategy"] == "plain (ddim, 7 steps, guidance 7.5, 64 px)"
+    assert facts["training steps"] == str(TRAIN_STEPS) and facts["identifier"] == "sks"
+    assert facts["refine output sha256"] == "a" * 64 and facts["finetune output sha256"] == "f" * 64
+    from subjectops.tracking.record import digest_of
+
+    assert facts["subject photos sha256"] == digest_of((f"{i}.jpg", f"{i:064d}") for i in range(3))
+    # first after the title: before the reference photos and every other table
+    [header] = page.position("table", id="run")
+    assert header < min(page.position("img")) and header == min(page.position("table"))
+
+
+def test_the_masks_show_one_per_reference_photo(report):
+    page = Outline(report.read_text())
+    masks, refs = page.position("img", **{"class": "mask"}), page.position("img", **{"class": "reference"})
+    assert len(masks) == len(refs) == 3 and max(refs) < min(masks)
+    alts = [page.elements[i][1]["alt"] for i in masks]
+    assert alts[0] == "mask of reference photo 1 (00.png)"
+    assert "50% subject" in report.read_text()  # refine's coverage under each mask
+
+
+def test_the_training_section_shows_the_loss_curve_and_validation_images(report):
+    page = Outline(report.read_text())
+    [loss] = page.position("img", **{"class": "loss"})
+    uri = page.elements[loss][1]["src"]
+    assert uri.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        assert im.width >= 600  # drawn for the width it is shown at
+    validation = page.position("img", **{"class": "validation"})
+    assert [page.elements[i][1]["alt"] for i in validation] == [f"validation image at step {s}"
+                                                                for s in VALIDATION_STEPS]
+
+
+def test_pictures_come_before_the_tables(report):
+    page = Outline(report.read_text())
+    pictures = [i for c in ("reference", "mask", "generated", "validation", "loss")
+                for i in page.position("img", **{"class": c})]
+    tables = page.position("table", **{"class": "metrics"})
+    assert pictures and tables and max(pictures) < min(tables)
+    [training] = page.position("h2", id="training")
+    assert max(page.position("img", **{"class": "generated"})) < training < min(tables)
+
+
+def test_a_report_without_the_training_output_still_says_what_it_knows(report, tmp_path):
+    """`evaluate --refine --infer` on folders without finetune's output: the header from infer's record, no
+    training section."""
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    infer = report.parent.parent / "infer"
+    samples = json.loads((infer / "samples.json").read_text())
+    refs = sorted((report.parent.parent / "refine" / "images").glob("*.png"))
+    page = Outline(render_report(tmp_path / "report.html", metrics, refs, samples, infer, {}, {},
+                                 {"name": "teapot", "class_word": "teapot", "token": "sks"}).read_text())
+    facts = dict(page.tables["run"])
+    assert facts["method"] == "lora" and facts["base model"] == "tiny-sd15" and facts["training steps"] == "-"
+    assert facts["identifier"] == "sks"
+    assert not page.position("h2", id="training")

@@ -2,8 +2,9 @@
 registered, built by `selection.compare` and recorded in MLflow.
 
 The pipeline's personalize runs reach the aggregation step only as registered versions (`name/version`), so the
-files `compare.load_run` reads are fetched back from the version's MLflow runs: the register run's parent is the
-pipeline run, whose stage runs hold each stage's files under `<stage>/` (tracking.record.stage_record).
+files `compare.load_run` reads are fetched back from the version's MLflow runs: the version's source run is the
+pipeline run (or a child of it), whose stage runs hold each stage's files under `<stage>/`
+(tracking.record.stage_record).
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ def benchmark_pairs(methods: Sequence[str], subjects: Sequence[Mapping]) -> list
 def fetch_registered_run(client, model_name: str, version: str, dest: Path) -> Path:
     """The files `compare.load_run` reads, from the MLflow runs of one registered version, as a run directory."""
     mv = client.get_model_version(model_name, version)
-    register_run = client.get_run(mv.run_id)
-    parent = register_run.data.tags.get("mlflow.parentRunId")
+    source_run = client.get_run(mv.run_id)
+    # a pipeline run logs its model on itself; `subjectops register` on its own run, a child of the pipeline run
+    parent = (mv.run_id if source_run.data.tags.get("subjectops.kind") == "pipeline"
+              else source_run.data.tags.get("mlflow.parentRunId"))
     if parent is None:
         raise SubjectopsError(f"{model_name} version {version} was not registered by a pipeline run (run {mv.run_id} "
                               "has no parent), so its stage outputs cannot be found",
                               fix="register versions through `subjectops run` or the personalize pipeline")
-    stage_runs = client.search_runs([register_run.info.experiment_id],
+    stage_runs = client.search_runs([source_run.info.experiment_id],
                                     filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     wanted = {rel.split("/", 1)[0]: rel for rel in RUN_FILES}
     run_dir = Path(dest) / f"{model_name}-v{version}"

@@ -1,5 +1,6 @@
-"""One self-contained report.html per run: reference images, a grid of generated images per prompt,
-metric tables (mean +- std), one plot per metric (matplotlib, embedded), the run's config and versions.
+"""One self-contained report.html per run: what the run was (method, base model, strategy, steps, identifier, data
+hashes), reference images with their masks, a grid of generated images per prompt, the training's loss curve and
+validation images, metric tables (mean +- std), one plot per metric (matplotlib, embedded), the run's config.
 
 Everything is inlined (images as data URIs), so the file opens anywhere, offline, and can be logged
 as a single artifact. When any metric backbone has random weights, the first line of the page says
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,6 +95,94 @@ def _plot_metric(metric: str, records: list[dict], per_image: dict[str, list[flo
     return figure_data_uri(fig)
 
 
+def _stage_json(folder: Path | None, name: str) -> dict:
+    """A JSON object a stage wrote, or {} (a report is still written for a run folder copied in part)."""
+    if folder is None:
+        return {}
+    try:
+        data = json.loads((Path(folder) / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_facts(subject: dict[str, Any], infer_dir: Path, finetune_dir: Path | None) -> list[tuple[str, str]]:
+    """The run in a few lines, from what its stages recorded: what was trained on what, how it was sampled, and
+    the hashes that tie the numbers to the data and weights (the same values MLflow's tags carry)."""
+    from subjectops.tracking.record import digest_of
+
+    infer = _stage_json(infer_dir, "manifest.json")
+    method = _stage_json(finetune_dir, "method.json")
+    params = infer.get("params") or {}
+    spec = infer.get("inference") or {}
+    name = method.get("method") or infer.get("method") or (params.get("finetune") or {}).get("method")
+    inputs = infer.get("inputs") or {}
+    sources = [(str(s.get("file")), str(s.get("sha256"))) for s in subject.get("sources", []) if isinstance(s, dict)]
+    facts = [
+        ("method", name),
+        ("base model", method.get("base_model") or (params.get("model") or {}).get("base")),
+        ("inference strategy", spec.get("strategy") and (
+            f"{spec['strategy']} ({spec.get('scheduler')}, {spec.get('steps')} steps, guidance "
+            f"{spec.get('guidance_scale')}, {spec.get('resolution')} px)")),
+        ("training steps", method.get("steps")),
+        ("identifier", method.get("identifier") or subject.get("token")),
+        ("instance prompt", method.get("instance_prompt")),
+        ("subject", f"{subject.get('name', '')} ({subject.get('class_word', '')}), {len(sources)} photo(s)"),
+        ("subject photos sha256", digest_of(sources) if sources else None),
+        ("refine output sha256", (inputs.get("refine") or {}).get("sha256")),
+        ("finetune output sha256", (inputs.get("finetune") or {}).get("sha256")),
+    ]
+    return [(k, "-" if v is None or v == "" else str(v)) for k, v in facts]
+
+
+def _loss_plot(log: Path) -> str | None:
+    """The training loss per step (each step faint, a running mean over it), PNG data URI; None without a log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps, losses = [], []
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("loss"), (int, float)):
+            steps.append(row["step"])
+            losses.append(float(row["loss"]))
+    if not steps:
+        return None
+    values = np.asarray(losses)
+    window = max(1, len(values) // 25)
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=110)
+    ax.plot(steps, values, color="#54aeff", linewidth=0.8, alpha=0.6, label="loss per step")
+    ax.plot(steps[window - 1:], smooth, color="#0969da", linewidth=2, label=f"running mean ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.legend(fontsize=9)
+    return figure_data_uri(fig)
+
+
+def _training(finetune_dir: Path | None) -> dict | None:
+    """finetune's loss curve and its validation images (step_NNNNNN.png), oldest first."""
+    if finetune_dir is None:
+        return None
+    folder = Path(finetune_dir)
+    validation = []
+    for p in sorted((folder / "validation").glob("step_*.png")):
+        step = p.stem.split("_", 1)[1]
+        validation.append({"step": int(step) if step.isdigit() else step, "uri": image_data_uri(p)})
+    return {"loss_uri": _loss_plot(folder / "train_log.jsonl"), "validation": validation}
+
+
 def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any], infer_dir: Path) -> list[dict]:
     """Per prompt set, per prompt: the first MAX_PER_PROMPT images (embedded), each after the intermediate images
     a multi-stage strategy made it from, and how many there are."""
@@ -167,10 +257,13 @@ def render_report(
     versions: dict[str, str],
     subject: dict[str, Any],
     front: dict[str, Any] | None = None,
+    masks: Sequence[Path] = (),
+    finetune_dir: Path | None = None,
 ) -> Path:
     """Write report.html from templates/report.html.j2 (autoescaped: prompts and names are text, never markup).
     ``metrics`` is the content of metrics.json; ``samples`` that of samples.json; ``front`` the operating points
-    of a sweep (points, front, chosen, rule, the plot's uri) when the report is a sweep's."""
+    of a sweep (points, front, chosen, rule, the plot's uri) when the report is a sweep's; ``masks`` refine's
+    masks, one per reference; ``finetune_dir`` the training's output (loss log, validation images)."""
     backbones = metrics["backbones"]
     random_roles = [role for role, info in backbones.items() if not info["pretrained"]]
     world_roles = [role for role, info in backbones.items() if info.get("provenance") == "world-pretrained"]
@@ -185,7 +278,13 @@ def render_report(
         prompt_set_names=[s["name"] for s in metrics["prompt_sets"]],
         fid_features=metrics.get("fid_features"),
         thumb=THUMB,
+        facts=run_facts(subject, infer_dir, finetune_dir),
         references=[{"name": Path(p).name, "uri": image_data_uri(Path(p))} for p in references],
+        masks=[{"name": Path(p).name, "uri": image_data_uri(Path(p)), "coverage": c}
+               for p, c in zip(masks, list(subject.get("mask_coverage") or []) + [None] * len(masks))],
+        mask_backend=subject.get("mask_backend", ""),
+        training=_training(finetune_dir),
+        validation_prompt=(params.get("finetune") or {}).get("validation_prompt", ""),
         generated=_generated_groups(samples, metrics, infer_dir),
         explained=_explained(samples, infer_dir),
         definitions=metrics["definitions"],

@@ -56,30 +56,58 @@ def choose(points: Sequence[OperatingPoint], min_clip_t: float | None) -> Operat
     return max(allowed, key=lambda p: (p.dino, p.clip_t))
 
 
-def front_plot(points: Sequence[OperatingPoint], chosen: str | None = None) -> str:
+LABEL_FONT = 10  # pt: the front plot is shown at its natural size (report template), so this is what one reads
+# Where a point's label may go, in points from the point, tried in order until it overlaps no label placed before.
+LABEL_OFFSETS = [(dx * r, dy * r) for r in (1, 2, 3, 4) for dx, dy in ((6, 6), (6, -14), (-6, 6), (-6, -14))]
+
+
+def _place_labels(ax, fig, points: Sequence[OperatingPoint]) -> list:
+    """One label per point, each moved off the labels already placed (ties and close points stack readably)."""
+    renderer = fig.canvas.get_renderer()
+    placed, boxes = [], []
+    for p in points:
+        for dx, dy in LABEL_OFFSETS:
+            text = ax.annotate(p.label, (p.clip_t, p.dino), textcoords="offset points", xytext=(dx, dy),
+                               ha="left" if dx > 0 else "right", fontsize=LABEL_FONT,
+                               bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+                               arrowprops={"arrowstyle": "-", "color": "#8c959f", "lw": 0.6})
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in boxes) or (dx, dy) == LABEL_OFFSETS[-1]:
+                break
+            text.remove()
+        placed.append(text)
+        boxes.append(box)
+    return placed
+
+
+def front_plot(points: Sequence[OperatingPoint], chosen: str | None = None, figure: list | None = None) -> str:
     """The points with their spread (std bars), the front joined, every point labelled and the chosen one ringed;
-    a PNG data URI."""
+    a PNG data URI (`figure`, when given, receives the matplotlib figure before it is closed, for tests)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     front = set(pareto_front([(p.clip_t, p.dino) for p in points]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=96)
+    fig, ax = plt.subplots(figsize=(8.0, 5.6), dpi=100)
     for i, p in enumerate(points):
         color = "#57606a" if "snapshot" in p.settings else "#1a7f37"  # one snapshot, or a blend of several
         ax.errorbar(p.clip_t, p.dino, xerr=p.clip_t_std, yerr=p.dino_std, fmt="o", color=color,
                     alpha=0.9 if i in front else 0.45,
                     capsize=2, markersize=6)
-        ax.annotate(p.label, (p.clip_t, p.dino), textcoords="offset points", xytext=(5, 4), fontsize=7)
         if p.label == chosen:
             ax.scatter([p.clip_t], [p.dino], s=220, facecolors="none", edgecolors="#cf222e", linewidths=2, zorder=4,
                        label=f"chosen: {p.label}")
     on_front = sorted((points[i] for i in front), key=lambda p: p.clip_t)
     ax.plot([p.clip_t for p in on_front], [p.dino for p in on_front], "--", color="#0969da", label="Pareto front")
-    ax.set_xlabel("CLIP-T (prompt fidelity)")
-    ax.set_ylabel("DINO (subject fidelity)")
-    ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel("CLIP-T (prompt fidelity, higher is better)", fontsize=LABEL_FONT + 1)
+    ax.set_ylabel("DINO (subject fidelity, higher is better)", fontsize=LABEL_FONT + 1)
+    ax.tick_params(labelsize=LABEL_FONT)
+    ax.legend(fontsize=LABEL_FONT - 1, loc="best")
+    fig.tight_layout()  # before placing labels: their overlap is measured where they will be drawn
+    _place_labels(ax, fig, points)
+    if figure is not None:
+        figure.append(fig)
     return figure_data_uri(fig)
 
 

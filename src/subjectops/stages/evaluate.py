@@ -141,7 +141,10 @@ def baseline_sets(sets: list[PromptSet], samples: list[dict]) -> list[PromptSet]
     return out
 
 
-def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep_dir: Path | None = None) -> Path:
+def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep_dir: Path | None = None,
+             finetune_dir: Path | None = None) -> Path:
+    """Score infer's images and write metrics.json and report.html; `finetune_dir` (optional: the scores do not
+    depend on it) gives the report its loss curve and validation images."""
     from subjectops.metrics.core import Evaluator
     from subjectops.report.html import render_report
     from subjectops.selection.pareto import read_front
@@ -151,13 +154,16 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
     if sweep_dir is not None:  # DVC and Kubeflow pass it always: a sweep the plan leaves out only records why
         sweep_dir = planned_inputs(params, "evaluate", {"sweep": sweep_dir})["sweep"]
     front = read_front(require_stage_dir(sweep_dir, "sweep", "evaluate")) if sweep_dir is not None else None
+    if finetune_dir is not None:
+        finetune_dir = require_stage_dir(finetune_dir, "finetune", "evaluate")
     # evaluate.tiny=auto follows the model that generated the images (infer's manifest), else model.base
     try:
         generated_by = json.loads((infer_dir / "manifest.json").read_text())["params"]["model"]["base"]
     except (OSError, ValueError, KeyError, TypeError):
         generated_by = None
     evaluator = Evaluator(params, generated_by=generated_by)  # loads the encoders: a missing one fails here
-    references = evaluator.references(refs, [refine_dir / p for p in subject.get("masks", [])])
+    masks = [refine_dir / p for p in subject.get("masks", [])]
+    references = evaluator.references(refs, masks)
     references.class_word = subject.get("class_word", "")
     references.palette = (subject.get("world") or {}).get("palette")  # a world subject's decal: its ground truth
 
@@ -173,15 +179,17 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
     with stage_output(out) as work:
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         render_report(work / "report.html", metrics, refs, samples, infer_dir, params.model_dump(mode="json"),
-                      versions(), subject, front=front)
-        write_manifest(work, "evaluate", params, {"refine": refine_dir, "infer": infer_dir, "sweep": sweep_dir},
+                      versions(), subject, front=front, masks=[m for m in masks if m.is_file()],
+                      finetune_dir=finetune_dir)
+        write_manifest(work, "evaluate", params, {"refine": refine_dir, "infer": infer_dir, "sweep": sweep_dir,
+                                                  "finetune": finetune_dir},
                        random_backbones=metrics["random_backbones"], backbones=backbones)
     return out
 
 
 def record(out_dir: Path, rec, grids: Path) -> None:
-    """Every number of metrics.json as a metric and the backbones as tags (both also on the parent run), and the
-    output's files."""
+    """Every number of metrics.json as a metric, the backbones and counts as tags (all also on the parent run), and
+    the output's files (report.html also on the parent run)."""
     from subjectops.tracking.record import SKIP_DIRS, eval_metric_points, eval_tags, files_in, read_eval_records
 
     records = read_eval_records(out_dir / "metrics.json")
@@ -196,6 +204,8 @@ def record(out_dir: Path, rec, grids: Path) -> None:
         if p.name == "manifest.json" or p.name in SKIP_DIRS:
             continue
         rec.artifacts.append((p, "evaluate" if p.is_file() else f"evaluate/{p.name}"))
+    if (out_dir / "report.html").is_file():  # at the top of the pipeline run: the first thing to open
+        rec.parent_artifacts.append((out_dir / "report.html", ""))
 
 
 def summary_metrics(out_dir: Path) -> dict[str, float]:
@@ -212,8 +222,9 @@ def summary_metrics(out_dir: Path) -> dict[str, float]:
 STAGE = Stage(
     name="evaluate",
     help="Score the generated images (DINO, CLIP-I, CLIP-T, FID, LPIPS, SSIM, PSNR) and write report.html.",
-    run=lambda ctx: evaluate(ctx.params, ctx.inputs["refine"], ctx.inputs["infer"], ctx.out, ctx.inputs.get("sweep")),
-    reads=("refine", "infer", "sweep"),
+    run=lambda ctx: evaluate(ctx.params, ctx.inputs["refine"], ctx.inputs["infer"], ctx.out, ctx.inputs.get("sweep"),
+                             ctx.inputs.get("finetune")),
+    reads=("refine", "finetune", "infer", "sweep"),  # finetune: the report's loss curve and validation images
     params=("model.cache_dir", "evaluate"),  # model.cache_dir: where the metric encoders' weights are looked up
     code=("src/subjectops/stages/sweep.py", "src/subjectops/report", "src/subjectops/metrics"),
     gpu=True,

@@ -133,7 +133,7 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
 
 def record(out_dir: Path, rec, grids: Path) -> None:
     """method.json as tags (method, base model, identifier also on the parent run), the training log as per-step
-    metrics, the weights as written and the validation images as a grid."""
+    metrics and a file (both also on the parent run), the weights as written and the validation images as a grid."""
     from subjectops.tracking.record import SKIP_DIRS, files_in, image_grid, images_in, read_json, read_train_log
 
     meth = read_json(out_dir / "method.json") or {}
@@ -143,6 +143,9 @@ def record(out_dir: Path, rec, grids: Path) -> None:
     rec.parent_tags.update({k: v for k, v in rec.tags.items()
                             if k in ("method.method", "method.base_model", "method.identifier")})
     rec.metrics += read_train_log(out_dir / "train_log.jsonl")
+    rec.parent_metrics += rec.metrics  # the loss curve on the pipeline run's charts
+    if (out_dir / "train_log.jsonl").is_file():
+        rec.parent_artifacts.append((out_dir / "train_log.jsonl", "finetune"))
     for p in files_in(out_dir):
         if p.name in SKIP_DIRS or p.name in ("manifest.json", "validation"):
             continue

@@ -41,6 +41,10 @@ from subjectops.tracking.run_state import RunState, now_ms
 
 METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
+# MLflow 3's UI opens an experiment by its kind: untagged (or inferred from traces) it may land on the GenAI overview;
+# "custom_model_development" ("Machine learning") opens on the training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class _Offline(Exception):
@@ -136,9 +140,12 @@ class MlflowTracker:
                         f"MLflow experiment {experiment!r} at {uri} is deleted",
                         fix="restore it (`mlflow experiments restore`) or set tracking.experiment to another name",
                     )
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # a kind someone chose in the UI stays
+                    self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return exp.experiment_id
             try:
-                return self.client.create_experiment(experiment, artifact_location=local_artifact_root(uri))
+                return self.client.create_experiment(experiment, artifact_location=local_artifact_root(uri),
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception as exc:
                 if error_code(exc) == "RESOURCE_ALREADY_EXISTS":  # created concurrently
                     return self.client.get_experiment_by_name(experiment).experiment_id
@@ -293,11 +300,13 @@ class MlflowTracker:
 
             tags: dict[str, str] = {}
             metrics: list[R.MetricPoint] = []
+            artifacts: list[tuple[Path, str]] = []
             scratch = st.run_dir / "tracking"
             for name in st.data["order"]:
                 rec = R.stage_record(name, Path(st.stage(name)["out_dir"]), scratch / name, self.stages.describe(name))
                 tags.update(rec.parent_tags)
                 metrics += rec.parent_metrics
+                artifacts += rec.parent_artifacts
             params_json = scratch / "params.json"
             params_json.write_text(json.dumps(st.data["params"], indent=1, sort_keys=True))
             self._step(parent["done"], "tags", "tagging the pipeline run", lambda: self.client.log_batch(
@@ -311,6 +320,10 @@ class MlflowTracker:
                     parent["run_id"], metrics=[Metric(p.key, p.value, ts, p.step) for p in chunk], synchronous=True))
             self._step(parent["done"], "params.json", "uploading params.json",
                        lambda: self.client.log_artifact(parent["run_id"], str(params_json)))
+            for local, dest in artifacts:
+                self._step(parent["done"], f"artifact:{dest}/{local.name}", f"uploading {local.name}",
+                           lambda local=local, dest=dest: self.client.log_artifact(parent["run_id"], str(local),
+                                                                                   dest or None))
             if parent["status"] != "RUNNING":
                 self._step(parent["done"], "end", "ending the pipeline run", lambda: self.client.set_terminated(
                     parent["run_id"], status=parent["status"], end_time=parent["end"]))
@@ -373,7 +386,8 @@ class MlflowTracker:
 
     def register_model(self, register: Callable[..., dict], run_dir: Path, out: Path) -> bool:
         """Run the `register` stage function (`subjectops.stages.register.register`, passed in: the tracker
-        imports no stage) inside a nested `register` run, against this tracker's server; True once registered.
+        imports no stage) inside a nested `register` run, against this tracker's server, logging the model to the
+        pipeline run; True once registered.
 
         Registration is recorded as wanted first, so when the server is down (or registering fails) the
         run still completes and `subjectops sync RUN` registers it later.
@@ -386,8 +400,10 @@ class MlflowTracker:
             return False
         try:
             with self.stage("register", out):
-                rid = st.stage("register")["run_id"]
-                if rid is None:
+                # the model and its evaluation summary go on the pipeline run, beside the report and the loss
+                # curve: the version's source run is the run a user opens, not the register step's
+                rid = st.data["parent"]["run_id"]
+                if rid is None or st.stage("register")["run_id"] is None:
                     raise _Offline()
                 params = self.params or Params.model_validate(st.data["params"])
                 info = self._call("registering the model", lambda: register(

@@ -112,6 +112,8 @@ class StageRecord:
     parent_tags: dict[str, str] = field(default_factory=dict)
     # metrics that also belong on the parent run
     parent_metrics: list[MetricPoint] = field(default_factory=list)
+    # artifacts that also belong on the parent run, the page users open first (the report, grids, loss history)
+    parent_artifacts: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def read_train_log(path: Path) -> list[MetricPoint]:
@@ -144,33 +146,42 @@ def read_eval_records(path: Path) -> list[dict]:
     return normalize_records(data["metrics"]) if isinstance(data, dict) and "metrics" in data else []
 
 
+# How many images and pairs a number was computed from: a fact about the evaluation, not a measurement, so a tag
+# (as metrics they would fill MLflow's charts and run comparisons with counts).
+COUNT_FIELDS = ("n_pairs", "n_generated", "n_reference")
+
+
+def _record_key(r: dict, fld: str) -> str:
+    return metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone") or "none", fld)  # SSIM: no backbone
+
+
 def eval_metric_points(records: list[dict]) -> list[MetricPoint]:
-    """Every number of metrics.json, named metric/prompt_set/backbone/field."""
+    """Every measured number of metrics.json, named metric/prompt_set/backbone/field (counts are tags)."""
     points = []
     for r in records:
-        r = dict(r, backbone=r.get("backbone") or "none")  # pixel metrics (SSIM, PSNR) have no backbone
-        for fld in ("mean", "std", "n_pairs"):
+        for fld in ("mean", "std"):
             v = r.get(fld)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), fld),
-                                          float(v)))
+                points.append(MetricPoint(_record_key(r, fld), float(v)))
         for k, v in r.items():  # any further numbers the evaluator adds
-            if k in ("mean", "std", "n_pairs", "pretrained", "higher_is_better") or isinstance(v, bool):
+            if k in ("mean", "std", "pretrained", "higher_is_better", *COUNT_FIELDS) or isinstance(v, bool):
                 continue
             if isinstance(v, (int, float)) and math.isfinite(v):
-                points.append(MetricPoint(metric_key(r.get("metric"), r.get("prompt_set"), r.get("backbone"), k),
-                                          float(v)))
+                points.append(MetricPoint(_record_key(r, k), float(v)))
     return points
 
 
 def eval_tags(records: list[dict]) -> dict[str, str]:
     backbones = sorted({f"{r.get('metric')}={r.get('backbone')}" for r in records})
     random = sorted({str(r.get("backbone")) for r in records if r.get("pretrained") is not True})
+    counts = {f"eval.{_record_key(r, fld)}": str(r[fld]) for r in records for fld in COUNT_FIELDS
+              if isinstance(r.get(fld), int) and not isinstance(r.get(fld), bool)}
     return {
         "eval.prompt_sets": ",".join(sorted({str(r.get("prompt_set")) for r in records})),
         "eval.backbones": ",".join(backbones),
         "eval.random_backbones": ",".join(random) if random else "none",
         "eval.quality": "not meaningful: random backbones" if random else "pretrained backbones",
+        **counts,
     }
 
 
@@ -221,6 +232,8 @@ def stage_record(stage: str, out_dir: Path, scratch: Path,
         rec.artifacts.append((out_dir / "manifest.json", stage))
     if describe is not None:
         describe(out_dir, rec, scratch / "grids")
+        # every stage's grids on the parent run too: the pipeline run is where a user looks for pictures
+        rec.parent_artifacts += [(path, dest) for path, dest in rec.artifacts if dest == "grids"]
         return rec
     for p in files_in(out_dir):
         if p.name == "manifest.json" or p.name in SKIP_DIRS:
