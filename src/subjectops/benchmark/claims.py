@@ -90,7 +90,7 @@ class Claim:
     paper_numbers: str
     tests: tuple[Test, ...]
     note: str = ""  # what the row should be read with (the paper's model, what the world lacks)
-    # a reason the comparison is not the paper's (None: it is), from each needed variant's params
+    # a reason the comparison is not the paper's (None: it is), from the needed variants' params by method
     condition: Optional[Callable[[Mapping[str, Any]], Optional[str]]] = None
 
     @property
@@ -152,8 +152,7 @@ CLAIMS: tuple[Claim, ...] = (
           "Table 1: DINO 0.718 vs 0.690 (simple prompt), 0.629 vs 0.540 (diverse)",
           (Test("better", "dino", Needs("two-stage"), DB), Test("better", "clip-t", Needs("two-stage"), DB)),
           note="the paper trains on SD 2.1-base",
-          condition=lambda p: _same_or_fewer_unet_steps({"two-stage": p[Needs("two-stage").label],
-                                                         "dreambooth": p[DB.label]})),
+          condition=_same_or_fewer_unet_steps),
     *(Claim(f"hypnos-over-db-{ps}", f"Hypnos above DreamBooth on the subject region ({ps} prompts)", "000",
             f"Table {1 if ps == 'prompt-invariant' else 2}: DINO and CLIP-I higher on 2 of 3 subjects",
             (Test("better", "dino-subject", Needs("hypnos"), DB, (ps,)),
@@ -224,7 +223,8 @@ def claims_table(values: Mapping[str, Mapping[tuple, Mapping[str, float]]], runs
             a, b = paired(values[found[t.a.label]], values[found[t.b.label]], t.metric, t.prompt_sets)
             tests.append(dict(decide(t, a, b), a_run=found[t.a.label], b_run=found[t.b.label]))
         verdict = combine([t["verdict"] for t in tests])
-        caveat = claim.condition({k: runs[v][1] for k, v in found.items()}) if claim.condition else None
+        caveat = claim.condition({n.method: runs[found[n.label]][1] for n in claim.needs}) if claim.condition \
+            else None
         if caveat and verdict == HOLDS:
             verdict = INCONCLUSIVE  # it held, but not under the paper's condition
         rows.append({"id": claim.id, "claim": claim.claim, "paper": claim.paper, "paper_numbers": claim.paper_numbers,
