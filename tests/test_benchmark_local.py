@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, artifact_paths
+from PIL import Image
 from typer.testing import CliRunner
 
 WORLD_SUBJECT = REPO / "src" / "subjectops" / "world" / "shipped_subjects" / "world-cup-5"
@@ -213,6 +214,7 @@ def _snapshot(folder: Path) -> dict:
 def test_a_killed_benchmark_resumes_without_redoing_finished_pairs(tiny_overrides, tmp_path, monkeypatch):
     import subjectops.pipeline as pipeline_module
     from subjectops.benchmark.local import run_benchmark
+    from subjectops.tracking.client import mlflow_client, resolve_tracking_uri
 
     out = tmp_path / "bench"
     kwargs = dict(params_path=REPO / "params.yaml", sets=tiny_overrides, model=None,
@@ -242,7 +244,8 @@ def test_a_killed_benchmark_resumes_without_redoing_finished_pairs(tiny_override
     before = _snapshot(lora_run)
 
     seen = []
-    result = run_benchmark(**kwargs, on_cell=lambda cell, finished: seen.append((cell.variant.label, finished)))
+    result = run_benchmark(**kwargs, track=True,
+                           on_cell=lambda cell, finished: seen.append((cell.variant.label, finished)))
     assert seen == [("lora", True), ("textual-inversion", False)]
     assert [c.variant.label for c in result.ran] == ["textual-inversion"]
     assert _snapshot(lora_run) == before  # the finished pair's outputs are untouched, byte for byte and in time
@@ -259,3 +262,43 @@ def test_a_killed_benchmark_resumes_without_redoing_finished_pairs(tiny_override
     claims = json.loads((out / "claims.json").read_text())
     assert claims["rows"] == [] and any(n["id"] == "db-over-ti-dino" for n in claims["not_run"])
     assert (out / "claims.md").read_text().startswith("Claims of the papers")
+    # PRES and DIV for the method that trains with class priors (LoRA here), on its class-prompt images
+    scores = json.loads((lora_run / "class-prompts" / "scores.json").read_text())
+    assert scores["prompt"] == "a photo of a cup" and len(scores["images"]) == 2
+    assert all(-1 <= r["pres"] <= 1 and r["div"] > 0 for r in scores["images"])
+    assert not (ti_run / "class-prompts").exists()
+    # tracking on: the leaderboard, the claims and the grids are in MLflow, the run folders are not
+    client = mlflow_client(resolve_tracking_uri())
+    [logged] = client.search_runs([client.get_experiment_by_name("subjectops").experiment_id],
+                                  "tags.mlflow.runName = 'benchmark-bench'")
+    files = artifact_paths(client, logged.info.run_id)
+    assert {"leaderboard/leaderboard.html", "leaderboard/claims.html", "leaderboard/claims.json",
+            "leaderboard/grids/world-cup-5/lora/00.png"} <= files
+    assert not any(f.startswith("leaderboard/runs") for f in files)
+
+
+def test_pres_is_similarity_to_the_subject_and_div_the_spread_of_class_images(tiny_overrides, tmp_path, monkeypatch):
+    """Class images that are all the subject's first photo: no diversity at all (DIV 0), and PRES the similarity of
+    that photo to the photos, above what another image of the class gets."""
+    import subjectops.inference.plain as plain
+    from subjectops.benchmark.prior_drift import class_prompt_scores
+    from subjectops.config import load_params
+    from subjectops.stages.finetune import finetune
+    from subjectops.stages.priors import priors
+    from subjectops.stages.refine import refine
+
+    params = load_params(REPO / "params.yaml", tiny_overrides + ["finetune.method=lora", "finetune.lora.steps=1"])
+    run = tmp_path / "run"
+    refine(params, WORLD_SUBJECT / "photos", "cup", run / "refine")
+    priors(params, run / "refine", run / "priors")
+    finetune(params, run / "refine", run / "priors", run / "finetune")
+    photos = sorted((run / "refine" / "images").glob("*.png"))
+    other = sorted((run / "priors" / "images").glob("*.png"))[0]  # an image of the class, not of the subject
+
+    def drawn(image):
+        monkeypatch.setattr(plain, "sample", lambda pipe, prompt, seed, spec: Image.open(image).convert("RGB"))
+        return class_prompt_scores(params, run)
+
+    subject_like, class_like = drawn(photos[0]), drawn(other)
+    assert all(r["div"] == pytest.approx(0, abs=1e-9) for r in subject_like + class_like)
+    assert subject_like[0]["pres"] > class_like[0]["pres"]

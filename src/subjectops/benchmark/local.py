@@ -198,6 +198,7 @@ def run_benchmark(*, params_path: Path, sets: Sequence[str], model: Optional[str
                   track: bool = False, champion: Optional[Path] = None,
                   on_cell: Optional[Callable[[Cell, bool], None]] = None) -> BenchmarkResult:
     """Run every unfinished cell, then write the leaderboard and the claims table (and gate against `champion`)."""
+    from subjectops.benchmark.prior_drift import class_prompt_scores, uses_class_priors
     from subjectops.data.subject import check_class_word, load_subject
     from subjectops.models.loading import training_resolution
     from subjectops.models.shared import SharedModels
@@ -233,6 +234,8 @@ def run_benchmark(*, params_path: Path, sets: Sequence[str], model: Optional[str
         began = time.monotonic()
         with shared.active():
             run_pipeline(cell.params, cell.subject.photos, cell.subject.class_word, cell.run_dir)
+            if uses_class_priors(cell.params):  # PRES and DIV of the prior-preservation claims
+                class_prompt_scores(cell.params, cell.run_dir)
         (cell.run_dir / CELL_FILE).write_text(json.dumps({
             "variant": cell.variant.label, "subject": cell.subject.name, "seed": cell.seed,
             "params_digest": cell.digest(), "seconds": round(time.monotonic() - began, 3)}, indent=2))
@@ -276,13 +279,18 @@ def load_scores(cells: Sequence[Cell]):
 
 
 def per_image(cell: Cell) -> dict[tuple, dict[str, float]]:
-    """(group, prompt set, image, seed) -> metric -> value: the key pairs one image across variants."""
+    """(group, prompt set, image, seed) -> metric -> value: the key pairs one image across variants (with the
+    class-prompt images' PRES and DIV, benchmark/prior_drift.py)."""
+    from subjectops.benchmark.prior_drift import PROMPT_SET, read_scores
+
     doc = json.loads((cell.run_dir / "evaluate" / "metrics.json").read_text())
     keys = [r.get("key", r["metric"]) for r in doc["metrics"]]
     out: dict[tuple, dict[str, float]] = {}
     for row in doc["per_image"]:
         values = {k: float(row[k]) for k in keys if isinstance(row.get(k), (int, float))}
         out[(cell.group, row["prompt_set"], row["path"], row["seed"])] = values
+    for row in read_scores(cell.run_dir):
+        out[(cell.group, PROMPT_SET, row["path"], row["seed"])] = {"pres": row["pres"], "div": row["div"]}
     return out
 
 
