@@ -4,6 +4,7 @@ and a tiny benchmark killed midway and resumed."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -182,6 +183,27 @@ def test_bad_benchmark_input_fails_before_any_work(tmp_path, example_subject):
         assert result.exit_code == 2, (case, result.output)
         assert message in result.output and "fix:" in result.output, (case, result.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_seeds_rerun_every_pair_with_other_training_and_sampling_seeds(tmp_path):
+    """`--seeds 1,2`: each pair once per seed, in its own folder, with finetune.seed and infer.seed set; the gate
+    compares such a rerun with a champion of the same subjects."""
+    from subjectops.benchmark.local import BenchSubject, parse_variant, plan_cells, variant_params
+    from subjectops.benchmark.regression import regressions
+
+    subject = BenchSubject("world-cup-5", WORLD_SUBJECT / "photos", "cup")
+    build = functools.partial(variant_params, REPO / "params.yaml", [], None)
+    cells = plan_cells([parse_variant("lora"), parse_variant("dreambooth@reference-guided")], [subject], [1, 2],
+                       tmp_path, build)
+    assert [(c.variant.label, c.group, c.params.finetune.seed, c.params.infer.seed) for c in cells] == [
+        ("lora", "world-cup-5@seed-1", 1, 1), ("lora", "world-cup-5@seed-2", 2, 2),
+        ("dreambooth@reference-guided", "world-cup-5@seed-1", 1, 1),
+        ("dreambooth@reference-guided", "world-cup-5@seed-2", 2, 2)]
+    assert cells[3].run_dir == tmp_path / "runs" / "dreambooth@reference-guided" / "world-cup-5" / "seed-2"
+    assert cells[3].params.infer.strategy == "reference-guided"
+    rerun = dict(_board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}}),
+                 subjects=["world-cup-5@seed-1", "world-cup-5@seed-2"])
+    assert regressions(rerun, _board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}})) == []
 
 
 # ------------------------------------------------------------------------------------------ shared models

@@ -14,6 +14,7 @@ A variant is `METHOD[@STRATEGY][+KEY=VALUE...]`: `dreambooth`, `dreambooth@refer
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import re
@@ -167,6 +168,14 @@ def _setting(params: Params, key: str) -> Any:
     return value
 
 
+def variant_params(params_path: Path, sets: Sequence[str], model: Optional[str], variant: Variant,
+                   seed: Optional[int]) -> Params:
+    """The params of one variant: the benchmark's, the variant's settings and, with a benchmark seed, that seed for
+    training and sampling."""
+    seeded = [] if seed is None else [f"finetune.seed={seed}", f"infer.seed={seed}"]
+    return load_params(params_path, [*sets, *variant.overrides(), *seeded], model=model or "", method=variant.method)
+
+
 def plan_cells(variants: Sequence[Variant], subjects: Sequence[BenchSubject], seeds: Sequence[Optional[int]],
                out: Path, build: Callable[[Variant, Optional[int]], Params]) -> list[Cell]:
     """Every cell with its validated params, refused before any work when two variants would not be compared on the
@@ -212,12 +221,8 @@ def run_benchmark(*, params_path: Path, sets: Sequence[str], model: Optional[str
     subjects = find_subjects(subject_dirs, class_word)
     seed_list: list[Optional[int]] = list(dict.fromkeys(seeds)) or [None]
 
-    def build(v: Variant, seed: Optional[int]) -> Params:
-        seeded = [] if seed is None else [f"finetune.seed={seed}", f"infer.seed={seed}"]
-        return load_params(params_path, [*sets, *v.overrides(), *seeded], model=model or "", method=v.method)
-
     out = Path(out)
-    cells = plan_cells(parsed, subjects, seed_list, out, build)
+    cells = plan_cells(parsed, subjects, seed_list, out, functools.partial(variant_params, params_path, sets, model))
     for subject in subjects:  # every photo checked before the first cell starts
         check_class_word(subject.class_word)
         load_subject(subject.photos, cells[0].params.subject, training_resolution(cells[0].params))
