@@ -46,7 +46,9 @@ def sets(values: list[str]) -> list[str]:
 def timed(commands: list[list[str]]) -> float:
     start = time.perf_counter()
     for command in commands:
-        subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        done = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:  # its progress is noise; its error is the answer
+            sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return time.perf_counter() - start
 
 
