@@ -108,6 +108,35 @@ def test_two_stage_claim_is_inconclusive_when_it_trains_the_unet_longer():
         assert (row["caveat"] is None) == (expected == "holds")
 
 
+def _point(strategy: str, dino: float, clip_t: float, seed: int) -> dict:
+    values = _values({"p": dino}, "dino", seed=seed, noise=0.002)["p"]
+    for key, scores in _values({"p": clip_t}, "clip-t", seed=seed + 100, noise=0.002)["p"].items():
+        values[key].update(scores)
+    return {"strategy": strategy, "values": values}
+
+
+def test_dreamblend_front_claim_reads_the_sweep_points():
+    """Checkpoints trading DINO for CLIP-T; a DreamBlend point beyond their front holds, one below it does not, one
+    level with a checkpoint is inconclusive."""
+    from subjectops.benchmark.claims import CLAIMS, claims_table
+
+    claim = [c for c in CLAIMS if c.id == "dreamblend-advances-front"]
+    runs = _runs("dreambooth@dreamblend")
+    checkpoints = {"step 100": _point("plain", 0.50, 0.30, 1), "step 200": _point("plain", 0.60, 0.25, 2)}
+    verdicts = {}
+    for case, blend in (("beyond", (0.58, 0.29)), ("below", (0.48, 0.24)), ("level", (0.60, 0.25))):
+        blended = _point("dreamblend", *blend, 3)
+        if case == "level":  # the very images of a checkpoint: no difference at all
+            blended = dict(checkpoints["step 200"], strategy="dreamblend")
+        points = {"dreambooth@dreamblend": {**checkpoints, "dreamblend 100<200": blended}}
+        [row] = claims_table({"dreambooth@dreamblend": {}}, runs, claim, points=points)["rows"]
+        verdicts[case] = row["verdict"]
+        assert row["tests"][0]["point"] == "dreamblend 100<200"
+    assert verdicts == {"beyond": "holds", "below": "does not hold", "level": "inconclusive"}
+    [row] = claims_table({"dreambooth@dreamblend": {}}, runs, claim, points={})["rows"]
+    assert row["verdict"] == "inconclusive" and "no checkpoint point" in row["tests"][0]["why"]
+
+
 # ------------------------------------------------------------------------------------------ regression gate
 def _board(rows: dict) -> dict:
     return {"subjects": ["world-cup-5"], "rows": {

@@ -10,6 +10,10 @@ bootstrap interval (selection/compare.py `interval`).
 - `not-worse` (margin m): holds when the interval lies above -m, does not hold when it lies below -m.
 - `within` (margin m, "about constant"): holds when the interval lies inside [-m, m], does not hold when it lies
   outside, else inconclusive.
+- a front claim (DreamBlend, seed 003 sec. 2) reads the sweep's operating points of the run (RUN/sweep): a DreamBlend
+  point advances the checkpoints' front when, against every checkpoint point, it is better on DINO or on CLIP-T
+  (paired interval above 0); it is dominated when some checkpoint point is better on one (interval below 0) and it is
+  better on neither. Holds when a DreamBlend point advances the front, does not hold when every one is dominated.
 
 A claim holds when every test holds, does not hold when one does not, and is inconclusive otherwise (a test
 without paired images, e.g. a prompt set the benchmark did not draw, is inconclusive and says why). Only claims
@@ -90,12 +94,14 @@ class Claim:
     paper_numbers: str
     tests: tuple[Test, ...]
     note: str = ""  # what the row should be read with (the paper's model, what the world lacks)
+    front: Optional[Needs] = None  # a front claim: the variant whose sweep points are compared
     # a reason the comparison is not the paper's (None: it is), from the needed variants' params by method
     condition: Optional[Callable[[Mapping[str, Any]], Optional[str]]] = None
 
     @property
     def needs(self) -> list[Needs]:
-        return list(dict.fromkeys(n for t in self.tests for n in (t.a, t.b)))
+        tested = [n for t in self.tests for n in (t.a, t.b)]
+        return list(dict.fromkeys(tested + ([self.front] if self.front else [])))
 
 
 def _same_or_fewer_unet_steps(params: Mapping[str, Any]) -> Optional[str]:
@@ -153,6 +159,9 @@ CLAIMS: tuple[Claim, ...] = (
           (Test("better", "dino", Needs("two-stage"), DB), Test("better", "clip-t", Needs("two-stage"), DB)),
           note="the paper trains on SD 2.1-base",
           condition=_same_or_fewer_unet_steps),
+    Claim("dreamblend-advances-front", "DreamBlend's points advance the front of the checkpoints alone (CLIP-T, DINO)",
+          "003", "sec. 2 and fig. 1: DreamBlend beyond the checkpoints' trade-off", (),
+          front=Needs("dreambooth", "dreamblend")),
     *(Claim(f"hypnos-over-db-{ps}", f"Hypnos above DreamBooth on the subject region ({ps} prompts)", "000",
             f"Table {1 if ps == 'prompt-invariant' else 2}: DINO and CLIP-I higher on 2 of 3 subjects",
             (Test("better", "dino-subject", Needs("hypnos"), DB, (ps,)),
@@ -203,14 +212,48 @@ def decide(test: Test, a: list[float], b: list[float]) -> dict:
             "difference": {"mean": diff_mean, "low": low, "high": high}, "verdict": verdict}
 
 
+FRONT_METRICS = ("dino", "clip-t")
+
+
+def decide_front(points: Mapping[str, Mapping]) -> list[dict]:
+    """Each DreamBlend point against every checkpoint point (see the module): `points` is point label ->
+    {"strategy", "values"} with per-image values keyed as `paired` reads them."""
+    from subjectops.selection.compare import interval
+
+    checkpoints = {k: p for k, p in points.items() if p["strategy"] != "dreamblend"}
+    blends = {k: p for k, p in points.items() if p["strategy"] == "dreamblend"}
+    if not checkpoints or not blends:
+        return [{"kind": "front", "metric": "dino, clip-t", "n_pairs": 0, "verdict": INCONCLUSIVE,
+                 "why": "the sweep has no " + ("checkpoint" if not checkpoints else "DreamBlend") + " point"}]
+    out = []
+    for label, point in blends.items():
+        against, advances, dominated, n = {}, True, False, 0
+        for other, check in checkpoints.items():
+            diffs = {}
+            for metric in FRONT_METRICS:
+                a, b = paired(point["values"], check["values"], metric, None)
+                n = max(n, len(a))
+                mean, low, high = interval([x - y for x, y in zip(a, b)]) if a else (0.0, 0.0, 0.0)
+                diffs[metric] = {"mean": mean, "low": low, "high": high}
+            better = any(d["low"] > 0 for d in diffs.values())
+            advances = advances and better
+            dominated = dominated or (not better and any(d["high"] < 0 for d in diffs.values()))
+            against[other] = diffs
+        status = "advances the front" if advances else "dominated" if dominated else "undecided"
+        out.append({"kind": "front", "metric": "dino, clip-t", "point": label, "status": status, "n_pairs": n,
+                    "against": against,
+                    "verdict": HOLDS if advances else FAILS if dominated else INCONCLUSIVE})
+    return out
+
+
 def combine(verdicts: Sequence[str]) -> str:
     return FAILS if FAILS in verdicts else HOLDS if all(v == HOLDS for v in verdicts) else INCONCLUSIVE
 
 
 def claims_table(values: Mapping[str, Mapping[tuple, Mapping[str, float]]], runs: Mapping[str, tuple],
-                 claims: Sequence[Claim] = CLAIMS) -> dict:
+                 claims: Sequence[Claim] = CLAIMS, points: Optional[Mapping[str, Mapping]] = None) -> dict:
     """Rows for the claims whose variants were all run. `values`: run label -> per-image values (local.per_image);
-    `runs`: run label -> (Variant, Params)."""
+    `runs`: run label -> (Variant, Params); `points`: run label -> its sweep's points (local.sweep_points)."""
     rows, not_run = [], []
     for claim in claims:
         found = {n.label: next((label for label, (v, p) in runs.items() if n.matches(v, p)), None)
@@ -222,7 +265,15 @@ def claims_table(values: Mapping[str, Mapping[tuple, Mapping[str, float]]], runs
         for t in claim.tests:
             a, b = paired(values[found[t.a.label]], values[found[t.b.label]], t.metric, t.prompt_sets)
             tests.append(dict(decide(t, a, b), a_run=found[t.a.label], b_run=found[t.b.label]))
-        verdict = combine([t["verdict"] for t in tests])
+        if claim.front is not None:
+            tests = [dict(t, a_run=found[claim.front.label]) for t in decide_front((points or {}).get(
+                found[claim.front.label], {}))]
+            # the claim is that some DreamBlend point advances the front
+            verdicts = [t["verdict"] for t in tests]
+            verdict = HOLDS if HOLDS in verdicts else FAILS if verdicts and all(v == FAILS for v in verdicts) \
+                else INCONCLUSIVE
+        else:
+            verdict = combine([t["verdict"] for t in tests])
         caveat = claim.condition({n.method: runs[found[n.label]][1] for n in claim.needs}) if claim.condition \
             else None
         if caveat and verdict == HOLDS:
@@ -237,6 +288,11 @@ def claims_table(values: Mapping[str, Mapping[tuple, Mapping[str, float]]], runs
 def _test_text(t: dict) -> str:
     if not t["n_pairs"]:
         return f"{t['metric']}: {t['why']}"
+    if t["kind"] == "front":
+        worst = min(t["against"].items(), key=lambda kv: max(d["low"] for d in kv[1].values()))
+        return (f"{t['a_run']} {t['point']}: {t['status']} ({len(t['against'])} checkpoint points, {t['n_pairs']} "
+                f"pairs; hardest: {worst[0]}, " + ", ".join(
+                    f"{m} {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" for m, d in worst[1].items()) + ")")
     d = t["difference"]
     return (f"{t['metric']}{' (' + ', '.join(t['prompt_sets']) + ')' if t['prompt_sets'] else ''}: "
             f"{t['a_run']} {t['a']['mean']:.4f} vs {t['b_run']} {t['b']['mean']:.4f}, difference {d['mean']:+.4f} "

@@ -14,6 +14,7 @@ A variant is `METHOD[@STRATEGY][+KEY=VALUE...]`: `dreambooth`, `dreambooth@refer
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -299,6 +300,18 @@ def per_image(cell: Cell) -> dict[tuple, dict[str, float]]:
     return out
 
 
+def sweep_points(cell: Cell) -> dict[str, dict]:
+    """The run's sweep (when it kept snapshots): point label -> {"strategy", "values"}, values keyed as `per_image`."""
+    path = cell.run_dir / "sweep" / "points.json"
+    if not path.is_file():
+        return {}
+    out = {}
+    for point in json.loads(path.read_text())["points"]:
+        view = dataclasses.replace(cell, run_dir=cell.run_dir / "sweep" / point["path"])
+        out[point["label"]] = {"strategy": point["strategy"], "values": per_image(view)}
+    return out
+
+
 def write_reports(out: Path, cells: Sequence[Cell], track: bool) -> None:
     from subjectops.benchmark.claims import claims_table, write_claims
     from subjectops.selection.compare import leaderboard_of, write_leaderboard
@@ -312,7 +325,13 @@ def write_reports(out: Path, cells: Sequence[Cell], track: bool) -> None:
     for cell in cells:
         values.setdefault(cell.variant.label, {}).update(per_image(cell))
     effective = {cell.variant.label: (cell.variant, cell.params) for cell in cells}
-    write_claims(claims_table(values, effective), out)
+    points: dict[str, dict[str, dict]] = {}
+    for cell in cells:  # a point's images of every subject and seed pool under its label
+        for label, point in sweep_points(cell).items():
+            pooled = points.setdefault(cell.variant.label, {}).setdefault(label, {"strategy": point["strategy"],
+                                                                                  "values": {}})
+            pooled["values"].update(point["values"])
+    write_claims(claims_table(values, effective, points=points), out)
     if track:
         from subjectops.benchmark.leaderboard import log_leaderboard
 
