@@ -393,5 +393,45 @@ app.command("submit")(kfp_submit.submit)
 app.add_typer(kfp_submit.benchmark_app, name="benchmark")
 
 
+@kfp_submit.benchmark_app.command("run")
+@user_errors
+def benchmark_run(
+        methods: List[str] = typer.Option(..., "--methods", help="variants, comma-separated: METHOD[@STRATEGY]"
+                                          "[+KEY=VALUE...], e.g. dreambooth,dreambooth@reference-guided"),
+        subjects: List[Path] = typer.Option(..., "--subjects", help="a world subject folder, a folder of photos, or a "
+                                            "folder of them (repeatable)"),
+        out: Path = typer.Option(..., "--out", help="the benchmark folder: runs/, leaderboard.*, claims.*"),
+        model: Optional[str] = ModelOpt,
+        class_word: Optional[str] = typer.Option(None, "--class", help="class word of photo folders without a "
+                                                 "class.txt"),
+        seeds: Optional[List[str]] = typer.Option(None, "--seeds", help="benchmark seeds, comma-separated: each sets "
+                                                  "finetune.seed and infer.seed (default: the params')"),
+        champion: Optional[Path] = typer.Option(None, "--champion", help="an earlier benchmark's folder or "
+                                                "leaderboard.json: fail when a score falls below its interval"),
+        params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
+        track: bool = typer.Option(True, "--track/--no-track", help="log the leaderboard and claims to MLflow")):
+    """Every method on every subject in this process (same prompts, seeds, encoders; models loaded once), resuming
+    where a previous invocation stopped; writes the leaderboard and the papers' claims table."""
+    from subjectops.benchmark.local import run_benchmark
+
+    def split(values: Optional[List[str]]) -> list[str]:
+        return [v.strip() for text in values or [] for v in text.split(",") if v.strip()]
+
+    try:
+        seed_values = [int(s) for s in split(seeds)]
+    except ValueError:
+        raise SubjectopsError(f"--seeds {','.join(seeds or [])} is not a list of integers",
+                              fix="pass e.g. --seeds 0,1,2") from None
+    result = run_benchmark(params_path=params_path, sets=sets or [], model=model, variants=split(methods),
+                           subject_dirs=subjects, class_word=class_word, seeds=seed_values, out=out, track=track,
+                           champion=champion,
+                           on_cell=lambda cell, finished: console.print(
+                               f"{'finished before' if finished else 'running'}: {cell.variant.label} on "
+                               f"{cell.group}", highlight=False))
+    console.print(f"{len(result.ran)} of {len(result.cells)} cell(s) run in {result.seconds:.0f} s", highlight=False)
+    done("leaderboard", out / "leaderboard.html")
+    done("claims", out / "claims.html")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -257,7 +257,7 @@ def submit(
 
 
 benchmark_app = typer.Typer(no_args_is_help=True,
-                            help="The DreamBench benchmark on Kubeflow: submit, schedule, aggregate.")
+                            help="The benchmark: run it here (`run`), or on Kubeflow (submit, schedule, aggregate).")
 
 
 def _subjects(subjects_file: Optional[Path], subjects_root: str) -> list[dict]:

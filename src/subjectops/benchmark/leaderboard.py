@@ -58,8 +58,10 @@ def fetch_registered_run(client, model_name: str, version: str, dest: Path) -> P
     return run_dir
 
 
-def log_leaderboard(board_dir: Path, experiment: str, run_name: str, tracking_uri: Optional[str] = None) -> str:
-    """One MLflow run holding the leaderboard's files under `leaderboard/`; returns its id."""
+def log_leaderboard(board_dir: Path, experiment: str, run_name: str, tracking_uri: Optional[str] = None,
+                    skip: Sequence[str] = ()) -> str:
+    """One MLflow run holding the leaderboard's files under `leaderboard/` (but the entries named in `skip`: the
+    local benchmark's run folders); returns its id."""
     from subjectops.tracking.client import resolve_tracking_uri
     from subjectops.tracking.mlflow_tracker import MlflowTracker
 
@@ -67,7 +69,13 @@ def log_leaderboard(board_dir: Path, experiment: str, run_name: str, tracking_ur
     tracker = MlflowTracker(tracking_uri=uri)
     experiment_id = tracker.connect(uri, experiment)
     run = tracker.client.create_run(experiment_id, run_name=run_name, tags={"subjectops.stage": LEADERBOARD_STAGE})
-    tracker.client.log_artifacts(run.info.run_id, str(board_dir), "leaderboard")
+    for entry in sorted(Path(board_dir).iterdir()):
+        if entry.name in skip:
+            continue
+        if entry.is_dir():
+            tracker.client.log_artifacts(run.info.run_id, str(entry), f"leaderboard/{entry.name}")
+        else:
+            tracker.client.log_artifact(run.info.run_id, str(entry), "leaderboard")
     tracker.client.set_terminated(run.info.run_id)
     return run.info.run_id
 

@@ -18,6 +18,7 @@ What each number means (the papers' definitions):
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,6 +330,19 @@ class Encoders:
         return out
 
 
+def shared_encoders(params: Params, metrics: Sequence[str], generated_by: Optional[str]) -> Encoders:
+    """The encoders of these evaluation settings: loaded here, or the ones loaded earlier in this process when models
+    are shared (models/shared.py)."""
+    from subjectops.models.shared import shared_models
+
+    shared = shared_models()
+    if shared is None:
+        return Encoders(params, metrics, generated_by)
+    key = json.dumps([params.evaluate.model_dump(mode="json"), params.model.model_dump(mode="json"), list(metrics),
+                      generated_by], sort_keys=True)
+    return shared.encoders(key, lambda: Encoders(params, metrics, generated_by))
+
+
 @dataclass
 class References:
     pixels: Tensor  # (M, 3, H, W) in [0, 1]
@@ -352,7 +366,7 @@ class Evaluator:
         self.metrics = list(metrics if metrics is not None else params.evaluate.metrics)
         if not self.metrics:
             raise ConfigError("evaluate.metrics is empty", fix=f"list some of {list(DISPLAY)}")
-        self.enc = encoders or Encoders(params, self.metrics, generated_by)
+        self.enc = encoders or shared_encoders(params, self.metrics, generated_by)
         if self.enc.judge is not None and self.enc.world:
             self.metrics += [m for m in WORLD_METRICS if m not in self.metrics]
         self.batch_size = params.evaluate.batch_size

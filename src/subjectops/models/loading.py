@@ -70,6 +70,18 @@ def resolve(model: ModelCfg) -> str:
 
 
 def load_pipeline(model: ModelCfg, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """The base pipeline (a private copy of one loaded earlier in this process when models are shared:
+    models/shared.py)."""
+    from subjectops.models.shared import shared_models
+
+    shared = shared_models()
+    if shared is not None:
+        key = (model.base, model.revision, model.cache_dir, str(dtype))
+        return shared.pipeline(key, lambda: _load_pipeline(model, dtype))
+    return _load_pipeline(model, dtype)
+
+
+def _load_pipeline(model: ModelCfg, dtype: torch.dtype) -> DiffusionPipeline:
     # imported here: stages that only read a model's config (refine's resolution) skip diffusers' 4 s import
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging

@@ -48,10 +48,11 @@ class RunScores:
     random_roles: tuple[str, ...] = ()
     higher_is_better: dict[str, bool] = field(default_factory=dict)  # column -> its metric's direction
     set_level: set[str] = field(default_factory=set)  # columns with one value per set (FID), no per-image values
+    label: str | None = None  # the row's name when runs of one (method, strategy) differ in settings (a benchmark)
 
     @property
     def row(self) -> str:
-        return f"{self.method} / {self.strategy}"
+        return self.label or f"{self.method} / {self.strategy}"
 
 
 def _read(path: Path, fix: str, *keys: str) -> dict:
@@ -277,7 +278,11 @@ def leaderboard(run_dirs: list[Path]) -> Leaderboard:
     """The leaderboard of the runs: refused unless they are comparable subject by subject."""
     if not run_dirs:
         raise SubjectopsError("compare needs at least one run directory", fix="pass RUN_DIR arguments")
-    runs = [load_run(d) for d in run_dirs]
+    return leaderboard_of([load_run(d) for d in run_dirs])
+
+
+def leaderboard_of(runs: list[RunScores]) -> Leaderboard:
+    """The leaderboard of loaded runs: refused unless they are comparable subject by subject."""
     check_comparable(runs)
     members: dict[str, list[str]] = {}
     for run in runs:

@@ -1,0 +1,64 @@
+"""The local benchmark's regression gate: each variant's scores against a champion benchmark's (its leaderboard.json).
+
+A score regresses when its mean falls outside the champion's 95% interval on the worse side (below it for a
+higher-is-better metric, above it for a lower-is-better one: the direction is the metric's definition). Only
+variants and columns both leaderboards have are compared, and only when both ran the same subjects; a set-level
+number without an interval (FID) is compared the same way against its single value. The gate writes `OUT/gate.json`
+and fails naming every regressed variant and metric.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from subjectops.benchmark.aggregate import BenchmarkRegression
+from subjectops.errors import SubjectopsError
+
+
+def _metric(column: str) -> str | None:
+    """`<prompt set>/<display name>` -> the metric's machine name (None for a column no definition names)."""
+    from subjectops.metrics.definitions import METRICS
+
+    display = column.rsplit("/", 1)[-1]
+    return next((name for name, d in METRICS.items() if d.display == display), None)
+
+
+def _subjects(board: dict) -> list[str]:
+    """The subjects without their benchmark seed: reruns with other seeds are what the gate compares."""
+    return sorted({s.split("@seed-")[0] for s in board.get("subjects", [])})
+
+
+def regressions(board: dict, champion: dict) -> list[dict]:
+    from subjectops.metrics.definitions import METRICS
+
+    if _subjects(board) != _subjects(champion):
+        raise SubjectopsError(f"the champion benchmark ran subjects {', '.join(_subjects(champion))}, this one "
+                              f"{', '.join(_subjects(board))}: their scores are not comparable",
+                              fix="run the benchmark on the champion's subjects, or pass another --champion")
+    found = []
+    for row, cells in board["rows"].items():
+        for column, cell in cells.items():
+            theirs, metric = champion["rows"].get(row, {}).get(column), _metric(column)
+            if theirs is None or metric is None:
+                continue
+            higher = METRICS[metric].higher_is_better
+            if (cell["mean"] < theirs["low"]) if higher else (cell["mean"] > theirs["high"]):
+                found.append({"variant": row, "column": column, "metric": metric, "mean": cell["mean"],
+                              "champion": theirs,
+                              "direction": "higher is better" if higher else "lower is better"})
+    return found
+
+
+def check_regressions(board: dict, champion: dict, out: Path) -> None:
+    """Write OUT/gate.json; raise `BenchmarkRegression` naming each regressed variant and metric."""
+    found = regressions(board, champion)
+    compared = sorted(set(board["rows"]) & set(champion["rows"]))
+    Path(out, "gate.json").write_text(json.dumps({"passed": not found, "compared": compared,
+                                                  "regressions": found}, indent=2))
+    if found:
+        lines = [f"  {r['variant']}: {r['column']} = {r['mean']:.4f}, outside the champion's "
+                 f"[{r['champion']['low']:.4f}, {r['champion']['high']:.4f}] ({r['direction']})" for r in found]
+        raise BenchmarkRegression("benchmark regressed against the champion:\n" + "\n".join(lines),
+                                  fix=f"inspect the variants' runs under {Path(out) / 'runs'} and the image grids "
+                                      f"in {Path(out) / 'leaderboard.html'}; promote nothing from this benchmark")

@@ -1,0 +1,355 @@
+"""`subjectops benchmark run`: the claims table's verdicts, the regression gate, the injected bugs, the shared models
+and a tiny benchmark killed midway and resumed."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO, artifact_paths
+from PIL import Image
+from typer.testing import CliRunner
+
+WORLD_SUBJECT = REPO / "src" / "subjectops" / "world" / "shipped_subjects" / "world-cup-5"
+
+
+# ------------------------------------------------------------------------------------------------- claims
+def _values(group_means: dict[str, float], metric: str, n: int = 40, noise: float = 0.01, seed: int = 0) -> dict:
+    """Per-image values of several variants on the same n images: variant -> key -> {metric: value}."""
+    rng = np.random.default_rng(seed)
+    image_effect = rng.normal(0, 0.05, n)  # what the images share across variants: pairing removes it
+    return {label: {("s", "prompt-invariant", f"images/p/{i:04d}.png", i):
+                    {metric: float(mean + image_effect[i] + rng.normal(0, noise))} for i in range(n)}
+            for label, mean in group_means.items()}
+
+
+def _runs(*labels_and_overrides):
+    from subjectops.benchmark.local import parse_variant
+    from subjectops.config import load_params
+
+    out = {}
+    for text in labels_and_overrides:
+        v = parse_variant(text)
+        out[text] = (v, load_params(REPO / "params.yaml", v.overrides(), method=v.method))
+    return out
+
+
+def test_claim_verdicts_hold_fail_and_stay_inconclusive_on_paired_values():
+    from subjectops.benchmark.claims import CLAIMS, claims_table
+
+    runs = _runs("dreambooth", "textual-inversion")
+    dino = [c for c in CLAIMS if c.id == "db-over-ti-dino"]
+    verdicts = {}
+    for case, ti in (("db clearly above", 0.60), ("db clearly below", 0.70), ("no difference", 0.65)):
+        values = _values({"dreambooth": 0.65, "textual-inversion": ti}, "dino", noise=0.01 if ti != 0.65 else 0.05)
+        [row] = claims_table(values, runs, dino)["rows"]
+        verdicts[case] = row["verdict"]
+        test = row["tests"][0]
+        assert test["n_pairs"] == 40 and test["a_run"] == "dreambooth" and test["b_run"] == "textual-inversion"
+        assert test["difference"]["low"] <= test["difference"]["mean"] <= test["difference"]["high"]
+    assert verdicts == {"db clearly above": "holds", "db clearly below": "does not hold",
+                        "no difference": "inconclusive"}
+
+
+def test_pairing_removes_what_the_images_share_and_lower_is_better_metrics_flip():
+    """A difference of 0.01 under image-to-image spread of 0.05 is seen only when the comparison is paired; on LPIPS
+    (lower is better) the lower variant is the better one."""
+    from subjectops.benchmark.claims import Needs, Test, decide, paired
+
+    values = _values({"a": 0.51, "b": 0.50}, "dino", noise=0.002)
+    a, b = paired(values["a"], values["b"], "dino", None)
+    assert decide(Test("better", "dino", Needs("dreambooth"), Needs("lora")), a, b)["verdict"] == "holds"
+    assert decide(Test("better", "lpips", Needs("dreambooth"), Needs("lora")), a, b)["verdict"] == "does not hold"
+    within = decide(Test("within", "dino", Needs("dreambooth"), Needs("lora"), margin=0.05), a, b)
+    assert within["verdict"] == "holds"
+    assert paired(values["a"], values["b"], "dino", ("prompt-varying",)) == ([], [])
+
+
+def test_claims_get_rows_only_when_their_variants_ran_and_settings_must_match():
+    from subjectops.benchmark.claims import claims_table
+
+    runs = _runs("dreambooth", "textual-inversion", "dreambooth+finetune.dreambooth.lr=1e-3")
+    values = {label: _values({label: 0.5}, "dino")[label] for label in runs}
+    table = claims_table(values, runs)
+    ids = [r["id"] for r in table["rows"]]
+    assert "db-over-ti-dino" in ids and "ti-lowest-clip-t" in ids
+    # prior preservation needs DreamBooth without it; a retuned DreamBooth never stands in for the paper's
+    assert {"id": "prior-preservation-dreambooth",
+            "needs": ["dreambooth+finetune.dreambooth.prior_preservation=false"]} in table["not_run"]
+    [row] = [r for r in table["rows"] if r["id"] == "db-over-ti-dino"]
+    assert row["needs"]["dreambooth"] == "dreambooth"
+    # clip-t was not measured in these values: the row says so instead of deciding
+    [clip_t] = [r for r in table["rows"] if r["id"] == "ti-lowest-clip-t"]
+    assert clip_t["verdict"] == "inconclusive" and clip_t["tests"][0]["n_pairs"] == 0
+
+
+def test_two_stage_claim_is_inconclusive_when_it_trains_the_unet_longer():
+    from subjectops.benchmark.claims import CLAIMS, claims_table
+
+    claim = [c for c in CLAIMS if c.id == "two-stage-over-db"]
+    for steps, expected in ((400, "holds"), (2000, "inconclusive")):
+        label = f"two-stage+finetune.two_stage.unet_steps={steps}"
+        runs = _runs("dreambooth", label)
+        values = _values({"dreambooth": 0.5, label: 0.6}, "dino")
+        for run, images in _values({"dreambooth": 0.2, label: 0.3}, "clip-t", seed=1).items():
+            for key, scores in images.items():
+                values[run][key].update(scores)
+        claim_with_steps = [dataclasses.replace(claim[0], tests=tuple(
+            dataclasses.replace(t, a=dataclasses.replace(t.a, settings=(("finetune.two_stage.unet_steps", steps),)))
+            for t in claim[0].tests))]
+        [row] = claims_table(values, runs, claim_with_steps)["rows"]
+        assert row["verdict"] == expected, row
+        assert (row["caveat"] is None) == (expected == "holds")
+
+
+def _point(strategy: str, dino: float, clip_t: float, seed: int) -> dict:
+    values = _values({"p": dino}, "dino", seed=seed, noise=0.002)["p"]
+    for key, scores in _values({"p": clip_t}, "clip-t", seed=seed + 100, noise=0.002)["p"].items():
+        values[key].update(scores)
+    return {"strategy": strategy, "values": values}
+
+
+def test_dreamblend_front_claim_reads_the_sweep_points():
+    """Checkpoints trading DINO for CLIP-T; a DreamBlend point beyond their front holds, one below it does not, one
+    level with a checkpoint is inconclusive."""
+    from subjectops.benchmark.claims import CLAIMS, claims_table
+
+    claim = [c for c in CLAIMS if c.id == "dreamblend-advances-front"]
+    runs = _runs("dreambooth@dreamblend")
+    checkpoints = {"step 100": _point("plain", 0.50, 0.30, 1), "step 200": _point("plain", 0.60, 0.25, 2)}
+    verdicts = {}
+    for case, blend in (("beyond", (0.58, 0.29)), ("below", (0.48, 0.24)), ("level", (0.60, 0.25))):
+        blended = _point("dreamblend", *blend, 3)
+        if case == "level":  # the very images of a checkpoint: no difference at all
+            blended = dict(checkpoints["step 200"], strategy="dreamblend")
+        points = {"dreambooth@dreamblend": {**checkpoints, "dreamblend 100<200": blended}}
+        [row] = claims_table({"dreambooth@dreamblend": {}}, runs, claim, points=points)["rows"]
+        verdicts[case] = row["verdict"]
+        assert row["tests"][0]["point"] == "dreamblend 100<200"
+    assert verdicts == {"beyond": "holds", "below": "does not hold", "level": "inconclusive"}
+    [row] = claims_table({"dreambooth@dreamblend": {}}, runs, claim, points={})["rows"]
+    assert row["verdict"] == "inconclusive" and "no checkpoint point" in row["tests"][0]["why"]
+
+
+# ------------------------------------------------------------------------------------------ regression gate
+def _board(rows: dict) -> dict:
+    return {"subjects": ["world-cup-5"], "rows": {
+        row: {col: dict(zip(("mean", "low", "high"), v)) for col, v in cells.items()} for row, cells in rows.items()}}
+
+
+def test_regression_gate_names_the_variant_and_metric_below_the_champions_interval(tmp_path):
+    from subjectops.benchmark.aggregate import BenchmarkRegression
+    from subjectops.benchmark.regression import check_regressions
+
+    dino, lpips = "prompt-invariant/DINO", "prompt-invariant/LPIPS"
+    champion = _board({"lora": {dino: (0.60, 0.58, 0.62), lpips: (0.3, 0.28, 0.32)},
+                       "dreambooth": {dino: (0.65, 0.63, 0.67)}})
+    same = _board({"lora": {dino: (0.59, 0.57, 0.61), lpips: (0.31, 0.29, 0.33)},
+                   "dreambooth": {dino: (0.66, 0.64, 0.68)}})
+    check_regressions(same, champion, tmp_path)  # inside the intervals: passes
+    assert json.loads((tmp_path / "gate.json").read_text())["passed"] is True
+    broken = _board({"lora": {dino: (0.61, 0.6, 0.62), lpips: (0.4, 0.38, 0.42)},
+                     "dreambooth": {dino: (0.50, 0.48, 0.52)}})
+    with pytest.raises(BenchmarkRegression) as err:
+        check_regressions(broken, champion, tmp_path)
+    message = err.value.message
+    assert "dreambooth: prompt-invariant/DINO" in message and "lora: prompt-invariant/LPIPS" in message
+    assert "lora: prompt-invariant/DINO" not in message  # higher DINO is no regression
+    gate = json.loads((tmp_path / "gate.json").read_text())
+    assert gate["passed"] is False and {(r["variant"], r["metric"]) for r in gate["regressions"]} == {
+        ("dreambooth", "dino"), ("lora", "lpips")}
+
+
+def test_regression_gate_refuses_a_champion_of_other_subjects(tmp_path):
+    from subjectops.benchmark.regression import check_regressions
+    from subjectops.errors import SubjectopsError
+
+    champion = dict(_board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}}), subjects=["world-ball-7"])
+    with pytest.raises(SubjectopsError, match="not comparable"):
+        check_regressions(_board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}}), champion, tmp_path)
+
+
+def test_inject_bug_plants_each_named_bug_in_a_copy(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import inject_bug
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    for name, bug in inject_bug.BUGS.items():
+        src = inject_bug.inject(name, tmp_path / name)
+        planted = (src.parent / bug.path).read_text()
+        assert bug.new in planted and bug.old not in planted
+        assert (REPO / bug.path).read_text().count(bug.old) == 1  # the original is untouched
+        compile(planted, bug.path, "exec")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "inject_bug.py"), "lr-100x", "--dest",
+                           str(tmp_path / "lr-100x")], capture_output=True, text=True)
+    assert done.returncode == 2 and "error:" in done.stderr and "fix:" in done.stderr  # not an empty folder
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_benchmark_input_fails_before_any_work(tmp_path, example_subject):
+    from subjectops.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, ["benchmark", "run", "--out", str(tmp_path / "out"), "--no-track",
+                                        "--params", str(REPO / "params.yaml"), *args])
+
+    cases = {
+        "unknown method": (["--methods", "dreambooht", "--subjects", str(WORLD_SUBJECT)], "unknown method"),
+        "no class word": (["--methods", "lora", "--subjects", str(example_subject)], "no class word"),
+        "variant moves the prompts": (["--methods", "lora,lora+infer.seed=3", "--subjects", str(WORLD_SUBJECT)],
+                                      "sets infer.seed unlike lora"),
+        "seeds": (["--methods", "lora", "--subjects", str(WORLD_SUBJECT), "--seeds", "one"], "not a list"),
+    }
+    for case, (args, message) in cases.items():
+        result = run(*args)
+        assert result.exit_code == 2, (case, result.output)
+        assert message in result.output and "fix:" in result.output, (case, result.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_seeds_rerun_every_pair_with_other_training_and_sampling_seeds(tmp_path):
+    """`--seeds 1,2`: each pair once per seed, in its own folder, with finetune.seed and infer.seed set; the gate
+    compares such a rerun with a champion of the same subjects."""
+    from subjectops.benchmark.local import BenchSubject, parse_variant, plan_cells, variant_params
+    from subjectops.benchmark.regression import regressions
+
+    subject = BenchSubject("world-cup-5", WORLD_SUBJECT / "photos", "cup")
+    build = functools.partial(variant_params, REPO / "params.yaml", [], None)
+    cells = plan_cells([parse_variant("lora"), parse_variant("dreambooth@reference-guided")], [subject], [1, 2],
+                       tmp_path, build)
+    assert [(c.variant.label, c.group, c.params.finetune.seed, c.params.infer.seed) for c in cells] == [
+        ("lora", "world-cup-5@seed-1", 1, 1), ("lora", "world-cup-5@seed-2", 2, 2),
+        ("dreambooth@reference-guided", "world-cup-5@seed-1", 1, 1),
+        ("dreambooth@reference-guided", "world-cup-5@seed-2", 2, 2)]
+    assert cells[3].run_dir == tmp_path / "runs" / "dreambooth@reference-guided" / "world-cup-5" / "seed-2"
+    assert cells[3].params.infer.strategy == "reference-guided"
+    rerun = dict(_board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}}),
+                 subjects=["world-cup-5@seed-1", "world-cup-5@seed-2"])
+    assert regressions(rerun, _board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}})) == []
+
+
+# ------------------------------------------------------------------------------------------ shared models
+def test_shared_models_load_a_pipeline_once_and_hand_out_private_copies(tiny_params):
+    import torch
+
+    from subjectops.models.loading import load_pipeline
+    from subjectops.models.shared import SharedModels
+
+    shared = SharedModels()
+    with shared.active():
+        first, second = load_pipeline(tiny_params.model), load_pipeline(tiny_params.model)
+    assert list(shared.loads.values()) == [1]
+    assert first is not second and first.unet is not second.unet
+    with torch.no_grad():  # a finetune training one copy in place leaves the other as loaded
+        next(first.unet.parameters()).add_(1.0)
+    fresh = load_pipeline(tiny_params.model)  # outside: from disk, as `subjectops run` does
+    assert torch.equal(next(second.unet.parameters()), next(fresh.unet.parameters()))
+    assert not torch.equal(next(first.unet.parameters()), next(fresh.unet.parameters()))
+
+
+# ------------------------------------------------------------------------------------- the benchmark itself
+def _snapshot(folder: Path) -> dict:
+    from subjectops.digest import sha256_file
+
+    return {p.relative_to(folder).as_posix(): (sha256_file(p), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".subjectops.lock"}
+
+
+def test_a_killed_benchmark_resumes_without_redoing_finished_pairs(tiny_overrides, tmp_path, monkeypatch):
+    import subjectops.pipeline as pipeline_module
+    from subjectops.benchmark.local import run_benchmark
+    from subjectops.tracking.client import mlflow_client, resolve_tracking_uri
+
+    out = tmp_path / "bench"
+    kwargs = dict(params_path=REPO / "params.yaml", sets=tiny_overrides, model=None,
+                  variants=["lora", "textual-inversion"], subject_dirs=[WORLD_SUBJECT], class_word=None, seeds=[],
+                  out=out)
+    real_get_stage, evaluations = pipeline_module.get_stage, []
+
+    def killed_at_second_evaluate(name):
+        stage = real_get_stage(name)
+        if name != "evaluate":
+            return stage
+
+        def run(ctx):
+            evaluations.append(ctx.out)
+            if len(evaluations) == 2:
+                raise KeyboardInterrupt  # the second pair dies after its infer stage
+            return stage.run(ctx)
+        return dataclasses.replace(stage, run=run)
+
+    monkeypatch.setattr(pipeline_module, "get_stage", killed_at_second_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(**kwargs)
+    monkeypatch.setattr(pipeline_module, "get_stage", real_get_stage)
+    lora_run, ti_run = out / "runs" / "lora" / "world-cup-5", out / "runs" / "textual-inversion" / "world-cup-5"
+    assert (lora_run / "benchmark-cell.json").is_file() and not (ti_run / "benchmark-cell.json").exists()
+    assert (ti_run / "infer" / "samples.json").is_file() and not (out / "leaderboard.json").exists()
+    before = _snapshot(lora_run)
+
+    seen = []
+    result = run_benchmark(**kwargs, track=True,
+                           on_cell=lambda cell, finished: seen.append((cell.variant.label, finished)))
+    assert seen == [("lora", True), ("textual-inversion", False)]
+    assert [c.variant.label for c in result.ran] == ["textual-inversion"]
+    assert _snapshot(lora_run) == before  # the finished pair's outputs are untouched, byte for byte and in time
+    # finetune and infer each took the base pipeline: one load from disk served both
+    assert [n for key, n in result.loads.items() if key.startswith("pipeline:")] == [1]
+
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert set(board["rows"]) == {"lora", "textual-inversion"}
+    assert board["subjects"] == ["world-cup-5"]
+    page = (out / "leaderboard.html").read_text()
+    for label in ("lora", "textual-inversion"):  # each variant's images on the same prompts and seeds
+        grid = sorted((out / "grids" / "world-cup-5" / label).glob("*.png"))
+        assert len(grid) == 2 and all(f'src="{p.relative_to(out).as_posix()}"' in page for p in grid)
+    claims = json.loads((out / "claims.json").read_text())
+    assert claims["rows"] == [] and any(n["id"] == "db-over-ti-dino" for n in claims["not_run"])
+    assert (out / "claims.md").read_text().startswith("Claims of the papers")
+    # PRES and DIV for the method that trains with class priors (LoRA here), on its class-prompt images
+    scores = json.loads((lora_run / "class-prompts" / "scores.json").read_text())
+    assert scores["prompt"] == "a photo of a cup" and len(scores["images"]) == 2
+    assert all(-1 <= r["pres"] <= 1 and r["div"] > 0 for r in scores["images"])
+    assert not (ti_run / "class-prompts").exists()
+    # tracking on: the leaderboard, the claims and the grids are in MLflow, the run folders are not
+    client = mlflow_client(resolve_tracking_uri())
+    [logged] = client.search_runs([client.get_experiment_by_name("subjectops").experiment_id],
+                                  "tags.mlflow.runName = 'benchmark-bench'")
+    files = artifact_paths(client, logged.info.run_id)
+    assert {"leaderboard/leaderboard.html", "leaderboard/claims.html", "leaderboard/claims.json",
+            "leaderboard/grids/world-cup-5/lora/00.png"} <= files
+    assert not any(f.startswith("leaderboard/runs") for f in files)
+
+
+def test_pres_is_similarity_to_the_subject_and_div_the_spread_of_class_images(tiny_overrides, tmp_path, monkeypatch):
+    """Class images that are all the subject's first photo: no diversity at all (DIV 0), and PRES the similarity of
+    that photo to the photos, above what another image of the class gets."""
+    import subjectops.inference.plain as plain
+    from subjectops.benchmark.prior_drift import class_prompt_scores
+    from subjectops.config import load_params
+    from subjectops.stages.finetune import finetune
+    from subjectops.stages.priors import priors
+    from subjectops.stages.refine import refine
+
+    params = load_params(REPO / "params.yaml", tiny_overrides + ["finetune.method=lora", "finetune.lora.steps=1"])
+    run = tmp_path / "run"
+    refine(params, WORLD_SUBJECT / "photos", "cup", run / "refine")
+    priors(params, run / "refine", run / "priors")
+    finetune(params, run / "refine", run / "priors", run / "finetune")
+    photos = sorted((run / "refine" / "images").glob("*.png"))
+    other = sorted((run / "priors" / "images").glob("*.png"))[0]  # an image of the class, not of the subject
+
+    def drawn(image):
+        monkeypatch.setattr(plain, "sample", lambda pipe, prompt, seed, spec: Image.open(image).convert("RGB"))
+        return class_prompt_scores(params, run)
+
+    subject_like, class_like = drawn(photos[0]), drawn(other)
+    assert all(r["div"] == pytest.approx(0, abs=1e-9) for r in subject_like + class_like)
+    assert subject_like[0]["pres"] > class_like[0]["pres"]
