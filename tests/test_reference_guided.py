@@ -164,8 +164,8 @@ def test_a_guidance_window_that_ends_before_it_starts_is_rejected_by_name():
 W_STEPS, W_T_START, W_T_END, W_PHI_STEPS, W_PHI_LR = 20, 15, 5, 5, 1e-2  # sec. 4's window and rate, on 20 steps
 W_SUBJECT, W_PHOTO, W_CAPTION = "world-teapot-3", "02.png", "a photo of a teapot"
 W_PROMPTS = ("a photo of a teapot on the beach", "a photo of a teapot in the snow")
-# Calibrated on the shipped world weights: see the test's docstring for the measured ratios.
-W_MAX_RATIO = 0.9
+# Calibrated on world-sd15 as built (see the test's docstring for the measured ratios), with a margin.
+W_MAX_RATIO = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,9 @@ def test_phi_h_optimisation_lowers_the_subject_region_error_to_the_inverted_refe
     """Eq. 10 on world-sd15: with J Adam steps on phi_h per guided step, the subject region ends closer to the
     inverted reference (a world subject's photo, its true mask) than with J = 0, where only the substitution at
     t_s acts. Both the mean error over the guided steps and the error at x_0 fall to at most W_MAX_RATIO of J = 0's.
-    Measured on the shipped weights: CALIBRATION."""
+    Measured (world build of 2026-12-06, UNet EMA at step 3000 of 7000, fp32): J/J=0 error ratios 0.52-0.62 over the
+    guided steps and 0.46-0.61 at x_0 (on the random-weight smoke build: 0.93-0.95). With phi_h never updated
+    (opt.step removed) the ratio is 1.0 and this test fails."""
     for prompt in W_PROMPTS:
         for seed in (0, 1):
             steps0, final0 = subject_region_errors(world_reference, prompt, seed, 0)
