@@ -41,7 +41,7 @@ def pytest_configure(config):
 # workers finish together. xdist's own order (most tests first) left test_dvc, one test of ~100 s, for last.
 SLOWEST_FIRST = ("test_training", "test_tracking", "test_dvc", "test_performance", "test_kfp_local", "test_kfp_local_branches",
                  "test_dreamblend", "test_distributed", "test_pipelines_compiled", "test_learning", "test_hifi_tuner",
-                 "test_submit", "test_prior_cache", "test_hypnos", "test_reference_guided")
+                 "test_submit", "test_prior_cache", "test_hypnos", "test_reference_guided", "test_hifi_prompt_to_prompt")
 
 
 def pytest_collection_modifyitems(items):
