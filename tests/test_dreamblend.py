@@ -234,7 +234,7 @@ def test_choose_without_a_sweep_says_how_to_make_one(tmp_path):
 # --- the default start on world-sd15: the edit model starts from the DDIM inversion of the guidance image ---------
 B_SUBJECT, B_GUIDANCE, B_EDIT, B_STEPS = "world-teapot-3", 10, 40, 20
 B_PROMPTS = ("a photo of sks teapot on the beach", "a photo of sks teapot in the snow")
-# Calibrated on the shipped world weights (numbers in the test's docstring).
+# NOT calibrated on the finished build (it was not ready in time): see the test's docstring.
 B_MAX_RATIO = 0.8
 
 
@@ -263,7 +263,9 @@ def test_starting_from_the_inversion_of_the_guidance_image_ends_closer_to_its_at
     image I_u. With the cross-attention guidance off (alpha = 0, so the start alone acts), its maps at the last
     step are closer to the guidance model's than those of plain sampling with the edit model from the seed's noise
     (start: noise, alpha = 0): at most B_MAX_RATIO of plain's distance, for every prompt and seed.
-    Measured on the shipped weights: CALIBRATION."""
+    Measured: passes on the random-weight smoke build; on the intermediate build (UNet EMA at step 3000 of 7000)
+    plain's last-step distances are 0.47-1.29 (the inversion's were not measured in time). With the inversion
+    disabled (start = x_T) the two are equal (ratio 1.0, 0.467 = 0.467) and this test fails."""
     assert InferCfg().dreamblend.start == "inversion"
     inverted = world_dreamblend(world_snapshots, alpha=0.0)
     plain = world_dreamblend(world_snapshots, alpha=0.0, start="noise")
