@@ -207,7 +207,8 @@ def test_phi_h_optimisation_lowers_the_subject_region_error_to_the_inverted_refe
     inverted reference (a world subject's photo, its true mask) than with J = 0, where only the substitution at
     t_s acts. Both the mean error over the guided steps and the error at x_0 fall to at most W_MAX_RATIO of J = 0's.
     Measured (world build of 2026-12-06, UNet EMA at step 3000 of 7000, fp32): J/J=0 error ratios 0.52-0.62 over the
-    guided steps and 0.46-0.61 at x_0 (on the random-weight smoke build: 0.93-0.95). With phi_h never updated
+    guided steps and 0.46-0.61 at x_0 (on the random-weight smoke build: 0.93-0.95); passes on the finished build
+    (/work/world-ship of 2026-12-06 09:56, 23 s). With phi_h never updated
     (opt.step removed) the ratio is 1.0 and this test fails."""
     for prompt in W_PROMPTS:
         for seed in (0, 1):
