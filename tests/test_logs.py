@@ -81,3 +81,13 @@ def test_loading_the_served_model_class_asks_for_no_type_hints():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Add type hints" not in proc.stderr
+
+
+def test_the_alchemy_token_is_printed_once_with_where_it_came_from(capsys):
+    from subjectops.methods import configured_method
+
+    params = load_params(REPO / "params.yaml", ["finetune.method=alchemy", "finetune.alchemy.token=immen"])
+    method = configured_method(params)
+    assert method.identifier() == method.identifier() == "immen"
+    assert capsys.readouterr().err.splitlines() == [
+        "alchemy: identifier token 'immen' (chosen by finetune.alchemy.token)"]
