@@ -272,11 +272,13 @@ def render_report(
     front: dict[str, Any] | None = None,
     masks: Sequence[Path] = (),
     finetune_dir: Path | None = None,
+    missing_training: Path | None = None,
 ) -> Path:
     """Write report.html from templates/report.html.j2 (autoescaped: prompts and names are text, never markup).
     ``metrics`` is the content of metrics.json; ``samples`` that of samples.json; ``front`` the operating points
     of a sweep (points, front, chosen, rule, the plot's uri) when the report is a sweep's; ``masks`` refine's
-    masks, one per reference; ``finetune_dir`` the training's output (loss log, validation images)."""
+    masks, one per reference; ``finetune_dir`` the training's output (loss log, validation images), or
+    ``missing_training`` where it was looked for and not found."""
     backbones = metrics["backbones"]
     random_roles = [role for role, info in backbones.items() if not info["pretrained"]]
     world_roles = [role for role, info in backbones.items() if info.get("provenance") == "world-pretrained"]
@@ -297,6 +299,7 @@ def render_report(
                for p, c in zip(masks, list(subject.get("mask_coverage") or []) + [None] * len(masks))],
         mask_backend=subject.get("mask_backend", ""),
         training=_training(finetune_dir),
+        missing_training=str(missing_training) if missing_training else None,
         validation_prompt=_validation_prompt(params, finetune_dir),
         generated=_generated_groups(samples, metrics, infer_dir),
         explained=_explained(samples, infer_dir),
