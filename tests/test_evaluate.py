@@ -109,6 +109,8 @@ def test_cli_evaluate_run_dir_ends_with_the_report_path(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     report = tmp_path / "run" / "evaluate" / "report.html"
     assert report.is_file()
+    # a run folder without its finetune output is scored all the same, and its report says what is missing
+    assert f"no finetune output at {tmp_path / 'run' / 'finetune'}" in report.read_text()
     assert res.output.replace("\n", "").strip().endswith(str(report))  # rich wraps long lines
     m = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())
     assert sorted({r["metric"] for r in m["metrics"]}) == ["DINO", "SSIM"]

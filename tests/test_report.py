@@ -194,6 +194,8 @@ def test_the_training_section_shows_the_loss_curve_and_validation_images(report)
     validation = page.position("img", **{"class": "validation"})
     assert [page.elements[i][1]["alt"] for i in validation] == [f"validation image at step {s}"
                                                                 for s in VALIDATION_STEPS]
+    # the prompt they were drawn from, as the method filled it in
+    assert '<span class="prompt">a photo of sks teapot</span>' in report.read_text().split('id="validation"')[1]
 
 
 def test_pictures_come_before_the_tables(report):

@@ -27,7 +27,8 @@ def tracked(tmp_path_factory):
     try:
         params = synthetic_params()
         run = root / "run"
-        tracker = MlflowTracker(tracking_uri=uri, experiment="parent-run", echo=lambda m: None,
+        messages = []
+        tracker = MlflowTracker(tracking_uri=uri, experiment="parent-run", echo=messages.append,
                                 stages=stage_catalog())
         with tracker.pipeline(params, run):
             for name in STAGES:
@@ -37,11 +38,11 @@ def tracked(tmp_path_factory):
     finally:
         mp.undo()
     client = MlflowClient(uri)
-    return client, client.get_run(tracker.state.data["parent"]["run_id"]), run
+    return client, client.get_run(tracker.state.data["parent"]["run_id"]), run, messages
 
 
 def test_the_pipeline_run_holds_the_report_grids_and_loss_history(tracked):
-    client, parent, _ = tracked
+    client, parent, _, _ = tracked
     arts = artifact_paths(client, parent.info.run_id)
     assert {"report.html", "finetune/train_log.jsonl", "params.json"} <= arts
     assert {"grids/refine_images.png", "grids/refine_masks.png", "grids/finetune_validation.png",
@@ -52,7 +53,7 @@ def test_the_pipeline_run_holds_the_report_grids_and_loss_history(tracked):
 
 
 def test_the_registered_model_lives_on_the_pipeline_run(tracked):
-    client, parent, run = tracked
+    client, parent, run, _ = tracked
     reg = json.loads((run / "register" / "registration.json").read_text())
     mv = client.get_model_version(reg["model_name"], reg["version"])
     assert mv.run_id == parent.info.run_id
@@ -64,7 +65,7 @@ def test_the_registered_model_lives_on_the_pipeline_run(tracked):
 
 
 def test_counts_are_tags_and_measurements_are_metrics(tracked):
-    client, parent, run = tracked
+    client, parent, run, _ = tracked
     evaluate = children(client, parent)["evaluate"]
     rows = json.loads((run / "evaluate" / "metrics.json").read_text())["metrics"]
     for data in (evaluate.data, parent.data):
@@ -80,7 +81,7 @@ def test_counts_are_tags_and_measurements_are_metrics(tracked):
 
 
 def test_the_experiment_is_a_machine_learning_experiment(tracked):
-    client, parent, _ = tracked
+    client, parent, _, _ = tracked
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
 
@@ -95,3 +96,16 @@ def test_an_existing_experiment_gets_the_kind_but_a_chosen_kind_stays(tmp_path):
     assert tracker.connect(f"sqlite:///{tmp_path / 'mlruns.db'}", "chosen") == chosen
     assert client.get_experiment(untagged).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_the_run_ends_with_a_link_that_opens_the_training_view(tracked):
+    """MLflow 3.17's UI shows its GenAI views to a browser that never chose "Model training", whatever the
+    experiment's kind: the printed link asks for the training view."""
+    _, parent, _, messages = tracked
+    experiment, run_id = parent.info.experiment_id, parent.info.run_id
+    page = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    assert messages[-1].endswith(f"then http://127.0.0.1:5000/{page}")
+    assert "`mlflow ui --backend-store-uri sqlite:///" in messages[-1]
+    from subjectops.tracking.client import run_page
+
+    assert run_page("http://mlflow:5000/", experiment, run_id) == f"http://mlflow:5000/{page}"

@@ -183,6 +183,19 @@ def _training(finetune_dir: Path | None) -> dict | None:
     return {"loss_uri": _loss_plot(folder / "train_log.jsonl"), "validation": validation}
 
 
+def _validation_prompt(params: dict[str, Any], finetune_dir: Path | None) -> str:
+    """finetune.validation_prompt as the method filled it in (its identifier and class word, from method.json)."""
+    template = str((params.get("finetune") or {}).get("validation_prompt", ""))
+    method = _stage_json(finetune_dir, "method.json")
+    identifier, class_word = method.get("identifier"), method.get("class_word")
+    if not identifier or not class_word:
+        return template
+    try:
+        return template.format(token=identifier, placeholder=identifier, class_word=class_word)
+    except (KeyError, IndexError, ValueError):  # a template the method would have refused: shown as written
+        return template
+
+
 def _generated_groups(samples: Sequence[dict[str, Any]], metrics: dict[str, Any], infer_dir: Path) -> list[dict]:
     """Per prompt set, per prompt: the first MAX_PER_PROMPT images (embedded), each after the intermediate images
     a multi-stage strategy made it from, and how many there are."""
@@ -259,11 +272,13 @@ def render_report(
     front: dict[str, Any] | None = None,
     masks: Sequence[Path] = (),
     finetune_dir: Path | None = None,
+    missing_training: Path | None = None,
 ) -> Path:
     """Write report.html from templates/report.html.j2 (autoescaped: prompts and names are text, never markup).
     ``metrics`` is the content of metrics.json; ``samples`` that of samples.json; ``front`` the operating points
     of a sweep (points, front, chosen, rule, the plot's uri) when the report is a sweep's; ``masks`` refine's
-    masks, one per reference; ``finetune_dir`` the training's output (loss log, validation images)."""
+    masks, one per reference; ``finetune_dir`` the training's output (loss log, validation images), or
+    ``missing_training`` where it was looked for and not found."""
     backbones = metrics["backbones"]
     random_roles = [role for role, info in backbones.items() if not info["pretrained"]]
     world_roles = [role for role, info in backbones.items() if info.get("provenance") == "world-pretrained"]
@@ -284,7 +299,8 @@ def render_report(
                for p, c in zip(masks, list(subject.get("mask_coverage") or []) + [None] * len(masks))],
         mask_backend=subject.get("mask_backend", ""),
         training=_training(finetune_dir),
-        validation_prompt=(params.get("finetune") or {}).get("validation_prompt", ""),
+        missing_training=str(missing_training) if missing_training else None,
+        validation_prompt=_validation_prompt(params, finetune_dir),
         generated=_generated_groups(samples, metrics, infer_dir),
         explained=_explained(samples, infer_dir),
         definitions=metrics["definitions"],

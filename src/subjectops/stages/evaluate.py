@@ -144,18 +144,22 @@ def baseline_sets(sets: list[PromptSet], samples: list[dict]) -> list[PromptSet]
 def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep_dir: Path | None = None,
              finetune_dir: Path | None = None) -> Path:
     """Score infer's images and write metrics.json and report.html; `finetune_dir` (optional: the scores do not
-    depend on it) gives the report its loss curve and validation images."""
+    depend on it) gives the report its loss curve and validation images, and when it does not exist the report says
+    so instead."""
     from subjectops.metrics.core import Evaluator
     from subjectops.report.html import render_report
     from subjectops.selection.pareto import read_front
 
     refine_dir, infer_dir, out = Path(refine_dir), Path(infer_dir), Path(out)
     subject, refs, samples, sets = load_inputs(refine_dir, infer_dir)
+    missing_training = None
     if sweep_dir is not None:  # DVC and Kubeflow pass it always: a sweep the plan leaves out only records why
         sweep_dir = planned_inputs(params, "evaluate", {"sweep": sweep_dir})["sweep"]
     front = read_front(require_stage_dir(sweep_dir, "sweep", "evaluate")) if sweep_dir is not None else None
-    if finetune_dir is not None:
+    if finetune_dir is not None and Path(finetune_dir).exists():
         finetune_dir = require_stage_dir(finetune_dir, "finetune", "evaluate")
+    elif finetune_dir is not None:  # a run folder copied without its weights: scored all the same
+        missing_training, finetune_dir = Path(finetune_dir), None
     # evaluate.tiny=auto follows the model that generated the images (infer's manifest), else model.base
     try:
         generated_by = json.loads((infer_dir / "manifest.json").read_text())["params"]["model"]["base"]
@@ -180,7 +184,7 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         render_report(work / "report.html", metrics, refs, samples, infer_dir, params.model_dump(mode="json"),
                       versions(), subject, front=front, masks=[m for m in masks if m.is_file()],
-                      finetune_dir=finetune_dir)
+                      finetune_dir=finetune_dir, missing_training=missing_training)
         write_manifest(work, "evaluate", params, {"refine": refine_dir, "infer": infer_dir, "sweep": sweep_dir,
                                                   "finetune": finetune_dir},
                        random_backbones=metrics["random_backbones"], backbones=backbones)

@@ -56,6 +56,16 @@ def local_artifact_root(uri: str) -> str | None:
     return None if db is None else (db.parent / "mlruns").as_uri()
 
 
+def run_page(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to open a run in the MLflow UI: the server's page, or for a local store the `mlflow ui` command and
+    the page it serves. MLflow 3's UI shows the GenAI views unless the browser last chose "Model training" (the
+    experiment's kind tag does not override that toggle); `workflowType=machine_learning` opens the training view."""
+    path = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{path}"
+
+
 def mlflow_client(uri: str):
     """An `MlflowClient` for `uri`, safe to open from several processes at once on a fresh sqlite store.
 

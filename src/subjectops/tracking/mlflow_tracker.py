@@ -34,6 +34,7 @@ from subjectops.tracking.client import (
     local_artifact_root,
     mlflow_client,
     resolve_tracking_uri,
+    run_page,
     setup_environment,
 )
 from subjectops.tracking.retry import retry_policy
@@ -41,8 +42,9 @@ from subjectops.tracking.run_state import RunState, now_ms
 
 METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
-# MLflow 3's UI opens an experiment by its kind: untagged (or inferred from traces) it may land on the GenAI overview;
-# "custom_model_development" ("Machine learning") opens on the training runs.
+# The experiment's kind: "custom_model_development" ("Machine learning") rather than GenAI, for MLflow's UI when its
+# GenAI / Model-training toggle is off and for tools that read the tag (the 3.17 UI with the toggle on follows the
+# browser's last choice, so the links subjectops prints carry workflowType=machine_learning: client.run_page).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
@@ -197,7 +199,8 @@ class MlflowTracker:
                 self.echo(f"run recorded locally in {run_dir} (not all of it reached MLflow); upload it with "
                           f"`subjectops sync {run_dir}`")
             else:
-                self.echo(f"run {st.data['parent']['run_id']} logged to {self.uri}")
+                self.echo(f"run {st.data['parent']['run_id']} logged to {self.uri}; open it: "
+                          f"{run_page(self.uri, st.data['experiment_id'], st.data['parent']['run_id'])}")
 
     @contextlib.contextmanager
     def stage(self, name: str, out_dir: Path) -> Iterator[MlflowTracker]:
