@@ -58,17 +58,18 @@ def test_two_runs_of_one_class_started_together_generate_one_entry_once(tiny_ove
                                                                         tiny_params):
     refine(tiny_params, example_subject, "teapot", tmp_path / "refine")
     sets = [a for s in tiny_overrides for a in ("--set", s)]
+    # two runs: each its own folder (two writers into one run folder are refused by its lock)
     procs = [subprocess.Popen([sys.executable, "-m", "subjectops.cli", "priors", "--refine", str(tmp_path / "refine"),
-                               "--out", str(tmp_path / name), "--params", "params.yaml", *sets],
+                               "--out", str(tmp_path / name / "priors"), "--params", "params.yaml", *sets],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
     for proc in procs:
         output = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, output
-    infos = [json.loads((tmp_path / name / "priors.json").read_text()) for name in ("a", "b")]
+    infos = [json.loads((tmp_path / name / "priors" / "priors.json").read_text()) for name in ("a", "b")]
     assert sorted(i["generated"] for i in infos) == [False, True]  # one generation
     cache = tmp_path / "prior-cache"
     assert cache_entries(cache) == [infos[0]["cache_key"]]  # one entry, no partial folder left
     recorded = json.loads((cache / infos[0]["cache_key"] / "cache.json").read_text())["files"]
     for name in ("a", "b"):  # both runs got the entry's images
-        assert {f"images/{k}": v for k, v in image_hashes(tmp_path / name).items()} == recorded
+        assert {f"images/{k}": v for k, v in image_hashes(tmp_path / name / "priors").items()} == recorded
         assert len(recorded) == tiny_params.priors.num_images

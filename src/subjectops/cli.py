@@ -29,7 +29,7 @@ from subjectops.cli_common import (
 from subjectops.config import Params
 from subjectops.console import log, timed
 from subjectops.errors import SubjectopsError
-from subjectops.run_folder import run_params_file
+from subjectops.run_folder import recorded_subject, run_params_file
 from subjectops.runlock import is_main_process, run_lock
 from subjectops.stages.base import Stage, StageContext
 from subjectops.stages.common import not_needed
@@ -130,8 +130,11 @@ def stage_command(stage: Stage) -> Callable:
         params = build_params(params_path, kw["sets"], kw["model"], kw["method"])
         out = stage_path(kw["out"], run, stage.name)
         planned = plan(params)
-        # one writer per run folder, as `subjectops run` holds it (the output's folder when no run is given)
-        with run_lock(run or out.parent) if is_main_process() else contextlib.nullcontext(), sigterm_requests_stop():
+        # one writer per run folder, as `subjectops run` holds it: the run given, or the run the output is a stage
+        # of (outputs given apart, as two priors into one scratch folder, may run side by side)
+        locked = run or (out.parent if recorded_subject(out.parent) else None)
+        holding = run_lock(locked) if locked is not None and is_main_process() else contextlib.nullcontext()
+        with holding, sigterm_requests_stop():
             if kw.get("if_needed") and not planned.has(stage.name):
                 reason = planned.why_not(stage.name)
                 done(f"{stage.command} ({reason})", not_needed(stage.name, params, out, reason))

@@ -17,6 +17,7 @@ from subjectops.console import console
 from subjectops.digest import digest_json, sha256_file
 from subjectops.errors import SubjectopsError
 from subjectops.preflight import out_of_space, require_writable
+from subjectops.run_folder import foreign_files
 
 MANIFEST = "manifest.json"
 
@@ -76,8 +77,6 @@ def stage_output(out: Path, keep_on_error: bool = False, publish: bool = True) -
 
 def _remove_earlier(out: Path) -> None:
     """Delete an earlier output, unless it holds files its stage did not write: then it is renamed aside, whole."""
-    from subjectops.run_folder import foreign_files
-
     foreign = foreign_files(out)
     if not foreign:
         shutil.rmtree(out)
