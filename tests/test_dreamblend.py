@@ -186,7 +186,7 @@ def test_the_runs_report_draws_the_front_with_the_chosen_point_marked(snapshot_r
     assert [html.unescape(label) for label, _, chosen in rows if chosen] == [doc["chosen"]]
     assert [html.unescape(label) for label, front, _ in rows if front] == doc["front"]
     manifest = json.loads((run / "evaluate" / "manifest.json").read_text())
-    assert set(manifest["inputs"]) == {"refine", "infer", "sweep"}
+    assert set(manifest["inputs"]) == {"refine", "finetune", "infer", "sweep"}
 
 
 def test_choose_registers_the_chosen_blend_and_serves_its_images(snapshot_run, tracking_uri):

@@ -61,6 +61,7 @@ def test_a_stage_command_checks_the_weights_it_loads(tmp_path):
     """`subjectops evaluate` with a real base model and no encoders: refused before it reads its inputs."""
     model = str(tiny_dir("tiny-sd15"))
     result = CliRunner().invoke(app, ["evaluate", "--refine", str(tmp_path / "r"), "--infer", str(tmp_path / "i"),
+                                      "--finetune", str(tmp_path / "f"),
                                       "--out", str(tmp_path / "e"), "--model", model])
     assert result.exit_code == 2, result.output
     assert "[evaluate.backbones.dino]" in result.output and "[evaluate.backbones.clip]" in result.output

@@ -1,10 +1,10 @@
 """The papers' comparative claims, put to the test on what a benchmark ran (`OUT/claims.{html,md,json}`).
 
-Each claim is declared once here: what the paper says, the paper (its seed id under ../shared/seeds) and its
-numbers, the variants it needs, and the tests that decide it. A test compares two variants on one metric, paired
-over the images both drew (same subject, benchmark seed, prompt set, prompt and seed): the world's number is the
-mean per-image difference, oriented so that positive means "better" by the metric's definition, with its 95%
-bootstrap interval (selection/compare.py `interval`).
+Each claim is declared once here: what the paper says, the paper (its seed id, as the README's papers table lists
+them) and its numbers, the variants it needs, and the tests that decide it. A test compares two variants on one
+metric, paired over the images both drew (same subject, benchmark seed, prompt set, prompt and seed): the world's
+number is the mean per-image difference, oriented so that positive means "better" by the metric's definition, with
+its 95% bootstrap interval (selection/compare.py `interval`).
 
 - `better`: holds when the interval lies above 0, does not hold when it lies below 0, else inconclusive.
 - `not-worse` (margin m): holds when the interval lies above -m, does not hold when it lies below -m.
@@ -169,7 +169,7 @@ CLAIMS: tuple[Claim, ...] = (
       for ps in ("prompt-invariant", "prompt-varying")),
     *(Claim(f"prior-preservation-{m}", f"{m} with class-prior preservation drifts less (PRES) and keeps class "
             "images diverse (DIV)", "DreamBooth",
-            "DreamBooth sec. 4.3 (PRES lower, DIV higher with the prior loss; not among ../shared/seeds)",
+            "DreamBooth sec. 4.3 (PRES lower, DIV higher with the prior loss; not among the five seed papers)",
             (Test("better", "pres", Needs(m, settings=((f"finetune.{m}.prior_preservation", True),)),
                   Needs(m, settings=((f"finetune.{m}.prior_preservation", False),))),
              Test("better", "div", Needs(m, settings=((f"finetune.{m}.prior_preservation", True),)),

@@ -29,12 +29,14 @@ def card_facts(info: dict, rank: int | None, data_sha256: str) -> dict[str, str]
     return {k: facts[k] for k in FACTS if facts[k] != ""}
 
 
-def snippet(folder: Path, info: dict, base: str) -> str | None:
+def snippet(folder: Path, info: dict, base: str, published: Path | None = None) -> str | None:
     """Python that draws the subject with diffusers alone; None when the method's weights need subjectops' own
-    sampler. `base` is what `from_pretrained` is given (a hub id, or the folder a preset was built in)."""
+    sampler. `base` is what `from_pretrained` is given (a hub id, or the folder a preset was built in). The method
+    reads its weights in `folder`; the code names `published` (where they will live), `folder` if not given."""
     from subjectops.methods import get_method
 
     loading = get_method(info["method"]).diffusers_code(Path(folder), info)
+    folder = published or folder
     if loading is None:
         return None
     prompt = f"a photo of {info['identifier']} {info['class_word']} on a beach"
@@ -54,7 +56,7 @@ def snippet(folder: Path, info: dict, base: str) -> str | None:
 def write_card(directory: Path, published: Path, info: dict, facts: dict[str, str], base: str) -> None:
     """README.md in `directory` (a finetune output being written; `published` is where it will live) and `facts`
     added to the metadata of every safetensors file of the weights `save` wrote (method.json's `weights`)."""
-    code = snippet(published, info, base)
+    code = snippet(directory, info, base, published)
     how = (f"```python\n{code}\n```\n" if code is not None else
            f"The {info['method']} weights need subjectops' sampler (they are not a format diffusers loads): use "
            "`subjectops generate`.\n")
