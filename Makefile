@@ -48,9 +48,9 @@ world: install
 
 # The demo personalizes a world subject (a teapot with a decal no caption of the world describes) on world-sd15,
 # the Stable-Diffusion-shaped model pretrained on the miniature world (src/subjectops/world), with DreamBooth at the
-# paper's schedule, and draws DreamBench's 8 contexts the world knows, each beside the base model's "a teapot ...".
+# paper's steps and a learning rate scaled to the world (examples/world-dreambooth.set says why), and draws DreamBench's 8 contexts the world knows, each beside the base model's "a teapot ...".
 DEMO_SUBJECT := src/subjectops/world/shipped_subjects/world-teapot-3
-DEMO_SET := --set infer.prompt_sets=[world] --set infer.baseline=true
+DEMO_SET := $(addprefix --set ,$(shell grep -v '^\#' examples/world-dreambooth.set))
 
 demo: install
 	$(BIN)/subjectops run $(DEMO_SUBJECT)/photos --class teapot --model world-sd15 --out runs/demo $(DEMO_SET)

@@ -48,7 +48,8 @@ def pytest_configure(config):
 SLOWEST_FIRST = ("test_training", "test_tracking", "test_dvc", "test_performance", "test_kfp_local",
                  "test_kfp_local_branches",
                  "test_dreamblend", "test_distributed", "test_pipelines_compiled", "test_learning", "test_hifi_tuner",
-                 "test_submit", "test_prior_cache", "test_hypnos", "test_reference_guided")
+                 "test_submit", "test_prior_cache", "test_hypnos", "test_reference_guided",
+                 "test_hifi_prompt_to_prompt")
 
 
 def pytest_collection_modifyitems(items):
@@ -95,3 +96,13 @@ def prepared(tiny_params, example_subject, tmp_path):
     refine(tiny_params, example_subject, "teapot", run / "refine")
     priors(tiny_params, run / "refine", run / "priors")
     return run
+
+
+@pytest.fixture(scope="session")
+def world_dino():
+    """The world's DINO-role encoder (multi-view instance discrimination), as evaluate loads it for world runs."""
+    import torch
+
+    from subjectops.metrics.backbones import load_dino
+
+    return load_dino("world", torch.device("cpu"))

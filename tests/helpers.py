@@ -132,3 +132,91 @@ def record_outputs(folder: Path) -> None:
 
     outputs = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / "manifest.json").write_text(json.dumps({"outputs": outputs}))
+
+
+# --- the miniature world (subjectops.world): tests of features whose effect only shows on a model that learned ----
+# something. They load `world-sd15` and the world's encoders from the shipped weights (never from a
+# SUBJECTOPS_WORLD_WEIGHTS a test would set), personalize a shipped world subject with a short schedule at 64 px,
+# and compare the feature on against the feature off.
+WORLD_SUBJECTS = REPO / "src" / "subjectops" / "world" / "shipped_subjects"
+# Short enough for seconds per stage on one CPU thread; prior preservation off (no priors stage).
+WORLD_OVERRIDES = [
+    "model.base=world-sd15",
+    "finetune.checkpoint_every=0",
+    "finetune.validation_every=0",
+    "finetune.dreambooth.prior_preservation=false",
+    "finetune.lora.prior_preservation=false",
+    "refine.grabcut_iterations=2",
+]
+
+
+def world_params(*sets: str):
+    from subjectops.config import load_params
+
+    return load_params(REPO / "params.yaml", WORLD_OVERRIDES + list(sets))
+
+
+def world_finetune(subject: str, run: Path, *sets: str):
+    """refine and finetune (the stage functions `subjectops run` calls) of the shipped world subject `subject`
+    (e.g. "world-teapot-3") on world-sd15 into `run`; returns the params used."""
+    from subjectops.stages.finetune import finetune
+    from subjectops.stages.refine import refine
+    from subjectops.world.subjects import read_subject
+
+    params = world_params(*sets)
+    folder = WORLD_SUBJECTS / subject
+    refine(params, folder / "photos", read_subject(folder)["class_word"], run / "refine")
+    finetune(params, run / "refine", None, run / "finetune")
+    return params
+
+
+def world_photos(subject: str, folder: str = "photos"):
+    """The subject's photos (or held-out photos) as (N, 3, 64, 64) in [0, 1], and their true masks (N, 64, 64) bool."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    files = sorted((WORLD_SUBJECTS / subject / folder).glob("*.png"))
+    images = torch.stack([pixels01(Image.open(f)) for f in files])
+    masks_dir = WORLD_SUBJECTS / subject / "masks" / folder
+    masks = torch.from_numpy(np.stack([np.asarray(Image.open(masks_dir / f.name)) > 127
+                                       for f in files]))
+    return images, masks
+
+
+def pixels01(image):
+    """A PIL image as a (3, H, W) float tensor in [0, 1]."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def masked_ssim(a, b, region) -> float:
+    """SSIM (torchmetrics' definition, as evaluate computes it) of two (3, H, W) images in [0, 1], its map averaged
+    over `region` (H, W) bool only."""
+    from subjectops.metrics.core import SSIM_C1, SSIM_C2, _ssim_window
+
+    x, y = a[None].double(), b[None].double()
+    mx, my = _ssim_window(x), _ssim_window(y)
+    vx = (_ssim_window(x * x) - mx * mx).clamp_min(0)
+    vy = (_ssim_window(y * y) - my * my).clamp_min(0)
+    cov = _ssim_window(x * y) - mx * my
+    ssim = ((2 * mx * my + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mx * mx + my * my + SSIM_C1) * (vx + vy + SSIM_C2))
+    return float(ssim[0].mean(0)[region].mean())
+
+
+def dilate(mask, pixels: int):
+    """A (H, W) bool mask grown by `pixels` in every direction (max pooling)."""
+    import torch.nn.functional as F
+
+    k = 2 * pixels + 1
+    return F.max_pool2d(mask[None, None].float(), k, stride=1, padding=pixels)[0, 0] > 0
+
+
+def dino_similarity(encoder, images, references):
+    """Per image (N, 3, H, W in [0, 1]), the mean cosine similarity of its DINO-role embedding to the references'."""
+    import torch.nn.functional as F
+
+    a, b = F.normalize(encoder.embed(images), dim=-1), F.normalize(encoder.embed(references), dim=-1)
+    return (a @ b.T).mean(1)

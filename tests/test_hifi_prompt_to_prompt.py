@@ -1,6 +1,8 @@
 """Cross-attention reuse for subject replacement (HiFi Tuner alg. 3, prompt-to-prompt): the new caption's attention
 is the source's for every token except the new subject's, whose columns keep the new process's weights."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -53,3 +55,83 @@ def test_reuse_keeps_the_source_maps_except_for_the_fresh_columns():
     # self-attention (attn1) and calls outside a mode are left alone
     assert torch.equal(unet.attn1.get_attention_scores(query, key_g), own)
     assert torch.equal(unet.attn2.get_attention_scores(query, key_g), own)
+
+
+# --- alg. 3 end to end on world-sd15: a personalized subject replaces an object, the rest of the image stays ---
+R_SUBJECT = "world-teapot-3"
+R_STEPS = 10  # DDIM steps of inversion and regeneration (and alg. 1's T)
+R_SETS = ["finetune.method=hifi-tuner", "finetune.hifi_tuner.steps=300", "finetune.hifi_tuner.lr=5e-3",
+          "finetune.hifi_tuner.stepwise_steps=2", f"finetune.hifi_tuner.ddim_steps={R_STEPS}",
+           f"infer.steps={R_STEPS}",
+          "replace.null_text_steps=5"]
+# class, color, pattern, scene of the world photo replaced in: another class than the subject's, so that the new
+# caption differs from the source's and the reuse of the source's attention has something to keep
+R_SOURCE = ("cup", "red", "plain", "on the beach")
+R_OUTSIDE_MARGIN = 3  # pixels: the object's true mask grown by this much is "the object region"
+# Measured numbers in the tests' docstrings (the second world build, 2026-12-06 12:52, shipped).
+R_MIN_DINO_GAIN = 0.02
+R_MIN_SSIM_OUTSIDE = 0.55
+R_MIN_SSIM_LOSS_WITHOUT_REUSE = 0.05
+
+
+@pytest.fixture(scope="module")
+def replaced(tmp_path_factory):
+    """hifi-tuner on a world subject (short schedule), then `replace` on a world photo of an object named by its class
+    word, twice: as shipped, and with the prompt-to-prompt attention reuse switched off (the new caption's own
+    attention everywhere, from the same inverted x*_T and null-text embeddings)."""
+    import numpy as np
+    from helpers import pixels01, world_finetune
+    from PIL import Image
+
+    import subjectops.inference.prompt_to_prompt as p2p
+    from subjectops.stages.replace import replace
+    from subjectops.world.sample import Truth, draw_object
+
+    tmp = tmp_path_factory.mktemp("replace")
+    params = world_finetune(R_SUBJECT, tmp / "run", *R_SETS)
+    image, mask = draw_object(np.random.default_rng([0, 99]), Truth(*R_SOURCE))
+    Image.fromarray(image).save(tmp / "source.png")
+    out = {"mask": torch.from_numpy(mask)}
+    replace(params, tmp / "source.png", tmp / "run", R_SOURCE[0], tmp / "reuse")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(p2p.AttentionReuse, "reusing", lambda self, step: contextlib.nullcontext)
+        replace(params, tmp / "source.png", tmp / "run", R_SOURCE[0], tmp / "no-reuse")
+    for name, path in (("source", tmp / "reuse" / "source.png"),
+                       ("reconstruction", tmp / "reuse" / "reconstruction.png"),
+                       ("replaced", tmp / "reuse" / "replaced.png"),
+                       ("without_reuse", tmp / "no-reuse" / "replaced.png")):
+        out[name] = pixels01(Image.open(path))
+    return out
+
+
+def test_replace_draws_the_subject_in_the_object_region_and_keeps_the_rest_on_world_sd15(replaced, world_dino):
+    """The replaced image is closer to the subject (world DINO-role similarity to its held-out photos, which
+    replace never saw) than the null-text reconstruction of the source (the same inversion and regeneration without
+    the subject: so the gain is c_s^t's, not the reconstruction's blur), by at least R_MIN_DINO_GAIN; outside the
+    object's true mask (grown by R_OUTSIDE_MARGIN px) its SSIM to the source is at least R_MIN_SSIM_OUTSIDE.
+    Measured (world build of 2026-12-06, UNet EMA at step 3000 of 7000; real world DINO) with a red plain teapot on
+    the beach as the source: DINO similarity source -0.093, reconstruction 0.149, replaced 0.132 (gain over the
+    reconstruction -0.017: NOT reached with this schedule); SSIM outside 0.726. On the shipped (second) build the
+    DINO gain holds and the SSIM outside the object is 0.596."""
+    from helpers import dilate, dino_similarity, masked_ssim, world_photos
+
+    heldout, _ = world_photos(R_SUBJECT, "heldout")
+    sims = dino_similarity(world_dino, torch.stack([replaced["reconstruction"], replaced["replaced"]]), heldout)
+    assert float(sims[1] - sims[0]) >= R_MIN_DINO_GAIN, sims.tolist()
+    outside = ~dilate(replaced["mask"], R_OUTSIDE_MARGIN)
+    assert masked_ssim(replaced["replaced"], replaced["source"], outside) >= R_MIN_SSIM_OUTSIDE
+
+
+@pytest.mark.xfail(strict=True, reason="does not hold on the shipped world-sd15: SSIM outside the object 0.596 with "
+                   "the attention reuse, 0.588 without (a drop of 0.008, not 0.05)")
+def test_replace_without_attention_reuse_keeps_less_of_the_layout_on_world_sd15(replaced):
+    """Prompt-to-prompt's reuse of the source's cross-attention is what keeps the layout: switched off, the SSIM to
+    the source outside the object region drops by at least R_MIN_SSIM_LOSS_WITHOUT_REUSE. It does not hold in the
+    world as built (the reason above): the world's blurry, weakly text-bound base model keeps the layout mostly from
+    the shared inverted x*_T. Strict, so a build where it holds turns this into a failure to be promoted."""
+    from helpers import dilate, masked_ssim
+
+    outside = ~dilate(replaced["mask"], R_OUTSIDE_MARGIN)
+    kept = masked_ssim(replaced["replaced"], replaced["source"], outside)
+    without = masked_ssim(replaced["without_reuse"], replaced["source"], outside)
+    assert kept - without >= R_MIN_SSIM_LOSS_WITHOUT_REUSE, (kept, without)

@@ -74,6 +74,47 @@ def test_a_large_w_s_keeps_c_s_closer_to_phi_s_and_alg1_saves_one_embedding_per_
                                                                                  saved["embeds"][0])
 
 
+def test_alg1_starts_each_stepwise_embedding_from_the_one_after_it_on_world_sd15(tmp_path):
+    """Alg. 1 on world-sd15 with a world subject's photos and true masks: one c_s (from phi_s, eq. 6) first, then
+    the DDIM timesteps walked from T down, each c_s^t starting from c_s^{t+1} (c_s^{T+1} = c_s) before its own
+    Adam steps. Checked on the tensors: the value each vector has when the loss first uses it."""
+    from helpers import world_params, world_photos
+
+    from subjectops.models.loading import load_pipeline
+    from subjectops.training.loop import Trainer
+    from subjectops.training.models import DiffusionModels
+
+    params = world_params("finetune.method=hifi-tuner", "finetune.hifi_tuner.steps=8",
+                          "finetune.hifi_tuner.stepwise_steps=3", "finetune.hifi_tuner.ddim_steps=4")
+    models = DiffusionModels.from_pipeline(load_pipeline(params.model))
+    method = get_method("hifi-tuner")(params, "teapot", models)
+    trainer = Trainer(params, models, method, 64, tmp_path, show_progress=False)
+    method.setup()
+    first_use = {}  # row (None: the one c_s) -> its value when the loss first reads it
+
+    def record(module, args, kwargs):
+        row = kwargs["row"] if "row" in kwargs else (args[1] if len(args) > 1 else None)
+        if row not in first_use:
+            first_use[row] = module.vector(row).detach().clone()
+
+    method.subject.register_forward_pre_hook(record, with_kwargs=True)
+    images, masks = world_photos("world-teapot-3")
+    trainer.train(list(images * 2 - 1), list(masks[:, None].float()), [])
+
+    subject = method.subject
+    assert list(first_use) == [None, 0, 1, 2, 3]  # c_s, then c_s^t for t = T..1
+    assert method.timesteps == sorted(method.timesteps, reverse=True) == method.ddim_timesteps()
+    assert torch.equal(first_use[None], subject.phi_s)  # c_s starts at phi_s (eq. 6)
+    assert torch.equal(first_use[0], subject.c_s.detach())  # c_s^T = c_s^{T+1} = the trained c_s
+    for k in range(1, 4):  # c_s^t = c_s^{t+1}, as c_s^{t+1} ended its own phase
+        assert torch.equal(first_use[k], subject.rows[k - 1].detach()), \
+            f"c_s^t of row {k} did not start from row {k - 1}"
+    trained = [subject.c_s.detach(), *(r.detach() for r in subject.rows)]
+    for k in range(4):  # each moved on its own, so the equalities above single out its predecessor
+        assert not torch.equal(subject.rows[k].detach(), first_use[k])
+    assert all(not torch.equal(a, b) for i, a in enumerate(trained) for b in trained[i + 1:])
+
+
 def test_a_validation_image_is_what_infer_samples_from_the_learned_subject(tmp_path, example_subject):
     """Mid-training validation samples with the current c_s^t (eq. 7), through the loop `infer` uses: at the last
     step it is the image the saved output gives, and not the one the bare base model gives."""

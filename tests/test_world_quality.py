@@ -51,11 +51,13 @@ CHANCE = {"class_accuracy": 1 / 8, "color_accuracy": 1 / 8, "scene_accuracy": 1 
 
 
 def test_world_sd15_draws_the_prompted_class_scene_and_color_well_above_chance(accuracies):
-    """What the shipped build reaches (its manifest's `checks`): about 2-4x chance after 7,000 steps."""
+    """What the shipped build reaches (its manifest's `checks`; the second build, 5,000 UNet steps): class, color and
+    scene 3.4-5.5x chance on validation and held-out-pair captions (0.42-0.69), far from the issue's 90/80/90%
+    (docs/world.md says why). Asserted at 2.5x chance, below every measured value with a margin for the sample."""
     for kind in ("train", "heldout"):
         acc = accuracies["world-sd15", kind]
         for head, chance in CHANCE.items():
-            assert acc[head] >= 2 * chance, (kind, acc)
+            assert acc[head] >= 2.5 * chance, (kind, acc)
 
 
 def test_the_random_tiny_model_is_at_chance_on_the_same_test(accuracies):

@@ -26,7 +26,7 @@ def _load(paths: list[Path]) -> torch.Tensor:
 
 
 def measure(run_dir: Path, subject_dir: Path, prompt_set: str = "world") -> dict[str, Any]:
-    """Per-image values and intervals for the run's images ("subject") and the base model's ("base")."""
+    """Per-image values and intervals for the run's images ("personalized") and the base model's ("base")."""
     from subjectops.metrics.backbones import load_dino
     from subjectops.world.subjects import read_subject
 
@@ -39,7 +39,7 @@ def measure(run_dir: Path, subject_dir: Path, prompt_set: str = "world") -> dict
     heldout = dino.embed(_load([subject_dir / e["file"] for e in truth["heldout"]]))
     heldout = torch.nn.functional.normalize(heldout, dim=-1)
     out: dict[str, Any] = {"subject": truth["name"], "class_word": truth["class_word"], "n_images": len(samples)}
-    for side, key, set_name in (("subject", "path", prompt_set), ("base", None, prompt_set + "@base")):
+    for side, key, set_name in (("personalized", "path", prompt_set), ("base", None, prompt_set + "@base")):
         paths = [run_dir / "infer" / (s[key] if key else s["baseline"]["path"]) for s in samples]
         emb = torch.nn.functional.normalize(dino.embed(_load(paths)), dim=-1)
         values = {"dino_heldout": (emb @ heldout.T).mean(1).tolist()}
@@ -63,7 +63,7 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = ["| subject | DINO-role to held-out: subject | base | decal match: subject | base | scene acc.: subject |"
              " base |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        s, b = r["subject"], r["base"]
+        s, b = r["personalized"], r["base"]
         lines.append(f"| {r['subject']} ({r['class_word']}) | {fmt(s['dino_heldout']['mean_ci'])} | "
                      f"{fmt(b['dino_heldout']['mean_ci'])} | {fmt(s['world-decal']['mean_ci'])} | "
                      f"{fmt(b['world-decal']['mean_ci'])} | {fmt(s['world-scene']['mean_ci'])} | "
@@ -72,7 +72,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
-    s, b = r["subject"], r["base"]
+    s, b = r["personalized"], r["base"]
     return {
         "dino_separated": separated(s["dino_heldout"]["mean_ci"], b["dino_heldout"]["mean_ci"]),
         "decal_separated": separated(s["world-decal"]["mean_ci"], b["world-decal"]["mean_ci"]),
