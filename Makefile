@@ -48,7 +48,8 @@ world: install
 
 # The demo personalizes a world subject (a teapot with a decal no caption of the world describes) on world-sd15,
 # the Stable-Diffusion-shaped model pretrained on the miniature world (src/subjectops/world), with DreamBooth at the
-# paper's steps and a learning rate scaled to the world (examples/world-dreambooth.set says why), and draws DreamBench's 8 contexts the world knows, each beside the base model's "a teapot ...".
+# paper's steps and a learning rate scaled to the world (examples/world-dreambooth.set says why), and draws
+# DreamBench's 8 contexts the world knows, each beside the base model's "a teapot ...".
 DEMO_SUBJECT := src/subjectops/world/shipped_subjects/world-teapot-3
 DEMO_SET := $(addprefix --set ,$(shell grep -v '^\#' examples/world-dreambooth.set))
 

@@ -224,24 +224,17 @@ def world_photos(subject: str, folder: str = "photos"):
 
 def pixels01(image):
     """A PIL image as a (3, H, W) float tensor in [0, 1]."""
-    import numpy as np
-    import torch
+    from subjectops.data.subject import to_tensor
 
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    return (to_tensor(image.convert("RGB")) + 1) / 2
 
 
 def masked_ssim(a, b, region) -> float:
     """SSIM (torchmetrics' definition, as evaluate computes it) of two (3, H, W) images in [0, 1], its map averaged
     over `region` (H, W) bool only."""
-    from subjectops.metrics.core import SSIM_C1, SSIM_C2, _ssim_window
+    from subjectops.metrics.core import ssim_map
 
-    x, y = a[None].double(), b[None].double()
-    mx, my = _ssim_window(x), _ssim_window(y)
-    vx = (_ssim_window(x * x) - mx * mx).clamp_min(0)
-    vy = (_ssim_window(y * y) - my * my).clamp_min(0)
-    cov = _ssim_window(x * y) - mx * my
-    ssim = ((2 * mx * my + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mx * mx + my * my + SSIM_C1) * (vx + vy + SSIM_C2))
-    return float(ssim[0].mean(0)[region].mean())
+    return float(ssim_map(a[None].double(), b[None].double())[0].mean(0)[region].mean())
 
 
 def dilate(mask, pixels: int):

@@ -162,6 +162,19 @@ def _ssim_window(x: Tensor) -> Tensor:
     return F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), torch.outer(g, g).expand(c, 1, k, k), groups=c)
 
 
+def _ssim(mx2: Tensor, my2: Tensor, mxy: Tensor, vx: Tensor, vy: Tensor, cov: Tensor) -> Tensor:
+    """The SSIM map from local means (squared, crossed), variances and covariance."""
+    return ((2 * mxy + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mx2 + my2 + SSIM_C1) * (vx + vy + SSIM_C2))
+
+
+def ssim_map(a: Tensor, b: Tensor) -> Tensor:
+    """(B, C, H, W) per-pixel SSIM of a and b, image by image (torchmetrics' definition, above)."""
+    mx, my = _ssim_window(a), _ssim_window(b)
+    vx = (_ssim_window(a * a) - mx * mx).clamp_min(0)
+    vy = (_ssim_window(b * b) - my * my).clamp_min(0)
+    return _ssim(mx * mx, my * my, mx * my, vx, vy, _ssim_window(a * b) - mx * my)
+
+
 def ssim_pairs(gen: Tensor, refs: Tensor) -> Tensor:
     """(N, M) SSIM of every gen/ref pair (torchmetrics' definition, above). Each image's local means and variances
     are filtered once; per pair, only the cross term E[xy] is (torchmetrics filters five maps per pair)."""
@@ -173,8 +186,7 @@ def ssim_pairs(gen: Tensor, refs: Tensor) -> Tensor:
     for j in range(refs.shape[0]):
         mxy = mx * my[j]
         cov = _ssim_window(gen * refs[j]) - mxy
-        ssim = ((2 * mxy + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mx2 + my2[j] + SSIM_C1) * (vx + vy[j] + SSIM_C2))
-        out[:, j] = ssim.flatten(1).mean(1).double()
+        out[:, j] = _ssim(mx2, my2[j], mxy, vx, vy[j], cov).flatten(1).mean(1).double()
     return out
 
 
