@@ -37,6 +37,9 @@ TINY_OVERRIDES = [
     "finetune.two_stage.unet_steps=2",
     "finetune.checkpoint_every=0",
     "infer.steps=2",
+    # hifi-tuner samples with reference guidance (its default strategy), whose window must fit in infer.steps
+    "infer.reference_guided.t_start=2",
+    "infer.reference_guided.t_end=1",
     "infer.prompt_invariant.num_images=2",
 ]
 

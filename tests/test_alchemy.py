@@ -1,5 +1,6 @@
 """Image-Alchemy (seed 002) on tiny-sdxl: the LoRA method (attention projections only, scale 1, token from the scan)
-and the two-stage `alchemy` inference strategy (base scene, blur, img2img with the LoRA, composite)."""
+and the two-stage `alchemy` inference strategy (base scene, blur, img2img with the LoRA, whose output is the image;
+the composite into the scene only when asked for)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from subjectops.config import InferCfg, ModelCfg, load_params
 from subjectops.data import rare_tokens
 from subjectops.errors import SubjectopsError
 from subjectops.inference import StageInputs, blur, load_strategy
-from subjectops.inference.alchemy import AlchemyStrategy, img2img, scene_prompt, segment_scene
+from subjectops.inference.alchemy import AlchemyStrategy, img2img, scene_prompt, segment_scene, to_array, to_image
 from subjectops.methods.alchemy import AlchemyMethod
 from subjectops.models.loading import load_pipeline
 from subjectops.models.sampling import generate
@@ -166,16 +167,38 @@ def test_scene_prompt_puts_the_class_word_in_place_of_the_token():
     assert scene_prompt("a photo of immensity", "immen", "dog") == "a photo of immensity"
 
 
-@pytest.mark.parametrize("segmenter", ["grabcut", "clipseg"])
-def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune, tiny_clipseg, segmenter):
-    cfg = InferCfg(steps=2, guidance_scale=5.0, alchemy={"strength": 0.5, "feather": 4, "segmenter": segmenter,
-                                                         "clipseg_model": str(tiny_clipseg)})
+def test_the_default_image_is_the_img2img_output_as_in_the_paper(lora_finetune):
+    """Sec. 3.4 / fig. 3: the decoder's output of the img2img pass is the final image; nothing is pasted back."""
+    from subjectops.inference.alchemy import blurred_scene
+
+    cfg = InferCfg(steps=2, guidance_scale=5.0, alchemy={"strength": 0.5, "segmenter": "grabcut"})
     spec = AlchemyStrategy.spec_for(cfg, RES)
-    assert spec.config["strength"] == 0.5 and spec.config["kernel_size"] == 151  # recorded in infer's manifest
+    assert spec.config["composite"] is False  # recorded in infer's manifest
     strategy = load_strategy(spec, StageInputs(model=SDXL, finetune=lora_finetune))
     prompt, seed = "a photo of immen dog on a beach", 5
     final, stages, _ = strategy.generate_explained(prompt, seed)
     assert list(stages) == ["stage1", "blurred"]
+    mask = segment_scene(strategy.segment, stages["stage1"], strategy.config.mask_resolution)
+    blurred = blurred_scene(stages["stage1"], mask, strategy.config)
+    np.testing.assert_array_equal(pixels(blurred), pixels(stages["blurred"]))
+    expected = img2img(strategy.img2img, blurred, prompt, seed, 0.5, 2, 5.0)  # the LoRA on, the token in the prompt
+    np.testing.assert_array_equal(pixels(final), pixels(expected))
+    outside = blur.distance_from_mask(mask) >= 4  # where a composite (feather 4) would keep the scene's pixels
+    assert outside.any() and (pixels(final)[outside] != pixels(stages["stage1"])[outside]).any()  # not composited
+    np.testing.assert_array_equal(pixels(strategy.generate([prompt], [seed])[0]), pixels(final))
+
+
+@pytest.mark.parametrize("segmenter", ["grabcut", "clipseg"])
+def test_the_composite_option_keeps_the_base_scene_outside_the_mask(lora_finetune, tiny_clipseg, segmenter):
+    cfg = InferCfg(steps=2, guidance_scale=5.0, alchemy={"strength": 0.5, "feather": 4, "segmenter": segmenter,
+                                                         "clipseg_model": str(tiny_clipseg), "composite": True})
+    spec = AlchemyStrategy.spec_for(cfg, RES)
+    assert spec.config["strength"] == 0.5 and spec.config["kernel_size"] == 151  # recorded in infer's manifest
+    assert spec.config["composite"] is True
+    strategy = load_strategy(spec, StageInputs(model=SDXL, finetune=lora_finetune))
+    prompt, seed = "a photo of immen dog on a beach", 5
+    final, stages, _ = strategy.generate_explained(prompt, seed)
+    assert list(stages) == ["stage1", "blurred", "img2img"]
     # stage 1 is the unmodified base model's image of the class-word prompt
     base = load_pipeline(SDXL)
     from subjectops.models.sampling import use_scheduler
@@ -187,6 +210,8 @@ def test_two_stage_keeps_the_base_scene_outside_the_mask(lora_finetune, tiny_cli
     assert outside.any() and mask.any()
     np.testing.assert_array_equal(pixels(final)[outside], pixels(stages["stage1"])[outside])
     assert np.abs(pixels(final)[mask].astype(int) - pixels(stages["stage1"])[mask]).max() > 10  # the LoRA inserted
+    composite = to_image(blur.composite(to_array(stages["stage1"]), to_array(stages["img2img"]), mask, 4))
+    np.testing.assert_array_equal(pixels(final), pixels(composite))
     np.testing.assert_array_equal(pixels(strategy.generate([prompt], [seed])[0]), pixels(final))  # reproducible
     if segmenter == "clipseg":  # prompted with the class word, not the token
         from subjectops.segment.clipseg import ClipSegBackend

@@ -13,6 +13,20 @@ def test_repo_params_validate_and_keep_paper_defaults(repo_root):
     assert params.finetune.two_stage.unet_lr == pytest.approx(5e-6)
     assert params.finetune.two_stage.initializer == "rare"
     assert params.finetune.dreambooth.prior_loss_weight == 1.0
+    # issue 25's fidelity fixes, as params.yaml states them
+    assert params.infer.alchemy.composite is False  # seed 002 sec. 3.4: the img2img output is the image
+    assert params.infer.dreamblend.max_resolution is None  # every cross-attention layer, as pix2pix-zero
+    hifi = params.finetune.hifi_tuner
+    assert (hifi.weight_decay, hifi.max_grad_norm) == (0.0, None)  # seed 001 sec. 4: Adam
+
+
+def test_two_stage_records_that_its_schedule_was_set_on_sd21_base(repo_root):
+    from subjectops.methods import get_method
+
+    params = load_params(repo_root / "params.yaml", ["finetune.method=two-stage", "model.base=tiny-sd15"])
+    extra = get_method("two-stage")(params, "dog", None).manifest_extra()
+    assert extra == {"two_stage": {"paper_base_model": "stabilityai/stable-diffusion-2-1-base",
+                                   "base_model": "tiny-sd15"}}
 
 
 def test_override_parses_yaml_values(repo_root):

@@ -140,6 +140,36 @@ def test_edit_model_as_its_own_guidance_has_zero_loss_and_samples_plainly(snapsh
     assert np.array_equal(blended, pixels(plain.generate([PROMPT], [7])[0]))
 
 
+def test_the_loss_covers_every_cross_attention_layer_as_pix2pix_zero(snapshot_run, monkeypatch):
+    """By default the distance sums over every attn2 layer of the UNet, the 64x64 ones at 512 px included (a cap of
+    32 would leave them out), so alpha keeps the scale of pix2pix-zero's loss."""
+    from subjectops.inference import dreamblend as module
+
+    _, run = snapshot_run
+    assert InferCfg().dreamblend.max_resolution is None
+    infer = InferCfg(strategy="dreamblend", steps=2, guidance_scale=3.0,
+                     dreamblend={"guidance": 1, "edit": 2, "cfg": 3.0, "alpha": 1.0, "start": "noise"})
+    inputs = StageInputs(model=TINY, finetune=run / "finetune")
+    strategy = load_strategy(DreamBlendStrategy.spec_for(infer, 512), inputs)
+    layers = {name.removesuffix(".processor") for name in strategy.pipe.unet.attn_processors
+              if name.endswith("attn2.processor")}
+    seen: list[dict[str, int]] = []
+    distance = module.attention_distance
+
+    def recorded(maps, reference):
+        assert set(maps) == set(reference)
+        seen.append({name: m.shape[1] for name, m in maps.items()})
+        total = distance(maps, reference)
+        per_layer = sum(distance({name: maps[name]}, {name: reference[name]}) for name in maps)
+        torch.testing.assert_close(total, per_layer)  # a sum over the layers
+        return total
+
+    monkeypatch.setattr(module, "attention_distance", recorded)
+    strategy.generate([PROMPT], [7])
+    assert len(seen) == 2 and all(set(queries) == layers for queries in seen)
+    assert max(seen[0].values()) == 64 * 64 > 32 * 32  # the 64x64 latent grid's layers guide too
+
+
 def test_a_larger_alpha_ends_closer_to_the_guidance_maps(snapshot_run):
     _, run = snapshot_run
     final = {}

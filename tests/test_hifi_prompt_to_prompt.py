@@ -61,6 +61,8 @@ R_STEPS = 10  # DDIM steps of inversion and regeneration (and alg. 1's T)
 R_SETS = ["finetune.method=hifi-tuner", "finetune.hifi_tuner.steps=300", "finetune.hifi_tuner.lr=5e-3",
           "finetune.hifi_tuner.stepwise_steps=2", f"finetune.hifi_tuner.ddim_steps={R_STEPS}",
            f"infer.steps={R_STEPS}",
+          # hifi-tuner's own strategy, reference guidance, with sec. 4's window (t_s 40, t_e 10 of 50) scaled to 10
+          "infer.reference_guided.t_start=8", "infer.reference_guided.t_end=2",
           "replace.null_text_steps=5"]
 # class, color, pattern, scene of the world photo replaced in: another class than the subject's, so that the new
 # caption differs from the source's and the reuse of the source's attention has something to keep

@@ -59,6 +59,36 @@ def _train(tmp_path, *overrides):
     return method
 
 
+def test_c_s_is_optimised_with_the_papers_adam_without_weight_decay_or_clipping(tmp_path, monkeypatch):
+    """Sec. 4: Adam on c_s and every c_s^t, lr 5e-3: no weight decay (finetune's shared AdamW decay of 0.01 would pull
+    c_s toward 0, against eq. 6's pull toward phi_s) and no gradient clipping; the other methods keep the shared
+    settings."""
+    from subjectops.methods.base import Method
+    from subjectops.training.loop import Trainer
+
+    optimizers, clipped = [], []
+    make = Trainer._optimizer
+
+    def recorded(self, *args, **kwargs):
+        optimizers.append(make(self, *args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(Trainer, "_optimizer", recorded)
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, *a, **k: clipped.append(a))
+    method = _train(tmp_path)
+    assert len(optimizers) == 1 + 3  # c_s, then one c_s^t per DDIM step (alg. 1)
+    for opt in optimizers:
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.0] and opt.param_groups[0]["lr"] == 5e-3
+    assert clipped == []
+    settings = {method.optimizer_settings(phase) for phase in method.phases()}
+    assert [s.to_dict() for s in settings] == [{"algorithm": "Adam", "betas": [0.9, 0.999], "eps": 1e-8,
+                                                 "weight_decay": 0.0, "max_grad_norm": None}]
+    shared = Method.optimizer_settings(method, method.phases()[0])  # what every other method trains with
+    assert (shared.algorithm, shared.weight_decay, shared.max_grad_norm) == ("AdamW", 0.01, 1.0)
+
+
 def test_a_large_w_s_keeps_c_s_closer_to_phi_s_and_alg1_saves_one_embedding_per_ddim_step(tmp_path):
     free = _train(tmp_path / "free", "finetune.hifi_tuner.reg_weight=0", "finetune.hifi_tuner.lr=0.1")
     held = _train(tmp_path / "held", "finetune.hifi_tuner.reg_weight=100", "finetune.hifi_tuner.lr=0.1")
@@ -146,7 +176,11 @@ def test_a_validation_image_is_what_infer_samples_from_the_learned_subject(tmp_p
 
 
 def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
-    sets = FAST + ["infer.steps=3", "infer.prompt_invariant.num_images=2", "refine.grabcut_iterations=1"]
+    """The run generates with reference guidance, the method's own strategy (infer.strategy: auto), its window
+    shortened to the run's 3 DDIM steps."""
+    sets = FAST + ["infer.steps=3", "infer.prompt_invariant.num_images=2", "refine.grabcut_iterations=1",
+                   "infer.reference_guided.t_start=2", "infer.reference_guided.t_end=1",
+                   "infer.reference_guided.phi_steps=1", "infer.reference_guided.align_steps=5"]
     proc = subjectops_run(CAN, "can", "hifi-tuner", tmp_path / "run", sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
@@ -156,6 +190,10 @@ def test_subjectops_run_and_replace_with_hifi_tuner_end_to_end(tmp_path):
     manifest = json.loads((run / "finetune" / "manifest.json").read_text())
     assert manifest["hifi_tuner"]["open_in_paper"] == {"reg_weight": 1e-3}  # params.yaml's choice, recorded
     assert manifest["prepared"] == {"SubjectEmbeddings": "SubjectEmbeddings"}  # one process: no DDP wrapper
+    assert manifest["optimizers"] == [{"algorithm": "Adam", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                                       "max_grad_norm": None,
+                                       "phases": ["subject", "stepwise-0", "stepwise-1", "stepwise-2"]}]
+    assert json.loads((run / "infer" / "manifest.json").read_text())["inference"]["strategy"] == "reference-guided"
     samples = json.loads((run / "infer" / "samples.json").read_text())
     assert len(samples) == 2 and all((run / "infer" / s["path"]).exists() for s in samples)
     assert (run / "evaluate" / "metrics.json").exists()

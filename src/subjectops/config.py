@@ -15,49 +15,32 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
-from subjectops.config_base import ClassPrompt, InstancePrompt, ModelCfg, Seed, StrictModel, TrainSteps, template  # noqa: F401  (ModelCfg: a section of Params)
+# ModelCfg, SubjectCfg, RefineCfg: sections of Params that layers below this module read; ConfigError: this module's
+# error, defined beside the others so those layers raise it too.
+from subjectops.config_base import (  # noqa: F401
+    ClassPrompt,
+    InstancePrompt,
+    ModelCfg,
+    RefineCfg,
+    Seed,
+    StrictModel,
+    SubjectCfg,
+    TrainSteps,
+    template,
+)
 from subjectops.digest import digest_json
-from subjectops.errors import SubjectopsError
+from subjectops.errors import ConfigError
+from subjectops.inference import STRATEGIES
 from subjectops.methods import METHODS
 from subjectops.metrics.definitions import METRIC_NAMES, METRICS, direction
 
 DEFAULT_PARAMS = Path("params.yaml")
-# The registry in subjectops.inference holds the strategies (it imports torch; this module must not).
-STRATEGY_NAMES = ("plain", "reference-guided", "dreamblend", "alchemy")
-
-
-class ConfigError(SubjectopsError):
-    pass
 
 
 # The placeholders each template may use (data/prompts.py and tracking/registry.py fill them).
 InferPrompt = template("token", "class_word")
 VaryingPrompt = template("image_type", "token", "class_word", "background", "style")
 ModelNameTemplate = template("subject", "method")
-
-
-class SubjectCfg(StrictModel):
-    resolution: Optional[int] = Field(None, ge=32, le=2048, multiple_of=8)
-    fit: Literal["center-crop", "pad"] = "center-crop"
-    min_images: int = Field(3, ge=1)
-    max_images: int = Field(20, ge=1)
-    token: str = Field("sks", min_length=1, pattern=r"^\S+$")
-    max_pixels: int = Field(89_478_485, gt=0)
-    max_file_bytes: int = Field(50_000_000, gt=0)  # checked before a photo is opened
-
-    @model_validator(mode="after")
-    def _range(self):
-        if self.min_images > self.max_images:
-            raise ValueError(f"min_images ({self.min_images}) must not exceed max_images ({self.max_images})")
-        return self
-
-
-class RefineCfg(StrictModel):
-    mask_backend: Literal["grabcut", "sam"] = "grabcut"
-    sam_checkpoint: Optional[str] = None
-    sam_model_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
-    grabcut_iterations: int = Field(5, ge=1, le=50)
-    grabcut_margin: float = Field(0.06, gt=0, lt=0.5)
 
 
 class PriorsCfg(StrictModel):
@@ -149,87 +132,6 @@ class PromptVaryingCfg(StrictModel):
     sampler_seed: Seed = 0
 
 
-# DreamBlend (seed 003) supplement sec. 5: edit snapshot -> (classifier-free guidance scale, cross-attention
-# guidance alpha).
-DREAMBLEND_SEC5 = {100: (3.0, 0.1), 200: (2.0, 0.07)}
-
-
-class DreamBlendCfg(StrictModel):
-    """infer.dreamblend: an underfit `guidance` snapshot lays out the image, an overfit `edit` snapshot draws the
-    subject (see subjectops.inference.dreamblend). `cfg` and `alpha` default to sec. 5's values for the edit step."""
-
-    guidance: int = Field(50, ge=1)  # finetune step of the guidance (underfit) snapshot
-    edit: int = Field(100, ge=1)  # finetune step of the edit (overfit) snapshot
-    cfg: Optional[float] = Field(None, ge=0)  # the edit model's classifier-free guidance scale
-    alpha: Optional[float] = Field(None, ge=0)  # cross-attention guidance step size
-    start: Literal["inversion", "noise"] = "inversion"  # DDIM inversion of I_u, or I_u's own x_T
-    max_resolution: int = Field(32, ge=1)  # cross-attention layers whose latent grid side is at most this
-
-    @model_validator(mode="after")
-    def _sec5_defaults(self):
-        if self.guidance >= self.edit:
-            raise ValueError(f"the guidance snapshot ({self.guidance}) must come before the edit snapshot "
-                             f"({self.edit})")
-        if (self.cfg is None or self.alpha is None) and self.edit not in DREAMBLEND_SEC5:
-            raise ValueError(f"supplement sec. 5 gives cfg and alpha for edit snapshots {sorted(DREAMBLEND_SEC5)} "
-                             f"only; set infer.dreamblend.cfg and .alpha for edit snapshot {self.edit}")
-        return self
-
-    @property
-    def edit_cfg(self) -> float:
-        return DREAMBLEND_SEC5[self.edit][0] if self.cfg is None else self.cfg
-
-    @property
-    def edit_alpha(self) -> float:
-        return DREAMBLEND_SEC5[self.edit][1] if self.alpha is None else self.alpha
-
-
-class AlchemyInferCfg(StrictModel):
-    """Image-Alchemy two-stage generation (seed 002 secs. 3.3-3.4, app. A.1): the base model's scene with the class
-    word, the subject region segmented and blurred, then img2img with the LoRA and the token, composited."""
-
-    strength: float = Field(0.6, ge=0, le=1)  # img2img strength: not given by the paper (our choice)
-    blur: Literal["exponential-decay", "gaussian"] = "exponential-decay"  # app. A.1: the second was better
-    kernel_size: int = Field(151, ge=1)  # app. A.1
-    sigma: float = Field(100.0, gt=0)
-    decay: float = Field(5.0, ge=0)  # lambda, per shorter image side (see inference/blur.py)
-    feather: int = Field(8, ge=0)  # pixels over which the composite fades from the img2img image to the scene
-    # segments the stage-1 scene: clipseg is prompted with the class word (the paper's Grounded-SAM takes text too);
-    # auto = clipseg when its weights are on this machine, else grabcut (resolved when infer records its spec)
-    segmenter: Literal["auto", "clipseg", "grabcut", "sam"] = "auto"
-    clipseg_model: str = "CIDAS/clipseg-rd64-refined"  # hub id or local directory
-    clipseg_threshold: float = Field(0.4, gt=0, lt=1)
-    # segmentation sees the scene downscaled to this longest side (GrabCut at SDXL's 1024 px takes minutes on CPU)
-    mask_resolution: int = Field(256, ge=32)
-    sam_checkpoint: Optional[str] = None
-
-    @field_validator("kernel_size")
-    @classmethod
-    def _odd(cls, v: int) -> int:
-        if v % 2 == 0:
-            raise ValueError(f"a Gaussian kernel size must be odd, got {v}")
-        return v
-
-
-class ReferenceGuidedCfg(StrictModel):
-    """HiFi Tuner's reference-guided generation (seed 001 sec. 3.3, alg. 2; defaults from sec. 4)."""
-
-    t_start: int = Field(40, ge=1)  # t_s: DDIM step number (T = infer.steps counts down to 1) where guidance starts
-    t_end: int = Field(10, ge=1)  # t_e: the last guided step
-    phi_steps: int = Field(10, ge=0)  # J: Adam steps on phi_h per guided step (eq. 10)
-    phi_lr: float = Field(1e-2, gt=0)
-    subjects: Literal["rigid", "all"] = "rigid"  # sec. 4: guidance for the 21 rigid DreamBench subjects only
-    captioner: Optional[str] = None  # image-to-text model (BLIP-2) id or directory; None: "a photo of a {class_word}"
-    dino: str = "auto"  # reference choice by DINO ViT-S/16 similarity; auto: tiny encoder on the tiny presets
-    align_steps: int = Field(200, ge=1)  # alg. 4 gradient steps (the paper gives none)
-
-    @model_validator(mode="after")
-    def _window(self):
-        if self.t_end > self.t_start:
-            raise ValueError(f"t_end ({self.t_end}) must not exceed t_start ({self.t_start})")
-        return self
-
-
 class ReplaceCfg(StrictModel):
     """`subjectops replace`: HiFi Tuner's personalized subject replacement (seed 001 sec. 3.4, alg. 3); DDIM steps
     and guidance scale are infer's."""
@@ -248,15 +150,15 @@ class MemoryCfg(StrictModel):
     vae_tiling: bool = False  # the VAE decodes in overlapping tiles (large images)
     cpu_offload: bool = False  # each model moves to the GPU only while it runs (diffusers' model CPU offload)
 
-
-class InferCfg(StrictModel):
-    """How infer generates; a strategy's own settings are the section named after it (`infer.<strategy>`)."""
+class InferBaseCfg(StrictModel):
+    """What infer reads whatever the strategy; `InferCfg` adds one section per registered strategy."""
 
     prompt_sets: list[Literal["prompt-invariant", "prompt-varying", "dreambench", "world"]] = Field(
         ["prompt-invariant"], min_length=1)
-    # auto: the method's own strategy (`Method.default_strategy`: alchemy's two-stage generation for alchemy, plain
-    # sampling for the others), resolved when the params are validated
-    strategy: Literal[("auto",) + STRATEGY_NAMES] = "auto"  # type: ignore[valid-type]
+    # auto: the method's own strategy (`Method.default_strategy`: alchemy's two-stage generation for alchemy,
+    # reference-guided generation for hifi-tuner, plain sampling for the others), resolved when the params are
+    # validated; else a name of the registry (subjectops.inference.STRATEGIES)
+    strategy: Literal[("auto", *STRATEGIES)] = "auto"  # type: ignore[valid-type]
     scheduler: Literal["ddim", "pndm", "euler"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
@@ -268,11 +170,13 @@ class InferCfg(StrictModel):
     # also draw every prompt with the base model, the identifier removed, same seed (infer/baseline/): the
     # report shows them side by side and evaluate scores them, so a run shows what personalization changed
     baseline: bool = False
-    reference_guided: ReferenceGuidedCfg = ReferenceGuidedCfg()
-    dreamblend: DreamBlendCfg = DreamBlendCfg()
-    alchemy: AlchemyInferCfg = AlchemyInferCfg()
     memory: MemoryCfg = MemoryCfg()
 
+# infer.<section> for every registered strategy that has settings, with the config model the strategy declares.
+InferCfg = create_model(
+    "InferCfg", __base__=InferBaseCfg,
+    **{s.section: (s.config_model, Field(default_factory=s.config_model)) for s in STRATEGIES.values() if s.section},
+)
 
 class GateCfg(StrictModel):
     """One promotion gate: the challenger's `metric` must not be worse than the champion's by more than
@@ -306,12 +210,10 @@ class GateCfg(StrictModel):
             raise ValueError(f"unknown metric {self.metric!r}; gates can use {', '.join(METRICS)}")
         return self
 
-
 class ChooseCfg(StrictModel):
     """`subjectops choose`: among a sweep's operating points, maximise DINO subject to CLIP-T >= min_clip_t."""
 
     min_clip_t: Optional[float] = None  # null: no constraint (the highest DINO on the front)
-
 
 class RegistryCfg(StrictModel):
     # Registered model name; {subject} and {method} are filled from the run.
@@ -324,7 +226,6 @@ class RegistryCfg(StrictModel):
         default_factory=lambda: [GateCfg(metric="dino", tolerance=0.02), GateCfg(metric="clip-t", tolerance=0.01)]
     )
 
-
 class TrackingCfg(StrictModel):
     experiment: str = Field("subjectops", min_length=1)
     # Tries per MLflow call before the run continues locally (then `subjectops sync RUN_DIR`).
@@ -332,7 +233,6 @@ class TrackingCfg(StrictModel):
     backoff_seconds: float = Field(1.0, ge=0)
     # Seconds one MLflow HTTP request may take (MLFLOW_HTTP_REQUEST_TIMEOUT, which MLflow reads as whole seconds).
     timeout_seconds: int = Field(10, ge=1)
-
 
 class EvaluateBackbonesCfg(StrictModel):
     # Hub id or local directory (from_pretrained), `tiny` for a small seeded random encoder, or `world` for the
@@ -342,7 +242,6 @@ class EvaluateBackbonesCfg(StrictModel):
     # auto: torch hub cache's pt_inception-2015-12-05-6726825d.pth when present; a path to that file; or none
     inception: str = "auto"
     lpips: str = "alex"  # alex | vgg | squeeze (torchvision ImageNet weights in the torch hub cache) | tiny | world
-
 
 class EvaluateCfg(StrictModel):
     # auto: tiny random encoders when model.base is an offline preset (tiny-sd15, tiny-sdxl, small-sd15), the
@@ -355,7 +254,6 @@ class EvaluateCfg(StrictModel):
     fid_features: Literal["auto", "inception", "dino", "clip", "judge"] = "auto"
     batch_size: int = Field(16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-
 
 class DiscProportionsCfg(StrictModel):
     """Seed 000 Table 3: the latent discriminator's pretraining set (real: first three; fake: the rest)."""
@@ -378,7 +276,6 @@ class DiscProportionsCfg(StrictModel):
                              f"(real {real}, fake {fake})")
         return self
 
-
 class LatentDiscCfg(StrictModel):
     """Seed 000 app. B.2 / fig. 3a: inverted-bottleneck conv, concat with the latent, patches + positional
     embeddings, 3 transformer blocks, 3 MLP heads on [CLS]. Widths are not given by the paper."""
@@ -398,7 +295,6 @@ class LatentDiscCfg(StrictModel):
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         return self
 
-
 class PretrainDiscCfg(StrictModel):
     steps: TrainSteps = 600  # app. B.2
     lr: float = Field(1e-4, gt=0)
@@ -410,7 +306,6 @@ class PretrainDiscCfg(StrictModel):
     variants_per_type: int = Field(64, ge=1)  # encoded once per augmented type (VAE encoding dominates a step)
     proportions: DiscProportionsCfg = DiscProportionsCfg()
     model: LatentDiscCfg = LatentDiscCfg()
-
 
 class Params(StrictModel):
     model: ModelCfg = ModelCfg()
@@ -429,6 +324,7 @@ class Params(StrictModel):
     def _method_strategy(self):
         if self.infer.strategy == "auto":
             self.infer.strategy = METHODS[self.finetune.method].default_strategy
+        STRATEGIES[self.infer.strategy].check_infer(self.infer)  # e.g. a guidance window within infer.steps
         return self
 
     @model_validator(mode="after")
@@ -454,7 +350,6 @@ class Params(StrictModel):
             data = {k: data[k] for k in sections}
         return digest_json(data)
 
-
 def _section_fields(loc: tuple) -> dict:
     """The fields of the section at `loc` (a path of names from Params), or {} when it is not a section."""
     model: Any = Params
@@ -464,7 +359,6 @@ def _section_fields(loc: tuple) -> dict:
             return {}
         model = field.annotation
     return getattr(model, "model_fields", {})
-
 
 def _near_key(loc: tuple) -> Optional[str]:
     """The key an unknown key was meant to be: the same words with '_' for '-' (or the reverse), or a close
@@ -481,13 +375,11 @@ def _near_key(loc: tuple) -> Optional[str]:
     close = difflib.get_close_matches(name, fields, n=1, cutoff=0.7)
     return ".".join([*map(str, parent), close[0]]) if close else None
 
-
 def _near_value(value: str, allowed: Optional[str]) -> Optional[str]:
     """An allowed value that differs only by '_' / '-' or case (`textual_inversion` for `textual-inversion`)."""
     options = re.findall(r"'([^']*)'", allowed or "")
     wanted = value.lower().replace("_", "-")
     return next((o for o in options if o.lower().replace("_", "-") == wanted and o != value), None)
-
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
@@ -516,13 +408,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         lines.append(line)
     return "\n".join(lines)
 
-
 # A params file is a few kB; these bound what a hostile or broken file costs before it is refused.
 MAX_PARAMS_BYTES = 1_000_000
 # YAML aliases repeat their anchor's content: nested ones expand exponentially (a "billion laughs" file). The
 # expanded document may hold at most this many scalar characters plus nodes.
 MAX_EXPANDED_SIZE = 4_000_000
-
 
 class BoundedLoader(yaml.SafeLoader):
     """yaml.SafeLoader that measures the document as its aliases expand it, and stops past MAX_EXPANDED_SIZE."""
@@ -567,7 +457,6 @@ class BoundedLoader(yaml.SafeLoader):
                                   fix="keep one of the two and delete the other")
             first_line[key.value] = line
 
-
 def _plain(value: Any, where: str, source: str) -> Any:
     """Params are JSON data: YAML's dates, sets and binary values are refused with the key that holds them."""
     if isinstance(value, dict):
@@ -584,7 +473,6 @@ def _plain(value: Any, where: str, source: str) -> Any:
                           "value",
                           fix=f"quote the value of {where} if it is meant as text")
     return value
-
 
 def parse_yaml(text: str, source: str) -> Any:
     """YAML text (a params file, a pipeline parameter, a --set value) as plain data, within the size limits."""
@@ -604,7 +492,6 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source} is not valid YAML: {getattr(exc, 'problem', None) or type(exc).__name__}{where}",
                           fix="correct the YAML; quote a value that holds ': ', '{' or ' #'") from None
 
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.path=value, e.g. finetune.lora.lr=1e-4")
@@ -614,7 +501,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key; write key.path=value")
     value = parse_yaml(raw, f"the value of override {text!r}") if raw.strip() else ""
     return key.split("."), value
-
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = json.loads(json.dumps(data))  # deep copy of plain data
@@ -629,14 +515,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node[path[-1]] = value
     return data
 
-
 def validate_params(data: dict, source: str = "params") -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source),
                           fix="correct the value in params.yaml or --set") from None
-
 
 def load_params(path: Path | str | None = None, overrides: Sequence[str] | None = None, *, text: str | None = None,
                 method: str = "", model: str = "", defaults: Sequence[str] = ()) -> Params:
@@ -673,12 +557,10 @@ def load_params(path: Path | str | None = None, overrides: Sequence[str] | None 
     data = apply_overrides(data, overrides)
     return validate_params(data, source=f"{path}" + (" with --set overrides" if overrides else ""))
 
-
 def _shortcuts(method: str, model: str) -> list[str]:
     """`--method` and `--model` as overrides of their keys (quoted: a name is a string, whatever YAML makes of it)."""
     return ([f"finetune.method={json.dumps(method)}"] if method else []) + (
         [f"model.base={json.dumps(model)}"] if model else [])
-
 
 def _params_from_text(text: str, overrides: list[str]) -> Params:
     data: Any = {}

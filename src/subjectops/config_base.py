@@ -1,11 +1,12 @@
-"""The base of every params.yaml section model, the prompt-template field type, and the `model` section that model
-loading reads. It imports nothing of the project, so method modules and model loading use it without importing
-`subjectops.config` (which reads the method registry)."""
+"""The base of every params.yaml section model, the prompt-template field type, and the sections that layers below
+`subjectops.config` read: `model` (model loading), `subject` (subject images) and `refine` (the mask backends). It
+imports nothing of the project, so methods, inference strategies, model loading, subject data and the mask backends
+use it without importing `subjectops.config` (which reads the method and strategy registries)."""
 
 import string
-from typing import Annotated, Any, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Seeds reach torch, numpy and Python's random: numpy takes at most 2**32 - 1 (a seed of 1e20 failed in torch after
 # refine and priors had run).
@@ -65,3 +66,27 @@ class ModelCfg(StrictModel):
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: Optional[str] = None
     cache_dir: Optional[str] = None
+
+
+class SubjectCfg(StrictModel):
+    resolution: Optional[int] = Field(None, ge=32, le=2048, multiple_of=8)
+    fit: Literal["center-crop", "pad"] = "center-crop"
+    min_images: int = Field(3, ge=1)
+    max_images: int = Field(20, ge=1)
+    token: str = Field("sks", min_length=1, pattern=r"^\S+$")
+    max_pixels: int = Field(89_478_485, gt=0)
+    max_file_bytes: int = Field(50_000_000, gt=0)  # checked before a photo is opened
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_images > self.max_images:
+            raise ValueError(f"min_images ({self.min_images}) must not exceed max_images ({self.max_images})")
+        return self
+
+
+class RefineCfg(StrictModel):
+    mask_backend: Literal["grabcut", "sam"] = "grabcut"
+    sam_checkpoint: Optional[str] = None
+    sam_model_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
+    grabcut_iterations: int = Field(5, ge=1, le=50)
+    grabcut_margin: float = Field(0.06, gt=0, lt=0.5)

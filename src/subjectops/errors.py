@@ -10,6 +10,10 @@ class SubjectopsError(Exception):
         super().__init__(message if not fix else f"{message}\n  fix: {fix}")
 
 
+class ConfigError(SubjectopsError):
+    """A params value, override or template cannot be used (named with its key before any work starts)."""
+
+
 class SubjectError(SubjectopsError):
     """A subject directory or its images cannot be used."""
 

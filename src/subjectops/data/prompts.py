@@ -24,8 +24,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Iterable
 
-from subjectops.config import ConfigError
 from subjectops.digest import digest_json
+from subjectops.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from subjectops.config import Params

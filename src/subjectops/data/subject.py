@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from subjectops.config import SubjectCfg
+from subjectops.config_base import SubjectCfg
 from subjectops.digest import sha256_bytes, sha256_file
 from subjectops.errors import SubjectError
 

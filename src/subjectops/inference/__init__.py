@@ -1,5 +1,6 @@
 """Inference strategies, chosen by `infer.strategy` the way `finetune.method` chooses a method. Add a strategy by
-registering its class here and its name in `subjectops.config.STRATEGY_NAMES`."""
+registering its class here: `subjectops.config` reads this registry for the names `infer.strategy` takes and the
+section (`infer.<section>`, the strategy's `config_model`) of each, so importing it must not import torch."""
 
 from __future__ import annotations
 

@@ -15,19 +15,41 @@ Each requirement names the stage output that provides it; `infer` passes the run
 registered model carries a copy of every such output (`Strategy.stage_outputs`) and passes those copies.
 A strategy that needs the base model without the finetune (e.g. a base-model first stage before an
 img2img pass with the finetune) loads it from `StageInputs.model`.
+
+A strategy module declares its own config section (`config_model`, read as `infer.<section>`), as a method module
+declares its `finetune.<section>`; since `subjectops.config` reads the registry to build `InferCfg`, strategy modules
+import torch, numpy and diffusers inside the functions that use them, and never import `subjectops.config`.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from subjectops.config import InferCfg, ModelCfg
+from subjectops.config_base import ModelCfg, StrictModel
 from subjectops.models.sampling import use_scheduler
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from subjectops.config import InferCfg
+
+def no_grad(function):
+    """`torch.no_grad()` as a decorator that imports torch when the function runs, not when its module loads."""
+
+    @functools.wraps(function)
+    def without_gradients(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return function(*args, **kwargs)
+
+    return without_gradients
+
 
 # What a strategy may need -> the stage output that provides it.
 REQUIREMENTS = {"references": "refine", "masks": "refine", "snapshots": "finetune"}
@@ -74,15 +96,18 @@ class SweepPoint:
 
 
 class Strategy:
-    """Base class; a subclass sets `name`, and `section` and `requires` when it has settings or needs inputs.
+    """Base class; a subclass sets `name`, `section` and `config_model` when it has settings, and `requires` when it
+    needs inputs.
 
     `load` prepares the strategy once on a pipeline that already holds the finetune (the base class sets the
     recorded scheduler; a subclass also reads its references, snapshots, ...); `generate` then draws images.
     """
 
     name: ClassVar[str]
-    # The InferCfg field holding this strategy's settings (`infer.<section>` in params.yaml), or None.
+    # The InferCfg field holding this strategy's settings (`infer.<section>` in params.yaml), or None, and the
+    # pydantic model of that section (declared in the strategy's module; `subjectops.config` builds InferCfg of them).
     section: ClassVar[str | None] = None
+    config_model: ClassVar[type[StrictModel] | None] = None
     # Keys of REQUIREMENTS; the planner runs (and the registered model packages) the stages that provide them.
     requires: ClassVar[frozenset[str]] = frozenset()
     # whether `generate` honours `negative_prompt` (`subjectops generate --negative-prompt`); infer leaves it None
@@ -93,9 +118,8 @@ class Strategy:
         self.spec = spec
         self.inputs = inputs
         self.negative_prompt: str | None = None
-        # the section's pydantic model from config.py validates the recorded settings again when served
-        section = InferCfg.model_fields[self.section].annotation if self.section else None
-        self.config = section.model_validate(spec.config) if section else None
+        # the section's model validates the recorded settings again when served
+        self.config = self.config_model.model_validate(spec.config) if self.config_model else None
 
     @classmethod
     def spec_for(cls, infer: InferCfg, resolution: int) -> InferenceSpec:
@@ -103,6 +127,11 @@ class Strategy:
         config = getattr(infer, cls.section).model_dump(mode="json") if cls.section else {}
         return InferenceSpec(strategy=cls.name, scheduler=infer.scheduler, steps=infer.steps,
                              guidance_scale=infer.guidance_scale, resolution=resolution, config=config)
+
+    @classmethod
+    def check_infer(cls, infer: InferCfg) -> None:
+        """Refuse (ValueError) settings of `infer` this strategy cannot run with, when the params are validated and
+        before any work (e.g. a guidance window beyond infer.steps); every setting is fine by default."""
 
     @classmethod
     def weights(cls, spec: InferenceSpec, inputs: StageInputs) -> Path:

@@ -69,5 +69,6 @@ def feather_alpha(mask: np.ndarray, feather: int) -> np.ndarray:
 
 
 def composite(scene: np.ndarray, insert: np.ndarray, mask: np.ndarray, feather: int) -> np.ndarray:
-    """The subject region (feathered) from `insert`, the stage-1 `scene` everywhere else (sec. 3.4.2)."""
+    """The subject region (feathered) from `insert`, the stage-1 `scene` everywhere else: `infer.alchemy.composite`,
+    the project's addition (the paper's final image is the img2img output itself, sec. 3.4)."""
     return blend(scene, insert, feather_alpha(mask, feather))

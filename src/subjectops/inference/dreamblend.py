@@ -2,8 +2,8 @@
 
 Per prompt and seed (the supplement holds no algorithm; this is the one issue 12 fixes, after pix2pix-zero):
 
-1. The guidance snapshot samples I_u from x_T (the seed's noise, drawn as `plain` draws it) at `infer.guidance_scale`,
-   and before each denoising update records its cross-attention maps M_ref[i] at latent x_i.
+1. The guidance snapshot samples I_u from x_T (the seed's noise, drawn as `plain` draws it) at `infer.guidance_scale`;
+   its cross-attention maps M_ref[i] are those at its latent x_i before denoising update i.
 2. The edit snapshot starts from the DDIM inversion of I_u, computed with the edit model (conditional prediction,
    guidance scale 1, as pix2pix-zero inverts); `start: noise` starts from the same x_T instead.
 3. Before each denoising update i, the edit model's latent takes one gradient step
@@ -12,9 +12,13 @@ Per prompt and seed (the supplement holds no algorithm; this is the one issue 12
    edit model, 2.0 for step 200) through the pipeline's own loop, so with alpha = 0 the result is plain sampling.
 
 How the guidance is formed, and why:
-- layers: every cross-attention layer (`attn2`) of the UNet whose latent grid side is at most
-  `infer.dreamblend.max_resolution` (32: at 512 px this leaves out the 64x64 layers, which hold most of the maps'
-  memory, 50 steps x 5 layers x 8 heads x 4096 x 77 floats, and little of the layout);
+- layers: every cross-attention layer (`attn2`) of the UNet, as pix2pix-zero's loss sums over all of them (at 512 px
+  on SD 1.5 the 64x64 layers hold 76% of the query rows); `infer.dreamblend.max_resolution` can keep only the layers
+  whose latent grid side is at most a given size, which changes the loss's scale, so alpha no longer has
+  pix2pix-zero's (set it yourself then);
+- memory: the guidance model's maps are not stored for all steps (at 512 px, 50 steps x 16 layers x 8 heads x
+  26,944 queries x 77 tokens: 3.3 GB of float32); its latent x_i is, and M_ref[i] is computed again from it at the
+  edit model's step i, the same conditional forward pass on the same model, latent and timestep, so the same maps;
 - resolution: each layer's maps at its own grid (no resizing), so each layer compares like with like;
 - tokens: all 77 text positions of the prompt (start, words, padding), as pix2pix-zero; both snapshots read the same
   prompt with the same tokenizer, so positions correspond;
@@ -31,17 +35,57 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Optional
 
-import torch
-from PIL import Image
+from pydantic import Field, model_validator
 
-from subjectops.config import InferCfg
+from subjectops.config_base import StrictModel
 from subjectops.errors import SubjectopsError
-from subjectops.inference.base import InferenceSpec, StageInputs, Strategy, SweepPoint
+from subjectops.inference.base import InferenceSpec, StageInputs, Strategy, SweepPoint, no_grad
 from subjectops.models.sampling import use_scheduler
 
-AttentionMaps = dict[str, torch.Tensor]  # attn2 layer name -> (heads, queries, tokens)
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from subjectops.config import InferCfg
+
+AttentionMaps = dict[str, "torch.Tensor"]  # attn2 layer name -> (heads, queries, tokens)
+
+# Supplement sec. 5: edit snapshot -> (classifier-free guidance scale, cross-attention guidance alpha).
+DREAMBLEND_SEC5 = {100: (3.0, 0.1), 200: (2.0, 0.07)}
+
+
+class DreamBlendCfg(StrictModel):
+    """infer.dreamblend: an underfit `guidance` snapshot lays out the image, an overfit `edit` snapshot draws the
+    subject. `cfg` and `alpha` default to sec. 5's values for the edit step."""
+
+    guidance: int = Field(50, ge=1)  # finetune step of the guidance (underfit) snapshot
+    edit: int = Field(100, ge=1)  # finetune step of the edit (overfit) snapshot
+    cfg: Optional[float] = Field(None, ge=0)  # the edit model's classifier-free guidance scale
+    alpha: Optional[float] = Field(None, ge=0)  # cross-attention guidance step size
+    start: Literal["inversion", "noise"] = "inversion"  # DDIM inversion of I_u, or I_u's own x_T
+    # None: every cross-attention layer guides, as pix2pix-zero's loss (the scale sec. 5's alpha was set on); a number
+    # keeps only the layers whose latent grid side is at most it (alpha's scale then differs)
+    max_resolution: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _sec5_defaults(self):
+        if self.guidance >= self.edit:
+            raise ValueError(f"the guidance snapshot ({self.guidance}) must come before the edit snapshot "
+                             f"({self.edit})")
+        if (self.cfg is None or self.alpha is None) and self.edit not in DREAMBLEND_SEC5:
+            raise ValueError(f"supplement sec. 5 gives cfg and alpha for edit snapshots {sorted(DREAMBLEND_SEC5)} "
+                             f"only; set infer.dreamblend.cfg and .alpha for edit snapshot {self.edit}")
+        return self
+
+    @property
+    def edit_cfg(self) -> float:
+        return DREAMBLEND_SEC5[self.edit][0] if self.cfg is None else self.cfg
+
+    @property
+    def edit_alpha(self) -> float:
+        return DREAMBLEND_SEC5[self.edit][1] if self.alpha is None else self.alpha
 
 
 class RecordingProcessor:
@@ -67,15 +111,17 @@ class RecordingProcessor:
 
 
 @contextlib.contextmanager
-def recording(unet, max_resolution: int) -> Iterator[AttentionMaps]:
+def recording(unet, max_resolution: int | None) -> Iterator[AttentionMaps]:
     """Within the block, the UNet's cross-attention layers compute attention explicitly (AttnProcessor, which
-    exposes the probabilities) and record those of grids up to max_resolution^2 queries into the yielded dict."""
+    exposes the probabilities) and record them into the yielded dict: all of them, or (`max_resolution`) those of
+    grids up to max_resolution^2 queries."""
     from diffusers.models.attention_processor import AttnProcessor
 
     original = unet.attn_processors
     maps: AttentionMaps = {}
+    max_queries = float("inf") if max_resolution is None else max_resolution ** 2
     unet.set_attn_processor({
-        name: RecordingProcessor(AttnProcessor(), name.removesuffix(".processor"), maps, max_resolution ** 2)
+        name: RecordingProcessor(AttnProcessor(), name.removesuffix(".processor"), maps, max_queries)
         if name.endswith("attn2.processor") else proc
         for name, proc in original.items()
     })
@@ -85,7 +131,8 @@ def recording(unet, max_resolution: int) -> Iterator[AttentionMaps]:
         unet.set_attn_processor(original)
 
 
-def cross_attention_maps(pipe, latents: torch.Tensor, t, cond: torch.Tensor, max_resolution: int) -> AttentionMaps:
+def cross_attention_maps(pipe, latents: torch.Tensor, t, cond: torch.Tensor,
+                         max_resolution: int | None = None) -> AttentionMaps:
     """The conditional forward pass at (latents, t): the maps of the recorded layers, in the graph of `latents`."""
     with recording(pipe.unet, max_resolution) as maps:
         pipe.unet(pipe.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond, return_dict=False)
@@ -119,7 +166,7 @@ def sample(pipe, start: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, 
                 output_type=output_type, callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"])
 
 
-@torch.no_grad()
+@no_grad
 def ddim_invert(pipe, latents: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
     """x_0 -> x_T along the DDIM trajectory of `pipe`'s UNet, conditional prediction only."""
     from diffusers import DDIMInverseScheduler
@@ -138,6 +185,7 @@ class DreamBlendStrategy(Strategy):
 
     name = "dreamblend"
     section = "dreamblend"
+    config_model = DreamBlendCfg
     requires = frozenset({"snapshots"})
 
     def __init__(self, pipe, spec: InferenceSpec, inputs: StageInputs):
@@ -153,8 +201,6 @@ class DreamBlendStrategy(Strategy):
     def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
         """Each combination of a guidance snapshot before an edit snapshot, for edit snapshots with sec. 5 settings
         or the configured one (whose cfg and alpha infer.dreamblend gives)."""
-        from subjectops.config import DREAMBLEND_SEC5, DreamBlendCfg
-
         blend = infer.dreamblend
         points = []
         for edit in steps:
@@ -200,23 +246,23 @@ class DreamBlendStrategy(Strategy):
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         return [self._one(prompt, seed) for prompt, seed in zip(prompts, seeds)]
 
-    @torch.no_grad()
+    @no_grad
     def _one(self, prompt: str, seed: int) -> Image.Image:
+        import torch
+
         s, cfg = self.spec, self.config
         edit, guide = self.pipe, self.guidance_pipe
         x_T = edit.prepare_latents(1, edit.unet.config.in_channels, s.resolution, s.resolution, edit.unet.dtype,
                                    edit.device, torch.Generator().manual_seed(int(seed)))
-        # 1. I_u from x_T, recording the guidance model's maps before each update
+        # 1. I_u from x_T, keeping the guidance model's latent x_i before each update (M_ref[i] is taken from it in 3.)
         g_cond, g_uncond = self._embeds(guide, prompt)
-        reference: list[AttentionMaps] = []
+        guidance_latents: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def record(i, t, latents):
-            reference.append({k: v.detach().cpu() for k, v in
-                              cross_attention_maps(guide, latents, t, g_cond, cfg.max_resolution).items()})
+        def keep(i, t, latents):
+            guidance_latents.append((t, latents.detach().clone()))
             return latents
 
-        image_u = sample(guide, x_T, g_cond, g_uncond, s.guidance_scale, s.steps, s.resolution, record,
-                         "latent").images
+        image_u = sample(guide, x_T, g_cond, g_uncond, s.guidance_scale, s.steps, s.resolution, keep, "latent").images
         # 2. the edit model's start latent
         cond, uncond = self._embeds(edit, prompt)
         start = x_T if cfg.start == "noise" else ddim_invert(edit, image_u, cond, s.steps)
@@ -225,9 +271,11 @@ class DreamBlendStrategy(Strategy):
         alpha = cfg.edit_alpha
 
         def guide_step(i, t, latents):
+            reference = cross_attention_maps(guide, guidance_latents[i][1], guidance_latents[i][0], g_cond,
+                                             cfg.max_resolution)  # M_ref[i]
             with torch.enable_grad():
                 x = latents.detach().requires_grad_(True)
-                distance = attention_distance(cross_attention_maps(edit, x, t, cond, cfg.max_resolution), reference[i])
+                distance = attention_distance(cross_attention_maps(edit, x, t, cond, cfg.max_resolution), reference)
                 (grad,) = torch.autograd.grad(distance, x)
             self.last_distances.append(float(distance.detach()))
             return (x - alpha * grad).detach()

@@ -9,17 +9,18 @@ for bit, by construction.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from PIL import Image
+from subjectops.inference.base import InferenceSpec, Strategy, SweepPoint, no_grad
 
-from subjectops.config import InferCfg
-from subjectops.inference.base import InferenceSpec, Strategy, SweepPoint
-from subjectops.inference.ddim import initial_noise, prompt_conditioning
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from subjectops.config import InferCfg
 
 # at_latent(i, x_i) -> the latent step i starts from (i = 0: x_T; i = steps: x_0, which is decoded).
-LatentHook = Callable[[int, torch.Tensor], torch.Tensor]
+LatentHook = Callable[[int, "torch.Tensor"], "torch.Tensor"]
 
 
 def unchanged(i: int, latents: torch.Tensor) -> torch.Tensor:
@@ -31,12 +32,16 @@ def scheduler_timesteps(pipe, steps: int) -> list[int]:
     return [int(t) for t in pipe.scheduler.timesteps]
 
 
-@torch.no_grad()
+@no_grad
 def sample(pipe, prompt: str, seed: int, spec: InferenceSpec, at_latent: LatentHook = unchanged,
            negative_prompt: str | None = None) -> Image.Image:
     """One image from the seed's noise through the pipeline's denoising loop. The conditioning is
     `prompt_conditioning`'s: with HiFi Tuner's step-wise subject embeddings, step i's caption holds c_s^t (eq. 7),
     swapped in after each step."""
+    import torch
+
+    from subjectops.inference.ddim import initial_noise, prompt_conditioning
+
     timesteps = scheduler_timesteps(pipe, spec.steps)
     cond_at, uncond = prompt_conditioning(pipe, prompt, timesteps, spec.resolution, negative_prompt)
     stepwise = getattr(pipe, "subject_embeddings", None) is not None

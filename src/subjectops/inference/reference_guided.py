@@ -19,23 +19,45 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
-from PIL import Image
+from pydantic import Field, model_validator
 
+from subjectops.config_base import StrictModel
 from subjectops.errors import SubjectopsError
 from subjectops.inference.base import Strategy
-from subjectops.inference.ddim import (
-    CondAt,
-    DdimSampler,
-    encode_image,
-    encoder,
-    masked_sq_error,
-    prompt_conditioning,
-    require_ddim,
-)
 from subjectops.inference.plain import sample
 from subjectops.training.contract import Conditioning
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from subjectops.config import InferCfg
+    from subjectops.inference.ddim import CondAt, DdimSampler
+
+
+class ReferenceGuidedCfg(StrictModel):
+    """infer.reference_guided: HiFi Tuner's reference-guided generation (seed 001 sec. 3.3, alg. 2; defaults from
+    sec. 4)."""
+
+    t_start: int = Field(40, ge=1)  # t_s: DDIM step number (T = infer.steps counts down to 1) where guidance starts
+    t_end: int = Field(10, ge=1)  # t_e: the last guided step
+    phi_steps: int = Field(10, ge=0)  # J: Adam steps on phi_h per guided step (eq. 10)
+    phi_lr: float = Field(1e-2, gt=0)
+    subjects: Literal["rigid", "all"] = "rigid"  # sec. 4: guidance for the 21 rigid DreamBench subjects only
+    captioner: Optional[str] = None  # image-to-text model (BLIP-2) id or directory; None: "a photo of a {class_word}"
+    # reference choice by DINO ViT-S/16 similarity; auto: the tiny encoder on the tiny presets, the world's DINO-role
+    # ViT on the world's models, else facebook/dino-vits16
+    dino: str = "auto"
+    align_steps: int = Field(200, ge=1)  # alg. 4 gradient steps (the paper gives none)
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.t_end > self.t_start:
+            raise ValueError(f"t_end ({self.t_end}) must not exceed t_start ({self.t_start})")
+        return self
+
 
 ALIGN_SIZE = 64  # masks are aligned at this size (alg. 4's cost grows with the point count)
 TEMPLATE_CAPTION = "a photo of a {class_word}"
@@ -51,6 +73,21 @@ def is_rigid(name: str, class_word: str) -> bool:
     if name in table["rigid"] or name in table["live"]:
         return name in table["rigid"]
     return class_word.lower() not in table["live_classes"]
+
+
+def dino_model(setting: str, base: str) -> str:
+    """The DINO encoder `infer.reference_guided.dino` names for a base model: `auto` is the tiny encoder on the tiny
+    presets, the world's DINO-role ViT on the world's models (neither has real weights to compare with), else DINO
+    ViT-S/16 as in sec. 3.3."""
+    from subjectops.metrics.backbones import WORLD
+    from subjectops.models.loading import is_world
+    from subjectops.models.tiny import TINY_PRESETS
+
+    if setting != "auto":
+        return setting
+    if base in TINY_PRESETS:
+        return "tiny"
+    return WORLD if is_world(base) else "facebook/dino-vits16"
 
 
 def load_captioner(model_id: str | None):
@@ -87,6 +124,8 @@ class ReferenceGuidance:
         return self.any_inside and self.t_end <= self.sampler.steps - i <= self.t_start
 
     def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         if i and self._guided(i - 1):
             x = torch.where(self.inside, self._optimised_step(i - 1, self.traj[-1]), x)
         if i < self.sampler.steps and self.sampler.steps - i == self.t_start and self.any_inside:
@@ -97,6 +136,10 @@ class ReferenceGuidance:
     def _optimised_step(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """F^(t)(x_t, c, phi_h) after J Adam steps on ||x*_{t-1}[M] - F^(t)(x_t, c, phi_h)[M]||^2 (eq. 10); phi_h
         starts from phi at t_s and carries over to the next guided step."""
+        import torch
+
+        from subjectops.inference.ddim import masked_sq_error
+
         cond, extra = self.cond_at(i), self.phi.added_cond_kwargs
         with torch.enable_grad():
             phi_h = self.phi_h.clone().requires_grad_(True)
@@ -127,6 +170,8 @@ class GuidedImage:
 
 
 def mask_tensor(mask: Image.Image, size: int) -> torch.Tensor:
+    from PIL import Image
+
     from subjectops.data.subject import to_tensor
 
     return to_tensor(mask.convert("L").resize((size, size), Image.NEAREST))[None]
@@ -135,7 +180,16 @@ def mask_tensor(mask: Image.Image, size: int) -> torch.Tensor:
 class ReferenceGuidedStrategy(Strategy):
     name = "reference-guided"
     section = "reference_guided"
+    config_model = ReferenceGuidedCfg
     requires = frozenset({"references", "masks"})
+
+    @classmethod
+    def check_infer(cls, infer: InferCfg) -> None:
+        t_start = infer.reference_guided.t_start
+        if t_start > infer.steps:
+            raise ValueError(f"infer.reference_guided.t_start = {t_start} exceeds infer.steps = {infer.steps}: "
+                             "t_start and t_end count DDIM steps down from infer.steps; lower them "
+                             "(infer.reference_guided.t_start, .t_end) or raise infer.steps")
 
     @classmethod
     def load(cls, pipe, spec, inputs) -> ReferenceGuidedStrategy:
@@ -144,9 +198,9 @@ class ReferenceGuidedStrategy(Strategy):
         return strategy
 
     def prepare(self) -> None:
-        from subjectops.config import RefineCfg
+        from subjectops.config_base import RefineCfg
         from subjectops.data.subject import RefinedSubject
-        from subjectops.models.tiny import TINY_PRESETS
+        from subjectops.inference.ddim import encoder, require_ddim
         from subjectops.segment import get_backend
 
         cfg = self.config
@@ -166,9 +220,7 @@ class ReferenceGuidedStrategy(Strategy):
         self.segmenter = get_backend(RefineCfg.model_validate(manifest["params"]["refine"]))
         from subjectops.metrics.backbones import load_dino
 
-        dino_id = cfg.dino if cfg.dino != "auto" else ("tiny" if self.inputs.model.base in TINY_PRESETS
-                                                       else "facebook/dino-vits16")
-        self.dino = load_dino(dino_id, self.pipe.unet.device)
+        self.dino = load_dino(dino_model(cfg.dino, self.inputs.model.base), self.pipe.unet.device)
         self.captioner = load_captioner(cfg.captioner)
 
     def caption(self, image: Image.Image) -> str:
@@ -176,6 +228,8 @@ class ReferenceGuidedStrategy(Strategy):
 
     def choose_reference(self, image: Image.Image) -> int:
         """The subject photo with the highest DINO cosine similarity to I_g1 (sec. 3.3)."""
+        import torch
+
         from subjectops.data.subject import to_tensor
 
         batch = torch.stack([to_tensor(i.resize(image.size)) for i in [image, *self.references]])
@@ -195,6 +249,8 @@ class ReferenceGuidedStrategy(Strategy):
         return d.guided, {k: v for k, v in images.items() if v is not None}, facts
 
     def draw(self, prompt: str, seed: int) -> GuidedImage:
+        from PIL import Image
+
         from subjectops.data.subject import to_tensor
         from subjectops.inference.alignment import fit_similarity, warp
 
@@ -225,6 +281,7 @@ class ReferenceGuidedStrategy(Strategy):
     def guidance(self, prompt: str, reference: Image.Image, mask: torch.Tensor, caption: str) -> ReferenceGuidance:
         """Alg. 2's hook for the second pass: the warped reference I_r* encoded under its caption c_r and
         DDIM-inverted (eq. 3), its warped mask M_r* on the latent grid."""
+        from subjectops.inference.ddim import DdimSampler, encode_image, prompt_conditioning
         from subjectops.methods.hifi_tuner import latent_mask
 
         s, cfg, res = self.spec, self.config, self.spec.resolution

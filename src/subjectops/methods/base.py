@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 # The trainer contract, re-exported: methods build Phases and TrainExamples and get Batches.
-from subjectops.training.contract import Batch, Conditioning, Denoised, Phase, TrainExample  # noqa: F401
+from subjectops.training.contract import (  # noqa: F401
+    Batch,
+    Conditioning,
+    Denoised,
+    OptimizerSettings,
+    Phase,
+    TrainExample,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -120,6 +127,12 @@ class Method:
         from subjectops.training import losses
 
         return losses.snr_weighted_mean(per_sample, self.models.schedule, timesteps, self.params.finetune.snr_gamma)
+
+    def optimizer_settings(self, phase: Phase) -> OptimizerSettings:
+        """How the trainer's Adam updates `phase`'s parameters: by default finetune's shared settings (AdamW with
+        finetune.adam_weight_decay, clipping at finetune.max_grad_norm); a method whose paper says otherwise
+        declares its own (HiFi Tuner: plain Adam on c_s)."""
+        return OptimizerSettings.from_finetune(self.params.finetune)
 
     def prepare_modules(self, accelerator) -> list[torch.nn.Module]:
         """Prepare the method's own trainable modules and their optimizers with the trainer's accelerator (so DDP

@@ -5,6 +5,15 @@ initialised from the same rows phi_s of the null-text encoding phi, so [c, c_s] 
 
     L_s(c_s) = || M . (eps_theta(x_t, [c, c_s]) - eps) ||^2 + w_s || c_s - phi_s ||^2        (eqs. 5, 6)
 
+M is refine's subject mask, made by the configured backend (`refine.mask_backend`: GrabCut by default, SAM only with
+a checkpoint), not by SAM as in the paper (sec. 3.2, fig. 2); reference-guided generation segments its first image
+with the same backend.
+
+The optimizer is the paper's (sec. 4: Adam, lr 5e-3): no weight decay and no gradient clipping
+(`optimizer_settings`), not finetune's shared AdamW, whose decay would pull c_s toward 0 against eq. 6's pull toward
+phi_s. Sampling defaults to reference-guided generation (`default_strategy`, what `infer.strategy: auto` means for
+this method): the paper's headline rows (Tables 1-2) include it.
+
 Phase "subject": one c_s for all timesteps (1000 Adam steps, lr 5e-3, sec. 4). Then alg. 1: walking the DDIM
 timesteps from T down to 1, c_s^t starts from c_s^{t+1} and takes I steps on latents noised to exactly t: one
 phase per timestep, so each starts a fresh optimizer on its own vector. Sampling uses c_s^t at step t (eq. 7;
@@ -14,13 +23,13 @@ phase per timestep, so each starts a fresh optimizer on its own vector. Sampling
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from pydantic import Field
 
 from subjectops.config_base import InstancePrompt, StrictModel, TrainSteps
 from subjectops.errors import SubjectopsError
-from subjectops.methods.base import STEPWISE_SUBJECT_EMBEDDINGS, Batch, Method, Phase
+from subjectops.methods.base import STEPWISE_SUBJECT_EMBEDDINGS, Batch, Method, OptimizerSettings, Phase
 
 if TYPE_CHECKING:
     import torch
@@ -37,8 +46,12 @@ class HiFiTunerCfg(StrictModel):
     reg_weight: float = Field(1e-3, ge=0)
     stepwise_steps: int = Field(10, ge=0)  # I of alg. 1 (sec. 4: 10 per DDIM step); 0 skips alg. 1
     ddim_steps: int = Field(50, ge=1)  # T of alg. 1: the DDIM timesteps sampling will walk (sec. 4: 50)
-    mask_guidance: bool = True  # eq. 5: the loss only on the subject (refine's masks)
+    mask_guidance: bool = True  # eq. 5: the loss only on the subject (refine's masks: GrabCut by default, not SAM)
     instance_prompt: InstancePrompt = "a photo of {token} {class_word}"
+    # sec. 4: "an ADAM optimizer" for c_s and c_s^t, no decay or clipping stated (betas and eps: finetune's, Adam's
+    # defaults). finetune's shared adam_weight_decay and max_grad_norm do not apply to this method.
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(None, gt=0)  # None: no clipping
 
 
 def with_subject(prompt_embeds: torch.Tensor, c_s: torch.Tensor) -> torch.Tensor:
@@ -108,6 +121,7 @@ class HiFiTunerMethod(Method):
     provides = frozenset({STEPWISE_SUBJECT_EMBEDDINGS})
     config_key = "hifi_tuner"
     config_model = HiFiTunerCfg
+    default_strategy = "reference-guided"  # sec. 3.3; the paper's headline rows include it
 
     def instance_prompt(self) -> str:
         # c_s sits in the padding rows, whatever the words; the identifier (subject.token) is kept in the caption so
@@ -143,6 +157,12 @@ class HiFiTunerMethod(Method):
         stepwise = [Phase(f"stepwise-{k}", self.cfg.stepwise_steps, self.cfg.lr,
                           lambda k=k: [(f"c_s_step_{k}", self.subject.rows[k])]) for k in range(len(self.timesteps))]
         return [subject, *stepwise]
+
+    def optimizer_settings(self, phase: Phase) -> OptimizerSettings:
+        """Sec. 4's Adam for c_s and each c_s^t: finetune.hifi_tuner's weight decay (0) and clipping (none)."""
+        shared = super().optimizer_settings(phase)
+        return OptimizerSettings(betas=shared.betas, eps=shared.eps, weight_decay=self.cfg.weight_decay,
+                                 max_grad_norm=self.cfg.max_grad_norm)
 
     def prepare_modules(self, accelerator) -> list[torch.nn.Module]:
         # c_s and c_s^t live in their own module, prepared like the trained model modules: under several processes

@@ -452,6 +452,18 @@ class Evaluator:
 
     def score_batches(self, prompt_set: str, version: str, batches: Iterable[Tensor], prompts: Sequence[str],
                       identifiers: Sequence[str], refs: References) -> list[MetricRecord]:
+        acc, judged, n = self._features(batches, prompts, refs)
+        if n != len(prompts) or n != len(identifiers):
+            raise SubjectopsError(f"prompt set {prompt_set}: {n} images but {len(prompts)} prompts",
+                                  fix="samples.json must list one prompt per image")
+        if n == 0:
+            raise SubjectopsError(f"prompt set {prompt_set} has no images", fix="re-run infer")
+        return self._records(prompt_set, version, acc, judged, n, prompts, identifiers, refs)
+
+    def _features(self, batches: Iterable[Tensor], prompts: Sequence[str],
+                  refs: References) -> tuple[dict[str, list[Tensor]], dict[str, list[Optional[float]]], int]:
+        """Each batch of generated images through the encoders the metrics need (pairwise scores against the
+        references where the metric is pairwise), the world judge's per-image verdicts, and the image count."""
         e, want = self.enc, set(self.metrics)
         acc: dict[str, list[Tensor]] = {k: [] for k in ("dino", "clip", "lpips", "ssim", "psnr", "judge",
                                                         *SUBJECT_REGION)}
@@ -488,11 +500,13 @@ class Evaluator:
                 for metric, role in SUBJECT_REGION.items():
                     if role in self.subject_roles:
                         acc[metric].append(getattr(e, role).embed(regions))
-        if n != len(prompts) or n != len(identifiers):
-            raise SubjectopsError(f"prompt set {prompt_set}: {n} images but {len(prompts)} prompts",
-                                  fix="samples.json must list one prompt per image")
-        if n == 0:
-            raise SubjectopsError(f"prompt set {prompt_set} has no images", fix="re-run infer")
+        return acc, judged, n
+
+    def _records(self, prompt_set: str, version: str, acc: dict[str, list[Tensor]],
+                 judged: dict[str, list[Optional[float]]], n: int, prompts: Sequence[str], identifiers: Sequence[str],
+                 refs: References) -> list[MetricRecord]:
+        """One record per metric from the accumulated features, in display order."""
+        e, want = self.enc, set(self.metrics)
         m = refs.pixels.shape[0]
         out: list[MetricRecord] = []
 

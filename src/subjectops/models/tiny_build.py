@@ -67,63 +67,10 @@ def build_tiny(preset: str, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     tok_dir = train_clip_bpe(out / "_tokenizer_src")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    vocab = len(tokenizer)
     if preset in ("tiny-sd15", "small-sd15"):
-        small = preset == "small-sd15"
-        unet = UNet2DConditionModel(
-            sample_size=16 if small else 8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(64, 128, 256) if small else (32, 64),
-            layers_per_block=2 if small else 1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D") if small
-            else ("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D") if small
-            else ("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64 if small else 32,
-            attention_head_dim=8 if small else 4,
-            norm_num_groups=32,
-        )
-        pipe = StableDiffusionPipeline(
-            vae=_vae((64, 128, 128, 128), 2, 128) if small else _vae(),
-            text_encoder=CLIPTextModel(_text_config(vocab, hidden=64, layers=4) if small else _text_config(vocab)),
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = _sd15_shaped(tokenizer, small=preset == "small-sd15")
     else:
-        # SDXL shape: two text encoders (hidden 32 each, concatenated to 64 for cross-attention) and
-        # "text_time" added conditions: 6 time ids x 8 dims + the pooled projection (32) = 80.
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 1),
-            projection_class_embeddings_input_dim=80,
-            norm_num_groups=32,
-        )
-        pipe = StableDiffusionXLPipeline(
-            vae=_vae(),
-            text_encoder=CLIPTextModel(_text_config(vocab)),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, projection_dim=32)),
-            tokenizer=tokenizer,
-            tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77),
-            unet=unet,
-            scheduler=_scheduler(),
-            force_zeros_for_empty_prompt=True,
-        )
+        pipe = _sdxl_shaped(tokenizer, tok_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     # Store tokenizers as the real SD repositories do (CLIP's vocab.json + merges.txt, no tokenizer.json),
     # so loading exercises the same files a downloaded model has.
@@ -134,3 +81,66 @@ def build_tiny(preset: str, out: Path, seed: int) -> Path:
                 shutil.copy(tok_dir / name, out / sub / name)
     shutil.rmtree(tok_dir)
     return out
+
+
+def _sd15_shaped(tokenizer: CLIPTokenizer, small: bool) -> StableDiffusionPipeline:
+    """tiny-sd15 (or small-sd15): SD 1.x's layout at a fraction of its width, random weights (the seed set before)."""
+    vocab = len(tokenizer)
+    unet = UNet2DConditionModel(
+        sample_size=16 if small else 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 256) if small else (32, 64),
+        layers_per_block=2 if small else 1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D") if small
+        else ("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D") if small
+        else ("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64 if small else 32,
+        attention_head_dim=8 if small else 4,
+        norm_num_groups=32,
+    )
+    return StableDiffusionPipeline(
+        vae=_vae((64, 128, 128, 128), 2, 128) if small else _vae(),
+        text_encoder=CLIPTextModel(_text_config(vocab, hidden=64, layers=4) if small else _text_config(vocab)),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl_shaped(tokenizer: CLIPTokenizer, tok_dir: Path) -> StableDiffusionXLPipeline:
+    """tiny-sdxl: SDXL's layout (two text encoders, added conditions) at a fraction of its width, random weights."""
+    vocab = len(tokenizer)
+    # SDXL shape: two text encoders (hidden 32 each, concatenated to 64 for cross-attention) and
+    # "text_time" added conditions: 6 time ids x 8 dims + the pooled projection (32) = 80.
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=80,
+        norm_num_groups=32,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(vocab)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, projection_dim=32)),
+        tokenizer=tokenizer,
+        tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77),
+        unet=unet,
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )

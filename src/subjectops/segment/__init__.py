@@ -8,7 +8,7 @@ from typing import Iterable, Iterator, Protocol
 
 from PIL import Image
 
-from subjectops.config import RefineCfg
+from subjectops.config_base import RefineCfg
 
 
 class MaskBackend(Protocol):

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from subjectops.config import RefineCfg
+from subjectops.config_base import RefineCfg
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from subjectops.config import RefineCfg
+from subjectops.config_base import RefineCfg
 from subjectops.errors import ModelNotFoundError
 
 

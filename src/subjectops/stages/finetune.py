@@ -15,120 +15,190 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from subjectops.config import Params
 from subjectops.errors import SubjectopsError
 from subjectops.stages.base import Argument, Stage
 from subjectops.stages.common import hash_dir, partial_dir, planned_inputs, stage_output, write_manifest
 
+if TYPE_CHECKING:
+    from subjectops.data.subject import RefinedSubject
+
 
 def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path, disc_dir: Path | None = None,
              on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: Path | None = None,
              pipe=None) -> Path:
     """`pipe`: the base pipeline already loaded (`subjectops run` hands it on); it is trained in place."""
-    from subjectops.data.subject import RefinedSubject, to_tensor
-    from subjectops.digest import digest_json
-    from subjectops.inference.base import InferenceSpec
-    from subjectops.inference.plain import sample
-    from subjectops.methods import get_method, snapshot_dir
-    from subjectops.methods.card import card_facts, write_card
-    from subjectops.models.loading import load_pipeline, resolve
-    from subjectops.models.sampling import use_scheduler
     from subjectops.stages.plan import snapshot_steps
-    from subjectops.stages.priors import load_priors, training_identity
-    from subjectops.stages.registry import get_stage
-    from subjectops.training.loop import Trainer, replicas_in_sync
-    from subjectops.training.models import DiffusionModels
+    from subjectops.training.loop import Trainer
 
     inputs = planned_inputs(params, "finetune",
                             {"refine": refine_dir, "priors": priors_dir, "pretrain_disc": disc_dir})
-    refine_dir, priors_dir, disc_dir = inputs["refine"], inputs["priors"], inputs["pretrain_disc"]
-    subject = RefinedSubject.load(refine_dir)
-    method_cls = get_method(params.finetune.method)
-
-    pipe = pipe if pipe is not None else load_pipeline(params.model)
-    models = DiffusionModels.from_pipeline(pipe)
-    if subject.resolution % models.vae_scale_factor:
-        raise SubjectopsError(f"subject resolution {subject.resolution} is not a multiple of the VAE's scale factor "
-                              f"{models.vae_scale_factor}",
-                              fix=f"set subject.resolution to a multiple of {models.vae_scale_factor} and run refine "
-                                  "again")
-    method = method_cls(params, subject.class_word, models)
-    # what the method's requirements brought into the plan (Hypnos: its pretrained discriminator), by requirement
-    method.receive({get_stage(name).brought_by: path for name, path in inputs.items()
-                    if path is not None and get_stage(name).optional})
-    work = partial_dir(out)
+    run = FinetuneRun.start(params, inputs, pipe, partial_dir(out), Path(out))
     keep = snapshot_steps(params)
-    manifest_inputs = {"refine": Path(refine_dir), "priors": priors_dir, "disc": disc_dir}
-
-    def record(directory: Path, steps: int, written: list[str]) -> None:
-        info = {"method": method.name, "base_model": params.model.base, "identifier": method.identifier(),
-                "instance_prompt": method.instance_prompt(), "class_word": subject.class_word, "steps": steps,
-                "resolution": subject.resolution, "weights": written, "processes": trainer.world,
-                "native_resolution": models.native_resolution}
-        (directory / "method.json").write_text(json.dumps(info, indent=2))
-        # the card and the weights' metadata, before the manifest hashes them; its snippet names the folder as
-        # published (the work folder is renamed to `out` at the end)
-        write_card(directory, Path(out).resolve() / directory.relative_to(work), info,
-                   card_facts(info, getattr(method.cfg, "rank", None), data["refine"]), resolve(params.model))
-        write_manifest(directory, "finetune", params, manifest_inputs, method=method.name, processes=trainer.world,
-                       prepared=trainer.prepared, step=steps, **method.manifest_extra())
-
-    def save_snapshot(step: int) -> None:
-        directory = snapshot_dir(work, step)
-        directory.mkdir(parents=True, exist_ok=True)
-        record(directory, step, method.save(directory, snapshot=True))
-
     # The trainer places the models on the accelerator first, so what setup() adds lands there too.
-    data = {"refine": hash_dir(refine_dir), "class_word": digest_json(subject.class_word),
-            "priors": training_identity(priors_dir) if priors_dir is not None else None,
-            "pretrain_disc": hash_dir(disc_dir) if disc_dir is not None else None}
-    trainer = Trainer(params, models, method, subject.resolution, work, on_step=on_step,
-                      on_snapshot=save_snapshot, snapshot_steps=keep, data=data, ckpt_dir=checkpoint_dir)
-    method.setup()
-    # after setup: a method's phases may depend on it (hifi-tuner: one phase per DDIM timestep)
-    total_steps = sum(phase.steps for phase in method.phases())
-    if keep and keep[-1] > total_steps:
-        raise SubjectopsError(f"snapshots are asked for at steps {keep}, but {method.name} trains {total_steps} steps",
-                              fix="lower finetune.snapshots (and infer.dreamblend.guidance/edit) or train longer")
-    priors = load_priors(priors_dir)  # planned_inputs gave None unless the plan has priors
-    if priors_dir is not None and not priors:
-        raise SubjectopsError(
-            f"method {method.name} uses prior preservation but {priors_dir} holds no class images",
-            fix="set priors.num_images above 0 and run `subjectops priors` again, "
-                "or --set finetune.<method>.prior_preservation=false",
-        )
-
+    run.trainer = Trainer(params, run.models, run.method, run.subject.resolution, run.work, on_step=on_step,
+                          on_snapshot=run.save_snapshot, snapshot_steps=keep, data=run.data_identity(),
+                          ckpt_dir=checkpoint_dir)
+    run.method.setup()
+    check_snapshot_steps(run.method, keep)  # after setup: hifi-tuner's phases (one per DDIM timestep) come from it
+    priors = class_priors(inputs["priors"], run.method.name)
     # Under `accelerate launch` every process trains; only the main one writes and publishes the output.
-    with stage_output(out, keep_on_error=True, publish=trainer.is_main) as work:
+    with stage_output(out, keep_on_error=True, publish=run.trainer.is_main) as work:
+        run.train(work, priors)
+    return Path(out)
 
-        def validate(step: int) -> None:
-            (work / "validation").mkdir(exist_ok=True)
-            use_scheduler(pipe, "ddim")
-            prompt = method.format_prompt(params.finetune.validation_prompt)
-            models.unet.eval()
-            method.attach_live(pipe)  # e.g. HiFi Tuner's c_s, which lives outside the pipeline's modules
-            spec = InferenceSpec(strategy="plain", scheduler="ddim", steps=params.finetune.validation_steps,
-                                 guidance_scale=params.finetune.validation_guidance_scale,
-                                 resolution=subject.resolution)
-            image = sample(pipe, prompt, params.finetune.seed, spec)  # the loop `infer` samples with
-            models.unet.train()
-            image.save(work / "validation" / f"step_{step:06d}.png")
 
-        images = [to_tensor(i) for i in subject.images()]
-        masks = [to_tensor(m) for m in subject.masks()]
-        steps = trainer.train(images, masks, priors, validate=validate)
+@dataclass
+class FinetuneRun:
+    """One finetune: the refined subject, the models and the method over them, and the trainer; its steps write the
+    output (`record`), the snapshots and the validation images."""
+
+    params: Params
+    inputs: dict[str, Path | None]  # the planned input folders by stage
+    subject: RefinedSubject
+    pipe: Any
+    models: Any  # subjectops.training.models.DiffusionModels
+    method: Any  # subjectops.methods.base.Method
+    work: Path  # the partial output folder (snapshots are written into it while training runs)
+    out: Path  # where the output is published (work is renamed to it at the end)
+    trainer: Any = None  # subjectops.training.loop.Trainer, set before training
+
+    @classmethod
+    def start(cls, params: Params, inputs: dict[str, Path | None], pipe, work: Path, out: Path) -> FinetuneRun:
+        """The subject, the base pipeline (loaded unless handed on) and the configured method, which receives what its
+        requirements brought into the plan (Hypnos: its pretrained discriminator), by requirement."""
+        from subjectops.data.subject import RefinedSubject
+        from subjectops.methods import get_method
+        from subjectops.models.loading import load_pipeline
+        from subjectops.stages.registry import get_stage
+        from subjectops.training.models import DiffusionModels
+
+        subject = RefinedSubject.load(inputs["refine"])
+        pipe = pipe if pipe is not None else load_pipeline(params.model)
+        models = DiffusionModels.from_pipeline(pipe)
+        if subject.resolution % models.vae_scale_factor:
+            raise SubjectopsError(f"subject resolution {subject.resolution} is not a multiple of the VAE's scale "
+                                  f"factor {models.vae_scale_factor}",
+                                  fix=f"set subject.resolution to a multiple of {models.vae_scale_factor} and run "
+                                      "refine again")
+        method = get_method(params.finetune.method)(params, subject.class_word, models)
+        method.receive({get_stage(name).brought_by: path for name, path in inputs.items()
+                        if path is not None and get_stage(name).optional})
+        return cls(params, inputs, subject, pipe, models, method, work, out)
+
+    def data_identity(self) -> dict[str, str | None]:
+        """The content hashes of what trains: a checkpoint made for other data is refused, never resumed."""
+        from subjectops.digest import digest_json
+        from subjectops.stages.priors import training_identity
+
+        priors, disc = self.inputs["priors"], self.inputs["pretrain_disc"]
+        return {"refine": hash_dir(self.inputs["refine"]), "class_word": digest_json(self.subject.class_word),
+                "priors": training_identity(priors) if priors is not None else None,
+                "pretrain_disc": hash_dir(disc) if disc is not None else None}
+
+    def train(self, work: Path, priors: list) -> None:
+        """Train on the subject's images and masks (and the priors); the main process saves the weights, drops the
+        checkpoints they supersede and records the output."""
+        from subjectops.data.subject import to_tensor
+        from subjectops.training.loop import replicas_in_sync
+
+        trainer = self.trainer
+        images = [to_tensor(i) for i in self.subject.images()]
+        masks = [to_tensor(m) for m in self.subject.masks()]
+        steps = trainer.train(images, masks, priors, validate=lambda step: self.validate(work, step))
         if not replicas_in_sync(trainer):
             raise SubjectopsError(f"the {trainer.world} training processes ended with different weights",
                                   fix="check that every process runs the same subjectops version and params")
         trainer.accelerator.wait_for_everyone()
         if trainer.is_main:
-            written = method.save(work)
+            written = self.method.save(work)
             shutil.rmtree(trainer.ckpt_dir, ignore_errors=True)  # the saved weights supersede them
-            record(work, steps, written)
-    return Path(out)
+            self.record(work, steps, written)
+
+    def record(self, directory: Path, steps: int, written: list[str]) -> None:
+        """method.json (what inference loads the weights with), the model card and the manifest, with each phase's
+        optimizer."""
+        from subjectops.methods.card import card_facts, write_card
+        from subjectops.models.loading import resolve
+
+        params, method, trainer = self.params, self.method, self.trainer
+        info = {"method": method.name, "base_model": params.model.base, "identifier": method.identifier(),
+                "instance_prompt": method.instance_prompt(), "class_word": self.subject.class_word, "steps": steps,
+                "resolution": self.subject.resolution, "weights": written, "processes": trainer.world,
+                "native_resolution": self.models.native_resolution}
+        (directory / "method.json").write_text(json.dumps(info, indent=2))
+        # the card and the weights' metadata, before the manifest hashes them; its snippet names the folder as
+        # published
+        write_card(directory, self.out.resolve() / directory.relative_to(self.work), info,
+                   card_facts(info, getattr(method.cfg, "rank", None), hash_dir(self.inputs["refine"])),
+                   resolve(params.model))
+        manifest_inputs = {"refine": Path(self.inputs["refine"]), "priors": self.inputs["priors"],
+                           "disc": self.inputs["pretrain_disc"]}
+        write_manifest(directory, "finetune", params, manifest_inputs, method=method.name, processes=trainer.world,
+                       prepared=trainer.prepared, step=steps, optimizers=optimizer_record(method),
+                       **method.manifest_extra())
+
+    def save_snapshot(self, step: int) -> None:
+        """The trainer's snapshot hook: an inference-ready copy of the live weights in snapshots/step_NNNNNN/."""
+        from subjectops.methods import snapshot_dir
+
+        directory = snapshot_dir(self.work, step)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.record(directory, step, self.method.save(directory, snapshot=True))
+
+    def validate(self, work: Path, step: int) -> None:
+        """A validation image of the live weights (finetune.validation_prompt, _steps, _guidance_scale), drawn by
+        the loop `infer` samples with."""
+        from subjectops.inference.base import InferenceSpec
+        from subjectops.inference.plain import sample
+        from subjectops.models.sampling import use_scheduler
+
+        params, method = self.params, self.method
+        (work / "validation").mkdir(exist_ok=True)
+        use_scheduler(self.pipe, "ddim")
+        prompt = method.format_prompt(params.finetune.validation_prompt)
+        self.models.unet.eval()
+        method.attach_live(self.pipe)  # e.g. HiFi Tuner's c_s, which lives outside the pipeline's modules
+        spec = InferenceSpec(strategy="plain", scheduler="ddim", steps=params.finetune.validation_steps,
+                             guidance_scale=params.finetune.validation_guidance_scale,
+                             resolution=self.subject.resolution)
+        image = sample(self.pipe, prompt, params.finetune.seed, spec)
+        self.models.unet.train()
+        image.save(work / "validation" / f"step_{step:06d}.png")
+
+
+def check_snapshot_steps(method, keep: list[int]) -> None:
+    """Snapshots are kept only at steps the method trains."""
+    total_steps = sum(phase.steps for phase in method.phases())
+    if keep and keep[-1] > total_steps:
+        raise SubjectopsError(f"snapshots are asked for at steps {keep}, but {method.name} trains {total_steps} steps",
+                              fix="lower finetune.snapshots (and infer.dreamblend.guidance/edit) or train longer")
+
+
+def class_priors(priors_dir: Path | None, method_name: str) -> list:
+    """The class images prior preservation trains with (none unless the plan has priors), refused when empty."""
+    from subjectops.stages.priors import load_priors
+
+    priors = load_priors(priors_dir)
+    if priors_dir is not None and not priors:
+        raise SubjectopsError(
+            f"method {method_name} uses prior preservation but {priors_dir} holds no class images",
+            fix="set priors.num_images above 0 and run `subjectops priors` again, "
+                "or --set finetune.<method>.prior_preservation=false",
+        )
+    return priors
+
+
+def optimizer_record(method) -> list[dict]:
+    """Each distinct optimizer setting of the method's phases (`Method.optimizer_settings`), with its phases."""
+    groups: dict = {}
+    for phase in method.phases():
+        groups.setdefault(method.optimizer_settings(phase), []).append(phase.name)
+    return [{**settings.to_dict(), "phases": names} for settings, names in groups.items()]
 
 
 def record(out_dir: Path, rec, grids: Path) -> None:

@@ -148,7 +148,6 @@ def evaluate_disc(disc: LatentDiscriminator, pool: LatentPool, n: int, batch_siz
 
 def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out: Path) -> Path:
     import torch
-    import torch.nn.functional as F
 
     from subjectops.data.augment import DiscriminatorSampler
     from subjectops.data.subject import RefinedSubject, to_tensor
@@ -159,17 +158,8 @@ def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out
     inputs = planned_inputs(params, "pretrain_disc", {"refine": refine_dir, "priors": priors_dir})
     refine_dir, priors_dir = inputs["refine"], inputs["priors"]
     subject = RefinedSubject.load(refine_dir)
-    proportions = cfg.proportions.model_dump()
     class_images = load_priors(priors_dir)
-    notes = []
-    if not class_images and proportions["class_image"] > 0:
-        # Happens when prior preservation is ablated and `priors` is not planned: Table 3's class share is
-        # dropped and the other seven renormalized; the manifest records it.
-        note = ("no class images (priors did not run or made none): Table 3's class_image share is dropped "
-                "and the other types renormalized")
-        console.print(f"[yellow]pretrain-disc: {note}")
-        notes.append(note)
-        proportions["class_image"] = 0.0
+    proportions, notes = table3_proportions(cfg, class_images)
     n_held = round(len(class_images) * cfg.heldout_class_fraction) if len(class_images) > 1 else 0
     train_class, held_class = class_images[n_held:], class_images[:n_held] or class_images
 
@@ -184,28 +174,13 @@ def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out
     torch.manual_seed(cfg.seed)
     disc = LatentDiscriminator(latent_channels=encode.vae.config.latent_channels, latent_size=latent_size,
                                **cfg.model.model_dump()).to(device)
-    opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     augment = configured_method(params).real_image_augment()  # the procedure fine-tuning uses (app. B.2)
     g = torch.Generator().manual_seed(cfg.seed)
     pool = LatentPool(DiscriminatorSampler(images, masks, train_class, proportions, augment, g), encode,
                       cfg.variants_per_type)
 
     with stage_output(out) as work:
-        with (progress_display(transient=True, every=max(1, cfg.steps // 20)) as progress,
-              (work / "train_log.jsonl").open("w") as log):
-            task = progress.add_task("pretrain-disc", total=cfg.steps)
-            for step in range(1, cfg.steps + 1):
-                z, labels, kinds = pool.draw(cfg.batch_size)
-                z, labels = z.to(device), labels.to(device)
-                logits = disc(z)
-                loss = F.binary_cross_entropy_with_logits(logits, labels.view(-1, 1).expand_as(logits))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                acc = float(((torch.sigmoid(logits.detach()).mean(1) > 0.5).float() == labels).float().mean())
-                log.write(json.dumps({"step": step, "loss": float(loss.detach()), "batch_accuracy": acc}) + "\n")
-                progress.advance(task)
-                stop_if_requested("pretrain-disc", f"after step {step} of {cfg.steps}")
+        train_disc(disc, pool, cfg, device, work / "train_log.jsonl")
         metrics: dict = {"steps": cfg.steps, "proportions": proportions, "class_images_train": len(train_class),
                          "class_images_heldout": len(held_class) if n_held else 0, "notes": notes}
         if cfg.eval_samples:
@@ -221,6 +196,44 @@ def pretrain_disc(params: Params, refine_dir: Path, priors_dir: Path | None, out
         write_manifest(work, "pretrain_disc", params, {"refine": Path(refine_dir), "priors": priors_dir},
                        heldout_accuracy=metrics.get("heldout", {}).get("accuracy"), notes=notes)
     return Path(out)
+
+
+def table3_proportions(cfg, class_images: list) -> tuple[dict[str, float], list[str]]:
+    """Table 3's image-type proportions (`cfg`: params.pretrain_disc), and the notes on what was changed."""
+    proportions = cfg.proportions.model_dump()
+    notes = []
+    if not class_images and proportions["class_image"] > 0:
+        # Happens when prior preservation is ablated and `priors` is not planned: Table 3's class share is
+        # dropped and the other seven renormalized; the manifest records it.
+        note = ("no class images (priors did not run or made none): Table 3's class_image share is dropped "
+                "and the other types renormalized")
+        console.print(f"[yellow]pretrain-disc: {note}")
+        notes.append(note)
+        proportions["class_image"] = 0.0
+    return proportions, notes
+
+
+def train_disc(disc: LatentDiscriminator, pool: LatentPool, cfg, device, log_path: Path) -> None:
+    """`cfg.steps` AdamW steps of binary cross-entropy (real vs fake) on batches drawn from `pool`, one log line
+    each."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    with progress_display(transient=True, every=max(1, cfg.steps // 20)) as progress, log_path.open("w") as log:
+        task = progress.add_task("pretrain-disc", total=cfg.steps)
+        for step in range(1, cfg.steps + 1):
+            z, labels, kinds = pool.draw(cfg.batch_size)
+            z, labels = z.to(device), labels.to(device)
+            logits = disc(z)
+            loss = F.binary_cross_entropy_with_logits(logits, labels.view(-1, 1).expand_as(logits))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc = float(((torch.sigmoid(logits.detach()).mean(1) > 0.5).float() == labels).float().mean())
+            log.write(json.dumps({"step": step, "loss": float(loss.detach()), "batch_accuracy": acc}) + "\n")
+            progress.advance(task)
+            stop_if_requested("pretrain-disc", f"after step {step} of {cfg.steps}")
 
 
 STAGE = Stage(

@@ -13,13 +13,10 @@ SEGMENT_MIN_RESOLUTION = 256
 
 
 def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    from subjectops.console import console, track
-    from subjectops.data.subject import check_class_word, fit, load_subject
+    from subjectops.console import console
+    from subjectops.data.subject import check_class_word, load_subject
     from subjectops.models.loading import training_resolution
-    from subjectops.segment import get_backend, segment_all
+    from subjectops.segment import get_backend
 
     class_word = check_class_word(class_word)
     resolution = training_resolution(params)
@@ -32,19 +29,8 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
     seg_res = max(resolution, SEGMENT_MIN_RESOLUTION)
     backend = get_backend(params.refine)
     with stage_output(out) as work:
-        (work / "images").mkdir()
-        (work / "masks").mkdir()
-        images, masks, coverage = [], [], []
-        sources = [fit(original, seg_res, params.subject.fit) if seg_res > resolution else img
-                   for original, img in zip(subject.originals, subject.images)]
-        segmented = track(segment_all(backend, sources), len(sources), f"refine: masks ({backend.name})")
-        for i, (img, mask) in enumerate(zip(subject.images, segmented)):
-            mask = mask.resize((resolution, resolution), Image.BILINEAR)
-            img.save(work / "images" / f"{i:02d}.png")
-            mask.save(work / "masks" / f"{i:02d}.png")
-            images.append(f"images/{i:02d}.png")
-            masks.append(f"masks/{i:02d}.png")
-            coverage.append(round(float(np.asarray(mask).mean()) / 255, 4))
+        images, masks, coverage = write_images_and_masks(work, subject, backend, resolution, seg_res,
+                                                         params.subject.fit)
         info = {
             "name": subject.name,
             "class_word": class_word,
@@ -71,6 +57,33 @@ def refine(params: Params, subject_dir: Path, class_word: str, out: Path) -> Pat
         write_manifest(work, "refine", params, {"subject": Path(subject_dir)}, subject=info["name"],
                        conversions=subject.conversions)
     return Path(out)
+
+
+def write_images_and_masks(work: Path, subject, backend, resolution: int, seg_res: int,
+                           fit_mode: str) -> tuple[list[str], list[str], list[float]]:
+    """Each photo and its subject mask (segmented at `seg_res`, resized to the training resolution) as
+    images/NN.png and masks/NN.png; returns their relative paths and each mask's coverage."""
+    import numpy as np
+    from PIL import Image
+
+    from subjectops.console import track
+    from subjectops.data.subject import fit
+    from subjectops.segment import segment_all
+
+    (work / "images").mkdir()
+    (work / "masks").mkdir()
+    images, masks, coverage = [], [], []
+    sources = [fit(original, seg_res, fit_mode) if seg_res > resolution else img
+               for original, img in zip(subject.originals, subject.images)]
+    segmented = track(segment_all(backend, sources), len(sources), f"refine: masks ({backend.name})")
+    for i, (img, mask) in enumerate(zip(subject.images, segmented)):
+        mask = mask.resize((resolution, resolution), Image.BILINEAR)
+        img.save(work / "images" / f"{i:02d}.png")
+        mask.save(work / "masks" / f"{i:02d}.png")
+        images.append(f"images/{i:02d}.png")
+        masks.append(f"masks/{i:02d}.png")
+        coverage.append(round(float(np.asarray(mask).mean()) / 255, 4))
+    return images, masks, coverage
 
 
 def _world_truth(subject_dir: Path, sources: list[dict], work: Path, masks: list[str]) -> dict | None:

@@ -174,118 +174,125 @@ def evaluate_gates(
     gates, cfg_sets = _gate_list(gates_cfg)
     ch = Evaluation.of(challenger)
     cp = Evaluation.of(champion)
-    refusals: list[str] = []
+    with_champion = cp is not None
     gated = {g.metric for g in gates}
-    refusals += ch.problems("challenger", gated)
-    if cp is not None:
-        refusals += cp.problems("champion", gated)
+    refusals = ch.problems("challenger", gated) + (cp.problems("champion", gated) if cp is not None else [])
     if refusals:
-        return GateDecision("refused", refusals, [], cp is not None)
+        return GateDecision("refused", refusals, [], with_champion)
     if not gates:
         return GateDecision("refused",
                             ["no gates are configured (registry.gates is empty): nothing justifies a promotion"], [],
-                            cp is not None)
-
+                            with_champion)
     sets = list(prompt_sets or cfg_sets or ch.prompt_set_names())
     if not sets:
-        return GateDecision("refused", ["the challenger has no evaluation metrics"], [], cp is not None)
-
+        return GateDecision("refused", ["the challenger has no evaluation metrics"], [], with_champion)
     if cp is not None:
-        # Every prompt set compared must be the same prompt set: same name, same version, same seeds.
-        cp_sets = set(cp.prompt_set_names())
-        for ps in sets:
-            if ps not in cp_sets:
-                refusals.append(
-                    f"different prompt sets: the challenger was evaluated on {ps!r}, the champion only on "
-                    f"{', '.join(sorted(cp_sets)) or 'nothing'}"
-                )
-                continue
-            v1, v2 = ch.prompt_sets.get(ps), cp.prompt_sets.get(ps)
-            if v1 is not None and v2 is not None and v1 != v2:
-                refusals.append(f"prompt set {ps!r} differs: challenger version {v1!r}, champion version {v2!r}")
-            s1, s2 = ch.seeds.get(ps), cp.seeds.get(ps)
-            if s1 is not None and s2 is not None and s1 != s2:
-                refusals.append(f"different seeds on prompt set {ps!r}: challenger {s1!r}, champion {s2!r}")
-        extra = sorted(set(cp_sets) - set(sets)) if not (prompt_sets or cfg_sets) else []
-        if extra:
-            refusals.append(
-                f"different prompt sets: the champion was evaluated on {', '.join(extra)} and the challenger was not"
-            )
-
-    results: list[GateResult] = []
-    for gate in gates:
-        for ps in sets:
-            mine = ch.select(gate.metric, ps)
-            if not mine:
-                refusals.append(f"the challenger has no {gate.metric!r} on prompt set {ps!r}: the gate cannot be "
-                                "judged")
-                continue
-            random_bb = sorted(b for b, r in mine.items() if r.get("pretrained") is not True)
-            if random_bb:
-                refusals.append(
-                    f"{gate.metric} on {ps!r} comes from random (not pretrained) backbone(s) {', '.join(random_bb)}: "
-                    "such numbers are not quality and are never used for promotion"
-                )
-                continue
-            theirs = cp.select(gate.metric, ps) if cp is not None else {}
-            if cp is not None:
-                if not theirs:
-                    if ps in cp.prompt_set_names():
-                        refusals.append(f"the champion has no {gate.metric!r} on prompt set {ps!r}")
-                    continue
-                if set(mine) != set(theirs):
-                    refusals.append(
-                        f"different backbones for {gate.metric} on {ps!r}: challenger {', '.join(sorted(mine))}, "
-                        f"champion {', '.join(sorted(theirs))}"
-                    )
-                    continue
-            higher_is_better = METRICS[gate.metric].higher_is_better
-            for bb, rec in sorted(mine.items()):
-                c_val = float(rec["mean"])
-                p_val = float(theirs[bb]["mean"]) if bb in theirs else None
-                if p_val is not None:
-                    n1, n2 = rec.get("n_pairs"), theirs[bb].get("n_pairs")
-                    if n1 is not None and n2 is not None and n1 != n2:
-                        refusals.append(
-                            f"{gate.metric} on {ps!r} ({bb}) was computed over {n1} pairs for the challenger and "
-                            f"{n2} for the champion: not the same samples"
-                        )
-                        continue
-                sign = 1.0 if higher_is_better else -1.0
-                improvement = None if p_val is None else sign * (c_val - p_val)
-                ok, why = True, []
-                if improvement is not None and improvement < -gate.tolerance - 1e-12:
-                    ok = False
-                    why.append(
-                        f"{gate.metric} {_fmt(c_val)} is {_fmt(-improvement)} "
-                        f"{'below' if higher_is_better else 'above'} "
-                        f"the champion's {_fmt(p_val)} (tolerance {_fmt(gate.tolerance)})"
-                    )
-                if gate.bound is not None:
-                    bad = c_val < gate.bound if higher_is_better else c_val > gate.bound
-                    if bad:
-                        ok = False
-                        why.append(
-                            f"{gate.metric} {_fmt(c_val)} is "
-                            f"{'below the floor' if higher_is_better else 'above the ceiling'} "
-                            f"{_fmt(gate.bound)}"
-                        )
-                if ok:
-                    if improvement is None:
-                        why.append(f"{gate.metric} {_fmt(c_val)}, no champion to compare with")
-                    else:
-                        why.append(
-                            f"{gate.metric} {_fmt(c_val)} vs champion {_fmt(p_val)} (change {improvement:+.6g}, "
-                            f"tolerance {_fmt(gate.tolerance)})"
-                        )
-                results.append(
-                    GateResult(gate.metric, ps, bb, higher_is_better, gate.tolerance, gate.bound, c_val, p_val,
-                               improvement, ok, "; ".join(why))
-                )
-
+        refusals += _prompt_set_differences(ch, cp, sets, chosen=bool(prompt_sets or cfg_sets))
+    results = [result for gate in gates for ps in sets for result in _judge(gate, ps, ch, cp, refusals)]
     if refusals:
-        return GateDecision("refused", refusals, results, cp is not None)
+        return GateDecision("refused", refusals, results, with_champion)
     failed = [f"{g.prompt_set}/{g.backbone}: {g.reason}" for g in results if not g.passed]
     if failed:
-        return GateDecision("failed", failed, results, cp is not None)
-    return GateDecision("passed", [], results, cp is not None)
+        return GateDecision("failed", failed, results, with_champion)
+    return GateDecision("passed", [], results, with_champion)
+
+
+def _prompt_set_differences(ch: Evaluation, cp: Evaluation, sets: list[str], chosen: bool) -> list[str]:
+    """Why the compared prompt sets are not the same prompt sets (same name, version and seeds) for both; without a
+    `chosen` list of sets, a set only the champion was evaluated on differs too."""
+    refusals = []
+    cp_sets = set(cp.prompt_set_names())
+    for ps in sets:
+        if ps not in cp_sets:
+            refusals.append(
+                f"different prompt sets: the challenger was evaluated on {ps!r}, the champion only on "
+                f"{', '.join(sorted(cp_sets)) or 'nothing'}"
+            )
+            continue
+        v1, v2 = ch.prompt_sets.get(ps), cp.prompt_sets.get(ps)
+        if v1 is not None and v2 is not None and v1 != v2:
+            refusals.append(f"prompt set {ps!r} differs: challenger version {v1!r}, champion version {v2!r}")
+        s1, s2 = ch.seeds.get(ps), cp.seeds.get(ps)
+        if s1 is not None and s2 is not None and s1 != s2:
+            refusals.append(f"different seeds on prompt set {ps!r}: challenger {s1!r}, champion {s2!r}")
+    extra = sorted(cp_sets - set(sets)) if not chosen else []
+    if extra:
+        refusals.append(
+            f"different prompt sets: the champion was evaluated on {', '.join(extra)} and the challenger was not"
+        )
+    return refusals
+
+
+def _judge(gate: GateCfg, ps: str, ch: Evaluation, cp: Evaluation | None, refusals: list[str]) -> list[GateResult]:
+    """One gate on one prompt set, per backbone; what makes the records incomparable is added to `refusals`."""
+    mine = ch.select(gate.metric, ps)
+    if not mine:
+        refusals.append(f"the challenger has no {gate.metric!r} on prompt set {ps!r}: the gate cannot be judged")
+        return []
+    random_bb = sorted(b for b, r in mine.items() if r.get("pretrained") is not True)
+    if random_bb:
+        refusals.append(
+            f"{gate.metric} on {ps!r} comes from random (not pretrained) backbone(s) {', '.join(random_bb)}: "
+            "such numbers are not quality and are never used for promotion"
+        )
+        return []
+    theirs = cp.select(gate.metric, ps) if cp is not None else {}
+    if cp is not None:
+        if not theirs:
+            if ps in cp.prompt_set_names():
+                refusals.append(f"the champion has no {gate.metric!r} on prompt set {ps!r}")
+            return []
+        if set(mine) != set(theirs):
+            refusals.append(
+                f"different backbones for {gate.metric} on {ps!r}: challenger {', '.join(sorted(mine))}, "
+                f"champion {', '.join(sorted(theirs))}"
+            )
+            return []
+    results = []
+    for bb, rec in sorted(mine.items()):
+        theirs_bb = theirs.get(bb)
+        if theirs_bb is not None:
+            n1, n2 = rec.get("n_pairs"), theirs_bb.get("n_pairs")
+            if n1 is not None and n2 is not None and n1 != n2:
+                refusals.append(
+                    f"{gate.metric} on {ps!r} ({bb}) was computed over {n1} pairs for the challenger and "
+                    f"{n2} for the champion: not the same samples"
+                )
+                continue
+        results.append(_gate_result(gate, ps, bb, float(rec["mean"]),
+                                    float(theirs_bb["mean"]) if theirs_bb is not None else None))
+    return results
+
+
+def _gate_result(gate: GateCfg, ps: str, bb: str, c_val: float, p_val: Optional[float]) -> GateResult:
+    """The gate's verdict on the challenger's value against the champion's (None: no champion) and the bound."""
+    higher_is_better = METRICS[gate.metric].higher_is_better
+    sign = 1.0 if higher_is_better else -1.0
+    improvement = None if p_val is None else sign * (c_val - p_val)
+    ok, why = True, []
+    if improvement is not None and improvement < -gate.tolerance - 1e-12:
+        ok = False
+        why.append(
+            f"{gate.metric} {_fmt(c_val)} is {_fmt(-improvement)} "
+            f"{'below' if higher_is_better else 'above'} "
+            f"the champion's {_fmt(p_val)} (tolerance {_fmt(gate.tolerance)})"
+        )
+    if gate.bound is not None:
+        bad = c_val < gate.bound if higher_is_better else c_val > gate.bound
+        if bad:
+            ok = False
+            why.append(
+                f"{gate.metric} {_fmt(c_val)} is "
+                f"{'below the floor' if higher_is_better else 'above the ceiling'} "
+                f"{_fmt(gate.bound)}"
+            )
+    if ok:
+        if improvement is None:
+            why.append(f"{gate.metric} {_fmt(c_val)}, no champion to compare with")
+        else:
+            why.append(
+                f"{gate.metric} {_fmt(c_val)} vs champion {_fmt(p_val)} (change {improvement:+.6g}, "
+                f"tolerance {_fmt(gate.tolerance)})"
+            )
+    return GateResult(gate.metric, ps, bb, higher_is_better, gate.tolerance, gate.bound, c_val, p_val,
+                      improvement, ok, "; ".join(why))

@@ -110,29 +110,46 @@ def model_artifacts(run_dir: Path, spec, base_dir: Path | None) -> dict[str, Pat
 
 def register_version(client, params: Params, run_dir: Path, run_id: str, model_name: str | None = None) -> dict:
     """Log the pyfunc model and the evaluation summary to `run_id`, create a version, alias it `challenger`."""
-    from subjectops.config import ModelCfg
     from subjectops.inference import InferenceSpec
-    from subjectops.models.loading import is_tiny, is_world, resolve
-    from subjectops.tracking.pyfunc import save_pyfunc
 
     run_dir = Path(run_dir)
+    method, subject = _finetune_and_subject(run_dir)
+    name = model_name_for(params, run_dir, model_name)
+    summary = R.evaluation_summary(run_dir)
+    inferred = infer_manifest(run_dir)
+    spec = InferenceSpec.model_validate(inferred["inference"])
+    model_config = _model_config(method, subject, spec, inferred["params"])
+    source = _log_model(client, run_id, run_dir, spec, model_config, summary)
+    _ensure_registered_model(client, name)
+    tags = _version_tags(params, run_dir, method, subject, model_config, summary)
+    mv = client.create_model_version(
+        name, source=source, run_id=run_id, tags={k: _tag(v) for k, v in tags.items() if v is not None},
+        description=f"{method.get('method')} on {model_config['base_model']} from {run_dir.name}",
+        await_creation_for=VERSION_READY_SECONDS,
+    )
+    version = str(mv.version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return {"model_name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}",
+            "alias_uri": f"models:/{name}@{CHALLENGER}", "source": source, "aliases": [CHALLENGER]}
+
+
+def _finetune_and_subject(run_dir: Path) -> tuple[dict, dict]:
+    """The run's finetune method.json (refused when there is none) and its refined subject.json ({} if absent)."""
     ft = run_dir / "finetune"
     method_json = ft / "method.json"
     if not method_json.is_file():
         raise RegistryError(f"{ft} has no method.json: there is no finetuned model to register",
                             fix="run the finetune stage first")
-    method = json.loads(method_json.read_text())
     subject = {}
     if (run_dir / "refine" / "subject.json").is_file():
         subject = json.loads((run_dir / "refine" / "subject.json").read_text())
-    name = model_name_for(params, run_dir, model_name)
-    summary = R.evaluation_summary(run_dir)
-    inferred = infer_manifest(run_dir)
-    spec = InferenceSpec.model_validate(inferred["inference"])
-    infer_params = inferred["params"]
-    base = method.get("base_model") or infer_params["model"]["base"]
-    model_config = {
-        "base_model": base,
+    return json.loads(method_json.read_text()), subject
+
+
+def _model_config(method: dict, subject: dict, spec, infer_params: dict) -> dict:
+    """What the served model is built from: the base, the finetune's identity and the inference spec infer used."""
+    return {
+        "base_model": method.get("base_model") or infer_params["model"]["base"],
         "revision": infer_params["model"]["revision"],
         "method": method.get("method"),
         "identifier": method.get("identifier"),
@@ -141,6 +158,16 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
         "inference": spec.model_dump(mode="json"),
         "seed": infer_params["infer"]["seed"],  # first seed of a request whose rows have none
     }
+
+
+def _log_model(client, run_id: str, run_dir: Path, spec, model_config: dict, summary: dict) -> str:
+    """Log the pyfunc model (with the stage outputs its strategy reads) and the evaluation summary to `run_id`;
+    returns the model's artifact URI."""
+    from subjectops.config import ModelCfg
+    from subjectops.models.loading import is_tiny, is_world, resolve
+    from subjectops.tracking.pyfunc import save_pyfunc
+
+    base = model_config["base_model"]
     tmp = Path(tempfile.mkdtemp(prefix="subjectops-register-"))
     try:
         # presets built or shipped by the project travel with the model: a server may have neither
@@ -153,7 +180,11 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
         client.log_artifact(run_id, str(summary_file), "evaluation")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + MODEL_ARTIFACT
+    return client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + MODEL_ARTIFACT
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    """The registered model `name`, created unless it exists (another process may create it meanwhile)."""
     try:
         client.get_registered_model(name)
     except Exception as exc:  # noqa: BLE001
@@ -164,11 +195,16 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
         except Exception as exc2:  # noqa: BLE001
             if getattr(exc2, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                 raise
+
+
+def _version_tags(params: Params, run_dir: Path, method: dict, subject: dict, model_config: dict,
+                  summary: dict) -> dict:
+    """The version's tags: what it was trained and evaluated with, the inference spec, and every mean."""
     records = summary["records"]
     tags = {
         "subjectops.run_dir": str(run_dir.resolve()),
         "subjectops.method": method.get("method"),
-        "subjectops.base_model": base,
+        "subjectops.base_model": model_config["base_model"],
         "subjectops.identifier": method.get("identifier"),
         "subjectops.class_word": model_config["class_word"],
         "subjectops.subject": subject.get("name"),
@@ -181,18 +217,11 @@ def register_version(client, params: Params, run_dir: Path, run_id: str, model_n
                                          if r.get("pretrained") is not True}) or "none",
         "eval.unverified": summary.get("unverified") or "none",
     }
-    tags.update({f"inference.{k}": v for k, v in spec.model_dump(mode="json").items()})
+    tags.update({f"inference.{k}": v for k, v in model_config["inference"].items()})
     for r in records:
         if isinstance(r.get("mean"), (int, float)):
             tags[f"eval.{R.metric_key(r.get('metric'), r.get('prompt_set'), r.get('backbone'))}"] = str(r["mean"])
-    mv = client.create_model_version(
-        name, source=source, run_id=run_id, tags={k: _tag(v) for k, v in tags.items() if v is not None},
-        description=f"{method.get('method')} on {base} from {run_dir.name}", await_creation_for=VERSION_READY_SECONDS,
-    )
-    version = str(mv.version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    return {"model_name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}",
-            "alias_uri": f"models:/{name}@{CHALLENGER}", "source": source, "aliases": [CHALLENGER]}
+    return tags
 
 
 def version_summary(client, name: str, version: str) -> dict:

@@ -36,6 +36,32 @@ class Phase:
     use_8bit_adam: bool | str | None = None
 
 
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """How the trainer's Adam updates a phase's parameters (`Method.optimizer_settings`): decoupled weight decay
+    (AdamW; 0 is plain Adam's update) and gradient-norm clipping (None: none)."""
+
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    max_grad_norm: float | None
+
+    @classmethod
+    def from_finetune(cls, cfg) -> OptimizerSettings:
+        """finetune's shared settings (`cfg`: params.finetune): AdamW with adam_weight_decay, clipping at
+        max_grad_norm."""
+        return cls(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay,
+                   max_grad_norm=cfg.max_grad_norm)
+
+    @property
+    def algorithm(self) -> str:
+        return "AdamW" if self.weight_decay else "Adam"
+
+    def to_dict(self) -> dict:
+        return {"algorithm": self.algorithm, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm}
+
+
 @dataclass
 class Conditioning:
     prompt_embeds: torch.Tensor

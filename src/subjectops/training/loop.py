@@ -26,6 +26,7 @@ import importlib.util
 import math
 import shutil
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -39,7 +40,7 @@ from subjectops.console import progress as progress_display
 from subjectops.errors import SubjectopsError
 from subjectops.stopping import EXIT_STOPPED, Stopped, sigterm_requests_stop
 from subjectops.training.checkpoints import StepLog, checkpoint_dirs, load_checkpoint, save_checkpoint
-from subjectops.training.contract import Phase
+from subjectops.training.contract import OptimizerSettings, Phase
 from subjectops.training.data import BatchMaker, ExampleSet
 from subjectops.training.models import DiffusionModels
 from subjectops.training.resume_check import check_resume_state
@@ -56,6 +57,27 @@ EXIT_PREEMPTED = EXIT_STOPPED  # sysexits EX_TEMPFAIL: "try again later"; the CL
 
 class Preempted(Stopped):
     """finetune stopped on SIGTERM after writing a checkpoint; running it again resumes."""
+
+
+@dataclass
+class PhaseRun:
+    """One phase as it trains: its parameters, the model modules holding them (`owners`) and what the accelerator
+    wrapped them in, the method's own prepared modules, the optimizer and LR schedule, and the step records whose
+    loss terms are still tensors on the device."""
+
+    phase: Phase
+    index: int
+    params: list[torch.nn.Parameter]
+    owners: list[torch.nn.Module]
+    wrapped: list[torch.nn.Module]
+    owned: list[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_sched: object
+    pending: list[dict] = field(default_factory=list)
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [*self.wrapped, *self.owned]
 
 
 class Trainer:
@@ -145,10 +167,11 @@ class Trainer:
             if not any(id(p) in trained for p in module.parameters()):
                 module.to(dtype)
 
-    def _optimizer(self, params: list[torch.nn.Parameter], lr: float,
-                   use_8bit_adam: bool | str | None = None) -> torch.optim.Optimizer:
-        kwargs = dict(lr=lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), weight_decay=self.cfg.adam_weight_decay,
-                      eps=self.cfg.adam_epsilon)
+    def _optimizer(self, params: list[torch.nn.Parameter], lr: float, use_8bit_adam: bool | str | None = None,
+                   settings: OptimizerSettings | None = None) -> torch.optim.Optimizer:
+        """Adam over `params` with the phase's settings (`Method.optimizer_settings`; finetune's when None)."""
+        settings = settings or OptimizerSettings.from_finetune(self.cfg)
+        kwargs = dict(lr=lr, betas=settings.betas, weight_decay=settings.weight_decay, eps=settings.eps)
         eight_bit = self.cfg.use_8bit_adam if use_8bit_adam is None else use_8bit_adam
         if eight_bit == "auto":  # a method's choice (Phase.use_8bit_adam): only where it can run
             eight_bit = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
@@ -254,12 +277,39 @@ class Trainer:
     def _run_phase(self, phase: Phase, phase_idx: int, phase_start: int, start_global: int, inst: ExampleSet,
                    prior: ExampleSet | None, resume: dict | None, progress, task, validate,
                    stop: threading.Event) -> None:
+        run = self._start_phase(phase, phase_idx, resume)
+        text_cache = None
+        if self.batches.cache_text and not phase.text_changes:
+            prompts = set(inst.prompts) | (set(prior.prompts) if prior else set())
+            text_cache = self.batches.text_cache(prompts)
+
+        def publish() -> None:
+            self._publish(run, progress, task)
+
+        with self.models.calling_through(dict(zip(run.owners, run.wrapped))):
+            for global_step in range(max(start_global, phase_start) + 1, phase_start + phase.steps + 1):
+                terms = self._step(phase, global_step, inst, prior, text_cache, run.params, run.optimizer,
+                                   run.lr_sched, run.modules)
+                record = {"step": global_step, "phase": phase.name, "lr": run.lr_sched.get_last_lr()[0], **terms}
+                if run.optimizer.step_was_skipped:
+                    record["skipped"] = True  # fp16: the gradients overflowed; the scaler lowered its scale
+                run.pending.append(record)
+                self._after_step(run, global_step, publish, validate, stop)
+            publish()
+        for module in run.modules:
+            self.accelerator.unwrap_model(module, keep_fp32_wrapper=False)  # restores each raw module's forward
+        for p in run.params:
+            p.requires_grad_(False)
+
+    def _start_phase(self, phase: Phase, phase_idx: int, resume: dict | None) -> PhaseRun:
+        """The phase's parameters set to train, their modules, optimizer (the method's settings for the phase) and
+        LR schedule prepared by the accelerator, and their state restored when the run resumes inside the phase."""
         acc = self.accelerator
         params = [p for _, p in phase.trainable()]
         for p in params:
             p.requires_grad_(True)
         owners = [m for m in self.models.trainable_candidates if any(p.requires_grad for p in m.parameters())]
-        optimizer = self._optimizer(params, phase.lr, phase.use_8bit_adam)
+        optimizer = self._optimizer(params, phase.lr, phase.use_8bit_adam, self.method.optimizer_settings(phase))
         # accelerate steps a prepared scheduler once per process per optimizer step (its schedules count
         # per-process batches), so the schedule is stated in those units, as diffusers' scripts do.
         lr_sched = get_scheduler("constant_with_warmup", optimizer,
@@ -273,61 +323,45 @@ class Trainer:
             lr_sched.load_state_dict(resume["lr_scheduler"])
             if acc.scaler is not None and resume["grad_scaler"] is not None:
                 acc.scaler.load_state_dict(resume["grad_scaler"])
-        text_cache = None
-        if self.batches.cache_text and not phase.text_changes:
-            prompts = set(inst.prompts) | (set(prior.prompts) if prior else set())
-            text_cache = self.batches.text_cache(prompts)
-        first = max(start_global, phase_start)
-        pending: list[dict] = []  # records whose loss terms are still tensors on the device
+        return PhaseRun(phase, phase_idx, params, owners, wrapped, owned, optimizer, lr_sched)
 
-        def publish() -> None:
-            """Reads the pending records' loss terms in one host transfer, then logs them in order."""
-            for record in _read_terms(pending):
-                if not math.isfinite(record["loss"]):
-                    raise SubjectopsError(f"loss became {record['loss']} at step {record['step']} ({phase.name})",
-                                          fix="lower the learning rate or use --set finetune.mixed_precision=no")
-                if self.is_main:
-                    self.log.write(record)
-                if self.on_step:
-                    self.on_step(record["step"], record)
-                progress.update(task, advance=1, loss=f"loss {record['loss']:.4f}")
-            pending.clear()
+    def _publish(self, run: PhaseRun, progress, task) -> None:
+        """Reads the pending records' loss terms in one host transfer, then logs them in order."""
+        for record in _read_terms(run.pending):
+            if not math.isfinite(record["loss"]):
+                raise SubjectopsError(f"loss became {record['loss']} at step {record['step']} ({run.phase.name})",
+                                      fix="lower the learning rate or use --set finetune.mixed_precision=no")
+            if self.is_main:
+                self.log.write(record)
+            if self.on_step:
+                self.on_step(record["step"], record)
+            progress.update(task, advance=1, loss=f"loss {record['loss']:.4f}")
+        run.pending.clear()
 
-        with self.models.calling_through(dict(zip(owners, wrapped))):
-            for global_step in range(first + 1, phase_start + phase.steps + 1):
-                terms = self._step(phase, global_step, inst, prior, text_cache, params, optimizer, lr_sched,
-                                   [*wrapped, *owned])
-                record = {"step": global_step, "phase": phase.name, "lr": lr_sched.get_last_lr()[0], **terms}
-                if optimizer.step_was_skipped:
-                    record["skipped"] = True  # fp16: the gradients overflowed; the scaler lowered its scale
-                pending.append(record)
-                checkpoint = bool(self.cfg.checkpoint_every and global_step % self.cfg.checkpoint_every == 0)
-                snapshot = bool(self.on_snapshot and self.is_main and global_step in self.snapshot_steps)
-                validation = bool(validate and self.is_main and self.cfg.validation_every
-                                  and global_step % self.cfg.validation_every == 0)
-                stopping = self._stop_requested(stop)
-                # The log (and the non-finite check) trails the step by under finetune.log_every steps, and is
-                # complete before anything is saved from these weights (a checkpoint carries the log); a per-step
-                # callback sees each step as it ends (the live weights of that step).
-                if (len(pending) >= self.cfg.log_every or self.on_step or checkpoint or snapshot or validation
-                        or stopping):
-                    publish()
-                if checkpoint or stopping:
-                    self._save_checkpoint(global_step, phase_idx, optimizer, lr_sched)
-                if stopping:
-                    raise Preempted(f"finetune stopped by SIGTERM after step {global_step}; checkpoint "
-                                    f"{self.ckpt_dir / f'step_{global_step:06d}'} written",
-                                    fix="run the same command again (same --out, params and inputs): it resumes "
-                                        f"from step {global_step}; a retried pipeline task does so by itself")
-                if snapshot:
-                    self.on_snapshot(global_step)
-                if validation:
-                    validate(global_step)
+    def _after_step(self, run: PhaseRun, global_step: int, publish: Callable[[], None], validate,
+                    stop: threading.Event) -> None:
+        """What follows an optimizer step: the log, a checkpoint, a snapshot, a validation image, a stop."""
+        checkpoint = bool(self.cfg.checkpoint_every and global_step % self.cfg.checkpoint_every == 0)
+        snapshot = bool(self.on_snapshot and self.is_main and global_step in self.snapshot_steps)
+        validation = bool(validate and self.is_main and self.cfg.validation_every
+                          and global_step % self.cfg.validation_every == 0)
+        stopping = self._stop_requested(stop)
+        # The log (and the non-finite check) trails the step by under finetune.log_every steps, and is complete
+        # before anything is saved from these weights (a checkpoint carries the log); a per-step callback sees each
+        # step as it ends (the live weights of that step).
+        if len(run.pending) >= self.cfg.log_every or self.on_step or checkpoint or snapshot or validation or stopping:
             publish()
-        for module in [*wrapped, *owned]:
-            acc.unwrap_model(module, keep_fp32_wrapper=False)  # restores each raw module's own forward
-        for p in params:
-            p.requires_grad_(False)
+        if checkpoint or stopping:
+            self._save_checkpoint(global_step, run.index, run.optimizer, run.lr_sched)
+        if stopping:
+            raise Preempted(f"finetune stopped by SIGTERM after step {global_step}; checkpoint "
+                            f"{self.ckpt_dir / f'step_{global_step:06d}'} written",
+                            fix="run the same command again (same --out, params and inputs): it resumes "
+                                f"from step {global_step}; a retried pipeline task does so by itself")
+        if snapshot:
+            self.on_snapshot(global_step)
+        if validation:
+            validate(global_step)
 
     def _stop_requested(self, stop: threading.Event) -> bool:
         """Whether any process got SIGTERM: under several processes all of them stop at the same step, since
@@ -341,6 +375,7 @@ class Trainer:
         """One optimizer step: `gradient_accumulation_steps` micro-batches under `accelerator.accumulate`."""
         acc = self.accelerator
         accum = self.cfg.gradient_accumulation_steps
+        max_grad_norm = self.method.optimizer_settings(phase).max_grad_norm
         terms_sum: dict[str, torch.Tensor | float] = {}
         for _ in range(accum):
             with acc.accumulate(*modules):
@@ -348,8 +383,8 @@ class Trainer:
                 with acc.autocast():
                     loss, terms = self.method.loss(batch, global_step, phase)
                 acc.backward(loss)  # divides by the accumulation steps; scales the loss under fp16
-                if acc.sync_gradients and self.cfg.max_grad_norm:
-                    acc.clip_grad_norm_(params, self.cfg.max_grad_norm)  # unscales first under fp16
+                if acc.sync_gradients and max_grad_norm:
+                    acc.clip_grad_norm_(params, max_grad_norm)  # unscales first under fp16
                 optimizer.step()  # a no-op until the last micro-batch; skipped on overflow under fp16
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
