@@ -41,8 +41,10 @@ BUGS = {
     "lr-100x": Bug(
         "every training phase's learning rate is 100 times too small",
         "src/subjectops/training/loop.py",
-        "        optimizer = self._optimizer(params, phase.lr, phase.use_8bit_adam)",
-        "        optimizer = self._optimizer(params, phase.lr / 100, phase.use_8bit_adam)"),
+        "        optimizer = self._optimizer(params, phase.lr, phase.use_8bit_adam, "
+        "self.method.optimizer_settings(phase))",
+        "        optimizer = self._optimizer(params, phase.lr / 100, phase.use_8bit_adam, "
+        "self.method.optimizer_settings(phase))"),
     "lora-not-loaded": Bug(
         "the trained LoRA is never loaded at inference (the base model is sampled)",
         "src/subjectops/methods/lora.py",

@@ -64,6 +64,12 @@ def test_generate_from_the_run_and_from_the_registry_draws_infer_s_image(lora_ru
     assert record["prompt"] == sample["prompt"] and [i["seed"] for i in record["images"]] == [11, 12]
     assert record["inference"] == json.loads((run / "infer" / "manifest.json").read_text())["inference"]
     assert np.array_equal(pixels(tmp_path / "b" / "0001.png"), infer_image)
+    # mlflow's process-wide tracking URI is left as it was: a later registry call in the same process (a test, a
+    # notebook) must not reach this store
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/other.db"
 
 
 def test_generate_options_and_refusals(lora_run, tmp_path):

@@ -245,8 +245,8 @@ def test_server_stopped_mid_run_finishes_locally_and_sync_uploads_everything(tmp
     recs = json.loads((run / "evaluate" / "metrics.json").read_text())["metrics"]
     assert len([k for k in kids["evaluate"].data.metrics if k.endswith("/mean")]) == len(recs)
     assert "evaluate/report.html" in artifact_paths(client, kids["evaluate"].info.run_id)
-    assert client.get_model_version_by_alias(out["registered"]["model_name"],
-                                             "challenger").run_id == kids["register"].info.run_id
+    # the version's source run is the pipeline run a user opens (issue 26 item 5), not the register step's
+    assert client.get_model_version_by_alias(out["registered"]["model_name"], "challenger").run_id == parent_id
     runs = client.search_runs([parent.info.experiment_id])
     assert len(runs) == len(STAGES) + 2  # parent + stages + register: nothing twice
 

@@ -50,17 +50,21 @@ def from_run(run_dir: Path, memory: MemoryCfg) -> Source:
 def from_model_uri(uri: str, memory: MemoryCfg, tracking_uri: str | None = None) -> Source:
     """A registered version (`models:/NAME@champion`, `models:/NAME/3`) loaded as MLflow serves it."""
     import mlflow
+    import mlflow.artifacts
     import mlflow.pyfunc
 
     from subjectops.tracking.client import resolve_tracking_uri, setup_environment
 
     apply_savers = memory_savers(memory)
     setup_environment()
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    server = resolve_tracking_uri(tracking_uri)
     try:
-        served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        # downloaded from the server named here, then loaded from disk: mlflow's process-wide tracking URI is left
+        # as it was (a later call in the same process must not talk to this server)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=server, registry_uri=server)
+        served = mlflow.pyfunc.load_model(local).unwrap_python_model()
     except mlflow.exceptions.MlflowException as exc:
-        raise SubjectopsError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}",
+        raise SubjectopsError(f"cannot load {uri} from {server}: {exc.message}",
                               fix="check the model name and alias (`subjectops register RUN` makes versions, "
                                   "`subjectops promote` moves champion), and --tracking-uri or MLFLOW_TRACKING_URI"
                               ) from None
