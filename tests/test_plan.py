@@ -232,10 +232,26 @@ def test_dvc_repro_does_the_work_of_the_plan(method, overrides):
     assert dvc_working_stages(params) == set(plan(params).names) - {"register"}
 
 
+def dvc_entry(stage) -> str:
+    """The dvc.yaml entry the registry implies for `stage`, as YAML: what the author of a new stage pastes in."""
+    out = f"runs/dvc/{stage.name}"
+    inputs = [a for name in stage.reads for a in (f"--{get_stage(name).option}", f"runs/dvc/{name}")]
+    cmd = ["subjectops", stage.command, *(["--if-needed"] if stage.optional else []), *inputs, "--out", out]
+    entry = {"cmd": " ".join(cmd),
+             "deps": [*(f"runs/dvc/{name}" for name in stage.reads), f"src/subjectops/stages/{stage.name}.py",
+                      *stage.code],
+             "params": list(stage.params), "outs": [f"{out}/{f}" for f in stage.dvc_outs] or [out]}
+    if stage.dvc_metrics:
+        entry["metrics"] = [{f"{out}/{stage.dvc_metrics}": {"cache": False}}]
+    return yaml.safe_dump({stage.name: {k: v for k, v in entry.items() if v}}, sort_keys=False)
+
+
 def test_dvc_yaml_has_each_registered_stage_as_declared():
     """dvc.yaml is checked against the registry: one DVC stage per stage (registration needs a tracking server),
     calling its command with every input it reads, depending on those outputs and on its code, listing its params."""
     stages = [stage for stage in all_stages() if not stage.tracked]
+    missing = "".join(dvc_entry(stage) for stage in stages if stage.name not in DVC)
+    assert not missing, f"dvc.yaml lacks registered stages; add under `stages:` (in run order):\n{missing}"
     assert list(DVC) == [stage.name for stage in stages]
     for stage in stages:
         dvc, out = DVC[stage.name], f"runs/dvc/{stage.name}"
