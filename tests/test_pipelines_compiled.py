@@ -13,9 +13,13 @@ COMPILED = REPO / "pipelines" / "compiled"
 
 from components import GPU_STAGES  # noqa: E402
 from pipelines import compile as pc  # noqa: E402
+from subjectops.stages.plan import branching_stages  # noqa: E402
+from subjectops.stages.registry import all_stages  # noqa: E402
 
 GPU = set(GPU_STAGES)
-CPU = {"configure", "fetch-subject", "refine", "register", "benchmark-pairs", "benchmark-aggregate"}
+# the registry's CPU stages and the pipelines' own steps
+CPU = {s.command for s in all_stages() if not s.gpu} | {"configure", "fetch-subject", "benchmark-pairs",
+                                                         "benchmark-aggregate"}
 MLFLOW_KEYS = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 S3_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
 
@@ -137,7 +141,8 @@ def test_personalize_runs_optional_stages_only_when_planned():
                 inner = comps[task["componentRef"]["name"]]["dag"]["tasks"]
                 branches[cond] = inner
     assert len(branches) == 4
-    tail = {"finetune", "infer", "sweep", "evaluate", "register"}
+    # every stage after refine that is not one of the optional training stages configure branches on
+    tail = {s.command for s in all_stages() if s.name != "refine" and s.name not in branching_stages()}
     plans = {}
     for cond, tasks in branches.items():
         assert "configure-plan" in cond

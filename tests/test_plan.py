@@ -263,7 +263,7 @@ def test_dvc_yaml_has_each_registered_stage_as_declared():
             assert option in cmd and cmd[cmd.index(option) + 1] == f"runs/dvc/{name}", (stage.name, name)
             assert f"runs/dvc/{name}" in dvc["deps"], (stage.name, name)
         assert {f"src/subjectops/stages/{stage.name}.py", *stage.code} <= set(dvc["deps"]), stage.name
-        assert set(stage.params) <= set(dvc["params"]), stage.name
+        assert set(stage.params) <= set(dvc.get("params", [])), stage.name
         outs = [f"{out}/{f}" for f in stage.dvc_outs] or [out]
         assert [o if isinstance(o, str) else next(iter(o)) for o in dvc["outs"]] == outs, stage.name
         if stage.dvc_metrics:
