@@ -164,7 +164,9 @@ for _stage in all_stages():
         app.command(_stage.command)(stage_command(_stage))
 
 
-@app.command()
+@app.command(help="Run the whole pipeline in-process, each stage of the plan in order: "
+             + ", ".join(s.command + (" (when the run needs it)" if s.optional else "")
+                         for s in all_stages() if not s.tracked) + "; then register (with tracking).")
 @user_errors
 def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of one subject"),
         class_word: str = typer.Option(..., "--class", help="the subject's class, e.g. teapot"),
@@ -180,8 +182,6 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
                                                         "sqlite:///mlruns.db here)")):
-    """Run the whole pipeline in-process: refine, priors, pretrain-disc (when the method needs it), finetune, infer,
-    sweep (when the run keeps snapshots), evaluate."""
     from subjectops.cli_tracking import make_tracker
     from subjectops.pipeline import default_run_dir, summary
     from subjectops.pipeline import run as run_pipeline
