@@ -36,7 +36,8 @@ from PIL import Image  # noqa: E402
 
 from subjectops.config import METRIC_NAMES, Params  # noqa: E402
 from subjectops.metrics import backbones as B  # noqa: E402
-from subjectops.metrics.core import Encoders, Evaluator  # noqa: E402
+from subjectops.metrics.encoders import Encoders  # noqa: E402
+from subjectops.metrics.evaluator import Evaluator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = REPO / "examples" / "subjects"  # DreamBench photos shipped with the repository (CC-BY 4.0)

@@ -235,7 +235,7 @@ def pixels01(image):
 def masked_ssim(a, b, region) -> float:
     """SSIM (torchmetrics' definition, as evaluate computes it) of two (3, H, W) images in [0, 1], its map averaged
     over `region` (H, W) bool only."""
-    from subjectops.metrics.core import ssim_map
+    from subjectops.metrics.primitives import ssim_map
 
     return float(ssim_map(a[None].double(), b[None].double())[0].mean(0)[region].mean())
 

@@ -16,8 +16,8 @@ from PIL import Image
 from subjectops.config import Params, validate_params
 from subjectops.data.prompts import PromptItem, PromptSet, prompt_sets_to_json
 from subjectops.digest import sha256_bytes, sha256_file
-from subjectops.metrics.core import MetricRecord
 from subjectops.metrics.definitions import METRICS
+from subjectops.metrics.records import MetricRecord
 from subjectops.stages.evaluate import metrics_document
 
 STEPS = 12

@@ -11,9 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from subjectops.cli import app
-from subjectops.config import MAX_PARAMS_BYTES, ConfigError, load_params
+from subjectops.config import ConfigError, load_params
 from subjectops.errors import SubjectopsError
 from subjectops.kfp_pod import resolve_params
+from subjectops.params_yaml import MAX_PARAMS_BYTES
 from subjectops.stages.common import partial_dir
 from subjectops.stages.refine import refine
 

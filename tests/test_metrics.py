@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from subjectops.config import Params
 from subjectops.errors import ModelNotFoundError
 from subjectops.metrics import backbones as B
-from subjectops.metrics import core as C
+from subjectops.metrics.encoders import Encoders, tiny_mode
+from subjectops.metrics.evaluator import Evaluator
+from subjectops.metrics.primitives import clip_t, cosine_matrix, frechet_distance, psnr_pairs, ssim_pairs
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def tiny_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluator(tiny_home):
-    return C.Evaluator(Params.model_validate({"evaluate": {"tiny": True, "batch_size": 4}}))
+    return Evaluator(Params.model_validate({"evaluate": {"tiny": True, "batch_size": 4}}))
 
 
 def _images(n, seed, size=48):
@@ -54,7 +56,7 @@ def test_identical_images_give_perfect_scores(evaluator):
     # the set equal to the references: the matching pairs (diagonal) are perfect, the others are not
     refs_px = _images(4, 1)
     refs = evaluator.references_from_tensor(refs_px)
-    d = C.cosine_matrix(evaluator.enc.dino.embed(refs_px), refs.dino)
+    d = cosine_matrix(evaluator.enc.dino.embed(refs_px), refs.dino)
     assert torch.allclose(torch.diagonal(d), torch.ones(4, dtype=d.dtype), atol=1e-6)
     lp = evaluator.enc.lpips.pairwise(evaluator.enc.lpips.features(refs_px), refs.lpips)
     assert torch.allclose(torch.diagonal(lp), torch.zeros(4), atol=1e-6)
@@ -91,7 +93,7 @@ def test_pairwise_values_match_independent_per_pair_computations(evaluator):
     for enc, ref_emb in ((evaluator.enc.dino, refs.dino), (evaluator.enc.clip, refs.clip)):
         a, b = enc.embed(gen).numpy().astype(np.float64), ref_emb.numpy().astype(np.float64)
         expect = np.array([[x @ y / np.linalg.norm(x) / np.linalg.norm(y) for y in b] for x in a])
-        np.testing.assert_allclose(C.cosine_matrix(enc.embed(gen), ref_emb).numpy(), expect, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(cosine_matrix(enc.embed(gen), ref_emb).numpy(), expect, rtol=1e-6, atol=1e-6)
     # LPIPS from cached features == torchmetrics' LPIPS forward on each pair
     lp = evaluator.enc.lpips.pairwise(evaluator.enc.lpips.features(gen), refs.lpips)
     net = evaluator.enc.lpips.net
@@ -99,7 +101,7 @@ def test_pairwise_values_match_independent_per_pair_computations(evaluator):
                            for i in range(5)])
     torch.testing.assert_close(lp, expect, rtol=1e-4, atol=1e-6)
     # SSIM / PSNR: torchmetrics on each pair alone; PSNR also from NumPy
-    ss, ps = C.ssim_pairs(gen, refs_px), C.psnr_pairs(gen, refs_px)
+    ss, ps = ssim_pairs(gen, refs_px), psnr_pairs(gen, refs_px)
     for i in range(5):
         for j in range(3):
             s1 = structural_similarity_index_measure(gen[i:i + 1], refs_px[j:j + 1], data_range=1.0)
@@ -130,31 +132,31 @@ def test_frechet_distance_matches_scipy_on_known_gaussians():
     cov2 = b @ b.T / d + 0.2 * np.eye(d)
     x = rng.multivariate_normal(np.zeros(d), cov1, size=3000)
     y = rng.multivariate_normal(np.full(d, 0.5), cov2, size=2000)
-    ours = C.frechet_distance(torch.from_numpy(x), torch.from_numpy(y))
+    ours = frechet_distance(torch.from_numpy(x), torch.from_numpy(y))
     ref = _frechet_scipy(x, y)
     assert ours == pytest.approx(ref, rel=1e-4)
     # and it is close to the closed form of the true Gaussians (sanity: it measures what it claims)
     true = float(d * 0.25 + np.trace(cov1 + cov2 - 2 * scipy.linalg.sqrtm(cov1 @ cov2).real))
     assert ours == pytest.approx(true, rel=0.1)
-    assert C.frechet_distance(torch.from_numpy(x), torch.from_numpy(x)) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(torch.from_numpy(x), torch.from_numpy(x)) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(Exception, match="at least 2"):
-        C.frechet_distance(torch.from_numpy(x[:1]), torch.from_numpy(y))
+        frechet_distance(torch.from_numpy(x[:1]), torch.from_numpy(y))
 
 
 def test_clip_t_ignores_removed_identifier_and_follows_the_prompt(evaluator):
     clip = evaluator.enc.clip
     emb = clip.embed(_images(2, 6))
-    with_id = C.clip_t(clip, emb, ["a photo of sks teapot"] * 2, ["sks"] * 2)
-    without = C.clip_t(clip, emb, ["a photo of teapot"] * 2, ["sks"] * 2)
-    other_id = C.clip_t(clip, emb, ["a photo of <subject> teapot"] * 2, ["<subject>"] * 2)
+    with_id = clip_t(clip, emb, ["a photo of sks teapot"] * 2, ["sks"] * 2)
+    without = clip_t(clip, emb, ["a photo of teapot"] * 2, ["sks"] * 2)
+    other_id = clip_t(clip, emb, ["a photo of <subject> teapot"] * 2, ["<subject>"] * 2)
     torch.testing.assert_close(with_id, without)
     torch.testing.assert_close(with_id, other_id)
-    kept = C.clip_t(clip, emb, ["a photo of sks teapot"] * 2, ["zzz"] * 2)  # identifier not removed
+    kept = clip_t(clip, emb, ["a photo of sks teapot"] * 2, ["zzz"] * 2)  # identifier not removed
     assert not torch.allclose(with_id, kept)
-    changed = C.clip_t(clip, emb, ["a watercolor painting of dog on the beach"] * 2, ["sks"] * 2)
+    changed = clip_t(clip, emb, ["a watercolor painting of dog on the beach"] * 2, ["sks"] * 2)
     assert not torch.allclose(with_id, changed)
     # each image against its own prompt: per-image prompts are not mixed up
-    mixed = C.clip_t(clip, emb, ["a photo of sks teapot", "a watercolor painting of dog on the beach"], ["sks"] * 2)
+    mixed = clip_t(clip, emb, ["a photo of sks teapot", "a watercolor painting of dog on the beach"], ["sks"] * 2)
     assert float(mixed[0]) == pytest.approx(float(with_id[0]), abs=1e-6)
     assert float(mixed[1]) == pytest.approx(float(changed[1]), abs=1e-6)
 
@@ -164,7 +166,7 @@ def test_fid_uses_dino_features_without_inception_and_says_so(evaluator):
     refs = evaluator.references_from_tensor(_images(4, 7))
     r = _by_key(evaluator.score_batches("s", "1", [_images(6, 8)], ["p"] * 6, ["sks"] * 6, refs))
     assert "dino features" in r["fid"].note and r["fid"].backbone == "tiny"
-    expect = C.frechet_distance(refs.dino, evaluator.enc.dino.embed(_images(6, 8)))
+    expect = frechet_distance(refs.dino, evaluator.enc.dino.embed(_images(6, 8)))
     assert r["fid"].mean == pytest.approx(expect, rel=1e-6)
 
 
@@ -183,18 +185,18 @@ def test_missing_real_encoders_fail_at_once_with_the_fix(tiny_home, monkeypatch,
         B.load_dino(str(tmp_path), torch.device("cpu"))
     # a real (non-tiny) configuration fails before computing anything
     with pytest.raises(ModelNotFoundError):
-        C.Evaluator(Params.model_validate({"evaluate": {"tiny": False, "metrics": ["dino"]}}))
+        Evaluator(Params.model_validate({"evaluate": {"tiny": False, "metrics": ["dino"]}}))
     with pytest.raises(ModelNotFoundError, match="Inception weights are not present"):
-        C.Encoders(Params.model_validate({"evaluate": {"tiny": False, "metrics": ["fid"],
+        Encoders(Params.model_validate({"evaluate": {"tiny": False, "metrics": ["fid"],
                                                        "fid_features": "inception"}}), ["fid"])
 
 
 def test_tiny_mode_is_chosen_by_the_base_model_or_the_setting():
-    assert C.tiny_mode(Params.model_validate({"model": {"base": "tiny-sd15"}}))
-    assert C.tiny_mode(Params.model_validate({"model": {"base": "tiny-sdxl"}}))
-    assert not C.tiny_mode(Params())
-    assert C.tiny_mode(Params.model_validate({"evaluate": {"tiny": True}}))
-    assert not C.tiny_mode(Params.model_validate({"model": {"base": "tiny-sd15"}, "evaluate": {"tiny": False}}))
+    assert tiny_mode(Params.model_validate({"model": {"base": "tiny-sd15"}}))
+    assert tiny_mode(Params.model_validate({"model": {"base": "tiny-sdxl"}}))
+    assert not tiny_mode(Params())
+    assert tiny_mode(Params.model_validate({"evaluate": {"tiny": True}}))
+    assert not tiny_mode(Params.model_validate({"model": {"base": "tiny-sd15"}, "evaluate": {"tiny": False}}))
 
 
 def test_tiny_encoders_are_seeded_and_reloaded_through_from_pretrained(evaluator):

@@ -15,8 +15,9 @@ import yaml
 from typer.testing import CliRunner
 
 from subjectops.cli import app, if_needed_skip_reason
-from subjectops.config import ConfigError, apply_overrides, load_params, parse_yaml, validate_params
+from subjectops.config import ConfigError, load_params, validate_params
 from subjectops.methods import METHODS
+from subjectops.params_yaml import apply_overrides, parse_yaml
 from subjectops.stages.plan import branching_stages, plan
 from subjectops.stages.registry import all_stages, get_stage
 

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from subjectops.config import Params
-from subjectops.metrics import core as C
 from subjectops.metrics.definitions import METRICS
+from subjectops.metrics.evaluator import Evaluator
+from subjectops.metrics.images import subject_region
 
 SIZE = 48
 
@@ -38,21 +39,21 @@ class SquareSegmenter:
 
 def test_subject_region_is_the_masked_bounding_box_on_gray():
     image, mask = smooth(0), square()
-    region = C.subject_region(image, mask)
+    region = subject_region(image, mask)
     assert region.shape == image.shape
     expected = F.interpolate(image[None, :, 12:36, 12:36], size=(SIZE, SIZE), mode="bilinear", align_corners=False,
                              antialias=True)[0]
     torch.testing.assert_close(region, expected)
-    gray = C.subject_region(image, square(12, 36) & ~square(14, 34))  # a ring: its inside is background, so gray
+    gray = subject_region(image, square(12, 36) & ~square(14, 34))  # a ring: its inside is background, so gray
     assert torch.allclose(gray[:, SIZE // 2, SIZE // 2], torch.full((3,), 0.5))
-    torch.testing.assert_close(C.subject_region(image, np.zeros((SIZE, SIZE), bool)), image)
+    torch.testing.assert_close(subject_region(image, np.zeros((SIZE, SIZE), bool)), image)
 
 
 def test_subject_metrics_ignore_the_scene_around_the_subject(tmp_path, monkeypatch):
     monkeypatch.setenv("SUBJECTOPS_HOME", str(tmp_path))
     params = Params.model_validate({"evaluate": {"tiny": True, "batch_size": 4,
                                                  "metrics": ["dino", "clip-i", "dino-subject", "clip-i-subject"]}})
-    evaluator = C.Evaluator(params)
+    evaluator = Evaluator(params)
     evaluator.segmenter = SquareSegmenter()
     subject, mask = smooth(1), square()
     on = lambda background: torch.where(torch.from_numpy(mask), subject, background)  # noqa: E731

@@ -67,7 +67,7 @@ def test_the_random_tiny_model_is_at_chance_on_the_same_test(accuracies):
 
 
 def test_world_features_fid_of_the_base_model_is_far_below_the_random_models(accuracies, judge):
-    from subjectops.metrics.core import frechet_distance
+    from subjectops.metrics.primitives import frechet_distance
 
     _, _, real = captions("train", VALIDATION_STREAM + 20_000)
     with torch.no_grad():

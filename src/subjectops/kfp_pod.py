@@ -28,9 +28,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from subjectops.config import ConfigError, Params, load_params, parse_yaml, validate_params
+from subjectops.config import ConfigError, Params, load_params, validate_params
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
+from subjectops.params_yaml import parse_yaml
 
 PARAMS_FILE = "params.yaml"
 MODEL_CACHE_MOUNT = "/models"  # where the GPU steps mount the model-cache volume (pipelines/placement.py)

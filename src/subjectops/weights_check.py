@@ -3,9 +3,9 @@ the weights the method declares, the segmentation backend's, what the inference 
 evaluate will load), each with the params key (or flag) that names it, and whether it is on this machine.
 
 Nothing is loaded or downloaded: a directory is looked into, a hub id is looked up in the local hub cache, a weight
-file is looked for where its loader looks. What evaluate loads follows `metrics.core.Encoders`: tiny random encoders
-for the offline presets, the world's encoders for the world's models, else the configured backbones, and only those
-the configured metrics use.
+file is looked for where its loader looks. What evaluate loads follows `metrics.encoders.Encoders`: tiny random
+encoders for the offline presets, the world's encoders for the world's models, else the configured backbones, and
+only those the configured metrics use.
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def _encoder(role: str, ident: str, key: str, stage: str, cache_dir: Optional[st
 
 
 def evaluate_weights(params: Params, generated_by: Optional[str] = None) -> list[WeightStatus]:
-    """Every encoder evaluate will load for the configured metrics (as `metrics.core.Encoders` decides)."""
+    """Every encoder evaluate will load for the configured metrics (as `metrics.encoders.Encoders` decides)."""
     from subjectops.metrics import backbones as B
-    from subjectops.metrics.core import tiny_mode, world_mode
+    from subjectops.metrics.encoders import tiny_mode, world_mode
 
     cfg, stage = params.evaluate, "evaluate"
     bb, metrics, cache = cfg.backbones, set(cfg.metrics), params.model.cache_dir

@@ -34,7 +34,8 @@ def class_prompt_scores(params: Params, run_dir: Path) -> list[dict]:
 
     from subjectops.inference import finetuned_pipeline, get_strategy
     from subjectops.inference.plain import sample
-    from subjectops.metrics.core import Evaluator, load_images
+    from subjectops.metrics.evaluator import Evaluator
+    from subjectops.metrics.images import load_images
     from subjectops.models.sampling import use_scheduler
 
     run_dir = Path(run_dir)

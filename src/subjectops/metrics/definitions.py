@@ -45,6 +45,7 @@ METRICS: dict[str, MetricDefinition] = {d.name: d for d in (
 )}
 WORLD_METRICS = ("world-class", "world-color", "world-scene", "world-decal")
 METRIC_NAMES = tuple(m for m in METRICS if m not in WORLD_METRICS)  # what evaluate.metrics may list
+DISPLAY = {name: d.display for name, d in METRICS.items()}  # machine name -> display name, in display order
 
 
 def direction(name: str) -> str:

@@ -1,7 +1,7 @@
 """evaluate: score the infer stage's images against the subject's reference images, per prompt set, and
 write metrics.json, report.html and manifest.json into RUN/evaluate/.
 
-Definitions follow the papers (see metrics/core.py): DINO and CLIP-I over every generated x reference
+Definitions follow the papers (see metrics/evaluator.py): DINO and CLIP-I over every generated x reference
 pair, mean and std (Hypnos app. B.3: 4 references x 50 images = 200 pairs); CLIP-T against each image's
 own prompt with the identifier removed (DreamBlend sec. 5); FID, LPIPS, SSIM, PSNR against the references
 (Hypnos tables 1-2). Every number records its backbone and whether that backbone was pretrained.
@@ -25,7 +25,7 @@ from subjectops.stopping import stop_if_requested
 
 if TYPE_CHECKING:
     from subjectops.data.prompts import PromptSet
-    from subjectops.metrics.core import MetricRecord
+    from subjectops.metrics.records import MetricRecord
 
 SAMPLE_KEYS = ("prompt_set", "prompt", "identifier", "class_word", "seed", "path")
 
@@ -83,7 +83,7 @@ def load_inputs(refine_dir: Path, infer_dir: Path) -> tuple[dict, list[Path], li
 def metrics_document(sets: list[PromptSet], samples: list[dict], records: list[MetricRecord],
                      backbones: dict[str, dict], fid_features: Optional[str]) -> dict[str, Any]:
     """The content of metrics.json: every record with its backbone, the prompt sets, per-image values."""
-    from subjectops.metrics.core import DISPLAY
+    from subjectops.metrics.definitions import DISPLAY
     from subjectops.report.html import RANDOM_WARNING
 
     per_image = []
@@ -146,7 +146,7 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
     """Score infer's images and write metrics.json and report.html; `finetune_dir` (optional: the scores do not
     depend on it) gives the report its loss curve and validation images, and when it does not exist the report says
     so instead."""
-    from subjectops.metrics.core import Evaluator
+    from subjectops.metrics.evaluator import Evaluator
     from subjectops.report.html import render_report
     from subjectops.selection.pareto import read_front
 

@@ -20,7 +20,7 @@ from subjectops.selection.compare import interval
 
 
 def _load(paths: list[Path]) -> torch.Tensor:
-    from subjectops.metrics.core import load_images
+    from subjectops.metrics.images import load_images
 
     return load_images(paths, size=(64, 64))
 
