@@ -138,6 +138,52 @@ def record_outputs(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps({"outputs": outputs}))
 
 
+# ----------------------------------------------------------------------------------------- the CLI and processes
+def refused(args: list[str], *fragments: str) -> str:
+    """Run `subjectops ARGS`; it must exit 2 with error: and fix: and no traceback. Returns the output, one line."""
+    from typer.testing import CliRunner
+
+    from subjectops.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, (result.exit_code, text, result.exception)
+    assert "error:" in text and "fix:" in text and "Traceback" not in text, text
+    for fragment in fragments:
+        assert fragment in text, text
+    return text
+
+
+HOLDER = """
+import sys, pathlib
+from subjectops.runlock import run_lock
+run_dir = pathlib.Path(sys.argv[1])
+with run_lock(run_dir):
+    print("locked", flush=True)
+    sys.stdin.readline()  # hold the lock until the test says go on
+    (run_dir / "result.txt").write_text("first run's result")
+"""
+
+
+def start_holder(run_dir):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def sigterm_once(proc: subprocess.Popen, ready, timeout: float = 300) -> str:
+    """SIGTERM `proc` once `ready()` is true (or it ended, or `timeout` seconds passed); its output, one line."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    return " ".join(proc.communicate(timeout=timeout)[0].split())
+
+
 # ----------------------------------------------------------------------------------------- reports
 class Outline(HTMLParser):
     """The page's elements in document order as (tag, attributes), and each table's rows as text cells (by the

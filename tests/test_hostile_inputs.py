@@ -9,10 +9,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import refused
 from synthetic_runs import synthetic_params, write_stage
-from typer.testing import CliRunner
-
-from subjectops.cli import app
 
 
 @pytest.fixture
@@ -20,17 +18,6 @@ def params_file(tmp_path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text("model: {base: tiny-sd15}\n")
     return path
-
-
-def refused(args: list[str], *fragments: str) -> str:
-    """Run `subjectops ARGS`; it must exit 2 with error: and fix: and no traceback. Returns the output, one line."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    text = " ".join(result.output.split())
-    assert result.exit_code == 2, (result.exit_code, text, result.exception)
-    assert "error:" in text and "fix:" in text and "Traceback" not in text, text
-    for fragment in fragments:
-        assert fragment in text, text
-    return text
 
 
 # --- params: values that passed validation and failed after work (items 10, 11) ----------------------------------

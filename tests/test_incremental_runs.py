@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_OVERRIDES
-from test_hostile_inputs import refused
-from test_run_lock import start_holder
+from helpers import REPO, TINY_OVERRIDES, refused, sigterm_once, start_holder
 from typer.testing import CliRunner
 
 from subjectops.cli import app
@@ -86,11 +82,7 @@ def test_a_run_stopped_during_infer_exits_75_and_resumes_without_redoing_finishe
     proc = subprocess.Popen(run_args(example_subject, out, sets), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     work = out / "infer.partial"
-    deadline = time.monotonic() + 300
-    while not list(work.glob("images/*/0000.png")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    said = " ".join(proc.communicate(timeout=300)[0].split())
+    said = sigterm_once(proc, lambda: list(work.glob("images/*/0000.png")))
     assert proc.returncode == EXIT_STOPPED, said
     assert "infer stopped by SIGTERM after image" in said and "run the same command again" in said, said
     assert not work.exists() and (out / "infer" / "manifest.json").is_file()  # the earlier infer is kept
@@ -180,11 +172,7 @@ def test_sigterm_during_priors_exits_75_and_leaves_no_partial_cache_entry(finish
     proc = subprocess.Popen(cli("priors", "--refine", str(finished[0] / "refine"), "--out", str(tmp_path / "priors"),
                                 "--params", "params.yaml", *[a for s in sets for a in ("--set", s)]),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not list(cache.glob("*.partial-*/images/0000.png")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    said = " ".join(proc.communicate(timeout=300)[0].split())
+    said = sigterm_once(proc, lambda: list(cache.glob("*.partial-*/images/0000.png")))
     assert proc.returncode == EXIT_STOPPED, said
     assert "priors stopped by SIGTERM after class image" in said and "run the same command again" in said, said
     assert not list(cache.glob("*.partial-*")) and not (tmp_path / "priors").exists()

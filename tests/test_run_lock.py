@@ -8,28 +8,12 @@ import sys
 import time
 
 import pytest
+from helpers import start_holder
 
 from subjectops.config import load_params
 from subjectops.errors import SubjectopsError
 from subjectops.pipeline import default_run_dir, run
 from subjectops.runlock import LOCK_FILE, run_lock
-
-HOLDER = """
-import sys, pathlib
-from subjectops.runlock import run_lock
-run_dir = pathlib.Path(sys.argv[1])
-with run_lock(run_dir):
-    print("locked", flush=True)
-    sys.stdin.readline()  # hold the lock until the test says go on
-    (run_dir / "result.txt").write_text("first run's result")
-"""
-
-
-def start_holder(run_dir):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
 
 
 def test_a_second_run_into_a_locked_folder_is_refused_at_once_and_the_first_is_unharmed(tmp_path, example_subject):
