@@ -183,11 +183,10 @@ def test_a_kfp_local_task_retried_after_sigterm_resumes_and_matches_uninterrupte
     assert logged_steps(out) == list(range(1, RESUME_STEPS + 1))
 
 
-def test_a_checkpoint_of_other_photos_is_refused_not_resumed(prepared, tiny_overrides, example_subject, tmp_path):
-    from subjectops.errors import SubjectopsError
-
+def crashed_after_step_3(prepared, tiny_overrides, out):
+    """A finetune checkpointing every 2 steps, killed after step 3 (its step-2 checkpoint is left in the partial
+    output); returns its params and output folder."""
     params = with_overrides(tiny_overrides, "finetune.checkpoint_every=2")
-    out = tmp_path / "ft"
 
     def crash_after_step_3(step, record):
         if step == 3:
@@ -195,6 +194,13 @@ def test_a_checkpoint_of_other_photos_is_refused_not_resumed(prepared, tiny_over
 
     with pytest.raises(RuntimeError):
         finetune(params, prepared / "refine", prepared / "priors", out, on_step=crash_after_step_3)
+    return params, out
+
+
+def test_a_checkpoint_of_other_photos_is_refused_not_resumed(prepared, tiny_overrides, example_subject, tmp_path):
+    from subjectops.errors import SubjectopsError
+
+    params, out = crashed_after_step_3(prepared, tiny_overrides, tmp_path / "ft")
     ckpts = partial_dir(out) / "checkpoints"
     assert checkpoint_steps(ckpts) == [2]
     other = tmp_path / "other-photos"
@@ -236,15 +242,7 @@ def test_a_tampered_checkpoint_is_refused_not_resumed(prepared, tiny_overrides, 
     published finetune claimed every step while few were trained."""
     from subjectops.errors import SubjectopsError
 
-    params = with_overrides(tiny_overrides, "finetune.checkpoint_every=2")
-    out = tmp_path / "ft"
-
-    def crash_after_step_3(step, record):
-        if step == 3:
-            raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError):
-        finetune(params, prepared / "refine", prepared / "priors", out, on_step=crash_after_step_3)
+    params, out = crashed_after_step_3(prepared, tiny_overrides, tmp_path / "ft")
     state_file = partial_dir(out) / "checkpoints" / "step_000002" / "state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "global_step": 1000000000}))
