@@ -270,3 +270,17 @@ def test_sync_errors_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TrackingError, match="no stage output"):
         sync(tmp_path / "empty", stage_catalog())
+
+
+def test_eval_tags_say_what_the_numbers_measure():
+    """A world run's evaluation is tagged as the world's (its SSIM and PSNR, which use no backbone, are not random
+    backbones); a tiny run's as not meaningful."""
+    from subjectops.tracking.record import eval_tags
+
+    world = [{"metric": "dino", "prompt_set": "world", "backbone": "world", "pretrained": True},
+             {"metric": "ssim", "prompt_set": "world", "backbone": None, "pretrained": None}]
+    tags = eval_tags(world, "world-pretrained")
+    assert tags["eval.random_backbones"] == "none" and "miniature world" in tags["eval.quality"]
+    tiny = [{"metric": "dino", "prompt_set": "world", "backbone": "tiny", "pretrained": False}, world[1]]
+    tags = eval_tags(tiny, "random")
+    assert tags["eval.random_backbones"] == "tiny" and tags["eval.quality"].startswith("not meaningful")

@@ -194,14 +194,22 @@ def evaluate(params: Params, refine_dir: Path, infer_dir: Path, out: Path, sweep
 def record(out_dir: Path, rec, grids: Path) -> None:
     """Every number of metrics.json as a metric, the backbones and counts as tags (all also on the parent run), and
     the output's files (report.html also on the parent run)."""
-    from subjectops.tracking.record import SKIP_DIRS, eval_metric_points, eval_tags, files_in, read_eval_records
+    from subjectops.tracking.record import (
+        SKIP_DIRS,
+        eval_metric_points,
+        eval_tags,
+        files_in,
+        read_eval_records,
+        read_json,
+    )
 
     records = read_eval_records(out_dir / "metrics.json")
+    provenance = (read_json(out_dir / "metrics.json") or {}).get("provenance")
     points = eval_metric_points(records)
     rec.metrics += points
     rec.parent_metrics += points
     if records:
-        tags = eval_tags(records)
+        tags = eval_tags(records, provenance)
         rec.tags.update(tags)
         rec.parent_tags.update(tags)
     for p in files_in(out_dir):

@@ -171,16 +171,27 @@ def eval_metric_points(records: list[dict]) -> list[MetricPoint]:
     return points
 
 
-def eval_tags(records: list[dict]) -> dict[str, str]:
+# What evaluate's `provenance` (metrics.json) says the numbers measure, as the runs page shows it.
+QUALITY = {"pretrained": "pretrained backbones",
+           "world-pretrained": "the miniature world's backbones: compare with world runs only",
+           "random": "not meaningful: random backbones"}
+
+
+def eval_tags(records: list[dict], provenance: str | None = None) -> dict[str, str]:
+    """Tags of an evaluation: its prompt sets, backbones, counts, and what its numbers measure (`provenance` as
+    metrics.json records it; without it, from the records). Metrics without a backbone (SSIM, PSNR) are not
+    'random'."""
     backbones = sorted({f"{r.get('metric')}={r.get('backbone')}" for r in records})
-    random = sorted({str(r.get("backbone")) for r in records if r.get("pretrained") is not True})
+    random = sorted({str(r["backbone"]) for r in records
+                     if r.get("backbone") is not None and r.get("pretrained") is not True})
+    provenance = provenance if provenance in QUALITY else "random" if random else "pretrained"
     counts = {f"eval.{_record_key(r, fld)}": str(r[fld]) for r in records for fld in COUNT_FIELDS
               if isinstance(r.get(fld), int) and not isinstance(r.get(fld), bool)}
     return {
         "eval.prompt_sets": ",".join(sorted({str(r.get("prompt_set")) for r in records})),
         "eval.backbones": ",".join(backbones),
         "eval.random_backbones": ",".join(random) if random else "none",
-        "eval.quality": "not meaningful: random backbones" if random else "pretrained backbones",
+        "eval.quality": QUALITY[provenance],
         **counts,
     }
 
