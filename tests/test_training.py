@@ -183,6 +183,27 @@ def test_a_kfp_local_task_retried_after_sigterm_resumes_and_matches_uninterrupte
     assert logged_steps(out) == list(range(1, RESUME_STEPS + 1))
 
 
+def test_a_stop_at_a_snapshot_step_keeps_that_snapshot(prepared, tiny_overrides, tmp_path):
+    """SIGTERM arriving during step 2 of a run keeping snapshots at steps 2 and 4: finetune stops after step 2 with
+    that step's snapshot written, and the resumed run publishes both (the interruption probe found the stopped
+    step's snapshot missing)."""
+    import os
+
+    from subjectops.training.loop import Preempted
+
+    params = with_overrides(tiny_overrides, "finetune.snapshots=[2,4]")
+    out = tmp_path / "ft"
+
+    def sigterm_at_step_1(step, record):
+        if step == 1:  # seen at the end of step 2's work: the loop stops after step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted, match="after step 2"):
+        finetune(params, prepared / "refine", prepared / "priors", out, on_step=sigterm_at_step_1)
+    finetune(params, prepared / "refine", prepared / "priors", out)
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step_000002", "step_000004"]
+
+
 def crashed_after_step_3(prepared, tiny_overrides, out):
     """A finetune checkpointing every 2 steps, killed after step 3 (its step-2 checkpoint is left in the partial
     output); returns its params and output folder."""

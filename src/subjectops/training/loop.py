@@ -353,15 +353,16 @@ class Trainer:
             publish()
         if checkpoint or stopping:
             self._save_checkpoint(global_step, run.index, run.optimizer, run.lr_sched)
+        # this step's snapshot and validation image before a stop: the resumed run starts after this step
+        if snapshot:
+            self.on_snapshot(global_step)
+        if validation:
+            validate(global_step)
         if stopping:
             raise Preempted(f"finetune stopped by SIGTERM after step {global_step}; checkpoint "
                             f"{self.ckpt_dir / f'step_{global_step:06d}'} written",
                             fix="run the same command again (same --out, params and inputs): it resumes "
                                 f"from step {global_step}; a retried pipeline task does so by itself")
-        if snapshot:
-            self.on_snapshot(global_step)
-        if validation:
-            validate(global_step)
 
     def _stop_requested(self, stop: threading.Event) -> bool:
         """Whether any process got SIGTERM: under several processes all of them stop at the same step, since
