@@ -190,3 +190,23 @@ def test_partials_no_process_is_generating_are_removed(tmp_path):
     with wait_for_lock(cache / "live.lock"):  # a generation in progress holds its entry's lock
         remove_stale_partials(cache)
     assert sorted(p.name for p in cache.glob("*.partial-*")) == ["live.partial-1"]
+
+
+def test_an_output_killed_right_after_publishing_still_records_what_it_was_made_from(tiny_params, tmp_path):
+    """The fingerprint is in the manifest before the output is published: a stage killed just after publishing is
+    kept by the rerun (the interruption probe saw a finished pretrain-disc made again after a kill -9)."""
+    from subjectops.stages.base import Stage, StageContext
+    from subjectops.stages.common import stage_output, write_manifest
+    from subjectops.stages.incremental import ContentHashes, reason_to_run, run_stage
+
+    def publish_then_die(ctx):
+        with stage_output(ctx.out) as work:
+            (work / "made.txt").write_text("made")
+            write_manifest(work, "publish_then_die", ctx.params, {})
+        raise KeyboardInterrupt  # the process dies between publishing and anything after
+
+    stage = Stage(name="publish_then_die", help="", run=publish_then_die, params=("evaluate",))
+    ctx = StageContext(tiny_params, {}, tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(stage, ctx)
+    assert reason_to_run(stage, ctx, ContentHashes()) is None

@@ -7,6 +7,7 @@ import json
 import platform
 import shutil
 import time
+from contextvars import ContextVar
 from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +21,11 @@ from subjectops.preflight import out_of_space, require_writable
 from subjectops.run_folder import foreign_files
 
 MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint"
+# What the output a stage is writing is made from (`stages/incremental.py` sets it, with that output's folder, while
+# the stage runs): its manifest records it before the output is published, so a published output always says what
+# it was made from (written after publishing, a kill in between left a finished output that had to be made again).
+MADE_FROM: ContextVar[tuple[Path, dict] | None] = ContextVar("made_from", default=None)
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -99,6 +105,9 @@ def write_manifest(work: Path, stage: str, params: Params, inputs: dict[str, Pat
         "threads": threads.record(),  # the compute threads this process chose, and why (subjectops.threads)
         **extra,
     }
+    made_from = MADE_FROM.get()
+    if made_from is not None and Path(work).resolve() == partial_dir(made_from[0]).resolve():
+        manifest[FINGERPRINT] = made_from[1]
     (Path(work) / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 

@@ -22,11 +22,9 @@ from typing import Any, Mapping
 
 import subjectops
 from subjectops.digest import digest_json, sha256_file
-from subjectops.runlock import is_main_process
 from subjectops.stages.base import Stage, StageContext
-from subjectops.stages.common import MANIFEST, hash_dir, versions
+from subjectops.stages.common import FINGERPRINT, MADE_FROM, MANIFEST, hash_dir, versions
 
-FINGERPRINT = "fingerprint"
 NO_OUTPUT = "no finished output yet"
 SRC_PREFIX = "src/subjectops/"  # how the registry names code paths (as dvc.yaml does)
 
@@ -132,18 +130,11 @@ def _changed_params(before: Mapping[str, Any], after: Mapping[str, Any]) -> list
 
 
 def run_stage(stage: Stage, ctx: StageContext, hashes: ContentHashes | None = None) -> None:
-    """Run the stage and record in its manifest what its output was made from."""
+    """Run the stage; its manifest records what its output was made from (`common.MADE_FROM`)."""
     hashes = hashes or ContentHashes()
-    made_from = fingerprint(stage, ctx, hashes)
-    stage.run(ctx)
+    token = MADE_FROM.set((Path(ctx.out), fingerprint(stage, ctx, hashes)))
+    try:
+        stage.run(ctx)
+    finally:
+        MADE_FROM.reset(token)
     hashes.forget(ctx.out)
-    if not is_main_process():  # the main process publishes the output (a distributed finetune)
-        return
-    manifest_path = Path(ctx.out) / MANIFEST
-    if not manifest_path.is_file():  # no finished output: nothing to keep next time
-        return
-    manifest = json.loads(manifest_path.read_text())
-    manifest[FINGERPRINT] = made_from
-    tmp = manifest_path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(manifest_path)
