@@ -25,8 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("priors", "pretrain_disc", "finetune", "infer", "sweep", "evaluate")
 SIGNALS = {"SIGTERM": signal.SIGTERM, "kill -9": signal.SIGKILL}
+# pretrain-disc at 400 steps (a few seconds): at 40 it ended before a signal could land in it
 SETS = ["model.base=tiny-sd15", "finetune.method=hypnos", "priors.num_images=4", "priors.steps=2",
-        "priors.batch_size=1", "pretrain_disc.steps=40", "pretrain_disc.model.dim=32",
+        "priors.batch_size=1", "pretrain_disc.steps=400", "pretrain_disc.model.dim=32",
         "pretrain_disc.variants_per_type=2", "pretrain_disc.eval_samples=0", "finetune.hypnos.steps=8",
         "finetune.hypnos.perceptual_steps=2", "finetune.checkpoint_every=2", "finetune.log_every=1",
         "finetune.snapshots=[4,8]", "infer.steps=2", "infer.prompt_invariant.num_images=4"]
