@@ -15,11 +15,13 @@ import typer
 from subjectops.cli_common import (
     IfNeededOpt,
     MethodOpt,
+    ModelNameOpt,
     ModelOpt,
     ParamsOpt,
     RunOpt,
     RunParamsOpt,
     SetOpt,
+    TrackingUriOpt,
     build_params,
     console,
     done,
@@ -179,9 +181,7 @@ def run(subject_dir: Path = typer.Argument(..., help="folder of 3-20 photos of o
         track: bool = typer.Option(True, "--track/--no-track",
                                    help="log to MLflow and register the model (MLFLOW_TRACKING_URI, else "
                                         "sqlite:///mlruns.db)"),
-        tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
-                                                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                                                        "sqlite:///mlruns.db here)")):
+        tracking_uri: Optional[str] = TrackingUriOpt):
     from subjectops.cli_tracking import make_tracker
     from subjectops.pipeline import default_run_dir, summary
     from subjectops.pipeline import run as run_pipeline
@@ -299,9 +299,7 @@ def choose(run_dir: Optional[Path] = typer.Argument(None, help="run directory wi
            run: Optional[Path] = RunOpt,
            min_clip_t: Optional[float] = typer.Option(None, "--min-clip-t",
                                                       help="CLIP-T floor (default registry.choose.min_clip_t)"),
-           name: Optional[str] = typer.Option(None, "--name",
-                                              help="registered model name (default registry.model_name)"),
-           tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+           name: Optional[str] = ModelNameOpt, tracking_uri: Optional[str] = TrackingUriOpt,
            params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt):
     """Choose the operating point with the highest DINO at CLIP-T >= the floor and register it (writes RUN/choose/)."""
     from subjectops.selection.choose import choose_and_register

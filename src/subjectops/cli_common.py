@@ -23,6 +23,9 @@ MethodOpt = typer.Option(None, "--method", help=" | ".join(METHODS) + " (= finet
 RunParamsOpt = typer.Option(None, "--params", help="params.yaml (default: the run folder's own params.yaml when a "
                             "run folder is given, else ./params.yaml; built-in defaults if absent)")
 RunOpt = typer.Option(None, "--run", help="run directory: RUN/<stage> for every path not given")
+TrackingUriOpt = typer.Option(None, "--tracking-uri",
+                              help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here)")
+ModelNameOpt = typer.Option(None, "--name", help="registered model name (default registry.model_name)")
 IfNeededOpt = typer.Option(False, "--if-needed",
                            help="only when the method needs this stage (for DVC); else record why not")
 

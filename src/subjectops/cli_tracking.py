@@ -9,18 +9,17 @@ from typing import List, Optional
 import typer
 
 from subjectops.cli_common import (
+    ModelNameOpt,
     ParamsOpt,
     RunOpt,
     SetOpt,
+    TrackingUriOpt,
     build_params,
     console,
     done,
     run_folder,
     user_errors,
 )
-
-UriOpt = typer.Option(None, "--tracking-uri",
-                      help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here)")
 
 
 def make_tracker(params, tracking_uri: Optional[str] = None):
@@ -40,7 +39,7 @@ def add_tracking_commands(app: typer.Typer) -> None:
 @user_errors
 def sync(run_dir: Optional[Path] = typer.Argument(None, help="run directory recorded while MLflow was unreachable "
                                                             "(or without tracking), or --run"),
-         run: Optional[Path] = RunOpt, tracking_uri: Optional[str] = UriOpt):
+         run: Optional[Path] = RunOpt, tracking_uri: Optional[str] = TrackingUriOpt):
     """Upload a run directory's tracking record to MLflow: what did not reach the server, nothing twice."""
     from subjectops.stages.catalog import stage_catalog
     from subjectops.tracking.sync import sync as do_sync
@@ -60,9 +59,8 @@ def sync(run_dir: Optional[Path] = typer.Argument(None, help="run directory reco
 def register(run_dir: Optional[Path] = typer.Argument(None, help="run directory with finetune/ (and evaluate/, "
                                                                 "infer/), or --run"),
              run: Optional[Path] = RunOpt,
-             name: Optional[str] = typer.Option(None, "--name",
-                                                help="registered model name (default registry.model_name)"),
-             tracking_uri: Optional[str] = UriOpt, params_path: Path = ParamsOpt,
+             name: Optional[str] = ModelNameOpt,
+             tracking_uri: Optional[str] = TrackingUriOpt, params_path: Path = ParamsOpt,
              sets: Optional[List[str]] = SetOpt):
     """Register RUN's finetuned model as a new version with alias `challenger` (writes RUN/register/)."""
     from subjectops.stages.register import register as register_stage
@@ -78,7 +76,7 @@ def register(run_dir: Optional[Path] = typer.Argument(None, help="run directory 
 def promote(name: str = typer.Argument(..., help="registered model name"),
             version: Optional[str] = typer.Option(None, "--version",
                                                   help="version to promote (default: alias challenger)"),
-            tracking_uri: Optional[str] = UriOpt, params_path: Path = ParamsOpt,
+            tracking_uri: Optional[str] = TrackingUriOpt, params_path: Path = ParamsOpt,
             sets: Optional[List[str]] = SetOpt):
     """Move alias `champion` to the challenger only if every gate in params.yaml (registry.gates) passes.
 

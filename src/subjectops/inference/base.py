@@ -36,7 +36,9 @@ from subjectops.models.sampling import use_scheduler
 if TYPE_CHECKING:
     from PIL import Image
 
-    from subjectops.config import InferCfg
+# The params' `infer` section: `subjectops.config.InferCfg`, which config builds from this registry, so it is named
+# here by its base class only (importing it, even for type checking, would make a cycle).
+InferSection = BaseModel
 
 def no_grad(function):
     """`torch.no_grad()` as a decorator that imports torch when the function runs, not when its module loads."""
@@ -91,7 +93,7 @@ class SweepPoint:
     the settings recorded in points.json (from which `Strategy.point_weights` finds its weights again)."""
 
     label: str
-    infer: InferCfg
+    infer: InferSection
     settings: dict
 
 
@@ -122,14 +124,14 @@ class Strategy:
         self.config = self.config_model.model_validate(spec.config) if self.config_model else None
 
     @classmethod
-    def spec_for(cls, infer: InferCfg, resolution: int) -> InferenceSpec:
+    def spec_for(cls, infer: InferSection, resolution: int) -> InferenceSpec:
         """The spec infer records for this strategy under the given config."""
         config = getattr(infer, cls.section).model_dump(mode="json") if cls.section else {}
         return InferenceSpec(strategy=cls.name, scheduler=infer.scheduler, steps=infer.steps,
                              guidance_scale=infer.guidance_scale, resolution=resolution, config=config)
 
     @classmethod
-    def check_infer(cls, infer: InferCfg) -> None:
+    def check_infer(cls, infer: InferSection) -> None:
         """Refuse (ValueError) settings of `infer` this strategy cannot run with, when the params are validated and
         before any work (e.g. a guidance window beyond infer.steps); every setting is fine by default."""
 
@@ -139,12 +141,12 @@ class Strategy:
         return inputs.finetune
 
     @classmethod
-    def snapshot_steps(cls, infer: InferCfg) -> set[int]:
+    def snapshot_steps(cls, infer: InferSection) -> set[int]:
         """The finetune steps whose snapshots this strategy reads under the given config."""
         return set()
 
     @classmethod
-    def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
+    def sweep_points(cls, infer: InferSection, steps: list[int]) -> list[SweepPoint]:
         """The operating points this strategy offers over a finetune output keeping snapshots of `steps`
         (ascending), under the run's infer section; none by default."""
         return []

@@ -41,14 +41,13 @@ from pydantic import Field, model_validator
 
 from subjectops.config_base import StrictModel
 from subjectops.errors import SubjectopsError
-from subjectops.inference.base import InferenceSpec, StageInputs, Strategy, SweepPoint, no_grad
+from subjectops.inference.base import InferenceSpec, InferSection, StageInputs, Strategy, SweepPoint, no_grad
 from subjectops.models.sampling import use_scheduler
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from subjectops.config import InferCfg
 
 AttentionMaps = dict[str, "torch.Tensor"]  # attn2 layer name -> (heads, queries, tokens)
 
@@ -194,11 +193,11 @@ class DreamBlendStrategy(Strategy):
         self.last_distances: list[float] = []
 
     @classmethod
-    def snapshot_steps(cls, infer: InferCfg) -> set[int]:
+    def snapshot_steps(cls, infer: InferSection) -> set[int]:
         return {infer.dreamblend.guidance, infer.dreamblend.edit}
 
     @classmethod
-    def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
+    def sweep_points(cls, infer: InferSection, steps: list[int]) -> list[SweepPoint]:
         """Each combination of a guidance snapshot before an edit snapshot, for edit snapshots with sec. 5 settings
         or the configured one (whose cfg and alpha infer.dreamblend gives)."""
         blend = infer.dreamblend

@@ -11,13 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from subjectops.inference.base import InferenceSpec, Strategy, SweepPoint, no_grad
+from subjectops.inference.base import InferenceSpec, InferSection, Strategy, SweepPoint, no_grad
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from subjectops.config import InferCfg
 
 # at_latent(i, x_i) -> the latent step i starts from (i = 0: x_T; i = steps: x_0, which is decoded).
 LatentHook = Callable[[int, "torch.Tensor"], "torch.Tensor"]
@@ -78,7 +77,7 @@ class PlainStrategy(Strategy):
     takes_negative_prompt = True
 
     @classmethod
-    def sweep_points(cls, infer: InferCfg, steps: list[int]) -> list[SweepPoint]:
+    def sweep_points(cls, infer: InferSection, steps: list[int]) -> list[SweepPoint]:
         """Each kept snapshot, sampled plainly."""
         plain = infer.model_copy(update={"strategy": cls.name})
         return [SweepPoint(f"step {s}", plain, {"snapshot": s}) for s in steps]

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from subjectops.config_base import StrictModel
 from subjectops.errors import SubjectopsError
-from subjectops.inference.base import Strategy
+from subjectops.inference.base import InferSection, Strategy
 from subjectops.inference.plain import sample
 from subjectops.training.contract import Conditioning
 
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from subjectops.config import InferCfg
     from subjectops.inference.ddim import CondAt, DdimSampler
 
 
@@ -184,7 +183,7 @@ class ReferenceGuidedStrategy(Strategy):
     requires = frozenset({"references", "masks"})
 
     @classmethod
-    def check_infer(cls, infer: InferCfg) -> None:
+    def check_infer(cls, infer: InferSection) -> None:
         t_start = infer.reference_guided.t_start
         if t_start > infer.steps:
             raise ValueError(f"infer.reference_guided.t_start = {t_start} exceeds infer.steps = {infer.steps}: "

@@ -134,7 +134,7 @@ class FinetuneRun:
         # the card and the weights' metadata, before the manifest hashes them; its snippet names the folder as
         # published
         write_card(directory, self.out.resolve() / directory.relative_to(self.work), info,
-                   card_facts(info, getattr(method.cfg, "rank", None), hash_dir(self.inputs["refine"])),
+                   card_facts(info, getattr(method.cfg, "rank", None), trainer.data["refine"]),
                    resolve(params.model))
         manifest_inputs = {"refine": Path(self.inputs["refine"]), "priors": self.inputs["priors"],
                            "disc": self.inputs["pretrain_disc"]}
