@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from subjectops.selection.compare import LEADERBOARD_CSS
+
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 # Prior preservation (DreamBooth sec. 4.3) is measured on class-prompt images: PRES, how much they look like the
 # subject (lower: less drift), and DIV, how much they differ from each other (higher: more diverse).
@@ -251,9 +253,11 @@ def combine(verdicts: Sequence[str]) -> str:
 
 
 def claims_table(values: Mapping[str, Mapping[tuple, Mapping[str, float]]], runs: Mapping[str, tuple],
-                 claims: Sequence[Claim] = CLAIMS, points: Optional[Mapping[str, Mapping]] = None) -> dict:
+                 claims: Sequence[Claim] = CLAIMS, points: Optional[Mapping[str, Mapping]] = None,
+                 warning: Optional[str] = None) -> dict:
     """Rows for the claims whose variants were all run. `values`: run label -> per-image values (local.per_image);
-    `runs`: run label -> (Variant, Params); `points`: run label -> its sweep's points (local.sweep_points)."""
+    `runs`: run label -> (Variant, Params); `points`: run label -> its sweep's points (local.sweep_points);
+    `warning`: what the numbers measure (the leaderboard's first line: random backbones, or the miniature world)."""
     rows, not_run = [], []
     for claim in claims:
         found = {n.label: next((label for label, (v, p) in runs.items() if n.matches(v, p)), None)
@@ -280,7 +284,7 @@ def claims_table(values: Mapping[str, Mapping[tuple, Mapping[str, float]]], runs
             verdict = INCONCLUSIVE  # it held, but not under the paper's condition
         rows.append({"id": claim.id, "claim": claim.claim, "paper": claim.paper, "paper_numbers": claim.paper_numbers,
                      "needs": found, "tests": tests, "verdict": verdict, "note": claim.note, "caveat": caveat})
-    return {"rows": rows, "not_run": not_run,
+    return {"rows": rows, "not_run": not_run, "warning": warning,
             "decided_by": "paired per-image differences, 95% bootstrap interval: above 0 holds, below 0 does not "
                           "hold, overlapping 0 inconclusive (margins for `within` and `not-worse`)"}
 
@@ -305,7 +309,8 @@ def _paper(row: dict) -> str:
 
 
 def markdown(table: dict) -> str:
-    lines = ["Claims of the papers in this benchmark; " + table["decided_by"], "",
+    lines = ([f"**{table['warning']}**", ""] if table.get("warning") else []) + [
+        "Claims of the papers in this benchmark; " + table["decided_by"], "",
              "| claim | paper | paper's numbers | world's numbers | verdict |", "|---|---|---|---|---|"]
     for r in table["rows"]:
         world = "<br>".join(_test_text(t) for t in r["tests"])
@@ -328,9 +333,12 @@ def page(table: dict) -> str:
         for r in table["rows"])
     missing = "".join(f"<li>{html.escape(n['id'])}: needs {html.escape(', '.join(n['needs']))}</li>"
                       for n in table["not_run"])
+    banner = (f"<p class=\"warning\" id=\"quality-warning\">{html.escape(table['warning'])}</p>"
+              if table.get("warning") else "")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>subjectops claims</title><style>"
-            "td{vertical-align:top}.holds{background:#d4f4d4}.does-not-hold{background:#f6d0d0}"
-            ".inconclusive{background:#eee}</style></head><body><h1>The papers' claims</h1>"
+            f"{LEADERBOARD_CSS}td{{vertical-align:top;max-width:520px}}.holds{{background:#d4f4d4}}"
+            ".does-not-hold{background:#f6d0d0}.inconclusive{background:#eee}td.verdict{font-weight:600}"
+            f"</style></head><body>{banner}<h1>The papers' claims</h1>"
             f"<p>{html.escape(table['decided_by'])}</p><table class=\"claims\"><tr><th>claim</th><th>paper</th>"
             f"<th>paper's numbers</th><th>world's numbers</th><th>verdict</th></tr>{rows}</table>"
             + (f"<h2>Not run</h2><ul>{missing}</ul>" if missing else "") + "</body></html>")

@@ -331,7 +331,7 @@ def write_reports(out: Path, cells: Sequence[Cell], track: bool) -> None:
             pooled = points.setdefault(cell.variant.label, {}).setdefault(label, {"strategy": point["strategy"],
                                                                                   "values": {}})
             pooled["values"].update(point["values"])
-    write_claims(claims_table(values, effective, points=points), out)
+    write_claims(claims_table(values, effective, points=points, warning=board.warning), out)
     if track:
         from subjectops.benchmark.leaderboard import log_leaderboard
 
