@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import html
 import json
 import subprocess
 import sys
@@ -312,7 +313,10 @@ def test_a_killed_benchmark_resumes_without_redoing_finished_pairs(tiny_override
         assert len(grid) == 2 and all(f'src="{p.relative_to(out).as_posix()}"' in page for p in grid)
     claims = json.loads((out / "claims.json").read_text())
     assert claims["rows"] == [] and any(n["id"] == "db-over-ti-dino" for n in claims["not_run"])
-    assert (out / "claims.md").read_text().startswith("Claims of the papers")
+    # the claims say what their numbers measure, as the leaderboard's first line does (random backbones here)
+    assert board["warning"] and claims["warning"] == board["warning"]
+    assert (out / "claims.md").read_text().startswith(f"**{board['warning']}**\n\nClaims of the papers")
+    assert f'id="quality-warning">{html.escape(board["warning"])}</p>' in (out / "claims.html").read_text()
     # PRES and DIV for the method that trains with class priors (LoRA here), on its class-prompt images
     scores = json.loads((lora_run / "class-prompts" / "scores.json").read_text())
     assert scores["prompt"] == "a photo of a cup" and len(scores["images"]) == 2
@@ -328,7 +332,8 @@ def test_a_killed_benchmark_resumes_without_redoing_finished_pairs(tiny_override
     assert not any(f.startswith("leaderboard/runs") for f in files)
 
 
-def test_pres_is_similarity_to_the_subject_and_div_the_spread_of_class_images(tiny_overrides, tmp_path, monkeypatch):
+def test_pres_is_similarity_to_the_subject_and_div_the_spread_of_class_images(tiny_overrides, tmp_path, monkeypatch,
+                                                                             capsys):
     """Class images that are all the subject's first photo: no diversity at all (DIV 0), and PRES the similarity of
     that photo to the photos, above what another image of the class gets."""
     import subjectops.inference.plain as plain
@@ -350,6 +355,9 @@ def test_pres_is_similarity_to_the_subject_and_div_the_spread_of_class_images(ti
         monkeypatch.setattr(plain, "sample", lambda pipe, prompt, seed, spec: Image.open(image).convert("RGB"))
         return class_prompt_scores(params, run)
 
+    capsys.readouterr()
     subject_like, class_like = drawn(photos[0]), drawn(other)
+    # the class-prompt images show their progress, as infer's do
+    assert "class prompt for PRES/DIV: 'a photo of a cup': 2/2" in capsys.readouterr().err
     assert all(r["div"] == pytest.approx(0, abs=1e-9) for r in subject_like + class_like)
     assert subject_like[0]["pres"] > class_like[0]["pres"]

@@ -32,6 +32,7 @@ def class_prompt_scores(params: Params, run_dir: Path) -> list[dict]:
     """Draw the class prompt with the run's fine-tuned model and score PRES and DIV per image (see the module)."""
     import torch
 
+    from subjectops.console import track
     from subjectops.inference import finetuned_pipeline, get_strategy
     from subjectops.inference.plain import sample
     from subjectops.metrics.evaluator import Evaluator
@@ -47,7 +48,8 @@ def class_prompt_scores(params: Params, run_dir: Path) -> list[dict]:
     out = run_dir / FOLDER
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(max(2, params.infer.prompt_invariant.num_images)):  # DIV needs two images at least
+    n = max(2, params.infer.prompt_invariant.num_images)  # DIV needs two images at least
+    for i in track(range(n), total=n, description=f"class prompt for PRES/DIV: {prompt!r}"):
         seed, rel = params.infer.seed + i, f"images/{i:04d}.png"
         sample(pipe, prompt, seed, spec).save(out / rel)
         rows.append({"prompt": prompt, "seed": seed, "path": rel})
