@@ -78,6 +78,7 @@ class BuildConfig:
     sdxl_steps: int = 1500
     checkpoint_every: int = 1000
     sample_every: int = 1000
+    sample_steps: int = 25  # DDIM steps of the judged samples (during the UNets' training and in `checks`)
     workers: int = 2
 
     def set(self, item: str) -> None:
@@ -101,7 +102,8 @@ class BuildConfig:
         return cls(n_train=256, n_val=64, n_heldout=64, n_judge=64, vae_steps=4, vae_batch=8, clip_steps=4,
                    clip_batch=16,
                    judge_steps=4, judge_batch=16, dino_instances=16, dino_views=2, dino_steps=3, dino_batch=8,
-                   unet_steps=6, unet_batch=4, sdxl_steps=4, checkpoint_every=3, sample_every=0, workers=1)
+                   unet_steps=6, unet_batch=4, sdxl_steps=4, checkpoint_every=3, sample_every=0, sample_steps=2,
+                   workers=1)
 
 
 class Build:
@@ -406,7 +408,7 @@ class Build:
             for name in ("val", "heldout"):
                 d = self.data(name)
                 measured[f"{kind}_{name}"], _ = generated_accuracy(
-                    pipe, judge, d["full_captions"][:n], d["labels"][:n], steps=25 if self.cfg.sample_every else 2)
+                    pipe, judge, d["full_captions"][:n], d["labels"][:n], steps=self.cfg.sample_steps)
         self.finish("checks", t0, **measured)
 
     @torch.no_grad()
@@ -424,7 +426,8 @@ class Build:
         measured = {}
         for name in ("val", "heldout"):
             d = self.data(name)
-            acc, images = generated_accuracy(pipe, judge, d["full_captions"][:n], d["labels"][:n])
+            acc, images = generated_accuracy(pipe, judge, d["full_captions"][:n], d["labels"][:n],
+                                             steps=self.cfg.sample_steps)
             measured.update({f"{name}_{k}": v for k, v in acc.items()})
             grid = (images[:32] * 255).round().astype(np.uint8)
             rows = [np.concatenate(list(grid[r * 8:(r + 1) * 8]), 1) for r in range(len(grid) // 8)]
