@@ -148,15 +148,16 @@ def test_regression_gate_names_the_variant_and_metric_below_the_champions_interv
     from subjectops.benchmark.aggregate import BenchmarkRegression
     from subjectops.benchmark.regression import check_regressions
 
-    dino, lpips = "prompt-invariant/DINO", "prompt-invariant/LPIPS"
-    champion = _board({"lora": {dino: (0.60, 0.58, 0.62), lpips: (0.3, 0.28, 0.32)},
-                       "dreambooth": {dino: (0.65, 0.63, 0.67)}})
-    same = _board({"lora": {dino: (0.59, 0.57, 0.61), lpips: (0.31, 0.29, 0.33)},
-                   "dreambooth": {dino: (0.66, 0.64, 0.68)}})
+    dino, lpips, fid = "prompt-invariant/DINO", "prompt-invariant/LPIPS", "prompt-invariant/FID"
+    # FID is one number for the whole set: no interval, not gated (a rerun is worse than one value half the time)
+    champion = _board({"lora": {dino: (0.60, 0.58, 0.62), lpips: (0.3, 0.28, 0.32), fid: (8.0, None, None)},
+                       "dreambooth": {dino: (0.65, 0.63, 0.67), fid: (9.0, None, None)}})
+    same = _board({"lora": {dino: (0.59, 0.57, 0.61), lpips: (0.31, 0.29, 0.33), fid: (7.5, None, None)},
+                   "dreambooth": {dino: (0.66, 0.64, 0.68), fid: (9.0, None, None)}})
     check_regressions(same, champion, tmp_path)  # inside the intervals: passes
     assert json.loads((tmp_path / "gate.json").read_text())["passed"] is True
-    broken = _board({"lora": {dino: (0.61, 0.6, 0.62), lpips: (0.4, 0.38, 0.42)},
-                     "dreambooth": {dino: (0.50, 0.48, 0.52)}})
+    broken = _board({"lora": {dino: (0.61, 0.6, 0.62), lpips: (0.4, 0.38, 0.42), fid: (7.0, None, None)},
+                     "dreambooth": {dino: (0.50, 0.48, 0.52), fid: (9.5, None, None)}})
     with pytest.raises(BenchmarkRegression) as err:
         check_regressions(broken, champion, tmp_path)
     message = err.value.message
@@ -165,6 +166,7 @@ def test_regression_gate_names_the_variant_and_metric_below_the_champions_interv
     gate = json.loads((tmp_path / "gate.json").read_text())
     assert gate["passed"] is False and {(r["variant"], r["metric"]) for r in gate["regressions"]} == {
         ("dreambooth", "dino"), ("lora", "lpips")}
+    assert gate["not_gated"] == [fid]
 
 
 def test_regression_gate_refuses_a_champion_of_other_subjects(tmp_path):

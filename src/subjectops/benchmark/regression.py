@@ -2,9 +2,10 @@
 
 A score regresses when its mean falls outside the champion's 95% interval on the worse side (below it for a
 higher-is-better metric, above it for a lower-is-better one: the direction is the metric's definition). Only
-variants and columns both leaderboards have are compared, and only when both ran the same subjects; a set-level
-number without an interval (FID) is compared the same way against its single value. The gate writes `OUT/gate.json`
-and fails naming every regressed variant and metric.
+variants and columns both leaderboards have are compared, and only when both ran the same subjects. A set-level
+number without an interval (FID) is not gated: against its single value, any rerun with another seed is worse half the
+time (the first gate trial on tiny flagged FID on a clean rerun); `gate.json` lists those columns as `not_gated`.
+The gate writes `OUT/gate.json` and fails naming every regressed variant and metric.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def _subjects(board: dict) -> list[str]:
     return sorted({s.split("@seed-")[0] for s in board.get("subjects", [])})
 
 
+def not_gated(cell: dict) -> bool:
+    """A set-level number: one value, no interval (see the module)."""
+    return cell["low"] is None or cell["high"] is None
+
+
 def regressions(board: dict, champion: dict) -> list[dict]:
     from subjectops.metrics.definitions import METRICS
 
@@ -42,6 +48,8 @@ def regressions(board: dict, champion: dict) -> list[dict]:
             theirs, metric = champion["rows"].get(row, {}).get(column), _metric(column)
             if theirs is None or metric is None:
                 continue
+            if not_gated(theirs):
+                continue
             higher = METRICS[metric].higher_is_better
             if (cell["mean"] < theirs["low"]) if higher else (cell["mean"] > theirs["high"]):
                 found.append({"variant": row, "column": column, "metric": metric, "mean": cell["mean"],
@@ -54,7 +62,8 @@ def check_regressions(board: dict, champion: dict, out: Path) -> None:
     """Write OUT/gate.json; raise `BenchmarkRegression` naming each regressed variant and metric."""
     found = regressions(board, champion)
     compared = sorted(set(board["rows"]) & set(champion["rows"]))
-    Path(out, "gate.json").write_text(json.dumps({"passed": not found, "compared": compared,
+    ungated = sorted({column for row in compared for column, cell in champion["rows"][row].items() if not_gated(cell)})
+    Path(out, "gate.json").write_text(json.dumps({"passed": not found, "compared": compared, "not_gated": ungated,
                                                   "regressions": found}, indent=2))
     if found:
         lines = [f"  {r['variant']}: {r['column']} = {r['mean']:.4f}, outside the champion's "
