@@ -1,0 +1,114 @@
+"""Both errors of the benchmark's regression gate (issue 25, item 3), measured: a clean champion benchmark, clean
+reruns with other seeds (every failed gate is a false alarm), and one benchmark per bug of `inject_bug.py` (every
+passed gate is a missed bug), each gated against the champion with `--champion`.
+
+    python scripts/gate_trial.py --out DIR --subjects SUBJECT [--subjects ...] [--methods dreambooth,lora]
+                                 [--model world-sd15] [--champion-seed 0] [--clean-seeds 1,2,3] [--bug-seed 1]
+                                 [--bugs mirrored-timestep,lr-100x,lora-not-loaded] [--set KEY=VALUE ...]
+
+The bugged benchmarks use the seed of the first clean rerun, so each differs from a clean benchmark only by its bug.
+Every benchmark is `subjectops benchmark run` in its own process and folder (`DIR/champion`, `DIR/clean-seed-N`,
+`DIR/bug-NAME`); a stopped trial resumes where it stopped (finished benchmarks are read back, not redone). Writes
+`DIR/trial.{json,md}`: per benchmark its gate, the regressed (variant, metric) pairs and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from inject_bug import BUGS, inject  # noqa: E402
+
+
+def benchmark(out: Path, seed: int, args, champion: Path | None, src: Path | None) -> dict:
+    """One benchmark (skipped when `out` holds a finished one): its gate, regressions and wall time."""
+    record = out / "trial-entry.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    command = [sys.executable, "-m", "subjectops.cli", "benchmark", "run", "--model", args.model,
+               "--methods", args.methods, "--out", str(out), "--seeds", str(seed), "--no-track",
+               *[a for s in args.subjects for a in ("--subjects", str(s))],
+               *[a for s in args.set for a in ("--set", s)],
+               *(["--champion", str(champion)] if champion else [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(src) if src else None,
+                                                                     os.environ.get("PYTHONPATH")])))
+    start = time.perf_counter()
+    print(f"[gate trial] {out.name}: {' '.join(command[3:])}", flush=True)
+    done = subprocess.run(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    seconds = round(time.perf_counter() - start)
+    gate = json.loads((out / "gate.json").read_text()) if (out / "gate.json").is_file() else None
+    if champion is None and done.returncode != 0 or champion is not None and gate is None:
+        sys.exit(f"{out.name} failed ({done.returncode}) without a gate verdict:\n{done.stderr[-4000:]}")
+    entry = {"name": out.name, "seed": seed, "exit_code": done.returncode, "seconds": seconds,
+             "gate": None if gate is None else ("passed" if gate["passed"] else "failed"),
+             "regressions": [] if gate is None else [
+                 {"variant": r["variant"], "column": r["column"], "mean": round(r["mean"], 4),
+                  "champion": [round(r["champion"]["low"], 4), round(r["champion"]["high"], 4)]}
+                 for r in gate["regressions"]]}
+    record.write_text(json.dumps(entry, indent=2))
+    print(f"[gate trial] {out.name}: gate {entry['gate']}, {len(entry['regressions'])} regression(s), {seconds} s",
+          flush=True)
+    return entry
+
+
+def markdown(trial: dict) -> str:
+    lines = [f"Regression-gate trial: {trial['methods']} on {', '.join(trial['subjects'])} ({trial['model']}), "
+             f"champion seed {trial['champion_seed']}", "",
+             "| benchmark | seed | gate | regressed (variant: metric = mean, champion's interval) | wall |",
+             "|---|---|---|---|---|"]
+    for e in trial["benchmarks"]:
+        found = "<br>".join(f"{r['variant']}: {r['column']} = {r['mean']} [{r['champion'][0]}, {r['champion'][1]}]"
+                            for r in e["regressions"]) or "none"
+        lines.append(f"| {e['name']} | {e['seed']} | {e['gate'] or 'champion'} | {found} | {e['seconds']} s |")
+    lines += ["", f"False alarms: {trial['false_alarms']} of {trial['clean_reruns']} clean reruns; bugs caught: "
+                  f"{trial['bugs_caught']} of {trial['bugs']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--subjects", type=Path, action="append", required=True)
+    ap.add_argument("--methods", default="dreambooth,lora")
+    ap.add_argument("--model", default="world-sd15")
+    ap.add_argument("--champion-seed", type=int, default=0)
+    ap.add_argument("--clean-seeds", default="1,2,3")
+    ap.add_argument("--bug-seed", type=int, default=None, help="default: the first clean seed")
+    ap.add_argument("--bugs", default=",".join(BUGS))
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for every benchmark (repeatable)")
+    args = ap.parse_args()
+    clean_seeds = [int(s) for s in args.clean_seeds.split(",") if s]
+    bugs = [b for b in args.bugs.split(",") if b]
+    unknown = sorted(set(bugs) - set(BUGS))
+    if unknown:
+        sys.exit(f"unknown bug(s) {', '.join(unknown)}; inject_bug.py knows {', '.join(BUGS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    champion = args.out / "champion"
+    entries = [benchmark(champion, args.champion_seed, args, None, None)]
+    entries += [benchmark(args.out / f"clean-seed-{s}", s, args, champion, None) for s in clean_seeds]
+    for bug in bugs:
+        src = args.out / "sources" / bug / "src"
+        if not src.is_dir():
+            inject(bug, src.parent)
+        entries.append(benchmark(args.out / f"bug-{bug}", clean_seeds[0] if args.bug_seed is None else args.bug_seed,
+                                 args, champion, src))
+    clean = [e for e in entries if e["name"].startswith("clean-")]
+    bugged = [e for e in entries if e["name"].startswith("bug-")]
+    trial = {"model": args.model, "methods": args.methods, "subjects": [s.name for s in args.subjects],
+             "champion_seed": args.champion_seed, "sets": args.set, "benchmarks": entries,
+             "clean_reruns": len(clean), "false_alarms": sum(e["gate"] == "failed" for e in clean),
+             "bugs": len(bugged), "bugs_caught": sum(e["gate"] == "failed" for e in bugged)}
+    (args.out / "trial.json").write_text(json.dumps(trial, indent=2))
+    (args.out / "trial.md").write_text(markdown(trial))
+    print(markdown(trial))
+
+
+if __name__ == "__main__":
+    main()
