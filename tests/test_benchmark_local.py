@@ -265,6 +265,35 @@ def _snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".subjectops.lock"}
 
 
+def test_a_finished_cell_stays_valid_when_only_another_methods_settings_change(tmp_path):
+    """A benchmark-wide --set for one method (two-stage's UNet rate scaled to the world) leaves the other methods'
+    finished cells valid; a change to the cell's own method, or to what every method reads, is refused."""
+    from subjectops.benchmark.local import CELL_FILE, BenchSubject, Cell, Variant
+    from subjectops.config import load_params
+    from subjectops.digest import digest_json
+    from subjectops.errors import SubjectopsError
+
+    subject = BenchSubject("world-cup-5", WORLD_SUBJECT / "photos", "cup")
+
+    def cell(*sets):
+        params = load_params(REPO / "params.yaml", list(sets), method="lora")
+        return Cell(Variant("lora"), subject, None, params, tmp_path)
+
+    finished = cell()
+    (tmp_path / CELL_FILE).write_text(json.dumps({"params_digest": finished.digest()}))
+    assert cell("finetune.two_stage.unet_lr=1e-4").done()
+    for changed in ("finetune.lora.lr=1e-3", "infer.steps=7"):
+        with pytest.raises(SubjectopsError, match="made with other settings"):
+            cell(changed).done()
+    # a cell recorded with the digest of all the params (before other methods' sections were left out) is kept and
+    # recorded anew, so that another method's --set then leaves it valid too
+    (tmp_path / CELL_FILE).write_text(json.dumps({"params_digest": digest_json(
+        finished.params.model_dump(mode="json")), "seconds": 1.0}))
+    assert cell().done()
+    assert json.loads((tmp_path / CELL_FILE).read_text()) == {"params_digest": finished.digest(), "seconds": 1.0}
+    assert cell("finetune.two_stage.unet_lr=1e-4").done()
+
+
 def test_a_killed_benchmark_resumes_without_redoing_finished_pairs(tiny_overrides, tmp_path, monkeypatch):
     import subjectops.pipeline as pipeline_module
     from subjectops.benchmark.local import run_benchmark

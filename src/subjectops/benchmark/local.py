@@ -2,10 +2,10 @@
 calls (`pipeline.run`), with the same prompts, seeds and encoders for every method.
 
 Each (variant, subject, seed) is a cell, run into `OUT/runs/<variant>/<subject>[/seed-<s>]/`, a run folder like any
-other. A finished cell leaves `benchmark-cell.json` (its params' digest); a rerun skips it, so a killed benchmark
-resumes where it stopped. The base pipeline and the metric encoders are loaded once for the whole benchmark
-(models/shared.py); class images come from the class-prior cache (`priors.cache_dir`), so subjects of one class
-share them. Then `OUT/leaderboard.{html,md,json}` (selection/compare.py, with image grids per subject: every
+other. A finished cell leaves `benchmark-cell.json` (the digest of the params it reads); a rerun skips it, so a
+killed benchmark resumes where it stopped. The base pipeline and the metric encoders are loaded once for the whole
+benchmark (models/shared.py); class images come from the class-prior cache (`priors.cache_dir`), so subjects of one
+class share them. Then `OUT/leaderboard.{html,md,json}` (selection/compare.py, with image grids per subject: every
 variant on the same prompts and seeds) and `OUT/claims.{html,md,json}` (benchmark/claims.py).
 
 A variant is `METHOD[@STRATEGY][+KEY=VALUE...]`: `dreambooth`, `dreambooth@reference-guided`,
@@ -144,7 +144,16 @@ class Cell:
         return self.subject.name if self.seed is None else f"{self.subject.name}@seed-{self.seed}"
 
     def digest(self) -> str:
-        return digest_json(self.params.model_dump(mode="json"))
+        """The digest of the params this cell's run reads: a method reads only its own `finetune.<config_key>`
+        section (methods/base.py), so the other methods' sections are left out. A benchmark-wide `--set` for one
+        method (two-stage's UNet rate scaled to the world, say) then leaves the other methods' finished cells valid."""
+        from subjectops.methods import METHODS, get_method
+
+        own = get_method(self.params.finetune.method).config_key
+        others = {m.config_key for m in METHODS.values()} - {own}
+        dumped = self.params.model_dump(mode="json")
+        dumped["finetune"] = {k: v for k, v in dumped["finetune"].items() if k not in others}
+        return digest_json(dumped)
 
     def done(self) -> bool:
         """Finished with these params (a folder finished with other params is refused, never overwritten)."""
@@ -152,9 +161,15 @@ class Cell:
         if not marker.is_file():
             return False
         try:
-            recorded = json.loads(marker.read_text()).get("params_digest")
+            record = json.loads(marker.read_text())
+            recorded = record.get("params_digest")
         except (OSError, ValueError, AttributeError):
-            recorded = None
+            record, recorded = {}, None
+        if recorded == digest_json(self.params.model_dump(mode="json")) != self.digest():
+            # finished before the digest left the other methods' sections out (it covered all the params): the same
+            # params, so the cell is kept and recorded with today's digest
+            marker.write_text(json.dumps({**record, "params_digest": self.digest()}, indent=2))
+            recorded = self.digest()
         if recorded != self.digest():
             raise SubjectopsError(f"{self.run_dir} holds a finished run of {self.variant.label} on "
                                   f"{self.subject.name} made with other settings",
