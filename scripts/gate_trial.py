@@ -9,7 +9,8 @@ passed gate is a missed bug), each gated against the champion with `--champion`.
 The bugged benchmarks use the seed of the first clean rerun, so each differs from a clean benchmark only by its bug.
 Every benchmark is `subjectops benchmark run` in its own process and folder (`DIR/champion`, `DIR/clean-seed-N`,
 `DIR/bug-NAME`); a stopped trial resumes where it stopped (finished benchmarks are read back, not redone). Writes
-`DIR/trial.{json,md}`: per benchmark its gate, the regressed (variant, metric) pairs and the wall time.
+`DIR/trial.{json,md}`: per benchmark and gate rule (benchmark/regression.py, each applied to the same leaderboards)
+the regressed (variant, metric) pairs, and the wall time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from inject_bug import BUGS, inject  # noqa: E402
+
+from subjectops.benchmark.regression import GATE_RULES, regressions  # noqa: E402
 
 
 def benchmark(out: Path, seed: int, args, champion: Path | None, src: Path | None) -> dict:
@@ -47,28 +50,42 @@ def benchmark(out: Path, seed: int, args, champion: Path | None, src: Path | Non
     if champion is None and done.returncode != 0 or champion is not None and gate is None:
         sys.exit(f"{out.name} failed ({done.returncode}) without a gate verdict:\n{done.stderr[-4000:]}")
     entry = {"name": out.name, "seed": seed, "exit_code": done.returncode, "seconds": seconds,
-             "gate": None if gate is None else ("passed" if gate["passed"] else "failed"),
-             "regressions": [] if gate is None else [
-                 {"variant": r["variant"], "column": r["column"], "mean": round(r["mean"], 4),
-                  "champion": [round(r["champion"]["low"], 4), round(r["champion"]["high"], 4)]}
-                 for r in gate["regressions"]]}
+             "gate": None if gate is None else ("passed" if gate["passed"] else "failed")}
     record.write_text(json.dumps(entry, indent=2))
-    print(f"[gate trial] {out.name}: gate {entry['gate']}, {len(entry['regressions'])} regression(s), {seconds} s",
-          flush=True)
+    print(f"[gate trial] {out.name}: gate {entry['gate']}, {seconds} s", flush=True)
     return entry
 
 
+def judged(entry: dict, out: Path, champion: dict) -> dict:
+    """The entry with each gate rule's regressions of its leaderboard against the champion's."""
+    if entry["name"] == "champion":
+        return entry
+    board = json.loads((out / entry["name"] / "leaderboard.json").read_text())
+    return {**entry, "rules": {rule: [
+        {"variant": r["variant"], "column": r["column"],
+         "interval": [round(r[k], 4) for k in ("mean", "low", "high")],
+         "champion": [round(r["champion"][k], 4) for k in ("mean", "low", "high")]}
+        for r in regressions(board, champion, rule)] for rule in GATE_RULES}}
+
+
 def markdown(trial: dict) -> str:
+    def found(regressed: list[dict]) -> str:
+        return "<br>".join(f"{r['variant']}: {r['column']} {r['interval'][0]} [{r['interval'][1]}, "
+                           f"{r['interval'][2]}] vs {r['champion'][0]} [{r['champion'][1]}, {r['champion'][2]}]"
+                           for r in regressed) or "passes"
+
     lines = [f"Regression-gate trial: {trial['methods']} on {', '.join(trial['subjects'])} ({trial['model']}), "
              f"champion seed {trial['champion_seed']}", "",
-             "| benchmark | seed | gate | regressed (variant: metric = mean, champion's interval) | wall |",
-             "|---|---|---|---|---|"]
+             "| benchmark | seed | " + " | ".join(f"gate `{rule}`: regressed (variant: metric, mean [95%] vs the "
+                                                    "champion's)" for rule in GATE_RULES) + " | wall |",
+             "|---|---|" + "---|" * len(GATE_RULES) + "---|"]
     for e in trial["benchmarks"]:
-        found = "<br>".join(f"{r['variant']}: {r['column']} = {r['mean']} [{r['champion'][0]}, {r['champion'][1]}]"
-                            for r in e["regressions"]) or "none"
-        lines.append(f"| {e['name']} | {e['seed']} | {e['gate'] or 'champion'} | {found} | {e['seconds']} s |")
-    lines += ["", f"False alarms: {trial['false_alarms']} of {trial['clean_reruns']} clean reruns; bugs caught: "
-                  f"{trial['bugs_caught']} of {trial['bugs']}."]
+        cells = ["champion"] * len(GATE_RULES) if "rules" not in e else [found(e["rules"][r]) for r in GATE_RULES]
+        lines.append(f"| {e['name']} | {e['seed']} | " + " | ".join(cells) + f" | {e['seconds']} s |")
+    lines.append("")
+    for rule, errors in trial["errors"].items():
+        lines.append(f"- `{rule}`: false alarms {errors['false_alarms']} of {trial['clean_reruns']} clean reruns; "
+                     f"bugs caught {errors['bugs_caught']} of {trial['bugs']}")
     return "\n".join(lines) + "\n"
 
 
@@ -99,12 +116,15 @@ def main() -> None:
             inject(bug, src.parent)
         entries.append(benchmark(args.out / f"bug-{bug}", clean_seeds[0] if args.bug_seed is None else args.bug_seed,
                                  args, champion, src))
+    champion_board = json.loads((champion / "leaderboard.json").read_text())
+    entries = [judged(e, args.out, champion_board) for e in entries]
     clean = [e for e in entries if e["name"].startswith("clean-")]
     bugged = [e for e in entries if e["name"].startswith("bug-")]
     trial = {"model": args.model, "methods": args.methods, "subjects": [s.name for s in args.subjects],
              "champion_seed": args.champion_seed, "sets": args.set, "benchmarks": entries,
-             "clean_reruns": len(clean), "false_alarms": sum(e["gate"] == "failed" for e in clean),
-             "bugs": len(bugged), "bugs_caught": sum(e["gate"] == "failed" for e in bugged)}
+             "clean_reruns": len(clean), "bugs": len(bugged),
+             "errors": {rule: {"false_alarms": sum(bool(e["rules"][rule]) for e in clean),
+                               "bugs_caught": sum(bool(e["rules"][rule]) for e in bugged)} for rule in GATE_RULES}}
     (args.out / "trial.json").write_text(json.dumps(trial, indent=2))
     (args.out / "trial.md").write_text(markdown(trial))
     print(markdown(trial))

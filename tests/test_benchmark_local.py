@@ -169,6 +169,25 @@ def test_regression_gate_names_the_variant_and_metric_below_the_champions_interv
     assert gate["not_gated"] == [fid]
 
 
+def test_the_disjoint_rule_flags_only_a_score_whose_whole_interval_is_worse(tmp_path):
+    from subjectops.benchmark.regression import regressions
+    from subjectops.errors import SubjectopsError
+
+    dino, lpips = "prompt-invariant/DINO", "prompt-invariant/LPIPS"
+    champion = _board({"lora": {dino: (0.60, 0.55, 0.65), lpips: (0.30, 0.25, 0.35)}})
+    # means outside the champion's intervals, intervals overlapping them (a rerun with another seed)
+    shifted = _board({"lora": {dino: (0.52, 0.46, 0.58), lpips: (0.38, 0.33, 0.43)}})
+    # whole intervals on the worse side (a broken method)
+    broken = _board({"lora": {dino: (0.40, 0.35, 0.45), lpips: (0.50, 0.45, 0.55)}})
+    flagged = {rule: {name: {r["metric"] for r in regressions(board, champion, rule)}
+                      for name, board in (("shifted", shifted), ("broken", broken))}
+               for rule in ("mean-outside", "disjoint")}
+    assert flagged == {"mean-outside": {"shifted": {"dino", "lpips"}, "broken": {"dino", "lpips"}},
+                       "disjoint": {"shifted": set(), "broken": {"dino", "lpips"}}}
+    with pytest.raises(SubjectopsError, match="unknown gate rule"):
+        regressions(broken, champion, "median")
+
+
 def test_regression_gate_refuses_a_champion_of_other_subjects(tmp_path):
     from subjectops.benchmark.regression import check_regressions
     from subjectops.errors import SubjectopsError

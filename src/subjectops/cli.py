@@ -409,6 +409,9 @@ def benchmark_run(
                                                   "finetune.seed and infer.seed (default: the params')"),
         champion: Optional[Path] = typer.Option(None, "--champion", help="an earlier benchmark's folder or "
                                                 "leaderboard.json: fail when a score falls below its interval"),
+        gate_rule: str = typer.Option("mean-outside", "--gate-rule", help="when a score regressed against --champion: "
+                                      "mean-outside (its mean outside the champion's interval on the worse side) or "
+                                      "disjoint (its whole interval there)"),
         params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
         track: bool = typer.Option(True, "--track/--no-track", help="log the leaderboard and claims to MLflow")):
     """Every method on every subject in this process (same prompts, seeds, encoders; models loaded once), resuming
@@ -425,7 +428,7 @@ def benchmark_run(
                               fix="pass e.g. --seeds 0,1,2") from None
     result = run_benchmark(params_path=params_path, sets=sets or [], model=model, variants=split(methods),
                            subject_dirs=subjects, class_word=class_word, seeds=seed_values, out=out, track=track,
-                           champion=champion,
+                           champion=champion, gate_rule=gate_rule,
                            on_cell=lambda cell, finished: console.print(
                                f"{'finished before' if finished else 'running'}: {cell.variant.label} on "
                                f"{cell.group}", highlight=False))

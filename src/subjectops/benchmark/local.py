@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from subjectops.benchmark.regression import check_rule
 from subjectops.config import Params, load_params
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
@@ -220,9 +221,10 @@ class BenchmarkResult:
 
 def run_benchmark(*, params_path: Path, sets: Sequence[str], model: Optional[str], variants: Sequence[str],
                   subject_dirs: Sequence[Path], class_word: Optional[str], seeds: Sequence[int], out: Path,
-                  track: bool = False, champion: Optional[Path] = None,
+                  track: bool = False, champion: Optional[Path] = None, gate_rule: str = "mean-outside",
                   on_cell: Optional[Callable[[Cell, bool], None]] = None) -> BenchmarkResult:
-    """Run every unfinished cell, then write the leaderboard and the claims table (and gate against `champion`)."""
+    """Run every unfinished cell, then write the leaderboard and the claims table (and gate against `champion` by
+    `gate_rule`, benchmark/regression.py)."""
     from subjectops.benchmark.prior_drift import class_prompt_scores, uses_class_priors
     from subjectops.data.subject import check_class_word, load_subject
     from subjectops.models.loading import training_resolution
@@ -243,6 +245,7 @@ def run_benchmark(*, params_path: Path, sets: Sequence[str], model: Optional[str
         check_class_word(subject.class_word)
         load_subject(subject.photos, cells[0].params.subject, training_resolution(cells[0].params))
     champion_board = read_champion(champion) if champion is not None else None
+    check_rule(gate_rule)
     require_writable(out, "the benchmark folder (--out)")
     result = BenchmarkResult(out, cells)
     shared = SharedModels()
@@ -267,7 +270,7 @@ def run_benchmark(*, params_path: Path, sets: Sequence[str], model: Optional[str
     if champion_board is not None:
         from subjectops.benchmark.regression import check_regressions
 
-        check_regressions(json.loads((out / "leaderboard.json").read_text()), champion_board, out)
+        check_regressions(json.loads((out / "leaderboard.json").read_text()), champion_board, out, gate_rule)
     return result
 
 
