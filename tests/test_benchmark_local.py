@@ -163,7 +163,9 @@ def test_regression_gate_names_the_variant_and_metric_below_the_champions_interv
     message = err.value.message
     assert "dreambooth: prompt-invariant/DINO" in message and "lora: prompt-invariant/LPIPS" in message
     assert "lora: prompt-invariant/DINO" not in message  # higher DINO is no regression
+    assert "(gate rule disjoint)" in message  # the default: what the gate trial on world-sd15 supports
     gate = json.loads((tmp_path / "gate.json").read_text())
+    assert gate["rule"] == "disjoint"
     assert gate["passed"] is False and {(r["variant"], r["metric"]) for r in gate["regressions"]} == {
         ("dreambooth", "dino"), ("lora", "lpips")}
     assert gate["not_gated"] == [fid]

@@ -12,6 +12,7 @@ from typing import Callable, List, Optional
 
 import typer
 
+from subjectops.benchmark.regression import DEFAULT_GATE_RULE
 from subjectops.cli_common import (
     IfNeededOpt,
     MethodOpt,
@@ -409,9 +410,9 @@ def benchmark_run(
                                                   "finetune.seed and infer.seed (default: the params')"),
         champion: Optional[Path] = typer.Option(None, "--champion", help="an earlier benchmark's folder or "
                                                 "leaderboard.json: fail when a score falls below its interval"),
-        gate_rule: str = typer.Option("mean-outside", "--gate-rule", help="when a score regressed against --champion: "
-                                      "mean-outside (its mean outside the champion's interval on the worse side) or "
-                                      "disjoint (its whole interval there)"),
+        gate_rule: str = typer.Option(DEFAULT_GATE_RULE, "--gate-rule", help="when a score regressed against "
+                                      "--champion: disjoint (its whole interval on the worse side of the champion's) "
+                                      "or mean-outside (its mean there)"),
         params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
         track: bool = typer.Option(True, "--track/--no-track", help="log the leaderboard and claims to MLflow")):
     """Every method on every subject in this process (same prompts, seeds, encoders; models loaded once), resuming

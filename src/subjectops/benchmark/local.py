@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from subjectops.benchmark.regression import check_rule
+from subjectops.benchmark.regression import DEFAULT_GATE_RULE, check_rule
 from subjectops.config import Params, load_params
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
@@ -221,7 +221,7 @@ class BenchmarkResult:
 
 def run_benchmark(*, params_path: Path, sets: Sequence[str], model: Optional[str], variants: Sequence[str],
                   subject_dirs: Sequence[Path], class_word: Optional[str], seeds: Sequence[int], out: Path,
-                  track: bool = False, champion: Optional[Path] = None, gate_rule: str = "mean-outside",
+                  track: bool = False, champion: Optional[Path] = None, gate_rule: str = DEFAULT_GATE_RULE,
                   on_cell: Optional[Callable[[Cell, bool], None]] = None) -> BenchmarkResult:
     """Run every unfinished cell, then write the leaderboard and the claims table (and gate against `champion` by
     `gate_rule`, benchmark/regression.py)."""
