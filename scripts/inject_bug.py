@@ -27,6 +27,10 @@ class Bug:
     path: str  # relative to the repository
     old: str
     new: str
+    methods: tuple[str, ...] = ()  # the methods it breaks (empty: every method)
+
+    def breaks(self, method: str) -> bool:
+        return not self.methods or method in self.methods
 
 
 BUGS = {
@@ -49,7 +53,8 @@ BUGS = {
         "the trained LoRA is never loaded at inference (the base model is sampled)",
         "src/subjectops/methods/lora.py",
         "        pipe.load_lora_weights(str(finetune_dir), weight_name=LORA_FILE)",
-        "        return None  # injected bug: the LoRA is never loaded"),
+        "        return None  # injected bug: the LoRA is never loaded",
+        methods=("lora",)),
 }
 
 
