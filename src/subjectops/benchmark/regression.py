@@ -6,11 +6,12 @@ higher-is-better metric, above it for a lower-is-better one: the direction is th
 - `disjoint`: its whole 95% interval (the two intervals do not overlap).
 The intervals are bootstrap intervals over one benchmark's images, so they hold the sampling noise of one trained
 model, not the spread between trainings with other seeds; `scripts/gate_trial.py` measures how often each rule
-fails clean reruns with other seeds and how often it catches planted bugs. Only
-variants and columns both leaderboards have are compared, and only when both ran the same subjects. A set-level
-number without an interval (FID) is not gated: against its single value, any rerun with another seed is worse half the
-time (the first gate trial on tiny flagged FID on a clean rerun); `gate.json` lists those columns as `not_gated`.
-The gate writes `OUT/gate.json` and fails naming every regressed variant and metric.
+fails clean reruns with other seeds and how often it catches planted bugs.
+
+Only variants and columns both leaderboards have are compared, and only when both ran the same subjects. A set-level
+number without an interval (FID) is not gated: against its single value, any rerun with another seed is worse half
+the time (the first gate trial on tiny flagged FID on a clean rerun); `gate.json` lists those columns as
+`not_gated`. The gate writes `OUT/gate.json` and fails naming every regressed variant and metric.
 """
 
 from __future__ import annotations
