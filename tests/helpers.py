@@ -95,7 +95,8 @@ def _img(path: Path, seed: int, size: int = RES) -> None:
 
 def make_run(root: Path, params, n_refs: int = 3, gen_size: int = RES) -> tuple[Path, Path]:
     """A fake refine and infer output (random images, the params' prompt sets) for evaluate."""
-    from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
+    from subjectops.data.prompts import prompt_sets_to_json
+    from subjectops.stages.infer import build_prompt_sets
 
     refine, infer = root / "refine", root / "infer"
     names = [f"images/{i:02d}.png" for i in range(n_refs)]

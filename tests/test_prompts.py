@@ -6,6 +6,7 @@ import pytest
 
 from subjectops.config import ConfigError, Params, load_params
 from subjectops.data import prompts as P
+from subjectops.stages.infer import build_prompt_sets
 
 
 def _params(**infer) -> Params:
@@ -13,7 +14,7 @@ def _params(**infer) -> Params:
 
 
 def test_prompt_invariant_is_one_prompt_with_distinct_seeds():
-    (s,) = P.build_prompt_sets(_params(prompt_sets=["prompt-invariant"], seed=7), "sks", "teapot")
+    (s,) = build_prompt_sets(_params(prompt_sets=["prompt-invariant"], seed=7), "sks", "teapot")
     assert s.name == "prompt-invariant" and s.version
     assert len(s.items) == 50  # Hypnos B.3
     assert {i.prompt for i in s.items} == {"a photo of sks teapot"}
@@ -23,21 +24,21 @@ def test_prompt_invariant_is_one_prompt_with_distinct_seeds():
 def test_prompt_invariant_template_is_configurable_and_checked():
     p = load_params(overrides=["infer.prompt_invariant.template=a DSLR photo of {token} {class_word}",
                                "infer.prompt_invariant.num_images=3"])
-    (s,) = P.build_prompt_sets(p, "<subject>", "backpack")
+    (s,) = build_prompt_sets(p, "<subject>", "backpack")
     assert [i.prompt for i in s.items] == ["a DSLR photo of <subject> backpack"] * 3
     with pytest.raises(ConfigError, match=r"infer.prompt_invariant.template = .*placeholder \{klass\} is not allowed"):
         load_params(overrides=["infer.prompt_invariant.template=a photo of {klass}"])  # refused when params load
     no_token = load_params(overrides=["infer.prompt_invariant.template=a photo of a {class_word}"])
     with pytest.raises(ConfigError, match=r"\{token\}"):
-        P.build_prompt_sets(no_token, "sks", "teapot")
+        build_prompt_sets(no_token, "sks", "teapot")
 
 
 def test_prompt_varying_is_deterministic_for_a_seed_and_changes_with_it():
-    a = P.build_prompt_sets(_params(prompt_sets=["prompt-varying"]), "sks", "teapot")[0]
-    b = P.build_prompt_sets(_params(prompt_sets=["prompt-varying"]), "sks", "teapot")[0]
+    a = build_prompt_sets(_params(prompt_sets=["prompt-varying"]), "sks", "teapot")[0]
+    b = build_prompt_sets(_params(prompt_sets=["prompt-varying"]), "sks", "teapot")[0]
     assert [i.to_dict() for i in a.items] == [i.to_dict() for i in b.items]
     assert a.digest == b.digest
-    c = P.build_prompt_sets(_params(prompt_sets=["prompt-varying"], prompt_varying={"sampler_seed": 1}),
+    c = build_prompt_sets(_params(prompt_sets=["prompt-varying"], prompt_varying={"sampler_seed": 1}),
                             "sks", "teapot")[0]
     assert [i.prompt for i in c.items] != [i.prompt for i in a.items]
     assert c.digest != a.digest
@@ -64,8 +65,8 @@ def test_prompt_varying_covers_every_image_type_and_style_follows_type():
 
 
 def test_dreambench_chooses_prompts_by_class():
-    obj = P.build_prompt_sets(_params(prompt_sets=["dreambench"]), "sks", "teapot")[0]
-    live = P.build_prompt_sets(_params(prompt_sets=["dreambench"]), "sks", "dog")[0]
+    obj = build_prompt_sets(_params(prompt_sets=["dreambench"]), "sks", "teapot")[0]
+    live = build_prompt_sets(_params(prompt_sets=["dreambench"]), "sks", "dog")[0]
     assert len(obj.items) == 25 * 4 and len(live.items) == 25 * 4
     assert obj.config["kind"] == "object" and live.config["kind"] == "live"
     assert "a sks teapot in the jungle" == obj.items[0].prompt
@@ -73,14 +74,14 @@ def test_dreambench_chooses_prompts_by_class():
     assert not any("wearing a santa hat" in i.prompt for i in obj.items)
     assert all(sum(1 for j in obj.items if j.prompt == i.prompt) == 4 for i in obj.items)
     assert len({i.seed for i in obj.items}) == 100
-    forced = P.build_prompt_sets(_params(prompt_sets=["dreambench"], dreambench={"subject_type": "live"}),
+    forced = build_prompt_sets(_params(prompt_sets=["dreambench"], dreambench={"subject_type": "live"}),
                                  "sks", "teapot")[0]
     assert forced.config["kind"] == "live"
     assert "CC BY 4.0" in obj.config["license"] and "Ruiz" in obj.config["source"]
 
 
 def test_sets_follow_config_order_and_roundtrip_json():
-    sets = P.build_prompt_sets(_params(prompt_sets=["dreambench", "prompt-invariant", "prompt-varying"]),
+    sets = build_prompt_sets(_params(prompt_sets=["dreambench", "prompt-invariant", "prompt-varying"]),
                                "sks", "teapot")
     assert [s.name for s in sets] == ["dreambench", "prompt-invariant", "prompt-varying"]
     data = json.loads(json.dumps(P.prompt_sets_to_json(sets)))
@@ -92,11 +93,11 @@ def test_sets_follow_config_order_and_roundtrip_json():
 
 def test_bad_identifier_or_class_fails_clearly():
     with pytest.raises(ConfigError, match="identifier"):
-        P.build_prompt_sets(_params(), "two words", "teapot")
+        build_prompt_sets(_params(), "two words", "teapot")
     with pytest.raises(ConfigError, match="class word"):
-        P.build_prompt_sets(_params(), "sks", " ")
+        build_prompt_sets(_params(), "sks", " ")
     with pytest.raises(ConfigError, match="names a set twice"):
-        P.build_prompt_sets(_params(prompt_sets=["dreambench", "dreambench"]), "sks", "teapot")
+        build_prompt_sets(_params(prompt_sets=["dreambench", "dreambench"]), "sks", "teapot")
 
 
 def test_strip_identifier_removes_only_the_identifier():

@@ -22,13 +22,10 @@ import string
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from subjectops.digest import digest_json
 from subjectops.errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from subjectops.config import Params
 
 PROMPT_SET_NAMES = ("prompt-invariant", "prompt-varying", "dreambench", "world")
 
@@ -335,33 +332,6 @@ def world_contexts(images_per_prompt: int, identifier: str, class_word: str, see
     return PromptSet("world", VERSIONS["world"], items,
                      {"images_per_prompt": images_per_prompt, "identifier": identifier, "class_word": class_word,
                       "base_seed": seed, "source": "DreamBench object prompts 1-8 (dreambench_prompts.json)"})
-
-
-def build_prompt_sets(params: Params, identifier: str, class_word: str) -> list[PromptSet]:
-    """The sets named in ``params.infer.prompt_sets``, in that order (called by the infer stage)."""
-    cfg = params.infer
-    names = list(cfg.prompt_sets)
-    if not names:
-        raise ConfigError("infer.prompt_sets is empty", fix=f"list at least one of {list(PROMPT_SET_NAMES)}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"infer.prompt_sets = {names} names a set twice", fix="list each set once")
-    out: list[PromptSet] = []
-    for name in names:
-        if name == "prompt-invariant":
-            c = cfg.prompt_invariant
-            out.append(prompt_invariant(c.template, c.num_images, identifier, class_word, seed=cfg.seed))
-        elif name == "prompt-varying":
-            c = cfg.prompt_varying
-            out.append(prompt_varying(c.template, c.num_images, c.sampler_seed, identifier, class_word, seed=cfg.seed))
-        elif name == "dreambench":
-            c = cfg.dreambench
-            out.append(dreambench(c.images_per_prompt, identifier, class_word, seed=cfg.seed,
-                                  subject_type=c.subject_type))
-        elif name == "world":
-            out.append(world_contexts(cfg.world.images_per_prompt, identifier, class_word, seed=cfg.seed))
-        else:  # pragma: no cover - pydantic restricts the names
-            raise ConfigError(f"unknown prompt set {name!r}", fix=f"use one of {list(PROMPT_SET_NAMES)}")
-    return out
 
 
 def strip_identifier(prompt: str, identifier: str) -> str:

@@ -8,7 +8,7 @@ from typing import Callable
 
 from subjectops.errors import SubjectopsError
 from subjectops.inference.alchemy import AlchemyStrategy
-from subjectops.inference.base import REQUIREMENTS, InferenceSpec, StageInputs, Strategy
+from subjectops.inference.base import REQUIREMENTS, InferenceSpec, StageInputs, Strategy, finetuned_pipeline
 from subjectops.inference.dreamblend import DreamBlendStrategy
 from subjectops.inference.plain import PlainStrategy
 from subjectops.inference.reference_guided import ReferenceGuidedStrategy
@@ -34,21 +34,6 @@ def load_strategy(spec: InferenceSpec, inputs: StageInputs) -> Strategy:
     model generate. On the GPU when there is one (each image's noise is still drawn on the CPU from its seed)."""
     strategy = get_strategy(spec.strategy)
     return strategy.load(finetuned_pipeline(inputs.model, strategy.weights(spec, inputs)), spec, inputs)
-
-
-def finetuned_pipeline(model, finetune_dir):
-    """The base model with a finetune output (or one of its snapshots) applied, in float32, on the GPU if any."""
-    import torch
-
-    from subjectops.methods import load_finetuned
-    from subjectops.models.loading import load_pipeline
-
-    pipe = load_pipeline(model, dtype=torch.float32)
-    load_finetuned(pipe, finetune_dir)
-    if torch.cuda.is_available():
-        pipe = pipe.to("cuda")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def memory_savers(memory) -> Callable[[object], None]:

@@ -181,3 +181,18 @@ def fill_subject(prompt: str, identifier: str, class_word: str) -> str:
     """A user's prompt with `{subject}` standing for the identifier and class word ("a {subject} on a beach" ->
     "a sks teapot on a beach"), as the registered model and `subjectops generate` read prompts."""
     return str(prompt).replace("{subject}", f"{identifier} {class_word}".strip())
+
+
+def finetuned_pipeline(model, finetune_dir):
+    """The base model with a finetune output (or one of its snapshots) applied, in float32, on the GPU if any."""
+    import torch
+
+    from subjectops.methods import load_finetuned
+    from subjectops.models.loading import load_pipeline
+
+    pipe = load_pipeline(model, dtype=torch.float32)
+    load_finetuned(pipe, finetune_dir)
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -223,7 +223,7 @@ class DreamBlendStrategy(Strategy):
 
     @classmethod
     def load(cls, pipe, spec: InferenceSpec, inputs: StageInputs) -> DreamBlendStrategy:
-        from subjectops.inference import finetuned_pipeline
+        from subjectops.inference.base import finetuned_pipeline
         from subjectops.methods import require_snapshot
 
         if spec.scheduler != "ddim":

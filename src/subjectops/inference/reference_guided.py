@@ -78,15 +78,15 @@ def dino_model(setting: str, base: str) -> str:
     """The DINO encoder `infer.reference_guided.dino` names for a base model: `auto` is the tiny encoder on the tiny
     presets, the world's DINO-role ViT on the world's models (neither has real weights to compare with), else DINO
     ViT-S/16 as in sec. 3.3."""
-    from subjectops.metrics.backbones import WORLD
     from subjectops.models.loading import is_world
     from subjectops.models.tiny import TINY_PRESETS
+    from subjectops.world import ENCODER_ID
 
     if setting != "auto":
         return setting
     if base in TINY_PRESETS:
         return "tiny"
-    return WORLD if is_world(base) else "facebook/dino-vits16"
+    return ENCODER_ID if is_world(base) else "facebook/dino-vits16"
 
 
 def load_captioner(model_id: str | None):

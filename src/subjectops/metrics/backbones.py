@@ -27,7 +27,7 @@ from subjectops import world
 from subjectops.errors import ModelNotFoundError
 
 TINY_MARKER = "subjectops_tiny.json"
-WORLD = "world"  # an encoder id: the miniature world's trained encoder of that role (subjectops.world)
+WORLD = world.ENCODER_ID  # an encoder id: the miniature world's trained encoder of that role
 TINY_ENCODER_VERSION = "1"
 TINY_SEED = 0
 TINY_IMAGE_SIZE = 32

@@ -8,15 +8,52 @@ import json
 from pathlib import Path
 
 from subjectops.config import Params
-from subjectops.errors import SubjectopsError
+from subjectops.data.prompts import (
+    PROMPT_SET_NAMES,
+    PromptSet,
+    dreambench,
+    prompt_invariant,
+    prompt_varying,
+    world_contexts,
+)
+from subjectops.errors import ConfigError, SubjectopsError
 from subjectops.stages.base import Stage
 from subjectops.stages.common import require_stage_dir, stage_output, write_manifest
 from subjectops.stopping import stop_if_requested
 
 
+def build_prompt_sets(params: Params, identifier: str, class_word: str) -> list[PromptSet]:
+    """The sets named in ``params.infer.prompt_sets``, in that order (the prompt builders are data/prompts.py's;
+    reading the params is the stage's)."""
+    cfg = params.infer
+    names = list(cfg.prompt_sets)
+    if not names:
+        raise ConfigError("infer.prompt_sets is empty", fix=f"list at least one of {list(PROMPT_SET_NAMES)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"infer.prompt_sets = {names} names a set twice", fix="list each set once")
+    out: list[PromptSet] = []
+    for name in names:
+        if name == "prompt-invariant":
+            c = cfg.prompt_invariant
+            out.append(prompt_invariant(c.template, c.num_images, identifier, class_word, seed=cfg.seed))
+        elif name == "prompt-varying":
+            c = cfg.prompt_varying
+            out.append(prompt_varying(c.template, c.num_images, c.sampler_seed, identifier, class_word, seed=cfg.seed))
+        elif name == "dreambench":
+            c = cfg.dreambench
+            out.append(dreambench(c.images_per_prompt, identifier, class_word, seed=cfg.seed,
+                                  subject_type=c.subject_type))
+        elif name == "world":
+            out.append(world_contexts(cfg.world.images_per_prompt, identifier, class_word, seed=cfg.seed))
+        else:  # pragma: no cover - pydantic restricts the names
+            raise ConfigError(f"unknown prompt set {name!r}", fix=f"use one of {list(PROMPT_SET_NAMES)}")
+    return out
+
+
+
 def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
     from subjectops.console import progress as progress_display
-    from subjectops.data.prompts import build_prompt_sets, prompt_sets_to_json
+    from subjectops.data.prompts import prompt_sets_to_json
     from subjectops.data.subject import RefinedSubject
     from subjectops.inference import StageInputs, get_strategy, load_strategy, memory_savers
 

@@ -14,6 +14,7 @@ from subjectops.errors import ModelNotFoundError
 SHIPPED_WEIGHTS = Path(__file__).parent / "weights"
 WORLD_MODELS = ("world-sd15", "world-sdxl")
 WORLD_ENCODERS = ("clip", "dino", "judge")
+ENCODER_ID = "world"  # the encoder id (metrics/backbones.py) of the world's trained encoder of a role
 PROVENANCE = "world-pretrained"
 
 
