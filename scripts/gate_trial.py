@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from inject_bug import BUGS, inject  # noqa: E402
 
+from subjectops.benchmark.local import parse_variant  # noqa: E402
 from subjectops.benchmark.regression import GATE_RULES, regressions  # noqa: E402
 
 
@@ -125,7 +126,7 @@ def main() -> None:
     def caught(entry: dict, rule: str) -> bool:
         """A regression of a variant whose method the bug breaks (another variant's is a false alarm)."""
         bug = BUGS[entry["name"].removeprefix("bug-")]
-        return any(bug.breaks(r["variant"].split("@")[0].split("+")[0]) for r in entry["rules"][rule])
+        return any(bug.breaks(parse_variant(r["variant"]).method) for r in entry["rules"][rule])
 
     trial = {"model": args.model, "methods": args.methods, "subjects": [s.name for s in args.subjects],
              "champion_seed": args.champion_seed, "sets": args.set, "benchmarks": entries,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from subjectops.benchmark.regression import DEFAULT_GATE_RULE, check_rule
+from subjectops.benchmark.regression import DEFAULT_GATE_RULE, check_regressions, check_rule
 from subjectops.config import Params, load_params
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
@@ -166,12 +166,13 @@ class Cell:
             recorded = record.get("params_digest")
         except (OSError, ValueError, AttributeError):
             record, recorded = {}, None
-        if recorded == digest_json(self.params.model_dump(mode="json")) != self.digest():
+        digest = self.digest()
+        if recorded == digest_json(self.params.model_dump(mode="json")) != digest:
             # finished before the digest left the other methods' sections out (it covered all the params): the same
             # params, so the cell is kept and recorded with today's digest
-            marker.write_text(json.dumps({**record, "params_digest": self.digest()}, indent=2))
-            recorded = self.digest()
-        if recorded != self.digest():
+            marker.write_text(json.dumps({**record, "params_digest": digest}, indent=2))
+            recorded = digest
+        if recorded != digest:
             raise SubjectopsError(f"{self.run_dir} holds a finished run of {self.variant.label} on "
                                   f"{self.subject.name} made with other settings",
                                   fix="pass another --out, or delete that folder to run it again with these settings")
@@ -268,8 +269,6 @@ def run_benchmark(*, params_path: Path, sets: Sequence[str], model: Optional[str
     write_reports(out, cells, track=track)
     result.seconds = time.monotonic() - start
     if champion_board is not None:
-        from subjectops.benchmark.regression import check_regressions
-
         check_regressions(json.loads((out / "leaderboard.json").read_text()), champion_board, out, gate_rule)
     return result
 
