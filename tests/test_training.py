@@ -153,6 +153,8 @@ def test_a_kfp_local_task_retried_after_sigterm_resumes_and_matches_uninterrupte
 
     step = random.randint(1, RESUME_STEPS - 2)
     signalled = []
+    # this worker's servers (session fixtures of earlier tests) are its children too: never signal those
+    earlier = {p.pid for p in psutil.Process().children(recursive=True)}
 
     def preempt():  # SIGTERM to the task's process once it has logged `step` steps
         deadline = time.monotonic() + 400
@@ -160,6 +162,8 @@ def test_a_kfp_local_task_retried_after_sigterm_resumes_and_matches_uninterrupte
             logs = list(root.rglob("out.partial/train_log.jsonl"))
             if logs and len(logged_steps(logs[0].parent)) >= step:
                 for child in psutil.Process().children(recursive=True):
+                    if child.pid in earlier:
+                        continue
                     child.terminate()
                     signalled.append(child.pid)
                 return
