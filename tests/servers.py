@@ -121,6 +121,13 @@ def _wait_http(server: Server, path: str, timeout: float, ok=lambda status: stat
     raise RuntimeError(f"{server.name} did not answer {path} within {timeout:.0f} s ({last}):\n{server.log_tail()}")
 
 
+def session_commands(server: Server) -> list[str]:
+    """The command lines of every process in the server's session (it is started in a new one)."""
+    out = subprocess.run(["ps", "-eo", "sid=,args="], capture_output=True, text=True, check=True).stdout
+    return [args for sid, _, args in (line.strip().partition(" ") for line in out.splitlines())
+            if sid == str(server.proc.pid)]
+
+
 def base_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1")
@@ -276,6 +283,7 @@ def start_mlflow(workdir: Path, artifacts_destination: str, extra_env: dict | No
     port = port or free_port()
     backend_store_uri = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     env = base_env()
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # as the chart: no idle job consumers eating a core
     env.update(extra_env or {})
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [

@@ -201,13 +201,14 @@ def test_mlflow_uses_minio_and_a_persistent_backend(helm):
     assert not [d for d in pg if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"].endswith("-db")]
 
 
-def test_rendered_mlflow_server_refuses_anonymous_requests(helm, tmp_path):
+def test_rendered_mlflow_server_refuses_anonymous_requests_and_starts_no_job_consumers(helm, tmp_path):
     """The rendered MLflow container, run here (mlflow 3.17.2, its args, environment, Secrets and auth config with the
     volumes' paths under tmp_path): anonymous and wrong-password requests get 401, the tracking Secret's account 200,
-    each with the Host header of the tracking URI the pipeline's steps use."""
+    each with the Host header of the tracking URI the pipeline's steps use. It runs no MLflow job consumers (by
+    default mlflow 3 starts 8, about 1.5 GB against the pod's 2Gi limit)."""
     import urllib.request
 
-    from servers import Server, _spawn, _wait_http, base_env, free_port
+    from servers import Server, _spawn, _wait_http, base_env, free_port, session_commands
 
     docs = render(helm)
     [c] = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-subjectops-mlflow")[
@@ -232,6 +233,7 @@ def test_rendered_mlflow_server_refuses_anonymous_requests(helm, tmp_path):
     server = Server("mlflow", proc, port, log, tmp_path)
     try:
         _wait_http(server, "/health", 90, ok=lambda status: status == 200)
+        assert not [c for c in session_commands(server) if "huey" in c], session_commands(server)
         account = secrets["subjectops-mlflow"]
 
         def status(user=None, password=None) -> int:
