@@ -13,6 +13,7 @@ from subjectops.data.prompts import (
     PromptSet,
     dreambench,
     prompt_invariant,
+    prompt_sets_to_json,
     prompt_varying,
     world_contexts,
 )
@@ -50,10 +51,8 @@ def build_prompt_sets(params: Params, identifier: str, class_word: str) -> list[
     return out
 
 
-
 def infer(params: Params, refine_dir: Path, finetune_dir: Path, out: Path) -> Path:
     from subjectops.console import progress as progress_display
-    from subjectops.data.prompts import prompt_sets_to_json
     from subjectops.data.subject import RefinedSubject
     from subjectops.inference import StageInputs, get_strategy, load_strategy, memory_savers
 
