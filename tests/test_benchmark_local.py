@@ -90,6 +90,25 @@ def test_claims_get_rows_only_when_their_variants_ran_and_settings_must_match():
     assert clip_t["verdict"] == "inconclusive" and clip_t["tests"][0]["n_pairs"] == 0
 
 
+def test_alchemy_on_world_sdxl_is_compared_with_dreambooth_on_world_sdxl_when_both_ran():
+    """One benchmark, two base models: Image-Alchemy runs on world-sdxl (as the paper on SDXL) and DreamBooth on both.
+    The Alchemy rows compare with the world-sdxl DreamBooth; the other rows keep the benchmark's own DreamBooth."""
+    from subjectops.benchmark.claims import claims_table
+
+    alchemy = "alchemy+infer.alchemy.composite=false+model.base=world-sdxl"
+    runs = _runs("dreambooth+model.base=world-sd15", "textual-inversion+model.base=world-sd15",
+                 "dreambooth+model.base=world-sdxl", alchemy)
+    values = {label: _values({label: 0.5}, "dino")[label] for label in runs}
+    rows = {r["id"]: r for r in claims_table(values, runs)["rows"]}
+    assert [(t["a_run"], t["b_run"]) for t in rows["alchemy-over-db"]["tests"]] == [
+        (alchemy, "dreambooth+model.base=world-sdxl")] * 2
+    assert rows["db-over-ti-dino"]["tests"][0]["a_run"] == "dreambooth+model.base=world-sd15"
+    # without a world-sdxl DreamBooth, the benchmark's is the comparison
+    del runs["dreambooth+model.base=world-sdxl"]
+    rows = {r["id"]: r for r in claims_table(values, runs)["rows"]}
+    assert rows["alchemy-over-db"]["tests"][0]["b_run"] == "dreambooth+model.base=world-sd15"
+
+
 def test_two_stage_claim_is_inconclusive_when_it_trains_the_unet_longer():
     from subjectops.benchmark.claims import CLAIMS, claims_table
 
@@ -257,6 +276,16 @@ def test_seeds_rerun_every_pair_with_other_training_and_sampling_seeds(tmp_path)
     rerun = dict(_board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}}),
                  subjects=["world-cup-5@seed-1", "world-cup-5@seed-2"])
     assert regressions(rerun, _board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}})) == []
+
+
+def test_a_variants_own_model_wins_over_the_benchmarks_model():
+    """Image-Alchemy needs world-sdxl while the other methods run on world-sd15: `alchemy+model.base=world-sdxl` in a
+    `--model world-sd15` benchmark runs on world-sdxl (it silently ran on world-sd15 before)."""
+    from subjectops.benchmark.local import parse_variant, variant_params
+
+    build = functools.partial(variant_params, REPO / "params.yaml", ["infer.prompt_sets=[world]"], "world-sd15")
+    assert build(parse_variant("alchemy+model.base=world-sdxl"), None).model.base == "world-sdxl"
+    assert build(parse_variant("dreambooth"), None).model.base == "world-sd15"
 
 
 # ------------------------------------------------------------------------------------------ shared models

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from subjectops.selection.compare import LEADERBOARD_CSS
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+MODEL_KEY = "model.base"
 # Prior preservation (DreamBooth sec. 4.3) is measured on class-prompt images: PRES, how much they look like the
 # subject (lower: less drift), and DIV, how much they differ from each other (higher: more diverse).
 OWN_DIRECTIONS = {"pres": False, "div": True}
@@ -64,7 +65,9 @@ class Needs:
         if params.infer.strategy != (self.strategy or get_method(self.method).default_strategy):
             return False
         fixed = dict(self.settings)
-        if any(key not in fixed for key, _ in variant.settings):
+        # the base model is not a method setting: `alchemy+model.base=world-sdxl` is Image-Alchemy as the paper runs
+        # it, and which model each side of a test ran on is in its run label
+        if any(key not in fixed for key, _ in variant.settings if key != MODEL_KEY):
             return False
         dumped = params.model_dump(mode="json")
         for key, value in fixed.items():
@@ -149,8 +152,8 @@ CLAIMS: tuple[Claim, ...] = (
           (Test("better", "dino", Needs("alchemy", settings=(("infer.alchemy.composite", False),)), DB),
            Test("not-worse", "world-scene", Needs("alchemy", settings=(("infer.alchemy.composite", False),)), DB,
                 margin=0.05)),
-          note="the paper's Alchemy runs on SDXL (world-sdxl here), DreamBooth on SD 1.5; the row's model is the "
-               "benchmark's"),
+          note="the paper's Alchemy runs on SDXL, its DreamBooth on SD 1.5; here DreamBooth on Alchemy's model when "
+               "the benchmark ran it there (e.g. dreambooth+model.base=world-sdxl), the run labels say which"),
     Claim("alchemy-composite-over-db", "Image-Alchemy with the feathered composite (the project's addition) above "
           "DreamBooth on DINO, scene fidelity kept", "002", "Table 1: DINO 0.789 vs 0.668 (without the composite)",
           (Test("better", "dino", Needs("alchemy", settings=(("infer.alchemy.composite", True),)), DB),
@@ -248,6 +251,15 @@ def decide_front(points: Mapping[str, Mapping]) -> list[dict]:
     return out
 
 
+def first_match(need: Needs, runs: Mapping[str, tuple], model: Optional[str] = None) -> Optional[str]:
+    """The first run (in the benchmark's variant order) that `need` matches, one on `model` first when given: a
+    benchmark that ran DreamBooth on world-sd15 and world-sdxl compares Image-Alchemy (world-sdxl) with the
+    world-sdxl one."""
+    matching = [label for label, (v, p) in runs.items() if need.matches(v, p)]
+    on_model = [label for label in matching if runs[label][1].model.base == model]
+    return (on_model or matching or [None])[0]
+
+
 def combine(verdicts: Sequence[str]) -> str:
     return FAILS if FAILS in verdicts else HOLDS if all(v == HOLDS for v in verdicts) else INCONCLUSIVE
 
@@ -260,15 +272,16 @@ def claims_table(values: Mapping[str, Mapping[tuple, Mapping[str, float]]], runs
     `warning`: what the numbers measure (the leaderboard's first line: random backbones, or the miniature world)."""
     rows, not_run = [], []
     for claim in claims:
-        found = {n.label: next((label for label, (v, p) in runs.items() if n.matches(v, p)), None)
-                 for n in claim.needs}
+        found = {n.label: first_match(n, runs) for n in claim.needs}
         if None in found.values():
             not_run.append({"id": claim.id, "needs": [k for k, v in found.items() if v is None]})
             continue
         tests = []
         for t in claim.tests:
-            a, b = paired(values[found[t.a.label]], values[found[t.b.label]], t.metric, t.prompt_sets)
-            tests.append(dict(decide(t, a, b), a_run=found[t.a.label], b_run=found[t.b.label]))
+            a_run = found[t.a.label]
+            b_run = first_match(t.b, runs, model=runs[a_run][1].model.base)  # both sides on one model if run
+            a, b = paired(values[a_run], values[b_run], t.metric, t.prompt_sets)
+            tests.append(dict(decide(t, a, b), a_run=a_run, b_run=b_run))
         if claim.front is not None:
             tests = [dict(t, a_run=found[claim.front.label]) for t in decide_front((points or {}).get(
                 found[claim.front.label], {}))]

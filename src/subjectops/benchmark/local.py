@@ -188,10 +188,12 @@ def _setting(params: Params, key: str) -> Any:
 
 def variant_params(params_path: Path, sets: Sequence[str], model: Optional[str], variant: Variant,
                    seed: Optional[int]) -> Params:
-    """The params of one variant: the benchmark's, the variant's settings and, with a benchmark seed, that seed for
-    training and sampling."""
+    """The params of one variant: the benchmark's (`--set`, then `--model`), the variant's settings and, with a
+    benchmark seed, that seed for training and sampling. A variant's settings are the most specific, so they win:
+    `alchemy+model.base=world-sdxl` in a `--model world-sd15` benchmark runs on world-sdxl."""
     seeded = [] if seed is None else [f"finetune.seed={seed}", f"infer.seed={seed}"]
-    return load_params(params_path, [*sets, *variant.overrides(), *seeded], model=model or "", method=variant.method)
+    benchmark = [*sets, *([f"model.base={json.dumps(model)}"] if model else [])]
+    return load_params(params_path, [*benchmark, *variant.overrides(), *seeded], method=variant.method)
 
 
 def plan_cells(variants: Sequence[Variant], subjects: Sequence[BenchSubject], seeds: Sequence[Optional[int]],
