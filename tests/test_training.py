@@ -348,6 +348,20 @@ def test_lora_adapter_reloads_with_diffusers_and_matches_in_memory(prepared, tin
     assert np.abs(reloaded - base).max() > 1e-3  # the adapter changes the output
 
 
+def test_lora_adapters_start_from_finetune_seed_whatever_ran_before(prepared, tiny_overrides, tmp_path):
+    """peft draws LoRA's initial A matrices from torch's global generator: the finetune stage seeds it from
+    finetune.seed, so a benchmark that ran other cells first trains the adapters a fresh `subjectops run` trains
+    (they differed before: the benchmark's LoRA numbers did not match one run per pair)."""
+    params = with_overrides(tiny_overrides, "finetune.method=lora", "finetune.lora.steps=2")
+    adapters = []
+    for i, state in enumerate((0, 12345)):
+        torch.manual_seed(state)  # what other work before this stage left in the global generator
+        out = finetune(params, prepared / "refine", prepared / "priors", tmp_path / f"ft{i}")
+        adapters.append(load_file(out / "pytorch_lora_weights.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
 def _prior_images(run):
     from PIL import Image
 

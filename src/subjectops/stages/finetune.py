@@ -32,6 +32,8 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
              on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: Path | None = None,
              pipe=None) -> Path:
     """`pipe`: the base pipeline already loaded (`subjectops run` hands it on); it is trained in place."""
+    import torch
+
     from subjectops.stages.plan import snapshot_steps
     from subjectops.training.loop import Trainer
 
@@ -43,7 +45,11 @@ def finetune(params: Params, refine_dir: Path, priors_dir: Path | None, out: Pat
     run.trainer = Trainer(params, run.models, run.method, run.subject.resolution, run.work, on_step=on_step,
                           on_snapshot=run.save_snapshot, snapshot_steps=keep, data=run.data_identity(),
                           ckpt_dir=checkpoint_dir)
-    run.method.setup()
+    # What setup() draws (peft's LoRA init reads torch's global generator) comes from finetune.seed, in a forked
+    # generator: the same adapters in a fresh `subjectops run` and in a benchmark that ran other cells before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.finetune.seed)
+        run.method.setup()
     check_snapshot_steps(run.method, keep)  # after setup: hifi-tuner's phases (one per DDIM timestep) come from it
     priors = class_priors(inputs["priors"], run.method.name)
     # Under `accelerate launch` every process trains; only the main one writes and publishes the output.
