@@ -424,8 +424,8 @@ def load_params(path: Path | str | None = None, overrides: Sequence[str] | None 
     the `overrides` (`--set key.path=value`) and `method` / `model` (`--method`, `--model`: they win over
     `--set`); validated, a bad value naming its key."""
     if text is not None:
-        return _params_from_text(text, [*defaults, *(overrides or []), *_shortcuts(method, model)])
-    overrides = [*defaults, *(overrides or []), *_shortcuts(method, model)]
+        return _params_from_text(text, [*defaults, *(overrides or []), *shortcut_overrides(method, model)])
+    overrides = [*defaults, *(overrides or []), *shortcut_overrides(method, model)]
     path = Path(path) if path else DEFAULT_PARAMS
     data: dict = {}
     if path.exists():
@@ -451,7 +451,7 @@ def load_params(path: Path | str | None = None, overrides: Sequence[str] | None 
     data = apply_overrides(data, overrides)
     return validate_params(data, source=f"{path}" + (" with --set overrides" if overrides else ""))
 
-def _shortcuts(method: str, model: str) -> list[str]:
+def shortcut_overrides(method: str, model: str) -> list[str]:
     """`--method` and `--model` as overrides of their keys (quoted: a name is a string, whatever YAML makes of it)."""
     return ([f"finetune.method={json.dumps(method)}"] if method else []) + (
         [f"model.base={json.dumps(model)}"] if model else [])

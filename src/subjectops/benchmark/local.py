@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from subjectops.benchmark.regression import DEFAULT_GATE_RULE, check_regressions, check_rule
-from subjectops.config import Params, load_params
+from subjectops.config import Params, load_params, shortcut_overrides
 from subjectops.digest import digest_json
 from subjectops.errors import SubjectopsError
 
@@ -192,7 +192,7 @@ def variant_params(params_path: Path, sets: Sequence[str], model: Optional[str],
     benchmark seed, that seed for training and sampling. A variant's settings are the most specific, so they win:
     `alchemy+model.base=world-sdxl` in a `--model world-sd15` benchmark runs on world-sdxl."""
     seeded = [] if seed is None else [f"finetune.seed={seed}", f"infer.seed={seed}"]
-    benchmark = [*sets, *([f"model.base={json.dumps(model)}"] if model else [])]
+    benchmark = [*sets, *shortcut_overrides("", model or "")]
     return load_params(params_path, [*benchmark, *variant.overrides(), *seeded], method=variant.method)
 
 
