@@ -4,10 +4,14 @@ when a variant the bug breaks regresses; a regression of another variant is nois
 with `--champion`.
 
     python scripts/gate_trial.py --out DIR --subjects SUBJECT [--subjects ...] [--methods dreambooth,lora]
-                                 [--model world-sd15] [--champion-seed 0] [--clean-seeds 1,2,3] [--bug-seed 1]
+                                 [--model world-sd15] [--champion-seed 0 | --champion BENCHMARK_DIR]
+                                 [--clean-seeds 1,2,3] [--bug-seed 1]
                                  [--bugs mirrored-timestep,lr-100x,lora-not-loaded] [--set KEY=VALUE ...]
 
-The bugged benchmarks use the seed of the first clean rerun, so each differs from a clean benchmark only by its bug.
+The bugged benchmarks use the seed of the first clean rerun, so each differs from a clean benchmark only by its bug,
+and run only the methods their bug breaks (a regression of another method would be noise). `--champion` takes a
+finished benchmark of the same methods, subjects and settings (for example the full world benchmark) instead of
+running one.
 Every benchmark is `subjectops benchmark run` in its own process and folder (`DIR/champion`, `DIR/clean-seed-N`,
 `DIR/bug-NAME`); a stopped trial resumes where it stopped (finished benchmarks are read back, not redone). Writes
 `DIR/trial.{json,md}`: per benchmark and gate rule (benchmark/regression.py, each applied to the same leaderboards)
@@ -32,13 +36,13 @@ from subjectops.benchmark.local import parse_variant  # noqa: E402
 from subjectops.benchmark.regression import GATE_RULES, regressions  # noqa: E402
 
 
-def benchmark(out: Path, seed: int, args, champion: Path | None, src: Path | None) -> dict:
+def benchmark(out: Path, seed: int, args, champion: Path | None, src: Path | None, methods: str) -> dict:
     """One benchmark (skipped when `out` holds a finished one): its gate, regressions and wall time."""
     record = out / "trial-entry.json"
     if record.is_file():
         return json.loads(record.read_text())
     command = [sys.executable, "-m", "subjectops.cli", "benchmark", "run", "--model", args.model,
-               "--methods", args.methods, "--out", str(out), "--seeds", str(seed), "--no-track",
+               "--methods", methods, "--out", str(out), "--seeds", str(seed), "--no-track",
                *[a for s in args.subjects for a in ("--subjects", str(s))],
                *[a for s in args.set for a in ("--set", s)],
                *(["--champion", str(champion)] if champion else [])]
@@ -66,15 +70,22 @@ def judged(entry: dict, out: Path, champion: dict) -> dict:
     return {**entry, "rules": {rule: [
         {"variant": r["variant"], "column": r["column"],
          "interval": [round(r[k], 4) for k in ("mean", "low", "high")],
-         "champion": [round(r["champion"][k], 4) for k in ("mean", "low", "high")]}
+         "champion": [round(r["champion"][k], 4) for k in ("mean", "low", "high")],
+         **({"subject_change": r["subject_change"]} if "subject_change" in r else {})}
         for r in regressions(board, champion, rule)] for rule in GATE_RULES}}
 
 
 def markdown(trial: dict) -> str:
+    def one(r: dict) -> str:
+        if "subject_change" in r:
+            c = r["subject_change"]
+            return (f"{r['variant']}: {r['column']} change {c['change']:+.4f} over {c['subjects']} subjects "
+                    f"(p = {c['p']:.2g})")
+        return (f"{r['variant']}: {r['column']} {r['interval'][0]} [{r['interval'][1]}, {r['interval'][2]}] vs "
+                f"{r['champion'][0]} [{r['champion'][1]}, {r['champion'][2]}]")
+
     def found(regressed: list[dict]) -> str:
-        return "<br>".join(f"{r['variant']}: {r['column']} {r['interval'][0]} [{r['interval'][1]}, "
-                           f"{r['interval'][2]}] vs {r['champion'][0]} [{r['champion'][1]}, {r['champion'][2]}]"
-                           for r in regressed) or "passes"
+        return "<br>".join(one(r) for r in regressed) or "passes"
 
     lines = [f"Regression-gate trial: {trial['methods']} on {', '.join(trial['subjects'])} ({trial['model']}), "
              f"champion seed {trial['champion_seed']}", "",
@@ -98,6 +109,8 @@ def main() -> None:
     ap.add_argument("--methods", default="dreambooth,lora")
     ap.add_argument("--model", default="world-sd15")
     ap.add_argument("--champion-seed", type=int, default=0)
+    ap.add_argument("--champion", type=Path, default=None, help="a finished benchmark's folder to use as the "
+                    "champion instead of running one (same methods, subjects and --set)")
     ap.add_argument("--clean-seeds", default="1,2,3")
     ap.add_argument("--bug-seed", type=int, default=None, help="default: the first clean seed")
     ap.add_argument("--bugs", default=",".join(BUGS))
@@ -108,16 +121,26 @@ def main() -> None:
     unknown = sorted(set(bugs) - set(BUGS))
     if unknown:
         sys.exit(f"unknown bug(s) {', '.join(unknown)}; inject_bug.py knows {', '.join(BUGS)}")
+    broken = {bug: ",".join(v for v in args.methods.split(",") if BUGS[bug].breaks(parse_variant(v).method))
+              for bug in bugs}
+    idle = sorted(bug for bug, methods in broken.items() if not methods)
+    if idle:
+        sys.exit(f"bug(s) {', '.join(idle)} break none of --methods {args.methods}; add a method they break or drop "
+                 "them from --bugs")
     args.out.mkdir(parents=True, exist_ok=True)
-    champion = args.out / "champion"
-    entries = [benchmark(champion, args.champion_seed, args, None, None)]
-    entries += [benchmark(args.out / f"clean-seed-{s}", s, args, champion, None) for s in clean_seeds]
+    if args.champion is None:
+        champion = args.out / "champion"
+        entries = [benchmark(champion, args.champion_seed, args, None, None, args.methods)]
+    else:
+        champion = args.champion
+        entries = [{"name": "champion", "seed": f"{champion} (given)", "exit_code": 0, "seconds": 0, "gate": None}]
+    entries += [benchmark(args.out / f"clean-seed-{s}", s, args, champion, None, args.methods) for s in clean_seeds]
     for bug in bugs:
         src = args.out / "sources" / bug / "src"
         if not src.is_dir():
             inject(bug, src.parent)
         entries.append(benchmark(args.out / f"bug-{bug}", clean_seeds[0] if args.bug_seed is None else args.bug_seed,
-                                 args, champion, src))
+                                 args, champion, src, broken[bug]))
     champion_board = json.loads((champion / "leaderboard.json").read_text())
     entries = [judged(e, args.out, champion_board) for e in entries]
     clean = [e for e in entries if e["name"].startswith("clean-")]
@@ -129,7 +152,7 @@ def main() -> None:
         return any(bug.breaks(parse_variant(r["variant"]).method) for r in entry["rules"][rule])
 
     trial = {"model": args.model, "methods": args.methods, "subjects": [s.name for s in args.subjects],
-             "champion_seed": args.champion_seed, "sets": args.set, "benchmarks": entries,
+             "champion_seed": args.champion_seed, "champion": str(champion), "sets": args.set, "benchmarks": entries,
              "clean_reruns": len(clean), "bugs": len(bugged),
              "errors": {rule: {"false_alarms": sum(bool(e["rules"][rule]) for e in clean),
                                "bugs_caught": sum(caught(e, rule) for e in bugged)} for rule in GATE_RULES}}

@@ -209,6 +209,69 @@ def test_the_disjoint_rule_flags_only_a_score_whose_whole_interval_is_worse(tmp_
         regressions(broken, champion, "median")
 
 
+def _subject_board(per_subject: dict, seed: int = 0) -> dict:
+    """A leaderboard of one variant per row whose columns have these per-subject means (its overall cell: their mean,
+    with an interval of +-0.01 as one benchmark's image bootstrap gives)."""
+    by_subject = {}
+    rows = {}
+    for row, columns in per_subject.items():
+        for column, means in columns.items():
+            for i, m in enumerate(means):
+                by_subject.setdefault(f"world-s{i}@seed-{seed}", {}).setdefault(row, {})[column] = {
+                    "mean": m, "low": m - 0.05, "high": m + 0.05}
+            mean = sum(means) / len(means)
+            rows.setdefault(row, {})[column] = {"mean": mean, "low": mean - 0.01, "high": mean + 0.01}
+    return {"subjects": sorted(by_subject), "rows": rows, "by_subject": by_subject}
+
+
+def test_the_subject_paired_rule_flags_a_drop_on_every_subject_not_a_rerun_that_moves_both_ways(tmp_path):
+    from subjectops.benchmark.aggregate import BenchmarkRegression
+    from subjectops.benchmark.regression import check_regressions, regressions
+
+    dino, lpips = "world/DINO", "world/LPIPS"
+    champion = _subject_board({"lora": {dino: [0.30, 0.20, 0.40, 0.25, 0.35, 0.30],
+                                        lpips: [5.0, 5.1, 4.9, 5.0, 5.2, 4.8]}}, seed=0)
+    # another seed: each subject moves by up to 0.06 either way, the overall mean 0.02 lower (outside the champion's
+    # narrow image interval, so mean-outside fails this clean rerun)
+    rerun = _subject_board({"lora": {dino: [0.24, 0.17, 0.43, 0.22, 0.31, 0.31],
+                                     lpips: [5.05, 5.0, 4.95, 4.9, 5.25, 4.85]}}, seed=1)
+    # a broken LoRA: every subject 0.09-0.13 lower on DINO, 0.3-0.4 higher (worse) on LPIPS
+    broken = _subject_board({"lora": {dino: [0.19, 0.10, 0.28, 0.15, 0.23, 0.21],
+                                      lpips: [5.35, 5.45, 5.3, 5.35, 5.6, 5.1]}}, seed=1)
+    assert {r["metric"] for r in regressions(rerun, champion, "mean-outside")} == {"dino"}
+    assert regressions(rerun, champion, "subject-paired") == []
+    found = regressions(broken, champion, "subject-paired")
+    assert {(r["variant"], r["metric"]) for r in found} == {("lora", "dino"), ("lora", "lpips")}
+    dino_change = next(r["subject_change"] for r in found if r["metric"] == "dino")
+    assert dino_change["subjects"] == 6 and dino_change["change"] == pytest.approx(-0.1067, abs=1e-4)
+    assert dino_change["level"] == pytest.approx(0.05 / 2)  # Bonferroni over the 2 scores judged
+    assert dino_change["bound"] < 0 and dino_change["p"] < dino_change["level"]
+    # LPIPS is lower-is-better: its change is reported as it is (higher), its bound on the better (lower) side
+    lpips_change = next(r["subject_change"] for r in found if r["metric"] == "lpips")
+    assert lpips_change["change"] > 0 and lpips_change["bound"] > 0
+    # the same drop on 6 subjects, but mixed with a rise on the others, is not significant
+    mixed = _subject_board({"lora": {dino: [0.19, 0.10, 0.28, 0.35, 0.45, 0.40],
+                                     lpips: [5.0, 5.1, 4.9, 5.0, 5.2, 4.8]}}, seed=1)
+    assert regressions(mixed, champion, "subject-paired") == []
+    with pytest.raises(BenchmarkRegression, match="per-subject change -0.1067 over 6 subjects"):
+        check_regressions(broken, champion, tmp_path, "subject-paired")
+    assert json.loads((tmp_path / "gate.json").read_text())["rule"] == "subject-paired"
+
+
+def test_the_subject_paired_rule_needs_three_subjects_and_says_so_before_any_work(tmp_path):
+    from subjectops.benchmark.regression import check_rule, regressions
+    from subjectops.errors import SubjectopsError
+
+    with pytest.raises(SubjectopsError, match="at least 3 subjects; this benchmark has 2") as err:
+        check_rule("subject-paired", 2)
+    assert "--gate-rule disjoint" in err.value.fix
+    check_rule("subject-paired", 3)
+    check_rule("disjoint", 1)
+    two = _subject_board({"lora": {"world/DINO": [0.3, 0.2]}})
+    with pytest.raises(SubjectopsError, match="2 subject"):
+        regressions(two, two, "subject-paired")
+
+
 def test_regression_gate_refuses_a_champion_of_other_subjects(tmp_path):
     from subjectops.benchmark.regression import check_regressions
     from subjectops.errors import SubjectopsError

@@ -411,8 +411,9 @@ def benchmark_run(
         champion: Optional[Path] = typer.Option(None, "--champion", help="an earlier benchmark's folder or "
                                                 "leaderboard.json: fail when a score falls below its interval"),
         gate_rule: str = typer.Option(DEFAULT_GATE_RULE, "--gate-rule", help="when a score regressed against "
-                                      "--champion: disjoint (its whole interval on the worse side of the champion's) "
-                                      "or mean-outside (its mean there)"),
+                                      "--champion: disjoint (its whole interval on the worse side of the champion's), "
+                                      "mean-outside (its mean there) or subject-paired (a paired t-test over the "
+                                      "subjects, at least 3)"),
         params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
         track: bool = typer.Option(True, "--track/--no-track", help="log the leaderboard and claims to MLflow")):
     """Every method on every subject in this process (same prompts, seeds, encoders; models loaded once), resuming

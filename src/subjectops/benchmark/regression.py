@@ -4,9 +4,15 @@ A score regresses, by the gate's rule, when on the worse side of the champion's 
 higher-is-better metric, above it for a lower-is-better one: the direction is the metric's definition) lies
 - `mean-outside`: its mean;
 - `disjoint`: its whole 95% interval (the two intervals do not overlap).
-The intervals are bootstrap intervals over one benchmark's images, so they hold the sampling noise of one trained
-model, not the spread between trainings with other seeds; `scripts/gate_trial.py` measures how often each rule
-fails clean reruns with other seeds and how often it catches planted bugs.
+Those intervals are bootstrap intervals over one benchmark's images, so they hold the sampling noise of one trained
+model, not the spread between trainings with other seeds. The third rule takes that spread from the subjects, each
+trained once per benchmark:
+- `subject-paired`: the mean over subjects of its per-subject change (this benchmark's subject mean minus the
+  champion's) is worse than 0 by a one-sided paired t-test over the subjects at level 5% / m, m the number of
+  scores the gate judges (Bonferroni: a clean rerun fails on some score at most 5% of the time when the changes are
+  normal). It needs at least 3 subjects.
+`scripts/gate_trial.py` measures how often each rule fails clean reruns with other seeds and how often it catches
+planted bugs.
 
 Only variants and columns both leaderboards have are compared, and only when both ran the same subjects. A set-level
 number without an interval (FID) is not gated: against its single value, any rerun with another seed is worse half
@@ -17,6 +23,7 @@ the time (the first gate trial on tiny flagged FID on a clean rerun); `gate.json
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from subjectops.benchmark.aggregate import BenchmarkRegression
@@ -41,22 +48,65 @@ def not_gated(cell: dict) -> bool:
     return cell["low"] is None or cell["high"] is None
 
 
-GATE_RULES = ("mean-outside", "disjoint")
+GATE_RULES = ("mean-outside", "disjoint", "subject-paired")
 # scripts/gate_trial.py on world-sd15 (DreamBooth and LoRA on world-cup-5, 2026-12-06): mean-outside failed all 3
 # clean reruns with other seeds, disjoint none; see the README for what each caught
 DEFAULT_GATE_RULE = "disjoint"
+GATE_LEVEL = 0.05  # the subject-paired rule's family-wise false-alarm level per benchmark
+MIN_PAIRED_SUBJECTS = 3
 
 
-def check_rule(rule: str) -> None:
+def check_rule(rule: str, n_subjects: int | None = None) -> None:
+    """Refuse an unknown rule, or the subject-paired rule for a benchmark of too few subjects, before any work."""
     if rule not in GATE_RULES:
         raise SubjectopsError(f"unknown gate rule {rule!r}", fix=f"use one of {', '.join(GATE_RULES)}")
+    if rule == "subject-paired" and n_subjects is not None and n_subjects < MIN_PAIRED_SUBJECTS:
+        raise SubjectopsError(f"the subject-paired gate rule needs at least {MIN_PAIRED_SUBJECTS} subjects; this "
+                              f"benchmark has {n_subjects}",
+                              fix="add --subjects, or use --gate-rule disjoint")
 
 
 def worse(cell: dict, theirs: dict, higher_is_better: bool, rule: str) -> bool:
-    """`cell` (mean, low, high) regressed against the champion's `theirs` by `rule` (see the module)."""
+    """`cell` (mean, low, high) regressed against the champion's `theirs` by an interval rule (see the module)."""
     if higher_is_better:
         return (cell["mean"] if rule == "mean-outside" else cell["high"]) < theirs["low"]
     return (cell["mean"] if rule == "mean-outside" else cell["low"]) > theirs["high"]
+
+
+def subject_means(board: dict, row: str, column: str) -> dict[str, float]:
+    """`row`'s mean of `column` per subject (the subject named without its benchmark seed)."""
+    out = {}
+    for subject, rows in board.get("by_subject", {}).items():
+        cell = rows.get(row, {}).get(column)
+        if cell is not None and cell["mean"] is not None and math.isfinite(cell["mean"]):
+            out[subject.split("@seed-")[0]] = cell["mean"]
+    return out
+
+
+def subject_change(board: dict, champion: dict, row: str, column: str, higher_is_better: bool,
+                   n_scores: int) -> dict:
+    """The paired t-test of the subject-paired rule: the mean per-subject change, its one-sided bound at level
+    GATE_LEVEL / n_scores on the better side, the p-value of "no worse", and whether it regressed."""
+    from scipy import stats
+
+    ours, theirs = subject_means(board, row, column), subject_means(champion, row, column)
+    subjects = sorted(set(ours) & set(theirs))
+    if len(subjects) < MIN_PAIRED_SUBJECTS:
+        raise SubjectopsError(f"the subject-paired gate rule compares per-subject means, and {row}: {column} has "
+                              f"{len(subjects)} subject(s) in both leaderboards",
+                              fix=f"run at least {MIN_PAIRED_SUBJECTS} subjects, or use --gate-rule disjoint")
+    sign = 1.0 if higher_is_better else -1.0  # > 0: better
+    d = [sign * (ours[s] - theirs[s]) for s in subjects]
+    n, mean = len(d), sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    level = GATE_LEVEL / n_scores
+    if se == 0:  # identical changes on every subject: the sign decides
+        p, bound = (0.0 if mean < 0 else 1.0), mean
+    else:
+        p = float(stats.t.cdf(mean / se, n - 1))
+        bound = mean + float(stats.t.ppf(1 - level, n - 1)) * se
+    return {"subjects": n, "change": sign * mean, "bound": sign * bound, "p": p, "level": level,
+            "regressed": p < level}
 
 
 def regressions(board: dict, champion: dict, rule: str = DEFAULT_GATE_RULE) -> list[dict]:
@@ -67,20 +117,32 @@ def regressions(board: dict, champion: dict, rule: str = DEFAULT_GATE_RULE) -> l
         raise SubjectopsError(f"the champion benchmark ran subjects {', '.join(_subjects(champion))}, this one "
                               f"{', '.join(_subjects(board))}: their scores are not comparable",
                               fix="run the benchmark on the champion's subjects, or pass another --champion")
-    found = []
+    judged = []
     for row, cells in board["rows"].items():
         for column, cell in cells.items():
             theirs, metric = champion["rows"].get(row, {}).get(column), _metric(column)
-            if theirs is None or metric is None:
-                continue
-            if not_gated(theirs):
-                continue
-            higher = METRICS[metric].higher_is_better
-            if worse(cell, theirs, higher, rule):
-                found.append({"variant": row, "column": column, "metric": metric, "mean": cell["mean"],
-                              "low": cell["low"], "high": cell["high"], "champion": theirs,
-                              "direction": "higher is better" if higher else "lower is better"})
+            if theirs is not None and metric is not None and not not_gated(theirs):
+                judged.append((row, column, cell, theirs, METRICS[metric].higher_is_better, metric))
+    found = []
+    for row, column, cell, theirs, higher, metric in judged:
+        paired = subject_change(board, champion, row, column, higher, len(judged)) \
+            if rule == "subject-paired" else None
+        if paired["regressed"] if paired else worse(cell, theirs, higher, rule):
+            found.append({"variant": row, "column": column, "metric": metric, "mean": cell["mean"],
+                          "low": cell["low"], "high": cell["high"], "champion": theirs,
+                          "direction": "higher is better" if higher else "lower is better",
+                          **({"subject_change": paired} if paired else {})})
     return found
+
+
+def _described(r: dict) -> str:
+    line = (f"  {r['variant']}: {r['column']} = {r['mean']:.4f} [{r['low']:.4f}, {r['high']:.4f}], worse than the "
+            f"champion's [{r['champion']['low']:.4f}, {r['champion']['high']:.4f}] ({r['direction']})")
+    if "subject_change" in r:
+        c = r["subject_change"]
+        line += (f"; per-subject change {c['change']:+.4f} over {c['subjects']} subjects, one-sided bound "
+                 f"{c['bound']:+.4f}, p = {c['p']:.2g} < {c['level']:.2g}")
+    return line
 
 
 def check_regressions(board: dict, champion: dict, out: Path, rule: str = DEFAULT_GATE_RULE) -> None:
@@ -91,9 +153,7 @@ def check_regressions(board: dict, champion: dict, out: Path, rule: str = DEFAUL
     Path(out, "gate.json").write_text(json.dumps({"passed": not found, "rule": rule, "compared": compared,
                                                   "not_gated": ungated, "regressions": found}, indent=2))
     if found:
-        lines = [f"  {r['variant']}: {r['column']} = {r['mean']:.4f} [{r['low']:.4f}, {r['high']:.4f}], worse than "
-                 f"the champion's [{r['champion']['low']:.4f}, {r['champion']['high']:.4f}] ({r['direction']})"
-                 for r in found]
-        raise BenchmarkRegression(f"benchmark regressed against the champion (gate rule {rule}):\n" + "\n".join(lines),
+        raise BenchmarkRegression(f"benchmark regressed against the champion (gate rule {rule}):\n"
+                                  + "\n".join(_described(r) for r in found),
                                   fix=f"inspect the variants' runs under {Path(out) / 'runs'} and the image grids "
                                       f"in {Path(out) / 'leaderboard.html'}; promote nothing from this benchmark")
