@@ -109,6 +109,23 @@ def test_alchemy_on_world_sdxl_is_compared_with_dreambooth_on_world_sdxl_when_bo
     assert rows["alchemy-over-db"]["tests"][0]["b_run"] == "dreambooth+model.base=world-sd15"
 
 
+def test_hypnos_varying_prompts_row_reads_the_world_set_and_the_invariant_row_names_the_missing_set():
+    """A world benchmark draws the world set only: Hypnos' Table 2 row (varying prompts) is decided on it; the
+    Table 1 row (prompt-invariant) has no pairs and says which prompt set the benchmark must add."""
+    from subjectops.benchmark.claims import claims_table
+
+    runs = _runs("dreambooth", "hypnos")
+    values = {label: {(g, "world", img, seed): {"dino-subject": v["dino"], "clip-i-subject": v["dino"]}
+                      for (g, _, img, seed), v in per_image.items()}
+              for label, per_image in _values({"hypnos": 0.6, "dreambooth": 0.5}, "dino").items()}
+    rows = {r["id"]: r for r in claims_table(values, runs)["rows"]}
+    varying = rows["hypnos-over-db-prompt-varying"]
+    assert varying["verdict"] == "holds" and [t["n_pairs"] for t in varying["tests"]] == [40, 40]
+    invariant = rows["hypnos-over-db-prompt-invariant"]
+    assert invariant["verdict"] == "inconclusive" and invariant["tests"][0]["n_pairs"] == 0
+    assert "infer.prompt_sets must include prompt-invariant" in invariant["tests"][0]["why"]
+
+
 def test_two_stage_claim_is_inconclusive_when_it_trains_the_unet_longer():
     from subjectops.benchmark.claims import CLAIMS, claims_table
 
