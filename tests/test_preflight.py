@@ -94,6 +94,12 @@ def test_the_method_and_strategy_weights_are_named_by_their_keys(tmp_path):
     assert rows["infer.alchemy.clipseg_model"].missing and rows["infer.alchemy.clipseg_model"].stage == "infer"
     guided = roles(check_weights(load_params(None, ["infer.strategy=reference-guided", "evaluate.tiny=true"])))
     assert guided["infer.reference_guided.dino"].ident == "facebook/dino-vits16"
+    # `auto` is what infer loads on each base model: the world's shipped DINO-role encoder on the world's models
+    for base in ("world-sd15", "world-sdxl"):
+        world = roles(check_weights(load_params(None, ["infer.strategy=reference-guided", f"model.base={base}"])))
+        assert world["infer.reference_guided.dino"].ident == "world" and world["infer.reference_guided.dino"].present
+    tiny = roles(check_weights(load_params(None, ["infer.strategy=reference-guided", "model.base=tiny-sd15"])))
+    assert tiny["infer.reference_guided.dino"].ident == "tiny"
 
 
 class _Answer(http.server.BaseHTTPRequestHandler):

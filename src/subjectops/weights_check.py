@@ -167,8 +167,10 @@ def infer_weights(params: Params) -> list[WeightStatus]:
         elif cfg.segmenter == "sam":
             rows.append(_sam(cfg.sam_checkpoint, "infer.alchemy.sam_checkpoint", "infer", "SAM (alchemy segmenter)"))
     elif strategy == "reference-guided":
+        from subjectops.inference.reference_guided import dino_model
+
         cfg = params.infer.reference_guided
-        dino = cfg.dino if cfg.dino != "auto" else ("tiny" if is_tiny(params.model) else "facebook/dino-vits16")
+        dino = dino_model(cfg.dino, params.model.base)  # what infer loads: `auto` resolves per base model there
         rows.append(_encoder("DINO", dino, "infer.reference_guided.dino", "infer", params.model.cache_dir,
                              "DINO (reference choice)"))
         if cfg.captioner:
