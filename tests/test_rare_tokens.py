@@ -71,6 +71,35 @@ def test_scan_on_the_base_model_is_deterministic_cached_and_feeds_best_token(tmp
     assert other != first.cache_file and other.parent == first.cache_file.parent
 
 
+def test_sigterm_stops_a_scan_after_the_token_in_progress_and_the_next_scan_resumes(tmp_path, monkeypatch):
+    from subjectops import stopping
+    from subjectops.models import sampling
+
+    model = ModelCfg(base="tiny-sdxl")
+    cfg = TokenScanCfg(candidates=["immen", "pasqu", "iklan"], images_per_token=2, steps=1, resolution=32,
+                       cache_dir=str(tmp_path))
+    rendered = []
+    real_generate = sampling.generate
+
+    def generate_then_sigterm(pipe, prompts, *args, **kwargs):
+        rendered.append(prompts[0])
+        stopping._requested.set()  # what SIGTERM's handler does, while the first token renders
+        return real_generate(pipe, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", generate_then_sigterm)
+    try:
+        with pytest.raises(stopping.Stopped, match="token scan stopped by SIGTERM after 1 of 4 tokens"):
+            rare_tokens.scan(cfg, model)
+    finally:
+        stopping._requested.clear()
+    assert len(rendered) == cfg.images_per_token  # the token in progress finished, no other began
+    path = rare_tokens.cache_file(cfg, model)[0]
+    assert set(json.loads(path.read_text())["scores"]) == {"immen"}
+    monkeypatch.setattr(sampling, "generate", real_generate)
+    finished = rare_tokens.scan(cfg, model)  # resumes: the stopped scan's score is reused
+    assert set(json.loads(finished.cache_file.read_text())["scores"]) == {"immen", "pasqu", "iklan", "sks"}
+
+
 def test_default_candidates_are_the_papers_list():
     assert TokenScanCfg().candidates[:3] == ["immen", "pasqu", "iklan"] and len(PAPER_TOKENS) == 28
     assert TokenScanCfg().reference_tokens == ["sks"]

@@ -173,6 +173,7 @@ def scan(cfg: TokenScanCfg, model: ModelCfg, candidates: Sequence[str] | None = 
     from subjectops.console import counted_columns, progress
     from subjectops.models.loading import load_pipeline
     from subjectops.models.sampling import generate, use_scheduler
+    from subjectops.stopping import stop_if_requested
 
     path, key = cache_file(cfg, model)
     candidates = list(candidates or cfg.candidates)
@@ -197,9 +198,13 @@ def scan(cfg: TokenScanCfg, model: ModelCfg, candidates: Sequence[str] | None = 
         tmp.write_text(json.dumps({"settings": key, "base": model.base, "scores": known}, indent=2, sort_keys=True))
         tmp.replace(path)
         shown.update(task, advance=1, last=f"{token}: {score:.4f}")
+        # a token takes seconds to minutes and a scan up to half an hour: SIGTERM stops it here, the scores kept
+        stop_if_requested("token scan", f"after {sum(t in known for t in wanted)} of {len(wanted)} tokens (scores "
+                                        f"kept in {path})")
 
     seeds = [cfg.seed + i for i in range(cfg.images_per_token)]
-    to_score = [t for t in dict.fromkeys([*candidates, *cfg.reference_tokens]) if t not in known]
+    wanted = list(dict.fromkeys([*candidates, *cfg.reference_tokens]))
+    to_score = [t for t in wanted if t not in known]
     with progress(*counted_columns("last")) as shown:
         task = shown.add_task(f"token scan of {model.base}", total=len(to_score), last="")
         ranked, refs = rank_tokens(render, candidates, cfg.reference_tokens, seeds, known, record)
