@@ -369,6 +369,33 @@ def test_a_variants_own_model_wins_over_the_benchmarks_model():
 
 
 # ------------------------------------------------------------------------------------------ shared models
+def test_a_benchmark_with_a_variant_on_its_own_base_model_writes_one_leaderboard_naming_each_rows_model(tmp_path):
+    """`alchemy+model.base=world-sdxl` in a world-sd15 benchmark: `subjectops compare` refuses runs of two base
+    models, the benchmark's leaderboard keeps both and says which model each row ran on."""
+    from synthetic_runs import synthetic_params, write_stage
+
+    from subjectops.benchmark.local import BenchSubject, Cell, parse_variant, write_reports
+    from subjectops.errors import SubjectopsError
+    from subjectops.selection.compare import leaderboard
+
+    cells = []
+    for label, base in (("lora", "tiny-sd15"), ("lora+model.base=tiny-sdxl", "tiny-sdxl")):
+        params = synthetic_params(model__base=base)
+        run = tmp_path / "runs" / label / "teapot"
+        for stage in ("refine", "infer", "evaluate"):  # what the reports read; no adapter needed
+            write_stage(run, stage, params)
+        (run / "finetune").mkdir()
+        (run / "finetune" / "method.json").write_text(json.dumps({"method": "lora", "base_model": base}))
+        cells.append(Cell(parse_variant(label), BenchSubject("teapot", tmp_path, "teapot"), None, params, run))
+    with pytest.raises(SubjectopsError, match="different base models"):
+        leaderboard([c.run_dir for c in cells])
+    write_reports(tmp_path, cells, track=False)
+    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert board["row_models"] == {"lora": "tiny-sd15", "lora+model.base=tiny-sdxl": "tiny-sdxl"}
+    assert "| lora+model.base=tiny-sdxl | tiny-sdxl |" in (tmp_path / "leaderboard.md").read_text()
+    assert "<th>base model</th>" in (tmp_path / "leaderboard.html").read_text()
+
+
 def test_shared_models_load_a_pipeline_once_and_hand_out_private_copies(tiny_params):
     import torch
 

@@ -335,7 +335,7 @@ def write_reports(out: Path, cells: Sequence[Cell], track: bool) -> None:
     from subjectops.benchmark.claims import claims_table, write_claims
     from subjectops.selection.compare import leaderboard_of, write_leaderboard
 
-    board = leaderboard_of(load_scores(cells))
+    board = leaderboard_of(load_scores(cells), one_base_model=False)  # a variant may name its model.base
     write_leaderboard(board, out)
     grids = write_grids(out, cells)
     page = (out / "leaderboard.html").read_text()

@@ -117,11 +117,13 @@ def _refuse_mixed(runs: list[RunScores], attribute: str, what: str, fix: str) ->
                               f"would compare the {what}, not the methods", fix=fix)
 
 
-def check_comparable(runs: list[RunScores]) -> None:
-    """Refuse, naming the difference, when runs differ in base model or kind of backbones, when two runs of one
-    subject differ in prompt sets, seeds or backbones, or when the rows did not all run on the same subjects."""
-    _refuse_mixed(runs, "base_model", "base models", "compare runs of one base model (model.base), one "
-                                                     "`subjectops compare` per base model")
+def check_comparable(runs: list[RunScores], one_base_model: bool = True) -> None:
+    """Refuse, naming the difference, when runs differ in base model (unless `one_base_model` is off) or kind of
+    backbones, when two runs of one subject differ in prompt sets, seeds or backbones, or when the rows did not all
+    run on the same subjects."""
+    if one_base_model:
+        _refuse_mixed(runs, "base_model", "base models", "compare runs of one base model (model.base), one "
+                                                         "`subjectops compare` per base model")
     _refuse_mixed(runs, "provenance", "kinds of metric backbones (random, world-pretrained, pretrained)",
                   "compare runs evaluated with the same kind of encoders (evaluate.tiny, evaluate.backbones)")
     subjects = sorted({run.subject for run in runs})
@@ -175,8 +177,13 @@ class Leaderboard:
     subjects: list[str]
     higher_is_better: dict[str, bool] = field(default_factory=dict)  # column -> direction
     by_subject: dict[str, dict[str, dict[str, Cell]]] = field(default_factory=dict)  # subject -> row -> column
-    base_model: str = ""
+    base_model: str = ""  # the base models, comma-separated when the rows ran on several (see row_models)
     warning: str | None = None  # the first line when the numbers measure nothing (random backbones) or the world
+    row_models: dict[str, str] = field(default_factory=dict)  # row -> the base model it ran on
+
+    @property
+    def several_models(self) -> bool:
+        return len(set(self.row_models.values())) > 1
 
     def header(self, column: str) -> str:
         arrow = {True: " ↑", False: " ↓"}.get(self.higher_is_better.get(column), "")
@@ -202,27 +209,35 @@ class Leaderboard:
         return tables
 
     def _explanation(self) -> str:
-        return (f"Base model {self.base_model}; mean [95% bootstrap interval] over the per-image values; ↑ higher is "
-                f"better, ↓ lower is better; a mean without an interval is a {SET_LEVEL_NOTE}.")
+        models = (f"Base models {self.base_model} (each row's in its column: rows on different models compare the "
+                  "models as well as the methods)") if self.several_models else f"Base model {self.base_model}"
+        return (f"{models}; mean [95% bootstrap interval] over the per-image values; ↑ higher is better, ↓ lower is "
+                f"better; a mean without an interval is a {SET_LEVEL_NOTE}.")
+
+    def _model_cells(self, row: str) -> list[str]:
+        return [self.row_models.get(row, "")] if self.several_models else []
 
     def markdown(self) -> str:
         lines = [f"**{self.warning}**", ""] if self.warning else []
         lines += [f"Leaderboard over {len(self.subjects)} subject(s): {', '.join(self.subjects)}. "
                   + self._explanation()]
         for title, rows in self._tables():
+            model_header = ["base model"] if self.several_models else []
             lines += ["", f"### {title}", "",
-                      "| method / strategy | " + " | ".join(self.header(c) for c in self.columns) + " |",
-                      "|---|" + "---|" * len(self.columns)]
-            lines += [f"| {row} | " + " | ".join(self.format(cells, c) for c in self.columns) + " |"
-                      for row, cells in rows.items()]
+                      "| " + " | ".join(["method / strategy", *model_header, *map(self.header, self.columns)]) + " |",
+                      "|---|" + "---|" * (len(model_header) + len(self.columns))]
+            lines += ["| " + " | ".join([row, *self._model_cells(row), *(self.format(cells, c) for c in self.columns)])
+                      + " |" for row, cells in rows.items()]
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
-        head = "".join(f"<th>{html.escape(self.header(c))}</th>" for c in self.columns)
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in (["base model"] if self.several_models else [])) \
+            + "".join(f"<th>{html.escape(self.header(c))}</th>" for c in self.columns)
         tables = "".join(
             f"<h2>{html.escape(title)}</h2><table class=\"{'leaderboard' if i == 0 else 'leaderboard subject'}\">"
             f"<tr><th>method / strategy</th>{head}</tr>" + "".join(
-                f"<tr><td>{html.escape(row)}</td>" + "".join(
+                f"<tr><td>{html.escape(row)}</td>"
+                + "".join(f"<td>{html.escape(m)}</td>" for m in self._model_cells(row)) + "".join(
                     f"<td class=\"num\">{self.format(cells, c)}</td>" for c in self.columns) + "</tr>"
                 for row, cells in rows.items()) + "</table>"
             for i, (title, rows) in enumerate(self._tables()))
@@ -238,7 +253,7 @@ class Leaderboard:
                     for row, cells in rows.items()}
 
         return {"columns": self.columns, "subjects": self.subjects, "runs": self.runs, "base_model": self.base_model,
-                "warning": self.warning, "higher_is_better": self.higher_is_better,
+                "row_models": self.row_models, "warning": self.warning, "higher_is_better": self.higher_is_better,
                 "rows": cells_dict(self.rows),
                 "by_subject": {subject: cells_dict(rows) for subject, rows in self.by_subject.items()}}
 
@@ -281,9 +296,10 @@ def leaderboard(run_dirs: list[Path]) -> Leaderboard:
     return leaderboard_of([load_run(d) for d in run_dirs])
 
 
-def leaderboard_of(runs: list[RunScores]) -> Leaderboard:
-    """The leaderboard of loaded runs: refused unless they are comparable subject by subject."""
-    check_comparable(runs)
+def leaderboard_of(runs: list[RunScores], one_base_model: bool = True) -> Leaderboard:
+    """The leaderboard of loaded runs: refused unless they are comparable subject by subject. `one_base_model` off
+    (the benchmark, whose variants may name their own model.base): rows on several base models, each row's shown."""
+    check_comparable(runs, one_base_model)
     members: dict[str, list[str]] = {}
     for run in runs:
         members.setdefault(run.row, []).append(str(run.run_dir))
@@ -291,8 +307,9 @@ def leaderboard_of(runs: list[RunScores]) -> Leaderboard:
     subjects = sorted({r.subject for r in runs})
     return Leaderboard(sorted({c for cells in rows.values() for c in cells}), rows, members, subjects,
                        {c: h for run in runs for c, h in run.higher_is_better.items()},
-                       {s: _cells([r for r in runs if r.subject == s]) for s in subjects}, runs[0].base_model,
-                       _warning(runs))
+                       {s: _cells([r for r in runs if r.subject == s]) for s in subjects},
+                       ", ".join(dict.fromkeys(r.base_model for r in runs)), _warning(runs),
+                       {r.row: r.base_model for r in runs})
 
 
 def write_leaderboard(board: Leaderboard, out: Path) -> Path:
