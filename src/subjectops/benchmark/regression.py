@@ -97,15 +97,13 @@ def subject_change(board: dict, champion: dict, row: str, column: str, higher_is
                               fix=f"run at least {MIN_PAIRED_SUBJECTS} subjects, or use --gate-rule disjoint")
     sign = 1.0 if higher_is_better else -1.0  # > 0: better
     d = [sign * (ours[s] - theirs[s]) for s in subjects]
-    n, mean = len(d), sum(d) / len(d)
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
-    level = GATE_LEVEL / n_scores
-    if se == 0:  # identical changes on every subject: the sign decides
+    mean, level = sum(d) / len(d), GATE_LEVEL / n_scores
+    if len(set(d)) == 1:  # identical changes on every subject (no spread for a t-test): the sign decides
         p, bound = (0.0 if mean < 0 else 1.0), mean
     else:
-        p = float(stats.t.cdf(mean / se, n - 1))
-        bound = mean + float(stats.t.ppf(1 - level, n - 1)) * se
-    return {"subjects": n, "change": sign * mean, "bound": sign * bound, "p": p, "level": level,
+        test = stats.ttest_1samp(d, 0.0, alternative="less")
+        p, bound = float(test.pvalue), float(test.confidence_interval(1 - level).high)
+    return {"subjects": len(d), "change": sign * mean, "bound": sign * bound, "p": p, "level": level,
             "regressed": p < level}
 
 

@@ -214,6 +214,9 @@ class Leaderboard:
         return (f"{models}; mean [95% bootstrap interval] over the per-image values; ↑ higher is better, ↓ lower is "
                 f"better; a mean without an interval is a {SET_LEVEL_NOTE}.")
 
+    def _model_header(self) -> list[str]:
+        return ["base model"] if self.several_models else []
+
     def _model_cells(self, row: str) -> list[str]:
         return [self.row_models.get(row, "")] if self.several_models else []
 
@@ -222,17 +225,14 @@ class Leaderboard:
         lines += [f"Leaderboard over {len(self.subjects)} subject(s): {', '.join(self.subjects)}. "
                   + self._explanation()]
         for title, rows in self._tables():
-            model_header = ["base model"] if self.several_models else []
-            lines += ["", f"### {title}", "",
-                      "| " + " | ".join(["method / strategy", *model_header, *map(self.header, self.columns)]) + " |",
-                      "|---|" + "---|" * (len(model_header) + len(self.columns))]
+            header = ["method / strategy", *self._model_header(), *map(self.header, self.columns)]
+            lines += ["", f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             lines += ["| " + " | ".join([row, *self._model_cells(row), *(self.format(cells, c) for c in self.columns)])
                       + " |" for row, cells in rows.items()]
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in (["base model"] if self.several_models else [])) \
-            + "".join(f"<th>{html.escape(self.header(c))}</th>" for c in self.columns)
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in [*self._model_header(), *map(self.header, self.columns)])
         tables = "".join(
             f"<h2>{html.escape(title)}</h2><table class=\"{'leaderboard' if i == 0 else 'leaderboard subject'}\">"
             f"<tr><th>method / strategy</th>{head}</tr>" + "".join(
