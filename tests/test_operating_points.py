@@ -234,4 +234,6 @@ def test_compare_marks_directions_carries_the_random_banner_and_gives_fid_no_int
     for row in table[1:]:
         assert re.fullmatch(r"\d+\.\d{4}", row[fid]), row[fid]  # the mean, no [low, high]
         assert re.fullmatch(r"\d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\]", row[dino]), row[dino]
+    # the interval on a line of its own under the mean: a dozen metric columns fit a screen
+    assert re.search(r"<td class=\"num\">\d\.\d{4} <br><span class=\"ci\">\[\d\.\d{4}, \d\.\d{4}\]</span></td>", page)
     assert "set-level metric (one value per image set): no interval" in page

@@ -196,6 +196,15 @@ class Leaderboard:
         mean, low, high = cells[column]
         return f"{mean:.4f}" if low is None else f"{mean:.4f} [{low:.4f}, {high:.4f}]"
 
+    @staticmethod
+    def html_cell(cells: dict[str, Cell], column: str) -> str:
+        """The mean with its interval on a line of its own below it, so a dozen metric columns fit a screen; the
+        cell's text still reads `mean [low, high]`, as in the markdown."""
+        if column not in cells or cells[column][1] is None:
+            return Leaderboard.format(cells, column)
+        mean, low, high = cells[column]
+        return f"{mean:.4f} <br><span class=\"ci\">[{low:.4f}, {high:.4f}]</span>"
+
     def cell(self, row: str, column: str) -> str:
         return self.format(self.rows[row], column)
 
@@ -238,7 +247,7 @@ class Leaderboard:
             f"<tr><th>method / strategy</th>{head}</tr>" + "".join(
                 f"<tr><td>{html.escape(row)}</td>"
                 + "".join(f"<td>{html.escape(m)}</td>" for m in self._model_cells(row)) + "".join(
-                    f"<td class=\"num\">{self.format(cells, c)}</td>" for c in self.columns) + "</tr>"
+                    f"<td class=\"num\">{self.html_cell(cells, c)}</td>" for c in self.columns) + "</tr>"
                 for row, cells in rows.items()) + "</table>"
             for i, (title, rows) in enumerate(self._tables()))
         banner = f"<p class=\"warning\" id=\"quality-warning\">{html.escape(self.warning)}</p>" if self.warning else ""
@@ -263,7 +272,8 @@ LEADERBOARD_CSS = ("body{font-family:system-ui,sans-serif;margin:24px;color:#1d2
                    "font-weight:600;font-size:16px}"
                    "table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}"
                    "th,td{border:1px solid #d0d7de;padding:4px 8px}th{background:#f6f8fa;text-align:left}"
-                   "td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}")
+                   "td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+                   ".ci{color:#57606a;font-size:11px}")
 
 
 def _warning(runs: list[RunScores]) -> str | None:
