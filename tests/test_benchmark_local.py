@@ -337,22 +337,33 @@ def test_bad_benchmark_input_fails_before_any_work(tmp_path, example_subject):
     assert not (tmp_path / "out").exists()
 
 
-def test_seeds_rerun_every_pair_with_other_training_and_sampling_seeds(tmp_path):
-    """`--seeds 1,2`: each pair once per seed, in its own folder, with finetune.seed and infer.seed set; the gate
-    compares such a rerun with a champion of the same subjects."""
-    from subjectops.benchmark.local import BenchSubject, parse_variant, plan_cells, variant_params
+def test_seeds_rerun_every_pair_with_other_training_and_sampling_seeds_drawn_per_subject(tmp_path):
+    """`--seeds 1,2`: each pair once per seed, in its own folder; benchmark seed N trains and samples each subject
+    with its own seed drawn from N and the subject's name, the same for every variant of that subject (so a seed's
+    luck is independent across subjects); the gate compares such a rerun with a champion of the same subjects."""
+    from subjectops.benchmark.local import BenchSubject, parse_variant, plan_cells, subject_seed, variant_params
     from subjectops.benchmark.regression import regressions
+    from subjectops.config import load_params
 
-    subject = BenchSubject("world-cup-5", WORLD_SUBJECT / "photos", "cup")
+    cup, teapot = BenchSubject("world-cup-5", WORLD_SUBJECT / "photos", "cup"), \
+        BenchSubject("world-teapot-3", WORLD_SUBJECT / "photos", "teapot")
     build = functools.partial(variant_params, REPO / "params.yaml", [], None)
-    cells = plan_cells([parse_variant("lora"), parse_variant("dreambooth@reference-guided")], [subject], [1, 2],
+    cells = plan_cells([parse_variant("lora"), parse_variant("dreambooth@reference-guided")], [cup, teapot], [1, 2],
                        tmp_path, build)
-    assert [(c.variant.label, c.group, c.params.finetune.seed, c.params.infer.seed) for c in cells] == [
-        ("lora", "world-cup-5@seed-1", 1, 1), ("lora", "world-cup-5@seed-2", 2, 2),
-        ("dreambooth@reference-guided", "world-cup-5@seed-1", 1, 1),
-        ("dreambooth@reference-guided", "world-cup-5@seed-2", 2, 2)]
-    assert cells[3].run_dir == tmp_path / "runs" / "dreambooth@reference-guided" / "world-cup-5" / "seed-2"
-    assert cells[3].params.infer.strategy == "reference-guided"
+    seeds = {(c.variant.label, c.group): (c.params.finetune.seed, c.params.infer.seed) for c in cells}
+    assert len(seeds) == 8
+    for group in ("world-cup-5@seed-1", "world-cup-5@seed-2", "world-teapot-3@seed-1", "world-teapot-3@seed-2"):
+        subject, seed = group.split("@seed-")
+        drawn = subject_seed(int(seed), subject)
+        assert seeds["lora", group] == seeds["dreambooth@reference-guided", group] == (drawn, drawn)
+    drawn = {seeds["lora", group][0] for group in ("world-cup-5@seed-1", "world-cup-5@seed-2",
+                                                   "world-teapot-3@seed-1", "world-teapot-3@seed-2")}
+    assert len(drawn) == 4  # other subjects, other seeds
+    assert cells[-1].run_dir == tmp_path / "runs" / "dreambooth@reference-guided" / "world-teapot-3" / "seed-2"
+    assert cells[-1].params.infer.strategy == "reference-guided"
+    own = load_params(REPO / "params.yaml", method="lora")
+    unseeded = build(parse_variant("lora"), "world-cup-5", None)  # no --seeds: the params' own seeds
+    assert (unseeded.finetune.seed, unseeded.infer.seed) == (own.finetune.seed, own.infer.seed)
     rerun = dict(_board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}}),
                  subjects=["world-cup-5@seed-1", "world-cup-5@seed-2"])
     assert regressions(rerun, _board({"lora": {"prompt-invariant/DINO": (0.6, 0.58, 0.62)}})) == []
@@ -364,8 +375,8 @@ def test_a_variants_own_model_wins_over_the_benchmarks_model():
     from subjectops.benchmark.local import parse_variant, variant_params
 
     build = functools.partial(variant_params, REPO / "params.yaml", ["infer.prompt_sets=[world]"], "world-sd15")
-    assert build(parse_variant("alchemy+model.base=world-sdxl"), None).model.base == "world-sdxl"
-    assert build(parse_variant("dreambooth"), None).model.base == "world-sd15"
+    assert build(parse_variant("alchemy+model.base=world-sdxl"), "world-cup-5", None).model.base == "world-sdxl"
+    assert build(parse_variant("dreambooth"), "world-cup-5", None).model.base == "world-sd15"
 
 
 # ------------------------------------------------------------------------------------------ shared models
