@@ -289,6 +289,55 @@ def test_the_subject_paired_rule_needs_three_subjects_and_says_so_before_any_wor
         regressions(two, two, "subject-paired")
 
 
+def _seeds_board(*boards: dict) -> dict:
+    """One leaderboard of several benchmark seeds (`--seeds 0,1,2`), from one `_subject_board` per seed."""
+    merged = {"subjects": [], "rows": boards[0]["rows"], "by_subject": {}}
+    for board in boards:
+        merged["subjects"] += board["subjects"]
+        merged["by_subject"].update(board["by_subject"])
+    return merged
+
+
+def test_the_seed_spread_rule_judges_a_rerun_by_the_champions_spread_between_seeds_not_its_luckiest_seed(tmp_path):
+    """A champion run with 3 seeds: a clean rerun below its luckiest seed on every subject passes (the subject-paired
+    rule against that seed alone fails it); a drop of 0.1 on every subject fails, with the pooled spread's t-test."""
+    from subjectops.benchmark.aggregate import BenchmarkRegression
+    from subjectops.benchmark.regression import check_regressions, regressions
+
+    dino = "world/DINO"
+    seeds = [_subject_board({"lora": {dino: [0.34, 0.24, 0.44]}}, seed=0),  # the luckiest seed on every subject
+             _subject_board({"lora": {dino: [0.32, 0.22, 0.42]}}, seed=1),
+             _subject_board({"lora": {dino: [0.30, 0.20, 0.40]}}, seed=2)]
+    champion = _seeds_board(*seeds)
+    rerun = _subject_board({"lora": {dino: [0.30, 0.21, 0.40]}}, seed=3)
+    broken = _subject_board({"lora": {dino: [0.22, 0.12, 0.32]}}, seed=3)
+    assert [r["metric"] for r in regressions(rerun, seeds[0], "subject-paired")] == ["dino"]
+    assert regressions(rerun, champion, "seed-spread") == []
+    found = regressions(broken, champion, "seed-spread")
+    assert [(r["variant"], r["metric"]) for r in found] == [("lora", "dino")]
+    test = found[0]["subject_change"]
+    # spread within each subject: sd 0.02 (6 degrees of freedom); the change's standard error
+    # 0.02 * sqrt(3 * (1/3 + 1)) / 3 = 0.01333; one-sided bound -0.1 + t(0.95, 6) 1.943 * 0.01333
+    assert test["subjects"] == 3 and test["seeds"] == {"champion": 9, "ours": 3}
+    assert test["change"] == pytest.approx(-0.1) and test["bound"] == pytest.approx(-0.0741, abs=1e-4)
+    assert test["p"] < test["level"] == pytest.approx(0.05)
+    with pytest.raises(BenchmarkRegression, match="over 3 subjects \\(9 champion seeds\\)"):
+        check_regressions(broken, champion, tmp_path, "seed-spread")
+
+
+def test_the_seed_spread_rule_needs_a_champion_of_two_seeds_per_subject_and_says_so_before_any_work():
+    from subjectops.benchmark.regression import check_rule, regressions
+    from subjectops.errors import SubjectopsError
+
+    one = _subject_board({"lora": {"world/DINO": [0.3, 0.2, 0.4]}})
+    with pytest.raises(SubjectopsError, match="fewer than 2 seeds") as err:
+        check_rule("seed-spread", 3, one)
+    assert "--seeds 0,1,2" in err.value.fix
+    with pytest.raises(SubjectopsError, match="at least 2 champion seeds"):
+        regressions(one, one, "seed-spread")
+    check_rule("seed-spread", 3, _seeds_board(one, _subject_board({"lora": {"world/DINO": [0.3, 0.2, 0.4]}}, 1)))
+
+
 def test_regression_gate_refuses_a_champion_of_other_subjects(tmp_path):
     from subjectops.benchmark.regression import check_regressions
     from subjectops.errors import SubjectopsError

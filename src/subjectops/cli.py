@@ -406,14 +406,16 @@ def benchmark_run(
         model: Optional[str] = ModelOpt,
         class_word: Optional[str] = typer.Option(None, "--class", help="class word of photo folders without a "
                                                  "class.txt"),
-        seeds: Optional[List[str]] = typer.Option(None, "--seeds", help="benchmark seeds, comma-separated: each sets "
-                                                  "finetune.seed and infer.seed (default: the params')"),
+        seeds: Optional[List[str]] = typer.Option(None, "--seeds", help="benchmark seeds, comma-separated: each draws "
+                                                  "every subject's finetune.seed and infer.seed from it and the "
+                                                  "subject's name (default: the params' seeds)"),
         champion: Optional[Path] = typer.Option(None, "--champion", help="an earlier benchmark's folder or "
                                                 "leaderboard.json: fail when a score falls below its interval"),
         gate_rule: str = typer.Option(DEFAULT_GATE_RULE, "--gate-rule", help="when a score regressed against "
                                       "--champion: disjoint (its whole interval on the worse side of the champion's), "
-                                      "mean-outside (its mean there) or subject-paired (a paired t-test over the "
-                                      "subjects, at least 3)"),
+                                      "mean-outside (its mean there), subject-paired (a paired t-test over the "
+                                      "subjects, at least 3) or seed-spread (a t-test against the spread between "
+                                      "the seeds of a champion run with --seeds 0,1,2 or more)"),
         params_path: Path = ParamsOpt, sets: Optional[List[str]] = SetOpt,
         track: bool = typer.Option(True, "--track/--no-track", help="log the leaderboard and claims to MLflow")):
     """Every method on every subject in this process (same prompts, seeds, encoders; models loaded once), resuming

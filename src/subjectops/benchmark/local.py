@@ -261,7 +261,7 @@ def run_benchmark(*, params_path: Path, sets: Sequence[str], model: Optional[str
         check_class_word(subject.class_word)
         load_subject(subject.photos, cells[0].params.subject, training_resolution(cells[0].params))
     champion_board = read_champion(champion) if champion is not None else None
-    check_rule(gate_rule, len(subjects))
+    check_rule(gate_rule, len(subjects), champion_board)
     require_writable(out, "the benchmark folder (--out)")
     result = BenchmarkResult(out, cells)
     shared = SharedModels()

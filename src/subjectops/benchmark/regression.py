@@ -11,6 +11,15 @@ trained once per benchmark:
   champion's) is worse than 0 by a one-sided paired t-test over the subjects at level 5% / m, m the number of
   scores the gate judges (Bonferroni: a clean rerun fails on some score at most 5% of the time when the changes are
   normal). It needs at least 3 subjects.
+Over subjects that share the benchmark seed (before each subject drew its own, benchmark/local.py), that t-test read a
+seed's shared luck as a regression. The fourth rule takes the spread from a champion benchmark run with several
+seeds (`--seeds 0,1,2,3`), each subject with its own seed:
+- `seed-spread`: the mean over subjects of the change (this benchmark's subject mean over its seeds minus the
+  champion's) is worse than 0 by a one-sided t-test whose variance is the champion's spread between seeds within each
+  subject (pooled over subjects, K_s - 1 degrees of freedom each), at level 5% / m. A clean rerun is one more draw of
+  the seeds: its change has variance sigma^2 (1/K_s + 1/J_s) per subject, J_s its own seeds. It needs a champion with
+  at least 2 seeds of every subject; it holds when seed effects are independent across subjects and of about equal
+  spread on every subject.
 `scripts/gate_trial.py` measures how often each rule fails clean reruns with other seeds and how often it catches
 planted bugs.
 
@@ -48,22 +57,41 @@ def not_gated(cell: dict) -> bool:
     return cell["low"] is None or cell["high"] is None
 
 
-GATE_RULES = ("mean-outside", "disjoint", "subject-paired")
+GATE_RULES = ("mean-outside", "disjoint", "subject-paired", "seed-spread")
 # scripts/gate_trial.py on world-sd15 (DreamBooth and LoRA on world-cup-5, 2026-12-06): mean-outside failed all 3
 # clean reruns with other seeds, disjoint none; see the README for what each caught
 DEFAULT_GATE_RULE = "disjoint"
-GATE_LEVEL = 0.05  # the subject-paired rule's family-wise false-alarm level per benchmark
+GATE_LEVEL = 0.05  # the t-test rules' family-wise false-alarm level per benchmark
 MIN_PAIRED_SUBJECTS = 3
+MIN_CHAMPION_SEEDS = 2  # per subject, for the seed-spread rule
 
 
-def check_rule(rule: str, n_subjects: int | None = None) -> None:
-    """Refuse an unknown rule, or the subject-paired rule for a benchmark of too few subjects, before any work."""
+def check_rule(rule: str, n_subjects: int | None = None, champion: dict | None = None) -> None:
+    """Refuse an unknown rule, the subject-paired rule for a benchmark of too few subjects, or the seed-spread rule
+    against a champion of too few seeds, before any work."""
     if rule not in GATE_RULES:
         raise SubjectopsError(f"unknown gate rule {rule!r}", fix=f"use one of {', '.join(GATE_RULES)}")
     if rule == "subject-paired" and n_subjects is not None and n_subjects < MIN_PAIRED_SUBJECTS:
         raise SubjectopsError(f"the subject-paired gate rule needs at least {MIN_PAIRED_SUBJECTS} subjects; this "
                               f"benchmark has {n_subjects}",
                               fix="add --subjects, or use --gate-rule disjoint")
+    if rule == "seed-spread" and champion is not None:
+        seeds = {subject: len(runs) for subject, runs in seeds_per_subject(champion).items()}
+        few = sorted(subject for subject, n in seeds.items() if n < MIN_CHAMPION_SEEDS)
+        if few or not seeds:
+            raise SubjectopsError(f"the seed-spread gate rule takes the spread between the champion's seeds, and the "
+                                  f"champion ran {', '.join(few) or 'no subject'} with fewer than "
+                                  f"{MIN_CHAMPION_SEEDS} seeds",
+                                  fix="run the champion benchmark with --seeds 0,1,2 (or more), or use --gate-rule "
+                                      "disjoint")
+
+
+def seeds_per_subject(board: dict) -> dict[str, list[str]]:
+    """Each subject (named without its benchmark seed) -> its groups in the leaderboard (`subject@seed-N`)."""
+    out: dict[str, list[str]] = {}
+    for group in board.get("subjects", []):
+        out.setdefault(group.split("@seed-")[0], []).append(group)
+    return out
 
 
 def worse(cell: dict, theirs: dict, higher_is_better: bool, rule: str) -> bool:
@@ -73,14 +101,19 @@ def worse(cell: dict, theirs: dict, higher_is_better: bool, rule: str) -> bool:
     return (cell["mean"] if rule == "mean-outside" else cell["low"]) > theirs["high"]
 
 
-def subject_means(board: dict, row: str, column: str) -> dict[str, float]:
-    """`row`'s mean of `column` per subject (the subject named without its benchmark seed)."""
-    out = {}
-    for subject, rows in board.get("by_subject", {}).items():
+def seed_values(board: dict, row: str, column: str) -> dict[str, list[float]]:
+    """`row`'s mean of `column` per subject (named without its benchmark seed), one value per benchmark seed."""
+    out: dict[str, list[float]] = {}
+    for group, rows in sorted(board.get("by_subject", {}).items()):
         cell = rows.get(row, {}).get(column)
         if cell is not None and cell["mean"] is not None and math.isfinite(cell["mean"]):
-            out[subject.split("@seed-")[0]] = cell["mean"]
+            out.setdefault(group.split("@seed-")[0], []).append(cell["mean"])
     return out
+
+
+def subject_means(board: dict, row: str, column: str) -> dict[str, float]:
+    """`row`'s mean of `column` per subject, over the subject's benchmark seeds."""
+    return {subject: sum(values) / len(values) for subject, values in seed_values(board, row, column).items()}
 
 
 def subject_change(board: dict, champion: dict, row: str, column: str, higher_is_better: bool,
@@ -107,6 +140,37 @@ def subject_change(board: dict, champion: dict, row: str, column: str, higher_is
             "regressed": p < level}
 
 
+def seed_change(board: dict, champion: dict, row: str, column: str, higher_is_better: bool, n_scores: int) -> dict:
+    """The t-test of the seed-spread rule (see the module): the mean per-subject change, its one-sided bound at
+    level GATE_LEVEL / n_scores on the better side, the p-value of "no worse", and whether it regressed."""
+    from scipy import stats
+
+    ours, theirs = seed_values(board, row, column), seed_values(champion, row, column)
+    subjects = sorted(set(ours) & set(theirs))
+    if not subjects or any(len(theirs[s]) < MIN_CHAMPION_SEEDS for s in subjects):
+        raise SubjectopsError(f"the seed-spread gate rule needs {row}: {column} of at least {MIN_CHAMPION_SEEDS} "
+                              "champion seeds on every subject both leaderboards ran",
+                              fix="run the champion benchmark with --seeds 0,1,2 (or more), or use --gate-rule "
+                                  "disjoint")
+    sign, level = (1.0 if higher_is_better else -1.0), GATE_LEVEL / n_scores
+    mine, base = ({s: sum(v[s]) / len(v[s]) for s in subjects} for v in (ours, theirs))
+    change = sign * sum(mine[s] - base[s] for s in subjects) / len(subjects)
+    squares = sum((x - base[s]) ** 2 for s in subjects for x in theirs[s])
+    df = sum(len(theirs[s]) - 1 for s in subjects)
+    scale = sum(1 / len(theirs[s]) + 1 / len(ours[s]) for s in subjects) ** 0.5 / len(subjects)
+    se = (squares / df) ** 0.5 * scale
+    if se == 0:  # the champion's seeds agree exactly: the sign decides
+        p, bound = (0.0 if change < 0 else 1.0), change
+    else:
+        p, bound = float(stats.t.cdf(change / se, df)), change + float(stats.t.ppf(1 - level, df)) * se
+    return {"subjects": len(subjects),
+            "seeds": {"champion": df + len(subjects), "ours": sum(len(ours[s]) for s in subjects)},
+            "change": sign * change, "bound": sign * bound, "p": p, "level": level, "regressed": p < level}
+
+
+TESTS = {"subject-paired": subject_change, "seed-spread": seed_change}  # the rules that test a change
+
+
 def regressions(board: dict, champion: dict, rule: str = DEFAULT_GATE_RULE) -> list[dict]:
     from subjectops.metrics.definitions import METRICS
 
@@ -123,8 +187,7 @@ def regressions(board: dict, champion: dict, rule: str = DEFAULT_GATE_RULE) -> l
                 judged.append((row, column, cell, theirs, METRICS[metric].higher_is_better, metric))
     found = []
     for row, column, cell, theirs, higher, metric in judged:
-        paired = subject_change(board, champion, row, column, higher, len(judged)) \
-            if rule == "subject-paired" else None
+        paired = TESTS[rule](board, champion, row, column, higher, len(judged)) if rule in TESTS else None
         if paired["regressed"] if paired else worse(cell, theirs, higher, rule):
             found.append({"variant": row, "column": column, "metric": metric, "mean": cell["mean"],
                           "low": cell["low"], "high": cell["high"], "champion": theirs,
@@ -138,7 +201,8 @@ def _described(r: dict) -> str:
             f"champion's [{r['champion']['low']:.4f}, {r['champion']['high']:.4f}] ({r['direction']})")
     if "subject_change" in r:
         c = r["subject_change"]
-        line += (f"; per-subject change {c['change']:+.4f} over {c['subjects']} subjects, one-sided bound "
+        seeds = f" ({c['seeds']['champion']} champion seeds)" if "seeds" in c else ""
+        line += (f"; per-subject change {c['change']:+.4f} over {c['subjects']} subjects{seeds}, one-sided bound "
                  f"{c['bound']:+.4f}, p = {c['p']:.2g} < {c['level']:.2g}")
     return line
 
