@@ -226,16 +226,16 @@ def test_the_disjoint_rule_flags_only_a_score_whose_whole_interval_is_worse(tmp_
         regressions(broken, champion, "median")
 
 
-def _subject_board(per_subject: dict, seed: int = 0) -> dict:
-    """A leaderboard of one variant per row whose columns have these per-subject means (its overall cell: their mean,
-    with an interval of +-0.01 as one benchmark's image bootstrap gives)."""
+def _subject_board(per_subject: dict, seed: int = 0, half: float = 0.05) -> dict:
+    """A leaderboard of one variant per row whose columns have these per-subject means, each with an interval of
+    +-`half` (its overall cell: their mean, with an interval of +-0.01 as one benchmark's image bootstrap gives)."""
     by_subject = {}
     rows = {}
     for row, columns in per_subject.items():
         for column, means in columns.items():
             for i, m in enumerate(means):
                 by_subject.setdefault(f"world-s{i}@seed-{seed}", {}).setdefault(row, {})[column] = {
-                    "mean": m, "low": m - 0.05, "high": m + 0.05}
+                    "mean": m, "low": m - half, "high": m + half}
             mean = sum(means) / len(means)
             rows.setdefault(row, {})[column] = {"mean": mean, "low": mean - 0.01, "high": mean + 0.01}
     return {"subjects": sorted(by_subject), "rows": rows, "by_subject": by_subject}
@@ -305,9 +305,10 @@ def test_the_seed_spread_rule_judges_a_rerun_by_the_champions_spread_between_see
     from subjectops.benchmark.regression import check_regressions, regressions
 
     dino = "world/DINO"
-    seeds = [_subject_board({"lora": {dino: [0.34, 0.24, 0.44]}}, seed=0),  # the luckiest seed on every subject
-             _subject_board({"lora": {dino: [0.32, 0.22, 0.42]}}, seed=1),
-             _subject_board({"lora": {dino: [0.30, 0.20, 0.40]}}, seed=2)]
+    # per-subject intervals of +-0.01: a cell's sampling error (0.005) below the spread between seeds (0.02)
+    seeds = [_subject_board({"lora": {dino: [0.34, 0.24, 0.44]}}, seed=0, half=0.01),  # the luckiest seed
+             _subject_board({"lora": {dino: [0.32, 0.22, 0.42]}}, seed=1, half=0.01),
+             _subject_board({"lora": {dino: [0.30, 0.20, 0.40]}}, seed=2, half=0.01)]
     champion = _seeds_board(*seeds)
     rerun = _subject_board({"lora": {dino: [0.30, 0.21, 0.40]}}, seed=3)
     broken = _subject_board({"lora": {dino: [0.22, 0.12, 0.32]}}, seed=3)
@@ -323,6 +324,25 @@ def test_the_seed_spread_rule_judges_a_rerun_by_the_champions_spread_between_see
     assert test["p"] < test["level"] == pytest.approx(0.05)
     with pytest.raises(BenchmarkRegression, match="over 3 subjects \\(9 champion seeds\\)"):
         check_regressions(broken, champion, tmp_path, "seed-spread")
+
+
+def test_the_seed_spread_rule_takes_at_least_one_cells_sampling_error_when_the_champions_seeds_agree_by_chance():
+    """Three seeds that read the same accuracy on every subject (no spread) do not make a drop of 0.1 a regression
+    when each cell's own 95% interval is +-0.17 (standard error 0.087): the spread is floored at that error."""
+    from subjectops.benchmark.regression import regressions
+
+    acc = "world/class acc."
+    champion = _seeds_board(*[_subject_board({"lora": {acc: [0.25, 0.45, 0.625]}}, seed=k, half=0.17)
+                              for k in range(3)])
+    lower = _subject_board({"lora": {acc: [0.15, 0.35, 0.525]}}, seed=3, half=0.17)
+    assert regressions(lower, champion, "seed-spread") == []
+    # the same drop against cells with narrow intervals (error 0.005) is one
+    narrow = _seeds_board(*[_subject_board({"lora": {acc: [0.25, 0.45, 0.625]}}, seed=k, half=0.01)
+                            for k in range(3)])
+    found = regressions(lower, narrow, "seed-spread")
+    assert [r["metric"] for r in found] == ["world-class"]
+    assert found[0]["subject_change"]["spread"] == 0 and found[0]["subject_change"]["floor"] == pytest.approx(
+        0.01 / 1.96, rel=1e-3)
 
 
 def test_the_seed_spread_rule_needs_a_champion_of_two_seeds_per_subject_and_says_so_before_any_work():

@@ -17,9 +17,12 @@ seeds (`--seeds 0,1,2,3`), each subject with its own seed:
 - `seed-spread`: the mean over subjects of the change (this benchmark's subject mean over its seeds minus the
   champion's) is worse than 0 by a one-sided t-test whose variance is the champion's spread between seeds within each
   subject (pooled over subjects, K_s - 1 degrees of freedom each), at level 5% / m. A clean rerun is one more draw of
-  the seeds: its change has variance sigma^2 (1/K_s + 1/J_s) per subject, J_s its own seeds. It needs a champion with
-  at least 2 seeds of every subject; it holds when seed effects are independent across subjects and of about equal
-  spread on every subject.
+  the seeds: its change has variance sigma^2 (1/K_s + 1/J_s) per subject, J_s its own seeds. A seed draws the images
+  too, so sigma^2 is at least one cell's sampling variance (the square of its bootstrap standard error, averaged over
+  the champion's cells): a few seeds can agree by chance far more closely than that (on 3 LoRA subjects, 3 seeds read
+  the same class accuracy 0.625 on one subject, whose cells' standard error is 0.085), and the pooled spread is then
+  raised to that floor. It needs a champion with at least 2 seeds of every subject; it holds when seed effects are
+  independent across subjects and of about equal spread on every subject.
 `scripts/gate_trial.py` measures how often each rule fails clean reruns with other seeds and how often it catches
 planted bugs.
 
@@ -64,6 +67,7 @@ DEFAULT_GATE_RULE = "disjoint"
 GATE_LEVEL = 0.05  # the t-test rules' family-wise false-alarm level per benchmark
 MIN_PAIRED_SUBJECTS = 3
 MIN_CHAMPION_SEEDS = 2  # per subject, for the seed-spread rule
+NORMAL_95 = 1.959964  # a 95% interval's half-width in standard errors
 
 
 def check_rule(rule: str, n_subjects: int | None = None, champion: dict | None = None) -> None:
@@ -103,11 +107,18 @@ def worse(cell: dict, theirs: dict, higher_is_better: bool, rule: str) -> bool:
 
 def seed_values(board: dict, row: str, column: str) -> dict[str, list[float]]:
     """`row`'s mean of `column` per subject (named without its benchmark seed), one value per benchmark seed."""
-    out: dict[str, list[float]] = {}
+    return {subject: [mean for mean, _ in cells] for subject, cells in seed_cells(board, row, column).items()}
+
+
+def seed_cells(board: dict, row: str, column: str) -> dict[str, list[tuple[float, float | None]]]:
+    """`row`'s (mean, bootstrap standard error) of `column` per subject, one per benchmark seed (the error from the
+    95% interval; None without one)."""
+    out: dict[str, list[tuple[float, float | None]]] = {}
     for group, rows in sorted(board.get("by_subject", {}).items()):
         cell = rows.get(row, {}).get(column)
         if cell is not None and cell["mean"] is not None and math.isfinite(cell["mean"]):
-            out.setdefault(group.split("@seed-")[0], []).append(cell["mean"])
+            error = None if not_gated(cell) else (cell["high"] - cell["low"]) / (2 * NORMAL_95)
+            out.setdefault(group.split("@seed-")[0], []).append((cell["mean"], error))
     return out
 
 
@@ -145,7 +156,8 @@ def seed_change(board: dict, champion: dict, row: str, column: str, higher_is_be
     level GATE_LEVEL / n_scores on the better side, the p-value of "no worse", and whether it regressed."""
     from scipy import stats
 
-    ours, theirs = seed_values(board, row, column), seed_values(champion, row, column)
+    ours, cells = seed_values(board, row, column), seed_cells(champion, row, column)
+    theirs = {subject: [mean for mean, _ in c] for subject, c in cells.items()}
     subjects = sorted(set(ours) & set(theirs))
     if not subjects or any(len(theirs[s]) < MIN_CHAMPION_SEEDS for s in subjects):
         raise SubjectopsError(f"the seed-spread gate rule needs {row}: {column} of at least {MIN_CHAMPION_SEEDS} "
@@ -155,16 +167,19 @@ def seed_change(board: dict, champion: dict, row: str, column: str, higher_is_be
     sign, level = (1.0 if higher_is_better else -1.0), GATE_LEVEL / n_scores
     mine, base = ({s: sum(v[s]) / len(v[s]) for s in subjects} for v in (ours, theirs))
     change = sign * sum(mine[s] - base[s] for s in subjects) / len(subjects)
-    squares = sum((x - base[s]) ** 2 for s in subjects for x in theirs[s])
     df = sum(len(theirs[s]) - 1 for s in subjects)
+    spread = sum((x - base[s]) ** 2 for s in subjects for x in theirs[s]) / df
+    errors = [e for s in subjects for _, e in cells[s] if e is not None]
+    floor = sum(e ** 2 for e in errors) / len(errors) if errors else 0.0  # one cell's sampling variance
     scale = sum(1 / len(theirs[s]) + 1 / len(ours[s]) for s in subjects) ** 0.5 / len(subjects)
-    se = (squares / df) ** 0.5 * scale
-    if se == 0:  # the champion's seeds agree exactly: the sign decides
+    se = max(spread, floor) ** 0.5 * scale
+    if se == 0:  # no spread and no interval: the sign decides
         p, bound = (0.0 if change < 0 else 1.0), change
     else:
         p, bound = float(stats.t.cdf(change / se, df)), change + float(stats.t.ppf(1 - level, df)) * se
     return {"subjects": len(subjects),
             "seeds": {"champion": df + len(subjects), "ours": sum(len(ours[s]) for s in subjects)},
+            "spread": spread ** 0.5, "floor": floor ** 0.5,
             "change": sign * change, "bound": sign * bound, "p": p, "level": level, "regressed": p < level}
 
 
