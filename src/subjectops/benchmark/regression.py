@@ -50,9 +50,22 @@ def _metric(column: str) -> str | None:
     return next((name for name, d in METRICS.items() if d.display == display), None)
 
 
+def subject_of(group: str) -> str:
+    """A leaderboard group (`subject@seed-N`, or `subject` without --seeds) -> the subject's name."""
+    return group.split("@seed-")[0]
+
+
+def seeds_per_subject(board: dict) -> dict[str, list[str]]:
+    """Each subject -> its groups in the leaderboard, one per benchmark seed."""
+    out: dict[str, list[str]] = {}
+    for group in board.get("subjects", []):
+        out.setdefault(subject_of(group), []).append(group)
+    return out
+
+
 def _subjects(board: dict) -> list[str]:
     """The subjects without their benchmark seed: reruns with other seeds are what the gate compares."""
-    return sorted({s.split("@seed-")[0] for s in board.get("subjects", [])})
+    return sorted(seeds_per_subject(board))
 
 
 def not_gated(cell: dict) -> bool:
@@ -90,14 +103,6 @@ def check_rule(rule: str, n_subjects: int | None = None, champion: dict | None =
                                       "disjoint")
 
 
-def seeds_per_subject(board: dict) -> dict[str, list[str]]:
-    """Each subject (named without its benchmark seed) -> its groups in the leaderboard (`subject@seed-N`)."""
-    out: dict[str, list[str]] = {}
-    for group in board.get("subjects", []):
-        out.setdefault(group.split("@seed-")[0], []).append(group)
-    return out
-
-
 def worse(cell: dict, theirs: dict, higher_is_better: bool, rule: str) -> bool:
     """`cell` (mean, low, high) regressed against the champion's `theirs` by an interval rule (see the module)."""
     if higher_is_better:
@@ -118,7 +123,7 @@ def seed_cells(board: dict, row: str, column: str) -> dict[str, list[tuple[float
         cell = rows.get(row, {}).get(column)
         if cell is not None and cell["mean"] is not None and math.isfinite(cell["mean"]):
             error = None if not_gated(cell) else (cell["high"] - cell["low"]) / (2 * NORMAL_95)
-            out.setdefault(group.split("@seed-")[0], []).append((cell["mean"], error))
+            out.setdefault(subject_of(group), []).append((cell["mean"], error))
     return out
 
 
