@@ -8,8 +8,7 @@ gated columns). Read back from the committed leaderboards with the project's own
 import json
 from pathlib import Path
 
-from subjectops.benchmark.regression import TESTS, _metric, not_gated
-from subjectops.metrics.definitions import METRICS
+from subjectops.benchmark.regression import TESTS, gated_columns
 
 HERE = Path(__file__).parent
 BENCHMARKS = {"clean rerun (seed 5)": ("clean-seed-5", "champion")}
@@ -23,10 +22,9 @@ def load(rel: str) -> dict:
 
 
 def closest(board: dict, champion: dict, rule: str) -> str:
-    gated = [(row, column) for row, cells in champion["rows"].items() for column, cell in cells.items()
-             if row in board["rows"] and _metric(column) and not not_gated(cell)]
-    tests = [(TESTS[rule](board, champion, row, column, METRICS[_metric(column)].higher_is_better, len(gated)),
-              column) for row, column in gated]
+    gated = gated_columns(board, champion)
+    tests = [(TESTS[rule](board, champion, row, column, higher, len(gated)), column)
+             for row, column, _, _, higher, _ in gated]
     t, column = min(tests, key=lambda x: x[0]["p"])
     return f"{column} {t['change']:+.4f}, p = {t['p']:.2g} (level {t['level']:.2g})"
 

@@ -191,20 +191,27 @@ def seed_change(board: dict, champion: dict, row: str, column: str, higher_is_be
 TESTS = {"subject-paired": subject_change, "seed-spread": seed_change}  # the rules that test a change
 
 
-def regressions(board: dict, champion: dict, rule: str = DEFAULT_GATE_RULE) -> list[dict]:
+def gated_columns(board: dict, champion: dict) -> list[tuple[str, str, dict, dict, bool, str]]:
+    """What the gate judges: (row, column, our cell, the champion's cell, higher is better, metric) for every score
+    both leaderboards have, of a known metric, with an interval on the champion's side."""
     from subjectops.metrics.definitions import METRICS
 
-    check_rule(rule)
-    if _subjects(board) != _subjects(champion):
-        raise SubjectopsError(f"the champion benchmark ran subjects {', '.join(_subjects(champion))}, this one "
-                              f"{', '.join(_subjects(board))}: their scores are not comparable",
-                              fix="run the benchmark on the champion's subjects, or pass another --champion")
     judged = []
     for row, cells in board["rows"].items():
         for column, cell in cells.items():
             theirs, metric = champion["rows"].get(row, {}).get(column), _metric(column)
             if theirs is not None and metric is not None and not not_gated(theirs):
                 judged.append((row, column, cell, theirs, METRICS[metric].higher_is_better, metric))
+    return judged
+
+
+def regressions(board: dict, champion: dict, rule: str = DEFAULT_GATE_RULE) -> list[dict]:
+    check_rule(rule)
+    if _subjects(board) != _subjects(champion):
+        raise SubjectopsError(f"the champion benchmark ran subjects {', '.join(_subjects(champion))}, this one "
+                              f"{', '.join(_subjects(board))}: their scores are not comparable",
+                              fix="run the benchmark on the champion's subjects, or pass another --champion")
+    judged = gated_columns(board, champion)
     found = []
     for row, column, cell, theirs, higher, metric in judged:
         paired = TESTS[rule](board, champion, row, column, higher, len(judged)) if rule in TESTS else None
