@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install system-deps image-deps demo world test test-images images bench scan clean
+.PHONY: install system-deps image-deps demo world generate test test-images images bench scan clean
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -64,6 +64,12 @@ TEST_WORKERS ?= $(shell nproc)
 test: install system-deps
 	$(BIN)/ruff check src tests components pipelines bench scripts
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+
+# What the stage registry generates: dvc.yaml (for the example subject) and the compiled Kubeflow pipelines. Run it
+# after adding or changing a stage; tests/test_plan.py and tests/test_pipelines_compiled.py fail until it is run.
+generate: install
+	$(BIN)/subjectops dvc-yaml examples/subjects/teapot --class teapot --out dvc.yaml
+	$(BIN)/python -m pipelines.compile
 
 bench: install
 	$(BIN)/python bench/train_step.py

@@ -326,6 +326,23 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="run directories (se
         done("leaderboard", write_leaderboard(board, out) / "leaderboard.html")
 
 
+@app.command("dvc-yaml")
+@user_errors
+def dvc_yaml(subject_dir: str = typer.Argument(..., help="the subject's folder, as DVC finds it from the repository"),
+             class_word: str = typer.Option(..., "--class", help="the subject's class word"),
+             params_path: Path = ParamsOpt,
+             out: Path = typer.Option(Path("dvc.yaml"), "--out", help="where to write it"),
+             check: bool = typer.Option(False, "--check", help="write nothing; exit 1 when OUT is not up to date")):
+    """Write dvc.yaml for one subject from the stage registry (the repository's is the example teapot's)."""
+    from subjectops.dvc_yaml import write
+
+    fresh = write(params_path, subject_dir, class_word, out, check=check)
+    if check and not fresh:
+        typer.echo(f"{out} is not what the stage registry gives; regenerate it: make generate", err=True)
+        raise typer.Exit(1)
+    done("up to date" if fresh else "written", out)
+
+
 @tokens_app.command("scan")
 @user_errors
 def tokens_scan(model: Optional[str] = ModelOpt,

@@ -13,6 +13,7 @@ the plan when it always runs (`brought_by` is None) or when a requirement of the
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from itertools import combinations
 
@@ -108,3 +109,52 @@ def snapshot_steps(params) -> list[int]:
         return []
     strategy = get_strategy(params.infer.strategy)
     return sorted(set(params.finetune.snapshots) | strategy.snapshot_steps(params.infer))
+
+
+def _leaves(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        out.update(_leaves(value, path + ".") if isinstance(value, dict) else {path: value})
+    return out
+
+
+def _flipped(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return 0 if value else 1
+    return None
+
+
+def keys_changing_the_plan(params_data: dict) -> dict[str, set[str]]:
+    """Stage name -> the params keys whose change alone alters whether that stage runs or what it reads, found by
+    planning variants of `params_data` (a parsed params.yaml) from each method's defaults: every other method and
+    inference strategy, a snapshot list, and each boolean or number flipped. DVC lists them (`dvc_yaml`)."""
+    from subjectops.config import ConfigError, validate_params
+    from subjectops.inference import STRATEGIES
+    from subjectops.methods import METHODS
+    from subjectops.params_yaml import apply_overrides
+
+    def planned(overrides: list[str]) -> dict[str, tuple[str, ...]]:
+        p = plan(validate_params(apply_overrides(params_data, overrides), source="params with overrides"))
+        return {s.name: s.inputs for s in p.stages}
+
+    changes: dict[str, set[str]] = {}
+    for method in METHODS:
+        base_overrides = [f"finetune.method={method}"]
+        base = planned(base_overrides)
+        variants = [("finetune.method", f"finetune.method={m}") for m in METHODS if m != method]
+        variants += [("infer.strategy", f"infer.strategy={s}") for s in STRATEGIES]
+        variants += [("finetune.snapshots", "finetune.snapshots=[1]")]
+        leaves = _leaves(validate_params(apply_overrides(params_data, base_overrides)).model_dump(mode="json"))
+        variants += [(key, f"{key}={json.dumps(_flipped(v))}") for key, v in leaves.items() if _flipped(v) is not None]
+        for key, override in variants:
+            try:
+                other = planned([*base_overrides, override])
+            except ConfigError:  # e.g. a step count of 0: not a valid run
+                continue
+            for stage in set(base) | set(other):
+                if base.get(stage) != other.get(stage):
+                    changes.setdefault(stage, set()).add(key)
+    return changes
