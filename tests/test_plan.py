@@ -60,7 +60,7 @@ ALWAYS = [("refine", ()), ("finetune", None), ("infer", ("refine", "finetune")),
 REGISTER = ("register", ("refine", "finetune", "infer", "evaluate"))
 
 
-@pytest.mark.parametrize("method, overrides, expected", [
+EXPECTED_PLANS = [
     ("dreambooth", (), [("refine", ()), ("priors", ("refine",)), ("finetune", ("refine", "priors")),
                         ("infer", ("refine", "finetune")), ("evaluate", ("refine", "finetune", "infer")), REGISTER]),
     ("textual-inversion", ("registry.auto_register=false",),
@@ -78,9 +78,19 @@ REGISTER = ("register", ("refine", "finetune", "infer", "evaluate"))
     ("lora", ("finetune.lora.prior_preservation=false", "infer.strategy=dreamblend"),
      [("refine", ()), ("finetune", ("refine",)), ("infer", ("refine", "finetune")), ("sweep", ("refine", "finetune")),
       ("evaluate", ("refine", "finetune", "infer", "sweep")), REGISTER]),
-])
+]
+# Every stage of today's registry appears in some expected plan above. A stage added later is compared here only
+# through the inputs of the stages named above (a stage that reads it changes); its own test asserts its place.
+NAMED = {name for _, _, expected in EXPECTED_PLANS for name, _ in expected}
+
+
+def test_the_expected_plans_name_every_stage_they_were_written_for():
+    assert NAMED == {"refine", "priors", "pretrain_disc", "finetune", "infer", "sweep", "evaluate", "register"}
+
+
+@pytest.mark.parametrize("method, overrides, expected", EXPECTED_PLANS)
 def test_plan_lists_the_expected_stages_and_inputs(method, overrides, expected):
-    assert stages_and_inputs(plan(params_for(method, overrides))) == expected
+    assert [s for s in stages_and_inputs(plan(params_for(method, overrides))) if s[0] in NAMED] == expected
 
 
 @pytest.mark.parametrize("method, overrides", CASES, ids=IDS)
