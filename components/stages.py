@@ -115,9 +115,8 @@ def _inputs(stage: Stage) -> list[tuple[str, str, bool]]:
     return [(n, get_stage(n).artifact, n in branching_stages()) for n in names]
 
 
-def stage_source(stage: Stage) -> str:
-    """The component function of a stage, as source: kfp reads a lightweight component's source and signature, so
-    the signature is written out from the declaration and the body is one call."""
+def stage_signature(stage: Stage) -> str:
+    """The `def` line of a stage's component function: what it takes and makes, written out from the declaration."""
     inputs = _inputs(stage)
     required = [f"{get_stage(n).option.replace('-', '_')}_dir: Input[{t}]" for n, t, opt in inputs if not opt]
     optional = [f"{get_stage(n).option.replace('-', '_')}_dir: Input[{t}] = None" for n, t, opt in inputs if opt]
@@ -126,7 +125,14 @@ def stage_source(stage: Stage) -> str:
     extra += ["run_name: str"] if stage.tracked else []
     outputs = [f"out: Output[{stage.artifact}]"] + (["metrics: Output[Metrics]"] if stage.metrics else [])
     outputs += ["report: Output[HTML]"] if stage.report else []
-    dirs = ", ".join(f'"{n}": {get_stage(n).option.replace("-", "_")}_dir' for n, _, _ in inputs)
+    signature = ", ".join(["params: Input[Artifact]", *required, *args, *extra, *outputs, *optional])
+    return f"def {stage.name}({signature}){' -> str' if stage.tracked else ''}:"
+
+
+def stage_source(stage: Stage) -> str:
+    """The component function of a stage, as source: kfp reads a lightweight component's source and signature, so
+    the signature is written out from the declaration and the body is one call."""
+    dirs = ", ".join(f'"{n}": {get_stage(n).option.replace("-", "_")}_dir' for n, _, _ in _inputs(stage))
     if stage.tracked:
         body = f"    return register_step(params, {{{dirs}}}, run_name, out)"
         call = "register_step"
@@ -136,26 +142,23 @@ def stage_source(stage: Stage) -> str:
         kw += [f"{n}={n}" for n in ("gpu_count", "accelerator_type", "run_id") if stage.multi_gpu]
         body = f"    run_step({stage.name!r}, params, {{{dirs}}}, out, {', '.join(kw)})"
         call = "run_step"
-    signature = ", ".join(["params: Input[Artifact]", *required, *args, *extra, *outputs, *optional])
-    returns = " -> str" if stage.tracked else ""
-    return (f"def {stage.name}({signature}){returns}:\n    \"\"\"{stage.help}\"\"\"\n"
+    return (f"{stage_signature(stage)}\n    \"\"\"{stage.help}\"\"\"\n"
             f"    from subjectops.kfp_pod import {call}\n\n{body}\n")
 
 
-def stage_function(stage: Stage) -> Callable:
-    """The component function of a stage, compiled from `stage_source` so that kfp (and `inspect`) can read its
-    source as they read a written one."""
-    source = stage_source(stage)
-    filename = f"<subjectops component {stage.name}>"
+def component_function(name: str, source: str) -> Callable:
+    """The function `name` defined by `source`, compiled so that kfp (and `inspect`) can read its source as they
+    read a written one."""
+    filename = f"<subjectops component {name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"Input": Input, "Output": Output, "Artifact": Artifact, "Dataset": Dataset, "Model": Model,
                  "Metrics": Metrics, "HTML": HTML}
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own declaration, written out above
-    return namespace[stage.name]
+    return namespace[name]
 
 
 # The stage functions by name (`components.stages.sweep`), as the steps above are.
-globals().update({stage.name: stage_function(stage) for stage in all_stages()})
+globals().update({stage.name: component_function(stage.name, stage_source(stage)) for stage in all_stages()})
 
 # -------------------------------------------------------------------------------------------- factory
 STEPS: tuple = (configure, fetch_subject, benchmark_pairs, benchmark_aggregate)
