@@ -80,7 +80,7 @@ def test_same_outputs_as_subjectops_run(kfp_run, example_subject, tmp_path):
     planned = [s for s in plan(params).names if not get_stage(s).tracked]
     assert list(dirs) == planned and set(STAGE_TASKS) <= set(planned)
     for stage in planned:
-        kfp_dir = _task_out(kfp_run["root"], stage)
+        kfp_dir = _task_out(kfp_run["root"], get_stage(stage).command)  # a step is named by its command
         assert _files(kfp_dir) == _files(dirs[stage]), stage
         ours = json.loads((kfp_dir / "manifest.json").read_text())
         theirs = json.loads((dirs[stage] / "manifest.json").read_text())
