@@ -252,6 +252,22 @@ def test_dvc_yaml_is_what_the_registry_generates():
         "dvc.yaml is stale: run `make generate`"
 
 
+def test_dvc_yaml_for_another_subject_and_its_check(tmp_path):
+    """`subjectops dvc-yaml` writes the file for a user's own subject; `--check` says when it is stale."""
+    out = tmp_path / "dvc.yaml"
+    args = ["dvc-yaml", "data/subjects/mug", "--class", "mug", "--params", str(REPO / "params.yaml"),
+            "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    refine = yaml.safe_load(out.read_text())["stages"]["refine"]
+    assert refine["cmd"] == "subjectops refine data/subjects/mug --class mug --out runs/dvc/refine"
+    assert refine["deps"][0] == "data/subjects/mug"
+    assert CliRunner().invoke(app, [*args, "--check"]).exit_code == 0
+    out.write_text(out.read_text().replace("--class mug", "--class cup"))
+    stale = CliRunner().invoke(app, [*args, "--check"])
+    assert stale.exit_code == 1 and "subjectops dvc-yaml data/subjects/mug --class mug" in stale.output
+    assert "--class cup" in out.read_text()  # a check writes nothing
+
+
 def test_dvc_yaml_has_each_registered_stage_as_declared():
     """One DVC stage per stage (registration needs a tracking server), calling its command with every input it
     reads, depending on those outputs and on its code, listing its params."""

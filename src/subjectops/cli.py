@@ -338,7 +338,8 @@ def dvc_yaml(subject_dir: str = typer.Argument(..., help="the subject's folder, 
 
     fresh = write(params_path, subject_dir, class_word, out, check=check)
     if check and not fresh:
-        typer.echo(f"{out} is not what the stage registry gives; regenerate it: make generate", err=True)
+        typer.echo(f"{out} is not what the stage registry gives; regenerate it: subjectops dvc-yaml {subject_dir} "
+                   f"--class {class_word} --out {out} (this repository's: make generate)", err=True)
         raise typer.Exit(1)
     done("up to date" if fresh else "written", out)
 
