@@ -21,10 +21,11 @@ from subjectops.stages.registry import all_stages, get_stage
 ROOT = "runs/dvc"
 
 HEADER = """\
-# Generated from the stage registry by `{command}`: edit the stages' modules
-# (src/subjectops/stages/), then run `make generate`. Each stage calls the same CLI as `subjectops run` and Kubeflow.
-# `params:` lists the params.yaml keys each stage reads (its module's `params`) and the keys that decide whether it
-# runs and what it reads, so changing an evaluation parameter re-runs only `evaluate`, and
+# Generated from the stage registry by `{command}`:
+# edit the stages' modules (src/subjectops/stages/), then run `make generate`. Each stage calls the same CLI as
+# `subjectops run` and Kubeflow. `params:` lists the params.yaml keys each stage reads (its module's `params`) and the
+# keys that decide whether it runs and what it reads, so changing an evaluation parameter re-runs only `sweep` and
+# `evaluate`, and
 # `dvc exp run -S finetune.lora.lr=2e-4` re-runs finetune onwards. Outputs are DVC-cached (class priors and the
 # trained weights included) and pushed to the default remote.
 #
