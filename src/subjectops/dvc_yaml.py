@@ -25,9 +25,8 @@ HEADER = """\
 # edit the stages' modules (src/subjectops/stages/), then run `make generate`. Each stage calls the same CLI as
 # `subjectops run` and Kubeflow. `params:` lists the params.yaml keys each stage reads (its module's `params`) and the
 # keys that decide whether it runs and what it reads, so changing an evaluation parameter re-runs only `sweep` and
-# `evaluate`, and
-# `dvc exp run -S finetune.lora.lr=2e-4` re-runs finetune onwards. Outputs are DVC-cached (class priors and the
-# trained weights included) and pushed to the default remote.
+# `evaluate`, and `dvc exp run -S finetune.lora.lr=2e-4` re-runs finetune onwards. Outputs are DVC-cached (class
+# priors and the trained weights included) and pushed to the default remote.
 #
 # DVC has no conditional stages: an optional stage runs with --if-needed, so when `plan(params)` leaves it out it
 # records why in its manifest and costs nothing, and later stages ignore that record (`dvc exp run -S
