@@ -58,18 +58,20 @@ def main(argv=None) -> int:
     stale = []
     for name in PIPELINES:
         target = args.out / f"{name}.yaml"
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = compile_pipeline(name, Path(tmp) / f"{name}.yaml").read_text()
+        current = target.read_text() if target.exists() else ""
+        # Compare the documents, not the text: kfp's header comment lists dict defaults in an order that changes
+        # from one process to the next (so an unchanged pipeline is not rewritten either).
+        if same_spec(fresh, current):
+            continue
         if args.check:
-            with tempfile.TemporaryDirectory() as tmp:
-                fresh = compile_pipeline(name, Path(tmp) / f"{name}.yaml").read_text()
-            current = target.read_text() if target.exists() else ""
-            # Compare the documents, not the text: kfp's header comment lists dict defaults in an
-            # order that changes from one process to the next.
-            if same_spec(fresh, current) is False:
-                stale.append(name)
-                sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), fresh.splitlines(True),
-                                                           str(target), "fresh compile", n=1))
+            stale.append(name)
+            sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), fresh.splitlines(True),
+                                                       str(target), "fresh compile", n=1))
         else:
-            compile_pipeline(name, target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(fresh)
             print(f"wrote {target}")
     if stale:
         print(f"\nstale: {', '.join(stale)}; run `python -m pipelines.compile` and commit pipelines/compiled/",
