@@ -111,14 +111,6 @@ def snapshot_steps(params) -> list[int]:
     return sorted(set(params.finetune.snapshots) | strategy.snapshot_steps(params.infer))
 
 
-def _leaves(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        out.update(_leaves(value, path + ".") if isinstance(value, dict) else {path: value})
-    return out
-
-
 def _flipped(value):
     if isinstance(value, bool):
         return not value
@@ -135,23 +127,27 @@ def keys_changing_the_plan(params_data: dict) -> dict[str, set[str]]:
     from subjectops.inference import STRATEGIES
     from subjectops.methods import METHODS
     from subjectops.params_yaml import apply_overrides
+    from subjectops.tracking.record import flatten
 
-    def planned(overrides: list[str]) -> dict[str, tuple[str, ...]]:
-        p = plan(validate_params(apply_overrides(params_data, overrides), source="params with overrides"))
-        return {s.name: s.inputs for s in p.stages}
+    def validated(overrides: list[str]):
+        return validate_params(apply_overrides(params_data, overrides), source="params with overrides")
+
+    def stages_of(params) -> dict[str, tuple[str, ...]]:
+        return {s.name: s.inputs for s in plan(params).stages}
 
     changes: dict[str, set[str]] = {}
     for method in METHODS:
         base_overrides = [f"finetune.method={method}"]
-        base = planned(base_overrides)
+        base_params = validated(base_overrides)
+        base = stages_of(base_params)
         variants = [("finetune.method", f"finetune.method={m}") for m in METHODS if m != method]
         variants += [("infer.strategy", f"infer.strategy={s}") for s in STRATEGIES]
         variants += [("finetune.snapshots", "finetune.snapshots=[1]")]
-        leaves = _leaves(validate_params(apply_overrides(params_data, base_overrides)).model_dump(mode="json"))
+        leaves = flatten(base_params.model_dump(mode="json"))
         variants += [(key, f"{key}={json.dumps(_flipped(v))}") for key, v in leaves.items() if _flipped(v) is not None]
         for key, override in variants:
             try:
-                other = planned([*base_overrides, override])
+                other = stages_of(validated([*base_overrides, override]))
             except ConfigError:  # e.g. a step count of 0: not a valid run
                 continue
             for stage in set(base) | set(other):
