@@ -1,14 +1,14 @@
-"""Issue 22 experiment, not part of the build: are world-sd15's blotchy samples the decoder's doing? The shipped
-VAE decodes its latents plus Gaussian noise of std 0.2 (in the UNet's scaled units) into the same blotches the
-samples show, so its decoder is fine-tuned (encoder frozen: the UNet's latent space is kept) on posterior samples
-plus noise of std U(0, SIGMA) to reconstruct the clean crop (600 steps of batch 32, lr 3e-4, L1 + MSE), then the
-same generated latents (64 validation and 64 held-out-pair captions, 15 DDIM steps, guidance 5) are decoded by both
+"""Issue 22 experiment, not part of the build: are world-sd15's blotchy samples the decoder's doing? The shipped VAE
+decodes its latents plus Gaussian noise of std 0.2 (in the UNet's scaled units) into the same blotches the samples
+show, so its decoder is fine-tuned (encoder frozen: the UNet's latent space is kept) on posterior samples plus
+noise of std U(0, SIGMA) to reconstruct the clean crop (600 steps of batch 32, lr 3e-4, L1 + MSE), then the same
+generated latents (64 validation and 64 held-out-pair captions, 15 DDIM steps, guidance 5) are decoded by both
 decoders and judged. DATA is a build's data folder.
 
     python noise_robust_decoder.py DATA 0.4
 
 Run on 2026-12-07 (two threads for the fine-tune, one for the sampling): noise_robust_decoder.log. (The run used
-two scripts with their paths written in; they are one here.)
+two scripts with their paths written in, doing the same steps; this single-script form has not been rerun.)
 """
 
 import json

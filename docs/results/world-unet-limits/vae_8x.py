@@ -1,11 +1,12 @@
-"""Issue 22 experiment, not part of the build: would SD's 8x VAE downsampling (8x8x4 latents at 64 px, about 4x
-less UNet compute per image) keep what the judge reads? An AutoencoderKL with a fourth block, trained by the build's
+"""Issue 22 experiment, not part of the build: would SD's 8x VAE downsampling (8x8x4 latents at 64 px, about 4x less
+UNet compute per image) keep what the judge reads? An AutoencoderKL with a fourth block, trained by the build's
 recipe (train.train_vae: 1,500 steps of batch 32 on 32 px crops, lr 1e-3), then the judge on its reconstructions of
 the validation images beside the shipped 4x VAE's. DATA is a build's data folder.
 
     python vae_8x.py DATA
 
-Run on 2026-12-07 with OMP_NUM_THREADS=1: vae_8x.log. (The run used this script with its paths written in.)
+Run on 2026-12-07 with OMP_NUM_THREADS=1: vae_8x.log. (The run used the same steps in a script with its paths
+written in; this form has not been rerun.)
 """
 
 import sys
