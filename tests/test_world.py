@@ -132,6 +132,12 @@ def test_world_build_runs_every_part_for_a_few_steps_and_ships_fp16_with_a_manif
             assert all(t.dtype in (torch.float16, torch.int64) for t in load_file(out / rel).values()), rel
     from diffusers import DiffusionPipeline
 
+    # the restart continues sd15's UNet (a few steps move it little), and world-sd15 ships the restarted one
+    first, restarted, shipped = (load_file(f / "unet" / "diffusion_pytorch_model.safetensors") for f in (
+        tmp_path / "work" / "sd15" / "pipeline", tmp_path / "work" / "sd15-restart" / "pipeline", out / "world-sd15"))
+    moved = sum(float((restarted[k] - first[k]).norm()) for k in first) / sum(float(v.norm()) for v in first.values())
+    assert 0 < moved < 0.01
+    assert all(torch.equal(shipped[k], restarted[k].half()) for k in restarted)
     for name in ("world-sd15", "world-sdxl"):
         pipe = DiffusionPipeline.from_pretrained(out / name, torch_dtype=torch.float32)
         image = pipe("a photo of a red cup in the snow", num_inference_steps=2, output_type="np").images[0]

@@ -184,13 +184,14 @@ def train_instance_encoder(vit, head, views: np.ndarray, steps: int, batch: int,
 class Ema:
     """Exponential moving average of the UNet's weights (the samples come from the average)."""
 
-    def __init__(self, model, decay: float):
-        self.decay = decay
+    def __init__(self, model, decay: float, warm_up: bool = True):
+        self.decay, self.warm_up = decay, warm_up
         self.params = [p.detach().clone() for p in model.parameters()]
 
     @torch.no_grad()
     def update(self, model, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))  # warm-up of the decay, as in diffusers' EMAModel
+        # warm-up of the decay, as in diffusers' EMAModel; none when the weights it starts from are trained already
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warm_up else self.decay
         torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - d)
 
     @torch.no_grad()
