@@ -8,6 +8,7 @@ the build renders it.
 
 Run on 2026-12-07 with OMP_NUM_THREADS=2 and stopped (SIGINT) after the step-2,000 samples: samples.log. (The
 run used this script with its paths written in; they became arguments afterwards.)
+It calls the build's internals as they were at b4cd6a0 (Build._build_unet's signature changed after).
 """
 
 import json

@@ -10,6 +10,7 @@ finished (for example the one docs/results/world-text-embedding/experiment.py WO
 Run on 2026-12-07 as `python more_steps.py WORK 6000 3e-4` with OMP_NUM_THREADS=1 (one core; a benchmark had the
 other): more_steps.log. (The run used the same steps in a script with its paths written in; this form has not been
 rerun.)
+It calls the build's internals as they were at b4cd6a0; the build's sd15-restart part (4868542) does this since.
 """
 
 import sys
