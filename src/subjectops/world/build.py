@@ -343,17 +343,17 @@ class Build:
         restarted = self.part_dir("sd15-restart") / "pipeline"
         return restarted if restarted.exists() else self.part_dir("sd15") / "pipeline"
 
-    def _build_unet(self, part: str, kind: str, steps: int, lr: float, seed: int, restart: bool = False) -> None:
+    def _build_unet(self, part: str, kind: str, steps: int, lr: float, seed: int, init: Path | None = None,
+                    restart: bool = False) -> None:
+        """`init`: a UNet folder to start from where names and shapes match; `restart`: it is this UNet, trained
+        already (no EMA decay warm-up)."""
         from safetensors.torch import load_file, save_file
 
         t0, cfg, folder = time.time(), self.cfg, self.part_dir(part)
         pipe = self.pipeline(kind)
         unet = pipe.unet
-        if kind == "sdxl":
-            warm_start(unet, self.sd15_pipeline_dir() / "unet")
-        if restart:
-            unet.load_state_dict(load_file(self.part_dir("sd15") / "pipeline" / "unet" /
-                                           "diffusion_pytorch_model.safetensors"))
+        if init is not None:
+            warm_start(unet, init)
         d = self.data("train")
         latents = train.encode_latents(pipe.vae, d["images"])
         uniq = sorted(set(d["captions"]))
@@ -410,10 +410,11 @@ class Build:
             return
         # its own sampling stream (seed + 1): the restart does not replay the first run's batches
         self._build_unet("sd15-restart", "sd15", self.cfg.unet_restart_steps, self.cfg.unet_restart_lr,
-                         self.cfg.seed + 1, restart=True)
+                         self.cfg.seed + 1, init=self.part_dir("sd15") / "pipeline" / "unet", restart=True)
 
     def build_sdxl(self) -> None:
-        self._build_unet("sdxl", "sdxl", self.cfg.sdxl_steps, self.cfg.unet_lr, self.cfg.seed)
+        self._build_unet("sdxl", "sdxl", self.cfg.sdxl_steps, self.cfg.unet_lr, self.cfg.seed,
+                         init=self.sd15_pipeline_dir() / "unet")
 
     def build_checks(self) -> None:
         """The pipelines' generated accuracy (validation and held-out captions) with the final judge."""
