@@ -7,6 +7,7 @@ cosine decay, and reports through `progress(step, loss)`. Nothing here reads a g
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -213,8 +214,10 @@ def train_unet(unet, scheduler, latents: tuple[Tensor, Tensor], scaling: float, 
     opt, sched = optimizer(unet.parameters(), lr, steps, warmup=500)
     if opt_state:
         opt.load_state_dict(opt_state)
-    for _ in range(start):
-        sched.step()
+    with warnings.catch_warnings():  # resuming steps the schedule before any optimizer step, which torch warns of
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\(\)` before")
+        for _ in range(start):
+            sched.step()
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=snr_gamma) / snr
