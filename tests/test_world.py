@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -111,12 +113,20 @@ def test_decal_match_accepts_the_subjects_own_photos_and_refuses_other_subjects(
     assert np.mean(plain) <= 0.05
 
 
-def test_world_build_runs_every_part_for_a_few_steps_and_ships_fp16_with_a_manifest(tmp_path):
-    out = tmp_path / "shipped"
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory) -> Path:
+    """`world build --smoke` in a fresh folder: WORK/work holds its parts, WORK/shipped what it ships."""
+    tmp_path = tmp_path_factory.mktemp("world-build")
     proc = subprocess.run([sys.executable, "-m", "subjectops.cli", "world", "build", "--smoke", "--work",
-                           str(tmp_path / "work"), "--out", str(out), "--threads", "1"],
+                           str(tmp_path / "work"), "--out", str(tmp_path / "shipped"), "--threads", "1"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return tmp_path
+
+
+def test_world_build_runs_every_part_for_a_few_steps_and_ships_fp16_with_a_manifest(smoke_build):
+    tmp_path = smoke_build
+    out = tmp_path / "shipped"
     manifest = json.loads((out / "manifest.json").read_text())
     from subjectops.world.build import PARTS
 
@@ -142,3 +152,45 @@ def test_world_build_runs_every_part_for_a_few_steps_and_ships_fp16_with_a_manif
         pipe = DiffusionPipeline.from_pretrained(out / name, torch_dtype=torch.float32)
         image = pipe("a photo of a red cup in the snow", num_inference_steps=2, output_type="np").images[0]
         assert image.shape == (64, 64, 3)
+
+
+def test_a_stopped_unet_part_resumes_at_its_checkpoint_and_counts_the_time_before_it(smoke_build, monkeypatch):
+    """A UNet part killed after its checkpoint resumes there, ends with the steps asked for, and its wall time
+    includes the stopped run's (the restart's first 11,000 steps were once left out of it)."""
+    import shutil
+
+    from subjectops.world.build import Build, BuildConfig
+
+    work = smoke_build / "work"
+    shutil.rmtree(work / "sd15-restart")
+    cfg = BuildConfig.smoke()
+    cfg.unet_restart_steps, cfg.checkpoint_every = 6, 3
+    said: list[str] = []
+    build = Build(work, cfg, log=said.append)
+    real_progress = Build.progress
+
+    def killed_after_the_checkpoint(self, part, total):
+        report = real_progress(self, part, total)
+
+        def step(i, loss):
+            report(i, loss)
+            if i == 0:
+                time.sleep(1.5)  # the stopped run's time before its checkpoint is at least this
+            if i == 3:  # the checkpoint of step 3 is written; step 4 never completes
+                raise KeyboardInterrupt
+        return step
+
+    monkeypatch.setattr(Build, "progress", killed_after_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        build.run(("sd15-restart",))
+    state = json.loads((work / "sd15-restart" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and state["wall_seconds"] >= 1.5 and not build.done("sd15-restart")
+    monkeypatch.setattr(Build, "progress", real_progress)
+    started = time.time()
+    build.run(("sd15-restart",))
+    resumed = time.time() - started
+    assert "[world build] sd15-restart: resuming at step 3" in said
+    done = json.loads((work / "sd15-restart" / "done.json").read_text())
+    assert done["steps"] == 6
+    assert done["wall_seconds"] >= state["wall_seconds"] + resumed - 0.3, (done["wall_seconds"], resumed)
+    assert not (work / "sd15-restart" / "checkpoint").exists()

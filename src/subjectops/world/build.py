@@ -380,6 +380,8 @@ class Build:
             ema_t = load_file(ckpt / "ema.safetensors")
             ema.params = [ema_t[str(i)] for i in range(len(ema.params))]
             opt_state = unflatten_optimizer(load_file(ckpt / "optimizer.safetensors"), state["optimizer"])
+            # the part's wall time counts the stopped runs up to their last checkpoint (what came after it is redone)
+            t0 -= state["wall_seconds"]
             self.log(f"[world build] {part}: resuming at step {start}")
         def on_step(step: int, opt) -> None:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
@@ -388,7 +390,8 @@ class Build:
                 save_file({str(i): p for i, p in enumerate(ema.params)}, ckpt / "ema.safetensors")
                 tensors, meta = flatten_optimizer(opt.state_dict())
                 save_file(tensors, ckpt / "optimizer.safetensors")
-                (ckpt / "state.json").write_text(json.dumps({"step": step, "optimizer": meta}))
+                (ckpt / "state.json").write_text(json.dumps({"step": step, "optimizer": meta,
+                                                             "wall_seconds": round(time.time() - t0, 1)}))
             if cfg.sample_every and step % cfg.sample_every == 0:
                 self.sample_report(part, pipe, ema, step)
 
