@@ -215,7 +215,7 @@ def train_unet(unet, scheduler, latents: tuple[Tensor, Tensor], scaling: float, 
     if opt_state:
         opt.load_state_dict(opt_state)
     with warnings.catch_warnings():  # resuming steps the schedule before any optimizer step, which torch warns of
-        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\(\)` before")
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
         for _ in range(start):
             sched.step()
     alphas = scheduler.alphas_cumprod
