@@ -1,5 +1,6 @@
 """The shipped world models learned their world (issue: "what it must show"), measured on fixed samples the
-build never trained on. Thresholds are the issue's; the measured values are in the weights' manifest."""
+build never trained on. The encoders' thresholds are the issue's; the base models' are what the shipped build reached
+(REACHED below says how far that is from the issue's); the build's own measurements are in the weights' manifest."""
 
 from __future__ import annotations
 
@@ -52,17 +53,22 @@ def accuracies(judge):
     return out
 
 
-CHANCE = {"class_accuracy": 1 / 8, "color_accuracy": 1 / 8, "scene_accuracy": 1 / 8}
+
+# What the shipped world-sd15 reaches on this module's 64 + 64 captions (2026-12-08, after the build's 12,000-step
+# restart): validation class/color/scene 0.844/0.781/0.812, held-out pairs 0.500/0.828/0.781. On 256 captions of each
+# kind (docs/results/world-unet-limits/judge_256.log) 0.773/0.863/0.742 and 0.559/0.844/0.703. The issue asks for
+# 0.9/0.8/0.9 and 0.7 on held-out pairs: validation color and held-out color and scene meet it on 256 captions,
+# class, scene and held-out class do not (docs/world.md). Asserted below each measured value by 4-9 images of the 64,
+# a margin for other CPUs' arithmetic, not for the targets.
+REACHED = {"train": {"class_accuracy": 0.7, "color_accuracy": 0.7, "scene_accuracy": 0.7},
+           "heldout": {"class_accuracy": 0.4, "color_accuracy": 0.7, "scene_accuracy": 0.7}}
 
 
-def test_world_sd15_draws_the_prompted_class_scene_and_color_well_above_chance(accuracies):
-    """What the shipped build reaches (its manifest's `checks`; the second build, 5,000 UNet steps): class, color and
-    scene 3.4-5.5x chance on validation and held-out-pair captions (0.42-0.69), far from the issue's 90/80/90%
-    (docs/world.md says why). Asserted at 2.5x chance, below every measured value with a margin for the sample."""
-    for kind in ("train", "heldout"):
+def test_world_sd15_draws_the_prompted_class_scene_and_color_as_far_as_the_shipped_build_reached(accuracies):
+    for kind, floors in REACHED.items():
         acc = accuracies["world-sd15", kind]
-        for head, chance in CHANCE.items():
-            assert acc[head] >= 2.5 * chance, (kind, acc)
+        for head, floor in floors.items():
+            assert acc[head] >= floor, (kind, head, acc)
 
 
 def test_the_random_tiny_model_is_at_chance_on_the_same_test(accuracies):
@@ -82,7 +88,7 @@ def test_world_features_fid_of_the_base_model_is_far_below_the_random_models(acc
             images = accuracies[name, "train", "images"]
             fake_f = judge(torch.from_numpy(images).permute(0, 3, 1, 2).float())["features"]
             fid[name] = frechet_distance(real_f, fake_f)
-    assert fid["world-sd15"] * 2 < fid["tiny-sd15"], fid  # measured 45.0 vs 157.5 (x3.5), STEPS above
+    assert fid["world-sd15"] * 3 < fid["tiny-sd15"], fid  # measured 34.6 vs 157.5 (x4.6), STEPS above
 
 
 def test_world_clip_retrieves_the_right_caption_among_ten():
@@ -99,8 +105,8 @@ def test_world_dino_role_encoder_separates_subjects_it_never_saw():
     assert dino_auc(encoder_dir("dino"), UNSEEN_SUBJECTS, subjects=40) >= 0.95
 
 
-def test_world_sdxl_draws_the_prompted_class_above_chance(judge):
+def test_world_sdxl_draws_the_prompted_class_well_above_chance(judge):
     caps, labels, _ = captions("train", VALIDATION_STREAM + 40_000)
     acc, _ = generated_accuracy(world_pipe("world-sdxl"), judge, caps[:32], labels[:32], steps=STEPS)
-    assert acc["class_accuracy"] >= 2 * CHANCE["class_accuracy"], acc
+    assert acc["class_accuracy"] >= 0.4, acc  # measured 0.594 on these 32 captions (chance 0.125)
     assert np.isfinite(list(acc.values())).all()

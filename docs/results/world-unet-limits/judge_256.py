@@ -6,7 +6,8 @@ folder.
     python judge_256.py DATA shipped | python judge_256.py DATA EMA.pt
 
 Run on 2026-12-07 with OMP_NUM_THREADS=1: judge_256.log. (The run used the same steps in a script with its paths
-written in; this form has not been rerun.)
+written in.) On 2026-12-08 this form judged the weights shipped after the build's restart ("shipped"; the older
+"shipped" lines are the weights before them): judge_256.log's last lines.
 """
 
 import json
